@@ -1,0 +1,242 @@
+"""The `omnistream` command line.
+
+    omnistream demo                          write the demo corpus, fit tokenizers, train, evaluate
+    omnistream data demo OUT_DIR             write the demo corpus (WebDataset .tar shards)
+    omnistream tokenizers fit CONFIG         fit every configured modality; write the tokenizer bundle
+    omnistream train CONFIG [--set k=v ...]  train on a Ray cluster with DeepSpeed, track in MLflow
+    omnistream modalities list               installed modality plugins, versions and id ranges
+    omnistream config show [CONFIG]          the resolved config (or every key with its doc: --doc)
+
+A user mistake ends with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from modalities.base import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.toml"
+
+SET_HELP = "override one config key, e.g. --set model.n_layers=4 --set train.lr=1e-3 (TOML values; repeatable)"
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="TOML run config, e.g. configs/demo.toml")
+    else:
+        p.add_argument("config", nargs="?", help="TOML run config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.democorpus import CorpusSpec
+
+    ap = argparse.ArgumentParser(prog="omnistream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole path on this machine: corpus, tokenizers, training, evaluation",
+                       description="Write the demo corpus (digits drawn, dialled and captioned), fit the tokenizers, "
+                                   "train on a local Ray cluster with DeepSpeed ZeRO-3, evaluate the cross-modal tasks, "
+                                   "and print the MLflow run id and how to open it. Uses configs/demo.toml; "
+                                   "`omnistream train configs/demo.toml` reproduces the training step.")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="run config (default: configs/demo.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--refit", action="store_true", help="refit the tokenizers even if a bundle exists")
+
+    data = sub.add_parser("data", help="data commands").add_subparsers(dest="data_cmd", required=True, metavar="COMMAND")
+    p = data.add_parser("demo", help="write the demo corpus as WebDataset shards",
+                        description="Write train-NNN.tar and eval-NNN.tar: digits 0-9 as images (JPEG/PNG), DTMF audio "
+                                    "(WAV/FLAC) and captions; some records carry all three, some one or two. "
+                                    "Deterministic under --seed.")
+    p.add_argument("out_dir", help="folder to write the shards into")
+    d = CorpusSpec()
+    p.add_argument("--train-records", type=int, default=d.train_records, help=f"records in the training split (default {d.train_records})")
+    p.add_argument("--eval-records", type=int, default=d.eval_records, help=f"records in the held-out split (default {d.eval_records})")
+    p.add_argument("--per-shard", type=int, default=d.records_per_shard, help=f"records per shard (default {d.records_per_shard})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+
+    tok = sub.add_parser("tokenizers", help="tokenizer commands").add_subparsers(dest="tok_cmd", required=True, metavar="COMMAND")
+    p = tok.add_parser("fit", help="fit every configured modality on a sample of the training shards",
+                       description="Read data.fit_records records of data.train_shards with Ray, fit each modality "
+                                   "(BPE, k-means codebooks), and write the bundle (vocab.json + fitted state) "
+                                   "to data.bundle_dir.")
+    _add_config(p)
+    p.add_argument("--out", help="bundle folder (default: data.bundle_dir from the config)")
+
+    p = sub.add_parser("train", help="train a model as the config says",
+                       description="Train on the Ray cluster of cluster.address ('' = a local one started here) with "
+                                   "DeepSpeed; metrics, config and samples go to MLflow (tracking.uri).")
+    _add_config(p)
+
+    mods = sub.add_parser("modalities", help="modality plugins").add_subparsers(dest="mod_cmd", required=True, metavar="COMMAND")
+    p = mods.add_parser("list", help="installed modality plugins with version, keys and id range")
+    p.add_argument("--config", help="also show the id ranges of this config's tokenizer bundle")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+    cfgp = sub.add_parser("config", help="config commands").add_subparsers(dest="cfg_cmd", required=True, metavar="COMMAND")
+    p = cfgp.add_parser("show", help="print the resolved config as TOML (or every key with its doc: --doc)")
+    _add_config(p, required=False)
+    p.add_argument("--doc", action="store_true", help="list every key with its default and a one-line doc")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"omnistream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnistream: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from .config import describe, load_config
+
+    if args.cmd == "data":
+        from pipelines.democorpus import CorpusSpec, write_demo_corpus
+
+        spec = CorpusSpec(out_dir=args.out_dir, train_records=args.train_records, eval_records=args.eval_records,
+                          records_per_shard=args.per_shard, seed=args.seed)
+        paths = write_demo_corpus(args.out_dir, spec)
+        print(f"wrote {len(paths['train'])} train and {len(paths['eval'])} eval shards to {args.out_dir}")
+        return 0
+    if args.cmd == "config":
+        if args.doc:
+            print("\n".join(describe()))
+        else:
+            print(load_config(args.config, args.overrides).to_toml())
+        return 0
+    if args.cmd == "modalities":
+        return _modalities_list(args)
+    if args.cmd == "tokenizers":
+        cfg = load_config(args.config, args.overrides)
+        _fit(cfg, args.out)
+        return 0
+    if args.cmd == "train":
+        cfg = load_config(args.config, args.overrides)
+        res = _train(cfg)
+        _print_result(res, cfg)
+        return 0
+    if args.cmd == "demo":
+        return _demo(args)
+    raise AssertionError(args.cmd)
+
+
+def _fit(cfg, out: str | None = None):
+    from pipelines.fit import fit_bundle
+
+    from .ray_local import connect
+
+    from pipelines.shards import list_shards
+
+    cfg = cfg.resolved_paths()
+    list_shards(cfg.data.train_shards)  # a user mistake is reported before any cluster starts
+    connect(cfg.cluster.address, cfg.cluster.local_cpus)
+    t0 = time.time()
+    vocab, summary = fit_bundle(cfg.data, cfg.modalities, cfg.seed, out)
+    fitted = ", ".join(f"{n} ({summary['samples'][n]} samples)" for n in vocab.names)
+    print(f"fitted {fitted} in {time.time() - t0:.0f}s; "
+          f"bad samples skipped: {summary['bad_samples'] or 'none'}")
+    for m in vocab.modalities:
+        lo, hi = vocab.block(m.name)
+        print(f"  {m.name:8s} ids [{lo}, {hi})  markers {vocab.begin(m.name)},{vocab.end(m.name)}  fingerprint {m.fingerprint()}")
+    print(f"tokenizer bundle: {out or cfg.data.bundle_dir} (vocabulary of {vocab.size} ids, fingerprint {vocab.fingerprint})")
+    return vocab
+
+
+def _train(cfg):
+    from .train import run_training
+
+    try:
+        return run_training(cfg)
+    except RuntimeError as e:
+        # a failed worker is not a user mistake, but a traceback from a Ray actor helps nobody: one line, exit 1
+        print(f"omnistream: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _print_result(res, cfg) -> None:
+    from . import tracking
+
+    m = res.metrics
+    print()
+    print(f"MLflow run id: {res.run_id}")
+    for k in sorted(m):
+        if k.endswith("/accuracy"):
+            print(f"  {k} = {m[k]:.3f}")
+    for name in cfg.modality_names():
+        h = tracking.metric_history(res.tracking_uri, res.run_id, f"train/loss/{name}")
+        if len(h) >= 2:
+            h.sort()
+            n = max(1, len(h) // 10)
+            first = sum(v for _, v in h[:n]) / n
+            last = sum(v for _, v in h[-n:]) / n
+            print(f"  train/loss/{name}: {first:.3f} (first tenth) -> {last:.3f} (last tenth)")
+    d = res.data_report
+    print(f"  data: seen {d['seen']}, kept {d['kept']}, filtered {sum(d['filtered'].values())}, "
+          f"errored {sum(d['errored'].values())}{' ' + json.dumps(d['errored']) if d['errored'] else ''}")
+    if res.checkpoint:
+        print(f"  checkpoint: {res.checkpoint}")
+    print(f"  wall time: {res.wall_s:.0f}s")
+    print(f"Open it: {tracking.ui_command(res.tracking_uri, res.run_id)}")
+
+
+def _demo(args) -> int:
+    from pipelines.democorpus import write_demo_corpus
+
+    from .config import load_config
+
+    t0 = time.time()
+    cfg = load_config(args.config, args.overrides)
+    spec = cfg.demo
+    corpus = Path(spec.out_dir) / "corpus.json"
+    if corpus.exists() and json.loads(corpus.read_text()).get("seed") == spec.seed \
+            and json.loads(corpus.read_text()).get("train_records") == spec.train_records:
+        print(f"[omnistream] demo corpus already in {spec.out_dir}")
+    else:
+        write_demo_corpus(spec.out_dir, spec)
+    bundle = Path(cfg.data.bundle_dir) / "vocab.json"
+    if args.refit or not bundle.exists():
+        _fit(cfg)
+    else:
+        print(f"[omnistream] tokenizer bundle already in {cfg.data.bundle_dir} (--refit to refit)")
+    res = _train(cfg)
+    _print_result(res, cfg)
+    print(f"demo finished in {time.time() - t0:.0f}s")
+    return 0
+
+
+def _modalities_list(args) -> int:
+    from modalities.registry import discover
+
+    rows = []
+    for name, (cls, version) in sorted(discover().items()):
+        rows.append((name, version, f"v{cls.version}", ",".join(cls.keys), cls.__module__ + "." + cls.__qualname__))
+    ranges = {}
+    if args.config:
+        from modalities.vocab import Vocabulary
+
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        bundle = Path(cfg.data.bundle_dir)
+        if (bundle / "vocab.json").exists():
+            v = Vocabulary.load(bundle, cfg.modality_names())
+            ranges = {n: "[%d, %d)" % v.block(n) for n in v.names}
+    print(f"{'name':10s} {'package':10s} {'format':7s} {'ids':14s} {'keys':22s} class")
+    for name, version, fmt, keys, where in rows:
+        print(f"{name:10s} {version:10s} {fmt:7s} {ranges.get(name, '-'):14s} {keys:22s} {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""One typed config tree: defaults, then a TOML file, then `--set a.b=value` overrides.
+
+Every field has a default and a one-line description (shown by
+`omnistream config show --doc`); unknown keys and bad values are errors that
+name the key. The resolved tree is saved with every run.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from model.model import GPTConfig
+from modalities import registry
+from modalities.base import UserError
+from pipelines.config import DataConfig
+from pipelines.democorpus import CorpusSpec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, ge=1, description="optimizer steps to train (fewer if the stream ends first)")
+    micro_batch_size: int = Field(8, ge=1, description="packed rows per worker per forward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr × this")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
+    zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (bf16 needs hardware support to be fast)")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep optimizer states on the CPU")
+    log_every: int = Field(10, ge=1, description="steps between logged training metrics")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps")
+    max_failures: int = Field(0, ge=-1, description="worker-group failures tolerated; the run restarts from the last checkpoint (-1 = unlimited)")
+    resume_from: str = Field("", description="checkpoint directory to resume from ('' = start fresh)")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per training worker (OMP_NUM_THREADS)")
+
+
+class ClusterConfig(_Section):
+    address: str = Field("", description="'' starts a local Ray in this process (127.0.0.1 only); else a Ray address")
+    num_workers: int = Field(2, ge=1, description="training workers (one DeepSpeed rank each)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each training worker asks of Ray (fractions leave room for Ray Data)")
+    use_gpu: bool = Field(False, description="one GPU per training worker")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each training worker needs, e.g. {trainer = 1}")
+    local_cpus: int = Field(0, ge=0, description="CPUs a local Ray offers (0 = this machine's count)")
+    storage_path: str = Field("runs/ray", description="where Ray Train persists checkpoints (local path or URI)")
+
+
+class TrackingConfig(_Section):
+    uri: str = Field("", description="MLflow tracking URI ('' = sqlite:///mlflow.db in the working directory; http:// for a server)")
+    experiment: str = Field("omnistream", description="MLflow experiment name")
+    run_name: str = Field("", description="MLflow run name ('' = the config's name)")
+
+
+class EvalConfig(_Section):
+    examples: int = Field(200, ge=1, description="held-out records used for each cross-modal task")
+    loss_rows: int = Field(64, ge=1, description="held-out packed rows used for eval/loss/<modality>")
+    max_new_tokens: int = Field(6, ge=1, description="tokens generated for a →text answer")
+    batch_size: int = Field(50, ge=1, description="prompts generated together")
+    samples: int = Field(3, ge=0, description="generated examples logged as files per task")
+
+
+class RunConfig(_Section):
+    name: str = Field("demo", description="run name")
+    seed: int = Field(0, description="seed of everything: shard order, modality order, init")
+    modalities: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"text": {}, "image": {}, "audio": {}},
+        description="modalities in vocabulary order, each with its plugin's options")
+    data: DataConfig = Field(default_factory=DataConfig, description="shards and the token stream")
+    model: GPTConfig = Field(default_factory=GPTConfig, description="the decoder Transformer")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation, DeepSpeed, checkpoints")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and placement")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    demo: CorpusSpec = Field(default_factory=CorpusSpec, description="the corpus `omnistream demo` writes first")
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v):
+        if not v:
+            raise ValueError("at least one modality is needed")
+        for name, opts in v.items():
+            registry.build(name, opts)  # UserError naming the plugin and key
+        return v
+
+    def modality_names(self) -> list[str]:
+        return list(self.modalities)
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+    def resolved_paths(self) -> "RunConfig":
+        """A copy whose local paths are absolute, so Ray workers (other cwd) find them."""
+        c = self.model_copy(deep=True)
+        c.data.bundle_dir = _abs(c.data.bundle_dir)
+        c.data.train_shards = [_abs(s) for s in c.data.train_shards]
+        c.data.eval_shards = [_abs(s) for s in c.data.eval_shards]
+        c.cluster.storage_path = _abs(c.cluster.storage_path)
+        if c.train.resume_from:
+            c.train.resume_from = _abs(c.train.resume_from)
+        c.tracking.uri = c.tracking_uri()
+        return c
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json"))
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.model_dump(mode="json"))
+
+
+def _abs(p: str) -> str:
+    return p if "://" in p else os.path.abspath(p)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are TOML values (4, 1e-3, true, "x", [1, 2]); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected key=value, e.g. --set model.n_layers=4")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {key}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = parse_value(value.strip())
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """defaults <- TOML file <- overrides; a mistake is a UserError naming the key."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"config file {p} does not exist")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {p} is not valid TOML: {e}") from None
+    for o in overrides or []:
+        apply_override(tree, o)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        where = f" in {path}" if path else ""
+        raise UserError(f"config key {key}{where}: {err['msg']}") from None
+
+
+def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """`key = default  # description` lines for every field (config docs and --help)."""
+    import dataclasses
+
+    lines = []
+    if dataclasses.is_dataclass(model):
+        for f in dataclasses.fields(model):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('doc', '')}")
+        return lines
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and (issubclass(ann, BaseModel) or dataclasses.is_dataclass(ann)):
+            lines.append(f"[{prefix}{name}]  # {f.description}")
+            lines += describe(ann, f"{prefix}{name}.")
+        else:
+            default = f.get_default(call_default_factory=True)
+            lines.append(f"{prefix}{name} = {default!r}  # {f.description}")
+    return lines

@@ -1,0 +1,242 @@
+"""The Modality protocol: what a tokenizer plugin declares and does.
+
+A modality turns one kind of WebDataset field (its `keys`, file extensions) into
+local ids in ``[0, vocab_size)`` and back. The shared vocabulary (vocab.py) puts
+each modality's block at an offset, so a plugin never sees global ids.
+
+The protocol is deliberately small (levanter's ``BatchProcessor`` is the model):
+declare resources so Ray can schedule the tokenizer, decode bytes, fit, encode,
+decode, save/load. ``BaseModality`` gives the fingerprinting and persistence that
+every plugin needs, so a plugin writes only the part that is about its data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class BadSample(ValueError):
+    """Raised for input bytes a modality cannot (or must not) turn into tokens.
+
+    The pipeline catches it, counts the record under ``reason`` and lists it in
+    the dead-letter file; it never ends a run (DESIGN.md, Errors).
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class UserError(Exception):
+    """A mistake of the user's (bad config, missing plugin, wrong vocabulary).
+
+    The CLI prints the message as one line and exits with status 2.
+    """
+
+
+class ModalityOptions(BaseModel):
+    """Base for a plugin's typed options: unknown keys are errors that name the key."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@runtime_checkable
+class Modality(Protocol):
+    """What the pipeline and the trainer need from a modality plugin."""
+
+    name: ClassVar[str]                 # config and metric name, e.g. "image"
+    version: ClassVar[str]              # bump when fitted state or encoding changes meaning
+    keys: ClassVar[tuple[str, ...]]     # WebDataset extensions consumed, e.g. ("jpg", "png")
+    Options: ClassVar[type[ModalityOptions]]
+    resources: ClassVar[dict[str, float]]   # what one tokenizer actor needs, e.g. {"num_cpus": 1}
+    error_bound: ClassVar[float]        # max roundtrip_error of decode(encode(x)) on fit-like data
+
+    options: ModalityOptions
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def is_fitted(self) -> bool: ...
+
+    def decode_bytes(self, ext: str, data: bytes) -> Any: ...
+    def fit_features(self, obj: Any) -> Any: ...
+    def fit(self, features: list[Any]) -> None: ...
+    def encode(self, obj: Any) -> np.ndarray: ...
+    def decode(self, ids: np.ndarray) -> Any: ...
+    def roundtrip_error(self, obj: Any, decoded: Any) -> float: ...
+    def save(self, directory: str | os.PathLike) -> None: ...
+    def load(self, directory: str | os.PathLike) -> None: ...
+    def fingerprint(self) -> str: ...
+    def to_bytes(self, obj: Any) -> tuple[str, bytes]: ...
+
+
+class BaseModality:
+    """Shared plumbing for plugins: options, persistence, fingerprints.
+
+    Subclasses set the class attributes of ``Modality`` and implement
+    ``decode_bytes``, ``fit_features``, ``fit``, ``encode``, ``decode``,
+    ``roundtrip_error``, ``to_bytes``, ``_state()`` (a dict of numpy arrays and
+    JSON-able values that fully defines the fitted tokenizer) and
+    ``_set_state(state)``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    keys: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[ModalityOptions]] = ModalityOptions
+    resources: ClassVar[dict[str, float]] = {"num_cpus": 1}
+    error_bound: ClassVar[float] = 0.0
+
+    def __init__(self, options: ModalityOptions | dict | None = None):
+        if options is None:
+            options = self.Options()
+        elif isinstance(options, dict):
+            options = self.Options(**options)
+        self.options = options
+        self._fitted = False
+
+    # ---- to implement -------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ---- shared --------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError(f"modality {self.name!r} is not fitted: run `omnistream tokenizers fit` first")
+
+    def _mark_fitted(self) -> None:
+        self._fitted = True
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the fitted state as ``state.npz`` (arrays) + ``state.json`` (the rest)."""
+        self._require_fitted()
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays, rest = _split_state(self._state())
+        np.savez(d / "state.npz", **arrays)
+        meta = {"name": self.name, "version": self.version,
+                "options": self.options.model_dump(mode="json"), "state": rest}
+        (d / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    def load(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        meta = json.loads((d / "state.json").read_text())
+        if meta.get("name") != self.name:
+            raise UserError(f"tokenizer state in {d} is for modality {meta.get('name')!r}, not {self.name!r}")
+        if meta.get("version") != self.version:
+            raise UserError(
+                f"tokenizer state in {d} was fitted by {self.name} version {meta.get('version')}, "
+                f"the installed plugin is version {self.version}: refit with `omnistream tokenizers fit`")
+        self.options = self.Options(**meta["options"])
+        with np.load(d / "state.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        self._set_state({**meta["state"], **arrays})
+        self._fitted = True
+
+    def fingerprint(self) -> str:
+        """sha256 over name, version, options and fitted state: equal iff the tokenizer maps alike."""
+        self._require_fitted()
+        h = hashlib.sha256()
+        h.update(f"{self.name}\0{self.version}\0".encode())
+        h.update(json.dumps(self.options.model_dump(mode="json"), sort_keys=True).encode())
+        arrays, rest = _split_state(self._state())
+        h.update(json.dumps(rest, sort_keys=True).encode())
+        for k in sorted(arrays):
+            a = np.ascontiguousarray(arrays[k])
+            h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:16]
+
+    def __getstate__(self):
+        # Pickled into Ray actors: carry options and fitted state, nothing else.
+        return {"options": self.options.model_dump(mode="json"),
+                "state": self._state() if self._fitted else None}
+
+    def __setstate__(self, st):
+        self.__init__(st["options"])
+        if st["state"] is not None:
+            self._set_state(st["state"])
+            self._fitted = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r}, fitted={self._fitted})"
+
+
+def _split_state(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    return arrays, rest
+
+
+def sample_rows(features: Iterable[np.ndarray], limit: int, seed: int) -> np.ndarray:
+    """Stack feature rows and keep at most ``limit`` of them, chosen by seed."""
+    rows = np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1, np.asarray(f).shape[-1])
+                           for f in features if len(f)], axis=0)
+    if len(rows) > limit:
+        rows = rows[np.random.default_rng(seed).choice(len(rows), limit, replace=False)]
+    return rows
+
+
+def kmeans(x: np.ndarray, k: int, iters: int = 25, seed: int = 0) -> np.ndarray:
+    """k-means++ init then Lloyd iterations, in torch (no scikit-learn dependency for one function).
+
+    Returns the (k, d) codebook. Empty clusters are re-seeded from the points
+    farthest from their centre, so all k codes stay in use.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.as_tensor(x, dtype=torch.float32)
+    n = X.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} samples, got {n}: fit on more data")
+    # k-means++ on a subsample keeps init O(k * 20k) rather than O(k * n)
+    sub = X[torch.randperm(n, generator=g)[: min(n, 20 * k)]]
+    C = sub[torch.randint(len(sub), (1,), generator=g)]
+    d2 = torch.cdist(sub, C).squeeze(1) ** 2
+    for _ in range(1, k):
+        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
+        nxt = sub[torch.multinomial(p, 1, generator=g)]
+        C = torch.cat([C, nxt])
+        d2 = torch.minimum(d2, (torch.cdist(sub, nxt).squeeze(1)) ** 2)
+    for _ in range(iters):
+        dist = torch.cdist(X, C)
+        a = dist.argmin(1)
+        counts = torch.bincount(a, minlength=k).float()
+        sums = torch.zeros_like(C).index_add_(0, a, X)
+        newC = sums / counts.clamp(min=1).unsqueeze(1)
+        empty = counts == 0
+        if empty.any():
+            far = dist.min(1).values.topk(int(empty.sum())).indices
+            newC[empty] = X[far]
+        if torch.allclose(newC, C, atol=1e-5):
+            C = newC
+            break
+        C = newC
+    return C.numpy()
+
+
+def nearest(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index of the nearest codebook row for each row of x."""
+    import torch
+
+    return torch.cdist(torch.as_tensor(x, dtype=torch.float32),
+                       torch.as_tensor(codebook, dtype=torch.float32)).argmin(1).numpy().astype(np.int64)

@@ -1,0 +1,25 @@
+"""The `[data]` section of a run config: where shards are and how the stream is made."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    train_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/train-{000..007}.tar"],
+                                    description="WebDataset shards to train on: paths, globs, {000..099} braces or fsspec URLs")
+    eval_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/eval-000.tar"],
+                                   description="held-out shards for eval losses and cross-modal accuracy ([] = no eval)")
+    bundle_dir: str = Field("runs/demo/tokenizers", description="tokenizer bundle (vocab.json + fitted state) written by `omnistream tokenizers fit`")
+    seq_len: int = Field(256, ge=8, le=1 << 20, description="tokens per packed training row")
+    epochs: int = Field(1, ge=1, description="passes over the training shards (training stops earlier at train.steps)")
+    modality_order: Literal["random", "config"] = Field("random", description="order of modalities inside a document: drawn per record by seed, or the config's order")
+    pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
+    max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
+    fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task asks of Ray")
+    tokenizer_actors: int = Field(1, ge=1, description="tokenizer actors (each loads the bundle once)")
+    data_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the data stages ask for, e.g. {data = 0.1} to keep tokenizing on data nodes")

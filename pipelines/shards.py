@@ -1,0 +1,57 @@
+"""Shard listing: local paths, globs, {000..099} braces and fsspec URLs -> an ordered shard list."""
+from __future__ import annotations
+
+import glob as _glob
+import os
+import random
+from typing import Iterable
+
+from braceexpand import braceexpand
+
+from modalities.base import UserError
+
+REMOTE = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://", "abfs://")
+
+
+def list_shards(specs: str | Iterable[str]) -> list[str]:
+    """Expand each spec's braces, then glob the result; keep the first occurrence of each shard.
+
+    A spec that matches nothing is a user mistake (DESIGN.md, Errors): it names the spec.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    out: list[str] = []
+    seen: set[str] = set()
+    for spec in specs:
+        matched: list[str] = []
+        for s in braceexpand(spec):
+            if s.startswith(("http://", "https://")):
+                matched.append(s)  # no listing over plain HTTP; the read reports a missing one
+            elif s.startswith(REMOTE):
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(s)
+                proto = s.split("://", 1)[0]
+                matched += [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+            elif any(c in s for c in "*?["):
+                matched += sorted(_glob.glob(s))
+            elif os.path.exists(s):
+                matched.append(os.path.abspath(s))
+        if not matched:
+            raise UserError(f"no shards found for {spec!r}")
+        for m in matched:
+            m = m if m.startswith(REMOTE) else os.path.abspath(m)
+            if m not in seen:
+                seen.add(m)
+                out.append(m)
+    return out
+
+
+def shard_order(shards: list[str], seed: int, epochs: int) -> list[tuple[int, str]]:
+    """(epoch, shard) pairs: every epoch visits every shard once, in an order drawn from (seed, epoch)."""
+    plan = []
+    for epoch in range(epochs):
+        order = list(shards)
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        plan += [(epoch, s) for s in order]
+    return plan
