@@ -33,18 +33,18 @@ def _open_store_socket() -> tuple[str, int]:
     return addr, s.getsockname()[1]
 
 
-def _join(addr: str, port: int, rank: int, world: int, backend: str, timeout_s: int) -> None:
+def _join(addr: str, port: int, world_rank: int, world_size: int, backend: str, timeout_s: int) -> None:
     import torch.distributed as dist
 
     if addr.startswith("127."):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = timedelta(seconds=timeout_s)
-    if rank == 0:
-        store = dist.TCPStore(addr, port, world, is_master=True, master_listen_fd=_STORE_SOCKET.fileno(),
+    if world_rank == 0:
+        store = dist.TCPStore(addr, port, world_size, is_master=True, master_listen_fd=_STORE_SOCKET.fileno(),
                               wait_for_workers=False, timeout=timeout)
     else:
-        store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
 class _BoundStoreBackend(_TorchBackend):
@@ -54,8 +54,9 @@ class _BoundStoreBackend(_TorchBackend):
             backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
         addr, port = worker_group.execute_single(0, _open_store_socket)
         worker_group.execute(_set_torch_distributed_env_vars)
-        ray.get([worker_group.execute_single_async(i, _join, addr=addr, port=port, rank=i, world=len(worker_group),
-                                                   backend=backend, timeout_s=backend_config.timeout_s)
+        ray.get([worker_group.execute_single_async(i, _join, addr=addr, port=port, world_rank=i,
+                                                   world_size=len(worker_group), backend=backend,
+                                                   timeout_s=backend_config.timeout_s)
                  for i in range(len(worker_group))])
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -190,25 +189,34 @@ def _print_result(res, cfg) -> None:
     print(f"Open it: {tracking.ui_command(res.tracking_uri, res.run_id)}")
 
 
-def _demo(args) -> int:
-    from pipelines.democorpus import write_demo_corpus
+def prepare_demo(cfg, refit: bool = False) -> None:
+    """Write the demo corpus and fit the tokenizers unless what is on disk already matches."""
+    from modalities.vocab import bundle_mismatch
+    from pipelines.democorpus import FORMAT, write_demo_corpus
 
+    spec = cfg.demo
+    corpus = Path(spec.out_dir) / "corpus.json"
+    written = json.loads(corpus.read_text()) if corpus.exists() else {}
+    if written.get("format") == FORMAT and all(written.get(k) == v for k, v in spec.model_dump().items()):
+        print(f"[omnistream] demo corpus already in {spec.out_dir}")
+    else:
+        write_demo_corpus(spec.out_dir, spec)
+    vj = Path(cfg.data.bundle_dir) / "vocab.json"
+    stale = vj.exists() and bundle_mismatch(json.loads(vj.read_text()), cfg.modalities)
+    if stale:
+        print(f"[omnistream] refitting: the tokenizer bundle was {stale}")
+    if refit or stale or not vj.exists():
+        _fit(cfg)
+    else:
+        print(f"[omnistream] tokenizer bundle already in {cfg.data.bundle_dir} (--refit to refit)")
+
+
+def _demo(args) -> int:
     from .config import load_config
 
     t0 = time.time()
     cfg = load_config(args.config, args.overrides)
-    spec = cfg.demo
-    corpus = Path(spec.out_dir) / "corpus.json"
-    if corpus.exists() and json.loads(corpus.read_text()).get("seed") == spec.seed \
-            and json.loads(corpus.read_text()).get("train_records") == spec.train_records:
-        print(f"[omnistream] demo corpus already in {spec.out_dir}")
-    else:
-        write_demo_corpus(spec.out_dir, spec)
-    bundle = Path(cfg.data.bundle_dir) / "vocab.json"
-    if args.refit or not bundle.exists():
-        _fit(cfg)
-    else:
-        print(f"[omnistream] tokenizer bundle already in {cfg.data.bundle_dir} (--refit to refit)")
+    prepare_demo(cfg, args.refit)
     res = _train(cfg)
     _print_result(res, cfg)
     print(f"demo finished in {time.time() - t0:.0f}s")

@@ -12,10 +12,9 @@ import io
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from model.model import GPT, IGNORE, generate, loss_by_group
+from model.model import GPT, generate, loss_by_group
 from modalities.vocab import BOS, Vocabulary
 from pipelines.accounting import Tally
 from pipelines.democorpus import digit_in_text
@@ -149,5 +148,3 @@ def samples(model: GPT, es: EvalSet, cfg, vocab: Vocabulary) -> dict[str, bytes]
 def _slug(text) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in str(text or ""))[:24].strip("-") or "x"
 
-
-__all__ = ["EvalSet", "local_eval", "eval_metrics", "samples", "IGNORE", "np"]

@@ -19,7 +19,10 @@ def quiet_env() -> None:
 
 
 def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
-    """'' starts a local Ray here, on 127.0.0.1 only, without the dashboard; else joins `address`."""
+    """'' starts a local Ray here, every server on 127.0.0.1 only; else joins `address`.
+
+    The local Ray runs its dashboard (on 127.0.0.1): Ray Train's state queries go through it.
+    """
     quiet_env()
     import ray
 
@@ -31,7 +34,10 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=log_to_driver, configure_logging=True, logging_level="WARNING",
-             runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, "RAY_TRAIN_V2_ENABLED": "1"}})
+    ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                   _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
+                   logging_level="WARNING",
+                   runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, "RAY_TRAIN_V2_ENABLED": "1"}})
+    if ctx.dashboard_url:
+        print(f"[omnistream] local Ray started (127.0.0.1 only); dashboard: http://{ctx.dashboard_url}", flush=True)
     return ray

@@ -123,6 +123,7 @@ def train_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(t))
+    engine.checkpoint_engine = _weights_only_engine(engine)
 
     # ---- resume -----------------------------------------------------------------------------
     start_step, skip = 0, 0
@@ -258,6 +259,22 @@ def train_worker(config: dict) -> None:
     save(step, _scalars(last_metrics))
 
 
+def _weights_only_engine(engine):
+    """DeepSpeed's torch checkpoint engine, but loading with weights_only=True (DESIGN.md, security
+    defaults): a checkpoint can hold tensors and plain containers, never code. DeepSpeed's own
+    engine loads with weights_only=False; its ZeRO stage enum is the one class its files need."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([ZeroStageEnum]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
+
+
 def _scalars(m: dict) -> dict:
     return {k: v for k, v in m.items() if isinstance(v, (int, float)) and v is not None}
 
@@ -334,7 +351,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     from pipelines.shards import list_shards
 
     cfg = cfg.resolved_paths()
-    vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modality_names())
+    vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
     cfg.model.vocab_size = vocab.size
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.seq_len)
     list_shards(cfg.data.train_shards)

@@ -118,17 +118,18 @@ class Vocabulary:
         return d / "vocab.json"
 
     @classmethod
-    def load(cls, directory: str | Path, names: Sequence[str] | None = None) -> "Vocabulary":
-        """Load a tokenizer bundle; `names` (the config's modality order) must match it."""
+    def load(cls, directory: str | Path, names: Sequence[str] | dict[str, dict] | None = None) -> "Vocabulary":
+        """Load a tokenizer bundle. `names` (the config's modalities, in order, optionally with their
+        options) must match what the bundle was fitted with."""
         d = Path(directory)
         vj = d / "vocab.json"
         if not vj.exists():
             raise UserError(f"no tokenizer bundle at {d} (vocab.json missing): run `omnistream tokenizers fit CONFIG`")
         layout = json.loads(vj.read_text())
-        stored = [m["name"] for m in layout["modalities"]]
-        if names is not None and list(names) != stored:
-            raise UserError(f"tokenizer bundle {d} has modalities {stored} but the config asks for {list(names)}: "
-                            f"refit with `omnistream tokenizers fit`")
+        problem = bundle_mismatch(layout, names) if names is not None else None
+        if problem:
+            raise UserError(f"tokenizer bundle {d} does not match the config: {problem}; "
+                            f"refit with `omnistream tokenizers fit CONFIG`")
         mods = []
         for entry in layout["modalities"]:
             m = registry.build(entry["name"], entry["options"])
@@ -140,6 +141,21 @@ class Vocabulary:
         if vocab.fingerprint != layout["fingerprint"]:
             raise UserError(f"vocab.json in {d} does not match the tokenizers beside it: refit")
         return vocab
+
+
+def bundle_mismatch(layout: dict, wanted: Sequence[str] | dict[str, dict]) -> str | None:
+    """How a bundle's layout differs from the config's modalities (order, and options where given)."""
+    stored = [m["name"] for m in layout["modalities"]]
+    if list(wanted) != stored:
+        return f"it has modalities {stored}, the config asks for {list(wanted)}"
+    if isinstance(wanted, dict):
+        for m in layout["modalities"]:
+            want = registry.build(m["name"], wanted[m["name"]]).options.model_dump(mode="json")
+            diff = [f"{m['name']}.{k}={m['options'].get(k)!r} (config: {v!r})"
+                    for k, v in want.items() if m["options"].get(k) != v]
+            if diff:
+                return "fitted with " + ", ".join(diff)
+    return None
 
 
 def layout_fingerprint(body: dict) -> str:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    train_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/train-{000..007}.tar"],
+    train_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/train-*.tar"],
                                     description="WebDataset shards to train on: paths, globs, {000..099} braces or fsspec URLs")
     eval_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/eval-000.tar"],
                                    description="held-out shards for eval losses and cross-modal accuracy ([] = no eval)")

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pydantic import BaseModel, ConfigDict, Field
 
+FORMAT = 2  # bump when the drawing or the record layout changes: a demo corpus on disk is rewritten
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # DTMF keypad: digit -> (low group Hz, high group Hz)
 DTMF = {1: (697, 1209), 2: (697, 1336), 3: (697, 1477), 4: (770, 1209), 5: (770, 1336),
@@ -55,15 +56,15 @@ def draw_digit(d: int, rng: random.Random) -> Image.Image:
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(2, 18), (side, side, 3))
     canvas = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8), "RGB")
     # draw the glyph on its own layer so it can be rotated, then paste it at a jittered place
-    size = int(side * rng.uniform(0.7, 1.0))
+    size = int(side * rng.uniform(0.75, 1.0))
     font = ImageFont.load_default(size=size)
     glyph = Image.new("L", (side, side), 0)
     g = ImageDraw.Draw(glyph)
     l, t, r, b = g.textbbox((0, 0), str(d), font=font)
-    jx, jy = rng.uniform(-0.12, 0.12) * side, rng.uniform(-0.12, 0.12) * side
+    jx, jy = rng.uniform(-0.1, 0.1) * side, rng.uniform(-0.1, 0.1) * side
     g.text(((side - (r - l)) / 2 - l + jx, (side - (b - t)) / 2 - t + jy), str(d), fill=255, font=font,
            stroke_width=rng.choice([0, 0, 1]), stroke_fill=255)
-    glyph = glyph.rotate(rng.uniform(-18, 18), resample=Image.Resampling.BILINEAR)
+    glyph = glyph.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR)
     ink = Image.new("RGB", (side, side), tuple(rng.randint(0, 110) for _ in range(3)))
     canvas.paste(ink, (0, 0), glyph)
     if rng.random() < 0.3:
@@ -167,5 +168,5 @@ def write_demo_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None
     train = write_split(out, "train", spec.train_records, spec.records_per_shard, spec.seed)
     evals = write_split(out, "eval", spec.eval_records, spec.records_per_shard, spec.seed,
                         mix=("image", "audio", "text"))
-    (out / "corpus.json").write_text(json.dumps({**spec.model_dump(), "train": train, "eval": evals}, indent=1))
+    (out / "corpus.json").write_text(json.dumps({**spec.model_dump(), "format": FORMAT, "train": train, "eval": evals}, indent=1))
     return {"train": train, "eval": evals}

@@ -59,7 +59,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     ds = ds.flat_map(_read, fn_kwargs={"max_member_bytes": cfg.max_member_bytes}, num_cpus=cfg.read_cpus)
     ds = ds.limit(cfg.fit_records)
     ds = ds.map_batches(ExtractFeatures, fn_constructor_kwargs={"modalities": mods}, batch_size=64,
-                        concurrency=2, batch_format="numpy", num_cpus=0.5)
+                        compute=ray.data.ActorPoolStrategy(size=2), batch_format="numpy", num_cpus=0.5)
     gathered: dict[str, list] = {m.name: [] for m in mods}
     bad = Tally()
     for row in ds.iter_rows():

@@ -160,10 +160,11 @@ def build_train_stream(cfg: DataConfig, names: list[str], seed: int, ledger=None
     ds = ds.flat_map(_read, fn_kwargs={"max_member_bytes": cfg.max_member_bytes}, num_cpus=cfg.read_cpus, **extra)
     ds = ds.map_batches(TokenizeDocs, fn_constructor_kwargs={"bundle_dir": cfg.bundle_dir, "names": names, "seed": seed,
                                                              "order": cfg.modality_order, "ledger": ledger},
-                        batch_size=64, concurrency=cfg.tokenizer_actors, batch_format="numpy",
+                        batch_size=64, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
                         num_cpus=res["num_cpus"], **({"resources": res["resources"]} if res["resources"] else {}))
     ds = ds.map_batches(PackRows, fn_constructor_kwargs={"seq_len": cfg.seq_len, "seed": seed},
-                        batch_size=cfg.pack_window, concurrency=1, batch_format="numpy", num_cpus=0.1, **extra)
+                        batch_size=cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy",
+                        num_cpus=0.1, **extra)
     return ds
 
 

@@ -1,7 +1,6 @@
 """The real path end to end on a local Ray: Ray Data stream, 2 Ray Train workers with DeepSpeed ZeRO-3,
 MLflow run, checkpoint with every rank's shards, resume at the same step, loopback-only listeners."""
 import json
-import os
 import threading
 from pathlib import Path
 
