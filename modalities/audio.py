@@ -58,6 +58,7 @@ class AudioModality(BaseModality):
         self._codebook: np.ndarray | None = None
         self._mel = None
         self._inv = None
+        self._resamplers: dict[int, Any] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -95,13 +96,14 @@ class AudioModality(BaseModality):
     def _features(self, a: Audio) -> np.ndarray:
         """(frames, n_mels) log-mel in [0, 1]: 1 = the clip's peak, 0 = dynamic_range_db below it."""
         import torch
-        import torchaudio.functional as AF
         import torchaudio.transforms as T
 
         o = self.options
         w = torch.as_tensor(a.wave, dtype=torch.float32)
         if a.sample_rate != o.sample_rate:
-            w = AF.resample(w, a.sample_rate, o.sample_rate)
+            if a.sample_rate not in self._resamplers:  # the module keeps its sinc kernel: built once per rate
+                self._resamplers[a.sample_rate] = T.Resample(a.sample_rate, o.sample_rate)
+            w = self._resamplers[a.sample_rate](w)
         if len(w) < o.n_fft:
             w = torch.nn.functional.pad(w, (0, o.n_fft - len(w)))
         if self._mel is None:
