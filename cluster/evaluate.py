@@ -33,16 +33,16 @@ class EvalSet:
     def load(cls, cfg, vocab: Vocabulary) -> "EvalSet":
         es = cls()
         docs = []
-        for r, objs, toks, mods in local_documents(cfg.data.eval_shards, vocab, cfg.data, cfg.seed,
-                                                   limit=cfg.eval.examples, tally=es.tally):
+        for r, ids, toks, mods in local_documents(cfg.data.eval_shards, vocab, cfg.data, cfg.seed,
+                                                  limit=cfg.eval.examples, tally=es.tally):
             label = None
             if "json" in r.fields:
                 try:
                     label = json.loads(r.fields["json"]).get("digit")
                 except (ValueError, AttributeError):
                     label = None
-            ids = {n: vocab.by_name[n].encode(o) for n, o in objs.items()}
-            es.records.append((r.key, label, ids, objs.get("text")))
+            caption = vocab.by_name["text"].decode(ids["text"]) if "text" in ids else None
+            es.records.append((r.key, label, ids, caption))
             docs.append((toks, mods, r.key))
         if docs:
             t, m, k = zip(*docs)

@@ -20,6 +20,7 @@ class DataConfig(BaseModel):
     pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
+    cache_tokens: bool = Field(True, description="tokenizer actors keep each record's ids for later epochs (re-reading, not re-encoding)")
     read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task asks of Ray")
     tokenizer_actors: int = Field(1, ge=1, description="tokenizer actors (each loads the bundle once)")
     data_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the data stages ask for, e.g. {data = 0.1} to keep tokenizing on data nodes")

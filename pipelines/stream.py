@@ -29,7 +29,8 @@ from .packing import pack_documents
 from .records import RawRecord, read_shard
 from .shards import list_shards, shard_order
 
-META_EXTS = ("json", "cls", "__key__", "__url__")  # fields that are labels/metadata, never tokens
+# ids kept per tokenizer actor for later epochs; ~50 ids a record at 8 bytes is ~0.5 GB at this bound
+MAX_CACHED_RECORDS = 1_000_000
 
 
 def ext_map(vocab: Vocabulary) -> dict[str, str]:
@@ -59,47 +60,68 @@ def record_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest())
 
 
-def make_document(vocab: Vocabulary, objs: dict[str, object], order: str, rng: random.Random | None):
-    """Encode each modality and lay out one document; returns (tokens, modality_ids)."""
-    names = [n for n in vocab.names if n in objs]
+def make_document(vocab: Vocabulary, parts: dict[str, np.ndarray], order: str, rng: random.Random | None):
+    """Lay out one document from each modality's local ids; returns (tokens, modality_ids)."""
+    names = [n for n in vocab.names if n in parts]
     if order == "random" and rng is not None:
         rng.shuffle(names)  # both directions (image→text and text→image) get learned
-    return vocab.document([(n, vocab.by_name[n].encode(objs[n])) for n in names])
+    return vocab.document([(n, parts[n]) for n in names])
+
+
+def tokenize_record(vocab: Vocabulary, exts: dict[str, str], r: RawRecord, epoch: int, seed: int, order: str,
+                    tally: Tally, cache: dict | None = None):
+    """One record -> (local ids per modality, tokens, modality ids), or None when it is bad: then it
+    is counted under its reason and listed as a dead letter. Every call counts the record as seen.
+
+    `cache` maps (shard, key) to the encoded ids, so later epochs only lay documents out again
+    (the modality order changes per epoch; the ids do not).
+    """
+    tally.seen += 1
+    try:
+        parts = cache.get((r.shard, r.key)) if cache is not None else None
+        if parts is None:
+            if r.error:
+                raise BadSample(r.error, r.detail)
+            objs = decode_fields(vocab, exts, r.fields)
+            parts = {n: vocab.by_name[n].encode(o) for n, o in objs.items()}
+            if cache is not None and len(cache) < MAX_CACHED_RECORDS:
+                cache[(r.shard, r.key)] = parts
+        t, m = make_document(vocab, parts, order, record_rng(seed, epoch, r.key))
+    except BadSample as e:
+        tally.errored[e.reason] += 1
+        tally.dead_letter.append({"shard": r.shard, "key": r.key, "field": getattr(e, "field", ""),
+                                  "reason": e.reason, "detail": e.detail[:200]})
+        return None
+    tally.kept += 1
+    tally.per_modality.update(parts.keys())
+    return parts, t, m
 
 
 class TokenizeDocs:
-    """Ray Data actor: bundle loaded once, records in, documents out; outcomes go to the ledger."""
+    """Ray Data actor: loads the bundle once; (epoch, shard) rows in, documents out.
 
-    def __init__(self, bundle_dir: str, names: list[str], seed: int, order: str, ledger=None):
+    Reading happens here too, so raw field bytes never pass through the object store (reading
+    and tokenizing in separate operators cost ~2x the CPU on the demo). Outcomes go to the ledger.
+    """
+
+    def __init__(self, bundle_dir: str, names: list[str], seed: int, order: str, max_member_bytes: int,
+                 ledger=None, cache: bool = True):
         self.vocab = Vocabulary.load(bundle_dir, names)
         self.exts = ext_map(self.vocab)
-        self.seed, self.order, self.ledger = seed, order, ledger
+        self.seed, self.order, self.max_member_bytes, self.ledger = seed, order, max_member_bytes, ledger
+        self.cache: dict | None = {} if cache else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tally = Tally()
         keys, toks, mods = [], [], []
-        for i in range(len(batch["key"])):
-            shard, key, epoch = str(batch["shard"][i]), str(batch["key"][i]), int(batch["epoch"][i])
-            tally.seen += 1
-            if batch["error"][i]:
-                tally.errored[str(batch["error"][i])] += 1
-                tally.dead_letter.append({"shard": shard, "key": key, "field": "", "reason": str(batch["error"][i]),
-                                          "detail": str(batch["detail"][i])})
-                continue
-            fields = dict(zip(list(batch["exts"][i]), list(batch["blobs"][i])))
-            try:
-                objs = decode_fields(self.vocab, self.exts, fields)
-                t, m = make_document(self.vocab, objs, self.order, record_rng(self.seed, epoch, key))
-            except BadSample as e:
-                tally.errored[e.reason] += 1
-                tally.dead_letter.append({"shard": shard, "key": key, "field": getattr(e, "field", ""),
-                                          "reason": e.reason, "detail": e.detail[:200]})
-                continue
-            tally.kept += 1
-            tally.per_modality.update(objs.keys())
-            keys.append(f"{epoch}:{shard}:{key}")
-            toks.append(t.astype(np.int32))
-            mods.append(m.astype(np.int8))
+        for epoch, shard in zip(batch["epoch"], batch["shard"]):
+            for r in read_shard(str(shard), self.max_member_bytes):
+                out = tokenize_record(self.vocab, self.exts, r, int(epoch), self.seed, self.order, tally, self.cache)
+                if out is None:
+                    continue
+                keys.append(f"{int(epoch)}:{r.shard}:{r.key}")
+                toks.append(out[1].astype(np.int32))
+                mods.append(out[2].astype(np.int8))
         if self.ledger is not None:
             self.ledger.add.remote(tally)
         out_t = np.empty(len(toks), dtype=object)
@@ -109,13 +131,10 @@ class TokenizeDocs:
 
 
 def _read(row: dict, max_member_bytes: int) -> Iterable[dict]:
+    """Ray Data flat_map: one (epoch, shard) row -> its records with raw field bytes (tokenizer fitting)."""
     for r in read_shard(row["shard"], max_member_bytes):
-        yield _row(r, int(row["epoch"]))
-
-
-def _row(r: RawRecord, epoch: int) -> dict:
-    return {"epoch": epoch, "shard": r.shard, "key": r.key, "exts": list(r.fields.keys()),
-            "blobs": list(r.fields.values()), "error": r.error or "", "detail": r.detail}
+        yield {"epoch": int(row["epoch"]), "shard": r.shard, "key": r.key, "exts": list(r.fields.keys()),
+               "blobs": list(r.fields.values()), "error": r.error or "", "detail": r.detail}
 
 
 class PackRows:
@@ -157,10 +176,11 @@ def build_train_stream(cfg: DataConfig, names: list[str], seed: int, ledger=None
     res = tokenizer_resources(names, cfg)
     extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
     ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
-    ds = ds.flat_map(_read, fn_kwargs={"max_member_bytes": cfg.max_member_bytes}, num_cpus=cfg.read_cpus, **extra)
     ds = ds.map_batches(TokenizeDocs, fn_constructor_kwargs={"bundle_dir": cfg.bundle_dir, "names": names, "seed": seed,
-                                                             "order": cfg.modality_order, "ledger": ledger},
-                        batch_size=64, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
+                                                             "order": cfg.modality_order, "ledger": ledger,
+                                                             "max_member_bytes": cfg.max_member_bytes,
+                                                             "cache": cfg.cache_tokens},
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
                         num_cpus=res["num_cpus"], **({"resources": res["resources"]} if res["resources"] else {}))
     ds = ds.map_batches(PackRows, fn_constructor_kwargs={"seq_len": cfg.seq_len, "seed": seed},
                         batch_size=cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy",
@@ -170,7 +190,7 @@ def build_train_stream(cfg: DataConfig, names: list[str], seed: int, ledger=None
 
 def local_documents(shards: list[str], vocab: Vocabulary, cfg: DataConfig, seed: int, order: str | None = None,
                     limit: int | None = None, tally: Tally | None = None):
-    """Read a small shard set in this process (evaluation); yields (record, objects, tokens, modality_ids).
+    """Read a small shard set in this process (evaluation); yields (record, ids per modality, tokens, modality_ids).
 
     Bad records are skipped and counted in `tally` (errored, with reason and dead letter), never dropped silently.
     """
@@ -179,19 +199,10 @@ def local_documents(shards: list[str], vocab: Vocabulary, cfg: DataConfig, seed:
     n = 0
     for shard in shards:
         for r in read_shard(shard, cfg.max_member_bytes):
-            tally.seen += 1
-            try:
-                if r.error:
-                    raise BadSample(r.error, r.detail)
-                objs = decode_fields(vocab, exts, r.fields)
-                t, m = make_document(vocab, objs, order or cfg.modality_order, record_rng(seed, 0, r.key))
-            except BadSample as e:
-                tally.errored[e.reason] += 1
-                tally.dead_letter.append({"shard": shard, "key": r.key, "field": getattr(e, "field", ""),
-                                          "reason": e.reason, "detail": e.detail[:200]})
+            out = tokenize_record(vocab, exts, r, 0, seed, order or cfg.modality_order, tally)
+            if out is None:
                 continue
-            tally.kept += 1
-            yield r, objs, t, m
+            yield (r, *out)
             n += 1
             if limit is not None and n >= limit:
                 return
