@@ -262,14 +262,17 @@ def train_worker(config: dict) -> None:
 def _weights_only_engine(engine):
     """DeepSpeed's torch checkpoint engine, but loading with weights_only=True (DESIGN.md, security
     defaults): a checkpoint can hold tensors and plain containers, never code. DeepSpeed's own
-    engine loads with weights_only=False; its ZeRO stage enum is the one class its files need."""
+    engine loads with weights_only=False; its files need only its ZeRO stage enum and loss scalers."""
     import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([ZeroStageEnum]):
+            with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return WeightsOnlyCheckpointEngine(engine._config)
@@ -422,8 +425,12 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
 
 
 def _root_message(e: BaseException) -> str:
+    """The most telling line of a worker's error: the last 'SomethingError: ...' line, else the last line."""
+    import re
+
     seen = e
     while seen.__cause__ is not None:
         seen = seen.__cause__
-    lines = [ln for ln in str(seen).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(seen).__name__
+    lines = [ln.strip() for ln in str(seen).strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln, re.IGNORECASE)]
+    return (named or lines or [type(seen).__name__])[-1]
