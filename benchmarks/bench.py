@@ -43,7 +43,8 @@ def plain_loop(cfg, vocab, steps: int) -> float:
     t = cfg.train
     need_rows = (steps + 5) * t.micro_batch_size
     docs = []
-    for _, _, toks, mods in local_documents(list_shards(cfg.data.train_shards), vocab, cfg.data, cfg.seed):
+    for _, _, toks, mods in local_documents(list_shards(cfg.data.train_shards), cfg.data.bundle_dir, cfg.modalities,
+                                            cfg.data, cfg.seed):
         docs.append((toks, mods, ""))
         if len(docs) >= need_rows * 6:
             break

@@ -2,6 +2,7 @@
 
     omnistream demo                          write the demo corpus, fit tokenizers, train, evaluate
     omnistream data demo OUT_DIR             write the demo corpus (WebDataset .tar shards)
+    omnistream data inspect SHARDS...        account every record: kept, filtered or errored, and why
     omnistream tokenizers fit CONFIG         fit every configured modality; write the tokenizer bundle
     omnistream train CONFIG [--set k=v ...]  train on a Ray cluster with DeepSpeed, track in MLflow
     omnistream modalities list               installed modality plugins, versions and id ranges
@@ -60,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=int, default=d.records_per_shard, help=f"records per shard (default {d.records_per_shard})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
 
+    p = data.add_parser("inspect", help="read, decode, filter and dedup shards without training; print the report",
+                        description="Run the pipeline's read, decode, quality-filter and dedup stages over SHARDS on a "
+                                    "local Ray (or cluster.address) and report every record as kept, filtered or errored, "
+                                    "with reasons, per modality and per shard. Exit 0 when the pass completed (bad "
+                                    "records are data, not failure); 2 for a user mistake.")
+    p.add_argument("shards", nargs="+", help="shard paths, globs or {000..009} braces")
+    p.add_argument("--config", help="run config for modalities, filters and dedup (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
     tok = sub.add_parser("tokenizers", help="tokenizer commands").add_subparsers(dest="tok_cmd", required=True, metavar="COMMAND")
     p = tok.add_parser("fit", help="fit every configured modality on a sample of the training shards",
                        description="Read data.fit_records records of data.train_shards with Ray, fit each modality "
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from .config import describe, load_config
 
+    if args.cmd == "data" and args.data_cmd == "inspect":
+        return _inspect(args)
     if args.cmd == "data":
         from pipelines.democorpus import CorpusSpec, write_demo_corpus
 
@@ -220,6 +233,22 @@ def _demo(args) -> int:
     res = _train(cfg)
     _print_result(res, cfg)
     print(f"demo finished in {time.time() - t0:.0f}s")
+    return 0
+
+
+def _inspect(args) -> int:
+    from pipelines.inspect import format_report, inspect_shards
+    from pipelines.shards import list_shards
+
+    from .config import load_config
+    from .ray_local import connect
+
+    cfg = load_config(args.config, args.overrides).resolved_paths()
+    list_shards(args.shards)  # no shards is a user mistake, reported before any cluster starts
+    bundle = cfg.data.bundle_dir if (Path(cfg.data.bundle_dir) / "vocab.json").exists() and args.config else None
+    connect(cfg.cluster.address, cfg.cluster.local_cpus, log_to_driver=not args.json)
+    report = inspect_shards(args.shards, cfg.data, cfg.modalities, cfg.seed, bundle)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 

@@ -33,8 +33,8 @@ class EvalSet:
     def load(cls, cfg, vocab: Vocabulary) -> "EvalSet":
         es = cls()
         docs = []
-        for r, ids, toks, mods in local_documents(cfg.data.eval_shards, vocab, cfg.data, cfg.seed,
-                                                  limit=cfg.eval.examples, tally=es.tally):
+        for r, ids, toks, mods in local_documents(cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities,
+                                                  cfg.data, cfg.seed, limit=cfg.eval.examples, tally=es.tally):
             label = None
             if "json" in r.fields:
                 try:

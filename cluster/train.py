@@ -22,6 +22,7 @@ from pathlib import Path
 
 from modalities.base import UserError
 from modalities.vocab import Vocabulary, describe_mismatch
+from pipelines.accounting import ErrorRateExceeded
 
 from .config import RunConfig, TrainConfig
 
@@ -143,11 +144,13 @@ def train_worker(config: dict) -> None:
     it = iter(ray.train.get_dataset_shard("train").iter_batches(
         batch_size=t.micro_batch_size, batch_format="numpy", drop_last=True, prefetch_batches=4))
 
+    stop = False  # set on rank 0 when the ledger says the data is mostly bad; the MIN below stops all
+
     def next_batch():
         t0 = time.perf_counter()
         b = next(it, None)
         wait = time.perf_counter() - t0
-        have = torch.tensor([0 if b is None else 1])
+        have = torch.tensor([0 if b is None or stop else 1])
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
         return (b if have.item() else None), wait
 
@@ -242,6 +245,7 @@ def train_worker(config: dict) -> None:
                 if ledger is not None:
                     import ray
                     m.update(ray.get(ledger.snapshot.remote()).metrics())
+                    stop = ray.get(ledger.stop_reason.remote()) is not None
                 logger.log(m, step)
                 per = " ".join(f"{n}={m[f'train/loss/{n}']:.3f}" for n in vocab.names if f"train/loss/{n}" in m)
                 print(f"[omnistream] step {step}/{t.steps} loss={m['train/loss']:.3f} ({per}) "
@@ -252,6 +256,12 @@ def train_worker(config: dict) -> None:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
             save(step, _scalars(last_metrics))
 
+    if exhausted and ledger is not None:
+        import ray
+
+        reason = ray.get(ledger.stop_reason.remote())
+        if reason:
+            raise ErrorRateExceeded(reason)
     if rank == 0 and exhausted:
         print(f"[omnistream] the stream ended at step {step} (before train.steps={t.steps}): "
               f"raise data.epochs to train longer", flush=True)
@@ -388,8 +398,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     tracking.log_text(uri, run_id, tracking.dumps(vocab.layout()), "vocab.json")
     print(f"[omnistream] MLflow run {run_id} ({uri})", flush=True)
 
-    ledger = DataLedger.remote()
-    ds = build_train_stream(cfg.data, cfg.modality_names(), cfg.seed, ledger)
+    ledger = DataLedger.remote(cfg.data.max_error_rate, cfg.data.error_rate_window)
+    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, ledger)
     trainer = TorchTrainer(
         train_worker,
         torch_config=BoundTorchConfig(),
@@ -408,20 +418,31 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
         result = trainer.fit()
     except Exception as e:
         tracking.client(uri).set_terminated(run_id, "FAILED")
+        reason = ray.get(ledger.stop_reason.remote())
+        if reason:
+            _log_data(uri, run_id, ray.get(ledger.snapshot.remote()), 0)
+            raise UserError(reason) from None
         raise RuntimeError(f"training failed: {_root_message(e)}") from e
     tally = ray.get(ledger.snapshot.remote())
-    report = tally.report()
-    logger = tracking.MetricLogger(uri, run_id)
     step = int((result.metrics or {}).get("step", cfg.train.steps))
-    logger.log(tally.metrics(), step)
-    tracking.log_text(uri, run_id, tracking.dumps(report), "data/report.json")
-    tracking.log_text(uri, run_id, "".join(json.dumps(d) + "\n" for d in tally.dead_letter), "data/dead_letter.jsonl")
+    report = _log_data(uri, run_id, tally, step)
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt:
-        logger.set_tag("omnistream.checkpoint", ckpt)
+        tracking.MetricLogger(uri, run_id).set_tag("omnistream.checkpoint", ckpt)
     tracking.client(uri).set_terminated(run_id, "FINISHED")
     metrics = tracking.final_metrics(uri, run_id)
     return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0)
+
+
+def _log_data(uri: str, run_id: str, tally, step: int) -> dict:
+    """The data report next to the loss curves: counts as metrics, report and dead letters as files."""
+    from . import tracking
+
+    report = tally.report()
+    tracking.MetricLogger(uri, run_id).log(tally.metrics(), step)
+    tracking.log_text(uri, run_id, tracking.dumps(report), "data/report.json")
+    tracking.log_text(uri, run_id, "".join(json.dumps(d) + "\n" for d in tally.dead_letter), "data/dead_letter.jsonl")
+    return report
 
 
 def _root_message(e: BaseException) -> str:

@@ -30,6 +30,23 @@ class Audio:
         return len(self.wave) / self.sample_rate
 
 
+def _wav_size_lie(data: bytes) -> str | None:
+    """A WAV whose chunk sizes claim more bytes than the file has. libsndfile quietly reads what is
+    there, so a file cut short or a forged header would pass as shorter audio; we call it what it is."""
+    import struct
+
+    if len(data) < 12 or data[8:12] != b"WAVE":
+        return None
+    at = 12
+    while at + 8 <= len(data):
+        cid, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
+        if cid == b"data":
+            have = len(data) - at - 8
+            return f"data chunk claims {size} bytes, the file holds {have}" if size > have else None
+        at += 8 + size + (size & 1)
+    return "no data chunk"
+
+
 class AudioOptions(ModalityOptions):
     sample_rate: int = Field(8000, ge=1000, le=192000, description="audio is resampled to this rate (Hz) before features")
     n_fft: int = Field(256, ge=16, description="FFT size of the mel spectrogram")
@@ -70,6 +87,9 @@ class AudioModality(BaseModality):
 
         if not data:
             raise BadSample("audio_empty", "zero bytes")
+        lie = _wav_size_lie(data) if data[:4] == b"RIFF" else None
+        if lie:
+            raise BadSample("audio_header_mismatch", lie)
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
                 sr, frames = f.samplerate, f.frames

@@ -62,6 +62,8 @@ class ImageModality(BaseModality):
             raise BadSample("image_empty")
         try:
             im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        except Image.DecompressionBombError as e:  # Pillow's own bound (2× its MAX_IMAGE_PIXELS) fired first
+            raise BadSample("image_too_large", str(e)) from None
         except Exception as e:
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         w, h = im.size

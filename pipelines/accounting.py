@@ -20,19 +20,47 @@ class Tally:
     kept: int = 0
     filtered: Counter = field(default_factory=Counter)
     errored: Counter = field(default_factory=Counter)
-    per_modality: Counter = field(default_factory=Counter)   # kept records carrying each modality
-    dead_letter: list = field(default_factory=list)           # {shard, key, field, reason, detail}
+    per_modality: dict = field(default_factory=dict)   # modality -> Counter(seen, kept, filtered, errored)
+    per_shard: dict = field(default_factory=dict)      # shard -> Counter(seen, kept, filtered, errored)
+    shard_errors: list = field(default_factory=list)   # {shard, reason, detail}: shards that failed as a whole
+    dead_letter: list = field(default_factory=list)    # {shard, key, field, status, reason, detail}
     dead_letter_dropped: int = 0
+
+    def count(self, shard: str, key: str, o) -> None:
+        """Account one record's Outcome (pipelines.stream) exactly once."""
+        self.seen += 1
+        if o.status == "kept":
+            self.kept += 1
+        else:
+            (self.filtered if o.status == "filtered" else self.errored)[o.reason] += 1
+            self._letter({"shard": shard, "key": key, "field": o.field, "status": o.status, "reason": o.reason,
+                          "detail": o.detail})
+        for name in o.modalities:
+            self.per_modality.setdefault(name, Counter()).update(["seen", o.status])
+        self.per_shard.setdefault(shard, Counter()).update(["seen", o.status])
+
+    def shard_error(self, shard: str, reason: str, detail: str) -> None:
+        self.shard_errors.append({"shard": shard, "reason": reason, "detail": detail[:300]})
+        self.per_shard.setdefault(shard, Counter())["shard_errors"] += 1
+
+    def _letter(self, d: dict) -> None:
+        if len(self.dead_letter) < MAX_DEAD_LETTERS:
+            self.dead_letter.append(d)
+        else:
+            self.dead_letter_dropped += 1
 
     def add(self, other: "Tally") -> None:
         self.seen += other.seen
         self.kept += other.kept
         self.filtered.update(other.filtered)
         self.errored.update(other.errored)
-        self.per_modality.update(other.per_modality)
-        room = MAX_DEAD_LETTERS - len(self.dead_letter)
-        self.dead_letter += other.dead_letter[:max(room, 0)]
-        self.dead_letter_dropped += other.dead_letter_dropped + max(len(other.dead_letter) - max(room, 0), 0)
+        for mine, theirs in ((self.per_modality, other.per_modality), (self.per_shard, other.per_shard)):
+            for k, c in theirs.items():
+                mine.setdefault(k, Counter()).update(c)
+        self.shard_errors += other.shard_errors
+        for d in other.dead_letter:
+            self._letter(d)
+        self.dead_letter_dropped += other.dead_letter_dropped
 
     def balanced(self) -> bool:
         return self.seen == self.kept + sum(self.filtered.values()) + sum(self.errored.values())
@@ -45,18 +73,49 @@ class Tally:
 
     def report(self) -> dict:
         return {"seen": self.seen, "kept": self.kept, "filtered": dict(self.filtered),
-                "errored": dict(self.errored), "per_modality": dict(self.per_modality),
-                "balanced": self.balanced(), "dead_letter": self.dead_letter,
+                "errored": dict(self.errored), "balanced": self.balanced(),
+                "per_modality": {k: dict(v) for k, v in sorted(self.per_modality.items())},
+                "per_shard": {k: dict(v) for k, v in sorted(self.per_shard.items())},
+                "shard_errors": self.shard_errors, "dead_letter": self.dead_letter,
                 "dead_letter_not_listed": self.dead_letter_dropped}
+
+
+class ErrorRateExceeded(RuntimeError):
+    """Too many of the first records were bad: the user probably pointed at the wrong data."""
+
+
+def error_rate_verdict(t: Tally, max_rate: float, window: int, final: bool = False) -> str | None:
+    """A one-line reason to stop, judged once `window` records were seen (or at the end of a short pass)."""
+    if t.seen == 0 or (t.seen < window and not final):
+        return None
+    bad = sum(t.errored.values())
+    if bad / t.seen > max_rate:
+        top = ", ".join(f"{k} ({v})" for k, v in t.errored.most_common(3))
+        return (f"{bad} of the first {t.seen} records could not be read ({top}), more than "
+                f"data.max_error_rate={max_rate}: are the shards the data you meant?")
+    return None
 
 
 @ray.remote(num_cpus=0)
 class DataLedger:
-    def __init__(self):
+    """Collects the pipeline actors' tallies; judges the error rate on the first window of records."""
+
+    def __init__(self, max_rate: float = 1.0, window: int = 1000):
         self.tally = Tally()
+        self.max_rate, self.window = max_rate, window
+        self.verdict: str | None = None
+        self.judged = False
 
     def add(self, t: Tally) -> None:
         self.tally.add(t)
+        if not self.judged and self.tally.seen >= self.window:
+            self.judged = True
+            self.verdict = error_rate_verdict(self.tally, self.max_rate, self.window)
+
+    def stop_reason(self, final: bool = False) -> str | None:
+        if final and not self.judged:
+            return error_rate_verdict(self.tally, self.max_rate, self.window, final=True)
+        return self.verdict
 
     def snapshot(self) -> Tally:
         return self.tally

@@ -5,6 +5,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .dedup import DedupConfig
+from .quality import QualityConfig
+
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -21,6 +24,10 @@ class DataConfig(BaseModel):
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
     cache_tokens: bool = Field(True, description="tokenizer actors keep each record's ids for later epochs (re-reading, not re-encoding)")
+    max_error_rate: float = Field(0.5, ge=0, le=1, description="stop when more than this share of the first error_rate_window records is errored: the shards are probably the wrong data")
+    error_rate_window: int = Field(1000, ge=1, description="records the error rate is judged on")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="per-modality quality filters")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="exact and near-duplicate removal across the stream")
     read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task asks of Ray")
-    tokenizer_actors: int = Field(1, ge=1, description="tokenizer actors (each loads the bundle once)")
+    tokenizer_actors: int = Field(1, ge=1, description="record-processing actors (each loads the tokenizer bundle once)")
     data_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the data stages ask for, e.g. {data = 0.1} to keep tokenizing on data nodes")

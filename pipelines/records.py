@@ -19,6 +19,7 @@ MAX_NAME = 1024              # longest member name accepted (untrusted input bou
 
 @dataclass
 class RawRecord:
+    """One record; with an empty key it stands for a failure of the shard as a whole."""
     shard: str
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)
@@ -53,6 +54,7 @@ def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
         return
     cur: RawRecord | None = None
     seen_keys: set[str] = set()
+    cut = _cut_short(f)
     try:
         with f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
@@ -92,3 +94,24 @@ def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
         return
     if cur is not None:
         yield cur
+    if cut:
+        # the stdlib reader ends quietly when a tar is cut exactly between members: say so
+        yield RawRecord(url, "", error="shard_truncated", detail=cut)
+
+
+def _cut_short(f) -> str | None:
+    """Why a seekable tar is visibly incomplete (size not in 512-byte blocks, or no end-of-archive
+    zero blocks), else None. Streams that cannot seek are not checked."""
+    try:
+        if not f.seekable():
+            return None
+        size = f.seek(0, 2)
+        if size % 512:
+            reason = f"{size} bytes is not a whole number of 512-byte tar blocks"
+        else:
+            f.seek(max(0, size - 1024))
+            reason = None if f.read(1024) == bytes(1024) else "no end-of-archive marker"
+        f.seek(0)
+        return reason
+    except (OSError, ValueError):
+        return None

@@ -1,11 +1,12 @@
 """The token stream: shards -> records -> documents -> packed rows, as one Ray Dataset.
 
-    from_items(epoch, shard)        the seeded shard plan, one block per shard
-      .flat_map(read)               records with raw field bytes (records.py)
-      .map_batches(TokenizeDocs)    actors load the tokenizer bundle once; decode
-                                    each field with its modality, encode, add
-                                    begin/end markers in a seeded order
-      .map_batches(PackRows)        first-fit-decreasing packing (packing.py)
+    from_items(epoch, shard)          the seeded shard plan, one row per shard
+      .map_batches(RecordProcessor)   actors load the tokenizer bundle once, read their
+                                      shards (records.py), decode each field with its
+                                      modality, filter (quality.py), dedup (dedup.py),
+                                      encode, add begin/end markers in a seeded order;
+                                      every record's outcome goes to the DataLedger
+      .map_batches(PackRows)          first-fit-decreasing packing (packing.py)
 
 Ray Train then splits the rows across training workers (streaming_split).
 Order is preserved (DataContext.execution_options.preserve_order), so a run
@@ -15,29 +16,44 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import ray
 
+from modalities import registry
 from modalities.base import BadSample
 from modalities.vocab import Vocabulary
 
 from .accounting import Tally
 from .config import DataConfig
+from .dedup import DedupConfig, Deduper, signatures, start_dedup
 from .packing import pack_documents
+from .quality import quality_reason
 from .records import RawRecord, read_shard
 from .shards import list_shards, shard_order
 
-# ids kept per tokenizer actor for later epochs; ~50 ids a record at 8 bytes is ~0.5 GB at this bound
+# outcomes kept per pipeline actor for later epochs; ~50 ids a record at 8 bytes is ~0.5 GB at this bound
 MAX_CACHED_RECORDS = 1_000_000
 
 
-def ext_map(vocab: Vocabulary) -> dict[str, str]:
-    return {ext: m.name for m in vocab.modalities for ext in m.keys}
+@dataclass
+class Outcome:
+    """What became of one record. Cached per (shard, key): a later epoch re-reads, never re-decodes."""
+    status: str                      # "kept" | "filtered" | "errored"
+    reason: str = ""
+    field: str = ""
+    detail: str = ""
+    parts: dict | None = None        # local ids per modality (kept records, when encoding)
+    modalities: tuple = ()           # the modalities the record carries
 
 
-def decode_fields(vocab: Vocabulary, exts: dict[str, str], fields: dict[str, bytes]) -> dict[str, object]:
+def ext_map(mods) -> dict[str, str]:
+    return {ext: m.name for m in mods for ext in m.keys}
+
+
+def decode_fields(mods: dict, exts: dict[str, str], fields: dict[str, bytes]) -> dict[str, object]:
     """modality name -> decoded object, for the fields some modality reads. Raises BadSample."""
     objs: dict[str, object] = {}
     for ext, data in fields.items():
@@ -47,7 +63,7 @@ def decode_fields(vocab: Vocabulary, exts: dict[str, str], fields: dict[str, byt
         if name in objs:
             raise BadSample("duplicate_modality", f"two fields for {name!r} (.{ext})")
         try:
-            objs[name] = vocab.by_name[name].decode_bytes(ext, data)
+            objs[name] = mods[name].decode_bytes(ext, data)
         except BadSample as e:
             e.field = ext
             raise
@@ -68,60 +84,101 @@ def make_document(vocab: Vocabulary, parts: dict[str, np.ndarray], order: str, r
     return vocab.document([(n, parts[n]) for n in names])
 
 
-def tokenize_record(vocab: Vocabulary, exts: dict[str, str], r: RawRecord, epoch: int, seed: int, order: str,
-                    tally: Tally, cache: dict | None = None):
-    """One record -> (local ids per modality, tokens, modality ids), or None when it is bad: then it
-    is counted under its reason and listed as a dead letter. Every call counts the record as seen.
+class RecordProcessor:
+    """Read -> decode -> quality filters -> dedup -> encode, with every record's outcome accounted.
 
-    `cache` maps (shard, key) to the encoded ids, so later epochs only lay documents out again
-    (the modality order changes per epoch; the ids do not).
-    """
-    tally.seen += 1
-    try:
-        parts = cache.get((r.shard, r.key)) if cache is not None else None
-        if parts is None:
-            if r.error:
-                raise BadSample(r.error, r.detail)
-            objs = decode_fields(vocab, exts, r.fields)
-            parts = {n: vocab.by_name[n].encode(o) for n, o in objs.items()}
-            if cache is not None and len(cache) < MAX_CACHED_RECORDS:
-                cache[(r.shard, r.key)] = parts
-        t, m = make_document(vocab, parts, order, record_rng(seed, epoch, r.key))
-    except BadSample as e:
-        tally.errored[e.reason] += 1
-        tally.dead_letter.append({"shard": r.shard, "key": r.key, "field": getattr(e, "field", ""),
-                                  "reason": e.reason, "detail": e.detail[:200]})
-        return None
-    tally.kept += 1
-    tally.per_modality.update(parts.keys())
-    return parts, t, m
-
-
-class TokenizeDocs:
-    """Ray Data actor: loads the bundle once; (epoch, shard) rows in, documents out.
-
-    Reading happens here too, so raw field bytes never pass through the object store (reading
-    and tokenizing in separate operators cost ~2x the CPU on the demo). Outcomes go to the ledger.
+    Used as a Ray Data actor by the training stream (bundle given: documents out) and by
+    `omnistream data inspect` (no bundle: only the accounting), and in-process for evaluation.
     """
 
-    def __init__(self, bundle_dir: str, names: list[str], seed: int, order: str, max_member_bytes: int,
-                 ledger=None, cache: bool = True):
-        self.vocab = Vocabulary.load(bundle_dir, names)
-        self.exts = ext_map(self.vocab)
-        self.seed, self.order, self.max_member_bytes, self.ledger = seed, order, max_member_bytes, ledger
-        self.cache: dict | None = {} if cache else None
+    def __init__(self, modalities: dict[str, dict] | None, bundle_dir: str | None, cfg: DataConfig, seed: int,
+                 dedup_shards: list | None = None, ledger=None):
+        """`modalities` (the config's, with options) must match the bundle; None takes the bundle's as they are."""
+        if bundle_dir:
+            self.vocab = Vocabulary.load(bundle_dir, modalities)
+            mods = self.vocab.modalities
+        else:
+            self.vocab = None
+            mods = [registry.build(n, o) for n, o in modalities.items()]
+        self.mods = {m.name: m for m in mods}
+        self.exts = ext_map(mods)
+        self.cfg, self.seed, self.ledger = cfg, seed, ledger
+        self.deduper = Deduper(dedup_shards, cfg.dedup) if dedup_shards else None
+        self.cache: dict | None = {} if cfg.cache_tokens else None
 
+    # ---- outcomes ---------------------------------------------------------------------------------
+    def outcomes(self, records: list[RawRecord]) -> list[Outcome]:
+        out: list[Outcome | None] = [None] * len(records)
+        pending: list[tuple[int, dict]] = []
+        for i, r in enumerate(records):
+            hit = self.cache.get((r.shard, r.key)) if self.cache is not None else None
+            if hit is not None:
+                out[i] = hit
+                continue
+            carries = tuple(sorted({self.exts[e] for e in r.fields if e in self.exts}))
+            try:
+                if r.error:
+                    raise BadSample(r.error, r.detail)
+                objs = decode_fields(self.mods, self.exts, r.fields)
+            except BadSample as e:
+                out[i] = Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
+                continue
+            reason = quality_reason(objs, self.cfg.quality)
+            if reason:
+                out[i] = Outcome("filtered", reason, modalities=carries)
+                continue
+            pending.append((i, objs))
+        if self.deduper is not None and pending:
+            sigs = [(f"{records[i].shard}:{records[i].key}", signatures(records[i], objs, set(self.exts), self.cfg.dedup))
+                    for i, objs in pending]
+            dups = self.deduper.duplicates(sigs)
+            kept = []
+            for (i, objs), dup in zip(pending, dups):
+                if dup:
+                    out[i] = Outcome("filtered", dup, modalities=tuple(sorted(objs)))
+                else:
+                    kept.append((i, objs))
+            pending = kept
+        for i, objs in pending:
+            parts = {n: self.mods[n].encode(o) for n, o in objs.items()} if self.vocab is not None else None
+            out[i] = Outcome("kept", parts=parts, modalities=tuple(sorted(objs)))
+        if self.cache is not None:
+            for r, o in zip(records, out):
+                if len(self.cache) < MAX_CACHED_RECORDS and r.key:
+                    self.cache[(r.shard, r.key)] = o
+        return out
+
+    def process(self, shards: Iterable[tuple[int, str]], tally: Tally, chunk: int = 256):
+        """Yield (epoch, record, outcome) for every record of the shards, accounting each in `tally`."""
+        for epoch, shard in shards:
+            buf: list[RawRecord] = []
+            for r in read_shard(shard, self.cfg.max_member_bytes):
+                if not r.key:  # the shard itself failed (unreadable, or cut between records)
+                    tally.shard_error(r.shard, r.error, r.detail)
+                    continue
+                buf.append(r)
+                if len(buf) >= chunk:
+                    yield from self._account(epoch, buf, tally)
+                    buf = []
+            yield from self._account(epoch, buf, tally)
+
+    def _account(self, epoch: int, records: list[RawRecord], tally: Tally):
+        for r, o in zip(records, self.outcomes(records)):
+            tally.count(r.shard, r.key, o)
+            yield epoch, r, o
+
+    # ---- Ray Data entry point -------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tally = Tally()
         keys, toks, mods = [], [], []
-        for epoch, shard in zip(batch["epoch"], batch["shard"]):
-            for r in read_shard(str(shard), self.max_member_bytes):
-                out = tokenize_record(self.vocab, self.exts, r, int(epoch), self.seed, self.order, tally, self.cache)
-                if out is None:
-                    continue
-                keys.append(f"{int(epoch)}:{r.shard}:{r.key}")
-                toks.append(out[1].astype(np.int32))
-                mods.append(out[2].astype(np.int8))
+        plan = [(int(e), str(s)) for e, s in zip(batch["epoch"], batch["shard"])]
+        for epoch, r, o in self.process(plan, tally):
+            if o.status != "kept" or self.vocab is None:
+                continue
+            t, m = make_document(self.vocab, o.parts, self.cfg.modality_order, record_rng(self.seed, epoch, r.key))
+            keys.append(f"{epoch}:{r.shard}:{r.key}")
+            toks.append(t.astype(np.int32))
+            mods.append(m.astype(np.int8))
         if self.ledger is not None:
             self.ledger.add.remote(tally)
         out_t = np.empty(len(toks), dtype=object)
@@ -167,42 +224,60 @@ def tokenizer_resources(vocab_names: list[str], cfg: DataConfig) -> dict:
     return {"num_cpus": min(cpus, 1.0), "resources": custom or None}
 
 
-def build_train_stream(cfg: DataConfig, names: list[str], seed: int, ledger=None) -> ray.data.Dataset:
-    shards = list_shards(cfg.train_shards)
-    plan = shard_order(shards, seed, cfg.epochs)
+def processor_options(cfg: DataConfig, modalities: dict[str, dict]) -> dict:
+    """How one RecordProcessor actor asks Ray for resources: the most any of its modalities declares
+    (capped at 1 CPU: one actor works on one record at a time), plus the config's data resources."""
+    cpus, custom = 0.0, dict(cfg.data_resources)
+    for n in modalities:
+        res = dict(registry.get(n).resources)
+        cpus = max(cpus, float(res.pop("num_cpus", 1)))
+        for k, v in res.items():
+            custom[k] = max(custom.get(k, 0.0), v)
+    opts = {"num_cpus": min(cpus, 1.0)}
+    if custom:
+        opts["resources"] = custom
+    return opts
+
+
+def record_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan: list[tuple[int, str]],
+                  bundle_dir: str | None, ledger=None) -> ray.data.Dataset:
+    """(epoch, shard) plan -> RecordProcessor actors: documents when a bundle is given, else accounting only."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the trainer prints its own progress; Ray's bars would interleave with it
-    res = tokenizer_resources(names, cfg)
+    shards = start_dedup(cfg.dedup)
+    ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=max(1, len(plan)))
+    return ds.map_batches(RecordProcessor, fn_constructor_kwargs={
+        "modalities": modalities, "bundle_dir": bundle_dir, "cfg": cfg, "seed": seed,
+        "dedup_shards": shards, "ledger": ledger},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
+        **processor_options(cfg, modalities))
+
+
+def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, ledger=None) -> ray.data.Dataset:
+    plan = shard_order(list_shards(cfg.train_shards), seed, cfg.epochs)
+    ds = record_stream(cfg, modalities, seed, plan, cfg.bundle_dir, ledger)
     extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
-    ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
-    ds = ds.map_batches(TokenizeDocs, fn_constructor_kwargs={"bundle_dir": cfg.bundle_dir, "names": names, "seed": seed,
-                                                             "order": cfg.modality_order, "ledger": ledger,
-                                                             "max_member_bytes": cfg.max_member_bytes,
-                                                             "cache": cfg.cache_tokens},
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
-                        num_cpus=res["num_cpus"], **({"resources": res["resources"]} if res["resources"] else {}))
-    ds = ds.map_batches(PackRows, fn_constructor_kwargs={"seq_len": cfg.seq_len, "seed": seed},
-                        batch_size=cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy",
-                        num_cpus=0.1, **extra)
-    return ds
+    return ds.map_batches(PackRows, fn_constructor_kwargs={"seq_len": cfg.seq_len, "seed": seed},
+                          batch_size=cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1),
+                          batch_format="numpy", num_cpus=0.1, **extra)
 
 
-def local_documents(shards: list[str], vocab: Vocabulary, cfg: DataConfig, seed: int, order: str | None = None,
-                    limit: int | None = None, tally: Tally | None = None):
+def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, dict] | None, cfg: DataConfig,
+                    seed: int, limit: int | None = None, tally: Tally | None = None):
     """Read a small shard set in this process (evaluation); yields (record, ids per modality, tokens, modality_ids).
 
-    Bad records are skipped and counted in `tally` (errored, with reason and dead letter), never dropped silently.
+    Bad and filtered records are skipped and counted in `tally`, never dropped silently. No dedup here.
     """
-    exts = ext_map(vocab)
+    no_dedup = DedupConfig(exact=False, near_image=False, near_text=False)
+    proc = RecordProcessor(modalities, bundle_dir, cfg.model_copy(update={"dedup": no_dedup}), seed)
     tally = tally if tally is not None else Tally()
     n = 0
-    for shard in shards:
-        for r in read_shard(shard, cfg.max_member_bytes):
-            out = tokenize_record(vocab, exts, r, 0, seed, order or cfg.modality_order, tally)
-            if out is None:
-                continue
-            yield (r, *out)
-            n += 1
-            if limit is not None and n >= limit:
-                return
+    for epoch, r, o in proc.process([(0, s) for s in shards], tally):
+        if o.status != "kept":
+            continue
+        t, m = make_document(proc.vocab, o.parts, cfg.modality_order, record_rng(seed, epoch, r.key))
+        yield r, o.parts, t, m
+        n += 1
+        if limit is not None and n >= limit:
+            return

@@ -44,7 +44,7 @@ def test_losses_fall_and_audio_to_text_beats_chance(golden):
     vocab = Vocabulary.load(bundle)
     cfg.model.vocab_size, cfg.model.max_seq_len = vocab.size, 128
     docs = [(t, m, r.key) for epoch in range(3)
-            for r, _, t, m in local_documents(corpus["train"], vocab, cfg.data, cfg.seed + epoch)]
+            for r, _, t, m in local_documents(corpus["train"], bundle, None, cfg.data, cfg.seed + epoch)]
     rows = pack_documents(*map(list, zip(*docs)), 128)
     model = GPT(cfg.model)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=cfg.train.lr, betas=(0.9, 0.95))
@@ -68,6 +68,8 @@ def test_losses_fall_and_audio_to_text_beats_chance(golden):
         k = len(curve) // 10
         first, last = np.mean(curve[:k]), np.mean(curve[-k:])
         assert last < 0.6 * first, (name, first, last)
+    cfg.data.bundle_dir = bundle
+    cfg.modalities = {m["name"]: m["options"] for m in vocab.layout()["modalities"]}
     es = EvalSet.load(cfg, vocab)
     m = eval_metrics(local_eval(model, es, cfg, vocab, 0, 1), vocab)
     # measured here (seed 7, 2 threads): audio→text 0.65, image→text 0.35; chance is 0.1

@@ -1,0 +1,159 @@
+"""The conformance kit: one call a plugin author puts in their own tests.
+
+    from modalities.conformance import check_modality
+
+    def test_my_plugin_conforms():
+        check_modality(MyModality, samples=[("gif", gif_bytes), ...])
+
+It checks what omnistream relies on (the way scikit-learn's `check_estimator`
+checks an estimator): the declared attributes, fitting, ids in range,
+deterministic encoding, decode(encode(x)) within the declared error bound,
+fitted state surviving save/load and pickling into another process (what
+Ray does to a tokenizer actor), the bytes round trip, and bad bytes raising
+the project's `BadSample` rather than anything else. The first failure raises
+`ConformanceError` naming the check and the plugin.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import re
+import tempfile
+from typing import Iterable
+
+import numpy as np
+
+from .base import BadSample, BaseModality, ModalityOptions
+
+
+class ConformanceError(AssertionError):
+    pass
+
+
+def _fail(mod, check: str, detail: str):
+    raise ConformanceError(f"{getattr(mod, 'name', mod)!r} fails '{check}': {detail}")
+
+
+def _encode_in_child(payload: bytes, obj_payload: bytes) -> list[int]:
+    m = pickle.loads(payload)
+    return m.encode(pickle.loads(obj_payload)).tolist()
+
+
+def check_declaration(cls: type) -> None:
+    """Class attributes the registry, the vocabulary and Ray scheduling read."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        _fail(cls, "name", f"must be a lower-case identifier, got {name!r}")
+    if not isinstance(getattr(cls, "version", None), str) or not cls.version:
+        _fail(cls, "version", "must be a non-empty string (bump it when the encoding changes meaning)")
+    keys = getattr(cls, "keys", None)
+    if not isinstance(keys, tuple) or not keys or not all(isinstance(k, str) and k == k.lower() and "." not in k
+                                                          for k in keys):
+        _fail(cls, "keys", f"must be a non-empty tuple of lower-case file extensions without dots, got {keys!r}")
+    opts = getattr(cls, "Options", None)
+    if not (isinstance(opts, type) and issubclass(opts, ModalityOptions)):
+        _fail(cls, "Options", "must subclass modalities.base.ModalityOptions (typed, unknown keys refused)")
+    res = getattr(cls, "resources", None)
+    if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in res.values()):
+        _fail(cls, "resources", f"must map Ray resource names to non-negative numbers, got {res!r}")
+    eb = getattr(cls, "error_bound", None)
+    if not isinstance(eb, (int, float)) or eb < 0:
+        _fail(cls, "error_bound", f"must be a non-negative number, got {eb!r}")
+    try:
+        opts(no_such_option=1)
+    except Exception:
+        pass
+    else:
+        _fail(cls, "Options", "accepted an unknown option; set model_config extra='forbid' (ModalityOptions does)")
+
+
+def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, bytes]], *,
+                   options: dict | None = None, bad_samples: Iterable[tuple[str, bytes]] = (),
+                   subprocess: bool = True) -> BaseModality:
+    """Run every check on `plugin` (a class, or an instance to refit) with `samples` = (ext, bytes) pairs.
+
+    Returns the fitted instance. `bad_samples` adds plugin-specific broken inputs to the generic ones
+    (empty bytes, random bytes, each sample cut in half).
+    """
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    check_declaration(cls)
+    mod = cls(options or {}) if isinstance(plugin, type) else plugin
+    samples = list(samples)
+    if len(samples) < 2:
+        _fail(cls, "samples", "give at least two (ext, bytes) samples")
+
+    # decode_bytes -> fit
+    objs = []
+    for ext, data in samples:
+        if ext not in cls.keys:
+            _fail(mod, "samples", f"sample extension {ext!r} is not among the declared keys {cls.keys}")
+        try:
+            objs.append(mod.decode_bytes(ext, data))
+        except BadSample as e:
+            _fail(mod, "decode_bytes", f"a good sample was refused: {e}")
+    mod.fit([mod.fit_features(o) for o in objs])
+    if not mod.is_fitted:
+        _fail(mod, "fit", "is_fitted is False after fit()")
+    V = mod.vocab_size
+    if not isinstance(V, int) or V <= 0:
+        _fail(mod, "vocab_size", f"must be a positive int after fitting, got {V!r}")
+
+    # encode: in range, deterministic; decode within the bound
+    encoded = []
+    for o in objs:
+        ids = np.asarray(mod.encode(o))
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            _fail(mod, "encode", f"must return a non-empty 1-D integer array, got shape {ids.shape} {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= V:
+            _fail(mod, "encode", f"ids outside [0, {V}): min {ids.min()}, max {ids.max()}")
+        if not np.array_equal(ids, np.asarray(mod.encode(o))):
+            _fail(mod, "encode", "is not deterministic: two calls on one object differ")
+        err = mod.roundtrip_error(o, mod.decode(ids))
+        if not err <= cls.error_bound:
+            _fail(mod, "roundtrip", f"decode(encode(x)) error {err:.4g} > declared error_bound {cls.error_bound}")
+        encoded.append(ids)
+
+    # bytes round trip: what generation writes can be read back
+    ext, data = mod.to_bytes(mod.decode(encoded[0]))
+    if ext not in cls.keys:
+        _fail(mod, "to_bytes", f"wrote extension {ext!r}, which the plugin does not read")
+    mod.decode_bytes(ext, data)
+
+    # persistence: save/load and pickling keep the fingerprint and the ids
+    fp = mod.fingerprint()
+    with tempfile.TemporaryDirectory() as d:
+        mod.save(d)
+        fresh = cls(options or {})
+        fresh.load(d)
+    if fresh.fingerprint() != fp or not np.array_equal(fresh.encode(objs[0]), encoded[0]):
+        _fail(mod, "save/load", "the loaded tokenizer differs from the saved one")
+    payload = pickle.dumps(mod)
+    clone = pickle.loads(payload)
+    if clone.fingerprint() != fp or not np.array_equal(clone.encode(objs[0]), encoded[0]):
+        _fail(mod, "pickle", "the unpickled tokenizer differs")
+    if subprocess:
+        # a fresh interpreter, as a Ray actor would be: nothing may depend on this process's state
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            ids = pool.apply(_encode_in_child, (payload, pickle.dumps(objs[0])))
+        if ids != encoded[0].tolist():
+            _fail(mod, "pickle into another process", "encodes differently there")
+
+    # bad bytes: BadSample, never another exception
+    rng = np.random.default_rng(0)
+    ext0 = samples[0][0]
+    bad = [(ext0, b""), (ext0, rng.integers(0, 256, 512, dtype=np.uint8).tobytes())]
+    bad += [(e, d[: len(d) // 2]) for e, d in samples[:3] if len(d) > 64]
+    for ext, data in list(bad) + list(bad_samples):
+        try:
+            mod.decode_bytes(ext, data)
+        except BadSample as e:
+            if not isinstance(e.reason, str) or not e.reason:
+                _fail(mod, "bad bytes", "BadSample needs a reason name")
+        except Exception as e:  # noqa: BLE001 - this is the check
+            _fail(mod, "bad bytes", f"{len(data)} bad bytes raised {type(e).__name__} ({e}), not BadSample")
+        # a truncated file that still decodes is fine: formats with trailing padding do
+    return mod
+
+
+__all__ = ["check_modality", "check_declaration", "ConformanceError"]
