@@ -1,0 +1,62 @@
+"""The built-in modalities pass the conformance kit a plugin author would use."""
+import pytest
+
+from modalities import registry
+from modalities.conformance import ConformanceError, check_modality
+from pipelines.records import read_shard
+
+
+def _samples(corpus, keys, n=24):
+    out = []
+    for s in corpus["train"]:
+        for r in read_shard(s, 1 << 26):
+            out += [(e, d) for e, d in r.fields.items() if e in keys]
+            if len(out) >= n:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("name,options", [
+    ("text", {"vocab_size": 300}),
+    ("image", {"size": 16, "codebook_size": 32}),
+    ("audio", {"codebook_size": 16}),
+])
+def test_builtin_passes_the_kit(corpus, name, options):
+    cls = registry.get(name)
+    mod = check_modality(cls, _samples(corpus, cls.keys), options=options)
+    assert mod.is_fitted
+
+
+ImageModality = registry.get("image")
+
+
+class OutOfRange(ImageModality):
+    name = "outofrange"
+
+    def encode(self, obj):
+        return super().encode(obj) + self.vocab_size
+
+
+class Crashes(ImageModality):
+    name = "crashes"
+
+    def decode_bytes(self, ext, data):
+        if len(data) < 100:
+            raise ValueError("boom")
+        return super().decode_bytes(ext, data)
+
+
+def test_the_kit_catches_a_broken_plugin(corpus):
+    """A plugin whose ids leave its range, one that crashes on bad bytes, one that cannot be pickled."""
+    samples = _samples(corpus, ImageModality.keys, 12)
+    opts = {"size": 16, "codebook_size": 16}
+    with pytest.raises(ConformanceError, match="'outofrange' fails 'encode': ids outside"):
+        check_modality(OutOfRange, samples, options=opts, subprocess=False)
+    with pytest.raises(ConformanceError, match="'crashes' fails 'bad bytes'.*ValueError"):
+        check_modality(Crashes, samples, options=opts, subprocess=False)
+
+    class Local(ImageModality):  # defined in a function: Ray could not ship it to an actor
+        name = "local"
+
+    with pytest.raises(ConformanceError, match="'local' fails 'pickle'"):
+        check_modality(Local, samples, options=opts, subprocess=False)
