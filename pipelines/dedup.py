@@ -63,9 +63,6 @@ class DedupShard:
             out.append(dup)
         return out
 
-    def size(self) -> int:
-        return len(self.first)
-
 
 def exact_signature(fields: dict[str, bytes], exts: set[str]) -> str:
     h = hashlib.sha256()

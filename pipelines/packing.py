@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 
 IGNORE = -100
-PAD = 0
 COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "modality_ids")
 
 

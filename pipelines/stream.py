@@ -210,20 +210,6 @@ class PackRows:
         return {k: (v.astype(np.int32) if k != "keys" else v) for k, v in out.items()}
 
 
-def tokenizer_resources(vocab_names: list[str], cfg: DataConfig) -> dict:
-    """What one tokenizer actor asks of Ray: the most any of its modalities declares (capped at 1 CPU,
-    since one actor works on one record at a time), plus the config's data resources."""
-    from modalities import registry
-
-    cpus, custom = 0.0, dict(cfg.data_resources)
-    for n in vocab_names:
-        res = dict(registry.get(n).resources)
-        cpus = max(cpus, float(res.pop("num_cpus", 1)))
-        for k, v in res.items():
-            custom[k] = max(custom.get(k, 0.0), v)
-    return {"num_cpus": min(cpus, 1.0), "resources": custom or None}
-
-
 def processor_options(cfg: DataConfig, modalities: dict[str, dict]) -> dict:
     """How one RecordProcessor actor asks Ray for resources: the most any of its modalities declares
     (capped at 1 CPU: one actor works on one record at a time), plus the config's data resources."""
