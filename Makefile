@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile -e ".[test]"  # skip byte-compiling ~6 GB of wheels; imports compile what they use
 	touch $(STAMP)
 
 install: $(STAMP)

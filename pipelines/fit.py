@@ -55,6 +55,8 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     mods = [registry.build(name, opts) for name, opts in modalities.items()]
     shards = list_shards(cfg.train_shards)
     plan = shard_order(shards, seed, 1)
+    # the same records, in the same order, every time: the codebooks (k-means) depend on both
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
     ds = ds.flat_map(_read, fn_kwargs={"max_member_bytes": cfg.max_member_bytes}, num_cpus=cfg.read_cpus)
     ds = ds.limit(cfg.fit_records)
