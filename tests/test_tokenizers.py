@@ -84,7 +84,8 @@ def test_bad_bytes_raise_bad_sample(fitted):
         (img, "png", b"", "image_empty"),
         (img, "png", good_png[: len(good_png) // 2], "image_undecodable"),
         (img, "jpg", b"\xff\xd8\xff" + b"garbage" * 20, "image_undecodable"),
-        (aud, "wav", b"RIFF\x00\x00\x00\x00WAVEjunk", "audio_undecodable"),
+        (aud, "wav", b"RIFF\x00\x00\x00\x00WAVEjunk", "audio_header_mismatch"),  # a WAVE with no data chunk
+        (aud, "flac", b"fLaC" + bytes(40), "audio_undecodable"),
         (aud, "wav", b"", "audio_empty"),
         (txt, "txt", b"\xff\xfe\x00bad", "text_not_utf8"),
         (txt, "txt", b"x" * (txt.options.max_bytes + 1), "text_too_long"),
