@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from functools import lru_cache
 
 import numpy as np
 import ray
@@ -89,13 +90,17 @@ def dhash_bands(h: int, max_hamming: int) -> list[str]:
 _MERSENNE = (1 << 61) - 1
 
 
+@lru_cache(maxsize=4)
+def _permutations(n: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(1234)  # fixed: every worker must draw the same permutations
+    return ([int(v) for v in rng.integers(1, _MERSENNE, n, dtype=np.uint64)],
+            [int(v) for v in rng.integers(0, _MERSENNE, n, dtype=np.uint64)])
+
+
 def minhash_bands(text: str, cfg: DedupConfig) -> list[str]:
     words = text.lower().split()
     shingles = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
-    n = cfg.minhash_bands * cfg.minhash_rows
-    rng = np.random.default_rng(1234)  # fixed: every worker must draw the same permutations
-    a = rng.integers(1, _MERSENNE, n, dtype=np.uint64).astype(object)
-    b = rng.integers(0, _MERSENNE, n, dtype=np.uint64).astype(object)
+    a, b = _permutations(cfg.minhash_bands * cfg.minhash_rows)
     hs = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in shingles]
     sig = [min((ai * h + bi) % _MERSENNE for h in hs) for ai, bi in zip(a, b)]
     r = cfg.minhash_rows
