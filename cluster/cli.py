@@ -7,6 +7,8 @@
     omnistream train CONFIG [--set k=v ...]  train on a Ray cluster with DeepSpeed, track in MLflow
     omnistream modalities list               installed modality plugins, versions and id ranges
     omnistream config show [CONFIG]          the resolved config (or every key with its doc: --doc)
+    omnistream export CHECKPOINT OUT_DIR     one safetensors model + the tokenizer bundle, from ZeRO shards
+    omnistream generate MODEL --from M ...   continue a prompt of any modality as text, image (PNG) or audio (WAV)
 
 A user mistake ends with one line on stderr and exit status 2.
 """
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from modalities.base import UserError
+from modalities.base import BadSample, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.toml"
@@ -93,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfgp.add_parser("show", help="print the resolved config as TOML (or every key with its doc: --doc)")
     _add_config(p, required=False)
     p.add_argument("--doc", action="store_true", help="list every key with its default and a one-line doc")
+
+    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into one safetensors model",
+                       description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
+                                   "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
+                                   "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.")
+    p.add_argument("checkpoint", help="checkpoint directory (the MLflow tag omnistream.checkpoint names the last one)")
+    p.add_argument("out_dir", help="folder to write the model into")
+    p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
+
+    p = sub.add_parser("generate", help="generate from a prompt in any modality",
+                       description="Load an exported model (or a checkpoint) and greedily continue a prompt given "
+                                   "as a file or text in modality --from, as modality --to. Text is printed; "
+                                   "images and audio are written to --out (PNG, WAV) and the path printed. "
+                                   "Example: omnistream generate out/model --from image --input digit.png")
+    p.add_argument("model", help="exported model folder or checkpoint directory")
+    p.add_argument("--from", dest="src", required=True, help="modality of the prompt, e.g. text, image, audio")
+    p.add_argument("--to", dest="dst", default="text", help="modality to generate (default text)")
+    p.add_argument("--input", required=True, help="prompt: a file (.png/.jpg/.wav/...) or, for --from text, the text")
+    p.add_argument("--out", help="where to write a generated image or audio (default generated.<ext>)")
+    p.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's room)")
+    p.add_argument("--bundle", help="tokenizer bundle, when MODEL is a checkpoint trained elsewhere")
     return ap
 
 
@@ -106,6 +129,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("omnistream: interrupted", file=sys.stderr)
         return 130
+
+
+def _generate(args) -> int:
+    from .export import generate_from, load_model
+
+    model, vocab = load_model(args.model, args.bundle)
+    if args.src not in vocab.by_name:
+        raise UserError(f"the model knows modalities {vocab.names}, not --from {args.src!r}")
+    src = vocab.by_name[args.src]
+    path = Path(args.input)
+    if path.is_file():
+        ext = path.suffix.lstrip(".").lower()
+        if ext not in src.keys:
+            raise UserError(f"--input {path}: modality {args.src!r} reads .{'/.'.join(src.keys)} files, not .{ext}")
+        data = path.read_bytes()
+    elif args.src == "text":
+        ext, data = src.keys[0], args.input.encode()
+    else:
+        raise UserError(f"--input {args.input}: no such file")
+    try:
+        obj = src.decode_bytes(ext, data)
+    except BadSample as e:
+        raise UserError(f"--input {args.input}: {args.src} cannot read it ({e.reason}: {e.detail})") from None
+    out = generate_from(model, vocab, args.src, obj, args.dst, args.max_new_tokens)
+    if args.dst == "text":
+        print(out)
+        return 0
+    ext, blob = vocab.by_name[args.dst].to_bytes(out)
+    target = Path(args.out or f"generated.{ext}")
+    target.write_bytes(blob)
+    print(f"wrote {target}")
+    return 0
 
 
 def _dispatch(args) -> int:
@@ -133,6 +188,14 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, args.overrides)
         _fit(cfg, args.out)
         return 0
+    if args.cmd == "export":
+        from .export import export
+
+        out = export(args.checkpoint, args.out_dir, args.bundle)
+        print(f"exported {args.checkpoint} -> {out}")
+        return 0
+    if args.cmd == "generate":
+        return _generate(args)
     if args.cmd == "train":
         cfg = load_config(args.config, args.overrides)
         res = _train(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.model import GPTConfig
 from modalities import registry
@@ -92,7 +92,16 @@ class RunConfig(_Section):
             raise ValueError("at least one modality is needed")
         for name, opts in v.items():
             registry.build(name, opts)  # UserError naming the plugin and key
+        registry.check_keys(v)
         return v
+
+    @model_validator(mode="after")
+    def _mix_names(self):
+        unknown = sorted(set(self.data.mix.shares) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"data.mix.shares names {unknown}, which this run's modalities "
+                             f"{list(self.modalities)} do not include")
+        return self
 
     def modality_names(self) -> list[str]:
         return list(self.modalities)
@@ -175,7 +184,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         where = f" in {path}" if path else ""
-        raise UserError(f"config key {key}{where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"config key {key}{where}: {msg}" if key else f"config{where}: {msg}") from None
 
 
 def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:

@@ -100,6 +100,7 @@ def train_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from model.model import GPT, flops_per_token, loss_by_group
+    from pipelines.mixing import shares_of, token_counts
     from pipelines.packing import COLUMNS, label_modalities
 
     from .evaluate import EvalSet, eval_metrics, local_eval, samples
@@ -115,6 +116,10 @@ def train_worker(config: dict) -> None:
     ledger = config.get("ledger")
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modality_names())
     n_groups = len(vocab.names) + 1
+    n_mods = len(vocab.names)
+    mix = cfg.data.mix
+    target = torch.tensor([mix.shares.get(n, 0.0) for n in vocab.names], dtype=torch.float64)
+    total_tokens = torch.zeros(n_mods, dtype=torch.float64)  # per modality, all ranks, since step 0
     logger = MetricLogger(uri, run_id) if rank == 0 else None
 
     torch.manual_seed(cfg.seed)  # same init on every rank (ZeRO partitions it; stage 0 needs it equal)
@@ -136,6 +141,7 @@ def train_worker(config: dict) -> None:
             meta = check_checkpoint(d, vocab, world)
             engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
             start_step = meta["step"]
+            total_tokens = torch.tensor([meta.get("tokens", {}).get(n, 0) for n in vocab.names], dtype=torch.float64)
             skip = json.loads((Path(d) / f"data_rank{rank}.json").read_text())["batches"]
         if rank == 0:
             print(f"[omnistream] resumed at step {start_step} (skipping {skip} consumed batches per rank)", flush=True)
@@ -197,7 +203,8 @@ def train_worker(config: dict) -> None:
             Path(d, f"data_rank{rank}.json").write_text(json.dumps({"rank": rank, "batches": consumed}))
             if rank == 0:
                 meta = {"format": 1, "step": step, "world_size": world, "run_id": run_id, "tag": CKPT_TAG,
-                        "vocab": vocab.layout(), "config": cfg.model_dump(mode="json"), "n_params": n_params}
+                        "vocab": vocab.layout(), "config": cfg.model_dump(mode="json"), "n_params": n_params,
+                        "tokens": {n: int(v) for n, v in zip(vocab.names, total_tokens)}}
                 Path(d, META).write_text(json.dumps(meta, indent=1))
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -214,6 +221,7 @@ def train_worker(config: dict) -> None:
     exhausted = False
     while step < t.steps and not exhausted:
         step_t0 = time.perf_counter()
+        step_tokens = torch.zeros(n_mods, dtype=torch.float64)
         for _ in range(t.grad_accum):
             b, wait = next_batch()
             if b is None:
@@ -227,13 +235,20 @@ def train_worker(config: dict) -> None:
             lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long)
             s, c = loss_by_group(tok_loss.detach(), x["labels"], lm, n_groups)
             acc.add(s, c, tokens=int((x["doc_ids"] > 0).sum()), wait=wait)
+            step_tokens += torch.as_tensor(token_counts(b["modality_ids"], n_mods), dtype=torch.float64)
         if exhausted:
             break
         step += 1
+        # the global batch's token shares (data/token_share/*): one small all_reduce per step
+        dist.all_reduce(step_tokens)
+        total_tokens += step_tokens
+        dev = (shares_of(step_tokens) - target).abs().max().item() if mix.on else None
+        acc.add_shares(step_tokens, dev)
         acc.time += time.perf_counter() - step_t0
         if step % t.log_every == 0 or step == t.steps:
             red = acc.reduce(dist, world)
             m = red.metrics(vocab)
+            m.update({f"data/tokens/{n}": float(v) for n, v in zip(vocab.names, total_tokens)})
             gn = engine.get_global_grad_norm()
             m.update({"train/lr": scheduler.get_last_lr()[0],
                       "train/grad_norm": float(gn) if gn is not None else None,
@@ -303,6 +318,13 @@ class _Interval:
         self.tokens = 0
         self.wait = 0.0
         self.time = 0.0
+        self.mod_tokens = torch.zeros(n_groups - 1, dtype=torch.float64)  # already summed over ranks
+        self.max_dev = None  # largest |share - target| of any global step (token mixture on)
+
+    def add_shares(self, step_tokens, dev: float | None) -> None:
+        self.mod_tokens += step_tokens
+        if dev is not None:
+            self.max_dev = dev if self.max_dev is None else max(self.max_dev, dev)
 
     def add(self, s, c, tokens: int, wait: float) -> None:
         self.sums += s
@@ -319,6 +341,7 @@ class _Interval:
         out = _Interval(n)
         out.sums, out.counts = v[:n], v[n:2 * n]
         out.tokens, out.wait, out.time = float(v[2 * n]), float(v[2 * n + 1]) / world, float(v[2 * n + 2]) / world
+        out.mod_tokens, out.max_dev = self.mod_tokens, self.max_dev
         return out
 
     def metrics(self, vocab: Vocabulary) -> dict[str, float]:
@@ -328,6 +351,11 @@ class _Interval:
         for g, name in enumerate(vocab.names, start=1):
             if self.counts[g] > 0:
                 m[f"train/loss/{name}"] = float(self.sums[g] / self.counts[g])
+        total = float(self.mod_tokens.sum())
+        if total:
+            m.update({f"data/token_share/{n}": float(v) / total for n, v in zip(vocab.names, self.mod_tokens)})
+        if self.max_dev is not None:
+            m["data/token_share_max_dev"] = self.max_dev
         return m
 
 
@@ -399,7 +427,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     print(f"[omnistream] MLflow run {run_id} ({uri})", flush=True)
 
     ledger = DataLedger.remote(cfg.data.max_error_rate, cfg.data.error_rate_window)
-    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, ledger)
+    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, ledger,
+                            rows_per_batch=cfg.train.micro_batch_size * cfg.train.grad_accum)
     trainer = TorchTrainer(
         train_worker,
         torch_config=BoundTorchConfig(),

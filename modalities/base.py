@@ -114,6 +114,10 @@ class BaseModality:
         raise NotImplementedError
 
     # ---- shared --------------------------------------------------------------
+    def fit_features(self, obj: Any) -> Any:
+        """What `fit` learns from, per sample; by default the decoded object itself."""
+        return obj
+
     @property
     def is_fitted(self) -> bool:
         return self._fitted

@@ -57,4 +57,17 @@ def build(name: str, options: dict | None = None) -> BaseModality:
         raise UserError(f"modalities.{name}{'.' + key if key else ''}: {err['msg']}") from None
 
 
-__all__ = ["GROUP", "discover", "get", "build", "Modality"]
+def check_keys(names) -> dict[str, str]:
+    """WebDataset key (file extension) -> modality for the configured modalities; two claiming one
+    key would make a record's field mean two things, so that is a UserError naming both."""
+    owner: dict[str, str] = {}
+    for n in names:
+        for ext in get(n).keys:
+            if ext in owner:
+                raise UserError(f"modalities {owner[ext]!r} and {n!r} both read .{ext} fields: "
+                                f"remove one of them from [modalities]")
+            owner[ext] = n
+    return owner
+
+
+__all__ = ["GROUP", "discover", "get", "build", "check_keys", "Modality"]

@@ -25,6 +25,8 @@ class Tally:
     shard_errors: list = field(default_factory=list)   # {shard, reason, detail}: shards that failed as a whole
     dead_letter: list = field(default_factory=list)    # {shard, key, field, status, reason, detail}
     dead_letter_dropped: int = 0
+    mix_dropped: int = 0                               # kept documents the token mixer left out (surplus)
+    mix_dropped_tokens: Counter = field(default_factory=Counter)  # modality -> tokens in them
 
     def count(self, shard: str, key: str, o) -> None:
         """Account one record's Outcome (pipelines.stream) exactly once."""
@@ -61,6 +63,8 @@ class Tally:
         for d in other.dead_letter:
             self._letter(d)
         self.dead_letter_dropped += other.dead_letter_dropped
+        self.mix_dropped += other.mix_dropped
+        self.mix_dropped_tokens.update(other.mix_dropped_tokens)
 
     def balanced(self) -> bool:
         return self.seen == self.kept + sum(self.filtered.values()) + sum(self.errored.values())
@@ -69,6 +73,9 @@ class Tally:
         m = {"data/seen": self.seen, "data/kept": self.kept}
         m.update({f"data/filtered/{k}": v for k, v in self.filtered.items()})
         m.update({f"data/errored/{k}": v for k, v in self.errored.items()})
+        if self.mix_dropped:
+            m["data/mix_dropped"] = self.mix_dropped
+            m.update({f"data/mix_dropped_tokens/{k}": v for k, v in self.mix_dropped_tokens.items()})
         return m
 
     def report(self) -> dict:
@@ -77,7 +84,8 @@ class Tally:
                 "per_modality": {k: dict(v) for k, v in sorted(self.per_modality.items())},
                 "per_shard": {k: dict(v) for k, v in sorted(self.per_shard.items())},
                 "shard_errors": self.shard_errors, "dead_letter": self.dead_letter,
-                "dead_letter_not_listed": self.dead_letter_dropped}
+                "dead_letter_not_listed": self.dead_letter_dropped,
+                "mix_dropped": {"documents": self.mix_dropped, "tokens": dict(self.mix_dropped_tokens)}}
 
 
 class ErrorRateExceeded(RuntimeError):

@@ -25,7 +25,7 @@ IGNORE = -100
 COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "modality_ids")
 
 
-def _pieces(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str], seq_len: int):
+def pieces(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str], seq_len: int):
     for t, m, k in zip(tokens, mods, keys):
         t, m = np.asarray(t, np.int64), np.asarray(m, np.int64)
         for s in range(0, max(len(t), 1), seq_len):
@@ -36,10 +36,10 @@ def _pieces(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequ
 def pack_documents(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str],
                    seq_len: int) -> dict[str, np.ndarray]:
     """Pack documents into rows; returns the COLUMNS as (rows, seq_len) int64 arrays plus `keys` per row."""
-    pieces = sorted(_pieces(tokens, mods, keys, seq_len), key=lambda p: -len(p[0]))
+    pieces_ = sorted(pieces(tokens, mods, keys, seq_len), key=lambda p: -len(p[0]))
     rows: list[list[tuple]] = []
     free: list[int] = []
-    for p in pieces:  # first-fit decreasing: O(pieces × rows), both small per window
+    for p in pieces_:  # first-fit decreasing: O(pieces × rows), both small per window
         for i, f in enumerate(free):
             if len(p[0]) <= f:
                 rows[i].append(p)
@@ -48,6 +48,11 @@ def pack_documents(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], key
         else:
             rows.append([p])
             free.append(seq_len - len(p[0]))
+    return layout_rows(rows, seq_len)
+
+
+def layout_rows(rows: Sequence[Sequence[tuple]], seq_len: int) -> dict[str, np.ndarray]:
+    """Rows of (tokens, modality_ids, key) documents -> the COLUMNS as (rows, seq_len) int64 arrays plus `keys`."""
     n = len(rows)
     out = {c: np.zeros((n, seq_len), np.int64) for c in COLUMNS}
     out["labels"][:] = IGNORE

@@ -6,7 +6,8 @@
                                       modality, filter (quality.py), dedup (dedup.py),
                                       encode, add begin/end markers in a seeded order;
                                       every record's outcome goes to the DataLedger
-      .map_batches(PackRows)          first-fit-decreasing packing (packing.py)
+      .map_batches(PackRows)          first-fit-decreasing packing (packing.py), or batches
+                                      that meet the token mixture's shares (mixing.py)
 
 Ray Train then splits the rows across training workers (streaming_split).
 Order is preserved (DataContext.execution_options.preserve_order), so a run
@@ -29,6 +30,7 @@ from modalities.vocab import Vocabulary
 from .accounting import Tally
 from .config import DataConfig
 from .dedup import DedupConfig, Deduper, signatures, start_dedup
+from .mixing import MixConfig, mix_pack
 from .packing import pack_documents
 from .quality import quality_reason
 from .records import RawRecord, read_shard
@@ -50,7 +52,7 @@ class Outcome:
 
 
 def ext_map(mods) -> dict[str, str]:
-    return {ext: m.name for m in mods for ext in m.keys}
+    return registry.check_keys([m.name for m in mods])
 
 
 def decode_fields(mods: dict, exts: dict[str, str], fields: dict[str, bytes]) -> dict[str, object]:
@@ -195,18 +197,33 @@ def _read(row: dict, max_member_bytes: int) -> Iterable[dict]:
 
 
 class PackRows:
-    def __init__(self, seq_len: int, seed: int):
-        self.seq_len, self.seed = seq_len, seed
+    """Ray Data actor: a window of documents -> packed rows (first-fit decreasing), or, with a token
+    mixture configured, -> batches of `rows` rows whose token shares meet the targets (mixing.py)."""
+
+    def __init__(self, seq_len: int, seed: int, rows: int = 1, mix: MixConfig | None = None,
+                 names: list[str] | None = None, ledger=None):
+        self.seq_len, self.seed, self.rows, self.ledger = seq_len, seed, rows, ledger
+        self.mix = mix if mix is not None and mix.on else None
+        self.names = list(names or [])
+        self.target = np.array([self.mix.shares.get(n, 0.0) for n in self.names]) if self.mix else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
-        out = pack_documents(list(batch["tokens"]), list(batch["mods"]), keys, self.seq_len)
-        # mix rows of a window in a seeded order so a step does not see only long documents
-        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{self.seed}:{keys[:1]}".encode()).digest()[:8], "little")) \
-            if keys else None
-        if rng is not None and len(out["keys"]):
-            perm = rng.permutation(len(out["keys"]))
-            out = {k: v[perm] for k, v in out.items()}
+        if self.mix is not None:
+            out, dropped, n_docs = mix_pack(list(batch["tokens"]), list(batch["mods"]), keys, self.seq_len,
+                                            self.rows, self.target, self.mix.tolerance)
+            if self.ledger is not None and n_docs:
+                t = Tally()
+                t.mix_dropped = n_docs
+                t.mix_dropped_tokens.update({n: int(c) for n, c in zip(self.names, dropped) if c})
+                self.ledger.add.remote(t)
+        else:
+            out = pack_documents(list(batch["tokens"]), list(batch["mods"]), keys, self.seq_len)
+            # mix rows of a window in a seeded order so a step does not see only long documents
+            if len(out["keys"]):
+                seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{keys[:1]}".encode()).digest()[:8], "little")
+                perm = np.random.default_rng(seed).permutation(len(out["keys"]))
+                out = {k: v[perm] for k, v in out.items()}
         return {k: (v.astype(np.int32) if k != "keys" else v) for k, v in out.items()}
 
 
@@ -240,13 +257,18 @@ def record_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan:
         **processor_options(cfg, modalities))
 
 
-def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, ledger=None) -> ray.data.Dataset:
+def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, ledger=None,
+                       rows_per_batch: int = 1) -> ray.data.Dataset:
+    """The training rows. With a token mixture, rows come in batches of `rows_per_batch` (one rank's
+    micro_batch × grad_accum), each meeting the target shares."""
     plan = shard_order(list_shards(cfg.train_shards), seed, cfg.epochs)
     ds = record_stream(cfg, modalities, seed, plan, cfg.bundle_dir, ledger)
     extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
-    return ds.map_batches(PackRows, fn_constructor_kwargs={"seq_len": cfg.seq_len, "seed": seed},
-                          batch_size=cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1),
-                          batch_format="numpy", num_cpus=0.1, **extra)
+    return ds.map_batches(PackRows, fn_constructor_kwargs={
+        "seq_len": cfg.seq_len, "seed": seed, "rows": rows_per_batch, "mix": cfg.mix, "names": list(modalities),
+        "ledger": ledger},
+        batch_size=cfg.mix.window if cfg.mix.on else cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1),
+        batch_format="numpy", num_cpus=0.1, **extra)
 
 
 def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, dict] | None, cfg: DataConfig,

@@ -60,3 +60,24 @@ def test_the_kit_catches_a_broken_plugin(corpus):
 
     with pytest.raises(ConformanceError, match="'local' fails 'pickle'"):
         check_modality(Local, samples, options=opts, subprocess=False)
+
+
+def test_the_guides_minimal_plugin_passes_the_kit():
+    """docs/plugins.md shows examples/minimal/sensor.py whole; it must stay a working plugin."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    samples = [("csv", ",".join(f"{v:.4f}" for v in np.sin(np.linspace(0, rng.uniform(1, 9), 50)) * 3).encode())
+               for _ in range(20)]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "minimal"))
+    try:  # on the path while the kit pickles it into a fresh process
+        from sensor import SensorModality
+
+        mod = check_modality(SensorModality, samples, options={"levels": 128},
+                             bad_samples=[("csv", b"1,2,x"), ("csv", b""), ("csv", b"nan,1")])
+    finally:
+        sys.path.pop(0)
+    assert mod.vocab_size == 128

@@ -2,7 +2,7 @@
 
     <frame> p p p … p  <frame> p p p … p  …          (local ids; <frame> is id 0)
 
-Frames are read with Pillow (animated GIF or WebP), at most `frames` of them, evenly spaced;
+Frames are read with Pillow (animated GIF), at most `frames` of them, evenly spaced;
 each is cut into patches and quantised with a k-means codebook exactly as omnistream's image
 modality does (this plugin reuses it). Decoding gives the frames back, saved as an animated GIF.
 """
@@ -41,7 +41,8 @@ class VideoOptions(ModalityOptions):
 class VideoModality(BaseModality):
     name: ClassVar[str] = "video"
     version: ClassVar[str] = "1"
-    keys: ClassVar[tuple[str, ...]] = ("gif", "webp")
+    # .gif only: omnistream's image modality already reads .webp, and one key must mean one modality
+    keys: ClassVar[tuple[str, ...]] = ("gif",)
     Options = VideoOptions
     resources: ClassVar[dict[str, float]] = {"num_cpus": 0.5}
     error_bound: ClassVar[float] = 0.6  # mean per-frame relative MSE, as the image modality measures it
