@@ -7,6 +7,9 @@
     omnistream train CONFIG [--set k=v ...]  train on a Ray cluster with DeepSpeed, track in MLflow
     omnistream modalities list               installed modality plugins, versions and id ranges
     omnistream config show [CONFIG]          the resolved config (or every key with its doc: --doc)
+    omnistream cluster up|down               a local Ray head to submit to (127.0.0.1 only, token auth)
+    omnistream submit CONFIG [--follow]      send a training job through the Ray Jobs API
+    omnistream jobs list|status|logs|stop    the jobs of a cluster
     omnistream export CHECKPOINT OUT_DIR     one safetensors model + the tokenizer bundle, from ZeRO shards
     omnistream generate MODEL --from M ...   continue a prompt of any modality as text, image (PNG) or audio (WAV)
 
@@ -96,6 +99,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, required=False)
     p.add_argument("--doc", action="store_true", help="list every key with its default and a one-line doc")
 
+    cl = sub.add_parser("cluster", help="a local Ray head to submit jobs to").add_subparsers(
+        dest="cluster_cmd", required=True, metavar="COMMAND")
+    p = cl.add_parser("up", help="start a Ray head on this machine (127.0.0.1 only, token authentication)",
+                      description="Start a Ray head whose servers all listen on 127.0.0.1, with Ray's token "
+                                  "authentication on (the token: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
+                                  "~/.ray/auth_token, created if missing). Prints the dashboard address to "
+                                  "submit to and where the token is.")
+    p.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port (default 8265)")
+    p.add_argument("--num-cpus", type=int, default=0, help="CPUs the head offers (default: all)")
+    p.add_argument("--resources", default="", help='custom resources as JSON, e.g. \'{"data": 1}\'')
+    p = cl.add_parser("down", help="stop the head `cluster up` started (its own processes only)")
+    p.add_argument("--port", type=int, default=6379, help="GCS port it was started on (default 6379)")
+
+    addr_help = f"Ray dashboard address (default $RAY_DASHBOARD_ADDRESS or {'http://127.0.0.1:8265'})"
+    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)",
+                       description="Validate CONFIG here, resolve its paths, and submit `omnistream train` as a Ray "
+                                   "job whose working directory carries the project code and the resolved config. "
+                                   "Prints the job id; with --follow streams the logs and exits with the job's "
+                                   "outcome (0 SUCCEEDED, 1 otherwise). Paths in the config must be readable from "
+                                   "the cluster (shared disk or s3://...).")
+    _add_config(p)
+    p.add_argument("--address", default="", help=addr_help)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs and wait for it to end")
+    jb = sub.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(dest="jobs_cmd", required=True,
+                                                                              metavar="COMMAND")
+    p = jb.add_parser("list", help="every job with its status")
+    p.add_argument("--address", default="", help=addr_help)
+    for name, hlp in (("status", "one job's status"), ("logs", "one job's logs (--follow to stream)"),
+                      ("stop", "stop a running job")):
+        p = jb.add_parser(name, help=hlp)
+        p.add_argument("job_id", help="the id `omnistream submit` printed")
+        p.add_argument("--address", default="", help=addr_help)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+
     p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into one safetensors model",
                        description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
                                    "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
@@ -129,6 +168,51 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("omnistream: interrupted", file=sys.stderr)
         return 130
+
+
+def _jobs(args) -> int:
+    from . import jobs
+
+    if args.cmd == "cluster" and args.cluster_cmd == "up":
+        try:
+            res = json.loads(args.resources) if args.resources else None
+        except ValueError:
+            raise UserError(f"--resources must be JSON, e.g. '{{\"data\": 1}}', not {args.resources!r}") from None
+        info = jobs.cluster_up(args.port, args.dashboard_port, args.num_cpus, res)
+        print(f"Ray head up on {info['address']} (127.0.0.1 only, token authentication on)\n"
+              f"  dashboard / Jobs API: {info['dashboard']}\n  token: {info['token_path']}\n"
+              f"  submit:  omnistream submit configs/demo.toml --address {info['dashboard']} --follow\n"
+              f"  stop:    omnistream cluster down --port {args.port}")
+        return 0
+    if args.cmd == "cluster":
+        n = jobs.cluster_down(args.port)
+        print(f"stopped the head on port {args.port} ({n} processes)")
+        return 0
+    if args.cmd == "submit":
+        c, job_id = jobs.submit(args.config, args.overrides, args.address)
+        print(f"submitted job {job_id}", flush=True)
+        if not args.follow:
+            return 0
+        status = jobs.follow(c, job_id)
+        print(f"job {job_id} {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    c = jobs.client(args.address)
+    if args.jobs_cmd == "list":
+        for j in jobs._call(args.address, c.list_jobs):
+            print(f"{j.submission_id or j.job_id}\t{str(j.status).split('.')[-1]}\t{j.entrypoint}")
+        return 0
+    if args.jobs_cmd == "status":
+        print(str(jobs._call(args.address, c.get_job_status, args.job_id)).split(".")[-1])
+        return 0
+    if args.jobs_cmd == "logs":
+        if args.follow:
+            status = jobs.follow(c, args.job_id)
+            return 0 if status == "SUCCEEDED" else 1
+        sys.stdout.write(jobs._call(args.address, c.get_job_logs, args.job_id))
+        return 0
+    stopped = jobs._call(args.address, c.stop_job, args.job_id)
+    print(f"job {args.job_id} {'stopping' if stopped else 'was not running'}")
+    return 0
 
 
 def _generate(args) -> int:
@@ -188,6 +272,8 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, args.overrides)
         _fit(cfg, args.out)
         return 0
+    if args.cmd in ("cluster", "submit", "jobs"):
+        return _jobs(args)
     if args.cmd == "export":
         from .export import export
 

@@ -19,7 +19,8 @@ def quiet_env() -> None:
 
 
 def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
-    """'' starts a local Ray here, every server on 127.0.0.1 only; else joins `address`.
+    """'' starts a local Ray here, every server on 127.0.0.1 only; else joins `address` (or, inside a
+    submitted job, the cluster running it).
 
     The local Ray runs its dashboard (on 127.0.0.1): Ray Train's state queries go through it.
     """
@@ -28,6 +29,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
 
     if ray.is_initialized():
         return ray
+    address = address or os.environ.get("RAY_ADDRESS", "")  # set for a Ray job's driver: join that cluster
     if address:
         try:
             ray.init(address=address, log_to_driver=log_to_driver)

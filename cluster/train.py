@@ -22,7 +22,7 @@ from pathlib import Path
 
 from modalities.base import UserError
 from modalities.vocab import Vocabulary, describe_mismatch
-from pipelines.accounting import ErrorRateExceeded
+from pipelines.accounting import Consumed, ErrorRateExceeded, ledger_digest
 
 from .config import RunConfig, TrainConfig
 
@@ -31,6 +31,10 @@ META = "omnistream.json"
 
 # dense bf16 peak FLOP/s per device, for train/mfu; CPUs have no dependable figure, so no MFU there
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class DataResumeMismatch(RuntimeError):
+    """A resumed rank's replay of the stream differs from what its checkpoint recorded."""
 
 
 def deepspeed_config(t: TrainConfig) -> dict:
@@ -132,7 +136,7 @@ def train_worker(config: dict) -> None:
     engine.checkpoint_engine = _weights_only_engine(engine)
 
     # ---- resume -----------------------------------------------------------------------------
-    start_step, skip = 0, 0
+    start_step, resume_from = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and t.resume_from:
         ckpt = ray.train.Checkpoint.from_directory(t.resume_from)
@@ -142,9 +146,10 @@ def train_worker(config: dict) -> None:
             engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
             start_step = meta["step"]
             total_tokens = torch.tensor([meta.get("tokens", {}).get(n, 0) for n in vocab.names], dtype=torch.float64)
-            skip = json.loads((Path(d) / f"data_rank{rank}.json").read_text())["batches"]
+            resume_from = Consumed.from_json(json.loads((Path(d) / f"data_rank{rank}.json").read_text()))
         if rank == 0:
-            print(f"[omnistream] resumed at step {start_step} (skipping {skip} consumed batches per rank)", flush=True)
+            print(f"[omnistream] resumed at step {start_step} (replaying {resume_from.batches} consumed batches "
+                  f"per rank)", flush=True)
 
     # ---- the stream ---------------------------------------------------------------------------
     it = iter(ray.train.get_dataset_shard("train").iter_batches(
@@ -160,11 +165,20 @@ def train_worker(config: dict) -> None:
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
         return (b if have.item() else None), wait
 
-    consumed = 0
-    for _ in range(skip):
-        if next_batch()[0] is None:
-            break
-        consumed += 1
+    # ---- exact data resume: replay what this rank consumed before, and prove it is the same ----------
+    consumed = Consumed()
+    if resume_from is not None:
+        while consumed.batches < resume_from.batches:
+            b, _ = next_batch()
+            if b is None:
+                break
+            consumed.add(b["keys"])
+        if consumed.to_json() != resume_from.to_json():
+            raise DataResumeMismatch(
+                f"rank {rank}: the rebuilt data stream does not replay what the checkpoint consumed "
+                f"({consumed.batches} batches / {consumed.records} records, chain {consumed.chain[:12]}, vs "
+                f"{resume_from.batches} / {resume_from.records}, chain {resume_from.chain[:12]}): shards, seed or "
+                f"data settings changed, so resuming would repeat or skip records")
 
     es: EvalSet | None = None
 
@@ -200,7 +214,7 @@ def train_worker(config: dict) -> None:
     def save(step: int, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step})
-            Path(d, f"data_rank{rank}.json").write_text(json.dumps({"rank": rank, "batches": consumed}))
+            Path(d, f"data_rank{rank}.json").write_text(json.dumps({"rank": rank, **consumed.to_json()}))
             if rank == 0:
                 meta = {"format": 1, "step": step, "world_size": world, "run_id": run_id, "tag": CKPT_TAG,
                         "vocab": vocab.layout(), "config": cfg.model_dump(mode="json"), "n_params": n_params,
@@ -227,7 +241,7 @@ def train_worker(config: dict) -> None:
             if b is None:
                 exhausted = True
                 break
-            consumed += 1
+            consumed.add(b["keys"])
             x = {c: torch.as_tensor(b[c], dtype=torch.long) for c in COLUMNS}
             _, loss, tok_loss = engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
             engine.backward(loss)
@@ -281,6 +295,14 @@ def train_worker(config: dict) -> None:
         print(f"[omnistream] the stream ended at step {step} (before train.steps={t.steps}): "
               f"raise data.epochs to train longer", flush=True)
     last_metrics.update(run_eval(step))
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, consumed.to_json())
+    if rank == 0:
+        digest = ledger_digest(ranks)
+        logger.set_tag("data.ledger_digest", digest)
+        logger.log({"data/consumed_records": sum(r["records"] for r in ranks)}, step)
+        print(f"[omnistream] consumed {sum(r['records'] for r in ranks)} records, ledger digest {digest[:16]}",
+              flush=True)
     save(step, _scalars(last_metrics))
 
 
@@ -385,6 +407,8 @@ class TrainResult:
     checkpoint: str | None
     data_report: dict
     wall_s: float
+    checkpoints: list = None          # every checkpoint Ray Train kept, oldest first
+    ledger_digest: str | None = None  # over the ordered (rank, record key) lists consumed
 
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
@@ -460,7 +484,10 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
         tracking.MetricLogger(uri, run_id).set_tag("omnistream.checkpoint", ckpt)
     tracking.client(uri).set_terminated(run_id, "FINISHED")
     metrics = tracking.final_metrics(uri, run_id)
-    return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0)
+    kept = sorted((c.path for c, _ in (result.best_checkpoints or [])),
+                  key=lambda p: read_checkpoint_meta(p)["step"])
+    digest = tracking.client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
+    return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0, kept, digest)
 
 
 def _log_data(uri: str, run_id: str, tally, step: int) -> dict:

@@ -182,7 +182,7 @@ class RecordProcessor:
             toks.append(t.astype(np.int32))
             mods.append(m.astype(np.int8))
         if self.ledger is not None:
-            self.ledger.add.remote(tally)
+            self.ledger.add.remote(tally, ",".join(f"{e}:{s}" for e, s in plan))
         out_t = np.empty(len(toks), dtype=object)
         out_m = np.empty(len(mods), dtype=object)
         out_t[:], out_m[:] = toks, mods
@@ -216,7 +216,7 @@ class PackRows:
                 t = Tally()
                 t.mix_dropped = n_docs
                 t.mix_dropped_tokens.update({n: int(c) for n, c in zip(self.names, dropped) if c})
-                self.ledger.add.remote(t)
+                self.ledger.add.remote(t, f"mix:{keys[0]}")
         else:
             out = pack_documents(list(batch["tokens"]), list(batch["mods"]), keys, self.seq_len)
             # mix rows of a window in a seeded order so a step does not see only long documents

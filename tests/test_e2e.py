@@ -22,6 +22,10 @@ OVERRIDES = [
 ]
 
 
+# the run the resumed and the killed runs are compared with
+UNINTERRUPTED = ("train.steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=4")
+
+
 def _cfg(corpus, tmp, *extra):
     d = corpus["dir"]
     return load_config(None, OVERRIDES + [
@@ -51,7 +55,7 @@ def trained(ray_local, corpus, tmp_path_factory):
     from pipelines.fit import fit_bundle
 
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = _cfg(corpus, tmp, "train.steps=6", "train.checkpoint_every=3")
+    cfg = _cfg(corpus, tmp, *UNINTERRUPTED)
     vocab, summary = fit_bundle(cfg.resolved_paths().data, cfg.modalities, cfg.seed)
     assert set(summary["samples"]) == {"text", "image", "audio"}
 
@@ -70,7 +74,7 @@ def trained(ray_local, corpus, tmp_path_factory):
     finally:
         stop.set()
         th.join()
-    return {"cfg": cfg, "res": res, "tmp": tmp, "bad_listeners": sorted(set(seen_bad))}
+    return {"cfg": cfg, "res": res, "tmp": tmp, "bad_listeners": sorted(set(seen_bad)), "corpus_dir": corpus["dir"]}
 
 
 def test_run_logs_the_design_metrics(trained):
@@ -83,13 +87,13 @@ def test_run_logs_the_design_metrics(trained):
         assert key in m, key
     assert m["data/seen"] == m["data/kept"] + sum(v for k, v in m.items() if k.startswith(("data/filtered/", "data/errored/")))
     steps = [s for s, _ in tracking.metric_history(res.tracking_uri, res.run_id, "train/loss")]
-    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert sorted(steps) == list(range(1, 11))
     c = tracking.client(res.tracking_uri)
     run = c.get_run(res.run_id)
     assert run.data.params["train.zero_stage"] == "3" and run.data.params["cluster.num_workers"] == "2"
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config", "vocab.json", "data", "samples"} <= arts
-    sample_files = [a.path for a in c.list_artifacts(res.run_id, "samples/step_000006")]
+    sample_files = [a.path for a in c.list_artifacts(res.run_id, "samples/step_000010")]
     assert any(p.endswith(".png") for p in sample_files) and any(p.endswith(".wav") for p in sample_files)
     assert any(p.endswith(".txt") for p in sample_files)
 
@@ -97,25 +101,58 @@ def test_run_logs_the_design_metrics(trained):
 def test_checkpoint_holds_every_ranks_shard(trained):
     ck = Path(trained["res"].checkpoint)
     meta = json.loads((ck / "omnistream.json").read_text())
-    assert meta["step"] == 6 and meta["world_size"] == 2
+    assert meta["step"] == 10 and meta["world_size"] == 2
     files = {p.name for p in (ck / "model").iterdir()}
     assert any("zero_pp_rank_0_" in f for f in files) and any("zero_pp_rank_1_" in f for f in files)
     assert (ck / "data_rank0.json").exists() and (ck / "data_rank1.json").exists()
 
 
-def test_resume_continues_at_the_same_step(trained, corpus):
+def test_resume_continues_at_the_same_step_with_the_same_data(trained, corpus):
+    """Resume from the step-3 checkpoint in a new run: steps 4..10 again, and the records consumed over
+    both runs are exactly those of the uninterrupted run (same ledger digest)."""
     from cluster.train import run_training
 
-    ck = trained["res"].checkpoint
-    cfg = _cfg(corpus, trained["tmp"], "train.steps=8", f'train.resume_from="{ck}"')
+    first = trained["res"]
+    assert [json.loads((Path(c) / "omnistream.json").read_text())["step"] for c in first.checkpoints] == [3, 6, 9, 10]
+    cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, f'train.resume_from="{first.checkpoints[0]}"')
     res = run_training(cfg)
     steps = sorted(s for s, _ in tracking.metric_history(res.tracking_uri, res.run_id, "train/loss"))
-    assert steps == [7, 8]
-    assert json.loads((Path(res.checkpoint) / "omnistream.json").read_text())["step"] == 8
-    # the resumed run starts from the trained weights: its loss is near where the first run ended
-    first = tracking.metric_history(res.tracking_uri, trained["res"].run_id, "train/loss")
-    resumed = tracking.metric_history(res.tracking_uri, res.run_id, "train/loss")
-    assert min(v for _, v in resumed) < max(v for _, v in first)
+    assert steps == list(range(4, 11))
+    assert json.loads((Path(res.checkpoint) / "omnistream.json").read_text())["step"] == 10
+    assert first.ledger_digest and res.ledger_digest == first.ledger_digest
+    assert res.metrics["data/consumed_records"] == first.metrics["data/consumed_records"]
+    # the resumed run starts from the trained weights: its loss goes on from where step 3 left it
+    a = dict(tracking.metric_history(res.tracking_uri, first.run_id, "train/loss"))
+    b = dict(tracking.metric_history(res.tracking_uri, res.run_id, "train/loss"))
+    assert abs(a[10] - b[10]) < 0.05 * a[10]
+
+
+def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, capsys):
+    """2 ranks' ZeRO-3 shards -> one safetensors model whose held-out loss is the one the run logged."""
+    from cluster.cli import main
+    from cluster.evaluate import EvalSet, eval_metrics, local_eval
+    from cluster.export import load_model
+
+    res = trained["res"]
+    assert main(["export", res.checkpoint, str(tmp_path / "m")]) == 0
+    model, vocab = load_model(tmp_path / "m")
+    cfg = trained["cfg"].resolved_paths()
+    m = eval_metrics(local_eval(model, EvalSet.load(cfg, vocab), cfg, vocab, 0, 1), vocab)
+    assert abs(m["eval/loss"] - res.metrics["eval/loss"]) < 1e-4
+    from pipelines.records import read_shard
+
+    rec = next(r for r in read_shard(cfg.data.eval_shards[0], 1 << 26) if "png" in r.fields)
+    (tmp_path / "x.png").write_bytes(rec.fields["png"])
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "m"), "--from", "image", "--input", str(tmp_path / "x.png"),
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip(), "image -> text prints the generated text"
+    assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", "image", "--input", "the digit 3",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", "audio", "--input", "the digit 3",
+                 "--out", str(tmp_path / "g.wav")]) == 0
+    assert (tmp_path / "g.wav").read_bytes()[:4] == b"RIFF"
 
 
 def test_every_listener_is_loopback(trained):
@@ -134,3 +171,55 @@ def test_resume_with_other_vocabulary_is_refused(trained, corpus, tmp_path):
     v = Vocabulary.load(trained["cfg"].resolved_paths().data.bundle_dir)
     with pytest.raises(UserError, match="training workers"):
         check_checkpoint(trained["res"].checkpoint, v, 3)
+
+
+def _train_worker_processes() -> list[psutil.Process]:
+    """The Ray Train worker processes of this session's Ray (descendants of this process)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corpus, tmp_path):
+    """SIGKILL a training worker from outside once the first checkpoint exists: Ray Train restarts the
+    group from it (train.max_failures=1), the one MLflow run's step axis goes on to the end, and the
+    records consumed are exactly those of the uninterrupted run (same ledger digest)."""
+    import os
+    import signal
+
+    from cluster.train import run_training
+
+    storage = tmp_path / "ray"
+    cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, "train.max_failures=1", f'cluster.storage_path="{storage}"')
+    killed: list[str] = []
+    done = threading.Event()
+
+    def killer():
+        while not done.is_set():
+            if any(storage.glob("*/checkpoint_*/omnistream.json")):
+                workers = _train_worker_processes()
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(" ".join(workers[-1].cmdline())[:80])
+                    return
+            done.wait(0.02)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        res = run_training(cfg)
+    finally:
+        done.set()
+        th.join()
+    assert killed, "the run ended before a worker could be killed"
+    steps = {s for s, _ in tracking.metric_history(res.tracking_uri, res.run_id, "train/loss")}
+    assert steps == set(range(1, 11)), "one run, its step axis continues to the end"
+    assert json.loads((Path(res.checkpoint) / "omnistream.json").read_text())["step"] == 10
+    assert res.ledger_digest == trained["res"].ledger_digest
+    n_records = 2 * 480  # data.epochs=2 over the SMALL corpus
+    assert 0 < res.metrics["data/seen"] <= n_records, "shards re-read after the restart are not counted twice"

@@ -1,0 +1,201 @@
+"""Jobs on a Ray cluster: a local head to try them on, submission through the Ray Jobs API.
+
+`omnistream cluster up` starts a Ray head whose every server listens on 127.0.0.1, with Ray's token
+authentication on. The token is looked up the way Ray does it: $RAY_AUTH_TOKEN, else the file
+$RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (created, like `ray get-auth-token --generate`,
+if there is none), so Ray's own `ray job list` works with it unchanged.
+
+`omnistream submit CONFIG` validates and resolves the config here (a mistake is one line, exit 2,
+before anything is sent), then sends the project's code plus the resolved config as the job's
+working directory; the job runs `python -m cluster.cli train job.toml` on the cluster.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from modalities.base import UserError
+
+from .ray_local import LOOPBACK_ENV, WORKER_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+CODE = ("cluster", "model", "modalities", "pipelines", "configs", "pyproject.toml")  # what a job needs
+STATE = Path(os.environ.get("OMNISTREAM_CLUSTER_DIR", REPO / "runs" / "cluster"))
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+
+# ---- the token ------------------------------------------------------------------------------------
+def token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def read_token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    p = token_path()
+    return p.read_text().strip() if p.exists() else None
+
+
+def ensure_token() -> Path:
+    p = token_path()
+    if not os.environ.get("RAY_AUTH_TOKEN") and not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return p
+
+
+# ---- a local head ---------------------------------------------------------------------------------
+def _ray_bin() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None) -> dict:
+    STATE.mkdir(parents=True, exist_ok=True)
+    state_file = STATE / f"head-{port}.json"
+    if state_file.exists():
+        raise UserError(f"a head started here is already recorded on port {port} ({state_file}): "
+                        f"`omnistream cluster down --port {port}` first")
+    tok = ensure_token()
+    # Ray's socket paths must stay under ~107 bytes, so the head's temp dir is short and ours alone:
+    # `down` ends exactly the processes whose command line names it.
+    temp = Path(tempfile.gettempdir()) / f"omni-ray-{port}"
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+           f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"ray start failed (exit {p.returncode}): {tail[0]}")
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
+            "temp_dir": str(temp), "token_path": str(tok) if not os.environ.get("RAY_AUTH_TOKEN") else "$RAY_AUTH_TOKEN",
+            "started": time.time()}
+    state_file.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def head_processes(temp_dir: str) -> list:
+    """This head's processes: those whose command line names its temp dir (and no one else's)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def cluster_down(port: int) -> int:
+    """End the head started by `cluster up` on `port`: its own processes, by PID. Returns how many."""
+    import psutil
+
+    state_file = STATE / f"head-{port}.json"
+    if not state_file.exists():
+        raise UserError(f"no head started by `omnistream cluster up` is recorded on port {port} (in {STATE})")
+    info = json.loads(state_file.read_text())
+    procs = head_processes(info["temp_dir"])
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    state_file.unlink()
+    shutil.rmtree(info["temp_dir"], ignore_errors=True)
+    return len(procs)
+
+
+# ---- the Jobs API ---------------------------------------------------------------------------------
+def client(address: str):
+    """A JobSubmissionClient for `address`, sending the token if there is one; unreachable or refused
+    is a UserError (one line, exit 2)."""
+    os.environ.update(LOOPBACK_ENV)
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD
+    tok = read_token()
+    headers = {"Authorization": f"Bearer {tok}"} if tok else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as e:
+        raise _user_error(address, e) from None
+
+
+def _user_error(address: str, e: Exception) -> UserError:
+    msg = " ".join(str(e).split())
+    if any(w in msg.lower() for w in ("authenticat", "unauthorized", "401", "403", "token")):
+        return UserError(f"the Ray cluster at {address} refused the token ({token_path()}): {msg[:200]}")
+    return UserError(f"cannot reach the Ray cluster at {address}: {msg[:200]}")
+
+
+def _call(address: str, fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except UserError:
+        raise
+    except Exception as e:
+        if type(e).__name__ in ("ConnectionError", "ConnectionRefusedError") or "authenticat" in str(e).lower() \
+                or "401" in str(e) or "403" in str(e):
+            raise _user_error(address, e) from None
+        if "does not exist" in str(e) or "not found" in str(e).lower():
+            raise UserError(f"{' '.join(str(e).split())[:200]} (on {address})") from None
+        raise
+
+
+def submit(config_path: str | None, overrides: list[str], address: str) -> tuple[object, str]:
+    """Validate and resolve the config here, then submit it with the code as the working directory."""
+    from .config import load_config
+
+    cfg = load_config(config_path, overrides).resolved_paths()
+    cfg.cluster.address = ""  # inside the job, connect() joins the cluster the job runs on (RAY_ADDRESS)
+    c = client(address)
+    with tempfile.TemporaryDirectory(prefix="omnistream-job-") as d:
+        for name in CODE:
+            src = REPO / name
+            if src.is_dir():
+                shutil.copytree(src, Path(d) / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif src.exists():
+                shutil.copy2(src, Path(d) / name)
+        Path(d, "job.toml").write_text(cfg.to_toml())
+        job_id = _call(address, c.submit_job,
+                       entrypoint="python -m cluster.cli train job.toml",
+                       runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV}},
+                       metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
+    return c, job_id
+
+
+def follow(c, job_id: str, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    async def tail():
+        async for lines in c.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())
+    while True:
+        status = str(c.get_job_status(job_id)).split(".")[-1]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(1)

@@ -1,0 +1,130 @@
+"""Submitting to a real Ray head, as a user does: `omnistream cluster up`, `omnistream submit --follow`,
+Ray's own `ray job list`, the job's MLflow run, one-line errors for a bad token or address, and
+`omnistream cluster down`. The head uses its own token file and state folder, not the user's."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster import tracking
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("head")
+    env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"), "OMNISTREAM_CLUSTER_DIR": str(tmp / "state")}
+    env.pop("RAY_ADDRESS", None)
+    port, dport = free_port(), free_port()
+    up = run(["omnistream", "cluster", "up", "--port", str(port), "--dashboard-port", str(dport), "--num-cpus", "2"],
+             env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield {"env": env, "port": port, "dashboard": f"http://127.0.0.1:{dport}", "tmp": tmp, "up": up.stdout}
+    finally:
+        down = run(["omnistream", "cluster", "down", "--port", str(port)], env)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_head_is_loopback_only_with_a_token(head):
+    from cluster.jobs import head_processes
+
+    assert "token authentication on" in head["up"] and str(head["tmp"] / "auth_token") in head["up"]
+    assert (head["tmp"] / "auth_token").stat().st_mode & 0o077 == 0, "the token file is private"
+    temp = next(ln.split('"')[3] for ln in (head["tmp"] / "state" / f"head-{head['port']}.json").read_text().splitlines()
+                if '"temp_dir"' in ln)
+    procs = head_processes(temp)
+    assert len(procs) >= 3
+    listening = []
+    for p in procs:
+        try:
+            listening += [c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    assert listening and all(ip.startswith("127.") for ip in listening), listening
+
+
+def test_submit_follow_runs_the_job_to_success(head, corpus, bundle):
+    tmp, d = head["tmp"], corpus["dir"]
+    cfg = tmp / "job.toml"
+    cfg.write_text(f"""
+name = "submitted"
+[modalities.text]
+vocab_size = 300
+[modalities.image]
+codebook_size = 64
+[modalities.audio]
+codebook_size = 32
+[data]
+train_shards = ["{d}/train-*.tar"]
+eval_shards = ["{d}/eval-000.tar"]
+bundle_dir = "{bundle}"
+seq_len = 128
+[model]
+n_layers = 2
+d_model = 64
+n_heads = 2
+[train]
+steps = 4
+micro_batch_size = 4
+warmup_steps = 1
+log_every = 1
+zero_stage = 3
+[cluster]
+num_workers = 2
+cpus_per_worker = 0.5
+storage_path = "{tmp}/ray"
+[tracking]
+uri = "sqlite:///{tmp}/mlflow.db"
+[eval]
+examples = 10
+loss_rows = 4
+samples = 1
+max_new_tokens = 3
+""")
+    p = run(["omnistream", "submit", str(cfg), "--address", head["dashboard"], "--follow"], head["env"])
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    job_id = next(ln.split()[-1] for ln in p.stdout.splitlines() if ln.startswith("submitted job "))
+    assert f"job {job_id} SUCCEEDED" in p.stdout
+    # Ray's own CLI, with nothing but the token file, agrees
+    listed = run(["ray", "job", "list", "--address", head["dashboard"]], head["env"], timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = run(["omnistream", "jobs", "status", job_id, "--address", head["dashboard"]], head["env"])
+    assert status.stdout.strip() == "SUCCEEDED"
+    # the job's MLflow run holds the metrics
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in p.stdout.splitlines() if "MLflow run " in ln)
+    m = tracking.final_metrics(uri, run_id)
+    for key in ("train/loss", "train/loss/image", "eval/image_to_text/accuracy", "data/seen"):
+        assert key in m, key
+    assert tracking.client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
+
+
+def test_bad_token_and_unreachable_address_are_one_line_exit_2(head):
+    env = {**head["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+    p = run(["omnistream", "jobs", "list", "--address", head["dashboard"]], env)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "token" in p.stderr, p.stderr
+    p = run(["omnistream", "submit", "configs/demo.toml", "--address", f"http://127.0.0.1:{free_port()}"], head["env"])
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "cannot reach" in p.stderr, p.stderr
