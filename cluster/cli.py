@@ -182,6 +182,7 @@ def _jobs(args) -> int:
         print(f"Ray head up on {info['address']} (127.0.0.1 only, token authentication on)\n"
               f"  dashboard / Jobs API: {info['dashboard']}\n  token: {info['token_path']}\n"
               f"  submit:  omnistream submit configs/demo.toml --address {info['dashboard']} --follow\n"
+              f"  Ray's own CLI needs token mode: RAY_AUTH_MODE=token ray job list --address {info['dashboard']}\n"
               f"  stop:    omnistream cluster down --port {args.port}")
         return 0
     if args.cmd == "cluster":

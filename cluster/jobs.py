@@ -70,7 +70,10 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     # Ray's socket paths must stay under ~107 bytes, so the head's temp dir is short and ours alone:
     # `down` ends exactly the processes whose command line names it.
     temp = Path(tempfile.gettempdir()) / f"omni-ray-{port}"
-    env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # a job's entrypoint runs `python` from the head's PATH: put this environment's first, as an activated
+    # venv would, so jobs run with the interpreter (and packages) omnistream is installed in
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
            f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats"]
@@ -115,7 +118,7 @@ def cluster_down(port: int) -> int:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for p in alive:
         try:
             p.kill()

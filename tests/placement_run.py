@@ -1,0 +1,43 @@
+"""Run by test_placement.py in its own process (a Ray cluster is one per process): simulate a
+two-node cluster on this machine with Ray's multi-node test utility, a CPU "data" node and a
+"trainer" node standing in for a GPU node, train on it with placement from the config, and print
+where every actor actually ran, as one JSON line.
+
+    python tests/placement_run.py CONFIG_TOML
+"""
+import json
+import os
+import sys
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cluster.config import load_config  # noqa: E402
+from cluster.ray_local import LOOPBACK_ENV, WORKER_ENV  # noqa: E402
+from cluster.train import run_training  # noqa: E402
+
+
+def main(path: str) -> None:
+    loopback = {"node_ip_address": "127.0.0.1"}
+    c = Cluster(initialize_head=True, head_node_args={
+        **loopback, "num_cpus": 2, "resources": {"data": 2}, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1"})
+    trainer = c.add_node(**loopback, num_cpus=1, resources={"trainer": 2})
+    try:
+        ray.init(address=c.address, runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV}})
+        res = run_training(load_config(path))
+        from ray.util.state import list_actors
+
+        actors = [{"class": a.class_name, "node": a.node_id} for a in list_actors(detail=True, limit=1000)]
+        print(json.dumps({"data_node": c.head_node.node_id, "trainer_node": trainer.node_id, "actors": actors,
+                          "run_id": res.run_id, "step": res.metrics.get("train/loss") is not None}), flush=True)
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

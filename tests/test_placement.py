@@ -1,0 +1,64 @@
+"""Placement on a heterogeneous cluster, simulated as two Ray nodes on this machine: tokenizing runs
+only where the config's data resource is, training workers only where their resource is."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tokenizers_on_data_nodes_and_training_on_trainer_nodes(corpus, bundle, tmp_path):
+    d = corpus["dir"]
+    cfg = tmp_path / "placed.toml"
+    cfg.write_text(f"""
+name = "placed"
+[modalities.text]
+vocab_size = 300
+[modalities.image]
+codebook_size = 64
+[modalities.audio]
+codebook_size = 32
+[data]
+train_shards = ["{d}/train-*.tar"]
+eval_shards = []
+bundle_dir = "{bundle}"
+seq_len = 128
+data_resources = {{ data = 1 }}
+[model]
+n_layers = 1
+d_model = 32
+n_heads = 2
+[train]
+steps = 3
+micro_batch_size = 4
+warmup_steps = 1
+log_every = 1
+[cluster]
+num_workers = 2
+cpus_per_worker = 0.25
+worker_resources = {{ trainer = 1 }}
+storage_path = "{tmp_path}/ray"
+[tracking]
+uri = "sqlite:///{tmp_path}/mlflow.db"
+""")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "placement_run.py"), str(cfg)], capture_output=True,
+                       text=True, env=env, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    data_node, trainer_node = out["data_node"], out["trainer_node"]
+    where: dict[str, set] = {}
+    for a in out["actors"]:
+        where.setdefault(a["class"], set()).add(a["node"])
+    tokenizers = {n for cls, nodes in where.items() if "RecordProcessor" in cls or "PackRows" in cls for n in nodes}
+    trainers = {n for cls, nodes in where.items() if "TrainWorker" in cls for n in nodes}
+    assert tokenizers == {data_node}, where
+    assert trainers == {trainer_node}, where
+    assert out["step"]
