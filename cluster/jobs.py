@@ -182,10 +182,19 @@ def submit(config_path: str | None, overrides: list[str], address: str) -> tuple
             elif src.exists():
                 shutil.copy2(src, Path(d) / name)
         Path(d, "job.toml").write_text(cfg.to_toml())
-        job_id = _call(address, c.submit_job,
-                       entrypoint="python -m cluster.cli train job.toml",
-                       runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV}},
-                       metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
+        deadline = time.time() + 90
+        while True:
+            try:
+                job_id = _call(address, c.submit_job,
+                               entrypoint="python -m cluster.cli train job.toml",
+                               runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV}},
+                               metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
+                break
+            except RuntimeError as e:
+                # a head that has just started answers 500 until its job agent is up
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(2)
     return c, job_id
 
 

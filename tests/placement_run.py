@@ -7,6 +7,7 @@ where every actor actually ran, as one JSON line.
 """
 import json
 import os
+import socket
 import sys
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -20,11 +21,17 @@ from cluster.ray_local import LOOPBACK_ENV, WORKER_ENV  # noqa: E402
 from cluster.train import run_training  # noqa: E402
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(path: str) -> None:
     loopback = {"node_ip_address": "127.0.0.1"}
     c = Cluster(initialize_head=True, head_node_args={
         **loopback, "num_cpus": 2, "resources": {"data": 2}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1"})
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "port": free_port()})
     trainer = c.add_node(**loopback, num_cpus=1, resources={"trainer": 2})
     try:
         ray.init(address=c.address, runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV}})

@@ -196,7 +196,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
 
     storage = tmp_path / "ray"
     cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, "train.max_failures=1", f'cluster.storage_path="{storage}"')
-    killed: list[str] = []
+    killed: list[int] = []
     done = threading.Event()
 
     def killer():
@@ -204,8 +204,9 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
             if any(storage.glob("*/checkpoint_*/omnistream.json")):
                 workers = _train_worker_processes()
                 if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    killed.append(" ".join(workers[-1].cmdline())[:80])
+                    victim = workers[-1]
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed.append(victim.pid)
                     return
             done.wait(0.02)
 
