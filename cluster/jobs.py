@@ -60,6 +60,14 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None) -> dict:
     STATE.mkdir(parents=True, exist_ok=True)
     state_file = STATE / f"head-{port}.json"
@@ -76,7 +84,10 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats"]
+           f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats",
+           # the job agent's fixed default port (52365) is taken by any other Ray on this machine, an
+           # in-process one of `omnistream train` included, and without its agent a head takes no jobs
+           f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

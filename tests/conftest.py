@@ -13,6 +13,15 @@ from modalities.vocab import Vocabulary
 from pipelines.democorpus import CorpusSpec, write_demo_corpus
 from pipelines.records import read_shard
 
+# the modality options of the session's fitted bundle (`bundle`), as a config's TOML
+SMALL_MODALITIES = """[modalities.text]
+vocab_size = 300
+[modalities.image]
+codebook_size = 64
+[modalities.audio]
+codebook_size = 32
+"""
+
 SMALL = CorpusSpec(train_records=480, eval_records=40, records_per_shard=120, seed=1)
 
 

@@ -31,7 +31,9 @@ def main(path: str) -> None:
     loopback = {"node_ip_address": "127.0.0.1"}
     c = Cluster(initialize_head=True, head_node_args={
         **loopback, "num_cpus": 2, "resources": {"data": 2}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "port": free_port()})
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "gcs_server_port": free_port(),
+        # the suite's own Ray may hold the default ports of a second node's agents
+        "dashboard_agent_listen_port": free_port()})
     trainer = c.add_node(**loopback, num_cpus=1, resources={"trainer": 2})
     try:
         ray.init(address=c.address, runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV}})

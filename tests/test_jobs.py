@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from cluster import tracking
+from conftest import SMALL_MODALITIES
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +69,7 @@ def test_submit_follow_runs_the_job_to_success(head, corpus, bundle):
     cfg = tmp / "job.toml"
     cfg.write_text(f"""
 name = "submitted"
-[modalities.text]
-vocab_size = 300
-[modalities.image]
-codebook_size = 64
-[modalities.audio]
-codebook_size = 32
-[data]
+{SMALL_MODALITIES}[data]
 train_shards = ["{d}/train-*.tar"]
 eval_shards = ["{d}/eval-000.tar"]
 bundle_dir = "{bundle}"

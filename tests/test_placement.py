@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_MODALITIES
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +19,7 @@ def test_tokenizers_on_data_nodes_and_training_on_trainer_nodes(corpus, bundle, 
     cfg = tmp_path / "placed.toml"
     cfg.write_text(f"""
 name = "placed"
-[modalities.text]
-vocab_size = 300
-[modalities.image]
-codebook_size = 64
-[modalities.audio]
-codebook_size = 32
-[data]
+{SMALL_MODALITIES}[data]
 train_shards = ["{d}/train-*.tar"]
 eval_shards = []
 bundle_dir = "{bundle}"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from cluster import tracking
 from pipelines.democorpus import caption, draw_digit
+from conftest import SMALL_MODALITIES
 
 pytestmark = pytest.mark.slow
 
@@ -70,13 +71,7 @@ def mixed_run(plugin_installed, corpus, tmp_path_factory):
     cfg = tmp / "mixed.toml"
     cfg.write_text(f"""
 name = "mixed"
-[modalities.text]
-vocab_size = 300
-[modalities.image]
-codebook_size = 64
-[modalities.audio]
-codebook_size = 32
-[modalities.video]
+{SMALL_MODALITIES}[modalities.video]
 codebook_size = 32
 frames = 4
 size = 16
