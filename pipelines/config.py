@@ -30,6 +30,6 @@ class DataConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig, description="per-modality quality filters")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="exact and near-duplicate removal across the stream")
     mix: MixConfig = Field(default_factory=MixConfig, description="target token share per modality in every global batch (off when empty)")
-    read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task asks of Ray")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task of the tokenizer fit asks of Ray (training reads inside the tokenizer actors)")
     tokenizer_actors: int = Field(1, ge=1, description="record-processing actors (each loads the tokenizer bundle once)")
     data_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the data stages ask for, e.g. {data = 0.1} to keep tokenizing on data nodes")

@@ -68,3 +68,14 @@ def ray_local():
     ray = connect("", num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_ray_only():
+    """For tests that start Ray processes of their own (a head, a simulated cluster, CLI runs): end this
+    process's local Ray first, so two Rays do not share the machine's 2 cores. `connect()` starts it
+    again for a later test that needs it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_MODALITIES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
