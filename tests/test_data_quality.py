@@ -262,7 +262,7 @@ def test_training_on_the_planted_corpus_completes(ray_local, planted, bundle, co
     from test_e2e import _cfg
 
     shards, _ = planted
-    cfg = _cfg(corpus, tmp_path, "train.steps=3", "data.epochs=3", "cluster.num_workers=1",
+    cfg = _cfg(corpus, tmp_path, "train.steps=3", "data.epochs=3", "cluster.num_workers=1", "data.eval_shards=[]",
                f'data.train_shards={json.dumps(shards + corpus["train"][:1])}', f'data.bundle_dir="{bundle}"')
     res = run_training(cfg)
     assert res.data_report["balanced"] and sum(res.data_report["errored"].values()) > 0
