@@ -13,12 +13,20 @@ import sys
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.config import load_config  # noqa: E402
 from cluster.ray_local import LOOPBACK_ENV, WORKER_ENV  # noqa: E402
 from cluster.train import run_training  # noqa: E402
+
+
+def _listening(p) -> list:
+    try:
+        return [c for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 def free_port() -> int:
@@ -41,8 +49,11 @@ def main(path: str) -> None:
         from ray.util.state import list_actors
 
         actors = [{"class": a.class_name, "node": a.node_id} for a in list_actors(detail=True, limit=1000)]
+        listening = sorted({f"{p.name()} {c.laddr.ip}" for p in psutil.Process().children(recursive=True)
+                            for c in _listening(p)})
         print(json.dumps({"data_node": c.head_node.node_id, "trainer_node": trainer.node_id, "actors": actors,
-                          "run_id": res.run_id, "step": res.metrics.get("train/loss") is not None}), flush=True)
+                          "run_id": res.run_id, "step": res.metrics.get("train/loss") is not None,
+                          "listening": listening}), flush=True)
     finally:
         ray.shutdown()
         c.shutdown()

@@ -57,3 +57,6 @@ uri = "sqlite:///{tmp_path}/mlflow.db"
     assert tokenizers == {data_node}, where
     assert trainers == {trainer_node}, where
     assert out["step"]
+    # every server of both simulated nodes listens on loopback only
+    assert out["listening"] and all(ln.split()[-1].startswith(("127.", "::ffff:127.")) or ln.split()[-1] == "::1"
+                                    for ln in out["listening"]), out["listening"]
