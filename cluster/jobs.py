@@ -25,7 +25,7 @@ from pathlib import Path
 
 from modalities.base import UserError
 
-from .ray_local import LOOPBACK_ENV, WORKER_ENV
+from .ray_local import LOOPBACK_ENV, WORKER_ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("cluster", "model", "modalities", "pipelines", "configs", "pyproject.toml")  # what a job needs
@@ -60,14 +60,6 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None) -> dict:
     STATE.mkdir(parents=True, exist_ok=True)
     state_file = STATE / f"head-{port}.json"
@@ -87,7 +79,7 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
            f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats",
            # the job agent's fixed default port (52365) is taken by any other Ray on this machine, an
            # in-process one of `omnistream train` included, and without its agent a head takes no jobs
-           f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+           f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -157,9 +149,13 @@ def client(address: str):
         raise _user_error(address, e) from None
 
 
+def _refused(msg: str) -> bool:
+    return any(w in msg.lower() for w in ("authenticat", "unauthorized", "401", "403"))
+
+
 def _user_error(address: str, e: Exception) -> UserError:
     msg = " ".join(str(e).split())
-    if any(w in msg.lower() for w in ("authenticat", "unauthorized", "401", "403", "token")):
+    if _refused(msg) or "token" in msg.lower():
         return UserError(f"the Ray cluster at {address} refused the token ({token_path()}): {msg[:200]}")
     return UserError(f"cannot reach the Ray cluster at {address}: {msg[:200]}")
 
@@ -170,8 +166,7 @@ def _call(address: str, fn, *args, **kw):
     except UserError:
         raise
     except Exception as e:
-        if type(e).__name__ in ("ConnectionError", "ConnectionRefusedError") or "authenticat" in str(e).lower() \
-                or "401" in str(e) or "403" in str(e):
+        if type(e).__name__ in ("ConnectionError", "ConnectionRefusedError") or _refused(str(e)):
             raise _user_error(address, e) from None
         if "does not exist" in str(e) or "not found" in str(e).lower():
             raise UserError(f"{' '.join(str(e).split())[:200]} (on {address})") from None

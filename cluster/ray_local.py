@@ -18,17 +18,16 @@ def quiet_env() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
-def _dashboard_port(default: int = 8265) -> int:
-    """Ray's default dashboard port, unless another Ray here (an `omnistream cluster up` head) holds it."""
+def free_port(preferred: int = 0) -> int:
+    """`preferred` if nothing on 127.0.0.1 holds it, else a port the OS says is free."""
     import socket
 
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", default))
-            return default
+            s.bind(("127.0.0.1", preferred))
         except OSError:
             s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        return s.getsockname()[1]
 
 
 def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
@@ -50,7 +49,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
     ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   dashboard_port=_dashboard_port(),
+                   dashboard_port=free_port(8265),  # another Ray here (a `cluster up` head) may hold it
                    _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
                    logging_level="WARNING",
                    runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, "RAY_TRAIN_V2_ENABLED": "1"}})

@@ -7,7 +7,6 @@ where every actor actually ran, as one JSON line.
 """
 import json
 import os
-import socket
 import sys
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -18,7 +17,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.config import load_config  # noqa: E402
-from cluster.ray_local import LOOPBACK_ENV, WORKER_ENV  # noqa: E402
+from cluster.ray_local import LOOPBACK_ENV, WORKER_ENV, free_port  # noqa: E402
 from cluster.train import run_training  # noqa: E402
 
 
@@ -28,11 +27,6 @@ def _listening(p) -> list:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(path: str) -> None:

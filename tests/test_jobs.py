@@ -2,7 +2,6 @@
 Ray's own `ray job list`, the job's MLflow run, one-line errors for a bad token or address, and
 `omnistream cluster down`. The head uses its own token file and state folder, not the user's."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import psutil
 import pytest
 
 from cluster import tracking
+from cluster.ray_local import free_port
 from conftest import SMALL_MODALITIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
@@ -18,11 +18,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args, env, timeout=600) -> subprocess.CompletedProcess:
