@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test test-fast bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/omnistream-video/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile -e ".[test]"  # skip byte-compiling ~6 GB of wheels; imports compile what they use
 	touch $(STAMP)
@@ -20,8 +20,9 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -q tests
 
+# unit tests only: no Ray, no subprocess (tests/unit); under 3 minutes on 2 cores
 test-fast: install
-	$(VENV)/bin/pytest -q -m "not slow" tests
+	$(VENV)/bin/pytest -q tests/unit
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -27,14 +27,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cluster import tracking  # noqa: E402
-from cluster.cli import DEMO_CONFIG, prepare_demo  # noqa: E402
-from cluster.config import load_config  # noqa: E402
-from cluster.train import lr_lambda, param_groups, prepare, run_training  # noqa: E402
-from model.model import GPT  # noqa: E402
-from pipelines.packing import COLUMNS, pack_documents  # noqa: E402
-from pipelines.shards import list_shards  # noqa: E402
-from pipelines.stream import local_documents  # noqa: E402
+from omnistream.cluster import tracking  # noqa: E402
+from omnistream.cluster.cli import DEMO_CONFIG, prepare_demo  # noqa: E402
+from omnistream.cluster.config import load_config  # noqa: E402
+from omnistream.cluster.train import lr_lambda, param_groups, prepare, run_training  # noqa: E402
+from omnistream.model.model import GPT  # noqa: E402
+from omnistream.pipelines.packing import COLUMNS, pack_documents  # noqa: E402
+from omnistream.pipelines.shards import list_shards  # noqa: E402
+from omnistream.pipelines.stream import local_documents  # noqa: E402
 
 STEPS = int(os.environ.get("BENCH_STEPS", "240"))
 DEMO_STEPS = int(os.environ.get("BENCH_DEMO_STEPS", "100"))

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.model import GPT, GPTConfig, flops_per_token, generate  # noqa: E402
-from pipelines.packing import pack_documents  # noqa: E402
+from omnistream.model.model import GPT, GPTConfig, flops_per_token, generate  # noqa: E402
+from omnistream.pipelines.packing import pack_documents  # noqa: E402
 
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

@@ -14,11 +14,11 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model.model import GPTConfig
-from modalities import registry
-from modalities.base import UserError
-from pipelines.config import DataConfig
-from pipelines.democorpus import CorpusSpec
+from omnistream.modalities import registry
+from omnistream.modalities.base import UserError
+from omnistream.model.config import GPTConfig
+from omnistream.pipelines.config import DataConfig
+from omnistream.pipelines.democorpus import CorpusSpec
 
 
 class _Section(BaseModel):
@@ -63,7 +63,20 @@ class TrackingConfig(_Section):
     run_name: str = Field("", description="MLflow run name ('' = the config's name)")
 
 
+class EvalTask(_Section):
+    """A cross-modal task: prompt with one modality of a held-out record, generate another, check the answer."""
+    prompt: str = Field(description="modality of the prompt, e.g. image")
+    target: str = Field("text", description="modality generated as the answer, e.g. text")
+    label_field: str = Field(description="field of the record's JSON (.json member) that holds the expected answer")
+    match: Literal["exact", "contains", "number"] = Field(
+        "contains", description="how the generated answer is checked: exact (whole answer, case and outer spaces "
+                                "ignored), contains (the label appears in it), number (the first number in it, as "
+                                "numerals or English number words, equals the label)")
+
+
 class EvalConfig(_Section):
+    tasks: dict[str, EvalTask] = Field(default_factory=dict, description="cross-modal tasks by name, logged as "
+                                       "eval/<name>/accuracy, e.g. [eval.tasks.image_to_text] prompt = \"image\" ...")
     examples: int = Field(200, ge=1, description="held-out records used for each cross-modal task")
     loss_rows: int = Field(64, ge=1, description="held-out packed rows used for eval/loss/<modality>")
     max_new_tokens: int = Field(6, ge=1, description="tokens generated for a →text answer")
@@ -96,11 +109,22 @@ class RunConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _mix_names(self):
-        unknown = sorted(set(self.data.mix.shares) - set(self.modalities))
+    def _modality_names(self):
+        names = list(self.modalities)
+        unknown = sorted(set(self.data.mix.shares) - set(names))
         if unknown:
-            raise ValueError(f"data.mix.shares names {unknown}, which this run's modalities "
-                             f"{list(self.modalities)} do not include")
+            raise ValueError(f"data.mix.shares names {unknown}, which this run's modalities {names} do not include")
+        for task, t in self.eval.tasks.items():
+            for role in ("prompt", "target"):
+                if getattr(t, role) not in names:
+                    raise ValueError(f"eval.tasks.{task}.{role} is {getattr(t, role)!r}, not one of this run's "
+                                     f"modalities {names}")
+        from omnistream.pipelines.quality import build_filters
+
+        try:
+            build_filters({n: registry.get(n) for n in names}, self.data.quality)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return self
 
     def modality_names(self) -> list[str]:
@@ -206,4 +230,17 @@ def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
         else:
             default = f.get_default(call_default_factory=True)
             lines.append(f"{prefix}{name} = {default!r}  # {f.description}")
+    return lines
+
+
+def describe_modalities() -> list[str]:
+    """`[modalities.<name>]` options and `[data.quality.<name>]` filters of every installed plugin."""
+    lines = []
+    for name, (cls, _) in sorted(registry.discover().items()):
+        lines.append(f"[modalities.{name}]  # options of {cls.__module__}.{cls.__qualname__}")
+        lines += describe(cls.Options, f"modalities.{name}.")
+        filters = getattr(cls, "Filters", None)
+        if filters is not None:
+            lines.append(f"[data.quality.{name}]  # quality filters and near-duplicate settings of {name}")
+            lines += describe(filters, f"data.quality.{name}.")
     return lines

@@ -1,150 +1,214 @@
-"""Held-out evaluation: per-modality loss and cross-modal tasks by greedy generation.
+"""Held-out evaluation: per-modality loss, and the cross-modal tasks the config declares.
 
-Runs on a plain (unsharded) copy of the model on every rank, each rank taking
-its slice of the held-out records; the caller sums the counts across ranks.
-Tasks: for every non-text modality m in a record that carries text,
-`m_to_text`: prompt [<bos>, <begin:m>, m…, <end:m>, <begin:text>], generate
-text, and check that it names the record's label (the demo's digit).
+The Evaluator runs on a plain (unsharded) copy of the model on every rank, each rank taking its
+slice of the held-out records; counts are summed across ranks with the all-reduce it is given.
+
+A task (`[eval.tasks.<name>]`, docs/architecture.md "Evaluation") prompts with one modality of a
+record, `[<bos>, <begin:prompt>, prompt ids…, <end:prompt>, <begin:target>]`, greedily generates the
+target modality, and checks the decoded answer against a field of the record's JSON with a match
+rule. Nothing here knows which modalities or corpus a run uses: the demo's digit question is
+two entries of configs/demo.toml.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from model.model import GPT, generate, loss_by_group
-from modalities.vocab import BOS, Vocabulary
-from pipelines.accounting import Tally
-from pipelines.democorpus import digit_in_text
-from pipelines.packing import COLUMNS, label_modalities, pack_documents
-from pipelines.stream import local_documents
+from omnistream.modalities.vocab import BOS, Vocabulary
+from omnistream.model.model import GPT, generate, loss_by_group
+from omnistream.pipelines.accounting import Tally
+from omnistream.pipelines.packing import COLUMNS, label_modalities, pack_documents
+from omnistream.pipelines.stream import local_documents
+
+from .config import EvalTask, RunConfig
+
+# ---- match rules ----------------------------------------------------------------------------------
+_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+_WORDS = {w: i for i, w in enumerate(_UNITS)} | _TENS
+_TOKEN = re.compile(r"-?\d+(?:\.\d+)?|[a-z]+")
+
+
+def first_number(text: str) -> float | None:
+    """The first number a text names, as numerals ("7", "3.5") or English words ("seven", "twenty one")."""
+    toks = _TOKEN.findall(text.lower().replace("-", " "))
+    for i, t in enumerate(toks):
+        if t[0].isdigit() or t[0] == "-":
+            return float(t)
+        if t in _WORDS:
+            n = _WORDS[t]
+            if t in _TENS and i + 1 < len(toks) and toks[i + 1] in _WORDS and _WORDS[toks[i + 1]] < 10:
+                n += _WORDS[toks[i + 1]]
+            return float(n)
+    return None
+
+
+def matches(answer: str, label, rule: str) -> bool:
+    """Does a generated answer give the label, by the task's match rule?"""
+    if rule == "number":
+        try:
+            want = float(label)
+        except (TypeError, ValueError):
+            return False
+        return first_number(answer) == want
+    a, want = answer.strip().lower(), str(label).strip().lower()
+    return a == want if rule == "exact" else bool(want) and want in a
+
+
+# ---- the held-out set -----------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    key: str
+    meta: dict                  # the record's JSON, {} if it has none
+    ids: dict                   # modality -> local ids
 
 
 @dataclass
 class EvalSet:
     """Held-out records, read and tokenized once per worker."""
-    records: list = field(default_factory=list)   # (key, label, {modality: local ids}, caption)
+    records: list[HeldOut] = field(default_factory=list)
     rows: dict = field(default_factory=dict)       # packed rows for the loss
-    tally: Tally = field(default_factory=Tally)
+    tally: Tally = field(default_factory=Tally)    # what became of the held-out records read
 
     @classmethod
-    def load(cls, cfg, vocab: Vocabulary) -> "EvalSet":
+    def load(cls, cfg: RunConfig) -> "EvalSet":
         es = cls()
         docs = []
         for r, ids, toks, mods in local_documents(cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities,
                                                   cfg.data, cfg.seed, limit=cfg.eval.examples, tally=es.tally):
-            label = None
+            meta = {}
             if "json" in r.fields:
                 try:
-                    label = json.loads(r.fields["json"]).get("digit")
-                except (ValueError, AttributeError):
-                    label = None
-            caption = vocab.by_name["text"].decode(ids["text"]) if "text" in ids else None
-            es.records.append((r.key, label, ids, caption))
+                    meta = json.loads(r.fields["json"])
+                except ValueError:
+                    meta = {}
+            es.records.append(HeldOut(r.key, meta if isinstance(meta, dict) else {}, ids))
             docs.append((toks, mods, r.key))
         if docs:
             t, m, k = zip(*docs)
             es.rows = pack_documents(list(t), list(m), list(k), cfg.data.seq_len)
         return es
 
+    def for_task(self, task: EvalTask) -> list[HeldOut]:
+        return [r for r in self.records if task.prompt in r.ids and r.meta.get(task.label_field) is not None]
 
-def _to_tensors(rows: dict, sl: slice) -> dict[str, torch.Tensor]:
-    return {c: torch.as_tensor(rows[c][sl], dtype=torch.long) for c in COLUMNS}
+
+def _prompt(vocab: Vocabulary, src: str, ids, dst: str) -> list[int]:
+    return [BOS, vocab.begin(src), *vocab.to_global(src, ids).tolist(), vocab.end(src), vocab.begin(dst)]
 
 
-@torch.no_grad()
-def local_eval(model: GPT, es: EvalSet, cfg, vocab: Vocabulary, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's share: loss sums/counts per modality and correct/total per task (summed by the caller)."""
-    model.eval()
-    n_groups = len(vocab.names) + 1
-    sums = torch.zeros(n_groups)
-    counts = torch.zeros(n_groups)
-    if es.rows:
-        n = min(len(es.rows["input_ids"]), cfg.eval.loss_rows)
-        mine = list(range(rank, n, world))
-        for i in range(0, len(mine), cfg.eval.batch_size):
-            idx = mine[i:i + cfg.eval.batch_size]
-            b = _to_tensors(es.rows, idx)
-            _, _, tok = model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
-            lm = torch.as_tensor(label_modalities(es.rows["modality_ids"][idx]), dtype=torch.long)
-            s, c = loss_by_group(tok, b["labels"], lm, n_groups)
-            sums += s
-            counts += c
-    out = {"loss_sums": sums, "loss_counts": counts}
-    if "text" not in vocab.names:
+def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int) -> list:
+    """Greedy continuations restricted to modality `dst`'s block, as `dst`'s decoded objects."""
+    gens = generate(model, prompts, n_new, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),),
+                    stop_token=vocab.end(dst))
+    return [vocab.by_name[dst].decode(vocab.to_local(dst, g)) for g in gens]
+
+
+class Evaluator:
+    """eval/loss/<modality> and eval/<task>/accuracy, plus a few generations a person can open."""
+
+    def __init__(self, cfg: RunConfig, vocab: Vocabulary):
+        self.cfg, self.vocab = cfg, vocab
+        self._set: EvalSet | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.data.eval_shards)
+
+    @property
+    def data(self) -> EvalSet:
+        if self._set is None:
+            self._set = EvalSet.load(self.cfg)
+        return self._set
+
+    @torch.no_grad()
+    def local(self, model: GPT, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        """This rank's share: loss sums/counts per modality and correct/total per task (summed by the caller)."""
+        cfg, vocab, es = self.cfg, self.vocab, self.data
+        model.eval()
+        n_groups = len(vocab.names) + 1
+        sums, counts = torch.zeros(n_groups), torch.zeros(n_groups)
+        if es.rows:
+            n = min(len(es.rows["input_ids"]), cfg.eval.loss_rows)
+            mine = list(range(rank, n, world))
+            for i in range(0, len(mine), cfg.eval.batch_size):
+                idx = mine[i:i + cfg.eval.batch_size]
+                b = {c: torch.as_tensor(es.rows[c][idx], dtype=torch.long) for c in COLUMNS}
+                _, _, tok = model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
+                lm = torch.as_tensor(label_modalities(es.rows["modality_ids"][idx]), dtype=torch.long)
+                s, c = loss_by_group(tok, b["labels"], lm, n_groups)
+                sums += s
+                counts += c
+        out = {"loss_sums": sums, "loss_counts": counts}
+        for name, task in cfg.eval.tasks.items():
+            recs = es.for_task(task)[rank::world]
+            correct = 0
+            for i in range(0, len(recs), cfg.eval.batch_size):
+                chunk = recs[i:i + cfg.eval.batch_size]
+                answers = _generate(model, vocab, [_prompt(vocab, task.prompt, r.ids[task.prompt], task.target)
+                                                   for r in chunk], task.target, cfg.eval.max_new_tokens)
+                correct += sum(matches(str(a), r.meta[task.label_field], task.match) for r, a in zip(chunk, answers))
+            out[f"task/{name}"] = torch.tensor([float(correct), float(len(recs))])
         return out
-    lo, hi = vocab.block("text")
-    for m in vocab.names:
-        if m == "text":
-            continue
-        recs = [r for r in es.records if m in r[2] and r[1] is not None][rank::world]
-        correct = 0
-        for i in range(0, len(recs), cfg.eval.batch_size):
-            chunk = recs[i:i + cfg.eval.batch_size]
-            prompts = [[BOS, vocab.begin(m), *vocab.to_global(m, r[2][m]).tolist(), vocab.end(m), vocab.begin("text")]
-                       for r in chunk]
-            gens = generate(model, prompts, cfg.eval.max_new_tokens, allowed=(lo, hi),
-                            extra_allowed=(vocab.end("text"),), stop_token=vocab.end("text"))
-            for r, g in zip(chunk, gens):
-                text = vocab.by_name["text"].decode(vocab.to_local("text", g))
-                correct += int(digit_in_text(text) == r[1])
-        out[f"{m}_to_text"] = torch.tensor([float(correct), float(len(recs))])
-    return out
 
+    def metrics(self, reduced: dict[str, torch.Tensor]) -> dict[str, float]:
+        m = {}
+        s, c = reduced["loss_sums"], reduced["loss_counts"]
+        for g, name in enumerate(self.vocab.names, start=1):
+            if c[g] > 0:
+                m[f"eval/loss/{name}"] = float(s[g] / c[g])
+        if c.sum() > 0:
+            m["eval/loss"] = float(s.sum() / c.sum())
+        for k, v in reduced.items():
+            if k.startswith("task/") and v[1] > 0:
+                m[f"eval/{k[5:]}/accuracy"] = float(v[0] / v[1])
+        return m
 
-def eval_metrics(reduced: dict[str, torch.Tensor], vocab: Vocabulary) -> dict[str, float]:
-    m = {}
-    s, c = reduced["loss_sums"], reduced["loss_counts"]
-    for g, name in enumerate(vocab.names, start=1):
-        if c[g] > 0:
-            m[f"eval/loss/{name}"] = float(s[g] / c[g])
-    if c.sum() > 0:
-        m["eval/loss"] = float(s.sum() / c.sum())
-    for k, v in reduced.items():
-        if k.endswith("_to_text") and v[1] > 0:
-            m[f"eval/{k}/accuracy"] = float(v[0] / v[1])
-    return m
+    def evaluate(self, model: GPT, rank: int = 0, world: int = 1,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+        """Every rank calls this together; `all_reduce` sums a tensor in place across ranks."""
+        local = self.local(model, rank, world)
+        if all_reduce is not None:
+            for v in local.values():
+                all_reduce(v)
+        return self.metrics(local)
 
-
-@torch.no_grad()
-def samples(model: GPT, es: EvalSet, cfg, vocab: Vocabulary) -> dict[str, bytes]:
-    """A few generations a person can open: text→m as PNG/WAV, m→text as TXT."""
-    files: dict[str, bytes] = {}
-    if "text" not in vocab.names or cfg.eval.samples == 0:
+    @torch.no_grad()
+    def samples(self, model: GPT) -> dict[str, bytes]:
+        """For each task: its answers on a few records (TSV), and the reverse direction (target -> prompt)
+        as the prompt modality's files (PNG, WAV, ...)."""
+        cfg, vocab, files = self.cfg, self.vocab, {}
+        if cfg.eval.samples == 0:
+            return files
+        for name, task in cfg.eval.tasks.items():
+            recs = self.data.for_task(task)[: cfg.eval.samples]
+            if not recs:
+                continue
+            answers = _generate(model, vocab, [_prompt(vocab, task.prompt, r.ids[task.prompt], task.target)
+                                               for r in recs], task.target, cfg.eval.max_new_tokens)
+            buf = io.StringIO()
+            for r, a in zip(recs, answers):
+                buf.write(f"{r.key}\t{task.label_field}={r.meta[task.label_field]!r}\tgenerated={str(a)!r}\t"
+                          f"correct={matches(str(a), r.meta[task.label_field], task.match)}\n")
+            files[f"{name}.txt"] = buf.getvalue().encode()
+            back = [r for r in recs if task.target in r.ids]
+            if not back:
+                continue
+            n_new = max(len(r.ids[task.prompt]) for r in back) + 1
+            objs = _generate(model, vocab, [_prompt(vocab, task.target, r.ids[task.target], task.prompt) for r in back],
+                             task.prompt, n_new)
+            mod = vocab.by_name[task.prompt]
+            for i, (r, obj) in enumerate(zip(back, objs)):
+                ext, data = mod.to_bytes(obj)
+                files[f"{task.target}_to_{task.prompt}_{i}_{_slug(r.meta[task.label_field])}.{ext}"] = data
         return files
-    with_text = [r for r in es.records if "text" in r[2]]
-    lo_t, hi_t = vocab.block("text")
-    for m in vocab.names:
-        if m == "text":
-            continue
-        recs = [r for r in with_text if m in r[2]][: cfg.eval.samples]
-        if not recs:
-            continue
-        mod = vocab.by_name[m]
-        # text -> m
-        prompts = [[BOS, vocab.begin("text"), *vocab.to_global("text", r[2]["text"]).tolist(), vocab.end("text"),
-                    vocab.begin(m)] for r in recs]
-        n_new = max(len(r[2][m]) for r in recs) + 1
-        gens = generate(model, prompts, n_new, allowed=vocab.block(m), extra_allowed=(vocab.end(m),),
-                        stop_token=vocab.end(m))
-        for i, (r, g) in enumerate(zip(recs, gens)):
-            ext, data = mod.to_bytes(mod.decode(vocab.to_local(m, g)))
-            files[f"text_to_{m}_{i}_{_slug(r[3])}.{ext}"] = data
-        # m -> text
-        prompts = [[BOS, vocab.begin(m), *vocab.to_global(m, r[2][m]).tolist(), vocab.end(m), vocab.begin("text")]
-                   for r in recs]
-        gens = generate(model, prompts, cfg.eval.max_new_tokens, allowed=(lo_t, hi_t),
-                        extra_allowed=(vocab.end("text"),), stop_token=vocab.end("text"))
-        buf = io.StringIO()
-        for r, g in zip(recs, gens):
-            text = vocab.by_name["text"].decode(vocab.to_local("text", g))
-            buf.write(f"{r[0]}\tlabel={r[1]}\tcaption={r[3]!r}\tgenerated={text!r}\n")
-        files[f"{m}_to_text.txt"] = buf.getvalue().encode()
-    return files
 
 
 def _slug(text) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in str(text or ""))[:24].strip("-") or "x"
-

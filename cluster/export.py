@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from modalities import registry
-from modalities.base import UserError
-from modalities.vocab import BOS, Vocabulary, describe_mismatch
+from omnistream.modalities import registry
+from omnistream.modalities.base import UserError
+from omnistream.modalities.vocab import BOS, Vocabulary, describe_mismatch
 
-from .train import CKPT_TAG, META, read_checkpoint_meta
+from .checkpoint import CKPT_TAG, META, read_checkpoint_meta
 
 MODEL_FILE = "model.safetensors"
 MODEL_META = "model.json"
@@ -122,7 +122,7 @@ def export(ckpt: str | Path, out_dir: str | Path, bundle: str | None = None) -> 
 
 def load_model(path: str | Path, bundle: str | None = None):
     """(GPT in eval mode, Vocabulary) from an exported directory or straight from a checkpoint."""
-    from model.model import GPT, GPTConfig
+    from omnistream.model.model import GPT, GPTConfig
 
     p = Path(path)
     if (p / MODEL_FILE).exists():
@@ -152,7 +152,7 @@ def load_model(path: str | Path, bundle: str | None = None):
 
 def generate_from(model, vocab: Vocabulary, src: str, obj, dst: str, max_new_tokens: int | None = None):
     """Prompt [<bos>, <begin:src>, src ids, <end:src>, <begin:dst>] and decode the greedy continuation as dst."""
-    from model.model import generate
+    from omnistream.model.model import generate
 
     for name in (src, dst):
         if name not in vocab.by_name:

@@ -7,7 +7,9 @@ if there is none), so Ray's own `ray job list` works with it unchanged.
 
 `omnistream submit CONFIG` validates and resolves the config here (a mistake is one line, exit 2,
 before anything is sent), then sends the project's code plus the resolved config as the job's
-working directory; the job runs `python -m cluster.cli train job.toml` on the cluster.
+working directory; the job runs `python -m omnistream.cluster.cli train job.toml` on the cluster.
+The code sent is the omnistream this client runs (installed or editable), so the job runs the
+same code; the cluster's Python must have omnistream's dependencies installed.
 """
 from __future__ import annotations
 
@@ -23,13 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from modalities.base import UserError
+from omnistream.modalities.base import UserError
 
 from .ray_local import LOOPBACK_ENV, WORKER_ENV, free_port
 
-REPO = Path(__file__).resolve().parents[1]
-CODE = ("cluster", "model", "modalities", "pipelines", "configs", "pyproject.toml")  # what a job needs
-STATE = Path(os.environ.get("OMNISTREAM_CLUSTER_DIR", REPO / "runs" / "cluster"))
+PACKAGES = ("cluster", "model", "modalities", "pipelines", "configs")  # omnistream.<name>: what a job needs
+STATE = Path(os.environ.get("OMNISTREAM_CLUSTER_DIR", Path.home() / ".omnistream" / "cluster"))
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
@@ -181,18 +182,13 @@ def submit(config_path: str | None, overrides: list[str], address: str) -> tuple
     cfg.cluster.address = ""  # inside the job, connect() joins the cluster the job runs on (RAY_ADDRESS)
     c = client(address)
     with tempfile.TemporaryDirectory(prefix="omnistream-job-") as d:
-        for name in CODE:
-            src = REPO / name
-            if src.is_dir():
-                shutil.copytree(src, Path(d) / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            elif src.exists():
-                shutil.copy2(src, Path(d) / name)
+        copy_code(Path(d))
         Path(d, "job.toml").write_text(cfg.to_toml())
         deadline = time.time() + 90
         while True:
             try:
                 job_id = _call(address, c.submit_job,
-                               entrypoint="python -m cluster.cli train job.toml",
+                               entrypoint="python -m omnistream.cluster.cli train job.toml",
                                runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV}},
                                metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
                 break
@@ -202,6 +198,18 @@ def submit(config_path: str | None, overrides: list[str], address: str) -> tuple
                     raise
                 time.sleep(2)
     return c, job_id
+
+
+def copy_code(dst: Path) -> None:
+    """omnistream's packages as dst/omnistream/<name>, from wherever this process imports them.
+
+    No omnistream/__init__.py: like the installed package, it is a namespace package, and the job's
+    working directory comes first on its path, so the job imports this copy."""
+    import importlib
+
+    for name in PACKAGES:
+        src = Path(importlib.import_module(f"omnistream.{name}").__file__).parent
+        shutil.copytree(src, dst / "omnistream" / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_old*"))
 
 
 def follow(c, job_id: str, out=sys.stdout) -> str:

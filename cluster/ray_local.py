@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
 
-from modalities.base import UserError
+from omnistream.modalities.base import UserError
 
 # With this set to 0 a local Ray binds its servers to 127.0.0.1, not every interface.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -54,5 +55,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
                    logging_level="WARNING",
                    runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, "RAY_TRAIN_V2_ENABLED": "1"}})
     if ctx.dashboard_url:
-        print(f"[omnistream] local Ray started (127.0.0.1 only); dashboard: http://{ctx.dashboard_url}", flush=True)
+        # a status line: stderr, so a command's --json output stays JSON alone on stdout
+        print(f"[omnistream] local Ray started (127.0.0.1 only); dashboard: http://{ctx.dashboard_url}",
+              file=sys.stderr, flush=True)
     return ray

@@ -1,8 +1,9 @@
-"""MLflow: one run per training, metrics named as in DESIGN.md, files a person can open.
+"""Tracking: the `Tracker` interface the Trainer logs through, and MLflow behind it.
 
-The driver creates the run and logs params and the resolved config; rank 0 of
+The driver creates the MLflow run and logs params and the resolved config; rank 0 of
 the training workers logs metrics into the same run by id (a restarted worker
-group keeps logging into it, so the step axis continues).
+group keeps logging into it, so the step axis continues). Metric names are the
+contract of docs/architecture.md ("MLflow names").
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
@@ -47,15 +48,44 @@ def log_file(uri: str, run_id: str, path: str | Path, artifact_path: str | None 
     client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
-def log_bytes(uri: str, run_id: str, data: bytes, name: str, artifact_path: str) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / name
-        p.write_bytes(data)
-        client(uri).log_artifact(run_id, str(p), artifact_path)
+class Tracker(Protocol):
+    """What the Trainer needs of a tracker (levanter's `tracker/` has the same shape)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
 
 
-class MetricLogger:
-    """Batches metrics to MLflow (one log_batch per call, not one request per number)."""
+class MemoryTracker:
+    """Keeps everything in memory: for runs outside MLflow (the golden test, the GPU check)."""
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.artifacts: dict[str, bytes] = {}
+        self.tags: dict[str, str] = {}
+        self.status: str | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            if v is not None:
+                self.history.setdefault(k, []).append((step, float(v)))
+
+    def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None:
+        self.artifacts[f"{artifact_path}/{name}"] = data
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.tags[key] = value
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+    def last(self) -> dict[str, float]:
+        return {k: v[-1][1] for k, v in self.history.items()}
+
+
+class MLflowTracker:
+    """The MLflow Tracker: batches metrics (one log_batch per call, not one request per number)."""
 
     def __init__(self, uri: str, run_id: str):
         self.c = client(uri)
@@ -71,6 +101,15 @@ class MetricLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         self.c.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_bytes(data)
+            self.c.log_artifact(self.run_id, str(p), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.c.set_terminated(self.run_id, status)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -1,5 +1,12 @@
-"""Modality plugins, the shared vocabulary, and the built-in text, image and audio tokenizers."""
-from .base import BadSample, BaseModality, Modality, ModalityOptions, UserError
+"""Modality plugins, the shared vocabulary, and the built-in text, image and audio tokenizers.
+
+The plugin author's import surface (docs/plugins.md):
+
+    from omnistream.modalities import BaseModality, ModalityOptions, FilterOptions, BadSample, check_modality
+"""
+from .base import BadSample, BaseModality, FilterOptions, Modality, ModalityOptions, UserError
+from .conformance import ConformanceError, check_modality
 from .vocab import BOS, EOS, PAD, Vocabulary
 
-__all__ = ["BadSample", "BaseModality", "Modality", "ModalityOptions", "UserError", "Vocabulary", "PAD", "BOS", "EOS"]
+__all__ = ["BadSample", "BaseModality", "ConformanceError", "FilterOptions", "Modality", "ModalityOptions",
+           "UserError", "Vocabulary", "check_modality", "PAD", "BOS", "EOS"]

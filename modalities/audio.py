@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from .base import BadSample, BaseModality, ModalityOptions, kmeans, nearest, sample_rows
+from .base import BadSample, BaseModality, FilterOptions, ModalityOptions, kmeans, nearest, sample_rows
 
 
 @dataclass
@@ -60,6 +60,14 @@ class AudioOptions(ModalityOptions):
     seed: int = Field(0, description="seed of the k-means initialisation")
 
 
+class AudioFilters(FilterOptions):
+    min_seconds: float = Field(0.05, ge=0, description="shorter clips are filtered: audio_too_short")
+    max_seconds: float = Field(600.0, gt=0, description="longer clips are filtered: audio_too_long_for_filter")
+    silence_db: float = Field(-50.0, description="a 20 ms frame quieter than this (dBFS) counts as silent")
+    max_silence_frac: float = Field(0.9, ge=0, le=1, description="share of silent frames above this: audio_silent")
+    max_clipping_frac: float = Field(0.05, ge=0, le=1, description="share of samples at full scale above this: audio_clipped")
+
+
 class AudioModality(BaseModality):
     name: ClassVar[str] = "audio"
     version: ClassVar[str] = "1"
@@ -69,6 +77,7 @@ class AudioModality(BaseModality):
     # mean |Δ| of normalised log-mel frames (1.0 = the whole dynamic range) between x
     # and decode(encode(x)); quantisation + Griffin-Lim measure ≈0.05-0.1 on the demo tones
     error_bound: ClassVar[float] = 0.2
+    Filters = AudioFilters
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -187,3 +196,20 @@ class AudioModality(BaseModality):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._codebook = np.asarray(state["codebook"], dtype=np.float32)
+
+    # ---- data quality ----------------------------------------------------------------
+    def quality_reason(self, a: Audio, f: AudioFilters) -> str | None:
+        secs = len(a.wave) / a.sample_rate
+        if secs < f.min_seconds:
+            return "audio_too_short"
+        if secs > f.max_seconds:
+            return "audio_too_long_for_filter"
+        if np.mean(np.abs(a.wave) >= 0.999) > f.max_clipping_frac:
+            return "audio_clipped"
+        hop = max(1, int(0.02 * a.sample_rate))
+        n = len(a.wave) // hop
+        if n:
+            rms = np.sqrt(np.mean(a.wave[: n * hop].reshape(n, hop) ** 2, axis=1) + 1e-12)
+            if np.mean(20 * np.log10(rms) < f.silence_db) > f.max_silence_frac:
+                return "audio_silent"
+        return None

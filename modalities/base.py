@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BadSample(ValueError):
@@ -47,6 +47,17 @@ class ModalityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FilterOptions(ModalityOptions):
+    """A modality's quality filters and near-duplicate settings (`[data.quality.<name>]`).
+
+    Plugins subclass this and add their own typed thresholds; every filter can be switched off.
+    """
+
+    enabled: bool = Field(True, description="apply this modality's quality filters")
+    near_duplicates: bool = Field(True, description="drop records whose field is a near-duplicate of an earlier one's "
+                                                    "(where the modality defines near-duplicate signatures)")
+
+
 @runtime_checkable
 class Modality(Protocol):
     """What the pipeline and the trainer need from a modality plugin."""
@@ -57,6 +68,7 @@ class Modality(Protocol):
     Options: ClassVar[type[ModalityOptions]]
     resources: ClassVar[dict[str, float]]   # what one tokenizer actor needs, e.g. {"num_cpus": 1}
     error_bound: ClassVar[float]        # max roundtrip_error of decode(encode(x)) on fit-like data
+    Filters: ClassVar[type[FilterOptions]]  # typed quality-filter / near-duplicate settings
 
     options: ModalityOptions
 
@@ -75,6 +87,8 @@ class Modality(Protocol):
     def load(self, directory: str | os.PathLike) -> None: ...
     def fingerprint(self) -> str: ...
     def to_bytes(self, obj: Any) -> tuple[str, bytes]: ...
+    def quality_reason(self, obj: Any, filters: FilterOptions) -> str | None: ...
+    def near_signatures(self, obj: Any, filters: FilterOptions) -> list[tuple[str, int | None, int]]: ...
 
 
 class BaseModality:
@@ -93,6 +107,7 @@ class BaseModality:
     Options: ClassVar[type[ModalityOptions]] = ModalityOptions
     resources: ClassVar[dict[str, float]] = {"num_cpus": 1}
     error_bound: ClassVar[float] = 0.0
+    Filters: ClassVar[type[FilterOptions]] = FilterOptions
 
     def __init__(self, options: ModalityOptions | dict | None = None):
         if options is None:
@@ -112,6 +127,24 @@ class BaseModality:
 
     def _set_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    # ---- data quality (optional) -------------------------------------------------
+    def quality_reason(self, obj: Any, filters: FilterOptions) -> str | None:
+        """Why a decoded object is not worth learning from (`data/filtered/<reason>`), or None.
+
+        The bytes were fine (those are BadSample errors); the content is not. By default nothing
+        is filtered. Reasons are metric names: start them with the modality name, e.g. `text_too_short`.
+        """
+        return None
+
+    def near_signatures(self, obj: Any, filters: FilterOptions) -> list[tuple[str, int | None, int]]:
+        """Near-duplicate signatures of a decoded object: (signature, payload, max_distance) triples.
+
+        Two records sharing a signature are near-duplicates; with a payload (an integer hash) the
+        shared signature is only a candidate, confirmed when the payloads differ in at most
+        max_distance bits. By default a modality has none (the exact byte-level check still applies).
+        """
+        return []
 
     # ---- shared --------------------------------------------------------------
     def fit_features(self, obj: Any) -> Any:

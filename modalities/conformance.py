@@ -1,6 +1,6 @@
 """The conformance kit: one call a plugin author puts in their own tests.
 
-    from modalities.conformance import check_modality
+    from omnistream.modalities.conformance import check_modality
 
     def test_my_plugin_conforms():
         check_modality(MyModality, samples=[("gif", gif_bytes), ...])
@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .base import BadSample, BaseModality, ModalityOptions
+from .base import BadSample, BaseModality, FilterOptions, ModalityOptions
 
 
 class ConformanceError(AssertionError):
@@ -52,7 +52,10 @@ def check_declaration(cls: type) -> None:
         _fail(cls, "keys", f"must be a non-empty tuple of lower-case file extensions without dots, got {keys!r}")
     opts = getattr(cls, "Options", None)
     if not (isinstance(opts, type) and issubclass(opts, ModalityOptions)):
-        _fail(cls, "Options", "must subclass modalities.base.ModalityOptions (typed, unknown keys refused)")
+        _fail(cls, "Options", "must subclass omnistream.modalities.ModalityOptions (typed, unknown keys refused)")
+    filters = getattr(cls, "Filters", FilterOptions)
+    if not (isinstance(filters, type) and issubclass(filters, FilterOptions)):
+        _fail(cls, "Filters", "must subclass omnistream.modalities.FilterOptions (quality filters are switchable)")
     res = getattr(cls, "resources", None)
     if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in res.values()):
         _fail(cls, "resources", f"must map Ray resource names to non-negative numbers, got {res!r}")
@@ -97,6 +100,18 @@ def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, byt
     V = mod.vocab_size
     if not isinstance(V, int) or V <= 0:
         _fail(mod, "vocab_size", f"must be a positive int after fitting, got {V!r}")
+
+    # quality filters and near-duplicate signatures: the pipeline calls them on every decoded object
+    filters = type(mod).Filters()
+    for o in objs:
+        reason = mod.quality_reason(o, filters)
+        if reason is not None and not (isinstance(reason, str) and re.fullmatch(r"[a-z][a-z0-9_]*", reason)):
+            _fail(mod, "quality_reason", f"must return None or a metric-safe reason name, got {reason!r}")
+        sigs = mod.near_signatures(o, filters)
+        if not isinstance(sigs, list) or not all(
+                isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str)
+                and (t[1] is None or isinstance(t[1], int)) and isinstance(t[2], int) for t in sigs):
+            _fail(mod, "near_signatures", f"must return a list of (str, int | None, int) triples, got {sigs!r:.200}")
 
     # encode: in range, deterministic; decode within the bound
     encoded = []

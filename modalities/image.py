@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, model_validator
 
-from .base import BadSample, BaseModality, ModalityOptions, kmeans, nearest, sample_rows
+from .base import BadSample, BaseModality, FilterOptions, ModalityOptions, kmeans, nearest, sample_rows
 
 
 class ImageOptions(ModalityOptions):
@@ -34,6 +34,27 @@ class ImageOptions(ModalityOptions):
         return self
 
 
+class ImageFilters(FilterOptions):
+    min_side: int = Field(8, ge=1, description="images with a smaller side are filtered: image_too_small")
+    max_aspect: float = Field(4.0, ge=1, description="width/height (or height/width) above this: image_bad_aspect")
+    min_std: float = Field(3.0, ge=0, description="grey-level standard deviation (0-255) below this: image_near_uniform")
+    near_max_hamming: int = Field(4, ge=0, le=16, description="dHash bits two images may differ in and still be near-duplicates")
+
+
+def dhash(im: Image.Image) -> int:
+    """64-bit difference hash: grey 9×8, one bit per horizontal gradient sign (robust to re-encoding and resizing)."""
+    g = np.asarray(im.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    return int.from_bytes(np.packbits((g[:, 1:] > g[:, :-1]).flatten()).tobytes(), "big")
+
+
+def dhash_bands(h: int, max_hamming: int) -> list[str]:
+    """max_hamming+1 disjoint bit bands of a 64-bit hash: two hashes within max_hamming share one
+    (multi-index hashing)."""
+    k = max_hamming + 1
+    edges = [round(i * 64 / k) for i in range(k + 1)]
+    return [f"i{i}:{(h >> edges[i]) & ((1 << (edges[i + 1] - edges[i])) - 1):x}" for i in range(k)]
+
+
 class ImageModality(BaseModality):
     name: ClassVar[str] = "image"
     version: ClassVar[str] = "1"
@@ -43,6 +64,7 @@ class ImageModality(BaseModality):
     # relative MSE (share of per-image pixel variance lost) of decode(encode(x)) in
     # standardised space; 256 codes on 4×4 grey patches measure ≈0.15-0.3 on the demo digits
     error_bound: ClassVar[float] = 0.5
+    Filters = ImageFilters
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -126,3 +148,19 @@ class ImageModality(BaseModality):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._codebook = np.asarray(state["codebook"], dtype=np.float32)
+
+    # ---- data quality ----------------------------------------------------------------
+    def quality_reason(self, im: Image.Image, f: ImageFilters) -> str | None:
+        w, h = im.size
+        if min(w, h) < f.min_side:
+            return "image_too_small"
+        if max(w, h) / max(min(w, h), 1) > f.max_aspect:
+            return "image_bad_aspect"
+        grey = np.asarray(im.convert("L").resize((min(w, 64), min(h, 64))), dtype=np.float32)
+        if grey.std() < f.min_std:
+            return "image_near_uniform"
+        return None
+
+    def near_signatures(self, im: Image.Image, f: ImageFilters) -> list[tuple[str, int | None, int]]:
+        h = dhash(im)
+        return [(b, h, f.near_max_hamming) for b in dhash_bands(h, f.near_max_hamming)]

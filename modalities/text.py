@@ -5,18 +5,55 @@ decode(encode(s)) == s exactly and the error bound is 0.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+from collections import Counter
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from .base import BadSample, BaseModality, ModalityOptions
+from .base import BadSample, BaseModality, FilterOptions, ModalityOptions
 
 
 class TextOptions(ModalityOptions):
     vocab_size: int = Field(512, ge=260, le=1_000_000, description="BPE vocabulary size (256 bytes + merges)")
     max_bytes: int = Field(4096, ge=1, description="longer texts are refused as bad samples (untrusted-input bound)")
     min_frequency: int = Field(2, ge=1, description="a pair must occur this often to become a merge")
+
+
+class TextFilters(FilterOptions):
+    min_chars: int = Field(1, ge=0, description="shorter texts are filtered: text_too_short")
+    max_chars: int = Field(100_000, ge=1, description="longer texts are filtered: text_too_long")
+    max_repeated_line_frac: float = Field(0.5, ge=0, le=1, description="share of lines that repeat an earlier line: text_repeated_lines")
+    max_repeated_ngram_frac: float = Field(0.5, ge=0, le=1, description="share of word 3-grams that repeat an earlier one: text_repeated_ngrams")
+    min_letter_frac: float = Field(0.3, ge=0, le=1, description="share of non-space characters that are letters: text_few_letters")
+    near_min_words: int = Field(20, ge=1, description="texts shorter than this are left to the exact check (captions are alike by nature)")
+    minhash_bands: int = Field(16, ge=1, description="MinHash LSH bands; with 4 rows each, pairs above ~0.5 Jaccard collide")
+    minhash_rows: int = Field(4, ge=1, description="MinHash rows per LSH band")
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_MERSENNE = (1 << 61) - 1
+
+
+@lru_cache(maxsize=4)
+def _permutations(n: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(1234)  # fixed: every worker must draw the same permutations
+    return ([int(v) for v in rng.integers(1, _MERSENNE, n, dtype=np.uint64)],
+            [int(v) for v in rng.integers(0, _MERSENNE, n, dtype=np.uint64)])
+
+
+def minhash_bands(text: str, bands: int, rows: int) -> list[str]:
+    """LSH bands of the MinHash of a text's word 3-grams: two texts sharing a band are candidates."""
+    words = text.lower().split()
+    shingles = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+    a, b = _permutations(bands * rows)
+    hs = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in shingles]
+    sig = [min((ai * h + bi) % _MERSENNE for h in hs) for ai, bi in zip(a, b)]
+    return [f"t{k}:" + hashlib.blake2b(str(sig[k * rows:(k + 1) * rows]).encode(), digest_size=8).hexdigest()
+            for k in range(bands)]
 
 
 class TextModality(BaseModality):
@@ -26,6 +63,7 @@ class TextModality(BaseModality):
     Options = TextOptions
     resources: ClassVar[dict[str, float]] = {"num_cpus": 0.25}
     error_bound: ClassVar[float] = 0.0
+    Filters = TextFilters
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -84,3 +122,28 @@ class TextModality(BaseModality):
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_str(state["tokenizer"])
+
+    # ---- data quality ----------------------------------------------------------------
+    def quality_reason(self, s: str, f: TextFilters) -> str | None:
+        if len(s) < f.min_chars:
+            return "text_too_short"
+        if len(s) > f.max_chars:
+            return "text_too_long"
+        lines = [ln.strip() for ln in s.splitlines() if ln.strip()]
+        if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > f.max_repeated_line_frac:
+            return "text_repeated_lines"
+        words = _WORD.findall(s.lower())
+        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        if len(grams) > 1:
+            repeated = sum(c - 1 for c in Counter(grams).values())
+            if repeated / len(grams) > f.max_repeated_ngram_frac:
+                return "text_repeated_ngrams"
+        visible = [c for c in s if not c.isspace()]
+        if visible and sum(c.isalpha() for c in visible) / len(visible) < f.min_letter_frac:
+            return "text_few_letters"
+        return None
+
+    def near_signatures(self, s: str, f: TextFilters) -> list[tuple[str, int | None, int]]:
+        if len(s.split()) < f.near_min_words:
+            return []
+        return [(b, None, 0) for b in minhash_bands(s, f.minhash_bands, f.minhash_rows)]

@@ -1,13 +1,18 @@
 """The `[data]` section of a run config: where shards are and how the stream is made."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .dedup import DedupConfig
 from .mixing import MixConfig
-from .quality import QualityConfig
+
+
+class DedupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    exact: bool = Field(True, description="drop records whose modality fields are byte-identical to an earlier record's")
+    near: bool = Field(True, description="drop near-duplicates by each modality's signatures (switch one off with data.quality.<modality>.near_duplicates)")
+    shards: int = Field(2, ge=1, description="dedup actors; signatures are spread over them by hash")
 
 
 class DataConfig(BaseModel):
@@ -27,7 +32,7 @@ class DataConfig(BaseModel):
     cache_tokens: bool = Field(True, description="tokenizer actors keep each record's ids for later epochs (re-reading, not re-encoding)")
     max_error_rate: float = Field(0.5, ge=0, le=1, description="stop when more than this share of the first error_rate_window records is errored: the shards are probably the wrong data")
     error_rate_window: int = Field(1000, ge=1, description="records the error rate is judged on")
-    quality: QualityConfig = Field(default_factory=QualityConfig, description="per-modality quality filters")
+    quality: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-modality quality filters and near-duplicate settings, e.g. [data.quality.text] min_chars = 10; the keys are each modality's Filters (`omnistream config show --doc` lists them)")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="exact and near-duplicate removal across the stream")
     mix: MixConfig = Field(default_factory=MixConfig, description="target token share per modality in every global batch (off when empty)")
     read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task of the tokenizer fit asks of Ray (training reads inside the tokenizer actors)")

@@ -34,18 +34,6 @@ MIXES = [(("image", "audio", "text"), 0.40), (("image", "text"), 0.20), (("audio
          (("image", "audio"), 0.05), (("text",), 0.05), (("image",), 0.05), (("audio",), 0.05)]
 
 
-def digit_in_text(text: str) -> int | None:
-    """The digit a caption names, by the first number word or numeral in it (None if none)."""
-    low = text.lower()
-    best: tuple[int, int] | None = None
-    for d, w in enumerate(WORDS):
-        for token in (w, str(d)):
-            i = low.find(token)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, d)
-    return None if best is None else best[1]
-
-
 def caption(d: int, rng: random.Random) -> str:
     return rng.choice(PHRASES).format(w=WORDS[d], W=WORDS[d].capitalize(), d=d)
 

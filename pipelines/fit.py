@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from modalities import registry
-from modalities.base import BadSample, UserError
-from modalities.vocab import Vocabulary
+from omnistream.modalities import registry
+from omnistream.modalities.base import BadSample, UserError
+from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import Tally
 from .config import DataConfig

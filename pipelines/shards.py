@@ -8,7 +8,7 @@ from typing import Iterable
 
 from braceexpand import braceexpand
 
-from modalities.base import UserError
+from omnistream.modalities.base import UserError
 
 REMOTE = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://", "abfs://")
 

@@ -23,16 +23,16 @@ from typing import Iterable
 import numpy as np
 import ray
 
-from modalities import registry
-from modalities.base import BadSample
-from modalities.vocab import Vocabulary
+from omnistream.modalities import registry
+from omnistream.modalities.base import BadSample
+from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import Tally
 from .config import DataConfig
-from .dedup import DedupConfig, Deduper, signatures, start_dedup
+from .dedup import Deduper, signatures, start_dedup
 from .mixing import MixConfig, mix_pack
 from .packing import pack_documents
-from .quality import quality_reason
+from .quality import build_filters, quality_reason
 from .records import RawRecord, read_shard
 from .shards import list_shards, shard_order
 
@@ -104,6 +104,7 @@ class RecordProcessor:
             mods = [registry.build(n, o) for n, o in modalities.items()]
         self.mods = {m.name: m for m in mods}
         self.exts = ext_map(mods)
+        self.filters = build_filters(self.mods, cfg.quality)
         self.cfg, self.seed, self.ledger = cfg, seed, ledger
         self.deduper = Deduper(dedup_shards, cfg.dedup) if dedup_shards else None
         self.cache: dict | None = {} if cfg.cache_tokens else None
@@ -125,13 +126,14 @@ class RecordProcessor:
             except BadSample as e:
                 out[i] = Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
                 continue
-            reason = quality_reason(objs, self.cfg.quality)
+            reason = quality_reason(self.mods, objs, self.filters)
             if reason:
                 out[i] = Outcome("filtered", reason, modalities=carries)
                 continue
             pending.append((i, objs))
         if self.deduper is not None and pending:
-            sigs = [(f"{records[i].shard}:{records[i].key}", signatures(records[i], objs, set(self.exts), self.cfg.dedup))
+            sigs = [(f"{records[i].shard}:{records[i].key}", signatures(records[i], objs, set(self.exts), self.mods,
+                                                                       self.filters, self.cfg.dedup))
                     for i, objs in pending]
             dups = self.deduper.duplicates(sigs)
             kept = []
@@ -277,8 +279,7 @@ def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, di
 
     Bad and filtered records are skipped and counted in `tally`, never dropped silently. No dedup here.
     """
-    no_dedup = DedupConfig(exact=False, near_image=False, near_text=False)
-    proc = RecordProcessor(modalities, bundle_dir, cfg.model_copy(update={"dedup": no_dedup}), seed)
+    proc = RecordProcessor(modalities, bundle_dir, cfg, seed)  # no dedup actors: no dedup
     tally = tally if tally is not None else Tally()
     n = 0
     for epoch, r, o in proc.process([(0, s) for s in shards], tally):

@@ -1,4 +1,8 @@
-"""Shared fixtures: a small real demo corpus, a fitted tokenizer bundle, a local Ray cluster."""
+"""Shared fixtures: a small real demo corpus, a fitted tokenizer bundle, a local Ray cluster.
+
+Tests live by kind: unit/ (no Ray, no subprocess), integration/ (a local Ray, the real Trainer),
+system/ (the CLI, a Ray head, plugin install, placement). Helpers are in common/.
+"""
 from __future__ import annotations
 
 import os
@@ -7,22 +11,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
+from common import SMALL, SMALL_OPTIONS, fit_modalities
 
-from modalities import registry
-from modalities.vocab import Vocabulary
-from pipelines.democorpus import CorpusSpec, write_demo_corpus
-from pipelines.records import read_shard
-
-# the modality options of the session's fitted bundle (`bundle`), as a config's TOML
-SMALL_MODALITIES = """[modalities.text]
-vocab_size = 300
-[modalities.image]
-codebook_size = 64
-[modalities.audio]
-codebook_size = 32
-"""
-
-SMALL = CorpusSpec(train_records=480, eval_records=40, records_per_shard=120, seed=1)
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.democorpus import write_demo_corpus
 
 
 @pytest.fixture(scope="session")
@@ -31,27 +23,9 @@ def corpus(tmp_path_factory):
     return write_demo_corpus(d, SMALL) | {"dir": str(d)}
 
 
-def fit_modalities(shards, options=None, names=("text", "image", "audio")):
-    """Fit the built-ins directly (no Ray) on every record of `shards`; the Ray path has its own test."""
-    options = options or {}
-    mods = [registry.build(n, options.get(n, {})) for n in names]
-    feats = {m.name: [] for m in mods}
-    exts = {e: m for m in mods for e in m.keys}
-    for s in shards:
-        for r in read_shard(s, 1 << 26):
-            for ext, data in r.fields.items():
-                if ext in exts:
-                    m = exts[ext]
-                    feats[m.name].append(m.fit_features(m.decode_bytes(ext, data)))
-    for m in mods:
-        m.fit(feats[m.name])
-    return mods
-
-
 @pytest.fixture(scope="session")
 def fitted(corpus):
-    return fit_modalities(corpus["train"], {"text": {"vocab_size": 300}, "image": {"codebook_size": 64},
-                                            "audio": {"codebook_size": 32}})
+    return fit_modalities(corpus["train"], SMALL_OPTIONS)
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +33,9 @@ def bundle(fitted, tmp_path_factory):
     d = tmp_path_factory.mktemp("bundle")
     Vocabulary(fitted).save(d)
     return str(d)
-
-
 @pytest.fixture(scope="session")
 def ray_local():
-    from cluster.ray_local import connect
+    from omnistream.cluster.ray_local import connect
 
     ray = connect("", num_cpus=2)
     yield ray

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageSequence
 from pydantic import Field
 
-from modalities.base import BadSample, BaseModality, ModalityOptions
-from modalities.image import ImageModality
+from omnistream.modalities.base import BadSample, BaseModality, ModalityOptions
+from omnistream.modalities.image import ImageModality
 
 __version__ = "0.1.0"
 SEP = 0  # local id of the frame separator

@@ -3,7 +3,7 @@ two-node cluster on this machine with Ray's multi-node test utility, a CPU "data
 "trainer" node standing in for a GPU node, train on it with placement from the config, and print
 where every actor actually ran, as one JSON line.
 
-    python tests/placement_run.py CONFIG_TOML
+    python tests/system/placement_run.py CONFIG_TOML
 """
 import json
 import os
@@ -16,9 +16,9 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from cluster.config import load_config  # noqa: E402
-from cluster.ray_local import LOOPBACK_ENV, WORKER_ENV, free_port  # noqa: E402
-from cluster.train import run_training  # noqa: E402
+from omnistream.cluster.config import load_config  # noqa: E402
+from omnistream.cluster.ray_local import LOOPBACK_ENV, WORKER_ENV, free_port  # noqa: E402
+from omnistream.cluster.train import run_training  # noqa: E402
 
 
 def _listening(p) -> list:

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_MODALITIES
+from common import SMALL_MODALITIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import REPO as ROOT  # noqa: E402
 
 
 def test_tokenizers_on_data_nodes_and_training_on_trainer_nodes(corpus, bundle, tmp_path):
@@ -44,7 +44,7 @@ uri = "sqlite:///{tmp_path}/mlflow.db"
 """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "placement_run.py"), str(cfg)], capture_output=True,
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "system" / "placement_run.py"), str(cfg)], capture_output=True,
                        text=True, env=env, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])

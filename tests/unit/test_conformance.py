@@ -1,9 +1,9 @@
 """The built-in modalities pass the conformance kit a plugin author would use."""
 import pytest
 
-from modalities import registry
-from modalities.conformance import ConformanceError, check_modality
-from pipelines.records import read_shard
+from omnistream.modalities import registry
+from omnistream.modalities.conformance import ConformanceError, check_modality
+from omnistream.pipelines.records import read_shard
 
 
 def _samples(corpus, keys, n=24):
@@ -72,7 +72,7 @@ def test_the_guides_minimal_plugin_passes_the_kit():
     rng = np.random.default_rng(0)
     samples = [("csv", ",".join(f"{v:.4f}" for v in np.sin(np.linspace(0, rng.uniform(1, 9), 50)) * 3).encode())
                for _ in range(20)]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "minimal"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "minimal"))
     try:  # on the path while the kit pickles it into a fresh process
         from sensor import SensorModality
 

@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines.democorpus import dtmf, draw_digit, make_record
+from omnistream.pipelines.democorpus import dtmf, draw_digit, make_record
 
-REPO = Path(__file__).resolve().parents[1]
+from common import EXE, REPO  # noqa: E402
 
 
 def png(im) -> bytes:
@@ -157,7 +157,7 @@ def write_planted(d: Path) -> tuple[list[str], int]:
 
 
 def inspect(*args):
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "data", "inspect", *args, "--json"],
+    r = subprocess.run([*EXE, "data", "inspect", *args, "--json"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     return r
 
@@ -221,8 +221,8 @@ def test_no_shards_is_a_user_mistake():
     ("data.dedup.near_text=false", ["orig-text", "d-neartext"]),
 ])
 def test_switching_a_filter_off_keeps_what_it_caught(ray_local, report, planted, switch, keys):
-    from cluster.config import load_config
-    from pipelines.inspect import inspect_shards
+    from omnistream.cluster.config import load_config
+    from omnistream.pipelines.inspect import inspect_shards
 
     shards, _ = planted
     cfg = load_config(None, [switch])
@@ -235,9 +235,9 @@ def test_switching_a_filter_off_keeps_what_it_caught(ray_local, report, planted,
 
 def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
     """Two actors, shards in two epochs: the same record met again is not its own duplicate."""
-    from pipelines.accounting import DataLedger
-    from pipelines.config import DataConfig
-    from pipelines.stream import record_stream
+    from omnistream.pipelines.accounting import DataLedger
+    from omnistream.pipelines.config import DataConfig
+    from omnistream.pipelines.stream import record_stream
 
     shards, _ = planted
     cfg = DataConfig(tokenizer_actors=2)
@@ -258,7 +258,7 @@ def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
 
 @pytest.mark.slow
 def test_training_on_the_planted_corpus_completes(ray_local, planted, bundle, corpus, tmp_path):
-    from cluster.train import run_training
+    from omnistream.cluster.train import run_training
     from test_e2e import _cfg
 
     shards, _ = planted
@@ -272,8 +272,8 @@ def test_training_on_the_planted_corpus_completes(ray_local, planted, bundle, co
 
 @pytest.mark.slow
 def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, corpus, tmp_path):
-    from cluster.train import run_training
-    from modalities.base import UserError
+    from omnistream.cluster.train import run_training
+    from omnistream.modalities.base import UserError
     from test_e2e import _cfg
 
     junk = tmp_path / "junk.tar"

@@ -7,8 +7,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import tracking
-from cluster.config import load_config
+from omnistream.cluster import tracking
+from omnistream.cluster.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,8 @@ def _non_loopback_listeners() -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(ray_local, corpus, tmp_path_factory):
-    from cluster.train import run_training
-    from pipelines.fit import fit_bundle
+    from omnistream.cluster.train import run_training
+    from omnistream.pipelines.fit import fit_bundle
 
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = _cfg(corpus, tmp, *UNINTERRUPTED)
@@ -110,7 +110,7 @@ def test_checkpoint_holds_every_ranks_shard(trained):
 def test_resume_continues_at_the_same_step_with_the_same_data(trained, corpus):
     """Resume from the step-3 checkpoint in a new run: steps 4..10 again, and the records consumed over
     both runs are exactly those of the uninterrupted run (same ledger digest)."""
-    from cluster.train import run_training
+    from omnistream.cluster.train import run_training
 
     first = trained["res"]
     assert [json.loads((Path(c) / "omnistream.json").read_text())["step"] for c in first.checkpoints] == [3, 6, 9, 10]
@@ -129,9 +129,9 @@ def test_resume_continues_at_the_same_step_with_the_same_data(trained, corpus):
 
 def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, capsys):
     """2 ranks' ZeRO-3 shards -> one safetensors model whose held-out loss is the one the run logged."""
-    from cluster.cli import main
-    from cluster.evaluate import EvalSet, eval_metrics, local_eval
-    from cluster.export import load_model
+    from omnistream.cluster.cli import main
+    from omnistream.cluster.evaluate import EvalSet, eval_metrics, local_eval
+    from omnistream.cluster.export import load_model
 
     res = trained["res"]
     assert main(["export", res.checkpoint, str(tmp_path / "m")]) == 0
@@ -139,7 +139,7 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     cfg = trained["cfg"].resolved_paths()
     m = eval_metrics(local_eval(model, EvalSet.load(cfg, vocab), cfg, vocab, 0, 1), vocab)
     assert abs(m["eval/loss"] - res.metrics["eval/loss"]) < 1e-4
-    from pipelines.records import read_shard
+    from omnistream.pipelines.records import read_shard
 
     rec = next(r for r in read_shard(cfg.data.eval_shards[0], 1 << 26) if "png" in r.fields)
     (tmp_path / "x.png").write_bytes(rec.fields["png"])
@@ -160,10 +160,10 @@ def test_every_listener_is_loopback(trained):
 
 
 def test_resume_with_other_vocabulary_is_refused(trained, corpus, tmp_path):
-    from cluster.train import check_checkpoint
-    from modalities.base import UserError
-    from modalities.vocab import Vocabulary
-    from conftest import fit_modalities
+    from omnistream.cluster.train import check_checkpoint
+    from omnistream.modalities.base import UserError
+    from omnistream.modalities.vocab import Vocabulary
+    from common import fit_modalities
 
     other = Vocabulary(fit_modalities(corpus["train"][:1], {"image": {"codebook_size": 32}}))
     with pytest.raises(UserError, match="another vocabulary"):
@@ -192,7 +192,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
     import os
     import signal
 
-    from cluster.train import run_training
+    from omnistream.cluster.train import run_training
 
     storage = tmp_path / "ray"
     cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, "train.max_failures=1", f'cluster.storage_path="{storage}"')

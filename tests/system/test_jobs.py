@@ -9,13 +9,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import tracking
-from cluster.ray_local import free_port
-from conftest import SMALL_MODALITIES
+from omnistream.cluster import tracking
+from omnistream.cluster.ray_local import free_port
+from common import SMALL_MODALITIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import REPO as ROOT  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
@@ -42,7 +42,7 @@ def head(tmp_path_factory):
 
 
 def test_head_is_loopback_only_with_a_token(head):
-    from cluster.jobs import head_processes
+    from omnistream.cluster.jobs import head_processes
 
     assert "token authentication on" in head["up"] and str(head["tmp"] / "auth_token") in head["up"]
     assert (head["tmp"] / "auth_token").stat().st_mode & 0o077 == 0, "the token file is private"

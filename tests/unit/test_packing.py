@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipelines.mixing import mix_pack, shares_of, token_counts
-from pipelines.packing import IGNORE, label_modalities, pack_documents
+from omnistream.pipelines.mixing import mix_pack, shares_of, token_counts
+from omnistream.pipelines.packing import IGNORE, label_modalities, pack_documents
 
 
 def _docs(rng, n, max_len):

@@ -1,6 +1,6 @@
 import torch
 
-from model.model import GPT, GPTConfig, attention_mask, generate, loss_by_group
+from omnistream.model.model import GPT, GPTConfig, attention_mask, generate, loss_by_group
 
 
 def _model():

@@ -14,16 +14,16 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cluster import tracking
-from cluster.config import load_config
-from conftest import SMALL_MODALITIES, fit_modalities
-from modalities import registry
-from modalities.vocab import Vocabulary
-from pipelines.democorpus import caption, draw_digit
+from omnistream.cluster import tracking
+from omnistream.cluster.config import load_config
+from common import SMALL_MODALITIES, fit_modalities
+from omnistream.modalities import registry
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.democorpus import caption, draw_digit
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import REPO as ROOT  # noqa: E402
 PLUGIN = ROOT / "examples" / "omnistream-video"
 BIN = Path(sys.executable).parent
 # The corpus's own shares are about text 0.12, image 0.37, audio 0.20, video 0.31 (measured on it);

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modalities import registry
-from modalities.base import BadSample, UserError
-from modalities.vocab import Vocabulary
-from pipelines.democorpus import dtmf, draw_digit, encode_audio
-from pipelines.records import read_shard
+from omnistream.modalities import registry
+from omnistream.modalities.base import BadSample, UserError
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.democorpus import dtmf, draw_digit, encode_audio
+from omnistream.pipelines.records import read_shard
 
 
 def _objects(mod, shards, n=30):
@@ -52,7 +52,7 @@ def test_roundtrip_error_detects_a_wrong_reconstruction(fitted):
     a, b = draw_digit(1, random.Random(0)), draw_digit(8, random.Random(1))
     assert image.roundtrip_error(a, image.decode(image.encode(b))) > image.error_bound
     audio = next(m for m in fitted if m.name == "audio")
-    from modalities.audio import Audio
+    from omnistream.modalities.audio import Audio
     w1, sr1 = dtmf(1, random.Random(0))
     w9, sr9 = dtmf(9, random.Random(0))
     assert audio.roundtrip_error(Audio(w1, sr1), audio.decode(audio.encode(Audio(w9, sr9)))) > 0.05
@@ -69,7 +69,7 @@ def test_save_load_pickle_keep_the_fingerprint(fitted, tmp_path):
 
 
 def test_fingerprint_changes_with_fitted_state(fitted, corpus):
-    from conftest import fit_modalities
+    from common import fit_modalities
     other = fit_modalities(corpus["train"][:1], {"image": {"codebook_size": 64, "seed": 5}}, names=("image",))[0]
     mine = next(m for m in fitted if m.name == "image")
     assert other.fingerprint() != mine.fingerprint()
@@ -133,7 +133,7 @@ def test_vocabulary_layout_and_mismatch(fitted, bundle, tmp_path):
         Vocabulary.load(bundle, ["image", "text", "audio"])
     with pytest.raises(ValueError):
         v.to_global("image", np.array([v.by_name["image"].vocab_size]))
-    from modalities.vocab import describe_mismatch
+    from omnistream.modalities.vocab import describe_mismatch
     other = v.layout()
     other["modalities"] = other["modalities"][:2]
     assert "'audio' is missing now" in describe_mismatch(v.layout(), other)

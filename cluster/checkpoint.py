@@ -1,0 +1,83 @@
+"""Checkpoints: every rank's DeepSpeed shard, its data position, and the run's meta, in one directory.
+
+    model/...                 DeepSpeed's per-rank ZeRO files (tag "model")
+    data_rank<r>.json         rank r's data position (Trainer.state_dict()["data"])
+    omnistream.json           step, world size, token totals, vocabulary layout + fingerprint, config
+
+A checkpoint made with another vocabulary or world size is refused, saying what differs. Files are
+loaded with weights_only=True (engine.weights_only_checkpoint_engine).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from omnistream.modalities.base import UserError
+from omnistream.modalities.vocab import Vocabulary, describe_mismatch
+
+CKPT_TAG = "model"
+META = "omnistream.json"
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    p = Path(path) / META
+    if not p.exists():
+        raise UserError(f"{path} is not an omnistream checkpoint ({META} missing)")
+    return json.loads(p.read_text())
+
+
+def check_checkpoint(path: str | Path, vocab: Vocabulary, world_size: int) -> dict:
+    """Refuse a checkpoint made with another vocabulary or world size, saying what differs."""
+    meta = read_checkpoint_meta(path)
+    layout = meta["vocab"]
+    if layout["fingerprint"] != vocab.fingerprint:
+        raise UserError(f"checkpoint {path} was trained with another vocabulary: "
+                        f"{describe_mismatch(layout, vocab.layout())}")
+    if meta["world_size"] != world_size:
+        raise UserError(f"checkpoint {path} was written by {meta['world_size']} training workers, this run has "
+                        f"{world_size}: resume with cluster.num_workers={meta['world_size']} "
+                        f"(the data position is per rank and cannot be split exactly)")
+    return meta
+
+
+def to_directory(root: str | Path) -> Callable[[str, dict], None]:
+    """A `publish` for runs outside Ray Train: copy each checkpoint to root/step_NNNNNN."""
+    def publish(d: str, metrics: dict) -> None:
+        dst = Path(root) / f"step_{int(metrics.get('step', 0)):06d}"
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(d, dst)
+    return publish
+
+
+class Checkpointer:
+    """Saves and restores a Trainer. `publish(directory, metrics)` hands a finished checkpoint on
+    (in a Ray Train worker: `ray.train.report`, which gathers every rank's files into one checkpoint)."""
+
+    def __init__(self, publish: Callable[[str, dict], None], run_id: str = ""):
+        self.publish, self.run_id = publish, run_id
+
+    def save(self, trainer, metrics: dict) -> None:
+        """Every rank calls this together."""
+        sd = trainer.state_dict()
+        with tempfile.TemporaryDirectory() as d:
+            trainer.engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": sd["step"]})
+            Path(d, f"data_rank{trainer.rank}.json").write_text(json.dumps({"rank": trainer.rank, **sd["data"]}))
+            if trainer.rank == 0:
+                meta = {"format": 1, "step": sd["step"], "world_size": trainer.world, "run_id": self.run_id,
+                        "tag": CKPT_TAG, "vocab": trainer.vocab.layout(),
+                        "config": trainer.cfg.model_dump(mode="json"), "n_params": trainer.n_params,
+                        "tokens": sd["tokens"]}
+                Path(d, META).write_text(json.dumps(meta, indent=1))
+            self.publish(d, {"step": sd["step"], **metrics})
+
+    def load(self, trainer, d: str | Path) -> dict:
+        """Restore model, optimizer and scheduler shards, then the Trainer's state (which replays its data
+        position). Every rank calls this together."""
+        meta = check_checkpoint(d, trainer.vocab, trainer.world)
+        trainer.engine.load_checkpoint(str(d), tag=CKPT_TAG, load_module_strict=True)
+        data = json.loads((Path(d) / f"data_rank{trainer.rank}.json").read_text())
+        trainer.load_state_dict({"step": meta["step"], "tokens": meta.get("tokens", {}), "data": data})
+        return meta

@@ -1,0 +1,70 @@
+"""`omnistream export` and `omnistream generate`: a usable model out of a checkpoint, and what it makes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into one safetensors model",
+                       description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
+                                   "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
+                                   "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.")
+    p.add_argument("checkpoint", help="checkpoint directory (the MLflow tag omnistream.checkpoint names the last one)")
+    p.add_argument("out_dir", help="folder to write the model into")
+    p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
+    p.set_defaults(func=export)
+
+    p = sub.add_parser("generate", help="generate from a prompt in any modality",
+                       description="Load an exported model (or a checkpoint) and greedily continue a prompt given "
+                                   "as a file or text in modality --from, as modality --to. Text is printed; "
+                                   "images and audio are written to --out (PNG, WAV) and the path printed. "
+                                   "Example: omnistream generate out/model --from image --input digit.png")
+    p.add_argument("model", help="exported model folder or checkpoint directory")
+    p.add_argument("--from", dest="src", required=True, help="modality of the prompt, e.g. text, image, audio")
+    p.add_argument("--to", dest="dst", default="text", help="modality to generate (default text)")
+    p.add_argument("--input", required=True, help="prompt: a file (.png/.jpg/.wav/...) or, for --from text, the text")
+    p.add_argument("--out", help="where to write a generated image or audio (default generated.<ext>)")
+    p.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's room)")
+    p.add_argument("--bundle", help="tokenizer bundle, when MODEL is a checkpoint trained elsewhere")
+    p.set_defaults(func=generate)
+
+
+def export(args) -> int:
+    from omnistream.cluster.export import export as do_export
+
+    out = do_export(args.checkpoint, args.out_dir, args.bundle)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def generate(args) -> int:
+    from omnistream.cluster.export import generate_from, load_model
+    from omnistream.modalities.base import BadSample, UserError
+
+    model, vocab = load_model(args.model, args.bundle)
+    if args.src not in vocab.by_name:
+        raise UserError(f"the model knows modalities {vocab.names}, not --from {args.src!r}")
+    src = vocab.by_name[args.src]
+    path = Path(args.input)
+    if path.is_file():
+        ext = path.suffix.lstrip(".").lower()
+        if ext not in src.keys:
+            raise UserError(f"--input {path}: modality {args.src!r} reads .{'/.'.join(src.keys)} files, not .{ext}")
+        data = path.read_bytes()
+    elif args.src == "text":
+        ext, data = src.keys[0], args.input.encode()
+    else:
+        raise UserError(f"--input {args.input}: no such file")
+    try:
+        obj = src.decode_bytes(ext, data)
+    except BadSample as e:
+        raise UserError(f"--input {args.input}: {args.src} cannot read it ({e.reason}: {e.detail})") from None
+    out = generate_from(model, vocab, args.src, obj, args.dst, args.max_new_tokens)
+    if args.dst == "text":
+        print(out)
+        return 0
+    ext, blob = vocab.by_name[args.dst].to_bytes(out)
+    target = Path(args.out or f"generated.{ext}")
+    target.write_bytes(blob)
+    print(f"wrote {target}")
+    return 0

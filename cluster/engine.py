@@ -1,0 +1,118 @@
+"""DeepSpeed around the plain model: ZeRO sharding, precision, gradient accumulation, clipping.
+
+The model (omnistream.model) is single-device PyTorch and knows nothing of this; everything about
+distribution is applied here, from outside, the way torchtitan keeps `parallelize` apart from the
+model (docs/architecture.md, "Layout").
+"""
+from __future__ import annotations
+
+import math
+
+from .config import RunConfig, TrainConfig
+
+
+def deepspeed_config(t: TrainConfig) -> dict:
+    zero = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        # our optimizer is torch's AdamW: DeepSpeed's fused one needs CUDA ops compiled
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(t: TrainConfig):
+    """Linear warmup to 1, then cosine down to min_lr_ratio at train.steps."""
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        p = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+def param_groups(model, weight_decay: float):
+    """Decay matrices only; norms' gains and 1-D params are left alone (standard AdamW practice)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: RunConfig):
+    """The model, its AdamW and LR schedule, wrapped by `deepspeed.initialize`; returns (engine, scheduler,
+    parameter count).
+
+    Needs torch.distributed initialised (Ray Train does it; `single_process_group()` for one process).
+    Every rank builds the model from the same seed: ZeRO partitions it, and stage 0 needs it equal.
+    """
+    import deepspeed
+    import torch
+
+    from omnistream.model.model import GPT
+
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(t))
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
+    return engine, scheduler, n_params
+
+
+def plain_copy(engine, cfg: RunConfig):
+    """A full, unsharded copy of the model on this rank (under ZeRO-3 every rank gathers the partitions)."""
+    import deepspeed
+
+    from omnistream.model.model import GPT
+
+    plain = GPT(cfg.model)
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        full = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    for n, p in plain.named_parameters():
+        p.data.copy_(full[n])
+    return plain
+
+
+def single_process_group() -> None:
+    """torch.distributed for one process (world size 1, an in-memory store, no sockets): how the Trainer
+    runs outside Ray, for the golden test and the GPU check."""
+    import os
+
+    import torch.distributed as dist
+
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)  # what a launcher sets, and DeepSpeed checks
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, but loading with weights_only=True (docs/architecture.md,
+    security defaults): a checkpoint can hold tensors and plain containers, never code. DeepSpeed's
+    own engine loads with weights_only=False; its files need only its ZeRO stage enum and loss scalers."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)

@@ -1,0 +1,224 @@
+"""The Trainer: one object owns the training step and loop (torchtitan's `Trainer` has this shape).
+
+    trainer = Trainer(cfg, vocab, batches, tracker=..., checkpointer=..., evaluator=..., monitor=...)
+    trainer.train()            # to train.steps, or until the stream ends
+
+Its state is `state_dict()` / `load_state_dict()`: the step, the token totals per modality, and the
+data position (a hash chain over every record key this rank consumed; pipelines/accounting.py).
+Everything else is a component with a small interface, handed in:
+
+    batches        an iterator of packed micro-batches ({input_ids, labels, position_ids, doc_ids,
+                   modality_ids, keys}); in a Ray Train worker, this rank's shard of the stream
+    tracker        log / log_artifact / set_tag / finish (tracking.py); rank 0 only
+    checkpointer   save(trainer, metrics) / load(trainer, dir) (checkpoint.py)
+    evaluator      evaluate(model, rank, world, all_reduce) / samples(model) (evaluate.py)
+    monitor        metrics() / should_stop() / stop_reason() of the data accounting (rank 0 only)
+
+torch.distributed must be initialised first (Ray Train does it; engine.single_process_group() for
+one process): ranks agree on every micro-batch, so when one rank's share of the stream runs dry all
+stop together instead of deadlocking in the next collective (all_reduce MIN of "I have a batch").
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.model.model import flops_per_token, loss_by_group
+from omnistream.pipelines.accounting import Consumed, ErrorRateExceeded, ledger_digest
+from omnistream.pipelines.mixing import shares_of, token_counts
+from omnistream.pipelines.packing import COLUMNS, label_modalities
+
+from .config import RunConfig
+from .engine import build_engine, plain_copy
+from .metrics import Interval, memory_gb, peak_flops, scalars
+
+
+class DataResumeMismatch(RuntimeError):
+    """A resumed rank's replay of the stream differs from what its checkpoint recorded."""
+
+
+class DataMonitor(Protocol):
+    """The data accounting as the Trainer sees it (a DataLedger actor behind it in a Ray run)."""
+
+    def metrics(self) -> dict[str, float]: ...
+    def stop_reason(self) -> str | None: ...
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, vocab: Vocabulary, batches: Iterator[dict], *, tracker=None,
+                 checkpointer=None, evaluator=None, monitor: DataMonitor | None = None, log=print):
+        self.cfg, self.vocab, self.batches = cfg, vocab, batches
+        self.tracker, self.checkpointer, self.evaluator, self.monitor = tracker, checkpointer, evaluator, monitor
+        self.log_line = log
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.engine, self.scheduler, self.n_params = build_engine(cfg)
+        self.n_mods = len(vocab.names)
+        self.target = torch.tensor([cfg.data.mix.shares.get(n, 0.0) for n in vocab.names], dtype=torch.float64)
+        # state
+        self.step = 0
+        self.tokens = torch.zeros(self.n_mods, dtype=torch.float64)  # per modality, all ranks, since step 0
+        self.consumed = Consumed()
+        self.metrics: dict[str, float] = {}
+        self._stop = False     # set on rank 0 when the data accounting says stop; the MIN in next_batch stops all
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": {n: int(v) for n, v in zip(self.vocab.names, self.tokens)},
+                "data": self.consumed.to_json()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore step and token totals, then move the stream to the saved data position by replaying
+        this rank's consumed batches, and prove it is the same data (same hash chain)."""
+        self.step = int(sd["step"])
+        self.tokens = torch.tensor([sd.get("tokens", {}).get(n, 0) for n in self.vocab.names], dtype=torch.float64)
+        want = Consumed.from_json(sd["data"])
+        self.consumed = Consumed()
+        while self.consumed.batches < want.batches:
+            b, _ = self.next_batch()
+            if b is None:
+                break
+            self.consumed.add(b["keys"])
+        if self.consumed.to_json() != want.to_json():
+            c = self.consumed
+            raise DataResumeMismatch(
+                f"rank {self.rank}: the rebuilt data stream does not replay what the checkpoint consumed "
+                f"({c.batches} batches / {c.records} records, chain {c.chain[:12]}, vs {want.batches} / "
+                f"{want.records}, chain {want.chain[:12]}): shards, seed or data settings changed, so resuming "
+                f"would repeat or skip records")
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[dict | None, float]:
+        """This rank's next micro-batch, or None for every rank once any rank has none."""
+        t0 = time.perf_counter()
+        b = next(self.batches, None)
+        wait = time.perf_counter() - t0
+        have = torch.tensor([0 if b is None or self._stop else 1])
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        return (b if have.item() else None), wait
+
+    def train_step(self, acc: Interval) -> bool:
+        """One optimizer step over train.grad_accum micro-batches; False if the stream ended first."""
+        t0 = time.perf_counter()
+        step_tokens = torch.zeros(self.n_mods, dtype=torch.float64)
+        for _ in range(self.cfg.train.grad_accum):
+            b, wait = self.next_batch()
+            if b is None:
+                return False
+            self.consumed.add(b["keys"])
+            x = {c: torch.as_tensor(b[c], dtype=torch.long) for c in COLUMNS}
+            _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
+            self.engine.backward(loss)
+            self.engine.step()
+            lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long)
+            s, c = loss_by_group(tok_loss.detach(), x["labels"], lm, self.n_mods + 1)
+            acc.add(s, c, tokens=int((x["doc_ids"] > 0).sum()), wait=wait)
+            step_tokens += torch.as_tensor(token_counts(b["modality_ids"], self.n_mods), dtype=torch.float64)
+        self.step += 1
+        # the global batch's token shares (data/token_share/*): one small all_reduce per step
+        dist.all_reduce(step_tokens)
+        self.tokens += step_tokens
+        dev = (shares_of(step_tokens) - self.target).abs().max().item() if self.cfg.data.mix.on else None
+        acc.add_shares(step_tokens, dev)
+        acc.time += time.perf_counter() - t0
+        return True
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Train to train.steps (or the end of the stream), then evaluate and save; returns the last metrics."""
+        t, cfg = self.cfg.train, self.cfg
+        fpt = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
+        peak = peak_flops()
+        if self.rank == 0:
+            self.log_line(f"[omnistream] {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab.size}, "
+                          f"{self.world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {self.step}->{t.steps}")
+            self._log({"model/params": self.n_params})
+        self.engine.module.train()
+        acc = Interval(self.n_mods + 1)
+        exhausted = False
+        while self.step < t.steps:
+            if not self.train_step(acc):
+                exhausted = True
+                break
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self._log_interval(acc, fpt, peak)
+                acc = Interval(self.n_mods + 1)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self.metrics.update(self.evaluate())
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                self.save()
+        if exhausted:
+            reason = self.monitor.stop_reason() if self.monitor is not None else None
+            if reason:
+                raise ErrorRateExceeded(reason)
+            if self.rank == 0:
+                self.log_line(f"[omnistream] the stream ended at step {self.step} (before train.steps={t.steps}): "
+                              f"raise data.epochs to train longer")
+        self.metrics.update(self.evaluate())
+        self._log_ledger()
+        self.save()
+        return self.metrics
+
+    def _log_interval(self, acc: Interval, fpt: float, peak: float | None) -> None:
+        m = acc.reduce(dist, self.world).metrics(self.vocab)
+        m.update({f"data/tokens/{n}": float(v) for n, v in zip(self.vocab.names, self.tokens)})
+        gn = self.engine.get_global_grad_norm()
+        m.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(gn) if gn is not None else None,
+                  "train/memory_gb": memory_gb()})
+        if peak:
+            m["train/mfu"] = m["train/tokens_per_s"] * fpt / (peak * self.world)
+        self.metrics = m
+        if self.rank != 0:
+            return
+        if self.monitor is not None:
+            m.update(self.monitor.metrics())
+            self._stop = self.monitor.stop_reason() is not None
+        self._log(m)
+        per = " ".join(f"{n}={m[f'train/loss/{n}']:.3f}" for n in self.vocab.names if f"train/loss/{n}" in m)
+        self.log_line(f"[omnistream] step {self.step}/{self.cfg.train.steps} loss={m['train/loss']:.3f} ({per}) "
+                      f"{m['train/tokens_per_s']:.0f} tok/s data_wait={m['train/data_wait_frac']:.2f}")
+
+    def _log(self, m: dict) -> None:
+        if self.tracker is not None and self.rank == 0:
+            self.tracker.log(m, self.step)
+
+    def _log_ledger(self) -> None:
+        """data.ledger_digest: one digest over every rank's ordered consumption (same data, same digest)."""
+        ranks: list = [None] * self.world
+        dist.all_gather_object(ranks, self.consumed.to_json())
+        if self.rank == 0:
+            digest = ledger_digest(ranks)
+            records = sum(r["records"] for r in ranks)
+            if self.tracker is not None:
+                self.tracker.set_tag("data.ledger_digest", digest)
+            self._log({"data/consumed_records": records})
+            self.log_line(f"[omnistream] consumed {records} records, ledger digest {digest[:16]}")
+
+    # ---- evaluation and checkpoints ---------------------------------------------------------------
+    def plain_model(self):
+        """A full unsharded copy of the model (every rank gathers under ZeRO-3)."""
+        return plain_copy(self.engine, self.cfg)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.evaluator is None or not self.evaluator.enabled:
+            return {}
+        # ZeRO-3 holds 1/world of each parameter per rank; generation needs them all, so each rank
+        # gathers a plain copy (the demo's 0.9 M parameters; a large model would evaluate sharded)
+        plain = self.plain_model()
+        m = self.evaluator.evaluate(plain, self.rank, self.world, dist.all_reduce)
+        if self.rank == 0:
+            self._log(m)
+            if self.tracker is not None:
+                for name, data in self.evaluator.samples(plain).items():
+                    self.tracker.log_artifact(data, name, f"samples/step_{self.step:06d}")
+            self.log_line(f"[omnistream] eval step {self.step}: "
+                          + ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
+        self.engine.module.train()
+        return m
+
+    def save(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(self, scalars(self.metrics))

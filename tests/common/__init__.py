@@ -1,0 +1,57 @@
+"""Helpers every test tier shares: the small corpus spec, the small bundle's options, direct fitting."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omnistream.modalities import registry
+from omnistream.pipelines.democorpus import CorpusSpec
+from omnistream.pipelines.records import read_shard
+
+REPO = Path(__file__).resolve().parents[2]
+EXE = [sys.executable, "-m", "omnistream.cluster.cli"]  # the CLI as a subprocess, with this venv's Python
+
+# the modality options of the session's fitted bundle (`bundle`), as a config's TOML
+SMALL_MODALITIES = """[modalities.text]
+vocab_size = 300
+[modalities.image]
+codebook_size = 64
+[modalities.audio]
+codebook_size = 32
+"""
+SMALL_OPTIONS = {"text": {"vocab_size": 300}, "image": {"codebook_size": 64}, "audio": {"codebook_size": 32}}
+
+SMALL = CorpusSpec(train_records=480, eval_records=40, records_per_shard=120, seed=1)
+
+# the demo's eval tasks, as a config's TOML (the digit question of configs/demo.toml)
+DIGIT_TASKS = """[eval.tasks.image_to_text]
+prompt = "image"
+label_field = "digit"
+match = "number"
+[eval.tasks.audio_to_text]
+prompt = "audio"
+label_field = "digit"
+match = "number"
+"""
+
+
+def fit_modalities(shards, options=None, names=("text", "image", "audio")):
+    """Fit modalities directly (no Ray) on every record of `shards`; the Ray path has its own test."""
+    options = options or {}
+    mods = [registry.build(n, options.get(n, {})) for n in names]
+    feats = {m.name: [] for m in mods}
+    exts = {e: m for m in mods for e in m.keys}
+    for s in shards:
+        for r in read_shard(s, 1 << 26):
+            for ext, data in r.fields.items():
+                if ext in exts:
+                    m = exts[ext]
+                    feats[m.name].append(m.fit_features(m.decode_bytes(ext, data)))
+    for m in mods:
+        m.fit(feats[m.name])
+    return mods
+
+
+def loopback_env() -> dict:
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -1,0 +1,80 @@
+"""Golden numbers: the real Trainer (DeepSpeed engine, its loop, its Evaluator) learns the small corpus.
+
+One process, world size 1 (no Ray: the Ray wiring has its own end-to-end tests), a fixed budget,
+and what must hold for any working build: each modality's loss falls by a clear margin, and the
+cross-modal tasks land far above chance (0.1).
+"""
+
+import numpy as np
+import pytest
+import torch
+from common import DIGIT_TASKS, fit_modalities
+
+from omnistream.cluster.config import load_config
+from omnistream.cluster.engine import single_process_group
+from omnistream.cluster.evaluate import Evaluator
+from omnistream.cluster.tracking import MemoryTracker
+from omnistream.cluster.trainer import Trainer
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.democorpus import CorpusSpec, write_demo_corpus
+from omnistream.pipelines.packing import COLUMNS, pack_documents
+from omnistream.pipelines.stream import local_documents
+
+STEPS = 800
+GOLDEN = CorpusSpec(train_records=1500, eval_records=60, records_per_shard=500, seed=7)
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    d = tmp_path_factory.mktemp("golden")
+    corpus = write_demo_corpus(d / "data", GOLDEN)
+    mods = fit_modalities(corpus["train"], {"text": {"vocab_size": 300}, "image": {"size": 16, "codebook_size": 64},
+                                            "audio": {"codebook_size": 32}})
+    Vocabulary(mods).save(d / "bundle")
+    return corpus, str(d / "bundle"), d
+
+
+def random_batches(rows: dict, batch: int, seed: int):
+    """Packed rows drawn at random, batch by batch, as the Trainer's stream (keys included)."""
+    rng = np.random.default_rng(seed)
+    n = len(rows["input_ids"])
+    while True:
+        idx = rng.choice(n, batch, replace=False)
+        yield {**{c: rows[c][idx] for c in (*COLUMNS, "modality_ids")}, "keys": rows["keys"][idx]}
+
+
+def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, tmp_path):
+    corpus, bundle, d = golden
+    torch.set_num_threads(2)
+    cfg_file = tmp_path / "golden.toml"
+    cfg_file.write_text(DIGIT_TASKS)
+    cfg = load_config(cfg_file, [
+        "data.seq_len=128", "model.n_layers=2", "model.d_model=96", "model.n_heads=2", f"train.steps={STEPS}",
+        "train.warmup_steps=10", "train.lr=3e-3", "train.micro_batch_size=16", "train.zero_stage=0",
+        "train.log_every=10", "eval.examples=40", "eval.max_new_tokens=4", f'data.bundle_dir="{bundle}"'])
+    cfg.data.train_shards, cfg.data.eval_shards = corpus["train"], corpus["eval"]
+    vocab = Vocabulary.load(bundle)
+    cfg.modalities = {m["name"]: m["options"] for m in vocab.layout()["modalities"]}
+    cfg.model.vocab_size, cfg.model.max_seq_len = vocab.size, 128
+    docs = [(t, m, f"{epoch}:{r.shard}:{r.key}") for epoch in range(3)
+            for r, _, t, m in local_documents(corpus["train"], bundle, None, cfg.data, cfg.seed + epoch)]
+    rows = pack_documents(*map(list, zip(*docs)), 128)
+
+    single_process_group()
+    tracker = MemoryTracker()
+    trainer = Trainer(cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab),
+                      log=lambda line: None)
+    m = trainer.train()
+
+    assert trainer.step == STEPS and trainer.state_dict()["data"]["batches"] == STEPS
+    for name in vocab.names:
+        curve = [v for _, v in sorted(tracker.history[f"train/loss/{name}"])]
+        k = len(curve) // 10
+        first, last = np.mean(curve[:k]), np.mean(curve[-k:])
+        assert last < 0.6 * first, (name, first, last)
+    # measured here through the Trainer (seed 7, 2 threads): audio→text 0.65, image→text 0.425; chance is 0.1
+    assert m["eval/audio_to_text/accuracy"] >= 0.4, m
+    assert m["eval/image_to_text/accuracy"] >= 0.2, m
+    assert set(m) >= {"eval/loss/text", "eval/loss/image", "eval/loss/audio", "eval/image_to_text/accuracy"}
+    assert "data.ledger_digest" in tracker.tags
+    assert any(k.startswith("samples/") and k.endswith(".png") for k in tracker.artifacts), sorted(tracker.artifacts)

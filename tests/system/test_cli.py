@@ -1,0 +1,138 @@
+"""The CLI as a user meets it, in subprocesses: --help, one-line errors with exit 2, what each command
+imports, and omnistream installed as a wheel into a fresh venv, run from an empty directory."""
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from common import EXE, REPO
+
+
+def run(*args, cwd=None):
+    return subprocess.run(EXE + list(args), capture_output=True, text=True, cwd=cwd or REPO, timeout=120)
+
+
+def test_help_names_every_command():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "data", "tokenizers", "train", "modalities", "config"):
+        assert cmd in r.stdout
+    r = run("train", "--help")
+    assert r.returncode == 0 and "--set" in r.stdout and "model.n_layers=4" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("train", "nope.toml"), "config file nope.toml does not exist"),
+    (("train", "configs/demo.toml", "--set", "model.n_layerz=3"), "model.n_layerz"),
+    (("train", "configs/demo.toml", "--set", "train.zero_stage=9"), "train.zero_stage"),
+    (("train", "configs/demo.toml", "--set", "modalities.image.patch=5"), "modalities.image"),
+    (("train", "configs/demo.toml", "--set", "modalities.smell.x=1"), "modality 'smell' is not installed"),
+    (("train", "configs/demo.toml", "--set", "data.bundle_dir=\"/nonexistent/bundle\""), "no tokenizer bundle"),
+    (("tokenizers", "fit", "configs/demo.toml", "--set", "data.train_shards=[\"/nonexistent/x-{0..3}.tar\"]"),
+     "no shards found"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, needle):
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert needle in lines[0]
+
+
+def test_modalities_list_shows_the_builtins():
+    r = run("modalities", "list")
+    assert r.returncode == 0
+    for name in ("text", "image", "audio"):
+        assert any(line.split()[0] == name for line in r.stdout.splitlines()[1:])
+
+
+def test_demo_corpus_is_deterministic(tmp_path):
+    for d in ("a", "b"):
+        r = run("data", "demo", str(tmp_path / d), "--train-records", "30", "--eval-records", "5", "--per-shard", "15")
+        assert r.returncode == 0, r.stderr
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    for name in ("train-000.tar", "train-001.tar", "eval-000.tar"):
+        assert digest(tmp_path / "a" / name) == digest(tmp_path / "b" / name)
+    import tarfile
+    with tarfile.open(tmp_path / "a" / "train-000.tar") as t:
+        exts = {n.split(".", 1)[1] for n in t.getnames()}
+    assert {"txt", "json"} <= exts and exts & {"jpg", "png"} and exts & {"wav", "flac"}
+
+
+def imported(tmp_path, *args) -> set[str]:
+    """Top-level packages a CLI call imports (python -X importtime), after checking it ran."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "omnistream.cluster.cli", *args],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    return {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args", [("--help",), ("config", "show"), ("config", "show", "--demo"),
+                                  ("modalities", "list"), ("jobs", "list", "--address", "http://127.0.0.1:9")])
+def test_light_commands_never_import_torch_or_deepspeed(tmp_path, args):
+    mods = imported(tmp_path, *args)
+    assert "omnistream" in mods, "importtime saw no omnistream import: the check would be vacuous"
+    assert not mods & {"torch", "deepspeed", "mlflow"}, sorted(mods & {"torch", "deepspeed", "mlflow"})
+
+
+def test_unreachable_cluster_is_one_line_exit_2(tmp_path):
+    r = subprocess.run([*EXE, "jobs", "list", "--address", "http://127.0.0.1:9"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot reach the Ray cluster at http://127.0.0.1:9" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory):
+    """omnistream built as a wheel and installed (not editable) into a fresh venv. The venv borrows this
+    venv's third-party packages through a plain path entry, which runs none of their .pth hooks, so
+    this checkout's editable omnistream stays invisible to it."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp / "dist").glob("omnistream-*.whl"))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next(venv.glob("lib/python*/site-packages"))
+    ours = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir() and Path(p, "torch").exists())
+    (site / "borrowed.pth").write_text(ours + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile",
+                    "--target", str(site), str(wheel)], check=True, capture_output=True, timeout=300)
+    empty = tmp / "empty"
+    empty.mkdir()
+    return {"wheel": wheel, "python": str(venv / "bin" / "python"), "empty": empty}
+
+
+def test_wheel_holds_only_the_omnistream_namespace(wheel_venv):
+    names = zipfile.ZipFile(wheel_venv["wheel"]).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"omnistream", next(t for t in tops if t.endswith(".dist-info"))}, tops
+    for pkg in ("modalities", "pipelines", "model", "cluster", "cluster/cli", "configs"):
+        assert f"omnistream/{pkg}/__init__.py" in names, pkg
+    assert "omnistream/configs/demo.toml" in names
+    eps = zipfile.ZipFile(wheel_venv["wheel"]).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "omnistream = omnistream.cluster.cli:main" in eps and "omnistream.modalities.text:TextModality" in eps
+
+
+def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
+    py, cwd = wheel_venv["python"], wheel_venv["empty"]
+
+    def run_py(*args):
+        return subprocess.run([py, *args], capture_output=True, text=True, cwd=cwd, timeout=180)
+
+    r = run_py("-c", "import omnistream.model, omnistream.cluster, omnistream.modalities as m; "
+                     "print(m.__file__); print(sorted(m.__all__))")
+    assert r.returncode == 0, r.stderr
+    assert str(REPO) not in r.stdout, "the wheel venv imported this checkout, not the installed wheel"
+    assert "check_modality" in r.stdout and "BaseModality" in r.stdout
+    assert run_py("-c", "import model").returncode != 0
+    assert run_py("-c", "import cluster").returncode != 0
+    r = run_py("-m", "omnistream.cluster.cli", "config", "show", "--demo")
+    assert r.returncode == 0 and "[eval.tasks.image_to_text]" in r.stdout, r.stderr
+    r = run_py("-m", "omnistream.cluster.cli", "modalities", "list")
+    assert r.returncode == 0 and all(f"omnistream.modalities.{n}." in r.stdout for n in ("text", "image", "audio"))
+    r = run_py("-m", "omnistream.cluster.cli", "demo", "--help")
+    assert r.returncode == 0 and "shipped demo config" in r.stdout

@@ -1,0 +1,63 @@
+"""The config tree: layering, round trips, TOML values, and the keys that name modalities."""
+import pytest
+
+from omnistream.cluster.config import load_config, parse_value
+from omnistream.cluster.evaluate import first_number, matches
+from omnistream.configs import path as shipped_config
+from omnistream.modalities.base import UserError
+
+DEMO = shipped_config("demo")
+
+
+def test_layering_defaults_file_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nn_layers = 3\nd_model = 64\n[train]\nlr = 0.01\n')
+    c = load_config(f, ["model.n_layers=5", 'tracking.experiment="x"', "data.train_shards=[\"a\", \"b\"]"])
+    assert c.model.n_layers == 5 and c.model.d_model == 64 and c.train.lr == 0.01
+    assert c.tracking.experiment == "x" and c.data.train_shards == ["a", "b"]
+    assert c.train.steps == load_config().train.steps  # untouched keys keep defaults
+    flat = c.flat()
+    assert flat["model.n_layers"] == 5 and flat["modalities.image"] == {}
+
+
+def test_saved_config_reloads_to_the_same_tree(tmp_path):
+    c = load_config(DEMO, ["train.steps=7"])
+    f = tmp_path / "resolved.toml"
+    f.write_text(c.to_toml())
+    assert load_config(f) == c
+
+
+def test_values_parse_as_toml():
+    assert parse_value("4") == 4 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("hello") == "hello"
+    with pytest.raises(UserError, match="key=value"):
+        load_config(None, ["model.n_layers"])
+
+
+def test_eval_tasks_and_quality_keys_are_checked_against_the_modalities(tmp_path):
+    c = load_config(DEMO)
+    assert set(c.eval.tasks) == {"image_to_text", "audio_to_text"}
+    assert c.eval.tasks["image_to_text"].prompt == "image" and c.eval.tasks["image_to_text"].match == "number"
+    with pytest.raises(UserError, match="eval.tasks.x.prompt"):
+        load_config(None, ['eval.tasks.x.prompt="smell"', 'eval.tasks.x.label_field="y"'])
+    with pytest.raises(UserError, match="eval.tasks.x.match"):
+        load_config(None, ['eval.tasks.x.prompt="image"', 'eval.tasks.x.label_field="y"', 'eval.tasks.x.match="fuzzy"'])
+    with pytest.raises(UserError, match="data.quality.text.min_charz"):
+        load_config(None, ["data.quality.text.min_charz=3"])
+    with pytest.raises(UserError, match="smell"):
+        load_config(None, ["data.quality.smell.enabled=false"])
+    assert load_config(None, ["data.quality.image.near_max_hamming=6"]).data.quality == {"image": {"near_max_hamming": 6}}
+
+
+@pytest.mark.parametrize("text,number", [("the digit seven", 7), ("a picture of 3", 3), ("twenty one cats", 21),
+                                         ("fifteen", 15), ("no number here", None), ("someone", None),
+                                         ("it is 2.5 m", 2.5)])
+def test_number_match_reads_numerals_and_words(text, number):
+    assert first_number(text) == number
+
+
+def test_match_rules():
+    assert matches("the digit seven", 7, "number") and not matches("the digit seven", 1, "number")
+    assert matches("A Cat ", "a cat", "exact") and not matches("a cat sat", "a cat", "exact")
+    assert matches("a cat sat", "cat", "contains") and not matches("a dog", "cat", "contains")
+    assert not matches("seven", "not a number", "number")
