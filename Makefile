@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test test-fast bench clean
 
-$(STAMP): pyproject.toml examples/omnistream-video/pyproject.toml
+$(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile -e ".[test]"  # skip byte-compiling ~6 GB of wheels; imports compile what they use
 	touch $(STAMP)

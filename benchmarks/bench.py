@@ -17,20 +17,19 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
 from omnistream.cluster import tracking  # noqa: E402
-from omnistream.cluster.cli import DEMO_CONFIG, prepare_demo  # noqa: E402
+from omnistream.cluster.cli.demo import demo_config, prepare_demo  # noqa: E402
 from omnistream.cluster.config import load_config  # noqa: E402
-from omnistream.cluster.train import lr_lambda, param_groups, prepare, run_training  # noqa: E402
+from omnistream.cluster.engine import lr_lambda, param_groups  # noqa: E402
+from omnistream.cluster.train import prepare, run_training  # noqa: E402
 from omnistream.model.model import GPT  # noqa: E402
 from omnistream.pipelines.packing import COLUMNS, pack_documents  # noqa: E402
 from omnistream.pipelines.shards import list_shards  # noqa: E402
@@ -76,6 +75,9 @@ def plain_loop(cfg, vocab, steps: int) -> float:
 
 def history(res, key):
     return [v for _, v in sorted(tracking.metric_history(res.tracking_uri, res.run_id, key))]
+
+
+DEMO_CONFIG = demo_config()
 
 
 def main() -> int:

@@ -91,12 +91,14 @@ def single_process_group() -> None:
     runs outside Ray, for the golden test and the GPU check."""
     import os
 
+    import torch
     import torch.distributed as dist
 
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)  # what a launcher sets, and DeepSpeed checks
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def weights_only_checkpoint_engine(engine):

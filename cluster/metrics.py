@@ -33,9 +33,10 @@ class Interval:
         self.tokens += tokens
         self.wait += wait
 
-    def reduce(self, dist, world: int) -> "Interval":
+    def reduce(self, all_reduce, world: int) -> "Interval":
+        """Summed over ranks by `all_reduce` (in place); wait and time are averaged."""
         v = torch.cat([self.sums, self.counts, torch.tensor([self.tokens, self.wait, self.time], dtype=torch.float32)])
-        dist.all_reduce(v)
+        all_reduce(v)
         n = len(self.sums)
         out = Interval(n)
         out.sums, out.counts = v[:n], v[n:2 * n]

@@ -56,6 +56,7 @@ class Trainer:
         self.log_line = log
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.engine, self.scheduler, self.n_params = build_engine(cfg)
+        self.device = self.engine.device  # DeepSpeed placed the model (CPU here, the rank's GPU on a GPU node)
         self.n_mods = len(vocab.names)
         self.target = torch.tensor([cfg.data.mix.shares.get(n, 0.0) for n in vocab.names], dtype=torch.float64)
         # state
@@ -97,8 +98,17 @@ class Trainer:
         b = next(self.batches, None)
         wait = time.perf_counter() - t0
         have = torch.tensor([0 if b is None or self._stop else 1])
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        self.all_reduce(have, op=dist.ReduceOp.MIN)
         return (b if have.item() else None), wait
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        """In-place all_reduce of a CPU tensor, through the device when the backend needs it (NCCL)."""
+        if self.device.type == "cpu":
+            dist.all_reduce(t, op=op)
+        else:
+            d = t.to(self.device)
+            dist.all_reduce(d, op=op)
+            t.copy_(d.cpu())
 
     def train_step(self, acc: Interval) -> bool:
         """One optimizer step over train.grad_accum micro-batches; False if the stream ended first."""
@@ -109,17 +119,17 @@ class Trainer:
             if b is None:
                 return False
             self.consumed.add(b["keys"])
-            x = {c: torch.as_tensor(b[c], dtype=torch.long) for c in COLUMNS}
+            x = {c: torch.as_tensor(b[c], dtype=torch.long).to(self.device, non_blocking=True) for c in COLUMNS}
             _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
             self.engine.backward(loss)
             self.engine.step()
-            lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long)
-            s, c = loss_by_group(tok_loss.detach(), x["labels"], lm, self.n_mods + 1)
-            acc.add(s, c, tokens=int((x["doc_ids"] > 0).sum()), wait=wait)
+            lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long).to(self.device)
+            s, c = loss_by_group(tok_loss.detach().float(), x["labels"], lm, self.n_mods + 1)
+            acc.add(s.cpu(), c.cpu(), tokens=int((b["doc_ids"] > 0).sum()), wait=wait)
             step_tokens += torch.as_tensor(token_counts(b["modality_ids"], self.n_mods), dtype=torch.float64)
         self.step += 1
         # the global batch's token shares (data/token_share/*): one small all_reduce per step
-        dist.all_reduce(step_tokens)
+        self.all_reduce(step_tokens)
         self.tokens += step_tokens
         dev = (shares_of(step_tokens) - self.target).abs().max().item() if self.cfg.data.mix.on else None
         acc.add_shares(step_tokens, dev)
@@ -163,7 +173,7 @@ class Trainer:
         return self.metrics
 
     def _log_interval(self, acc: Interval, fpt: float, peak: float | None) -> None:
-        m = acc.reduce(dist, self.world).metrics(self.vocab)
+        m = acc.reduce(self.all_reduce, self.world).metrics(self.vocab)
         m.update({f"data/tokens/{n}": float(v) for n, v in zip(self.vocab.names, self.tokens)})
         gn = self.engine.get_global_grad_norm()
         m.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(gn) if gn is not None else None,
@@ -208,7 +218,7 @@ class Trainer:
         # ZeRO-3 holds 1/world of each parameter per rank; generation needs them all, so each rank
         # gathers a plain copy (the demo's 0.9 M parameters; a large model would evaluate sharded)
         plain = self.plain_model()
-        m = self.evaluator.evaluate(plain, self.rank, self.world, dist.all_reduce)
+        m = self.evaluator.evaluate(plain, self.rank, self.world, self.all_reduce)
         if self.rank == 0:
             self._log(m)
             if self.tracker is not None:

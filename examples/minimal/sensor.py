@@ -5,7 +5,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from omnistream.modalities.base import BadSample, BaseModality, ModalityOptions
+from omnistream.modalities import BadSample, BaseModality, ModalityOptions
 
 
 class SensorOptions(ModalityOptions):

@@ -172,7 +172,7 @@ def report(planted):
     shards, _ = planted
     r = inspect(*shards, "--set", "data.tokenizer_actors=2")
     assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout)  # stdout is the JSON report alone (status lines go to stderr)
 
 
 def test_inspect_accounts_for_every_record(report, planted):
@@ -201,7 +201,7 @@ def test_unreadable_shard_is_listed_and_the_rest_goes_on(planted, tmp_path):
     missing.write_bytes(b"")
     r = inspect(shards[0], str(missing))
     assert r.returncode == 0, r.stderr[-2000:]
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    rep = json.loads(r.stdout)  # stdout is the JSON report alone (status lines go to stderr)
     assert rep["seen"] > 0 and rep["balanced"]
 
 
@@ -217,8 +217,8 @@ def test_no_shards_is_a_user_mistake():
     ("data.quality.audio.enabled=false", ["q-silent", "q-clipped"]),
     ("data.quality.text.enabled=false", ["q-repeated", "q-noletters"]),
     ("data.dedup.exact=false", ["good-000", "d-exact"]),
-    ("data.dedup.near_image=false", ["orig-image", "d-nearimage"]),
-    ("data.dedup.near_text=false", ["orig-text", "d-neartext"]),
+    ("data.quality.image.near_duplicates=false", ["orig-image", "d-nearimage"]),
+    ("data.quality.text.near_duplicates=false", ["orig-text", "d-neartext"]),
 ])
 def test_switching_a_filter_off_keeps_what_it_caught(ray_local, report, planted, switch, keys):
     from omnistream.cluster.config import load_config

@@ -1,7 +1,8 @@
-"""A third-party modality, as a user meets it: pip-install the example video plugin into this venv,
-see it listed, fit and train on a corpus mixing it with the built-ins under a token mixture, then
-uninstall it and watch its checkpoint refuse to load. Every step is the real CLI in a subprocess,
-because a plugin is found through installed entry points, which a running process does not re-read."""
+"""A third-party modality, as a user meets it: pip-install the example video plugin into a throwaway
+venv (never into the venv running these tests), see it listed, fit and train on a corpus mixing it
+with the built-ins under a token mixture, then watch its checkpoint refuse to load where the plugin
+is not installed (this venv). Every step is the real CLI in a subprocess, because a plugin is found
+through installed entry points."""
 import io
 import json
 import random
@@ -14,33 +15,38 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from common import SMALL_MODALITIES
+
 from omnistream.cluster import tracking
-from omnistream.cluster.config import load_config
-from common import SMALL_MODALITIES, fit_modalities
-from omnistream.modalities import registry
-from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import caption, draw_digit
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
 from common import REPO as ROOT  # noqa: E402
 PLUGIN = ROOT / "examples" / "omnistream-video"
-BIN = Path(sys.executable).parent
+TESTS = ROOT / "tests"
 # The corpus's own shares are about text 0.12, image 0.37, audio 0.20, video 0.31 (measured on it);
 # plain packing puts every global batch of this run more than 0.25 off these targets.
 SHARES = {"text": 0.14, "image": 0.3, "audio": 0.24, "video": 0.32}
 TOL = 0.05
 
 
-def omnistream(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(BIN / "omnistream"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def omnistream(*args, python=sys.executable, check=True, timeout=600) -> subprocess.CompletedProcess:
+    p = subprocess.run([python, "-m", "omnistream.cluster.cli", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"omnistream {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
-def pip(*args) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=True, timeout=300)
+def throwaway_venv(where: Path) -> str:
+    """A venv that sees this venv's packages (omnistream's editable install included: `addsitedir` runs
+    their .pth hooks) but installs into its own site-packages. Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=120)
+    site = next(where.glob("lib/python*/site-packages"))
+    ours = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").exists())
+    (site / "borrowed.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    return str(where / "bin" / "python")
 
 
 def write_video_shard(path: Path, n: int, seed: int) -> None:
@@ -58,16 +64,16 @@ def write_video_shard(path: Path, n: int, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def plugin_installed():
-    pip("install", "--no-deps", "--no-build-isolation", "-e", str(PLUGIN))
-    try:
-        yield
-    finally:
-        pip("uninstall", "-y", "omnistream-video")
+def plugin_python(tmp_path_factory):
+    py = throwaway_venv(tmp_path_factory.mktemp("plugin-venv") / "venv")
+    site = next(Path(py).parents[1].glob("lib/python*/site-packages"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--no-compile", "--target", str(site), str(PLUGIN)], check=True, capture_output=True, timeout=300)
+    return py
 
 
 @pytest.fixture(scope="module")
-def mixed_run(plugin_installed, corpus, tmp_path_factory):
+def mixed_run(plugin_python, corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plugin")
     write_video_shard(tmp / "video-000.tar", 160, seed=7)
     d = corpus["dir"]
@@ -106,19 +112,16 @@ storage_path = "{tmp}/ray"
 [tracking]
 uri = "sqlite:///{tmp}/mlflow.db"
 """)
-    # Fit here, without Ray (the Ray fit has its own test): the freshly installed plugin is found through
-    # its entry point once the registry's cache is cleared and its source is importable in this process.
-    sys.path.insert(0, str(PLUGIN))
-    registry.discover.cache_clear()
-    try:
-        opts = load_config(cfg).modalities
-        Vocabulary(fit_modalities(corpus["train"] + [str(tmp / "video-000.tar")], opts, names=list(opts))).save(
-            tmp / "bundle")
-    finally:
-        sys.path.remove(str(PLUGIN))
-        registry.discover.cache_clear()
-    listed = omnistream("modalities", "list", "--config", str(cfg)).stdout
-    train = omnistream("train", str(cfg))
+    # Fit in the plugin's venv without Ray (the Ray fit has its own test): the plugin is found there
+    # through its installed entry point, as a user's process finds it.
+    fit = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from common import fit_modalities; "
+           f"from omnistream.cluster.config import load_config; from omnistream.modalities.vocab import Vocabulary; "
+           f"opts = load_config({str(cfg)!r}).modalities; "
+           f"Vocabulary(fit_modalities({corpus['train'] + [str(tmp / 'video-000.tar')]!r}, opts, names=list(opts)))"
+           f".save({str(tmp / 'bundle')!r})")
+    subprocess.run([plugin_python, "-c", fit], check=True, capture_output=True, timeout=600, cwd=ROOT)
+    listed = omnistream("modalities", "list", "--config", str(cfg), python=plugin_python).stdout
+    train = omnistream("train", str(cfg), python=plugin_python)
     return {"cfg": cfg, "tmp": tmp, "listed": listed, "train": train.stdout}
 
 
@@ -150,17 +153,14 @@ def test_training_logs_video_loss_and_meets_token_shares(mixed_run):
 
 
 def test_checkpoint_needs_the_plugin(mixed_run):
-    """Uninstalling the plugin leaves its checkpoint unreadable, with one line naming what is missing."""
+    """Where the plugin is not installed (this venv), its checkpoint is unreadable, with one line naming
+    what is missing; the test venv itself never had the plugin."""
     uri = f"sqlite:///{mixed_run['tmp']}/mlflow.db"
     run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in mixed_run["train"].splitlines() if "MLflow run " in ln)
     ckpt = tracking.client(uri).get_run(run_id).data.tags["omnistream.checkpoint"]
-    pip("uninstall", "-y", "omnistream-video")
-    try:
-        listed = omnistream("modalities", "list").stdout
-        assert "video" not in listed
-        p = omnistream("export", ckpt, str(mixed_run["tmp"] / "export"), check=False)
-        assert p.returncode == 2, p.stdout + p.stderr
-        err = p.stderr.strip().splitlines()
-        assert len(err) == 1 and "video" in err[0] and "not installed" in err[0], p.stderr
-    finally:
-        pip("install", "--no-deps", "--no-build-isolation", "-e", str(PLUGIN))
+    listed = omnistream("modalities", "list").stdout
+    assert "video" not in listed
+    p = omnistream("export", ckpt, str(mixed_run["tmp"] / "export"), check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "video" in err[0] and "not installed" in err[0], p.stderr

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 from pydantic import Field
 
-from omnistream.modalities.base import BadSample, BaseModality, ModalityOptions
+from omnistream.modalities import BadSample, BaseModality, ModalityOptions
 from omnistream.modalities.image import ImageModality
 
 __version__ = "0.1.0"

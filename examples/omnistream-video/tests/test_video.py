@@ -4,7 +4,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from omnistream.modalities.conformance import check_modality
+from omnistream.modalities import check_modality
 from omnistream_video import VideoModality
 
 
