@@ -2,7 +2,7 @@
 
 A checkpoint holds DeepSpeed's per-rank files (model/*_model_states.pt, *_optim_states.pt).
 `consolidate` rebuilds the full fp32 weights from any number of ranks; it reads the files with
-`torch.load(weights_only=True)` (DESIGN.md, security defaults), which is why it does not call
+`torch.load(weights_only=True)` (docs/architecture.md, security defaults), which is why it does not call
 DeepSpeed's own zero_to_fp32 (that one unpickles arbitrary objects). The layout it relies on:
 
   ZeRO-0      model_states["module"] is the whole state dict

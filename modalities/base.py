@@ -25,7 +25,7 @@ class BadSample(ValueError):
     """Raised for input bytes a modality cannot (or must not) turn into tokens.
 
     The pipeline catches it, counts the record under ``reason`` and lists it in
-    the dead-letter file; it never ends a run (DESIGN.md, Errors).
+    the dead-letter file; it never ends a run (docs/architecture.md, Errors).
     """
 
     def __init__(self, reason: str, detail: str = ""):

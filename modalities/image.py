@@ -1,7 +1,7 @@
 """Images: a fixed grid of p×p patches, each quantised to a k-means codebook.
 
-An image becomes (size/patch)^2 ids, row-major. With the demo's 24×24 grid and
-4×4 patches that is 36 ids per image. Pixels are standardised per image
+An image becomes (size/patch)^2 ids, row-major: 36 ids at the default 24×24 pixels
+and 4×4 patches; the demo (configs/demo.toml) uses 16×16 pixels, so 16 ids. Pixels are standardised per image
 (zero mean, unit variance, clipped at ±3σ) before patching so that the codebook
 spends its codes on shape, not on each image's brightness and colour cast; the
 decoder maps back with a fixed mid-grey mean and contrast.

@@ -8,7 +8,7 @@
 
 `vocab.json` records this layout with each tokenizer's version and
 fingerprint; a checkpoint stores the layout's fingerprint and refuses to load
-against a different one (DESIGN.md, Vocabulary).
+against a different one (docs/architecture.md, Vocabulary).
 """
 from __future__ import annotations
 

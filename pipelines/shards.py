@@ -16,7 +16,7 @@ REMOTE = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://", "
 def list_shards(specs: str | Iterable[str]) -> list[str]:
     """Expand each spec's braces, then glob the result; keep the first occurrence of each shard.
 
-    A spec that matches nothing is a user mistake (DESIGN.md, Errors): it names the spec.
+    A spec that matches nothing is a user mistake (docs/architecture.md, Errors): it names the spec.
     """
     if isinstance(specs, str):
         specs = [specs]

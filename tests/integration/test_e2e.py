@@ -19,6 +19,9 @@ OVERRIDES = [
     "train.micro_batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.zero_stage=3",
     "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
     "eval.examples=20", "eval.loss_rows=8", "eval.samples=1", "eval.max_new_tokens=3",
+    # the demo's two tasks, as --set overrides (configs/demo.toml declares them as tables)
+    *[f'eval.tasks.{m}_to_text.{k}={v}' for m in ("image", "audio")
+      for k, v in (("prompt", f'"{m}"'), ("label_field", '"digit"'), ("match", '"number"'))],
 ]
 
 
@@ -130,14 +133,14 @@ def test_resume_continues_at_the_same_step_with_the_same_data(trained, corpus):
 def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, capsys):
     """2 ranks' ZeRO-3 shards -> one safetensors model whose held-out loss is the one the run logged."""
     from omnistream.cluster.cli import main
-    from omnistream.cluster.evaluate import EvalSet, eval_metrics, local_eval
+    from omnistream.cluster.evaluate import Evaluator
     from omnistream.cluster.export import load_model
 
     res = trained["res"]
     assert main(["export", res.checkpoint, str(tmp_path / "m")]) == 0
     model, vocab = load_model(tmp_path / "m")
     cfg = trained["cfg"].resolved_paths()
-    m = eval_metrics(local_eval(model, EvalSet.load(cfg, vocab), cfg, vocab, 0, 1), vocab)
+    m = Evaluator(cfg, vocab).evaluate(model)
     assert abs(m["eval/loss"] - res.metrics["eval/loss"]) < 1e-4
     from omnistream.pipelines.records import read_shard
 

@@ -42,7 +42,7 @@ storage_path = "{tmp_path}/ray"
 [tracking]
 uri = "sqlite:///{tmp_path}/mlflow.db"
 """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     p = subprocess.run([sys.executable, str(ROOT / "tests" / "system" / "placement_run.py"), str(cfg)], capture_output=True,
                        text=True, env=env, timeout=600, cwd=ROOT)
