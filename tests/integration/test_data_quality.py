@@ -17,7 +17,7 @@ from PIL import Image
 
 from omnistream.pipelines.democorpus import dtmf, draw_digit, make_record
 
-from common import EXE, REPO  # noqa: E402
+from common import EXE, REPO  # noqa: E402,I001
 
 
 def png(im) -> bytes:
@@ -195,14 +195,17 @@ def test_every_planted_defect_appears_under_its_reason(report):
         assert sum(reason in by_key.get(k, []) for k in pair) == 1, (pair, reason)
 
 
-def test_unreadable_shard_is_listed_and_the_rest_goes_on(planted, tmp_path):
+def test_unreadable_shard_is_listed_and_the_rest_goes_on(ray_local, planted, tmp_path):
+    from omnistream.cluster.config import load_config
+    from omnistream.pipelines.inspect import inspect_shards
+
     shards, _ = planted
     missing = tmp_path / "gone.tar"
     missing.write_bytes(b"")
-    r = inspect(shards[0], str(missing))
-    assert r.returncode == 0, r.stderr[-2000:]
-    rep = json.loads(r.stdout)  # stdout is the JSON report alone (status lines go to stderr)
+    cfg = load_config()
+    rep = inspect_shards([shards[0], str(missing)], cfg.data, cfg.modalities, cfg.seed)
     assert rep["seen"] > 0 and rep["balanced"]
+    assert [e["shard"] for e in rep["shard_errors"]] == [str(missing)], rep["shard_errors"]
 
 
 def test_no_shards_is_a_user_mistake():
