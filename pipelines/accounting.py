@@ -161,7 +161,7 @@ class Consumed:
         h = hashlib.sha256(self.chain.encode())
         for row in row_keys:
             for k in str(row).split("\n"):
-                h.update(k.encode() + b"\n")
+                h.update(k.encode("utf-8", "surrogateescape") + b"\n")
                 self.records += 1
         self.chain = h.hexdigest()
         self.batches += 1

@@ -31,19 +31,3 @@ def build_filters(mods: dict[str, BaseModality] | dict[str, type], quality: dict
             key = ".".join(str(x) for x in err["loc"])
             raise UserError(f"data.quality.{name}.{key}: {err['msg']}") from None
     return out
-
-
-def quality_reason(mods: dict[str, BaseModality], objs: dict[str, object],
-                   filters: dict[str, FilterOptions]) -> str | None:
-    """The first failed check over a record's decoded fields, or None."""
-    for name, obj in objs.items():
-        f = filters[name]
-        if f.enabled:
-            reason = getattr(mods[name], "quality_reason", _none)(obj, f)
-            if reason:
-                return reason
-    return None
-
-
-def _none(*_):
-    return None

@@ -30,9 +30,15 @@ class RawRecord:
 def _unsafe(name: str) -> str | None:
     if len(name) > MAX_NAME:
         return "member_name_too_long"
-    if name.startswith("/") or "\\" in name or ".." in name.split("/"):
+    if name.startswith("/") or "\\" in name or ".." in name.split("/") or any(ord(c) < 32 for c in name):
         return "member_name_unsafe"
     return None
+
+
+def printable(name: str) -> str:
+    """A member name as valid Unicode: the bytes that are not UTF-8 (kept by tarfile as surrogates)
+    become \\xNN escapes, so keys can be hashed, logged and stored in Arrow like any other string."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -56,32 +62,33 @@ def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
     seen_keys: set[str] = set()
     cut = _cut_short(f)
     try:
-        with f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with f, tarfile.open(fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
                 bad = _unsafe(m.name)
-                key, ext = split_name(m.name)
+                name = printable(m.name)
+                key, ext = split_name(name)
                 if cur is not None and key != cur.key:
                     yield cur
                     cur = None
                 if cur is None:
                     if key in seen_keys:
                         # members of a key that appeared earlier in this shard: a duplicate record
-                        cur = RawRecord(url, key, error="duplicate_key", detail=m.name)
+                        cur = RawRecord(url, key, error="duplicate_key", detail=name)
                     else:
                         cur = RawRecord(url, key)
                     seen_keys.add(key)
                 if cur.error:
                     continue
                 if bad:
-                    cur.error, cur.detail = bad, m.name[:200]
+                    cur.error, cur.detail = bad, name[:200]
                 elif m.size > max_member_bytes:
-                    cur.error, cur.detail = "member_too_large", f"{m.name}: {m.size} bytes > {max_member_bytes}"
+                    cur.error, cur.detail = "member_too_large", f"{name}: {m.size} bytes > {max_member_bytes}"
                 elif not ext:
-                    cur.error, cur.detail = "member_no_extension", m.name
+                    cur.error, cur.detail = "member_no_extension", name
                 elif ext in cur.fields:
-                    cur.error, cur.detail = "duplicate_field", m.name
+                    cur.error, cur.detail = "duplicate_field", name
                 else:
                     cur.fields[ext] = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:

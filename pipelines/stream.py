@@ -32,7 +32,7 @@ from .config import DataConfig
 from .dedup import Deduper, signatures, start_dedup
 from .mixing import MixConfig, mix_pack
 from .packing import pack_documents
-from .quality import build_filters, quality_reason
+from .quality import build_filters
 from .records import RawRecord, read_shard
 from .shards import list_shards, shard_order
 
@@ -51,6 +51,10 @@ class Outcome:
     modalities: tuple = ()           # the modalities the record carries
 
 
+def _errored(e: BadSample, carries: tuple) -> "Outcome":
+    return Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
+
+
 def ext_map(mods) -> dict[str, str]:
     return registry.check_keys([m.name for m in mods])
 
@@ -64,18 +68,30 @@ def decode_fields(mods: dict, exts: dict[str, str], fields: dict[str, bytes]) ->
             continue
         if name in objs:
             raise BadSample("duplicate_modality", f"two fields for {name!r} (.{ext})")
-        try:
-            objs[name] = mods[name].decode_bytes(ext, data)
-        except BadSample as e:
-            e.field = ext
-            raise
+        objs[name] = guarded(mods[name].decode_bytes, name, "decode_bytes", ext, data, field=ext)
     if not objs:
         raise BadSample("no_readable_field", f"fields {sorted(fields)} match no installed modality")
     return objs
 
 
+def guarded(fn, modality: str, what: str, *args, field: str = ""):
+    """Call a plugin's method for one record. BadSample passes through; anything else it raises (a bug
+    in a plugin, an object it did not expect) becomes BadSample("plugin_error:<Type>") for this record
+    alone: no exception from one record ends a stream (docs/architecture.md, Errors)."""
+    try:
+        return fn(*args)
+    except BadSample as e:
+        e.field = getattr(e, "field", "") or field
+        raise
+    except Exception as e:
+        bad = BadSample(f"plugin_error:{type(e).__name__}", f"{modality}.{what}: {e}")
+        bad.field = field
+        raise bad from e
+
+
 def record_rng(seed: int, epoch: int, key: str) -> random.Random:
-    return random.Random(hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest())
+    # a key holds whatever bytes the tar's member name had (surrogate-escaped): hash those bytes
+    return random.Random(hashlib.sha256(f"{seed}:{epoch}:{key}".encode("utf-8", "surrogateescape")).digest())
 
 
 def make_document(vocab: Vocabulary, parts: dict[str, np.ndarray], order: str, rng: random.Random | None):
@@ -110,6 +126,17 @@ class RecordProcessor:
         self.cache: dict | None = {} if cfg.cache_tokens else None
 
     # ---- outcomes ---------------------------------------------------------------------------------
+    def quality_reason(self, objs: dict[str, object]) -> str | None:
+        """The first failed quality check over a record's decoded fields (Modality.quality_reason), or None."""
+        for name, obj in objs.items():
+            f = self.filters[name]
+            check = getattr(self.mods[name], "quality_reason", None)
+            if f.enabled and check is not None:
+                reason = guarded(check, name, "quality_reason", obj, f)
+                if reason:
+                    return reason
+        return None
+
     def outcomes(self, records: list[RawRecord]) -> list[Outcome]:
         out: list[Outcome | None] = [None] * len(records)
         pending: list[tuple[int, dict]] = []
@@ -123,28 +150,38 @@ class RecordProcessor:
                 if r.error:
                     raise BadSample(r.error, r.detail)
                 objs = decode_fields(self.mods, self.exts, r.fields)
+                reason = self.quality_reason(objs)
             except BadSample as e:
-                out[i] = Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
+                out[i] = _errored(e, carries)
                 continue
-            reason = quality_reason(self.mods, objs, self.filters)
             if reason:
                 out[i] = Outcome("filtered", reason, modalities=carries)
                 continue
             pending.append((i, objs))
         if self.deduper is not None and pending:
-            sigs = [(f"{records[i].shard}:{records[i].key}", signatures(records[i], objs, set(self.exts), self.mods,
-                                                                       self.filters, self.cfg.dedup))
-                    for i, objs in pending]
-            dups = self.deduper.duplicates(sigs)
-            kept = []
-            for (i, objs), dup in zip(pending, dups):
+            sigs, signed = [], []
+            for i, objs in pending:
+                try:
+                    sigs.append((f"{records[i].shard}:{records[i].key}",
+                                 guarded(signatures, "dedup", "near_signatures", records[i], objs, set(self.exts),
+                                         self.mods, self.filters, self.cfg.dedup)))
+                    signed.append((i, objs))
+                except BadSample as e:
+                    out[i] = _errored(e, tuple(sorted(objs)))
+            dups = self.deduper.duplicates(sigs) if sigs else []
+            pending = []
+            for (i, objs), dup in zip(signed, dups):
                 if dup:
                     out[i] = Outcome("filtered", dup, modalities=tuple(sorted(objs)))
                 else:
-                    kept.append((i, objs))
-            pending = kept
+                    pending.append((i, objs))
         for i, objs in pending:
-            parts = {n: self.mods[n].encode(o) for n, o in objs.items()} if self.vocab is not None else None
+            try:
+                parts = ({n: guarded(self.mods[n].encode, n, "encode", o) for n, o in objs.items()}
+                         if self.vocab is not None else None)
+            except BadSample as e:
+                out[i] = _errored(e, tuple(sorted(objs)))
+                continue
             out[i] = Outcome("kept", parts=parts, modalities=tuple(sorted(objs)))
         if self.cache is not None:
             for r, o in zip(records, out):

@@ -51,16 +51,15 @@ def generate(args) -> int:
         if ext not in src.keys:
             raise UserError(f"--input {path}: modality {args.src!r} reads .{'/.'.join(src.keys)} files, not .{ext}")
         data = path.read_bytes()
-    elif args.src == "text":
+    else:  # not a file: the value itself, as the modality's first key would hold it (text: the text)
         ext, data = src.keys[0], args.input.encode()
-    else:
-        raise UserError(f"--input {args.input}: no such file")
     try:
         obj = src.decode_bytes(ext, data)
     except BadSample as e:
-        raise UserError(f"--input {args.input}: {args.src} cannot read it ({e.reason}: {e.detail})") from None
+        what = "no such file, nor" if not path.is_file() else "the file is not"
+        raise UserError(f"--input {args.input}: {what} a {args.src} value ({e.reason}: {e.detail})") from None
     out = generate_from(model, vocab, args.src, obj, args.dst, args.max_new_tokens)
-    if args.dst == "text":
+    if isinstance(out, str):  # a modality that decodes to text is printed
         print(out)
         return 0
     ext, blob = vocab.by_name[args.dst].to_bytes(out)
