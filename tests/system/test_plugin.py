@@ -7,6 +7,7 @@ import io
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,13 @@ def write_video_shard(path: Path, n: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def plugin_python(tmp_path_factory):
-    py = throwaway_venv(tmp_path_factory.mktemp("plugin-venv") / "venv")
+    tmp = tmp_path_factory.mktemp("plugin-venv")
+    py = throwaway_venv(tmp / "venv")
     site = next(Path(py).parents[1].glob("lib/python*/site-packages"))
+    src = tmp / "omnistream-video"  # a copy: building leaves build/ and egg-info beside the sources
+    shutil.copytree(PLUGIN, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--no-compile", "--target", str(site), str(PLUGIN)], check=True, capture_output=True, timeout=300)
+                    "--no-compile", "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
     return py
 
 
