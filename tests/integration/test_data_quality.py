@@ -5,7 +5,6 @@ import json
 import random
 import struct
 import subprocess
-import sys
 import tarfile
 import zlib
 from pathlib import Path

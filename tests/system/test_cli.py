@@ -1,7 +1,6 @@
 """The CLI as a user meets it, in subprocesses: --help, one-line errors with exit 2, what each command
 imports, and omnistream installed as a wheel into a fresh venv, run from an empty directory."""
 import hashlib
-import json
 import shutil
 import subprocess
 import sys
