@@ -23,10 +23,22 @@ META = "omnistream.json"
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
+    """The checkpoint's meta; a missing, damaged or cut-off file is a UserError naming it and what is wrong."""
     p = Path(path) / META
     if not p.exists():
         raise UserError(f"{path} is not an omnistream checkpoint ({META} missing)")
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path}: {p.name} is damaged or cut off ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {path}: {p.name} holds {type(meta).__name__}, not an object")
+    missing = [k for k in ("step", "world_size", "vocab", "config") if k not in meta]
+    if not missing and not (isinstance(meta["vocab"], dict) and "fingerprint" in meta["vocab"]):
+        missing = ["vocab.fingerprint"]
+    if missing:
+        raise UserError(f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)")
+    return meta
 
 
 def check_checkpoint(path: str | Path, vocab: Vocabulary, world_size: int) -> dict:

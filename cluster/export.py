@@ -112,7 +112,7 @@ def export(ckpt: str | Path, out_dir: str | Path, bundle: str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / MODEL_FILE))
     model_cfg = dict(meta["config"]["model"])
-    (out / MODEL_META).write_text(json.dumps({"model": model_cfg, "step": meta["step"], "run_id": meta["run_id"],
+    (out / MODEL_META).write_text(json.dumps({"model": model_cfg, "step": meta["step"], "run_id": meta.get("run_id", ""),
                                               "vocab_fingerprint": vocab.fingerprint}, indent=1))
     if (out / "tokenizers").exists():
         shutil.rmtree(out / "tokenizers")

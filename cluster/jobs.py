@@ -43,7 +43,33 @@ def read_token() -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     p = token_path()
-    return p.read_text().strip() if p.exists() else None
+    if not p.exists():
+        return None
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077:  # like ssh with a private key: a token others can read is not a secret any more
+        raise UserError(f"the Ray token file {p} is open to other users (mode {mode:o}): `chmod 600 {p}`")
+    return p.read_text().strip()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_transport(address: str, insecure: bool = False) -> None:
+    """The token is a password: never send it in clear to another host. Plain http is fine on
+    loopback (the traffic never leaves the machine); elsewhere https, or an explicit --insecure."""
+    from urllib.parse import urlparse
+
+    u = urlparse(address if "://" in address else f"http://{address}")
+    host = u.hostname or ""
+    if u.scheme == "http" and not _is_loopback(host) and not insecure:
+        raise UserError(f"refusing to send the Ray token over plain http to {host}: use https:// (e.g. behind a "
+                        f"TLS proxy), or pass --insecure if every hop of this network is trusted")
 
 
 def ensure_token() -> Path:
@@ -135,14 +161,16 @@ def cluster_down(port: int) -> int:
 
 
 # ---- the Jobs API ---------------------------------------------------------------------------------
-def client(address: str):
-    """A JobSubmissionClient for `address`, sending the token if there is one; unreachable or refused
-    is a UserError (one line, exit 2)."""
+def client(address: str, insecure: bool = False):
+    """A JobSubmissionClient for `address`, sending the token if there is one (never in clear to another
+    host, see check_transport); unreachable or refused is a UserError (one line, exit 2)."""
     os.environ.update(LOOPBACK_ENV)
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD
     tok = read_token()
+    if tok:
+        check_transport(address, insecure)  # before any connection is made
+    from ray.job_submission import JobSubmissionClient
+
     headers = {"Authorization": f"Bearer {tok}"} if tok else None
     try:
         return JobSubmissionClient(address, headers=headers)
@@ -174,13 +202,13 @@ def _call(address: str, fn, *args, **kw):
         raise
 
 
-def submit(config_path: str | None, overrides: list[str], address: str) -> tuple[object, str]:
+def submit(config_path: str | None, overrides: list[str], address: str, insecure: bool = False) -> tuple[object, str]:
     """Validate and resolve the config here, then submit it with the code as the working directory."""
     from .config import load_config
 
     cfg = load_config(config_path, overrides).resolved_paths()
     cfg.cluster.address = ""  # inside the job, connect() joins the cluster the job runs on (RAY_ADDRESS)
-    c = client(address)
+    c = client(address, insecure)
     with tempfile.TemporaryDirectory(prefix="omnistream-job-") as d:
         copy_code(Path(d))
         Path(d, "job.toml").write_text(cfg.to_toml())

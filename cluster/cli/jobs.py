@@ -9,6 +9,7 @@ import sys
 from ._common import add_config
 
 ADDR_HELP = "Ray dashboard address (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)"
+INSECURE_HELP = "send the Ray token over plain http to a host other than this one (refused without it)"
 
 
 def register(sub) -> None:
@@ -21,11 +22,13 @@ def register(sub) -> None:
     add_config(p)
     p.add_argument("--address", default="", help=ADDR_HELP)
     p.add_argument("--follow", action="store_true", help="stream the job's logs and wait for it to end")
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=submit)
     jb = sub.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(dest="jobs_cmd", required=True,
                                                                               metavar="COMMAND")
     p = jb.add_parser("list", help="every job with its status")
     p.add_argument("--address", default="", help=ADDR_HELP)
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=list_jobs)
     for name, hlp, fn in (("status", "one job's status", status),
                           ("logs", "one job's logs (--follow to stream)", logs),
@@ -33,6 +36,7 @@ def register(sub) -> None:
         p = jb.add_parser(name, help=hlp)
         p.add_argument("job_id", help="the id `omnistream submit` printed")
         p.add_argument("--address", default="", help=ADDR_HELP)
+        p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="stream until the job ends")
         p.set_defaults(func=fn)
@@ -41,7 +45,7 @@ def register(sub) -> None:
 def submit(args) -> int:
     from omnistream.cluster import jobs
 
-    c, job_id = jobs.submit(args.config, args.overrides, args.address)
+    c, job_id = jobs.submit(args.config, args.overrides, args.address, args.insecure)
     print(f"submitted job {job_id}", flush=True)
     if not args.follow:
         return 0
@@ -53,7 +57,7 @@ def submit(args) -> int:
 def list_jobs(args) -> int:
     from omnistream.cluster import jobs
 
-    c = jobs.client(args.address)
+    c = jobs.client(args.address, args.insecure)
     for j in jobs._call(args.address, c.list_jobs):
         print(f"{j.submission_id or j.job_id}\t{str(j.status).split('.')[-1]}\t{j.entrypoint}")
     return 0
@@ -62,7 +66,7 @@ def list_jobs(args) -> int:
 def status(args) -> int:
     from omnistream.cluster import jobs
 
-    c = jobs.client(args.address)
+    c = jobs.client(args.address, args.insecure)
     print(str(jobs._call(args.address, c.get_job_status, args.job_id)).split(".")[-1])
     return 0
 
@@ -70,7 +74,7 @@ def status(args) -> int:
 def logs(args) -> int:
     from omnistream.cluster import jobs
 
-    c = jobs.client(args.address)
+    c = jobs.client(args.address, args.insecure)
     if args.follow:
         return 0 if jobs.follow(c, args.job_id) == "SUCCEEDED" else 1
     sys.stdout.write(jobs._call(args.address, c.get_job_logs, args.job_id))
@@ -80,7 +84,7 @@ def logs(args) -> int:
 def stop(args) -> int:
     from omnistream.cluster import jobs
 
-    c = jobs.client(args.address)
+    c = jobs.client(args.address, args.insecure)
     stopped = jobs._call(args.address, c.stop_job, args.job_id)
     print(f"job {args.job_id} {'stopping' if stopped else 'was not running'}")
     return 0

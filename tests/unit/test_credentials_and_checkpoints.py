@@ -1,0 +1,82 @@
+"""The Ray token is never sent in clear to another host, a token file others can read is refused,
+and a damaged checkpoint is one line naming the file and what is wrong. No network: every refusal
+here happens before a connection is made."""
+import json
+
+import pytest
+
+from omnistream.cluster import jobs
+from omnistream.cluster.checkpoint import META, read_checkpoint_meta
+from omnistream.cluster.cli import main
+from omnistream.modalities.base import UserError
+
+
+@pytest.mark.parametrize("address,insecure,refused", [
+    ("http://127.0.0.1:8265", False, False),
+    ("http://localhost:8265", False, False),
+    ("http://[::1]:8265", False, False),
+    ("127.0.0.1:8265", False, False),
+    ("https://ray.example.org:8265", False, False),
+    ("http://ray.example.org:8265", False, True),
+    ("http://10.0.0.7:8265", False, True),
+    ("ray.example.org:8265", False, True),     # no scheme: Ray's client speaks plain http
+    ("http://10.0.0.7:8265", True, False),     # --insecure: the user said so
+])
+def test_token_goes_over_plain_http_only_on_loopback(address, insecure, refused):
+    if refused:
+        with pytest.raises(UserError, match="refusing to send the Ray token over plain http"):
+            jobs.check_transport(address, insecure)
+    else:
+        jobs.check_transport(address, insecure)
+
+
+def test_client_refuses_before_connecting(tmp_path, monkeypatch, capsys):
+    tok = tmp_path / "auth_token"
+    tok.write_text("secret")
+    tok.chmod(0o600)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tok))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    import ray.job_submission
+
+    def never(*a, **k):  # a guard, so that even a broken check sends nothing anywhere
+        raise AssertionError("a connection was attempted before the transport check")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", never)
+    # a TEST-NET-1 address (RFC 5737), and the client is never even built
+    assert main(["jobs", "list", "--address", "http://192.0.2.1:8265"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to send the Ray token over plain http to 192.0.2.1" in err[0]
+
+
+def test_token_file_open_to_others_is_refused(tmp_path, monkeypatch):
+    tok = tmp_path / "auth_token"
+    tok.write_text("secret")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tok))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    tok.chmod(0o600)
+    assert jobs.read_token() == "secret"
+    tok.chmod(0o644)
+    with pytest.raises(UserError, match=r"open to other users \(mode 644\).*chmod 600"):
+        jobs.read_token()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"step": 3, "world_si', "damaged or cut off"),
+    ("\xff\xfe not json", "damaged or cut off"),
+    ("[1, 2]", "holds list"),
+    ('{"step": 3, "world_size": 2, "config": {}}', "lacks vocab"),
+    ('{"step": 3, "world_size": 2, "config": {}, "vocab": {}}', "lacks vocab.fingerprint"),
+])
+def test_damaged_checkpoint_is_one_line(tmp_path, capsys, content, needle):
+    (tmp_path / META).write_text(content)
+    with pytest.raises(UserError, match=needle):
+        read_checkpoint_meta(tmp_path)
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and META in err[0] and "Traceback" not in err[0], err
+
+
+def test_a_whole_meta_reads_back(tmp_path):
+    meta = {"step": 3, "world_size": 2, "config": {}, "vocab": {"fingerprint": "abc"}}
+    (tmp_path / META).write_text(json.dumps(meta))
+    assert read_checkpoint_meta(tmp_path) == meta
