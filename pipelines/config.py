@@ -12,7 +12,9 @@ class DedupConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     exact: bool = Field(True, description="drop records whose modality fields are byte-identical to an earlier record's")
     near: bool = Field(True, description="drop near-duplicates by each modality's signatures (switch one off with data.quality.<modality>.near_duplicates)")
-    shards: int = Field(2, ge=1, description="dedup actors; signatures are spread over them by hash")
+    shards: int = Field(1, ge=1, description="dedup actors; signatures are spread over them by hash. One keeps near-duplicate "
+                                             "resolution exact; more spread memory, but a near-duplicate pair processed at the "
+                                             "same moment by two tokenizer actors can then both be dropped")
 
 
 class DataConfig(BaseModel):

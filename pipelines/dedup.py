@@ -8,8 +8,11 @@ claimed each first; a later record with the same signature is a duplicate (`dupl
 exact hash, `near_duplicate` for the others). The record's identity is its shard and key, not
 the epoch, so a record met again in a later epoch is not a duplicate of itself.
 
-The shards are plain dicts in actor memory: ~100 bytes a signature, so 10 M records over 4
-actors is ~250 MB each. A cluster that needs more raises `dedup.shards`.
+The shards are plain dicts in actor memory: ~100 bytes a signature, so 10 M records in one actor
+is ~1 GB. One actor is the default because a record's signatures must be claimed atomically: with
+several actors, two near-duplicates in flight at once in two tokenizer actors can each win a
+different band (in different actors) and both be dropped. `dedup.shards` spreads the memory over
+more actors where that over-filtering (counted, never silent) is the lesser evil.
 """
 from __future__ import annotations
 

@@ -37,8 +37,9 @@ def head(tmp_path_factory):
     try:
         yield {"env": env, "port": port, "dashboard": f"http://127.0.0.1:{dport}", "tmp": tmp, "up": up.stdout}
     finally:
-        down = run(["omnistream", "cluster", "down", "--port", str(port)], env)
-        assert down.returncode == 0, down.stdout + down.stderr
+        if (tmp / "state" / f"head-{port}.json").exists():  # the last test takes it down itself
+            down = run(["omnistream", "cluster", "down", "--port", str(port)], env)
+            assert down.returncode == 0, down.stdout + down.stderr
 
 
 def test_head_is_loopback_only_with_a_token(head):
@@ -115,3 +116,34 @@ def test_bad_token_and_unreachable_address_are_one_line_exit_2(head):
     p = run(["omnistream", "submit", "configs/demo.toml", "--address", f"http://127.0.0.1:{free_port()}"], head["env"])
     assert p.returncode == 2, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "cannot reach" in p.stderr, p.stderr
+
+
+def test_head_processes_match_whole_temp_dirs_only(tmp_path):
+    """A head on port 6379 must not claim the processes of a head on 63790 (a substring match would)."""
+    from omnistream.cluster.jobs import head_processes
+
+    other = tmp_path / "omni-ray-63790"
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={other}"])
+    try:
+        assert p.pid in {q.pid for q in head_processes(str(other))}
+        assert p.pid not in {q.pid for q in head_processes(str(tmp_path / "omni-ray-6379"))}
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_cluster_down_leaves_nothing_of_its_head(head):
+    """Every process of the head ends, Ray's client server included, and nothing listens on its ports."""
+    import json
+
+    state = json.loads((head["tmp"] / "state" / f"head-{head['port']}.json").read_text())
+    from omnistream.cluster.jobs import head_processes
+
+    before = head_processes(state["temp_dir"], state["ports"])
+    names = " ".join(" ".join(q.cmdline()) for q in before)
+    assert "client.server" in names, "the client server is one of the head's processes"
+    down = run(["omnistream", "cluster", "down", "--port", str(head["port"])], head["env"])
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [q.pid for q in before if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+    listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert not listening & set(state["ports"]), sorted(listening & set(state["ports"]))
