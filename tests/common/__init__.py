@@ -1,7 +1,6 @@
 """Helpers every test tier shares: the small corpus spec, the small bundle's options, direct fitting."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -51,7 +50,3 @@ def fit_modalities(shards, options=None, names=("text", "image", "audio")):
     for m in mods:
         m.fit(feats[m.name])
     return mods
-
-
-def loopback_env() -> dict:
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
