@@ -10,7 +10,6 @@ loaded with weights_only=True (engine.weights_only_checkpoint_engine).
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -53,15 +52,6 @@ def check_checkpoint(path: str | Path, vocab: Vocabulary, world_size: int) -> di
                         f"{world_size}: resume with cluster.num_workers={meta['world_size']} "
                         f"(the data position is per rank and cannot be split exactly)")
     return meta
-
-
-def to_directory(root: str | Path) -> Callable[[str, dict], None]:
-    """A `publish` for runs outside Ray Train: copy each checkpoint to root/step_NNNNNN."""
-    def publish(d: str, metrics: dict) -> None:
-        dst = Path(root) / f"step_{int(metrics.get('step', 0)):06d}"
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(d, dst)
-    return publish
 
 
 class Checkpointer:

@@ -15,7 +15,7 @@ def register(sub) -> None:
                                    "to data.bundle_dir.")
     add_config(p)
     p.add_argument("--out", help="bundle folder (default: data.bundle_dir from the config)")
-    p.set_defaults(func=lambda args: fit_command(args))
+    p.set_defaults(func=fit_command)
 
 
 def fit_command(args) -> int:
