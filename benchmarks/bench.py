@@ -8,6 +8,14 @@
     the ratio is the cost of Ray Train + DeepSpeed + streaming, not of tokenizing on 2 cores.
 (b) data wait: the share of step time the demo's trainers (2 workers, ZeRO-3) waited for the
     stream, over the whole run (warm-up included) and after the first logged interval.
+(c) attention memory: peak resident memory of one forward + backward of a 2-layer, 64-wide model on
+    one row packed with 256-token documents, at T = 16384 against T = 2048, through the path the
+    Trainer takes on CPU (varlen), and through the dense T×T-mask reference for comparison. Linear
+    would be 8x. Each figure comes from a fresh process (the kernel's peak-RSS counter is reset after
+    set-up, so the figure is the step alone).
+(d) ZeRO-3 model-state memory per rank: the bytes DeepSpeed's engine holds (parameter partitions,
+    fp32 master partitions, gradient partitions, AdamW states, its buffers) after one step of a
+    ~57M-parameter model, 2 ranks (gloo on loopback) against 1. Ideal is 0.5.
 
 Figures go to stdout as a table and to bench.json (name -> number), so commits can be compared.
 No timing is asserted anywhere: these machines are shared and noisy.
@@ -16,7 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +84,118 @@ def plain_loop(cfg, vocab, steps: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _settle() -> int:
+    """Give freed heap back to the kernel, reset the peak-RSS counter, and return the resident KiB."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    return _rss_kib("VmRSS")
+
+
+def attention_step_memory(T: int, attention: str) -> float:
+    """(c), in its own process: MiB that one forward + backward adds at its peak."""
+    from omnistream.model.model import GPTConfig
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1024, n_layers=2, n_heads=4, d_model=64, max_seq_len=T, attention=attention))
+    doc = torch.arange(T) // 256 + 1
+    pos = torch.arange(T) % 256
+    ids = torch.randint(3, 1024, (1, T))
+    base = _settle()
+    _, loss, _ = model(ids, pos[None], doc[None], ids)
+    loss.backward()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def _zero3_rank(rank: int, world: int, port: int) -> dict:
+    """(d), one rank: build the engine, take one step, count what it holds."""
+    import torch.distributed as dist
+
+    from omnistream.cluster.engine import build_engine
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = load_config(DEMO_CONFIG, ["model.vocab_size=1024", "model.d_model=768", "model.n_layers=8",
+                                    "model.n_heads=12", "model.max_seq_len=64", "train.zero_stage=3",
+                                    "train.micro_batch_size=1"])
+    engine, _, n_params = build_engine(cfg)
+    ids = torch.randint(3, 1024, (1, 64))
+    _, loss, _ = engine(ids, torch.arange(64)[None], torch.ones(1, 64, dtype=torch.long), ids)
+    engine.backward(loss)
+    engine.step()
+    seen, total = set(), 0
+
+    def count(obj, depth=0):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            if st.data_ptr() and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+        elif isinstance(obj, dict) and depth < 4:
+            for v in obj.values():
+                count(v, depth + 1)
+        elif isinstance(obj, (list, tuple)) and depth < 4:
+            for v in obj:
+                count(v, depth + 1)
+
+    for p in engine.module.parameters():
+        count([p.data, getattr(p, "ds_tensor", None), p.grad])
+    count(vars(engine.optimizer))                          # DeepSpeed's flat partitions and buffers
+    count(list(engine.optimizer.optimizer.state.values()))  # AdamW's moments
+    dist.destroy_process_group()
+    return {"params": n_params, "model_state_bytes": total}
+
+
+def zero3_memory(world: int) -> dict:
+    """(d): `world` ranks as processes of this script; rank 0's figures."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, __file__, "--zero3-rank", str(r), str(world), str(port)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO) for r in range(world)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"ZeRO-3 memory run with {world} ranks failed: {outs}")
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def _in_child(*args: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO, timeout=900)
+    if p.returncode:
+        raise RuntimeError(f"bench.py {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def memory_figures() -> dict:
+    """(c) and (d)."""
+    mib = {(a, T): _in_child("--attention-memory", str(T), a)["mib"] for a in ("auto", "dense") for T in (2048, 16384)}
+    one, two = zero3_memory(1), zero3_memory(2)
+    return {
+        "attention_peak_mib_t2048": round(mib["auto", 2048], 1),
+        "attention_peak_mib_t16384": round(mib["auto", 16384], 1),
+        "attention_memory_ratio_t16384_vs_t2048": round(mib["auto", 16384] / mib["auto", 2048], 2),
+        "attention_memory_ratio_dense_reference": round(mib["dense", 16384] / mib["dense", 2048], 2),
+        "zero3_params": one["params"],
+        "zero3_model_state_mib_1rank": round(one["model_state_bytes"] / 2**20, 1),
+        "zero3_model_state_mib_per_rank_2ranks": round(two["model_state_bytes"] / 2**20, 1),
+        "zero3_memory_ratio_2ranks_vs_1": round(two["model_state_bytes"] / one["model_state_bytes"], 3),
+    }
+
+
 def history(res, key):
     return [v for _, v in sorted(tracking.metric_history(res.tracking_uri, res.run_id, key))]
 
@@ -81,6 +204,15 @@ DEMO_CONFIG = demo_config()
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--attention-memory"]:
+        print(json.dumps({"mib": attention_step_memory(int(sys.argv[2]), sys.argv[3])}))
+        return 0
+    if sys.argv[1:2] == ["--zero3-rank"]:
+        print(json.dumps(_zero3_rank(*map(int, sys.argv[2:5]))))
+        return 0
+    if sys.argv[1:2] == ["--memory-only"]:
+        print(json.dumps(memory_figures(), indent=1))
+        return 0
     os.chdir(REPO)
     base = load_config(DEMO_CONFIG)
     prepare_demo(base)
@@ -109,6 +241,7 @@ def main() -> int:
         "demo_tokens_per_s_2workers_zero3": round(statistics.median(history(res_demo, "train/tokens_per_s")[2:]), 1),
         "omnistream_tokens_per_s_first_half_while_tokenizing": round(statistics.median(tps[1:len(tps) // 2]), 1),
     }
+    figures.update(memory_figures())
     Path("bench.json").write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))
     print("\nomnistream bench (same process, same machine)")

@@ -4,7 +4,7 @@ Ray Train's stock torch backend lets rank 0's `TCPStore` listen on every
 interface (torch binds its store server to the wildcard address). Here rank 0
 binds the listening socket itself, to the node IP Ray reports (127.0.0.1 for
 a local cluster), and hands it to torch (`master_listen_fd`). For local
-clusters gloo is pinned to the loopback interface too. Everything else is
+clusters gloo and NCCL are pinned to the loopback interface too. Everything else is
 Ray's own `_TorchBackend` (shutdown, env vars).
 """
 from __future__ import annotations
@@ -33,11 +33,18 @@ def _open_store_socket() -> tuple[str, int]:
     return addr, s.getsockname()[1]
 
 
+def pin_collectives_to_loopback() -> None:
+    """A local cluster's collectives stay on 127.0.0.1: gloo's pairs and NCCL's bootstrap and socket
+    transport open their listeners on the named interface (by default, the first non-loopback one)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
 def _join(addr: str, port: int, world_rank: int, world_size: int, backend: str, timeout_s: int) -> None:
     import torch.distributed as dist
 
     if addr.startswith("127."):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        pin_collectives_to_loopback()
     timeout = timedelta(seconds=timeout_s)
     if world_rank == 0:
         store = dist.TCPStore(addr, port, world_size, is_master=True, master_listen_fd=_STORE_SOCKET.fileno(),

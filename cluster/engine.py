@@ -12,6 +12,8 @@ from .config import RunConfig, TrainConfig
 
 
 def deepspeed_config(t: TrainConfig) -> dict:
+    """DeepSpeed's JSON for a TrainConfig. bf16 (and fp16) keep fp32 master weights in the ZeRO optimizer
+    (for stage 0, DeepSpeed's BF16_Optimizer does); the model computes its loss in fp32 itself."""
     zero = {"stage": t.zero_stage}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -56,6 +58,7 @@ def build_engine(cfg: RunConfig):
     """
     import deepspeed
     import torch
+    import torch.distributed as dist
 
     from omnistream.model.model import GPT
 
@@ -63,21 +66,55 @@ def build_engine(cfg: RunConfig):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if t.compile:
+        compile_blocks(model)
+    # On CUDA the fused AdamW kernel: one launch for all parameters instead of ~10 per tensor. It needs the
+    # parameters on the GPU when it is built, so the model goes there first (DeepSpeed would move it anyway).
+    fused = torch.cuda.is_available() and not t.offload_optimizer
+    if fused:
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas,
+                                  **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(t))
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
+    if dist.get_world_size() == 1 and t.zero_stage == 0:
+        # one rank has nothing to average: skip DeepSpeed's flatten / all-reduce / unflatten of every gradient
+        engine.enable_backward_allreduce = False
     return engine, scheduler, n_params
 
 
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of keeping them: activation memory drops
+    from every intermediate of every block to one block's input per block (about 1/10 at these widths)
+    for one extra forward, ~+33% step FLOPs. The block's forward is wrapped in place, so parameter names,
+    checkpoints and exports are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each block (fused norms, rotary and SwiGLU; the attention stays the layout's kernel).
+    Costs a compile of one block shape at the first step (~1 min on a GPU host) for ~10-30% step time on
+    CUDA; repeated blocks share the compiled code. Names stay as they were (Module.compile is in place)."""
+    for block in model.blocks:
+        block.compile()
+
+
 def plain_copy(engine, cfg: RunConfig):
-    """A full, unsharded copy of the model on this rank (under ZeRO-3 every rank gathers the partitions)."""
+    """A full, unsharded fp32 copy of the model on this rank's device (under ZeRO-3 every rank gathers
+    the partitions)."""
     import deepspeed
 
     from omnistream.model.model import GPT
 
-    plain = GPT(cfg.model)
+    plain = GPT(cfg.model).to(engine.device)
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         full = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
@@ -94,7 +131,8 @@ def single_process_group() -> None:
     import torch
     import torch.distributed as dist
 
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                 ("NCCL_SOCKET_IFNAME", "lo")):  # NCCL's bootstrap listener stays on loopback
         os.environ.setdefault(k, v)  # what a launcher sets, and DeepSpeed checks
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,

@@ -132,6 +132,7 @@ class Evaluator:
         """This rank's share: loss sums/counts per modality and correct/total per task (summed by the caller)."""
         cfg, vocab, es = self.cfg, self.vocab, self.data
         model.eval()
+        device = next(model.parameters()).device
         n_groups = len(vocab.names) + 1
         sums, counts = torch.zeros(n_groups), torch.zeros(n_groups)
         if es.rows:
@@ -139,12 +140,12 @@ class Evaluator:
             mine = list(range(rank, n, world))
             for i in range(0, len(mine), cfg.eval.batch_size):
                 idx = mine[i:i + cfg.eval.batch_size]
-                b = {c: torch.as_tensor(es.rows[c][idx], dtype=torch.long) for c in COLUMNS}
+                b = {c: torch.as_tensor(es.rows[c][idx], dtype=torch.long, device=device) for c in COLUMNS}
                 _, _, tok = model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
-                lm = torch.as_tensor(label_modalities(es.rows["modality_ids"][idx]), dtype=torch.long)
+                lm = torch.as_tensor(label_modalities(es.rows["modality_ids"][idx]), dtype=torch.long, device=device)
                 s, c = loss_by_group(tok, b["labels"], lm, n_groups)
-                sums += s
-                counts += c
+                sums += s.cpu()
+                counts += c.cpu()
         out = {"loss_sums": sums, "loss_counts": counts}
         for name, task in cfg.eval.tasks.items():
             recs = es.for_task(task)[rank::world]

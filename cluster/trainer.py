@@ -144,8 +144,11 @@ class Trainer:
         peak = peak_flops()
         if self.rank == 0:
             self.log_line(f"[omnistream] {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab.size}, "
-                          f"{self.world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {self.step}->{t.steps}")
+                          f"{self.world} workers, ZeRO-{t.zero_stage}, {t.precision}, "
+                          f"{self.engine.module.attention_kind(self.device)} attention, steps {self.step}->{t.steps}")
             self._log({"model/params": self.n_params})
+            if self.tracker is not None:  # which attention kernel ran: "auto" resolves per device
+                self.tracker.set_tag("model.attention", self.engine.module.attention_kind(self.device))
         self.engine.module.train()
         acc = Interval(self.n_mods + 1)
         exhausted = False
@@ -177,7 +180,7 @@ class Trainer:
         m.update({f"data/tokens/{n}": float(v) for n, v in zip(self.vocab.names, self.tokens)})
         gn = self.engine.get_global_grad_norm()
         m.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(gn) if gn is not None else None,
-                  "train/memory_gb": memory_gb()})
+                  "train/peak_memory_gb": memory_gb()})
         if peak:
             m["train/mfu"] = m["train/tokens_per_s"] * fpt / (peak * self.world)
         self.metrics = m
@@ -215,8 +218,11 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None or not self.evaluator.enabled:
             return {}
-        # ZeRO-3 holds 1/world of each parameter per rank; generation needs them all, so each rank
-        # gathers a plain copy (the demo's 0.9 M parameters; a large model would evaluate sharded)
+        # ZeRO-3 holds 1/world of each parameter per rank. Evaluation gathers a full fp32 copy on every
+        # rank for its duration, on purpose: it is one all-gather per evaluation, where evaluating the
+        # sharded module would all-gather every layer for every generated token on every rank, in
+        # lockstep. The price is one model copy per rank (4 bytes/param: 4 GB at 1B); a model whose
+        # copy does not fit one device is evaluated after `omnistream export` instead.
         plain = self.plain_model()
         m = self.evaluator.evaluate(plain, self.rank, self.world, self.all_reduce)
         if self.rank == 0:
@@ -226,6 +232,7 @@ class Trainer:
                     self.tracker.log_artifact(data, name, f"samples/step_{self.step:06d}")
             self.log_line(f"[omnistream] eval step {self.step}: "
                           + ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
+        del plain
         self.engine.module.train()
         return m
 

@@ -5,7 +5,8 @@
 """
 from .config import GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "IGNORE", "attention_mask", "flops_per_token", "generate", "loss_by_group"]
+__all__ = ["GPT", "GPTConfig", "IGNORE", "KVCache", "attend", "attention_mask", "flops_per_token", "generate",
+           "loss_by_group"]
 
 
 def __getattr__(name: str):

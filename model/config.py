@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+ATTENTION = ("auto", "flex", "varlen", "dense")
+
+
 @dataclass
 class GPTConfig:
     # pydantic (in cluster/config.py) validates this dataclass directly; unknown keys are errors
@@ -17,8 +20,13 @@ class GPTConfig:
     rope_theta: float = field(default=10000.0, metadata={"doc": "rotary base period"})
     dropout: float = field(default=0.0, metadata={"doc": "dropout on attention and residual outputs (0 for small data-rich runs)"})
     tie_embeddings: bool = field(default=True, metadata={"doc": "share the input embedding with the output projection"})
+    attention: str = field(default="auto", metadata={
+        "doc": "document-masked attention: auto (flex on CUDA, else varlen), flex (FlexAttention block mask), "
+               "varlen (one causal SDPA per length bucket of documents), dense (the (B,1,T,T) mask: reference only)"})
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:

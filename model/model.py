@@ -11,14 +11,18 @@ Pieces, and why:
   packed document, so a document looks the same wherever packing put it.
 - SwiGLU MLP with hidden = 8/3·d rounded up to a multiple of 64: same params
   as a 4·d GELU MLP, better loss per FLOP (Shazeer 2020).
-- scaled_dot_product_attention with a causal AND document mask: a token sees
-  only earlier tokens of its own document, so packing never leaks context.
+- Causal, document-masked attention: a token sees only earlier tokens of its
+  own document, so packing never leaks context. Three ways compute it
+  (`GPTConfig.attention`), none but the reference builds a T×T mask:
+  FlexAttention on CUDA, length-bucketed causal SDPA ("varlen") elsewhere.
+- A KV cache for generation: each new token costs one token's forward.
 - Tied input/output embeddings: with ~1k-token vocabularies and small widths
   this halves the embedding parameters at no measurable cost.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -60,13 +64,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, layout: "Layout", kv: tuple["KVCache", int] | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if kv is not None:  # generation: this step's keys join the cached ones, and queries see them all
+            k, v = kv[0].store(kv[1], k, v)
+        y = attend(q, k, v, layout, self.dropout if self.training else 0.0)  # (B, T, H, D)
+        return self.proj(y.reshape(B, T, C))
 
 
 class SwiGLU(nn.Module):
@@ -88,9 +93,34 @@ class Block(nn.Module):
         self.norm2, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask))
+    def forward(self, x, cos, sin, layout, kv=None):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, layout, kv))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# ---- document-masked attention -------------------------------------------------------------------
+# A packed row holds many documents, and a token may see only earlier tokens of its own document. Three
+# ways compute exactly that (tests/unit/test_attention.py holds them to 1e-5 in loss and gradients):
+#   dense   SDPA with a (B, 1, T, T) bool mask. The reference: the mask is T² per row (64 MB at T = 8k)
+#           and an explicit mask makes SDPA give up its flash kernels.
+#   varlen  every document cut out of the row, documents grouped into length buckets (25% apart), and
+#           each bucket run as one batch of causal SDPA with no mask (the flash kernel, on CPU too).
+#           Padding a document at its END is exact under causality: no real query sees a later pad.
+#           Memory is linear in T and compute is sum(L_doc²), not T². The path on CPU.
+#   flex    FlexAttention with a block mask built from doc_ids: key blocks no query can see are
+#           skipped and nothing T×T exists. The path on CUDA (compiled once per process).
+# Document ids are as pipelines/packing.py writes them: a document is a run of equal ids in a row.
+MIN_BUCKET = 16  # finest bucket step: below this, more SDPA calls cost more than the padding they save
+
+
+@dataclass
+class Layout:
+    """Where the documents of a batch are, worked out once per forward and shared by every layer."""
+    kind: str                                        # dense | varlen | flex | cached
+    mask: torch.Tensor | None = None                 # dense, cached: (B, 1, T, S) bool, True = may attend
+    buckets: list = field(default_factory=list)      # varlen: [(index (n, L) into the B·T tokens, valid (n, L))]
+    order: torch.Tensor | None = None                # varlen: puts the buckets' outputs back in row order
+    block_mask: object = None                        # flex: torch's BlockMask
 
 
 def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -103,6 +133,106 @@ def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (causal & same_doc).unsqueeze(1)
+
+
+def varlen_layout(doc_ids: torch.Tensor) -> Layout:
+    """Documents as runs of equal ids, bucketed by length rounded up to a quarter of its power of two
+    (257..320 -> 320), in steps of at least 16: at most 25% padding above 64 tokens (at most 1.56x the
+    attention FLOPs of exact lengths), in a few SDPA calls instead of one per document."""
+    B, T = doc_ids.shape
+    flat = doc_ids.reshape(-1)
+    starts_doc = torch.ones_like(flat, dtype=torch.bool)
+    starts_doc[1:] = flat[1:] != flat[:-1]
+    starts_doc[::T] = True  # a row always starts a document, even if the last one had the same id
+    starts = starts_doc.nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
+    octave = torch.exp2(torch.floor(torch.log2(lengths.double()))).long()
+    step = (octave // 4).clamp(min=MIN_BUCKET)
+    sizes = (lengths + step - 1) // step * step
+    buckets, picked = [], []
+    for size in sizes.unique().tolist():
+        sel = sizes == size
+        s, n = starts[sel], lengths[sel]
+        ar = torch.arange(size, device=flat.device)
+        valid = ar < n[:, None]
+        index = torch.where(valid, s[:, None] + ar, s[:, None])  # pads read the document's first token
+        buckets.append((index, valid))
+        picked.append(index[valid])
+    return Layout("varlen", buckets=buckets, order=torch.argsort(torch.cat(picked)))
+
+
+def flex_layout(doc_ids: torch.Tensor) -> Layout:
+    def causal_same_doc(b, h, q, kv):
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    B, T = doc_ids.shape
+    return Layout("flex", block_mask=_flex()[1](causal_same_doc, B, None, T, T, device=doc_ids.device))
+
+
+_FLEX = None
+
+
+def _flex():
+    """(flex_attention, create_block_mask), compiled on CUDA: uncompiled, the first is a slow reference
+    that materialises the scores and the second materialises the whole mask before blocking it."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if torch.cuda.is_available():
+            flex_attention, create_block_mask = torch.compile(flex_attention), torch.compile(create_block_mask)
+        _FLEX = (flex_attention, create_block_mask)
+    return _FLEX
+
+
+def attend(q, k, v, layout: Layout, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, H, S, D) as the layout allows; returns (B, T, H, D)."""
+    if layout.kind in ("dense", "cached"):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout)
+        return y.transpose(1, 2)
+    if layout.kind == "flex":
+        return _flex()[0](q, k, v, block_mask=layout.block_mask).transpose(1, 2)
+    B, H, T, D = q.shape
+    qf, kf, vf = (t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v))
+    outs = []
+    for index, valid in layout.buckets:
+        qb, kb, vb = (t[index].transpose(1, 2) for t in (qf, kf, vf))  # (n, H, L, D)
+        y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout)
+        outs.append(y.transpose(1, 2)[valid])  # (tokens, H, D)
+    return torch.cat(outs)[layout.order].view(B, T, H, D)
+
+
+class KVCache:
+    """Every layer's keys and values for a batch being generated, preallocated for `max_len` positions:
+    with it a new token costs one token's forward, and sampling a 256-token image is not quadratic."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.doc = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.start = self.length = 0
+
+    def extend(self, doc_ids: torch.Tensor, fresh) -> Layout:
+        """Room for T more tokens; the layout they attend with. An empty cache (the prompt) attends as
+        training does, `fresh(doc_ids)`; later tokens see every cached key of their document through a
+        (B, 1, T, S) mask, which for one new token is one row."""
+        T = doc_ids.shape[1]
+        if self.length + T > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} positions, not {self.length + T}")
+        self.start, self.length = self.length, self.length + T
+        self.doc[:, self.start:self.length] = doc_ids
+        if self.start == 0:
+            return fresh(doc_ids)
+        qpos = torch.arange(self.start, self.length, device=doc_ids.device)
+        visible = torch.arange(self.length, device=doc_ids.device)[None, :] <= qpos[:, None]  # (T, S)
+        same = self.doc[:, None, :self.length] == doc_ids[:, :, None]                     # (B, T, S)
+        return Layout("cached", mask=(same & visible).unsqueeze(1))
+
+    def store(self, layer: int, k, v):
+        self.k[layer, :, :, self.start:self.length] = k
+        self.v[layer, :, :, self.start:self.length] = v
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
 
 class GPT(nn.Module):
@@ -134,16 +264,33 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, position_ids, doc_ids, labels=None):
-        """Logits (B, T, V); with labels also the mean loss and the per-token loss (B, T), 0 where ignored."""
+    def attention_kind(self, device: torch.device | str, training: bool = True) -> str:
+        """The attention path this model takes on `device` (config "auto" resolved). Flex is for training
+        on CUDA: its CPU form is an unfused reference and has no dropout, and evaluation and generation
+        meet a new prompt length at every call, where a compiled kernel would recompile."""
+        kind = self.cfg.attention
+        if kind == "auto":
+            cuda = torch.device(device).type == "cuda"
+            kind = "flex" if cuda and training and self.cfg.dropout == 0 else "varlen"
+        return kind
+
+    def layout(self, doc_ids: torch.Tensor) -> Layout:
+        kind = self.attention_kind(doc_ids.device, self.training)
+        if kind == "dense":
+            return Layout("dense", mask=attention_mask(doc_ids))
+        return flex_layout(doc_ids) if kind == "flex" else varlen_layout(doc_ids)
+
+    def forward(self, input_ids, position_ids, doc_ids, labels=None, cache: KVCache | None = None):
+        """Logits (B, T, V); with labels also the mean loss and the per-token loss (B, T), 0 where ignored.
+        With a cache, these tokens follow the cached ones (generation)."""
         if position_ids.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} >= max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
         cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, D/2)
         sin = self.rope_sin[position_ids].unsqueeze(1)
-        mask = attention_mask(doc_ids)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
+        layout = self.layout(doc_ids) if cache is None else cache.extend(doc_ids, self.layout)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, layout, None if cache is None else (cache, i))
         logits = self.head(self.norm(x))
         if labels is None:
             return logits
@@ -164,47 +311,59 @@ def loss_by_group(token_loss: torch.Tensor, labels: torch.Tensor, groups: torch.
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, allowed: tuple[int, int] | None = None,
-             extra_allowed: tuple[int, ...] = (), stop_token: int | None = None) -> list[list[int]]:
+             extra_allowed: tuple[int, ...] = (), stop_token: int | None = None,
+             use_cache: bool = True) -> list[list[int]]:
     """Greedy continuation of a batch of prompts of different lengths.
 
     Prompts are left-padded; pads get their own document id, so the document
     mask keeps them out of every real token's context and each prompt's
     positions start at 0. `allowed` = [lo, hi) restricts the choice to one
     modality's block (plus `extra_allowed`, e.g. its end marker): asking for
-    an image gets image ids. No KV cache: prompts here are ~100 tokens and the
-    whole recompute costs less than the code a cache needs.
+    an image gets image ids. With the KV cache (default) the prompt runs once
+    and each new token is one token's forward; without it every step reruns
+    the whole sequence (the reference the cache is tested against).
     """
     model.eval()
     device = next(model.parameters()).device
-    out = [list(p) for p in prompts]
-    done = [False] * len(prompts)
-    V = model.cfg.vocab_size
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T0, dtype=torch.long, device=device)
+    pos = torch.zeros_like(ids)
+    doc = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, T0 - len(p):] = torch.tensor(p, device=device)
+        pos[i, T0 - len(p):] = torch.arange(len(p), device=device)
+        doc[i, T0 - len(p):] = 1
     bias = None
     if allowed is not None:
-        bias = torch.full((V,), float("-inf"), device=device)
+        bias = torch.full((model.cfg.vocab_size,), float("-inf"), device=device)
         bias[allowed[0]:allowed[1]] = 0
-        for t in extra_allowed:
-            bias[t] = 0
+        bias[list(extra_allowed)] = 0
+    cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype) if use_cache else None
+    new = torch.zeros(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    step_ids, step_pos, step_doc = ids, pos, doc
     for _ in range(max_new_tokens):
-        T = max(len(s) for s in out)
-        ids = torch.zeros(len(out), T, dtype=torch.long, device=device)
-        pos = torch.zeros_like(ids)
-        doc = torch.zeros_like(ids)
-        for i, s in enumerate(out):
-            ids[i, T - len(s):] = torch.tensor(s, device=device)
-            pos[i, T - len(s):] = torch.arange(len(s), device=device)
-            doc[i, T - len(s):] = 1
-        logits = model(ids, pos, doc)[:, -1, :].float()
-        if bias is not None:
-            logits = logits + bias
-        nxt = logits.argmax(-1).tolist()
-        for i, t in enumerate(nxt):
-            if not done[i]:
-                out[i].append(t)
-                done[i] = stop_token is not None and t == stop_token
-        if all(done):
+        logits = model(step_ids, step_pos, step_doc, cache=cache)[:, -1, :].float()
+        nxt = (logits if bias is None else logits + bias).argmax(-1)
+        new = torch.cat([new, nxt[:, None]], dim=1)
+        if stop_token is not None:
+            done |= nxt == stop_token
+        if bool(done.all()):
             break
-    return [s[len(p):] for s, p in zip(out, prompts)]
+        if cache is not None:  # only the new token goes in; rows already done run on, their tokens dropped
+            step_ids, step_pos, step_doc = nxt[:, None], lengths[:, None], torch.ones_like(nxt)[:, None]
+        else:
+            step_ids = torch.cat([step_ids, nxt[:, None]], dim=1)
+            step_pos = torch.cat([step_pos, lengths[:, None]], dim=1)
+            step_doc = torch.cat([step_doc, torch.ones_like(nxt)[:, None]], dim=1)
+        lengths = lengths + 1
+    out = []
+    for row in new.tolist():  # each row up to and including its first stop token
+        if stop_token is not None and stop_token in row:
+            row = row[:row.index(stop_token) + 1]
+        out.append(row)
+    return out
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:

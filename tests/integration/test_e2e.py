@@ -84,7 +84,7 @@ def test_run_logs_the_design_metrics(trained):
     res = trained["res"]
     m = res.metrics
     for key in ["train/loss", "train/loss/text", "train/loss/image", "train/loss/audio", "train/tokens_per_s",
-                "train/data_wait_frac", "train/lr", "train/grad_norm", "eval/loss/text", "eval/loss/image",
+                "train/data_wait_frac", "train/lr", "train/grad_norm", "train/peak_memory_gb", "eval/loss/text", "eval/loss/image",
                 "eval/loss/audio", "eval/image_to_text/accuracy", "eval/audio_to_text/accuracy",
                 "data/seen", "data/kept"]:
         assert key in m, key
@@ -94,6 +94,7 @@ def test_run_logs_the_design_metrics(trained):
     c = tracking.client(res.tracking_uri)
     run = c.get_run(res.run_id)
     assert run.data.params["train.zero_stage"] == "3" and run.data.params["cluster.num_workers"] == "2"
+    assert run.data.tags["model.attention"] == "varlen"  # the CPU path; never the T×T reference
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config", "vocab.json", "data", "samples"} <= arts
     sample_files = [a.path for a in c.list_artifacts(res.run_id, "samples/step_000010")]
