@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -192,8 +193,13 @@ def client(address: str, insecure: bool = False):
         raise _user_error(address, e) from None
 
 
+_REFUSED = re.compile(r"authenticat|unauthori[sz]ed|forbidden|(?<![\w.:/])(?:401|403)(?![\w.])", re.IGNORECASE)
+
+
 def _refused(msg: str) -> bool:
-    return any(w in msg.lower() for w in ("authenticat", "unauthorized", "401", "403"))
+    """An authentication refusal, by its words or HTTP status; never a 401/403 inside a port or address
+    (http://127.0.0.1:40391 holds "403")."""
+    return bool(_REFUSED.search(re.sub(r"\w+://\S+", "", msg)))
 
 
 def _user_error(address: str, e: Exception) -> UserError:

@@ -81,7 +81,7 @@ warmup_steps = 1
 log_every = 1
 zero_stage = 3
 [cluster]
-num_workers = 2
+num_workers = 1
 cpus_per_worker = 0.5
 storage_path = "{tmp}/ray"
 [tracking]

@@ -67,3 +67,14 @@ def test_a_whole_meta_reads_back(tmp_path):
     meta = {"step": 3, "world_size": 2, "config": {}, "vocab": {"fingerprint": "abc"}}
     (tmp_path / META).write_text(json.dumps(meta))
     assert read_checkpoint_meta(tmp_path) == meta
+
+
+@pytest.mark.parametrize("message, refused", [
+    ("Failed to connect to Ray at address: http://127.0.0.1:40391.", False),  # "403" in a port is not a refusal
+    ("Failed to connect to Ray at address: http://10.0.0.401:8265.", False),
+    ("Request failed with status code 403: Forbidden", True),
+    ("HTTP 401 Unauthorized", True),
+    ("Authentication failed: invalid token", True),
+])
+def test_a_refusal_is_told_apart_from_an_unreachable_address(message, refused):
+    assert jobs._refused(message) is refused
