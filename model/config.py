@@ -21,7 +21,7 @@ class GPTConfig:
     dropout: float = field(default=0.0, metadata={"doc": "dropout on attention and residual outputs (0 for small data-rich runs)"})
     tie_embeddings: bool = field(default=True, metadata={"doc": "share the input embedding with the output projection"})
     attention: str = field(default="auto", metadata={
-        "doc": "document-masked attention: auto (flex on CUDA, else varlen), flex (FlexAttention block mask), "
+        "doc": "document-masked attention: auto (flex when training on CUDA, else varlen), flex (FlexAttention block mask), "
                "varlen (one causal SDPA per length bucket of documents), dense (the (B,1,T,T) mask: reference only)"})
 
     def __post_init__(self):

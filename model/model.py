@@ -118,7 +118,7 @@ class Layout:
     """Where the documents of a batch are, worked out once per forward and shared by every layer."""
     kind: str                                        # dense | varlen | flex | cached
     mask: torch.Tensor | None = None                 # dense, cached: (B, 1, T, S) bool, True = may attend
-    buckets: list = field(default_factory=list)      # varlen: [(index (n, L) into the B·T tokens, valid (n, L))]
+    buckets: list = field(default_factory=list)      # varlen: [(index (n, L) into the B·T tokens, real slots)]
     order: torch.Tensor | None = None                # varlen: puts the buckets' outputs back in row order
     block_mask: object = None                        # flex: torch's BlockMask
 
@@ -156,7 +156,7 @@ def varlen_layout(doc_ids: torch.Tensor) -> Layout:
         ar = torch.arange(size, device=flat.device)
         valid = ar < n[:, None]
         index = torch.where(valid, s[:, None] + ar, s[:, None])  # pads read the document's first token
-        buckets.append((index, valid))
+        buckets.append((index, valid.flatten().nonzero().squeeze(1)))  # and are dropped after attention
         picked.append(index[valid])
     return Layout("varlen", buckets=buckets, order=torch.argsort(torch.cat(picked)))
 
@@ -193,13 +193,15 @@ def attend(q, k, v, layout: Layout, dropout: float = 0.0) -> torch.Tensor:
     if layout.kind == "flex":
         return _flex()[0](q, k, v, block_mask=layout.block_mask).transpose(1, 2)
     B, H, T, D = q.shape
-    qf, kf, vf = (t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v))
+    # one gather per bucket for q, k and v together: (B·T, 3, H, D) rows, picked by token index
+    qkv = torch.stack((q, k, v), dim=2).permute(0, 3, 2, 1, 4).reshape(B * T, 3, H, D)
     outs = []
-    for index, valid in layout.buckets:
-        qb, kb, vb = (t[index].transpose(1, 2) for t in (qf, kf, vf))  # (n, H, L, D)
+    for index, keep in layout.buckets:
+        n, L = index.shape
+        qb, kb, vb = qkv.index_select(0, index.flatten()).view(n, L, 3, H, D).permute(2, 0, 3, 1, 4)  # (n, H, L, D)
         y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout)
-        outs.append(y.transpose(1, 2)[valid])  # (tokens, H, D)
-    return torch.cat(outs)[layout.order].view(B, T, H, D)
+        outs.append(y.transpose(1, 2).reshape(n * L, H, D).index_select(0, keep))  # real tokens only
+    return torch.cat(outs).index_select(0, layout.order).view(B, T, H, D)
 
 
 class KVCache:

@@ -34,7 +34,7 @@ micro_batch_size = 4
 warmup_steps = 1
 log_every = 1
 [cluster]
-num_workers = 2
+num_workers = 1
 cpus_per_worker = 0.25
 worker_resources = {{ trainer = 1 }}
 storage_path = "{tmp_path}/ray"
