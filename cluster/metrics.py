@@ -13,9 +13,11 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
 class Interval:
     """Sums over the steps between two log points; reduced across ranks before logging."""
 
-    def __init__(self, n_groups: int):
-        self.sums = torch.zeros(n_groups)
-        self.counts = torch.zeros(n_groups)
+    def __init__(self, n_groups: int, device: torch.device | str = "cpu"):
+        # loss sums stay on the training device between log points: a .cpu() per micro-batch would
+        # make every step on a GPU wait for its own backward before the next batch is queued
+        self.sums = torch.zeros(n_groups, device=device)
+        self.counts = torch.zeros(n_groups, device=device)
         self.tokens = 0
         self.wait = 0.0
         self.time = 0.0
@@ -35,7 +37,8 @@ class Interval:
 
     def reduce(self, all_reduce, world: int) -> "Interval":
         """Summed over ranks by `all_reduce` (in place); wait and time are averaged."""
-        v = torch.cat([self.sums, self.counts, torch.tensor([self.tokens, self.wait, self.time], dtype=torch.float32)])
+        v = torch.cat([self.sums.cpu(), self.counts.cpu(),
+                       torch.tensor([self.tokens, self.wait, self.time], dtype=torch.float32)])
         all_reduce(v)
         n = len(self.sums)
         out = Interval(n)

@@ -125,7 +125,7 @@ class Trainer:
             self.engine.step()
             lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long).to(self.device)
             s, c = loss_by_group(tok_loss.detach().float(), x["labels"], lm, self.n_mods + 1)
-            acc.add(s.cpu(), c.cpu(), tokens=int((b["doc_ids"] > 0).sum()), wait=wait)
+            acc.add(s, c, tokens=int((b["doc_ids"] > 0).sum()), wait=wait)
             step_tokens += torch.as_tensor(token_counts(b["modality_ids"], self.n_mods), dtype=torch.float64)
         self.step += 1
         # the global batch's token shares (data/token_share/*): one small all_reduce per step
@@ -150,7 +150,7 @@ class Trainer:
             if self.tracker is not None:  # which attention kernel ran: "auto" resolves per device
                 self.tracker.set_tag("model.attention", self.engine.module.attention_kind(self.device))
         self.engine.module.train()
-        acc = Interval(self.n_mods + 1)
+        acc = Interval(self.n_mods + 1, self.device)
         exhausted = False
         while self.step < t.steps:
             if not self.train_step(acc):
@@ -158,7 +158,7 @@ class Trainer:
                 break
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log_interval(acc, fpt, peak)
-                acc = Interval(self.n_mods + 1)
+                acc = Interval(self.n_mods + 1, self.device)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                 self.metrics.update(self.evaluate())
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:

@@ -303,11 +303,13 @@ class GPT(nn.Module):
 
 
 def loss_by_group(token_loss: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, n_groups: int):
-    """Summed loss and token count per group id (e.g. the modality of each label)."""
-    valid = labels != IGNORE
-    g = groups[valid]
-    sums = torch.zeros(n_groups, dtype=torch.float32, device=token_loss.device).index_add_(0, g, token_loss[valid].float())
-    counts = torch.bincount(g, minlength=n_groups).float()
+    """Summed loss and token count per group id (e.g. the modality of each label). Ignored labels add
+    0 to both; no boolean indexing, so on a GPU nothing here waits for the device."""
+    valid = (labels != IGNORE).flatten().float()
+    g = groups.flatten()
+    zeros = torch.zeros(n_groups, dtype=torch.float32, device=token_loss.device)
+    sums = zeros.index_add(0, g, token_loss.detach().flatten().float() * valid)
+    counts = zeros.index_add(0, g, valid)
     return sums, counts
 
 
