@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from omnistream.cluster import tracking  # noqa: E402
 from omnistream.cluster.cli.demo import demo_config, prepare_demo  # noqa: E402
 from omnistream.cluster.config import load_config  # noqa: E402
 from omnistream.cluster.engine import lr_lambda, param_groups  # noqa: E402
+from omnistream.cluster.ray_local import free_port  # noqa: E402
 from omnistream.cluster.train import prepare, run_training  # noqa: E402
 from omnistream.model.model import GPT  # noqa: E402
 from omnistream.pipelines.packing import COLUMNS, pack_documents  # noqa: E402
@@ -162,9 +162,7 @@ def _zero3_rank(rank: int, world: int, port: int) -> dict:
 
 def zero3_memory(world: int) -> dict:
     """(d): `world` ranks as processes of this script; rank 0's figures."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--zero3-rank", str(r), str(world), str(port)],
                               stdout=subprocess.PIPE, text=True, cwd=REPO) for r in range(world)]
     outs = [p.communicate(timeout=900)[0] for p in procs]

@@ -18,6 +18,7 @@ Versions of torch and deepspeed go with the figures.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import time
@@ -93,8 +94,8 @@ def trainer_speed(model: GPTConfig, rows: int, steps: int, precision: str, **tra
            "attention": trainer.engine.module.attention_kind(trainer.device), "rows": rows,
            "seq_len": model.max_seq_len, **train, "wall_s": round(time.perf_counter() - t0, 1)}
     del trainer
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print(json.dumps(out), flush=True)
     return out
@@ -123,7 +124,7 @@ def attention_parity(seq: int = 1024) -> dict:
 
 
 def loopback_listeners() -> list[str]:
-    """This process's listening TCP sockets, as "addr:port" (from /proc: no psutil on a bare machine)."""
+    """This process's listening TCP sockets as (address, port), from /proc: no psutil on a bare machine."""
     inodes = set()
     for fd in Path("/proc/self/fd").iterdir():
         try:
@@ -133,18 +134,20 @@ def loopback_listeners() -> list[str]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = []
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             f = line.split()
             if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
                 addr, port = f[1].split(":")
-                raw = bytes.fromhex(addr)
-                if v6:
-                    ip = ":".join(raw[i:i + 4][::-1].hex() for i in range(0, 16, 4))
-                else:
-                    ip = ".".join(str(x) for x in raw[::-1])
-                found.append(f"{ip}:{int(port, 16)}")
+                raw = bytes.fromhex(addr)  # 32-bit words in host (little-endian) order
+                ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                found.append((ip, int(port, 16)))
     return found
+
+
+def is_loopback(ip) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def main() -> None:
@@ -182,9 +185,9 @@ def main() -> None:
     # 3. NCCL's listeners (single_process_group initialised NCCL; a collective makes it connect)
     x = torch.ones(1, device="cuda")
     torch.distributed.all_reduce(x)
-    res["listeners"] = loopback_listeners()
-    res["listeners_all_loopback"] = all(a.startswith("127.") or a.startswith("00000000:00000000:00000000:01000000")
-                                        for a in res["listeners"])
+    listeners = loopback_listeners()
+    res["listeners"] = [f"{ip}:{port}" for ip, port in listeners]
+    res["listeners_all_loopback"] = all(is_loopback(ip) for ip, _ in listeners)
     save()
     print(json.dumps(res, indent=1), flush=True)
     if args.quick:

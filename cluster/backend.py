@@ -9,7 +9,6 @@ Ray's own `_TorchBackend` (shutdown, env vars).
 """
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +16,8 @@ from datetime import timedelta
 import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from .engine import pin_collectives_to_loopback
 
 _STORE_SOCKET: socket.socket | None = None  # kept open in rank 0's process for the store's lifetime
 
@@ -31,13 +32,6 @@ def _open_store_socket() -> tuple[str, int]:
     s.listen(1024)
     _STORE_SOCKET = s
     return addr, s.getsockname()[1]
-
-
-def pin_collectives_to_loopback() -> None:
-    """A local cluster's collectives stay on 127.0.0.1: gloo's pairs and NCCL's bootstrap and socket
-    transport open their listeners on the named interface (by default, the first non-loopback one)."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def _join(addr: str, port: int, world_rank: int, world_size: int, backend: str, timeout_s: int) -> None:

@@ -123,6 +123,15 @@ def plain_copy(engine, cfg: RunConfig):
     return plain
 
 
+def pin_collectives_to_loopback() -> None:
+    """A local cluster's collectives stay on 127.0.0.1: gloo's pairs and NCCL's bootstrap and socket
+    transport open their listeners on the named interface (by default, the first non-loopback one)."""
+    import os
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
 def single_process_group() -> None:
     """torch.distributed for one process (world size 1, an in-memory store, no sockets): how the Trainer
     runs outside Ray, for the golden test and the GPU check."""
@@ -131,9 +140,9 @@ def single_process_group() -> None:
     import torch
     import torch.distributed as dist
 
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                 ("NCCL_SOCKET_IFNAME", "lo")):  # NCCL's bootstrap listener stays on loopback
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)  # what a launcher sets, and DeepSpeed checks
+    pin_collectives_to_loopback()  # NCCL opens a bootstrap listener even for one rank
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)

@@ -143,12 +143,13 @@ class Trainer:
         fpt = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
         peak = peak_flops()
         if self.rank == 0:
+            attention = self.engine.module.attention_kind(self.device)  # "auto" resolves per device
             self.log_line(f"[omnistream] {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab.size}, "
                           f"{self.world} workers, ZeRO-{t.zero_stage}, {t.precision}, "
-                          f"{self.engine.module.attention_kind(self.device)} attention, steps {self.step}->{t.steps}")
+                          f"{attention} attention, steps {self.step}->{t.steps}")
             self._log({"model/params": self.n_params})
-            if self.tracker is not None:  # which attention kernel ran: "auto" resolves per device
-                self.tracker.set_tag("model.attention", self.engine.module.attention_kind(self.device))
+            if self.tracker is not None:
+                self.tracker.set_tag("model.attention", attention)
         self.engine.module.train()
         acc = Interval(self.n_mods + 1, self.device)
         exhausted = False
@@ -232,7 +233,6 @@ class Trainer:
                     self.tracker.log_artifact(data, name, f"samples/step_{self.step:06d}")
             self.log_line(f"[omnistream] eval step {self.step}: "
                           + ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
-        del plain
         self.engine.module.train()
         return m
 
