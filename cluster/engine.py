@@ -101,10 +101,12 @@ def apply_activation_checkpointing(model) -> None:
 
 def compile_blocks(model) -> None:
     """torch.compile each block (fused norms, rotary and SwiGLU; the attention stays the layout's kernel).
-    Costs a compile of one block shape at the first step (~1 min on a GPU host) for ~10-30% step time on
-    CUDA; repeated blocks share the compiled code. Names stay as they were (Module.compile is in place)."""
+    Costs a compile at the first step; on one H100 at 337M it gave no gain (MFU 0.216 against 0.222,
+    benchmarks/gpu_h100.json), so it is off by default. Repeated blocks share the compiled code. Names stay as they were (Module.compile is in place).
+    Static shapes (dynamic=False): a training step's shapes never change, and the symbolic-shape path
+    failed to lower FlexAttention inside a compiled block on an H100 (torch 2.11)."""
     for block in model.blocks:
-        block.compile()
+        block.compile(dynamic=False)
 
 
 def plain_copy(engine, cfg: RunConfig):

@@ -109,7 +109,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from omnistream.pipelines.accounting import DataLedger
+    from omnistream.pipelines.ledger import DataLedger
     from omnistream.pipelines.stream import build_train_stream
 
     from . import tracking

@@ -50,10 +50,12 @@ def rotary_table(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tenso
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, H, T, D); cos/sin: (B, 1, T, D/2), gathered at each token's position id
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D/2) fp32, gathered at each token's position id. The rotation
+    # is computed in fp32 and cast back: left in fp32, a bf16 model's attention and output projection
+    # would run in fp32 (and DeepSpeed ZeRO-3's bf16 linear refuses the mixed dtypes outright)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2)
+    return out.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):

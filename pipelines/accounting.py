@@ -1,8 +1,7 @@
 """Data accounting: every record read is counted once as kept, filtered or errored.
 
-A `DataLedger` Ray actor collects counts and dead letters from the pipeline's
-tokenizer actors (one message per batch, fire-and-forget). Readers on the
-driver or in the trainer ask it for a snapshot.
+Plain data and arithmetic, no Ray: the trainer imports it on machines without Ray. The `DataLedger`
+Ray actor that gathers tallies from the pipeline's actors lives in ledger.py.
 """
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-import ray
 
 MAX_DEAD_LETTERS = 10_000  # beyond this, dead letters are counted but not listed
 
@@ -103,45 +101,6 @@ def error_rate_verdict(t: Tally, max_rate: float, window: int, final: bool = Fal
         return (f"{bad} of the first {t.seen} records could not be read ({top}), more than "
                 f"data.max_error_rate={max_rate}: are the shards the data you meant?")
     return None
-
-
-@ray.remote(num_cpus=0)
-class DataLedger:
-    """Collects the pipeline actors' tallies; judges the error rate on the first window of records.
-
-    Each tally comes with the part of the stream it covers (an epoch's shard, a mixing window).
-    When Ray Train restarts the worker group after a failure the stream is read again from the
-    start; a part seen again REPLACES its earlier count, so a record is never counted twice.
-    """
-
-    def __init__(self, max_rate: float = 1.0, window: int = 1000):
-        self.tally = Tally()
-        self.parts: dict[str, Tally] = {}
-        self.max_rate, self.window = max_rate, window
-        self.verdict: str | None = None
-        self.judged = False
-
-    def add(self, t: Tally, part: str | None = None) -> None:
-        if part is not None and part in self.parts:
-            self.parts[part] = t
-            self.tally = Tally()
-            for p in self.parts.values():
-                self.tally.add(p)
-            return
-        if part is not None:
-            self.parts[part] = t
-        self.tally.add(t)
-        if not self.judged and self.tally.seen >= self.window:
-            self.judged = True
-            self.verdict = error_rate_verdict(self.tally, self.max_rate, self.window)
-
-    def stop_reason(self, final: bool = False) -> str | None:
-        if final and not self.judged:
-            return error_rate_verdict(self.tally, self.max_rate, self.window, final=True)
-        return self.verdict
-
-    def snapshot(self) -> Tally:
-        return self.tally
 
 
 @dataclass

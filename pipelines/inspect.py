@@ -12,7 +12,8 @@ from collections import Counter
 import numpy as np
 import ray
 
-from .accounting import DataLedger, error_rate_verdict
+from .accounting import error_rate_verdict
+from .ledger import DataLedger
 from .config import DataConfig
 from .shards import list_shards
 from .stream import record_stream

@@ -237,7 +237,7 @@ def test_switching_a_filter_off_keeps_what_it_caught(ray_local, report, planted,
 
 def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
     """Two actors, shards in two epochs: the same record met again is not its own duplicate."""
-    from omnistream.pipelines.accounting import DataLedger
+    from omnistream.pipelines.ledger import DataLedger
     from omnistream.pipelines.config import DataConfig
     from omnistream.pipelines.stream import record_stream
 

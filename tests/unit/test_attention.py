@@ -112,3 +112,16 @@ def test_activation_checkpointing_leaves_loss_and_gradients_unchanged():
     assert float(loss.detach()) == float(ref_loss)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, ref_grads[n], atol=1e-6, rtol=0), n
+
+
+def test_rotary_keeps_a_bf16_model_in_bf16():
+    """The rotary tables are fp32; a bf16 model's q and k must come out bf16, or the attention and the
+    output projection run in fp32 (and DeepSpeed ZeRO-3's bf16 linear refuses the mix: seen on an H100)."""
+    from omnistream.model.model import apply_rotary, rotary_table
+
+    cos, sin = rotary_table(16, 32, 10000.0)
+    x = torch.randn(2, 4, 32, 16, dtype=torch.bfloat16)
+    out = apply_rotary(x, cos[None, None], sin[None, None])
+    assert out.dtype == torch.bfloat16
+    ref = apply_rotary(x.float(), cos[None, None], sin[None, None])
+    assert torch.allclose(out.float(), ref, atol=1e-2)
