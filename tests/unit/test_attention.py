@@ -120,8 +120,8 @@ def test_rotary_keeps_a_bf16_model_in_bf16():
     from omnistream.model.model import apply_rotary, rotary_table
 
     cos, sin = rotary_table(16, 32, 10000.0)
-    x = torch.randn(2, 4, 32, 16, dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 32, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
     out = apply_rotary(x, cos[None, None], sin[None, None])
     assert out.dtype == torch.bfloat16
     ref = apply_rotary(x.float(), cos[None, None], sin[None, None])
-    assert torch.allclose(out.float(), ref, atol=1e-2)
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)  # bf16 keeps 8 bits: ~0.4% per rounding
