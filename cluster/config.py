@@ -144,6 +144,8 @@ class RunConfig(_Section):
         c.data.bundle_dir = _abs(c.data.bundle_dir)
         c.data.train_shards = [_abs(s) for s in c.data.train_shards]
         c.data.eval_shards = [_abs(s) for s in c.data.eval_shards]
+        if c.data.token_cache != "auto":
+            c.data.token_cache = _abs(c.data.token_cache)
         c.cluster.storage_path = _abs(c.cluster.storage_path)
         if c.train.resume_from:
             c.train.resume_from = _abs(c.train.resume_from)

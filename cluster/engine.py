@@ -49,12 +49,14 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: RunConfig):
+def build_engine(cfg: RunConfig, load_universal: bool = False):
     """The model, its AdamW and LR schedule, wrapped by `deepspeed.initialize`; returns (engine, scheduler,
     parameter count).
 
     Needs torch.distributed initialised (Ray Train does it; `single_process_group()` for one process).
     Every rank builds the model from the same seed: ZeRO partitions it, and stage 0 needs it equal.
+    `load_universal`: the checkpoint this engine will load is in DeepSpeed's universal form (written by
+    another number of ranks; checkpoint.to_universal).
     """
     import deepspeed
     import torch
@@ -79,7 +81,9 @@ def build_engine(cfg: RunConfig):
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(t))
+                                                   config={**deepspeed_config(t),
+                                                           **({"checkpoint": {"load_universal": True}}
+                                                              if load_universal else {})})
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
     if dist.get_world_size() == 1 and t.zero_stage == 0:
         # one rank has nothing to average: skip DeepSpeed's flatten / all-reduce / unflatten of every gradient

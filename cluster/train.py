@@ -12,11 +12,15 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from omnistream.modalities.base import UserError
 from omnistream.modalities.vocab import Vocabulary
 
-from .checkpoint import check_checkpoint, read_checkpoint_meta
+from omnistream.pipelines.rows import StreamStart
+
+from .checkpoint import (check_checkpoint, describe_stream_change, latest_checkpoint, read_checkpoint_meta,
+                         read_data_position, to_universal)
 from .config import RunConfig
 
 
@@ -29,7 +33,7 @@ class LedgerMonitor:
     def metrics(self) -> dict[str, float]:
         import ray
 
-        return ray.get(self.ledger.snapshot.remote()).metrics()
+        return ray.get(self.ledger.metrics.remote())
 
     def stop_reason(self) -> str | None:
         import ray
@@ -58,18 +62,15 @@ def train_worker(config: dict) -> None:
         cfg, vocab, batches,
         tracker=MLflowTracker(cfg.tracking.uri, config["run_id"]) if rank == 0 else None,
         checkpointer=Checkpointer(lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
-                                  config["run_id"]),
+                                  config["run_id"], config["stream"]),
         evaluator=Evaluator(cfg, vocab),
         monitor=LedgerMonitor(config["ledger"]) if rank == 0 and config.get("ledger") is not None else None,
-        log=lambda line: print(line, flush=True))
-    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(cfg.train.resume_from)
-                                          if cfg.train.resume_from else None)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            trainer.checkpointer.load(trainer, d)
+        log=lambda line: print(line, flush=True), load_universal=bool(config.get("universal")))
+    if config.get("resume"):
+        trainer.checkpointer.load(trainer, config["resume"], config.get("universal"))
         if rank == 0:
-            print(f"[omnistream] resumed at step {trainer.step} (replayed {trainer.consumed.batches} consumed "
-                  f"batches per rank)", flush=True)
+            print(f"[omnistream] resumed at step {trainer.step}: {trainer.start.rows} rows of the stream consumed, "
+                  f"reading on from there", flush=True)
     trainer.train()
 
 
@@ -100,21 +101,65 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     if cfg.data.eval_shards:
         list_shards(cfg.data.eval_shards)
     if cfg.train.resume_from:
-        check_checkpoint(cfg.train.resume_from, vocab, cfg.cluster.num_workers)
+        check_checkpoint(cfg.train.resume_from, vocab)
     return cfg, vocab
+
+
+def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConfig, StreamStart, str | None]:
+    """Where a run resumed from `ckpt` starts: (its config, the stream's start, the universal checkpoint
+    to load when the checkpoint was written by another number of workers).
+
+    On another number of workers the global batch is kept where it can be: train.grad_accum is set so
+    that workers × micro_batch_size × grad_accum rows equal the checkpoint's global batch; then a step
+    consumes the same rows as it would have on the old workers. Where it cannot (say 2 -> 3 workers at
+    grad_accum 1), the global batch changes, and the log says so: the stream still goes on at the row
+    it stood at, but a step then covers another number of rows.
+    """
+    if not ckpt:
+        return cfg, StreamStart(), None
+    meta, data = read_checkpoint_meta(ckpt), read_data_position(ckpt)
+    change = describe_stream_change(data["stream"], stream)
+    if change:
+        raise UserError(f"checkpoint {ckpt} consumed another data stream ({change}): resuming it here would "
+                        f"repeat or skip records")
+    pos = data["position"]
+    last = pos.get("last")
+    start = StreamStart(last["window"], last["row"], last["row_hash"], int(pos["rows"])) if last else StreamStart()
+    old, new = meta["world_size"], cfg.cluster.num_workers
+    if old == new:
+        return cfg, start, None
+    t = meta["config"]["train"]
+    global_batch = old * t["micro_batch_size"] * t["grad_accum"]
+    cfg = cfg.model_copy(deep=True)
+    per_step = new * cfg.train.micro_batch_size
+    if global_batch % per_step == 0:
+        cfg.train.grad_accum = global_batch // per_step
+        print(f"[omnistream] checkpoint of {old} workers resumes on {new}: train.grad_accum={cfg.train.grad_accum} "
+              f"keeps the global batch at {global_batch} rows", flush=True)
+    else:
+        print(f"[omnistream] checkpoint of {old} workers resumes on {new}: the global batch changes from "
+              f"{global_batch} to {per_step * cfg.train.grad_accum} rows (it is not a multiple of {per_step})",
+              flush=True)
+    universal = None
+    if t["zero_stage"] > 0 or t["precision"] != "fp32":
+        import hashlib
+
+        tag = hashlib.sha256(str(Path(ckpt).resolve()).encode()).hexdigest()[:12]
+        universal = str(to_universal(ckpt, Path(cfg.cluster.storage_path) / "universal" / f"step{meta['step']}-{tag}"))
+    return cfg, start, universal
 
 
 def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from omnistream.pipelines.ledger import DataLedger
-    from omnistream.pipelines.stream import build_train_stream
+    from omnistream.pipelines.accounting import ErrorRateExceeded
+    from omnistream.pipelines.cache import TokenCache, cache_url, key_digest
+    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
+    from omnistream.pipelines.shards import list_shards, shard_order
+    from omnistream.pipelines.tokenize import build_cache, require_data
 
     from . import tracking
-    from .backend import BoundTorchConfig
-    from .ray_local import WORKER_ENV, connect
+    from .ray_local import connect
 
     t0 = time.time()
     cfg, vocab = prepare(cfg)
@@ -127,44 +172,107 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     tracking.log_text(uri, run_id, tracking.dumps(vocab.layout()), "vocab.json")
     print(f"[omnistream] MLflow run {run_id} ({uri})", flush=True)
 
-    ledger = DataLedger.remote(cfg.data.max_error_rate, cfg.data.error_rate_window)
-    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, ledger,
-                            rows_per_batch=cfg.train.micro_batch_size * cfg.train.grad_accum)
-    trainer = TorchTrainer(
-        train_worker,
-        torch_config=BoundTorchConfig(),
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id, "ledger": ledger},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources}),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{run_id[:12]}", storage_path=cfg.cluster.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)}),
-        datasets={"train": ds},
-    )
+    # 1. tokenize once: the shards not yet in the token cache
+    shards = list_shards(cfg.data.train_shards)
+    cache = TokenCache(cache_url(cfg.data))
     try:
-        result = trainer.fit()
-    except Exception as e:
+        built = build_cache(cfg.data, cfg.modalities, cfg.seed, vocab)
+        tally = require_data(cache, shards)
+    except (ErrorRateExceeded, UserError) as e:
         tracking.client(uri).set_terminated(run_id, "FAILED")
-        reason = ray.get(ledger.stop_reason.remote())
-        if reason:
-            _log_data(uri, run_id, ray.get(ledger.snapshot.remote()), 0)
-            raise UserError(reason) from None
-        raise RuntimeError(f"training failed: {_root_message(e)}") from e
-    tally = ray.get(ledger.snapshot.remote())
-    step = int((result.metrics or {}).get("step", cfg.train.steps))
-    report = _log_data(uri, run_id, tally, step)
+        if isinstance(e, ErrorRateExceeded):
+            _log_data(uri, run_id, cache.tally(shards), 0)
+        raise UserError(str(e)) from None
+    tracking.MLflowTracker(uri, run_id).log({"data/cache/shards_tokenized": built["tokenized"],
+                                             "data/cache/shards_reused": built["already_cached"],
+                                             "data/cache/seconds": built["seconds"]}, 0)
+    print(f"[omnistream] token cache {built['url']}: {built['already_cached']} shards reused, "
+          f"{built['tokenized']} tokenized ({built['records']} records, {built['seconds']:.1f} s)", flush=True)
+
+    # 2. the row stream's plan: every epoch's seeded shard order, cut into packing windows
+    plan = shard_order(shards, cfg.seed, cfg.data.epochs)
+    done, _ = cache.status(shards)
+    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
+    stream = stream_settings(cfg.data, cfg.seed, cfg.train.micro_batch_size, key_digest(cache.manifest()["key"]))
+
+    # 3. train; after a failure, again from the newest complete checkpoint (train.max_failures times)
+    name = f"{cfg.name}-{run_id[:12]}"
+    resume, attempt = cfg.train.resume_from or None, 0
+    while True:
+        run_cfg, start, universal = resume_plan(cfg, resume, stream)
+        ledger = _ledger(tally)
+        try:
+            result = _fit(run_cfg, run_id, name + (f"-retry{attempt}" if attempt else ""), ledger, resume, universal,
+                          stream, cache.url, plan, windows, start)
+            break
+        except Exception as e:  # noqa: BLE001 - a worker's failure, retried from a checkpoint or reported
+            newest = _newest_checkpoint(cfg.cluster.storage_path, name)
+            if attempt < cfg.train.max_failures and (newest or resume):
+                attempt += 1
+                resume = str(newest) if newest else resume
+                print(f"[omnistream] training failed ({_root_message(e)}); restarting from {resume} "
+                      f"(retry {attempt} of {cfg.train.max_failures})", flush=True)
+                continue
+            tracking.client(uri).set_terminated(run_id, "FAILED")
+            raise RuntimeError(f"training failed: {_root_message(e)}") from e
+    report = _log_data(uri, run_id, ray.get(ledger.snapshot.remote()), int((result.metrics or {}).get("step", 0)))
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt:
         tracking.MLflowTracker(uri, run_id).set_tag("omnistream.checkpoint", ckpt)
     tracking.client(uri).set_terminated(run_id, "FINISHED")
     metrics = tracking.final_metrics(uri, run_id)
-    kept = sorted((c.path for c, _ in (result.best_checkpoints or [])),
-                  key=lambda p: read_checkpoint_meta(p)["step"])
+    kept = sorted((str(p) for p in Path(cfg.cluster.storage_path).glob(f"{name}*/checkpoint_*")
+                   if (p / "omnistream.json").exists()), key=lambda p: read_checkpoint_meta(p)["step"])
     digest = tracking.client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
     return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0, kept, digest)
+
+
+def _ledger(tally):
+    """The run's DataLedger, holding the token cache's accounting; the packers add what the mixer drops,
+    and the stream's resume figures."""
+    from omnistream.pipelines.ledger import DataLedger
+
+    ledger = DataLedger.remote()  # the error rate was judged when the shards were tokenized
+    ledger.add.remote(tally, "token_cache")
+    return ledger
+
+
+def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, url, plan, windows, start):
+    """One Ray Train run of the worker group over the stream from `start`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from omnistream.pipelines.rows import build_train_stream
+
+    from .backend import BoundTorchConfig, OrderedSplit
+    from .ray_local import WORKER_ENV
+
+    t = cfg.train
+    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, url, plan, windows,
+                            unit_rows=t.micro_batch_size * t.grad_accum, mix_rows=t.micro_batch_size,
+                            start=start, ledger=ledger)
+    trainer = TorchTrainer(
+        train_worker,
+        torch_config=BoundTorchConfig(),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id, "ledger": ledger, "resume": resume,
+                           "universal": universal, "stream": stream},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=cfg.cluster.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=0),  # retried by run_training, from a checkpoint
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)}),
+        datasets={"train": ds},
+        dataset_config=OrderedSplit(),
+    )
+    return trainer.fit()
+
+
+def _newest_checkpoint(storage: str, name: str) -> Path | None:
+    found = [c for d in Path(storage).glob(f"{name}*") if (c := latest_checkpoint(d)) is not None]
+    return max(found, key=lambda c: read_checkpoint_meta(c)["step"], default=None)
 
 
 def _log_data(uri: str, run_id: str, tally, step: int) -> dict:

@@ -4,11 +4,14 @@
     trainer.train()            # to train.steps, or until the stream ends
 
 Its state is `state_dict()` / `load_state_dict()`: the step, the token totals per modality, and the
-data position (a hash chain over every record key this rank consumed; pipelines/accounting.py).
+data position in the global row stream (rows consumed, their digest, the last row; accounting.DataPosition).
+The stream is built to start at that position (pipelines/rows.py), so loading it replays nothing; the
+Trainer checks that every micro-batch carries the stream positions due to this rank at this step.
 Everything else is a component with a small interface, handed in:
 
     batches        an iterator of packed micro-batches ({input_ids, labels, position_ids, doc_ids,
-                   modality_ids, keys}); in a Ray Train worker, this rank's shard of the stream
+                   modality_ids, keys, win, row, pos}); in a Ray Train worker, this rank's blocks of the
+                   stream (block b of world × b + rank: pipelines/rows.py)
     tracker        log / log_artifact / set_tag / finish (tracking.py); rank 0 only
     checkpointer   save(trainer, metrics) / load(trainer, dir) (checkpoint.py)
     evaluator      evaluate(model, rank, world, all_reduce) / samples(model) (evaluate.py)
@@ -28,7 +31,7 @@ import torch.distributed as dist
 
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.model.model import flops_per_token, loss_by_group
-from omnistream.pipelines.accounting import Consumed, ErrorRateExceeded, ledger_digest
+from omnistream.pipelines.accounting import DataPosition, ErrorRateExceeded
 from omnistream.pipelines.mixing import shares_of, token_counts
 from omnistream.pipelines.packing import COLUMNS, label_modalities
 
@@ -37,8 +40,8 @@ from .engine import build_engine, plain_copy
 from .metrics import Interval, memory_gb, peak_flops, scalars
 
 
-class DataResumeMismatch(RuntimeError):
-    """A resumed rank's replay of the stream differs from what its checkpoint recorded."""
+class DataOrderError(RuntimeError):
+    """A micro-batch reached a rank out of the stream's order (rows repeated, skipped or misrouted)."""
 
 
 class DataMonitor(Protocol):
@@ -50,46 +53,48 @@ class DataMonitor(Protocol):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, vocab: Vocabulary, batches: Iterator[dict], *, tracker=None,
-                 checkpointer=None, evaluator=None, monitor: DataMonitor | None = None, log=print):
+                 checkpointer=None, evaluator=None, monitor: DataMonitor | None = None, log=print,
+                 load_universal: bool = False):
         self.cfg, self.vocab, self.batches = cfg, vocab, batches
         self.tracker, self.checkpointer, self.evaluator, self.monitor = tracker, checkpointer, evaluator, monitor
         self.log_line = log
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.engine, self.scheduler, self.n_params = build_engine(cfg)
+        self.engine, self.scheduler, self.n_params = build_engine(cfg, load_universal)
         self.device = self.engine.device  # DeepSpeed placed the model (CPU here, the rank's GPU on a GPU node)
         self.n_mods = len(vocab.names)
         self.target = torch.tensor([cfg.data.mix.shares.get(n, 0.0) for n in vocab.names], dtype=torch.float64)
         # state
         self.step = 0
         self.tokens = torch.zeros(self.n_mods, dtype=torch.float64)  # per modality, all ranks, since step 0
-        self.consumed = Consumed()
+        self.start = DataPosition()    # the position this run started at (a checkpoint's, or 0)
+        self.consumed = DataPosition()  # what this rank consumed since: rows, records, digest, last row
+        self.micro_batches = 0          # received by this rank since the start (for the order check)
+        self.resume_t0: float | None = None
+        self.metrics_once: dict[str, float] = {}  # logged with the next interval, then dropped
         self.metrics: dict[str, float] = {}
         self._stop = False     # set on rank 0 when the data accounting says stop; the MIN in next_batch stops all
 
     # ---- state ------------------------------------------------------------------------------------
+    def position(self) -> DataPosition:
+        """The global data position now: every rank's consumption gathered (a collective: all ranks call it)."""
+        ranks: list = [None] * self.world
+        dist.all_gather_object(ranks, self.consumed)
+        return self.start.merged(ranks)
+
     def state_dict(self) -> dict:
+        """A collective (every rank calls it together): the data position is gathered from all ranks."""
         return {"step": self.step, "tokens": {n: int(v) for n, v in zip(self.vocab.names, self.tokens)},
-                "data": self.consumed.to_json()}
+                "data": self.position().to_json()}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore step and token totals, then move the stream to the saved data position by replaying
-        this rank's consumed batches, and prove it is the same data (same hash chain)."""
+        """Restore step, token totals and the data position. The stream this Trainer reads must start
+        there (rows.build_train_stream with the checkpoint's StreamStart); the first micro-batch proves it."""
+        self.resume_t0 = time.perf_counter()
         self.step = int(sd["step"])
         self.tokens = torch.tensor([sd.get("tokens", {}).get(n, 0) for n in self.vocab.names], dtype=torch.float64)
-        want = Consumed.from_json(sd["data"])
-        self.consumed = Consumed()
-        while self.consumed.batches < want.batches:
-            b, _ = self.next_batch()
-            if b is None:
-                break
-            self.consumed.add(b["keys"])
-        if self.consumed.to_json() != want.to_json():
-            c = self.consumed
-            raise DataResumeMismatch(
-                f"rank {self.rank}: the rebuilt data stream does not replay what the checkpoint consumed "
-                f"({c.batches} batches / {c.records} records, chain {c.chain[:12]}, vs {want.batches} / "
-                f"{want.records}, chain {want.chain[:12]}): shards, seed or data settings changed, so resuming "
-                f"would repeat or skip records")
+        self.start = DataPosition.from_json(sd["data"])
+        self.consumed = DataPosition()
+        self.micro_batches = 0
 
     # ---- the step ---------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict | None, float]:
@@ -97,9 +102,31 @@ class Trainer:
         t0 = time.perf_counter()
         b = next(self.batches, None)
         wait = time.perf_counter() - t0
+        if b is not None:
+            self.check_order(b)
+            if self.resume_t0 is not None and self.rank == 0:
+                self.metrics_once["data/resume/seconds"] = time.perf_counter() - self.resume_t0
+                self.resume_t0 = None
         have = torch.tensor([0 if b is None or self._stop else 1])
         self.all_reduce(have, op=dist.ReduceOp.MIN)
         return (b if have.item() else None), wait
+
+    def check_order(self, b: dict) -> None:
+        """The rows due to this rank: its m-th micro-batch lies in block (m // grad_accum) × world + rank of
+        the stream, each block micro_batch_size × grad_accum rows, from the position the run started at."""
+        t = self.cfg.train
+        m, unit = self.micro_batches, t.micro_batch_size * t.grad_accum
+        first = self.start.rows + ((m // t.grad_accum) * self.world + self.rank) * unit + (m % t.grad_accum) * t.micro_batch_size
+        if "pos" not in b:  # a plain iterator of batches (the golden test, benchmarks): they are where they are due
+            n = len(b["keys"])
+            b.update(pos=range(first, first + n), win=[-1] * n, row=[-1] * n)
+        got = [int(p) for p in b["pos"]]
+        if got != list(range(first, first + len(got))):
+            raise DataOrderError(
+                f"rank {self.rank} received stream rows {got[0]}..{got[-1]} where {first}..{first + len(got) - 1} "
+                f"were due (micro-batch {m}): the data split no longer hands blocks to the ranks in turn, so rows "
+                f"would be repeated or skipped")
+        self.micro_batches += 1
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
         """In-place all_reduce of a CPU tensor, through the device when the backend needs it (NCCL)."""
@@ -118,7 +145,8 @@ class Trainer:
             b, wait = self.next_batch()
             if b is None:
                 return False
-            self.consumed.add(b["keys"])
+            for k, w, r, p in zip(b["keys"], b["win"], b["row"], b["pos"]):
+                self.consumed.add_row(int(p), k, int(w), int(r))
             x = {c: torch.as_tensor(b[c], dtype=torch.long).to(self.device, non_blocking=True) for c in COLUMNS}
             _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
             self.engine.backward(loss)
@@ -190,6 +218,8 @@ class Trainer:
         if self.monitor is not None:
             m.update(self.monitor.metrics())
             self._stop = self.monitor.stop_reason() is not None
+        m.update(self.metrics_once)
+        self.metrics_once = {}
         self._log(m)
         per = " ".join(f"{n}={m[f'train/loss/{n}']:.3f}" for n in self.vocab.names if f"train/loss/{n}" in m)
         self.log_line(f"[omnistream] step {self.step}/{self.cfg.train.steps} loss={m['train/loss']:.3f} ({per}) "
@@ -200,16 +230,15 @@ class Trainer:
             self.tracker.log(m, self.step)
 
     def _log_ledger(self) -> None:
-        """data.ledger_digest: one digest over every rank's ordered consumption (same data, same digest)."""
-        ranks: list = [None] * self.world
-        dist.all_gather_object(ranks, self.consumed.to_json())
+        """data.ledger_digest: the digest of every row consumed, at its place in the global stream, since
+        step 0 (a resumed run carries on its checkpoint's): same rows, same places, same digest."""
+        pos = self.position()
         if self.rank == 0:
-            digest = ledger_digest(ranks)
-            records = sum(r["records"] for r in ranks)
             if self.tracker is not None:
-                self.tracker.set_tag("data.ledger_digest", digest)
-            self._log({"data/consumed_records": records})
-            self.log_line(f"[omnistream] consumed {records} records, ledger digest {digest[:16]}")
+                self.tracker.set_tag("data.ledger_digest", pos.ledger_digest())
+            self._log({"data/consumed_records": pos.records, "data/consumed_rows": pos.rows})
+            self.log_line(f"[omnistream] consumed {pos.rows} rows ({pos.records} records), "
+                          f"ledger digest {pos.ledger_digest()[:16]}")
 
     # ---- evaluation and checkpoints ---------------------------------------------------------------
     def plain_model(self):

@@ -65,6 +65,21 @@ class Tally:
         self.mix_dropped += other.mix_dropped
         self.mix_dropped_tokens.update(other.mix_dropped_tokens)
 
+    def to_json(self) -> dict:
+        return {"seen": self.seen, "kept": self.kept, "filtered": dict(self.filtered), "errored": dict(self.errored),
+                "per_modality": {k: dict(v) for k, v in self.per_modality.items()},
+                "per_shard": {k: dict(v) for k, v in self.per_shard.items()}, "shard_errors": self.shard_errors,
+                "dead_letter": self.dead_letter, "dead_letter_dropped": self.dead_letter_dropped,
+                "mix_dropped": self.mix_dropped, "mix_dropped_tokens": dict(self.mix_dropped_tokens)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Tally":
+        return cls(d["seen"], d["kept"], Counter(d["filtered"]), Counter(d["errored"]),
+                   {k: Counter(v) for k, v in d["per_modality"].items()},
+                   {k: Counter(v) for k, v in d["per_shard"].items()}, list(d["shard_errors"]),
+                   list(d["dead_letter"]), d["dead_letter_dropped"], d.get("mix_dropped", 0),
+                   Counter(d.get("mix_dropped_tokens", {})))
+
     def balanced(self) -> bool:
         return self.seen == self.kept + sum(self.filtered.values()) + sum(self.errored.values())
 
@@ -103,39 +118,60 @@ def error_rate_verdict(t: Tally, max_rate: float, window: int, final: bool = Fal
     return None
 
 
+MOD = 1 << 256
+
+
+def row_hash(keys: str) -> str:
+    """A packed row's identity: the record keys of its documents, in order."""
+    return hashlib.sha256(str(keys).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
 @dataclass
-class Consumed:
-    """What one training rank has consumed, in order: a hash chain over every record key of every row.
+class DataPosition:
+    """Where a run stands in the global row stream (pipelines/rows.py): a few numbers, however long the run.
 
-    Saved with each checkpoint (a few numbers, however long the run). On resume the rank re-reads
-    `batches` micro-batches of the rebuilt stream and must arrive at the same chain, or the run
-    stops: a resumed run neither repeats nor skips a record, and never silently does either.
+    rows      rows of the global stream consumed, all ranks together
+    records   document keys in them (a document cut across rows counts once per piece)
+    digest    the sum, mod 2^256, of sha256("<position>:<keys>") over every consumed row: the same rows
+              at the same places of the stream give the same digest whichever rank consumed them and
+              on however many ranks, and a row repeated, skipped or moved changes it
+    last      the stream's last consumed row: its window, row in the window, hash and position; where a
+              resumed stream restarts (and what it checks)
     """
-    batches: int = 0
+    rows: int = 0
     records: int = 0
-    chain: str = "0" * 64
+    digest: int = 0
+    last: dict | None = None
 
-    def add(self, row_keys) -> None:
-        """One micro-batch: each row's keys ("epoch:shard:key" per document, newline-separated)."""
-        h = hashlib.sha256(self.chain.encode())
-        for row in row_keys:
-            for k in str(row).split("\n"):
-                h.update(k.encode("utf-8", "surrogateescape") + b"\n")
-                self.records += 1
-        self.chain = h.hexdigest()
-        self.batches += 1
+    def add_row(self, pos: int, keys: str, window: int, row: int) -> None:
+        keys = str(keys)
+        self.rows += 1
+        self.records += keys.count("\n") + 1
+        self.digest = (self.digest + int.from_bytes(
+            hashlib.sha256(f"{pos}:{keys}".encode("utf-8", "surrogateescape")).digest(), "big")) % MOD
+        if self.last is None or pos > self.last["pos"]:
+            self.last = {"window": int(window), "row": int(row), "pos": int(pos), "keys": keys}
+
+    def merged(self, others: list["DataPosition"]) -> "DataPosition":
+        """This position (the start) advanced by what each rank consumed since."""
+        out = DataPosition(self.rows, self.records, self.digest, self.last)
+        for o in others:
+            out.rows += o.rows
+            out.records += o.records
+            out.digest = (out.digest + o.digest) % MOD
+            if o.last is not None and (out.last is None or o.last["pos"] > out.last["pos"]):
+                out.last = o.last
+        return out
 
     def to_json(self) -> dict:
-        return {"batches": self.batches, "records": self.records, "chain": self.chain}
+        last = None if self.last is None else {
+            "window": self.last["window"], "row": self.last["row"], "pos": self.last["pos"],
+            "row_hash": self.last.get("row_hash") or row_hash(self.last["keys"])}
+        return {"rows": self.rows, "records": self.records, "digest": f"{self.digest:064x}", "last": last}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Consumed":
-        return cls(int(d["batches"]), int(d.get("records", 0)), d.get("chain", "0" * 64))
+    def from_json(cls, d: dict) -> "DataPosition":
+        return cls(int(d["rows"]), int(d["records"]), int(d["digest"], 16), d.get("last"))
 
-
-def ledger_digest(ranks: list[dict]) -> str:
-    """One digest over the ordered (rank, record key) lists of all ranks (their chains, in rank order)."""
-    h = hashlib.sha256()
-    for r, d in enumerate(ranks):
-        h.update(f"{r}:{d['batches']}:{d['records']}:{d['chain']}\n".encode())
-    return h.hexdigest()
+    def ledger_digest(self) -> str:
+        return f"{self.digest:064x}"

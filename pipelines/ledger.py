@@ -23,6 +23,7 @@ class DataLedger:
         self.max_rate, self.window = max_rate, window
         self.verdict: str | None = None
         self.judged = False
+        self.extra: dict[str, float] = {}
 
     def add(self, t: Tally, part: str | None = None) -> None:
         if part is not None and part in self.parts:
@@ -45,3 +46,10 @@ class DataLedger:
 
     def snapshot(self) -> Tally:
         return self.tally
+
+    def set_metrics(self, m: dict[str, float]) -> None:
+        """Figures a pipeline stage reports once (data/resume/*), logged with the accounting."""
+        self.extra.update(m)
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.tally.metrics(), **self.extra}

@@ -16,6 +16,7 @@ with the same seed and shards reads the same rows in the same order.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from typing import Iterable
@@ -36,19 +37,16 @@ from .quality import build_filters
 from .records import RawRecord, read_shard
 from .shards import list_shards, shard_order
 
-# outcomes kept per pipeline actor for later epochs; ~50 ids a record at 8 bytes is ~0.5 GB at this bound
-MAX_CACHED_RECORDS = 1_000_000
-
-
 @dataclass
 class Outcome:
-    """What became of one record. Cached per (shard, key): a later epoch re-reads, never re-decodes."""
+    """What became of one record."""
     status: str                      # "kept" | "filtered" | "errored"
     reason: str = ""
     field: str = ""
     detail: str = ""
     parts: dict | None = None        # local ids per modality (kept records, when encoding)
     modalities: tuple = ()           # the modalities the record carries
+    claims: str | None = None        # the dedup signatures a kept record claimed (JSON), kept in the token cache
 
 
 def _errored(e: BadSample, carries: tuple) -> "Outcome":
@@ -123,7 +121,6 @@ class RecordProcessor:
         self.filters = build_filters(self.mods, cfg.quality)
         self.cfg, self.seed, self.ledger = cfg, seed, ledger
         self.deduper = Deduper(dedup_shards, cfg.dedup) if dedup_shards else None
-        self.cache: dict | None = {} if cfg.cache_tokens else None
 
     # ---- outcomes ---------------------------------------------------------------------------------
     def quality_reason(self, objs: dict[str, object]) -> str | None:
@@ -139,12 +136,9 @@ class RecordProcessor:
 
     def outcomes(self, records: list[RawRecord]) -> list[Outcome]:
         out: list[Outcome | None] = [None] * len(records)
+        claims: dict[int, str] = {}
         pending: list[tuple[int, dict]] = []
         for i, r in enumerate(records):
-            hit = self.cache.get((r.shard, r.key)) if self.cache is not None else None
-            if hit is not None:
-                out[i] = hit
-                continue
             carries = tuple(sorted({self.exts[e] for e in r.fields if e in self.exts}))
             try:
                 if r.error:
@@ -170,11 +164,12 @@ class RecordProcessor:
                     out[i] = _errored(e, tuple(sorted(objs)))
             dups = self.deduper.duplicates(sigs) if sigs else []
             pending = []
-            for (i, objs), dup in zip(signed, dups):
+            for (i, objs), dup, (_, sig) in zip(signed, dups, sigs):
                 if dup:
                     out[i] = Outcome("filtered", dup, modalities=tuple(sorted(objs)))
                 else:
                     pending.append((i, objs))
+                    claims[i] = json.dumps(sig)
         for i, objs in pending:
             try:
                 parts = ({n: guarded(self.mods[n].encode, n, "encode", o) for n, o in objs.items()}
@@ -182,11 +177,7 @@ class RecordProcessor:
             except BadSample as e:
                 out[i] = _errored(e, tuple(sorted(objs)))
                 continue
-            out[i] = Outcome("kept", parts=parts, modalities=tuple(sorted(objs)))
-        if self.cache is not None:
-            for r, o in zip(records, out):
-                if len(self.cache) < MAX_CACHED_RECORDS and r.key:
-                    self.cache[(r.shard, r.key)] = o
+            out[i] = Outcome("kept", parts=parts, modalities=tuple(sorted(objs)), claims=claims.get(i))
         return out
 
     def process(self, shards: Iterable[tuple[int, str]], tally: Tally, chunk: int = 256):
@@ -236,8 +227,9 @@ def _read(row: dict, max_member_bytes: int) -> Iterable[dict]:
 
 
 class PackRows:
-    """Ray Data actor: a window of documents -> packed rows (first-fit decreasing), or, with a token
-    mixture configured, -> batches of `rows` rows whose token shares meet the targets (mixing.py)."""
+    """A window of documents -> packed rows (first-fit decreasing), or, with a token mixture configured,
+    -> batches of `rows` rows whose token shares meet the targets (mixing.py). A pure function of the
+    window: a resumed run that packs the window again gets the same rows."""
 
     def __init__(self, seq_len: int, seed: int, rows: int = 1, mix: MixConfig | None = None,
                  names: list[str] | None = None, ledger=None):
@@ -246,18 +238,16 @@ class PackRows:
         self.names = list(names or [])
         self.target = np.array([self.mix.shares.get(n, 0.0) for n in self.names]) if self.mix else None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = [str(k) for k in batch["key"]]
+    def __call__(self, keys: list[str], tokens: list[np.ndarray], mods: list[np.ndarray]) -> dict[str, np.ndarray]:
         if self.mix is not None:
-            out, dropped, n_docs = mix_pack(list(batch["tokens"]), list(batch["mods"]), keys, self.seq_len,
-                                            self.rows, self.target, self.mix.tolerance)
+            out, dropped, n_docs = mix_pack(tokens, mods, keys, self.seq_len, self.rows, self.target, self.mix.tolerance)
             if self.ledger is not None and n_docs:
                 t = Tally()
                 t.mix_dropped = n_docs
                 t.mix_dropped_tokens.update({n: int(c) for n, c in zip(self.names, dropped) if c})
                 self.ledger.add.remote(t, f"mix:{keys[0]}")
         else:
-            out = pack_documents(list(batch["tokens"]), list(batch["mods"]), keys, self.seq_len)
+            out = pack_documents(tokens, mods, keys, self.seq_len)
             # mix rows of a window in a seeded order so a step does not see only long documents
             if len(out["keys"]):
                 seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{keys[:1]}".encode()).digest()[:8], "little")
@@ -294,20 +284,6 @@ def record_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan:
         "dedup_shards": shards, "ledger": ledger},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
         **processor_options(cfg, modalities))
-
-
-def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, ledger=None,
-                       rows_per_batch: int = 1) -> ray.data.Dataset:
-    """The training rows. With a token mixture, rows come in batches of `rows_per_batch` (one rank's
-    micro_batch × grad_accum), each meeting the target shares."""
-    plan = shard_order(list_shards(cfg.train_shards), seed, cfg.epochs)
-    ds = record_stream(cfg, modalities, seed, plan, cfg.bundle_dir, ledger)
-    extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
-    return ds.map_batches(PackRows, fn_constructor_kwargs={
-        "seq_len": cfg.seq_len, "seed": seed, "rows": rows_per_batch, "mix": cfg.mix, "names": list(modalities),
-        "ledger": ledger},
-        batch_size=cfg.mix.window if cfg.mix.on else cfg.pack_window, compute=ray.data.ActorPoolStrategy(size=1),
-        batch_format="numpy", num_cpus=0.1, **extra)
 
 
 def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, dict] | None, cfg: DataConfig,

@@ -2,6 +2,7 @@
 
     omnistream demo                          write the demo corpus, fit tokenizers, train, evaluate
     omnistream data demo OUT_DIR             write the demo corpus (WebDataset .tar shards)
+    omnistream data tokenize CONFIG          tokenize the training shards once, into the token cache
     omnistream data inspect SHARDS...        account every record: kept, filtered or errored, and why
     omnistream tokenizers fit CONFIG         fit every configured modality; write the tokenizer bundle
     omnistream train CONFIG [--set k=v ...]  train on a Ray cluster with DeepSpeed, track in MLflow

@@ -1,7 +1,10 @@
-"""`omnistream data demo|inspect`: write the demo corpus; account for every record of some shards."""
+"""`omnistream data demo|tokenize|inspect`: write the demo corpus; fill the token cache; account for every
+record of some shards."""
 from __future__ import annotations
 
 import json
+
+from omnistream.modalities.base import UserError
 
 from ._common import add_config, status
 
@@ -26,6 +29,16 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
     p.set_defaults(func=write_demo)
 
+    p = data.add_parser("tokenize", help="tokenize the training shards once, into the token cache",
+                        description="Read, decode, filter, dedup and encode every training shard of CONFIG that is not "
+                                    "yet in data.token_cache (default: token_cache/ next to the tokenizer bundle), on a "
+                                    "local Ray (or cluster.address). Training reads tokens from the cache; it runs this "
+                                    "step itself when the cache is missing or unfinished. A cache cut off mid-write is "
+                                    "finished, not re-done; one made with other settings is refused, naming them. Exit "
+                                    "0 when every shard is cached; 2 for a user mistake.")
+    add_config(p)
+    p.set_defaults(func=tokenize)
+
     p = data.add_parser("inspect", help="read, decode, filter and dedup shards without training; print the report",
                         description="Run the pipeline's read, decode, quality-filter and dedup stages over SHARDS on a "
                                     "local Ray (or cluster.address) and report every record as kept, filtered or errored, "
@@ -45,6 +58,30 @@ def write_demo(args) -> int:
                       records_per_shard=args.per_shard, seed=args.seed)
     paths = write_demo_corpus(args.out_dir, spec)
     print(f"wrote {len(paths['train'])} train and {len(paths['eval'])} eval shards to {args.out_dir}")
+    return 0
+
+
+def tokenize(args) -> int:
+    from omnistream.cluster.config import load_config
+    from omnistream.cluster.ray_local import connect
+    from omnistream.modalities.vocab import Vocabulary
+    from omnistream.pipelines.accounting import ErrorRateExceeded
+    from omnistream.pipelines.cache import TokenCache
+    from omnistream.pipelines.shards import list_shards
+    from omnistream.pipelines.tokenize import build_cache, require_data
+
+    cfg = load_config(args.config, args.overrides).resolved_paths()
+    vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
+    shards = list_shards(cfg.data.train_shards)
+    connect(cfg.cluster.address, cfg.cluster.local_cpus)
+    try:
+        built = build_cache(cfg.data, cfg.modalities, cfg.seed, vocab)
+    except ErrorRateExceeded as e:
+        raise UserError(str(e)) from None
+    tally = require_data(TokenCache(built["url"]), shards)
+    print(f"token cache {built['url']}: {built['shards']} shards ({built['already_cached']} already cached, "
+          f"{built['tokenized']} tokenized in {built['seconds']:.1f} s); {tally.seen} records: {tally.kept} kept, "
+          f"{sum(tally.filtered.values())} filtered, {sum(tally.errored.values())} errored")
     return 0
 
 

@@ -1,0 +1,212 @@
+"""The token cache: every training shard tokenized once, read as tokens by every epoch, run and resume.
+
+    <data.token_cache>/
+      cache.json                 the key: what the tokens depend on (vocabulary fingerprint, the shards
+                                 with their sizes, quality filters, dedup settings, seed, member bound)
+      shards/<id>.parquet        one shard's KEPT records: key, and per modality its local ids
+      shards/<id>.json           written last, so it marks the shard complete: row count, the parquet's
+                                 byte size and sha256, the shard's accounting (seen / kept / filtered /
+                                 errored, dead letters) and the seconds it took
+
+Why Parquet (through pyarrow): Ray Data and every dataframe tool read it natively, it stores ragged
+integer lists without padding, compresses them, and an object store takes it as one PUT. A shard's
+file appears under its final name only once complete (written to a temporary name, then renamed;
+on an object store the upload is atomic), and its .json is written after it; a shard is complete
+when the .json exists and the parquet has the size and hash the .json records. A build cut off by a
+crash or a full disk therefore leaves shards that are either complete or visibly not, and the next
+build finishes the missing ones (never reading half a file).
+
+Dedup decisions are taken once, at tokenization, in the seeded order of epoch 0; the signatures each
+kept record claimed are stored with it, so a build that is finished later re-claims them first and
+the missing shards are deduplicated against the whole corpus, as in one uninterrupted build.
+
+Token ids are stored per modality (local ids), not as laid-out documents: the order of modalities in
+a document is drawn per epoch, so it is applied when the stream reads the cache, and does not key it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from omnistream.modalities.base import UserError
+
+from .accounting import Tally
+from .config import DataConfig
+
+FORMAT = 1
+MANIFEST = "cache.json"
+
+
+def shard_identity(url: str) -> list:
+    """[url, size, mtime]: a shard rewritten in place (same name, other bytes) no longer matches."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return [url, None, None]
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+    return [url, info.get("size"), str(mtime) if mtime is not None else None]
+
+
+def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> dict:
+    """Everything the cached tokens depend on, as plain JSON (compared field by field on reuse)."""
+    return {"format": FORMAT, "vocab_fingerprint": vocab_fingerprint, "seed": seed,
+            "shards": [shard_identity(s) for s in shards], "quality": cfg.quality,
+            "dedup": cfg.dedup.model_dump(mode="json"), "max_member_bytes": cfg.max_member_bytes}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_key_difference(have: dict, want: dict) -> str:
+    """What differs between two cache keys, in words."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        a, b = have.get(k), want.get(k)
+        if a == b:
+            continue
+        if k == "shards":
+            old = {s[0]: s for s in a or []}
+            new = {s[0]: s for s in b or []}
+            added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+            changed = sorted(u for u in set(old) & set(new) if old[u] != new[u])
+            parts = [f"{len(x)} {w} (e.g. {x[0]})" for x, w in ((added, "added"), (gone, "removed"),
+                                                                  (changed, "changed on disk")) if x]
+            out.append("shards: " + ("; ".join(parts) or "same shards in another order"))
+        elif k == "vocab_fingerprint":
+            out.append(f"vocabulary fingerprint {str(a)[:12]} -> {str(b)[:12]} (tokenizers refitted)")
+        else:
+            out.append(f"{k}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}")
+    return "; ".join(out)
+
+
+class TokenCache:
+    """One cache directory (a local path or an fsspec URL such as s3://bucket/cache)."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return str(PurePosixPath(self.root, *parts))
+
+    @staticmethod
+    def shard_id(shard: str) -> str:
+        return hashlib.sha256(shard.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+    def _write_atomic(self, rel: str, data: bytes) -> None:
+        final = self._path(rel)
+        tmp = f"{final}.tmp-{time.time_ns()}"
+        self.fs.makedirs(str(PurePosixPath(final).parent), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, final)
+
+    # ---- the key ----------------------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        p = self._path(MANIFEST)
+        if not self.fs.exists(p):
+            return None
+        try:
+            return json.loads(self.fs.cat_file(p))
+        except ValueError as e:
+            raise UserError(f"token cache {self.url}: {MANIFEST} is damaged ({e}); delete the directory to rebuild") from None
+
+    def claim(self, key: dict) -> None:
+        """Make this directory the cache for `key`, or refuse a cache made under another key, saying what differs."""
+        have = self.manifest()
+        if have is None:
+            self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
+            return
+        if have.get("key") != key:
+            raise UserError(
+                f"token cache {self.url} was made with other settings: {describe_key_difference(have.get('key', {}), key)}. "
+                f"Point data.token_cache at another directory, or delete this one to rebuild it")
+
+    # ---- shards -----------------------------------------------------------------------------------
+    def shard_meta(self, shard: str) -> dict | None:
+        """The shard's completion record if the shard is complete and whole, else None."""
+        sid = self.shard_id(shard)
+        mp, pp = self._path("shards", sid + ".json"), self._path("shards", sid + ".parquet")
+        try:
+            meta = json.loads(self.fs.cat_file(mp))
+            size = self.fs.size(pp)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("shard") != shard or size != meta.get("bytes"):
+            return None
+        return meta
+
+    def status(self, shards: list[str]) -> tuple[dict[str, dict], list[str]]:
+        """({shard: meta} of the complete shards, [shards still to tokenize])."""
+        done, todo = {}, []
+        for s in shards:
+            m = self.shard_meta(s)
+            if m is None:
+                todo.append(s)
+            else:
+                done[s] = m
+        return done, todo
+
+    def write_shard(self, shard: str, names: list[str], keys: list[str], parts: dict[str, list],
+                    claims: list[str] | None, tally: Tally, seconds: float) -> dict:
+        """Write one shard's kept records, then its completion record."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = {"key": pa.array(keys, pa.string())}
+        for n in names:
+            cols[n] = pa.array([None if p is None else np.asarray(p, np.int32) for p in parts[n]], pa.list_(pa.int32()))
+        if claims is not None:
+            cols["claims"] = pa.array(claims, pa.string())
+        buf = io.BytesIO()
+        pq.write_table(pa.table(cols), buf, compression="zstd")
+        data = buf.getvalue()
+        sid = self.shard_id(shard)
+        self._write_atomic(f"shards/{sid}.parquet", data)
+        meta = {"shard": shard, "rows": len(keys), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "tally": tally.to_json(), "seconds": round(seconds, 3)}
+        self._write_atomic(f"shards/{sid}.json", json.dumps(meta).encode())
+        return meta
+
+    def read_shard(self, shard: str, meta: dict | None = None, columns: list[str] | None = None):
+        """The shard's table; its bytes are checked against the completion record (a file cut or
+        changed after it was written is an error naming it, never half-read)."""
+        import pyarrow.parquet as pq
+
+        meta = meta or self.shard_meta(shard)
+        if meta is None:
+            raise UserError(f"token cache {self.url}: shard {shard} is missing or incomplete; "
+                            f"run `omnistream data tokenize` (or train) to finish the cache")
+        data = self.fs.cat_file(self._path("shards", self.shard_id(shard) + ".parquet"))
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise UserError(f"token cache {self.url}: the tokens of {shard} are damaged "
+                            f"({len(data)} bytes, {meta['bytes']} written); delete that shard's files to rebuild it")
+        return pq.read_table(io.BytesIO(data), columns=columns)
+
+    def tally(self, shards: list[str]) -> Tally:
+        """The accounting of the cached shards, as the tokenization pass counted it."""
+        t = Tally()
+        for s in shards:
+            m = self.shard_meta(s)
+            if m is not None:
+                t.add(Tally.from_json(m["tally"]))
+        return t
+
+
+def cache_url(cfg: DataConfig) -> str:
+    """data.token_cache, with "auto" = token_cache/ next to the tokenizer bundle (one cache per bundle)."""
+    if cfg.token_cache != "auto":
+        return cfg.token_cache
+    return str(PurePosixPath(cfg.bundle_dir.rstrip("/")).parent / "token_cache")

@@ -1,0 +1,139 @@
+"""Tokenize once: the training shards -> the token cache (cache.py), on Ray.
+
+`omnistream data tokenize CONFIG` runs this ahead of training; `omnistream train` runs it first when
+the cache is missing or unfinished, and skips it when the cache is complete. Shards already in the
+cache are not read again; one missing shard costs its own tokenization, not the corpus's.
+
+Each shard goes whole to one `ShardTokenizer` actor (RecordProcessor: read, decode, quality filters,
+dedup, encode; every record accounted), which writes the shard's kept records and accounting to the
+cache. Shards are taken in the seeded order of epoch 0, so the dedup decisions (who came first) are
+the ones a run without a cache would have made.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import ray
+
+from omnistream.modalities.base import UserError
+from omnistream.modalities.vocab import Vocabulary
+
+from .accounting import ErrorRateExceeded, Tally
+from .cache import TokenCache, cache_key, cache_url
+from .config import DataConfig
+from .dedup import Deduper, start_dedup
+from .ledger import DataLedger
+from .shards import list_shards, shard_order
+from .stream import RecordProcessor, processor_options
+
+RECLAIM_CHUNK = 2000  # records per round trip to the dedup actors when re-claiming cached shards
+
+
+class ShardTokenizer:
+    """Ray Data actor: one shard in, its kept records written to the token cache, a summary row out."""
+
+    def __init__(self, modalities: dict[str, dict], bundle_dir: str, cfg: DataConfig, seed: int, url: str,
+                 dedup_shards: list, ledger=None):
+        self.proc = RecordProcessor(modalities, bundle_dir, cfg, seed, dedup_shards)
+        self.names = list(self.proc.vocab.names)
+        self.cache, self.ledger, self.dedup = TokenCache(url), ledger, bool(dedup_shards)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for shard in batch["shard"]:
+            shard = str(shard)
+            t0 = time.perf_counter()
+            tally = Tally()
+            keys: list[str] = []
+            parts: dict[str, list] = {n: [] for n in self.names}
+            claims: list[str] | None = [] if self.dedup else None
+            for _, r, o in self.proc.process([(0, shard)], tally):
+                if o.status != "kept":
+                    continue
+                keys.append(r.key)
+                for n in self.names:
+                    parts[n].append(o.parts.get(n))
+                if claims is not None:
+                    claims.append(o.claims or "[]")
+            self.cache.write_shard(shard, self.names, keys, parts, claims, tally, time.perf_counter() - t0)
+            if self.ledger is not None:
+                self.ledger.add.remote(tally, shard)
+            rows.append((shard, tally.seen, tally.kept))
+        return {"shard": np.array([r[0] for r in rows], dtype=object),
+                "seen": np.array([r[1] for r in rows]), "kept": np.array([r[2] for r in rows])}
+
+
+def reclaim(cache: TokenCache, shards: list[str], dedup_shards: list, cfg: DataConfig) -> int:
+    """Replay the signatures the cached shards' kept records claimed, in order, into fresh dedup actors,
+    so the shards still to tokenize are deduplicated against them. Returns the records re-claimed."""
+    deduper, n = Deduper(dedup_shards, cfg.dedup), 0
+    for s in shards:
+        t = cache.read_shard(s, columns=["key", "claims"]).to_pydict()
+        items = [(f"{s}:{k}", [tuple(x) for x in json.loads(c)]) for k, c in zip(t["key"], t["claims"])]
+        for i in range(0, len(items), RECLAIM_CHUNK):
+            deduper.duplicates(items[i:i + RECLAIM_CHUNK])
+        n += len(items)
+    return n
+
+
+def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, vocab: Vocabulary,
+                progress: bool = True) -> dict:
+    """Finish (or build) the token cache of the training shards; returns what was done.
+
+    Raises ErrorRateExceeded when too many of the first records are unreadable (the wrong data), and
+    UserError for a cache made under other settings.
+    """
+    from tqdm import tqdm
+
+    shards = list_shards(cfg.train_shards)
+    url = cache_url(cfg)
+    cache = TokenCache(url)
+    cache.claim(cache_key(cfg, vocab.fingerprint, seed, shards))
+    done, todo = cache.status(shards)
+    summary = {"url": url, "shards": len(shards), "already_cached": len(done), "tokenized": 0,
+               "records": 0, "seconds": 0.0, "reclaimed": 0}
+    if not todo:
+        return summary
+    t0 = time.perf_counter()
+    order = [s for _, s in shard_order(shards, seed, 1)]
+    pending = set(todo)
+    dedup = start_dedup(cfg.dedup)
+    if dedup and done:
+        summary["reclaimed"] = reclaim(cache, [s for s in order if s in done], dedup, cfg)
+    ledger = DataLedger.remote(cfg.max_error_rate, cfg.error_rate_window)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one bar of our own, in shards
+    todo = [s for s in order if s in pending]
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo)).map_batches(
+        ShardTokenizer, fn_constructor_kwargs={"modalities": modalities, "bundle_dir": cfg.bundle_dir, "cfg": cfg,
+                                               "seed": seed, "url": url, "dedup_shards": dedup, "ledger": ledger},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.tokenizer_actors, len(todo))),
+        batch_format="numpy", **processor_options(cfg, modalities))
+    with tqdm(total=len(todo), desc="[omnistream] tokenizing shards into the token cache", unit="shard",
+              disable=not progress) as bar:
+        for b in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            summary["tokenized"] += len(b["shard"])
+            summary["records"] += int(b["seen"].sum())
+            bar.update(len(b["shard"]))
+            reason = ray.get(ledger.stop_reason.remote())
+            if reason:
+                raise ErrorRateExceeded(reason)
+    reason = ray.get(ledger.stop_reason.remote(True))
+    if reason:
+        raise ErrorRateExceeded(reason)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def require_data(cache: TokenCache, shards: list[str]) -> Tally:
+    """The cache's accounting; a corpus of which no record could be kept is a UserError saying why."""
+    tally = cache.tally(shards)
+    if tally.kept == 0:
+        why = ", ".join(f"{k} ({v})" for k, v in (tally.errored + tally.filtered).most_common(3)) or "no records"
+        errs = "; ".join(f"{e['shard']}: {e['reason']}" for e in tally.shard_errors[:3])
+        raise UserError(f"no training record could be kept from {len(shards)} shards ({tally.seen} records read: "
+                        f"{why}{'; ' + errs if errs else ''})")
+    return tally
