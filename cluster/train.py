@@ -153,7 +153,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     import ray
 
     from omnistream.pipelines.accounting import ErrorRateExceeded
-    from omnistream.pipelines.cache import TokenCache, cache_url, key_digest
+    from omnistream.pipelines.cache import key_digest, open_cache
     from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
     from omnistream.pipelines.shards import list_shards, shard_order
     from omnistream.pipelines.tokenize import build_cache, require_data
@@ -174,9 +174,9 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
 
     # 1. tokenize once: the shards not yet in the token cache
     shards = list_shards(cfg.data.train_shards)
-    cache = TokenCache(cache_url(cfg.data))
+    cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
     try:
-        built = build_cache(cfg.data, cfg.modalities, cfg.seed, vocab)
+        built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
         tally = require_data(cache, shards)
     except (ErrorRateExceeded, UserError) as e:
         tracking.client(uri).set_terminated(run_id, "FAILED")
@@ -193,7 +193,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     plan = shard_order(shards, cfg.seed, cfg.data.epochs)
     done, _ = cache.status(shards)
     windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
-    stream = stream_settings(cfg.data, cfg.seed, cfg.train.micro_batch_size, key_digest(cache.manifest()["key"]))
+    stream = stream_settings(cfg.data, cfg.seed, cfg.train.micro_batch_size, key_digest(cache.key))
 
     # 3. train; after a failure, again from the newest complete checkpoint (train.max_failures times)
     name = f"{cfg.name}-{run_id[:12]}"

@@ -95,6 +95,7 @@ class TokenCache:
         import fsspec
 
         self.url = url
+        self.key: dict | None = None
         self.fs, self.root = fsspec.core.url_to_fs(url)
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -205,8 +206,20 @@ class TokenCache:
         return t
 
 
-def cache_url(cfg: DataConfig) -> str:
-    """data.token_cache, with "auto" = token_cache/ next to the tokenizer bundle (one cache per bundle)."""
-    if cfg.token_cache != "auto":
-        return cfg.token_cache
-    return str(PurePosixPath(cfg.bundle_dir.rstrip("/")).parent / "token_cache")
+
+def open_cache(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> TokenCache:
+    """The token cache for these settings, claimed for their key.
+
+    data.token_cache = "auto": token_cache/<key digest>/ next to the tokenizer bundle, one directory per
+    key, so a run with other shards or filters makes its own cache beside the old one. A path or URL
+    named explicitly holds one cache: made under another key it is refused, saying what differs.
+    """
+    key = cache_key(cfg, vocab_fingerprint, seed, shards)
+    if cfg.token_cache == "auto":
+        url = str(PurePosixPath(cfg.bundle_dir.rstrip("/")).parent / "token_cache" / key_digest(key))
+    else:
+        url = cfg.token_cache
+    cache = TokenCache(url)
+    cache.claim(key)
+    cache.key = key
+    return cache

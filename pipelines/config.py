@@ -31,7 +31,7 @@ class DataConfig(BaseModel):
     pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
-    token_cache: str = Field("auto", description="where the tokenized training shards are kept (a path or an fsspec URL): written once, by `omnistream data tokenize` or at the start of training, and read by every epoch, run and resume. \"auto\" = token_cache/ next to bundle_dir")
+    token_cache: str = Field("auto", description="where the tokenized training shards are kept (a path or an fsspec URL): written once, by `omnistream data tokenize` or at the start of training, and read by every epoch, run and resume. \"auto\" = token_cache/<key>/ next to bundle_dir, one per set of settings the tokens depend on; a path named here holds one cache and refuses another's")
     packers: int = Field(1, ge=1, description="actors that read the token cache and pack rows for training")
     max_error_rate: float = Field(0.5, ge=0, le=1, description="stop when more than this share of the first error_rate_window records is errored: the shards are probably the wrong data")
     error_rate_window: int = Field(1000, ge=1, description="records the error rate is judged on")

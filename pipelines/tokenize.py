@@ -18,10 +18,9 @@ import numpy as np
 import ray
 
 from omnistream.modalities.base import UserError
-from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import ErrorRateExceeded, Tally
-from .cache import TokenCache, cache_key, cache_url
+from .cache import TokenCache
 from .config import DataConfig
 from .dedup import Deduper, start_dedup
 from .ledger import DataLedger
@@ -78,19 +77,16 @@ def reclaim(cache: TokenCache, shards: list[str], dedup_shards: list, cfg: DataC
     return n
 
 
-def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, vocab: Vocabulary,
+def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: TokenCache,
                 progress: bool = True) -> dict:
-    """Finish (or build) the token cache of the training shards; returns what was done.
+    """Finish (or build) the token cache of the training shards (cache.open_cache); returns what was done.
 
-    Raises ErrorRateExceeded when too many of the first records are unreadable (the wrong data), and
-    UserError for a cache made under other settings.
+    Raises ErrorRateExceeded when too many of the first records are unreadable (the wrong data).
     """
     from tqdm import tqdm
 
     shards = list_shards(cfg.train_shards)
-    url = cache_url(cfg)
-    cache = TokenCache(url)
-    cache.claim(cache_key(cfg, vocab.fingerprint, seed, shards))
+    url = cache.url
     done, todo = cache.status(shards)
     summary = {"url": url, "shards": len(shards), "already_cached": len(done), "tokenized": 0,
                "records": 0, "seconds": 0.0, "reclaimed": 0}

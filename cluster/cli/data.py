@@ -66,19 +66,20 @@ def tokenize(args) -> int:
     from omnistream.cluster.ray_local import connect
     from omnistream.modalities.vocab import Vocabulary
     from omnistream.pipelines.accounting import ErrorRateExceeded
-    from omnistream.pipelines.cache import TokenCache
+    from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.shards import list_shards
     from omnistream.pipelines.tokenize import build_cache, require_data
 
     cfg = load_config(args.config, args.overrides).resolved_paths()
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
     shards = list_shards(cfg.data.train_shards)
+    cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
     connect(cfg.cluster.address, cfg.cluster.local_cpus)
     try:
-        built = build_cache(cfg.data, cfg.modalities, cfg.seed, vocab)
+        built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
     except ErrorRateExceeded as e:
         raise UserError(str(e)) from None
-    tally = require_data(TokenCache(built["url"]), shards)
+    tally = require_data(cache, shards)
     print(f"token cache {built['url']}: {built['shards']} shards ({built['already_cached']} already cached, "
           f"{built['tokenized']} tokenized in {built['seconds']:.1f} s); {tally.seen} records: {tally.kept} kept, "
           f"{sum(tally.filtered.values())} filtered, {sum(tally.errored.values())} errored")
