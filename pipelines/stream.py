@@ -1,17 +1,14 @@
-"""The token stream: shards -> records -> documents -> packed rows, as one Ray Dataset.
+"""Records -> documents: the stages every path shares.
 
-    from_items(epoch, shard)          the seeded shard plan, one row per shard
-      .map_batches(RecordProcessor)   actors load the tokenizer bundle once, read their
-                                      shards (records.py), decode each field with its
-                                      modality, filter (quality.py), dedup (dedup.py),
-                                      encode, add begin/end markers in a seeded order;
-                                      every record's outcome goes to the DataLedger
-      .map_batches(PackRows)          first-fit-decreasing packing (packing.py), or batches
-                                      that meet the token mixture's shares (mixing.py)
+    RecordProcessor   reads shards (records.py), decodes each field with its modality, filters
+                      (quality.py), dedups (dedup.py), encodes; every record's outcome is accounted.
+                      Run by the tokenizer actors that fill the token cache (tokenize.py), by
+                      `omnistream data inspect` (record_stream, accounting only) and in-process
+                      for evaluation (local_documents)
+    make_document     one record's ids per modality -> one document, modalities in a seeded order
+    PackRows          a window of documents -> packed rows (packing.py), or mixed batches (mixing.py)
 
-Ray Train then splits the rows across training workers (streaming_split).
-Order is preserved (DataContext.execution_options.preserve_order), so a run
-with the same seed and shards reads the same rows in the same order.
+The training rows are made from the token cache by rows.py.
 """
 from __future__ import annotations
 

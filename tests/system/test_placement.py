@@ -51,7 +51,8 @@ uri = "sqlite:///{tmp_path}/mlflow.db"
     where: dict[str, set] = {}
     for a in out["actors"]:
         where.setdefault(a["class"], set()).add(a["node"])
-    tokenizers = {n for cls, nodes in where.items() if "RecordProcessor" in cls or "PackRows" in cls for n in nodes}
+    data_actors = ("ShardTokenizer", "WindowRows", "Positions")  # tokenizing, packing, numbering the rows
+    tokenizers = {n for cls, nodes in where.items() if any(a in cls for a in data_actors) for n in nodes}
     trainers = {n for cls, nodes in where.items() if "TrainWorker" in cls for n in nodes}
     assert tokenizers == {data_node}, where
     assert trainers == {trainer_node}, where
