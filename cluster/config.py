@@ -42,8 +42,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps")
-    max_failures: int = Field(0, ge=-1, description="worker-group failures tolerated; the run restarts from the last checkpoint (-1 = unlimited)")
-    resume_from: str = Field("", description="checkpoint directory to resume from ('' = start fresh)")
+    max_failures: int = Field(0, ge=-1, description="worker-group failures tolerated; the run starts the group again from its newest complete checkpoint (-1 = unlimited)")
+    resume_from: str = Field("", description="checkpoint directory to resume from, or a run's folder (its newest complete checkpoint); on any number of workers ('' = start fresh)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per training worker (OMP_NUM_THREADS)")
     activation_checkpointing: bool = Field(
         False, description="recompute each block's activations in backward: activation memory falls to about one "

@@ -101,6 +101,14 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     if cfg.data.eval_shards:
         list_shards(cfg.data.eval_shards)
     if cfg.train.resume_from:
+        p = Path(cfg.train.resume_from)
+        if p.is_dir() and not (p / "omnistream.json").exists():
+            # a run's folder: its newest complete checkpoint (a last one cut off mid-write is passed over)
+            newest = latest_checkpoint(p)
+            if newest is None:
+                raise UserError(f"train.resume_from={p} holds no complete omnistream checkpoint")
+            print(f"[omnistream] resuming from the newest complete checkpoint under {p}: {newest}", flush=True)
+            cfg.train.resume_from = str(newest)
         check_checkpoint(cfg.train.resume_from, vocab)
     return cfg, vocab
 
@@ -150,14 +158,6 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
 
 
 def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
-    import ray
-
-    from omnistream.pipelines.accounting import ErrorRateExceeded
-    from omnistream.pipelines.cache import key_digest, open_cache
-    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
-    from omnistream.pipelines.shards import list_shards, shard_order
-    from omnistream.pipelines.tokenize import build_cache, require_data
-
     from . import tracking
     from .ray_local import connect
 
@@ -172,6 +172,25 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     tracking.log_text(uri, run_id, tracking.dumps(vocab.layout()), "vocab.json")
     print(f"[omnistream] MLflow run {run_id} ({uri})", flush=True)
 
+    try:
+        return _train(cfg, vocab, uri, run_id, t0)
+    except KeyboardInterrupt:  # Ctrl-C: the run is KILLED, not left RUNNING
+        _end_run(uri, run_id, "KILLED")
+        raise
+
+
+def _train(cfg: RunConfig, vocab: Vocabulary, uri: str, run_id: str, t0: float) -> TrainResult:
+    """Tokenize what the cache lacks, plan the stream, train (retrying from checkpoints), report."""
+    import ray
+
+    from omnistream.pipelines.accounting import ErrorRateExceeded
+    from omnistream.pipelines.cache import key_digest, open_cache
+    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
+    from omnistream.pipelines.shards import list_shards, shard_order
+    from omnistream.pipelines.tokenize import build_cache, require_data
+
+    from . import tracking
+
     # 1. tokenize once: the shards not yet in the token cache
     shards = list_shards(cfg.data.train_shards)
     cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
@@ -179,7 +198,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
         built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
         tally = require_data(cache, shards)
     except (ErrorRateExceeded, UserError) as e:
-        tracking.client(uri).set_terminated(run_id, "FAILED")
+        _end_run(uri, run_id, "FAILED")
         if isinstance(e, ErrorRateExceeded):
             _log_data(uri, run_id, cache.tally(shards), 0)
         raise UserError(str(e)) from None
@@ -207,24 +226,37 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
             break
         except Exception as e:  # noqa: BLE001 - a worker's failure, retried from a checkpoint or reported
             newest = _newest_checkpoint(cfg.cluster.storage_path, name)
-            if attempt < cfg.train.max_failures and (newest or resume):
+            budget = cfg.train.max_failures
+            if budget < 0 or attempt < budget:
                 attempt += 1
-                resume = str(newest) if newest else resume
-                print(f"[omnistream] training failed ({_root_message(e)}); restarting from {resume} "
-                      f"(retry {attempt} of {cfg.train.max_failures})", flush=True)
+                resume = str(newest) if newest else resume  # no checkpoint yet: from where this run began
+                print(f"[omnistream] training failed ({_root_message(e)}); restarting from {resume or 'step 0'} "
+                      f"(retry {attempt} of {'unlimited' if budget < 0 else budget})", flush=True)
                 continue
-            tracking.client(uri).set_terminated(run_id, "FAILED")
+            _end_run(uri, run_id, "FAILED")
             raise RuntimeError(f"training failed: {_root_message(e)}") from e
     report = _log_data(uri, run_id, ray.get(ledger.snapshot.remote()), int((result.metrics or {}).get("step", 0)))
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt:
         tracking.MLflowTracker(uri, run_id).set_tag("omnistream.checkpoint", ckpt)
-    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    _end_run(uri, run_id, "FINISHED")
     metrics = tracking.final_metrics(uri, run_id)
     kept = sorted((str(p) for p in Path(cfg.cluster.storage_path).glob(f"{name}*/checkpoint_*")
                    if (p / "omnistream.json").exists()), key=lambda p: read_checkpoint_meta(p)["step"])
     digest = tracking.client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
     return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0, kept, digest)
+
+
+def _end_run(uri: str, run_id: str, status: str) -> None:
+    """Mark the MLflow run FINISHED, FAILED or KILLED; a tracking server that cannot take it is a warning,
+    never an error that would hide why the run ended."""
+    from . import tracking
+
+    try:
+        tracking.client(uri).set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than its status line
+        print(f"[omnistream] warning: could not mark MLflow run {run_id} {status} ({type(e).__name__}: {e})",
+              flush=True)
 
 
 def _ledger(tally):

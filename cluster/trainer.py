@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -147,7 +148,8 @@ class Trainer:
                 return False
             for k, w, r, p in zip(b["keys"], b["win"], b["row"], b["pos"]):
                 self.consumed.add_row(int(p), k, int(w), int(r))
-            x = {c: torch.as_tensor(b[c], dtype=torch.long).to(self.device, non_blocking=True) for c in COLUMNS}
+            # np.array copies: Ray hands read-only arrays, which torch warns about sharing
+            x = {c: torch.from_numpy(np.array(b[c], dtype=np.int64)).to(self.device, non_blocking=True) for c in COLUMNS}
             _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
             self.engine.backward(loss)
             self.engine.step()

@@ -87,6 +87,8 @@ class Tally:
         m = {"data/seen": self.seen, "data/kept": self.kept}
         m.update({f"data/filtered/{k}": v for k, v in self.filtered.items()})
         m.update({f"data/errored/{k}": v for k, v in self.errored.items()})
+        for reason, n in Counter(e["reason"] for e in self.shard_errors).items():
+            m[f"data/shard_errors/{reason}"] = n
         if self.mix_dropped:
             m["data/mix_dropped"] = self.mix_dropped
             m.update({f"data/mix_dropped_tokens/{k}": v for k, v in self.mix_dropped_tokens.items()})
@@ -108,12 +110,16 @@ class ErrorRateExceeded(RuntimeError):
 
 def error_rate_verdict(t: Tally, max_rate: float, window: int, final: bool = False) -> str | None:
     """A one-line reason to stop, judged once `window` records were seen (or at the end of a short pass)."""
-    if t.seen == 0 or (t.seen < window and not final):
+    # a shard that failed as a whole (unreadable, cut short, gone) counts as one bad read beside the records
+    shards = Counter(e["reason"] for e in t.shard_errors)
+    total = t.seen + sum(shards.values())
+    if total == 0 or (total < window and not final):
         return None
-    bad = sum(t.errored.values())
-    if bad / t.seen > max_rate:
-        top = ", ".join(f"{k} ({v})" for k, v in t.errored.most_common(3))
-        return (f"{bad} of the first {t.seen} records could not be read ({top}), more than "
+    bad = sum(t.errored.values()) + sum(shards.values())
+    if bad / total > max_rate:
+        top = ", ".join(f"{k} ({v})" for k, v in (t.errored + Counter({f"shard:{k}": v for k, v in shards.items()}))
+                        .most_common(3))
+        return (f"{bad} of the first {total} records and shards could not be read ({top}), more than "
                 f"data.max_error_rate={max_rate}: are the shards the data you meant?")
     return None
 

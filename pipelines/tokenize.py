@@ -12,6 +12,7 @@ the ones a run without a cache would have made.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import numpy as np
@@ -102,6 +103,7 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # one bar of our own, in shards
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # and no execution banners through it
     todo = [s for s in order if s in pending]
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo)).map_batches(
         ShardTokenizer, fn_constructor_kwargs={"modalities": modalities, "bundle_dir": cfg.bundle_dir, "cfg": cfg,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from omnistream.pipelines.democorpus import dtmf, draw_digit, make_record
 
-from common import EXE, REPO  # noqa: E402,I001
+from common import EXE, REPO, SMALL_MODALITIES  # noqa: E402,I001
 
 
 def png(im) -> bytes:
@@ -291,3 +291,34 @@ def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, c
                "data.eval_shards=[]")
     with pytest.raises(UserError, match="could not be read .*image_undecodable.*data.max_error_rate"):
         run_training(cfg)
+
+
+# ---- tokenize once: `omnistream data tokenize` on Ray, a cut-off cache finished ----------------------
+
+def test_tokenize_command_fills_finishes_and_reuses_the_cache(ray_local, corpus, bundle, tmp_path, capsys):
+    """Through the CLI on the session's Ray, dedup actors included: the first call tokenizes every shard,
+    the second reuses them all, and after one shard's file is cut mid-write the third tokenizes that
+    shard alone, deduplicated against the others (their stored claims re-claimed first): the cache then
+    holds exactly what one uninterrupted build held."""
+    from omnistream.cluster.cli import main
+    from omnistream.pipelines.cache import TokenCache
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(SMALL_MODALITIES + f"""[data]
+train_shards = {json.dumps(corpus["train"])}
+bundle_dir = "{bundle}"
+token_cache = "{tmp_path / 'cache'}"
+""")
+    assert main(["data", "tokenize", str(cfg)]) == 0
+    assert "0 already cached, 4 tokenized" in capsys.readouterr().out
+    cache = TokenCache(str(tmp_path / "cache"))
+    before = {s: cache.read_shard(s) for s in corpus["train"]}
+    assert main(["data", "tokenize", str(cfg)]) == 0
+    assert "4 already cached, 0 tokenized" in capsys.readouterr().out
+    last = corpus["train"][-1]
+    pq = tmp_path / "cache" / "shards" / f"{cache.shard_id(last)}.parquet"
+    pq.write_bytes(pq.read_bytes()[:100])
+    assert main(["data", "tokenize", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "3 already cached, 1 tokenized" in out and "480 records" in out
+    assert all(cache.read_shard(s).equals(t) for s, t in before.items())

@@ -140,8 +140,8 @@ def resumed(trained, corpus):
     """The uninterrupted run resumed in new runs from its step-3 and its step-6 checkpoints."""
     first = trained["res"]
     assert [_step(c) for c in first.checkpoints] == [3, 6, 9, 10]
-    trained["resumed"] = {3: _resumed(trained, corpus, first.checkpoints[0]),
-                          6: _resumed(trained, corpus, first.checkpoints[1])}
+    trained["resumed"] = {3: _resumed(trained, corpus, first.checkpoints[0], "train.checkpoint_every=0"),
+                          6: _resumed(trained, corpus, first.checkpoints[1], "train.checkpoint_every=0")}
     return trained["resumed"]
 
 

@@ -110,7 +110,7 @@ warmup_steps = 2
 log_every = 1
 zero_stage = 3
 [cluster]
-num_workers = 2
+num_workers = 1  # multi-worker runs are the e2e tests' job; this one is about the plugin and the mixture
 cpus_per_worker = 0.5
 storage_path = "{tmp}/ray"
 [tracking]

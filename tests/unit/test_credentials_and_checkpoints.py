@@ -78,3 +78,45 @@ def test_a_whole_meta_reads_back(tmp_path):
 ])
 def test_a_refusal_is_told_apart_from_an_unreachable_address(message, refused):
     assert jobs._refused(message) is refused
+
+
+def _checkpoint(d, step: int, ranks: int = 2, data: str | None = '{"position": {"rows": 8}, "stream": {}}'):
+    """A checkpoint's files as omnistream writes them (the model files' bytes do not matter here)."""
+    (d / "model").mkdir(parents=True)
+    for r in range(ranks):
+        (d / "model" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+    (d / META).write_text(json.dumps({"step": step, "world_size": 2, "vocab": {"fingerprint": "f"},
+                                      "config": {"train": {"zero_stage": 3}}}))
+    if data is not None:
+        (d / "data.json").write_text(data)
+
+
+def test_the_newest_complete_checkpoint_passes_over_a_cut_off_one(tmp_path):
+    """A run folder whose last checkpoint was cut off mid-write (a rank's shard or the data position
+    missing, or the data position half-written) resumes from the one before; a lone broken one is one line."""
+    from omnistream.cluster.checkpoint import latest_checkpoint, read_data_position
+
+    _checkpoint(tmp_path / "checkpoint_a", 3)
+    _checkpoint(tmp_path / "checkpoint_b", 6)
+    _checkpoint(tmp_path / "checkpoint_c", 9, ranks=1)                      # one rank's shard missing
+    _checkpoint(tmp_path / "checkpoint_d", 12, data='{"position": {"ro')    # data position cut off
+    _checkpoint(tmp_path / "checkpoint_e", 15, data=None)                   # no data position at all
+    assert latest_checkpoint(tmp_path).name == "checkpoint_b"
+    with pytest.raises(UserError, match="data.json is damaged or cut off"):
+        read_data_position(tmp_path / "checkpoint_d")
+    with pytest.raises(UserError, match="has no data.json"):
+        read_data_position(tmp_path / "checkpoint_e")
+    assert latest_checkpoint(tmp_path / "checkpoint_c") is None
+
+
+def test_failed_shards_count_in_the_metrics_and_the_error_rate():
+    from omnistream.pipelines.accounting import Tally, error_rate_verdict
+
+    t = Tally()
+    for i in range(3):
+        t.shard_error(f"s3://bucket/gone-{i}.tar", "shard_unreadable", "FileNotFoundError")
+    assert t.metrics()["data/shard_errors/shard_unreadable"] == 3
+    verdict = error_rate_verdict(t, 0.5, 1000, final=True)  # every shard gone, no record seen
+    assert verdict and "3 of the first 3 records and shards could not be read" in verdict
+    assert "shard:shard_unreadable (3)" in verdict
+    assert Tally.from_json(t.to_json()).metrics() == t.metrics()
