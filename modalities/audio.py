@@ -10,6 +10,8 @@ that is 62.5 ids per second.
 from __future__ import annotations
 
 import io
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +19,15 @@ import numpy as np
 from pydantic import Field
 
 from .base import BadSample, BaseModality, FilterOptions, ModalityOptions, kmeans, nearest, sample_rows
+
+# Input bounds, not options (options key the fingerprint): rates outside are errored as audio_sample_rate;
+# 1 kHz to 192 kHz covers telephone speech to studio masters. RESAMPLERS bounds the per-rate kernel cache.
+MIN_RATE, MAX_RATE = 1000, 192000
+RESAMPLERS = 8
+# A resampler from rate r to target t builds a kernel bank of about (t/g)·(r/g) taps, g = gcd(r, t):
+# 44.1 kHz -> 8 kHz is 80·441 = 35k, but 44.101 kHz -> 8 kHz would be 353M (1.4 GB). Rates sharing too
+# small a factor with the target are errored as audio_sample_rate instead of built.
+MAX_RESAMPLE_TAPS = 1 << 22
 
 
 @dataclass
@@ -84,7 +95,7 @@ class AudioModality(BaseModality):
         self._codebook: np.ndarray | None = None
         self._mel = None
         self._inv = None
-        self._resamplers: dict[int, Any] = {}
+        self._resamplers: OrderedDict[int, Any] = OrderedDict()  # the last RESAMPLERS rates, least recent out
 
     @property
     def vocab_size(self) -> int:
@@ -102,8 +113,13 @@ class AudioModality(BaseModality):
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
                 sr, frames = f.samplerate, f.frames
-                if sr <= 0:
-                    raise BadSample("audio_undecodable", f"sample rate {sr}")
+                if not MIN_RATE <= sr <= MAX_RATE:
+                    raise BadSample("audio_sample_rate", f"sample rate {sr} Hz outside {MIN_RATE}..{MAX_RATE}")
+                t = self.options.sample_rate
+                g = math.gcd(sr, t)
+                if (t // g) * (sr // g) > MAX_RESAMPLE_TAPS:
+                    raise BadSample("audio_sample_rate", f"{sr} Hz shares only a factor {g} with {t} Hz: resampling "
+                                                         f"would need {(t // g) * (sr // g)} kernel taps")
                 # the header's length is checked before reading, then the real length after
                 if frames / sr > self.options.max_seconds:
                     raise BadSample("audio_too_long", f"{frames / sr:.1f}s > max_seconds={self.options.max_seconds}")
@@ -132,6 +148,9 @@ class AudioModality(BaseModality):
         if a.sample_rate != o.sample_rate:
             if a.sample_rate not in self._resamplers:  # the module keeps its sinc kernel: built once per rate
                 self._resamplers[a.sample_rate] = T.Resample(a.sample_rate, o.sample_rate)
+                while len(self._resamplers) > RESAMPLERS:  # a corpus of many odd rates: bounded, not one per rate
+                    self._resamplers.popitem(last=False)
+            self._resamplers.move_to_end(a.sample_rate)
             w = self._resamplers[a.sample_rate](w)
         if len(w) < o.n_fft:
             w = torch.nn.functional.pad(w, (0, o.n_fft - len(w)))

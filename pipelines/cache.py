@@ -2,7 +2,7 @@
 
     <data.token_cache>/
       cache.json                 the key: what the tokens depend on (vocabulary fingerprint, the shards
-                                 with their sizes, quality filters, dedup settings, seed, member bound)
+                                 with their sizes, quality filters, dedup settings, seed, input limits)
       shards/<id>.parquet        one shard's KEPT records: key, and per modality its local ids
       shards/<id>.json           written last, so it marks the shard complete: row count, the parquet's
                                  byte size and sha256, the shard's accounting (seen / kept / filtered /
@@ -59,7 +59,8 @@ def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[s
     """Everything the cached tokens depend on, as plain JSON (compared field by field on reuse)."""
     return {"format": FORMAT, "vocab_fingerprint": vocab_fingerprint, "seed": seed,
             "shards": [shard_identity(s) for s in shards], "quality": cfg.quality,
-            "dedup": cfg.dedup.model_dump(mode="json"), "max_member_bytes": cfg.max_member_bytes}
+            "dedup": cfg.dedup.model_dump(mode="json"), "max_member_bytes": cfg.max_member_bytes,
+            "limits": cfg.limits.model_dump(mode="json")}
 
 
 def key_digest(key: dict) -> str:

@@ -17,6 +17,17 @@ class DedupConfig(BaseModel):
                                              "same moment by two tokenizer actors can then both be dropped")
 
 
+class Limits(BaseModel):
+    """Bounds on what one record may cost, whatever its bytes claim. Each breach errors the record under
+    its own reason (data/errored/<reason>), never the actor; none is part of a modality's fingerprint."""
+    model_config = ConfigDict(extra="forbid")
+    record_bytes: int = Field(256 << 20, ge=1, description="all members of one record together; more is errored as record_too_large (the rest is not read)")
+    members: int = Field(32, ge=1, description="members (files) per record; more is errored as too_many_members")
+    header_bytes: int = Field(64 << 10, ge=512, description="a tar GNU long-name or pax header, which tar reads whole before the member's name can be checked; larger ends the shard as header_too_large")
+    member_bytes: dict[str, int] = Field(default_factory=dict, description="per modality, member sizes tighter than data.max_member_bytes, e.g. {text = 1048576, image = 16777216}; more is errored as member_too_large")
+    buffer_bytes: int = Field(256 << 20, ge=1, description="record bytes one actor holds before decoding them (records are decoded in chunks of at most 256 and at most this many bytes)")
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -30,6 +41,7 @@ class DataConfig(BaseModel):
     modality_order: Literal["random", "config"] = Field("random", description="order of modalities inside a document: drawn per record by seed, or the config's order")
     pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
+    limits: Limits = Field(default_factory=Limits, description="per-record bounds: bytes, members, tar header size, per-modality member size, bytes buffered per actor")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
     token_cache: str = Field("auto", description="where the tokenized training shards are kept (a path or an fsspec URL): written once, by `omnistream data tokenize` or at the start of training, and read by every epoch, run and resume. \"auto\" = token_cache/<key>/ next to bundle_dir, one per set of settings the tokens depend on; a path named here holds one cache and refuses another's")
     packers: int = Field(1, ge=1, description="actors that read the token cache and pack rows for training")

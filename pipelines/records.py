@@ -15,6 +15,23 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 MAX_NAME = 1024              # longest member name accepted (untrusted input bound)
+_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+            tarfile.SOLARIS_XHDTYPE)
+
+
+class HeaderTooLarge(tarfile.HeaderError):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name or pax header's data whole, before any name can be checked: a
+    header claiming gigabytes would be read into memory. This refuses one over `max_header` bytes."""
+    max_header = 64 << 10
+
+    def _proc_member(self, tf):
+        if self.type in _HEADERS and self.size > self.max_header:
+            raise HeaderTooLarge(f"a {self.type!r} tar header of {self.size} bytes > {self.max_header}")
+        return super()._proc_member(tf)
 
 
 @dataclass
@@ -49,9 +66,19 @@ def split_name(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
-def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
-    """Yield the records of one shard; a failure becomes a record with `error` set, never an exception."""
+def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str, int] | None = None
+               ) -> Iterator[RawRecord]:
+    """Yield the records of one shard; a failure becomes a record with `error` set, never an exception.
+
+    `limits` (config.Limits) bounds each record's members, total bytes and the tar headers;
+    `ext_bytes` caps members by extension (a modality's data.limits.member_bytes, over its keys)."""
     import fsspec
+
+    from .config import Limits
+
+    limits = limits or Limits()
+    ext_bytes = ext_bytes or {}
+    tarinfo = type("BoundedTarInfo", (_BoundedTarInfo,), {"max_header": limits.header_bytes})
 
     try:
         f = fsspec.open(url, "rb").open()
@@ -62,7 +89,8 @@ def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
     seen_keys: set[str] = set()
     cut = _cut_short(f)
     try:
-        with f, tarfile.open(fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape") as tar:
+        with f, tarfile.open(fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape",
+                             tarinfo=tarinfo) as tar:
             for m in tar:
                 if not m.isfile():
                     continue
@@ -81,10 +109,16 @@ def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
                     seen_keys.add(key)
                 if cur.error:
                     continue
+                cap = min(max_member_bytes, ext_bytes.get(ext, max_member_bytes))
+                held = sum(len(v) for v in cur.fields.values())
                 if bad:
                     cur.error, cur.detail = bad, name[:200]
-                elif m.size > max_member_bytes:
-                    cur.error, cur.detail = "member_too_large", f"{name}: {m.size} bytes > {max_member_bytes}"
+                elif m.size > cap:
+                    cur.error, cur.detail = "member_too_large", f"{name}: {m.size} bytes > {cap}"
+                elif len(cur.fields) >= limits.members:
+                    cur.error, cur.detail = "too_many_members", f"{name}: more than {limits.members} members"
+                elif held + m.size > limits.record_bytes:
+                    cur.error, cur.detail = "record_too_large", f"{name}: {held + m.size} bytes > {limits.record_bytes}"
                 elif not ext:
                     cur.error, cur.detail = "member_no_extension", name
                 elif ext in cur.fields:
@@ -93,11 +127,13 @@ def read_shard(url: str, max_member_bytes: int) -> Iterator[RawRecord]:
                     cur.fields[ext] = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # truncated or corrupt tar: what was read whole is kept, the record being read is lost, with a reason
+        reason = "header_too_large" if isinstance(e, HeaderTooLarge) else "shard_truncated"
         if cur is not None:
-            cur.error, cur.detail = "shard_truncated", f"{type(e).__name__}: {e}"
+            cur.error, cur.detail = reason, f"{type(e).__name__}: {e}"
+            cur.fields = {}
             yield cur
         else:
-            yield RawRecord(url, "", error="shard_truncated", detail=f"{type(e).__name__}: {e}")
+            yield RawRecord(url, "", error=reason, detail=f"{type(e).__name__}: {e}")
         return
     if cur is not None:
         yield cur

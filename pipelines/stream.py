@@ -118,6 +118,8 @@ class RecordProcessor:
         self.filters = build_filters(self.mods, cfg.quality)
         self.cfg, self.seed, self.ledger = cfg, seed, ledger
         self.deduper = Deduper(dedup_shards, cfg.dedup) if dedup_shards else None
+        # data.limits.member_bytes is per modality: applied to each of its keys (extensions)
+        self.ext_bytes = {e: cfg.limits.member_bytes[n] for e, n in self.exts.items() if n in cfg.limits.member_bytes}
 
     # ---- outcomes ---------------------------------------------------------------------------------
     def quality_reason(self, objs: dict[str, object]) -> str | None:
@@ -181,14 +183,16 @@ class RecordProcessor:
         """Yield (epoch, record, outcome) for every record of the shards, accounting each in `tally`."""
         for epoch, shard in shards:
             buf: list[RawRecord] = []
-            for r in read_shard(shard, self.cfg.max_member_bytes):
+            held = 0  # bytes of the buffered records: decoded at `chunk` records or data.limits.buffer_bytes
+            for r in read_shard(shard, self.cfg.max_member_bytes, self.cfg.limits, self.ext_bytes):
                 if not r.key:  # the shard itself failed (unreadable, or cut between records)
                     tally.shard_error(r.shard, r.error, r.detail)
                     continue
                 buf.append(r)
-                if len(buf) >= chunk:
+                held += sum(len(v) for v in r.fields.values())
+                if len(buf) >= chunk or held >= self.cfg.limits.buffer_bytes:
                     yield from self._account(epoch, buf, tally)
-                    buf = []
+                    buf, held = [], 0
             yield from self._account(epoch, buf, tally)
 
     def _account(self, epoch: int, records: list[RawRecord], tally: Tally):

@@ -124,3 +124,66 @@ def test_fuzzed_shards_never_raise_and_always_balance(bundle, corpus, tmp_path):
             pytest.fail(f"seed {seed} ({kind}): {type(e).__name__} escaped: {e}")
         assert tally.balanced(), f"seed {seed} ({kind}): {tally.report()}"
     assert registry.discover()  # the built-ins stayed registered throughout
+
+
+# ---- bounded memory per record ---------------------------------------------------------------------
+
+def wav_header(rate: int, frames: int = 64) -> bytes:
+    """A real 16-bit mono PCM WAV at any rate (written by hand: encoders refuse absurd rates)."""
+    import struct
+
+    import numpy as np
+
+    # a 440 Hz tone at a tenth of full scale: heard, so it passes the silence filter and gets resampled
+    data = (np.sin(np.arange(frames) * 2 * np.pi * 440 / rate) * 3000).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", len(data)) + data)
+
+
+def test_each_record_bound_errors_the_record_under_its_reason(bundle, corpus, tmp_path):
+    from omnistream.pipelines.config import Limits
+
+    good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if {"txt", "png"} <= set(r.fields))
+    members = [("ok-0.txt", good.fields["txt"])]
+    members += [(f"many-0.f{i}", b"x") for i in range(40)]                  # 40 members in one record
+    members += [("big-0.txt", b"a" * 3000), ("big-0.json", b"{}" * 1000)]    # 5000 bytes together
+    members += [("img-0.png", good.fields["png"])]                           # over the image cap below
+    members += [("rate-0.wav", wav_header(1_000_003)), ("ok-1.txt", good.fields["txt"])]
+    p = tmp_path / "bounds.tar"
+    p.write_bytes(tar_bytes(members))
+    cfg = DataConfig(limits=Limits(members=32, record_bytes=4000, member_bytes={"image": 100}))
+    _, tally, got = process(p, bundle, cfg)
+    reasons = {r.key: o.reason for _, r, o in got}
+    assert reasons == {"ok-0": "", "many-0": "too_many_members", "big-0": "record_too_large",
+                       "img-0": "member_too_large", "rate-0": "audio_sample_rate", "ok-1": ""}, reasons
+    assert tally.kept == 2 and tally.seen == 6
+
+
+def test_an_oversized_tar_header_ends_the_shard_not_the_actor(bundle, corpus, tmp_path):
+    """A pax header is read whole by tar before any name check: one over data.limits.header_bytes ends
+    the shard as header_too_large (the records before it are kept), instead of being read into memory."""
+    good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if "txt" in r.fields)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, pax in (("a-0.txt", {}), ("b-0.txt", {}), ("c-0.txt", {"comment": "x" * 200_000})):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(good.fields["txt"]), pax
+            t.addfile(info, io.BytesIO(good.fields["txt"]))
+    p = tmp_path / "pax.tar"
+    p.write_bytes(buf.getvalue())
+    _, tally, got = process(p, bundle)
+    assert [r.key for _, r, o in got if o.status == "kept"] == ["a-0"]
+    assert tally.errored["header_too_large"] == 1  # b-0, the record being read when the header came
+    assert tally.balanced()
+
+
+def test_the_resampler_cache_is_bounded(fitted):
+    import numpy as np
+
+    from omnistream.modalities.audio import RESAMPLERS, Audio
+
+    audio = next(m for m in fitted if m.name == "audio")
+    for rate in range(8100, 8100 + 30 * 100, 100):  # 30 distinct rates (multiples of 100: small kernels)
+        audio._features(Audio(np.zeros(400, np.float32), rate))
+    assert len(audio._resamplers) == RESAMPLERS
