@@ -44,7 +44,17 @@ def read_token() -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     p = token_path()
-    return p.read_text().strip() if p.exists() else None
+    if not p.exists():
+        return None
+    check_private(p)
+    return p.read_text().strip()
+
+
+def check_private(p: Path) -> None:
+    """A token file others can read is a leaked password: refuse it (as ssh refuses such a key)."""
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"the Ray token file {p} can be read by other users (mode {mode:o}): chmod 600 {p}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -75,6 +85,8 @@ def ensure_token() -> Path:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+    elif p.exists():
+        check_private(p)
     return p
 
 

@@ -34,6 +34,9 @@ from .config import DataConfig
 from .stream import PackRows, make_document, record_rng
 
 ROW_COLUMNS = ("win", "row", "pos")  # beside packing.COLUMNS and "keys"
+# Ray Data restarts a dead actor and retries its task without end by default: a record that kills its
+# actor (out of memory, say) would hang the run. Two restarts, two retries, then the stage fails loudly.
+RETRIES = {"max_restarts": 2, "max_task_retries": 2}
 
 
 class DataResumeMismatch(RuntimeError):
@@ -171,7 +174,11 @@ def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, 
         "url": url, "bundle_dir": cfg.bundle_dir, "modalities": modalities, "cfg": cfg, "seed": seed, "plan": plan,
         "mix_rows": mix_rows, "start": start.to_json(), "ledger": ledger},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.packers), batch_format="numpy", num_cpus=0.25,
-        **extra)
+        **RETRIES, **extra)
+    # One actor, its tasks run in the order they were submitted, and never restarted: a restart would
+    # number rows from the start again (the Trainer's order check would stop the run; the run then
+    # retries from its checkpoint)
     ds = ds.map_batches(Positions, fn_constructor_kwargs={"start": start.position}, batch_size=None,
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=0, **extra)
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=0,
+                        max_restarts=0, allow_out_of_order_execution=False, **extra)
     return ds.repartition(target_num_rows_per_block=unit_rows, strict=True)

@@ -25,6 +25,7 @@ from .cache import TokenCache
 from .config import DataConfig
 from .dedup import Deduper, start_dedup
 from .ledger import DataLedger
+from .rows import RETRIES
 from .shards import list_shards, shard_order
 from .stream import RecordProcessor, processor_options
 
@@ -109,7 +110,7 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
         ShardTokenizer, fn_constructor_kwargs={"modalities": modalities, "bundle_dir": cfg.bundle_dir, "cfg": cfg,
                                                "seed": seed, "url": url, "dedup_shards": dedup, "ledger": ledger},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.tokenizer_actors, len(todo))),
-        batch_format="numpy", **processor_options(cfg, modalities))
+        batch_format="numpy", **RETRIES, **processor_options(cfg, modalities))
     with tqdm(total=len(todo), desc="[omnistream] tokenizing shards into the token cache", unit="shard",
               disable=not progress) as bar:
         for b in ds.iter_batches(batch_size=1, batch_format="numpy"):

@@ -1,6 +1,7 @@
 """The CLI as a user meets it, in subprocesses: --help, one-line errors with exit 2, what each command
 imports, and omnistream installed as a wheel into a fresh venv, run from an empty directory."""
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -79,8 +80,13 @@ def test_light_commands_never_import_torch_or_deepspeed(tmp_path, args):
 
 
 def test_unreachable_cluster_is_one_line_exit_2(tmp_path):
+    # a token of its own: the one in this user's home may be anything (a 0644 one is refused, tested elsewhere)
+    tok = tmp_path / "auth_token"
+    tok.write_text("t")
+    tok.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"} | {"RAY_AUTH_TOKEN_PATH": str(tok)}
     r = subprocess.run([*EXE, "jobs", "list", "--address", "http://127.0.0.1:9"], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
+                       cwd=tmp_path, timeout=120, env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot reach the Ray cluster at http://127.0.0.1:9" in r.stderr
 

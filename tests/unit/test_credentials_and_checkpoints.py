@@ -120,3 +120,17 @@ def test_failed_shards_count_in_the_metrics_and_the_error_rate():
     assert verdict and "3 of the first 3 records and shards could not be read" in verdict
     assert "shard:shard_unreadable (3)" in verdict
     assert Tally.from_json(t.to_json()).metrics() == t.metrics()
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path, monkeypatch):
+    p = tmp_path / "auth_token"
+    p.write_text("secret\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(p))
+    p.chmod(0o644)
+    with pytest.raises(UserError, match="can be read by other users \\(mode 644\\): chmod 600"):
+        jobs.read_token()
+    with pytest.raises(UserError, match="chmod 600"):
+        jobs.ensure_token()
+    p.chmod(0o600)
+    assert jobs.read_token() == "secret" and jobs.ensure_token() == p
