@@ -134,7 +134,9 @@ class WindowRows:
                     f"the stream rebuilt from the token cache differs from the one the checkpoint consumed (window "
                     f"{k}, row {s.row}): the token cache or the packing changed since, so resuming would repeat or "
                     f"skip records")
-            replayed = sum(len(str(x).split("\n")) for x in out["keys"][:s.row + 1])
+            # the records read again to restore the position: the whole window, packed again (packing needs
+            # all of it), however far into it the checkpoint fell; its rows up to the last consumed are dropped
+            replayed = len(docs)
             if self.ledger is not None:
                 self.ledger.set_metrics.remote({"data/resume/replayed_records": replayed,
                                                 "data/resume/replayed_rows": s.row + 1})
