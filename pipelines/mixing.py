@@ -6,9 +6,11 @@ they cost the model. A token's modality is the one `Vocabulary.document` gives i
 of the shares.
 
 How: the packing actor sees a window of documents (data.mix.window). From it the
-mixer builds batches of `rows` rows (one rank's micro_batch × grad_accum: a rank
-consumes exactly one such batch per optimizer step, so a global batch is world
-of them and its shares are their token-weighted mean, inside the same tolerance).
+mixer builds batches of `rows` rows (one micro-batch: a global batch is
+workers × grad_accum of them, and its shares are their token-weighted mean, inside
+the same tolerance; one micro-batch, not one rank-step, so that the stream does not
+depend on grad_accum or the number of workers, and a resume on other workers reads
+the same rows).
 Each batch is filled greedily: the next document is the one that brings the
 batch's shares closest to the targets, placed first-fit into a row. A batch that misses the tolerance (the window ran out of a scarce modality)
 is not emitted; its documents and the window's leftovers are surplus of the
