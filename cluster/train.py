@@ -196,7 +196,8 @@ def _train(cfg: RunConfig, vocab: Vocabulary, uri: str, run_id: str, t0: float) 
     cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
     try:
         built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
-        tally = require_data(cache, shards)
+        done, _ = cache.status(shards)  # the completion records, read once for the accounting and the plan
+        tally = require_data(cache, shards, done)
     except (ErrorRateExceeded, UserError) as e:
         _end_run(uri, run_id, "FAILED")
         if isinstance(e, ErrorRateExceeded):
@@ -210,7 +211,6 @@ def _train(cfg: RunConfig, vocab: Vocabulary, uri: str, run_id: str, t0: float) 
 
     # 2. the row stream's plan: every epoch's seeded shard order, cut into packing windows
     plan = shard_order(shards, cfg.seed, cfg.data.epochs)
-    done, _ = cache.status(shards)
     windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
     stream = stream_settings(cfg.data, cfg.seed, cfg.train.micro_batch_size, key_digest(cache.key))
 

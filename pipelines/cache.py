@@ -197,11 +197,12 @@ class TokenCache:
                             f"({len(data)} bytes, {meta['bytes']} written); delete that shard's files to rebuild it")
         return pq.read_table(io.BytesIO(data), columns=columns)
 
-    def tally(self, shards: list[str]) -> Tally:
-        """The accounting of the cached shards, as the tokenization pass counted it."""
+    def tally(self, shards: list[str], metas: dict[str, dict] | None = None) -> Tally:
+        """The accounting of the cached shards, as the tokenization pass counted it (from `metas`, the
+        completion records `status` returned, when given: one read of each per run, not one per use)."""
         t = Tally()
         for s in shards:
-            m = self.shard_meta(s)
+            m = metas.get(s) if metas is not None else self.shard_meta(s)
             if m is not None:
                 t.add(Tally.from_json(m["tally"]))
         return t

@@ -127,9 +127,9 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
     return summary
 
 
-def require_data(cache: TokenCache, shards: list[str]) -> Tally:
+def require_data(cache: TokenCache, shards: list[str], metas: dict[str, dict] | None = None) -> Tally:
     """The cache's accounting; a corpus of which no record could be kept is a UserError saying why."""
-    tally = cache.tally(shards)
+    tally = cache.tally(shards, metas)
     if tally.kept == 0:
         why = ", ".join(f"{k} ({v})" for k, v in (tally.errored + tally.filtered).most_common(3)) or "no records"
         errs = "; ".join(f"{e['shard']}: {e['reason']}" for e in tally.shard_errors[:3])
