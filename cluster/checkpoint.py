@@ -129,12 +129,30 @@ class Checkpointer:
         return meta
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (a Ray Train run's folder): the highest step whose
-    meta, data position and every rank's model files are all there."""
-    best: tuple[int, Path] | None = None
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _registered(run_dir: Path) -> set[str] | None:
+    """The checkpoint folders Ray Train registered in `run_dir`, or None where it keeps no readable record.
+    Ray registers a checkpoint only after every rank has reported, and a rank reports only after its
+    files are persisted, so a folder not listed may still be being written (or was cut off by a kill)."""
+    try:
+        snap = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+        return {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Every complete checkpoint under `root` (a Ray Train run's folder, or a folder of them), by step:
+    registered by Ray Train where it keeps a record, and with meta, data position and every rank's
+    model files all there. A checkpoint cut off mid-write is passed over, never read."""
+    found: list[tuple[int, Path]] = []
     for meta_file in Path(root).glob("**/" + META):
         d = meta_file.parent
+        listed = _registered(d.parent)
+        if listed is not None and d.name not in listed:
+            continue
         try:
             meta = read_checkpoint_meta(d)
             read_data_position(d)
@@ -143,6 +161,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
         if len(ranks) < (meta["world_size"] if meta["config"]["train"]["zero_stage"] == 3 else 1):
             continue
-        if best is None or meta["step"] > best[0]:
-            best = (meta["step"], d)
-    return None if best is None else best[1]
+        found.append((meta["step"], d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (see complete_checkpoints)."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None

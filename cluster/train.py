@@ -19,8 +19,8 @@ from omnistream.modalities.vocab import Vocabulary
 
 from omnistream.pipelines.rows import StreamStart
 
-from .checkpoint import (check_checkpoint, describe_stream_change, latest_checkpoint, read_checkpoint_meta,
-                         read_data_position, to_universal)
+from .checkpoint import (check_checkpoint, complete_checkpoints, describe_stream_change, latest_checkpoint,
+                         read_checkpoint_meta, read_data_position, to_universal)
 from .config import RunConfig
 
 
@@ -241,8 +241,7 @@ def _train(cfg: RunConfig, vocab: Vocabulary, uri: str, run_id: str, t0: float) 
         tracking.MLflowTracker(uri, run_id).set_tag("omnistream.checkpoint", ckpt)
     _end_run(uri, run_id, "FINISHED")
     metrics = tracking.final_metrics(uri, run_id)
-    kept = sorted((str(p) for p in Path(cfg.cluster.storage_path).glob(f"{name}*/checkpoint_*")
-                   if (p / "omnistream.json").exists()), key=lambda p: read_checkpoint_meta(p)["step"])
+    kept = [str(c) for c in _checkpoints(cfg.cluster.storage_path, name)]
     digest = tracking.client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
     return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0, kept, digest)
 
@@ -302,9 +301,15 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
     return trainer.fit()
 
 
+def _checkpoints(storage: str, name: str) -> list[Path]:
+    """The complete checkpoints of this run's attempts (`name`, `name-retry1`, ...), by step."""
+    found = [c for d in Path(storage).glob(f"{name}*") for c in complete_checkpoints(d)]
+    return sorted(found, key=lambda c: read_checkpoint_meta(c)["step"])
+
+
 def _newest_checkpoint(storage: str, name: str) -> Path | None:
-    found = [c for d in Path(storage).glob(f"{name}*") if (c := latest_checkpoint(d)) is not None]
-    return max(found, key=lambda c: read_checkpoint_meta(c)["step"], default=None)
+    found = _checkpoints(storage, name)
+    return found[-1] if found else None
 
 
 def _log_data(uri: str, run_id: str, tally, step: int) -> dict:

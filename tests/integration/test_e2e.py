@@ -240,6 +240,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
     import os
     import signal
 
+    from omnistream.cluster.checkpoint import latest_checkpoint
     from omnistream.cluster.train import run_training
 
     storage = tmp_path / "ray"
@@ -250,7 +251,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
 
     def killer():
         while not done.is_set():
-            if any(storage.glob("*/checkpoint_*/data.json")):
+            if latest_checkpoint(storage) is not None:  # registered by Ray Train, every rank's files there
                 workers = _train_worker_processes()
                 if workers:
                     victim = workers[-1]

@@ -107,6 +107,23 @@ def test_the_newest_complete_checkpoint_passes_over_a_cut_off_one(tmp_path):
     with pytest.raises(UserError, match="has no data.json"):
         read_data_position(tmp_path / "checkpoint_e")
     assert latest_checkpoint(tmp_path / "checkpoint_c") is None
+    _checkpoint(tmp_path / "checkpoint_f", 18)
+    (tmp_path / "checkpoint_f" / META).write_text("")                      # meta opened, not yet written
+    assert latest_checkpoint(tmp_path).name == "checkpoint_b"
+
+
+def test_a_checkpoint_ray_train_has_not_registered_is_not_complete(tmp_path):
+    """Ray Train registers a checkpoint (checkpoint_manager_snapshot.json) only once every rank's files
+    are persisted: one whose files all look whole but that is not yet listed is passed over."""
+    from omnistream.cluster.checkpoint import RAY_SNAPSHOT, complete_checkpoints, latest_checkpoint
+
+    for name, step in (("checkpoint_a", 3), ("checkpoint_b", 6), ("checkpoint_c", 9)):
+        _checkpoint(tmp_path / name, step)
+    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint_a", "checkpoint_b"]
+    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoint_res')               # the record itself half-written
+    assert latest_checkpoint(tmp_path).name == "checkpoint_c"
 
 
 def test_failed_shards_count_in_the_metrics_and_the_error_rate():
