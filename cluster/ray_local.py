@@ -1,7 +1,9 @@
 """Connecting to Ray: a local cluster in this process (loopback only) or an existing one."""
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sys
 
 from omnistream.modalities.base import UserError
@@ -49,13 +51,51 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
-    ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                   dashboard_port=free_port(8265),  # another Ray here (a `cluster up` head) may hold it
-                   _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
-                   logging_level="WARNING",
-                   runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, "RAY_TRAIN_V2_ENABLED": "1"}})
+    with _token_auth() as whose:
+        ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(8265),  # another Ray here (a `cluster up` head) may hold it
+                       _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
+                       logging_level="WARNING",
+                       runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, "RAY_TRAIN_V2_ENABLED": "1"}})
     if ctx.dashboard_url:
         # a status line: stderr, so a command's --json output stays JSON alone on stdout
-        print(f"[omnistream] local Ray started (127.0.0.1 only); dashboard: http://{ctx.dashboard_url}",
-              file=sys.stderr, flush=True)
+        print(f"[omnistream] local Ray started (127.0.0.1 only, token authentication with {whose}); "
+              f"dashboard: http://{ctx.dashboard_url}", file=sys.stderr, flush=True)
     return ray
+
+
+@contextlib.contextmanager
+def _token_auth():
+    """Token authentication for a Ray started in this process: every one of its servers (GCS, raylet,
+    dashboard and its Jobs API) refuses a caller without the token, so another user of this machine
+    cannot run code in it. The token is the user's when they name one ($RAY_AUTH_TOKEN, or a private
+    $RAY_AUTH_TOKEN_PATH); otherwise a fresh one that lives only in the environment of the processes
+    this Ray starts, never on disk. (Ray's own default would write ~/.ray/auth_token readable by all.)
+
+    Ray reads the mode and token once (its C++ config and token cache), so both are reloaded here,
+    and this process's environment is put back afterwards: programs it starts later do not inherit them.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config  # no public API reloads them yet
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        whose = "the token in $RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        from .jobs import ensure_token
+
+        ensure_token()  # made private if missing; refused if others can read it
+        whose = f"the token in {os.environ['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        whose = "a token of this run's own"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield whose
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

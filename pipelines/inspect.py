@@ -12,18 +12,18 @@ from collections import Counter
 import numpy as np
 import ray
 
-from .accounting import error_rate_verdict
+from .accounting import Tally, error_rate_verdict
 from .ledger import DataLedger
 from .config import DataConfig
 from .shards import list_shards
-from .stream import record_stream
+from .stream import lost_shard, record_stream, shards_may_die
 
 
 def inspect_shards(specs: list[str], cfg: DataConfig, modalities: dict[str, dict], seed: int,
                    bundle_dir: str | None = None) -> dict:
     shards = list_shards(specs)
     ledger = DataLedger.remote(cfg.max_error_rate, cfg.error_rate_window)
-    ds = record_stream(cfg, modalities, seed, [(0, s) for s in shards], bundle_dir, ledger)
+    ds = shards_may_die(record_stream(cfg, modalities, seed, [(0, s) for s in shards], bundle_dir, ledger))
     tokens: Counter = Counter()
     names = list(modalities)
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
@@ -31,6 +31,12 @@ def inspect_shards(specs: list[str], cfg: DataConfig, modalities: dict[str, dict
             idx, n = np.unique(np.asarray(m), return_counts=True)
             for i, c in zip(idx, n):
                 tokens["special" if i == 0 else names[i - 1]] += int(c)
+    reported = set(ray.get(ledger.parts_seen.remote()))
+    for s in shards:
+        if f"0:{s}" not in reported:
+            lost = Tally()
+            lost_shard(s, lost)
+            ledger.add.remote(lost, f"0:{s}")
     tally = ray.get(ledger.snapshot.remote())
     report = tally.report()
     report["shards"] = len(shards)

@@ -47,6 +47,9 @@ class DataLedger:
     def snapshot(self) -> Tally:
         return self.tally
 
+    def parts_seen(self) -> list[str]:
+        return list(self.parts)
+
     def set_metrics(self, m: dict[str, float]) -> None:
         """Figures a pipeline stage reports once (data/resume/*), logged with the accounting."""
         self.extra.update(m)

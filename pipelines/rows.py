@@ -31,12 +31,9 @@ from omnistream.modalities.vocab import Vocabulary
 from .accounting import row_hash
 from .cache import TokenCache
 from .config import DataConfig
-from .stream import PackRows, make_document, record_rng
+from .stream import RETRIES, PackRows, make_document, record_rng
 
 ROW_COLUMNS = ("win", "row", "pos")  # beside packing.COLUMNS and "keys"
-# Ray Data restarts a dead actor and retries its task without end by default: a record that kills its
-# actor (out of memory, say) would hang the run. Two restarts, two retries, then the stage fails loudly.
-RETRIES = {"max_restarts": 2, "max_task_retries": 2}
 
 
 class DataResumeMismatch(RuntimeError):

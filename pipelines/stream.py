@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from typing import Iterable
@@ -212,8 +213,8 @@ class RecordProcessor:
             keys.append(f"{epoch}:{r.shard}:{r.key}")
             toks.append(t.astype(np.int32))
             mods.append(m.astype(np.int8))
-        if self.ledger is not None:
-            self.ledger.add.remote(tally, ",".join(f"{e}:{s}" for e, s in plan))
+        if self.ledger is not None:  # waited for: a shard whose tally did not arrive is one whose actor died
+            ray.get(self.ledger.add.remote(tally, ",".join(f"{e}:{s}" for e, s in plan)))
         out_t = np.empty(len(toks), dtype=object)
         out_m = np.empty(len(mods), dtype=object)
         out_t[:], out_m[:] = toks, mods
@@ -257,6 +258,41 @@ class PackRows:
         return {k: (v.astype(np.int32) if k != "keys" else v) for k, v in out.items()}
 
 
+# Ray Data restarts a dead actor and retries its task without end by default: a record that kills its
+# actor (out of memory, a crash in a decoder library) would hang the run. Two restarts, two retries.
+RETRIES = {"max_restarts": 2, "max_task_retries": 2}
+ACTOR_DIED = "actor_died"
+
+
+def shards_may_die(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """A pass over shards, one shard a task, that goes on when a shard kills its actor every time it is
+    tried (RETRIES): Ray Data drops that task's block (max_errored_blocks) and the caller, which knows
+    which shards reported back, errors the missing ones as shards (`lost_shard`). Only for passes whose
+    output is accounted per shard; the training row stream never drops a block."""
+    ds.context.max_errored_blocks = -1
+    logging.getLogger("ray.data._internal.execution.streaming_executor_state").addFilter(_DroppedBlockFilter())
+    return ds
+
+
+class _DroppedBlockFilter(logging.Filter):
+    """Ray Data logs each dropped block with its traceback; the shard is reported in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Ignoring this exception" not in record.getMessage()
+
+    def __eq__(self, other) -> bool:  # added once per logger, however many passes run
+        return isinstance(other, _DroppedBlockFilter)
+
+    __hash__ = logging.Filter.__hash__
+
+
+def lost_shard(shard: str, tally: Tally, what: str = "") -> None:
+    tries = 1 + RETRIES["max_task_retries"]
+    tally.shard_error(shard, ACTOR_DIED, f"the actor reading this shard died each of the {tries} times it was "
+                                         f"tried (killed for memory, or a crash in a decoder library); none of "
+                                         f"its records is used{what}")
+
+
 def processor_options(cfg: DataConfig, modalities: dict[str, dict]) -> dict:
     """How one RecordProcessor actor asks Ray for resources: the most any of its modalities declares
     (capped at 1 CPU: one actor works on one record at a time), plus the config's data resources."""
@@ -284,7 +320,7 @@ def record_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan:
         "modalities": modalities, "bundle_dir": bundle_dir, "cfg": cfg, "seed": seed,
         "dedup_shards": shards, "ledger": ledger},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
-        **processor_options(cfg, modalities))
+        **RETRIES, **processor_options(cfg, modalities))
 
 
 def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, dict] | None, cfg: DataConfig,

@@ -19,15 +19,15 @@ import numpy as np
 import ray
 
 from omnistream.modalities.base import UserError
+from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import ErrorRateExceeded, Tally
 from .cache import TokenCache
 from .config import DataConfig
 from .dedup import Deduper, start_dedup
 from .ledger import DataLedger
-from .rows import RETRIES
 from .shards import list_shards, shard_order
-from .stream import RecordProcessor, processor_options
+from .stream import RETRIES, RecordProcessor, lost_shard, processor_options, shards_may_die
 
 RECLAIM_CHUNK = 2000  # records per round trip to the dedup actors when re-claiming cached shards
 
@@ -45,25 +45,33 @@ class ShardTokenizer:
         rows = []
         for shard in batch["shard"]:
             shard = str(shard)
-            t0 = time.perf_counter()
-            tally = Tally()
-            keys: list[str] = []
-            parts: dict[str, list] = {n: [] for n in self.names}
-            claims: list[str] | None = [] if self.dedup else None
-            for _, r, o in self.proc.process([(0, shard)], tally):
-                if o.status != "kept":
-                    continue
-                keys.append(r.key)
-                for n in self.names:
-                    parts[n].append(o.parts.get(n))
-                if claims is not None:
-                    claims.append(o.claims or "[]")
-            self.cache.write_shard(shard, self.names, keys, parts, claims, tally, time.perf_counter() - t0)
-            if self.ledger is not None:
-                self.ledger.add.remote(tally, shard)
-            rows.append((shard, tally.seen, tally.kept))
-        return {"shard": np.array([r[0] for r in rows], dtype=object),
-                "seen": np.array([r[1] for r in rows]), "kept": np.array([r[2] for r in rows])}
+            try:
+                rows.append((shard, *self.tokenize(shard), ""))
+            except Exception as e:  # noqa: BLE001 - not a record's fault (those are caught per record): the
+                # cache could not be written, say. Returned, not raised, so the pass (which drops the blocks
+                # of shards that kill their actor) stops on it instead of skipping it
+                rows.append((shard, 0, 0, f"{type(e).__name__}: {e}"))
+        return {"shard": np.array([r[0] for r in rows], dtype=object), "seen": np.array([r[1] for r in rows]),
+                "kept": np.array([r[2] for r in rows]), "error": np.array([r[3] for r in rows], dtype=object)}
+
+    def tokenize(self, shard: str) -> tuple[int, int]:
+        t0 = time.perf_counter()
+        tally = Tally()
+        keys: list[str] = []
+        parts: dict[str, list] = {n: [] for n in self.names}
+        claims: list[str] | None = [] if self.dedup else None
+        for _, r, o in self.proc.process([(0, shard)], tally):
+            if o.status != "kept":
+                continue
+            keys.append(r.key)
+            for n in self.names:
+                parts[n].append(o.parts.get(n))
+            if claims is not None:
+                claims.append(o.claims or "[]")
+        self.cache.write_shard(shard, self.names, keys, parts, claims, tally, time.perf_counter() - t0)
+        if self.ledger is not None:
+            self.ledger.add.remote(tally, shard)
+        return tally.seen, tally.kept
 
 
 def reclaim(cache: TokenCache, shards: list[str], dedup_shards: list, cfg: DataConfig) -> int:
@@ -111,15 +119,30 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
                                                "seed": seed, "url": url, "dedup_shards": dedup, "ledger": ledger},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.tokenizer_actors, len(todo))),
         batch_format="numpy", **RETRIES, **processor_options(cfg, modalities))
+    finished = set()
     with tqdm(total=len(todo), desc="[omnistream] tokenizing shards into the token cache", unit="shard",
               disable=not progress) as bar:
-        for b in ds.iter_batches(batch_size=1, batch_format="numpy"):
+        for b in shards_may_die(ds).iter_batches(batch_size=1, batch_format="numpy"):
+            for shard, err in zip(b["shard"], b["error"]):
+                if err:
+                    raise RuntimeError(f"tokenizing {shard} into the token cache {url} failed: {err}")
+                finished.add(str(shard))
             summary["tokenized"] += len(b["shard"])
             summary["records"] += int(b["seen"].sum())
             bar.update(len(b["shard"]))
             reason = ray.get(ledger.stop_reason.remote())
             if reason:
                 raise ErrorRateExceeded(reason)
+    names = list(Vocabulary.load(cfg.bundle_dir, modalities).names) if len(finished) < len(todo) else []
+    for shard in todo:
+        if shard not in finished:  # recorded, so the cache is complete and every run reads the same rows
+            tally = Tally()
+            lost_shard(shard, tally, f" (recorded in the token cache: delete {cache.url}/shards/"
+                                     f"{cache.shard_id(shard)}.json to try it again)")
+            cache.write_shard(shard, names, [], {n: [] for n in names}, [] if dedup else None, tally, 0.0)
+            ledger.add.remote(tally, shard)
+            summary["tokenized"] += 1
+            print(f"[omnistream] warning: {shard}: {tally.shard_errors[0]['detail']}", flush=True)
     reason = ray.get(ledger.stop_reason.remote(True))
     if reason:
         raise ErrorRateExceeded(reason)

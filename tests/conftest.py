@@ -9,6 +9,11 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# tests/hooks/sitecustomize.py, in every process the tests start (Ray's workers too): a stand-in for a
+# decoder library that crashes on crafted bytes, for the shard that kills its actor (test_data_quality)
+_HOOKS = os.path.join(os.path.dirname(__file__), "hooks")
+if _HOOKS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HOOKS, os.environ.get("PYTHONPATH")) if p)
 
 import pytest
 from common import SMALL, SMALL_OPTIONS, fit_modalities

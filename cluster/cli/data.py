@@ -3,6 +3,7 @@ record of some shards."""
 from __future__ import annotations
 
 import json
+import sys
 
 from omnistream.modalities.base import UserError
 
@@ -97,10 +98,13 @@ def inspect(args) -> int:
     cfg = load_config(args.config, args.overrides).resolved_paths()
     list_shards(args.shards)  # no shards is a user mistake, reported before any cluster starts
     bundle = cfg.data.bundle_dir if (Path(cfg.data.bundle_dir) / "vocab.json").exists() and args.config else None
+    out = sys.stdout
+    if args.json:  # stdout is the report alone: Ray prints its raylet's messages (a dead actor, say) there
+        sys.stdout = sys.stderr
     connect(cfg.cluster.address, cfg.cluster.local_cpus, log_to_driver=not args.json)
     report = inspect_shards(args.shards, cfg.data, cfg.modalities, cfg.seed, bundle)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report), file=out, flush=True)
     else:
         print(format_report(report))
         status(f"[omnistream] inspected {report['shards']} shards")

@@ -50,3 +50,16 @@ def fit_modalities(shards, options=None, names=("text", "image", "audio")):
     for m in mods:
         m.fit(feats[m.name])
     return mods
+
+
+def wav_header(rate: int, frames: int = 64) -> bytes:
+    """A real 16-bit mono PCM WAV at any rate (written by hand: encoders refuse absurd rates)."""
+    import struct
+
+    import numpy as np
+
+    # a 440 Hz tone at a tenth of full scale: heard, so it passes the silence filter and gets resampled
+    data = (np.sin(np.arange(frames) * 2 * np.pi * 440 / rate) * 3000).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", len(data)) + data)

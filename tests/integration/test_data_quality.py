@@ -16,7 +16,7 @@ from PIL import Image
 
 from omnistream.pipelines.democorpus import dtmf, draw_digit, make_record
 
-from common import EXE, REPO, SMALL_MODALITIES  # noqa: E402,I001
+from common import EXE, REPO, SMALL_MODALITIES, wav_header  # noqa: E402,I001
 
 
 def png(im) -> bytes:
@@ -86,6 +86,10 @@ PLANTED = {
     "q-clipped": "audio_clipped",
     "q-repeated": "text_repeated_lines",
     "q-noletters": "text_few_letters",
+    # hostile.tar: the bounds of data.limits and the audio rate
+    "many-0": "too_many_members",
+    "rate-0": "audio_sample_rate",
+    "hdr-0": "header_too_large",  # the record being read when the next member's header came
 }
 # dedup keeps whichever of a pair the actors met first; exactly one of each pair is filtered
 DUP_PAIRS = {("good-000", "d-exact"): "duplicate", ("orig-image", "d-nearimage"): "near_duplicate",
@@ -152,7 +156,30 @@ def write_planted(d: Path) -> tuple[list[str], int]:
                     add(t, f"good-{i:03d}.{ext}", data)
     raw = cut.read_bytes()
     cut.write_bytes(raw[: int(len(raw) * 0.6)])
-    return [str(a), str(b), str(cut)], n
+    hostile = d / "hostile.tar"  # odd bytes in a name, a record of 40 members, an absurd rate, a 200 KB pax header
+    text = good(9)["txt"]
+    with tarfile.open(hostile, "w", format=tarfile.PAX_FORMAT, errors="surrogateescape") as t:
+        add(t, b"odd\xff\xfe-0.txt".decode("utf-8", "surrogateescape"), text)
+        for i in range(40):
+            add(t, f"many-0.f{i}", b"x")
+        add(t, "rate-0.wav", wav_header(1_000_003))
+        add(t, "hdr-0.txt", b"the record before the long header arrives")
+        info = tarfile.TarInfo("hdr-1.txt")
+        info.size, info.pax_headers = len(text), {"comment": "x" * 200_000}
+        t.addfile(info, io.BytesIO(text))
+    n += 4  # hdr-1's header ends the shard: the record before it is errored, hdr-1 is never seen
+    kills = d / "kills.tar"  # whole records, then one whose bytes crash the audio decoder (tests/hooks)
+    with tarfile.open(kills, "w") as t:
+        for i in range(10, 12):
+            for ext, data in good(i).items():
+                if ext != "__key__":
+                    add(t, f"good-{i:03d}.{ext}", data)
+        add(t, "crash-0.wav", CRASH_WAV)
+    return [str(a), str(b), str(cut), str(hostile), str(kills)], n
+
+
+# a real WAV carrying the hook's marker (tests/hooks/sitecustomize.py): reading it kills the reader
+CRASH_WAV = wav(np.zeros(800))[:44] + b"OMNISTREAM-TEST-KILLS-ITS-READER" + bytes(1568)
 
 
 def inspect(*args):
@@ -178,8 +205,13 @@ def test_inspect_accounts_for_every_record(report, planted):
     _, n_written = planted
     assert report["balanced"]
     assert report["seen"] == report["kept"] + sum(report["filtered"].values()) + sum(report["errored"].values())
-    # every record written to a.tar and b.tar, plus the whole records of the cut shard, plus the one it cut
+    # every record written to a.tar, b.tar and hostile.tar, plus the whole records of the cut shard, plus
+    # the one it cut; none of kills.tar, which killed its actor each time (a shard error, not records)
     assert n_written <= report["seen"] <= n_written + 3
+    assert not any(c.get("seen") for s, c in report["per_shard"].items() if s.endswith("kills.tar"))
+    died = [e for e in report["shard_errors"] if e["reason"] == "actor_died"]
+    assert [Path(e["shard"]).name for e in died] == ["kills.tar"], report["shard_errors"]
+    assert report["per_shard"][next(s for s in report["per_shard"] if s.endswith("hostile.tar"))]["kept"] == 1
     assert report["errored"].get("shard_truncated", 0) + sum(1 for e in report["shard_errors"]
                                                              if e["reason"] == "shard_truncated") == 1
 
@@ -260,6 +292,8 @@ def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
 
 @pytest.mark.slow
 def test_training_on_the_planted_corpus_completes(ray_local, planted, bundle, corpus, tmp_path):
+    """Every hostile shard, the one that kills its reader included, on the path a run takes: tokenized
+    into the token cache, then trained on."""
     from omnistream.cluster.train import run_training
     from test_e2e import _cfg
 
@@ -268,8 +302,12 @@ def test_training_on_the_planted_corpus_completes(ray_local, planted, bundle, co
                f'data.train_shards={json.dumps(shards + corpus["train"][:1])}', f'data.bundle_dir="{bundle}"')
     res = run_training(cfg)
     assert res.data_report["balanced"] and sum(res.data_report["errored"].values()) > 0
-    assert res.metrics["data/errored/image_undecodable"] >= 1
+    for reason in ("image_undecodable", "too_many_members", "audio_sample_rate", "header_too_large"):
+        assert res.metrics[f"data/errored/{reason}"] >= 1, reason
     assert "data/filtered/duplicate" in res.metrics
+    # the shard that kills its actor is one shard error, and the run went on to its last step
+    assert res.metrics["data/shard_errors/actor_died"] == 1
+    assert json.loads((Path(res.checkpoint) / "omnistream.json").read_text())["step"] == 3
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ def test_hostile_records_under_an_address_space_limit(bundle, corpus, tmp_path):
     import tarfile
 
     from omnistream.pipelines.records import read_shard
-    from test_hostile_records import tar_bytes, wav_header  # noqa: I001 - the unit tier's real-bytes helpers
+    from common import wav_header
+    from test_hostile_records import tar_bytes  # noqa: I001 - the unit tier's real-bytes helper
 
     good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if "txt" in r.fields)
     members = [("ok-0.txt", good.fields["txt"])]

@@ -15,6 +15,8 @@ from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.records import read_shard
 from omnistream.pipelines.stream import RecordProcessor, make_document, record_rng
 
+from common import wav_header  # noqa: I001
+
 
 def tar_bytes(members: list[tuple[bytes | str, bytes]]) -> bytes:
     """A real tar (GNU format, so raw byte names survive) of (name, data) members."""
@@ -127,19 +129,6 @@ def test_fuzzed_shards_never_raise_and_always_balance(bundle, corpus, tmp_path):
 
 
 # ---- bounded memory per record ---------------------------------------------------------------------
-
-def wav_header(rate: int, frames: int = 64) -> bytes:
-    """A real 16-bit mono PCM WAV at any rate (written by hand: encoders refuse absurd rates)."""
-    import struct
-
-    import numpy as np
-
-    # a 440 Hz tone at a tenth of full scale: heard, so it passes the silence filter and gets resampled
-    data = (np.sin(np.arange(frames) * 2 * np.pi * 440 / rate) * 3000).astype("<i2").tobytes()
-    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
-    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"data" + struct.pack("<I", len(data)) + data)
-
 
 def test_each_record_bound_errors_the_record_under_its_reason(bundle, corpus, tmp_path):
     from omnistream.pipelines.config import Limits

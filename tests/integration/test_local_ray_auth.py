@@ -1,0 +1,29 @@
+"""The Ray that `omnistream train` starts in its own process runs with token authentication: its
+dashboard's Jobs API (the door to running code on it) refuses a caller without the token, as its
+GCS does a Ray client without it. Real requests to the session's in-process Ray, on 127.0.0.1."""
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+from common import REPO
+
+
+def test_the_in_process_ray_refuses_callers_without_the_token(ray_local):
+    import ray
+
+    url = ray._private.worker.get_dashboard_url()
+    assert url.startswith("127.0.0.1:"), url
+    try:
+        urllib.request.urlopen(f"http://{url}/api/jobs/", timeout=30)
+        raise AssertionError("the Jobs API answered a request without the token")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401, e.code
+    # another process on this machine, with a token of its own, cannot join it either: the GCS refuses it
+    gcs = ray._private.worker.global_worker.node.gcs_address
+    p = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{gcs}', _node_ip_address='127.0.0.1')"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
+                                                              "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "guess",
+                                                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert p.returncode != 0 and "InvalidAuthToken" in p.stderr + p.stdout, (p.stdout + p.stderr)[-1500:]
+    assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42  # and its own tasks run
