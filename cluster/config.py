@@ -66,6 +66,10 @@ class TrackingConfig(_Section):
     uri: str = Field("", description="MLflow tracking URI ('' = sqlite:///mlflow.db in the working directory; http:// for a server)")
     experiment: str = Field("omnistream", description="MLflow experiment name")
     run_name: str = Field("", description="MLflow run name ('' = the config's name)")
+    buffer_metrics: int = Field(100_000, ge=1000, description="metric values held while the tracking server is "
+                                "unreachable (training goes on; beyond this the oldest are dropped and counted)")
+    flush_timeout_s: float = Field(120.0, ge=0, description="at the end of training, how long to wait for held "
+                                   "metrics to reach the tracking server")
 
 
 class EvalTask(_Section):

@@ -92,10 +92,13 @@ class MLflowTracker:
         self.run_id = run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self.log_at({k: float(v) for k, v in metrics.items() if v is not None}, step, int(time.time() * 1000))
+
+    def log_at(self, metrics: dict[str, float], step: int, ts: int) -> None:
+        """`metrics` at `step`, stamped with the time they were measured (ms), not the time they are sent."""
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, v, ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.c.log_batch(self.run_id, metrics=items[i:i + 500])
 
@@ -110,6 +113,140 @@ class MLflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.c.set_terminated(self.run_id, status)
+
+
+class BufferedTracker:
+    """A Tracker that never stops or slows training for the tracking server (rank 0 logs through it).
+
+    Calls return at once: they queue, and one background thread sends them in order. When the server
+    is unreachable or fails, the thread warns once, keeps what is queued, retries with backoff (1 s
+    doubling to 15 s), and when the server answers again sends it all and says how long it was gone.
+    The queue holds up to `max_metrics` metric values (and `max_artifact_bytes` of samples); beyond
+    that the oldest metrics are dropped and counted, logged as `tracking/dropped_metrics` once the
+    server is back. `close()` waits up to `flush_timeout` seconds for the queue to empty.
+
+    Written here rather than with MLflow's asynchronous logging (log_batch(synchronous=False)): that
+    queue drops a batch whose request fails instead of holding it through an outage.
+    """
+
+    def __init__(self, inner, max_metrics: int = 100_000, max_artifact_bytes: int = 256 << 20, log=print):
+        import collections
+        import threading
+
+        self.inner, self.max_metrics, self.max_artifact_bytes, self.say = inner, max_metrics, max_artifact_bytes, log
+        self.queue: collections.deque = collections.deque()  # (kind, payload, size)
+        self.cond = threading.Condition()
+        self.metrics_held = self.artifact_bytes_held = 0
+        self.dropped = self.dropped_reported = 0
+        self.sent_ops, self.closing, self.last_step = 0, False, 0
+        self.down_since: float | None = None
+        self.thread = threading.Thread(target=self._run, name="omnistream-tracking", daemon=True)
+        self.thread.start()
+
+    # ---- the Tracker interface: queue and return -----------------------------------------------------
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        items = {k: float(v) for k, v in metrics.items() if v is not None}
+        self.last_step = step
+        self._put("metrics", (items, step, int(time.time() * 1000)), len(items))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._put("tag", (key, value), 0)
+
+    def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None:
+        with self.cond:
+            if self.artifact_bytes_held + len(data) > self.max_artifact_bytes:
+                self.say(f"[omnistream] warning: tracking server unreachable; sample {artifact_path}/{name} not kept "
+                         f"(over {self.max_artifact_bytes >> 20} MiB of samples queued)")
+                return
+            self.artifact_bytes_held += len(data)
+        self._put("artifact", (data, name, artifact_path), 0)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._put("finish", status, 0)
+
+    def _put(self, kind: str, payload, n: int) -> None:
+        with self.cond:
+            self.queue.append((kind, payload, n))
+            self.metrics_held += n
+            while self.metrics_held > self.max_metrics:  # drop the oldest metrics, counted
+                i = next((j for j, op in enumerate(self.queue) if op[0] == "metrics"), None)
+                if i is None:
+                    break
+                _, _, k = self.queue[i]
+                del self.queue[i]
+                self.metrics_held -= k
+                self.dropped += k
+            self.cond.notify()
+
+    # ---- the sender --------------------------------------------------------------------------------
+    def _send(self, kind: str, payload) -> None:
+        if kind == "metrics":
+            items, step, ts = payload
+            self.inner.log_at(items, step, ts)
+        elif kind == "tag":
+            self.inner.set_tag(*payload)
+        elif kind == "artifact":
+            self.inner.log_artifact(*payload)
+        elif kind == "finish":
+            self.inner.finish(payload)
+
+    def _run(self) -> None:
+        wait = 1.0
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                kind, payload, n = self.queue[0]
+            try:
+                self._send(kind, payload)
+            except Exception as e:  # noqa: BLE001 - any failure of the server or the way to it: hold and retry
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    self.say(f"[omnistream] warning: the tracking server failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); training goes on, metrics are held "
+                             f"(up to {self.max_metrics}) and sent when it is back")
+                with self.cond:
+                    self.cond.wait(wait)
+                wait = min(wait * 2, 15.0)
+                continue
+            with self.cond:
+                if self.queue and self.queue[0][1] is payload:
+                    self.queue.popleft()
+                    self.metrics_held -= n
+                    if kind == "artifact":
+                        self.artifact_bytes_held -= len(payload[0])
+                self.sent_ops += 1
+                self.cond.notify_all()
+            wait = 1.0
+            if self.down_since is not None:
+                gone, self.down_since = time.time() - self.down_since, None
+                self.say(f"[omnistream] the tracking server is back after {gone:.0f} s; sending what was held")
+            if self.dropped > self.dropped_reported:
+                self.dropped_reported = self.dropped
+                self._put("metrics", ({"tracking/dropped_metrics": float(self.dropped)}, self.last_step,
+                                      int(time.time() * 1000)), 1)
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.queue)
+
+    def close(self, timeout: float = 120.0) -> bool:
+        """Send what is queued, waiting up to `timeout` s; False (with a warning saying what) if not all went."""
+        deadline = time.time() + timeout
+        with self.cond:
+            while self.queue and time.time() < deadline:
+                self.cond.wait(min(1.0, max(0.0, deadline - time.time())))
+            left, held, self.closing = len(self.queue), self.metrics_held, True
+            self.cond.notify_all()
+        if left:
+            self.say(f"[omnistream] warning: the tracking server did not take {left} queued calls ({held} metric "
+                     f"values) within {timeout:.0f} s; they are lost")
+        if self.dropped:
+            self.say(f"[omnistream] warning: {self.dropped} metric values were dropped while the tracking server "
+                     f"was unreachable (over tracking.buffer_metrics)")
+        return not left
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

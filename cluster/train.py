@@ -48,7 +48,7 @@ def train_worker(config: dict) -> None:
 
     from .checkpoint import Checkpointer
     from .evaluate import Evaluator
-    from .tracking import MLflowTracker
+    from .tracking import BufferedTracker, MLflowTracker
     from .trainer import Trainer
 
     cfg = RunConfig.model_validate(config["cfg"])
@@ -58,9 +58,16 @@ def train_worker(config: dict) -> None:
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modality_names())
     batches = iter(ray.train.get_dataset_shard("train").iter_batches(
         batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True, prefetch_batches=4))
+    tracker = None
+    if rank == 0:
+        # the tracker's thread retries on its own: one quick try per request (MLflow's default retries with
+        # backoff for minutes), and it never holds up a step
+        os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"})
+        tracker = BufferedTracker(MLflowTracker(cfg.tracking.uri, config["run_id"]), cfg.tracking.buffer_metrics,
+                                  log=lambda line: print(line, flush=True))
     trainer = Trainer(
         cfg, vocab, batches,
-        tracker=MLflowTracker(cfg.tracking.uri, config["run_id"]) if rank == 0 else None,
+        tracker=tracker,
         checkpointer=Checkpointer(lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
                                   config["run_id"], config["stream"]),
         evaluator=Evaluator(cfg, vocab),
@@ -71,7 +78,11 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             print(f"[omnistream] resumed at step {trainer.step}: {trainer.start.rows} rows of the stream consumed, "
                   f"reading on from there", flush=True)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if tracker is not None:
+            tracker.close(cfg.tracking.flush_timeout_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +309,31 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
         datasets={"train": ds},
         dataset_config=OrderedSplit(),
     )
-    return trainer.fit()
+    return _interruptible(trainer.fit)
+
+
+def _interruptible(fn):
+    """fn() in a thread of its own, so that Ctrl-C reaches this (main) thread as KeyboardInterrupt and the
+    run is marked KILLED. On the main thread Ray Train's fit() installs a SIGINT handler of its own that
+    aborts the run and exits the process with status 1 and no word, leaving the MLflow run RUNNING (and
+    the handler installed). The training actors end with this driver."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="omnistream-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _checkpoints(storage: str, name: str) -> list[Path]:

@@ -63,3 +63,17 @@ def wav_header(rate: int, frames: int = 64) -> bytes:
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
     return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
             + b"data" + struct.pack("<I", len(data)) + data)
+
+
+# a small run's --set overrides (the integration tier's model and stream); paths are added per test
+OVERRIDES = [
+    "data.seq_len=128", "data.epochs=2", "data.fit_records=400",
+    "modalities.text.vocab_size=300", "modalities.image.codebook_size=64", "modalities.audio.codebook_size=32",
+    "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
+    "train.micro_batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.zero_stage=3",
+    "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
+    "eval.examples=20", "eval.loss_rows=8", "eval.samples=1", "eval.max_new_tokens=3",
+    # the demo's two tasks, as --set overrides (configs/demo.toml declares them as tables)
+    *[f'eval.tasks.{m}_to_text.{k}={v}' for m in ("image", "audio")
+      for k, v in (("prompt", f'"{m}"'), ("label_field", '"digit"'), ("match", '"number"'))],
+]

@@ -288,27 +288,7 @@ def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
     assert len(keys) == 3 and all(len(keys & set(pair)) == 1 for pair in DUP_PAIRS)
 
 
-# ---- training survives the planted corpus; mostly-bad data stops a run --------------------------------
-
-@pytest.mark.slow
-def test_training_on_the_planted_corpus_completes(ray_local, planted, bundle, corpus, tmp_path):
-    """Every hostile shard, the one that kills its reader included, on the path a run takes: tokenized
-    into the token cache, then trained on."""
-    from omnistream.cluster.train import run_training
-    from test_e2e import _cfg
-
-    shards, _ = planted
-    cfg = _cfg(corpus, tmp_path, "train.steps=3", "data.epochs=3", "cluster.num_workers=1", "data.eval_shards=[]",
-               f'data.train_shards={json.dumps(shards + corpus["train"][:1])}', f'data.bundle_dir="{bundle}"')
-    res = run_training(cfg)
-    assert res.data_report["balanced"] and sum(res.data_report["errored"].values()) > 0
-    for reason in ("image_undecodable", "too_many_members", "audio_sample_rate", "header_too_large"):
-        assert res.metrics[f"data/errored/{reason}"] >= 1, reason
-    assert "data/filtered/duplicate" in res.metrics
-    # the shard that kills its actor is one shard error, and the run went on to its last step
-    assert res.metrics["data/shard_errors/actor_died"] == 1
-    assert json.loads((Path(res.checkpoint) / "omnistream.json").read_text())["step"] == 3
-
+# ---- mostly-bad data stops a run (training on the planted corpus: test_hostile_run.py) ------------------
 
 @pytest.mark.slow
 def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, corpus, tmp_path):

@@ -11,19 +11,10 @@ import pytest
 from omnistream.cluster import tracking
 from omnistream.cluster.config import load_config
 
+from common import OVERRIDES  # noqa: I001
+
 pytestmark = pytest.mark.slow
 
-OVERRIDES = [
-    "data.seq_len=128", "data.epochs=2", "data.fit_records=400",
-    "modalities.text.vocab_size=300", "modalities.image.codebook_size=64", "modalities.audio.codebook_size=32",
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
-    "train.micro_batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.zero_stage=3",
-    "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
-    "eval.examples=20", "eval.loss_rows=8", "eval.samples=1", "eval.max_new_tokens=3",
-    # the demo's two tasks, as --set overrides (configs/demo.toml declares them as tables)
-    *[f'eval.tasks.{m}_to_text.{k}={v}' for m in ("image", "audio")
-      for k, v in (("prompt", f'"{m}"'), ("label_field", '"digit"'), ("match", '"number"'))],
-]
 
 
 # the run the resumed and the killed runs are compared with

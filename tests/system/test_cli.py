@@ -147,3 +147,35 @@ def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
     assert r.returncode == 0 and all(f"omnistream.modalities.{n}." in r.stdout for n in ("text", "image", "audio"))
     r = run_py("-m", "omnistream.cluster.cli", "demo", "--help")
     assert r.returncode == 0 and "shipped demo config" in r.stdout
+
+
+def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
+    """Ctrl-C (SIGINT) during `omnistream train`, once its MLflow run exists: exit 130, one line, and the
+    run is marked KILLED in the store, not left RUNNING."""
+    import signal
+    import time
+
+    from common import OVERRIDES
+    from omnistream.cluster import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [*OVERRIDES, f'data.train_shards=["{corpus["train"][0]}"]', "data.eval_shards=[]", "data.epochs=50",
+            f'data.bundle_dir="{bundle}"', f'tracking.uri="{uri}"', f'cluster.storage_path="{tmp_path}/ray"',
+            "train.steps=1000", "cluster.num_workers=1"]
+    (tmp_path / "run.toml").write_text('name = "interrupted"\n')  # the defaults, as the tests' runs use them
+    p = subprocess.Popen(EXE + ["train", str(tmp_path / "run.toml")] + [a for s in sets for a in ("--set", s)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if "step 2/1000" in line:
+                break
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert "omnistream: interrupted" in err and "Traceback" not in err.split("omnistream: interrupted")[-1]
+    runs = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("omnistream").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
