@@ -37,6 +37,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
     zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (bf16 needs hardware support to be fast)")
+    register_as: str = Field("", description="when set, the final checkpoint is exported and registered in MLflow's "
+                             "model registry under this name (as `omnistream export ... --register NAME`)")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep optimizer states on the CPU")
     log_every: int = Field(10, ge=1, description="steps between logged training metrics")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
@@ -70,6 +72,8 @@ class TrackingConfig(_Section):
                                 "unreachable (training goes on; beyond this the oldest are dropped and counted)")
     flush_timeout_s: float = Field(120.0, ge=0, description="at the end of training, how long to wait for held "
                                    "metrics to reach the tracking server")
+    system_metrics_interval_s: float = Field(10.0, ge=0, description="seconds between samples of each node's CPU, "
+                                             "memory, disk, network and GPU (system/<node>/...; 0 = off)")
 
 
 class EvalTask(_Section):

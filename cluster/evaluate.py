@@ -11,12 +11,12 @@ two entries of configs/demo.toml.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from omnistream.modalities.vocab import BOS, Vocabulary
@@ -181,23 +181,23 @@ class Evaluator:
         return self.metrics(local)
 
     @torch.no_grad()
-    def samples(self, model: GPT) -> dict[str, bytes]:
-        """For each task: its answers on a few records (TSV), and the reverse direction (target -> prompt)
-        as the prompt modality's files (PNG, WAV, ...)."""
-        cfg, vocab, files = self.cfg, self.vocab, {}
+    def samples(self, model: GPT) -> "Samples":
+        """For each task: its answers on a few records (a table), and the reverse direction (target ->
+        prompt, e.g. text -> image) as the prompt modality's files (PNG, WAV, ...)."""
+        cfg, vocab, out = self.cfg, self.vocab, Samples()
         if cfg.eval.samples == 0:
-            return files
+            return out
         for name, task in cfg.eval.tasks.items():
             recs = self.data.for_task(task)[: cfg.eval.samples]
             if not recs:
                 continue
             answers = _generate(model, vocab, [_prompt(vocab, task.prompt, r.ids[task.prompt], task.target)
                                                for r in recs], task.target, cfg.eval.max_new_tokens)
-            buf = io.StringIO()
-            for r, a in zip(recs, answers):
-                buf.write(f"{r.key}\t{task.label_field}={r.meta[task.label_field]!r}\tgenerated={str(a)!r}\t"
-                          f"correct={matches(str(a), r.meta[task.label_field], task.match)}\n")
-            files[f"{name}.txt"] = buf.getvalue().encode()
+            out.tables[name] = {
+                "key": [r.key for r in recs], "label": [str(r.meta[task.label_field]) for r in recs],
+                "caption": [_caption(vocab, task.target, r) for r in recs],
+                "generated": [str(a) for a in answers],
+                "correct": [bool(matches(str(a), r.meta[task.label_field], task.match)) for r, a in zip(recs, answers)]}
             back = [r for r in recs if task.target in r.ids]
             if not back:
                 continue
@@ -207,8 +207,25 @@ class Evaluator:
             mod = vocab.by_name[task.prompt]
             for i, (r, obj) in enumerate(zip(back, objs)):
                 ext, data = mod.to_bytes(obj)
-                files[f"{task.target}_to_{task.prompt}_{i}_{_slug(r.meta[task.label_field])}.{ext}"] = data
-        return files
+                out.media.append((f"{task.target}_to_{task.prompt}", f"{i}_{_slug(r.meta[task.label_field])}", ext, data))
+        return out
+
+
+@dataclass
+class Samples:
+    """What one evaluation generated, for a person to look at: per task a table (key, label, caption,
+    generated, correct), and the reverse direction's outputs as (key, name, extension, bytes)."""
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)
+    media: list[tuple[str, str, str, bytes]] = field(default_factory=list)
+
+
+def _caption(vocab: Vocabulary, target: str, r) -> str:
+    """The record's own content in the answer's modality, where that is text (the caption an
+    image_to_text answer is read against); else ''."""
+    if target not in r.ids:
+        return ""
+    obj = vocab.by_name[target].decode(np.asarray(r.ids[target]))
+    return obj if isinstance(obj, str) else ""
 
 
 def _slug(text) -> str:

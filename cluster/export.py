@@ -62,7 +62,11 @@ def consolidate(ckpt: str | Path) -> dict:
         raise UserError(f"{ckpt} is incomplete: {len(model_files)} model and {world} optimizer shards "
                         f"for {first['dp_world_size']} ranks")
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-    flats = [_load(f)["optimizer_state_dict"][key] for f in optim_files]
+    from tqdm import tqdm
+
+    # the optimizer shards hold the fp32 master weights: the large reads, one per rank
+    flats = [_load(f)["optimizer_state_dict"][key]
+             for f in tqdm(optim_files, desc="[omnistream] reading ZeRO shards", unit=" rank", disable=None)]
     out = {}
     for g, shapes in enumerate(first["param_shapes"]):
         if stage < 3:

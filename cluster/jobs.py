@@ -90,12 +90,74 @@ def ensure_token() -> Path:
     return p
 
 
+# ---- the tracking server ----------------------------------------------------------------------------
+def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0) -> dict:
+    """An MLflow tracking server for a head's jobs: SQLite behind it, artifacts proxied through it
+    (--serve-artifacts), so a worker on any node logs metrics, images and files over HTTP and nothing
+    is written on the node it runs on. MLflow's light settings: one worker, job execution off. Its own
+    process group, so `cluster down` ends it with its worker. Returns {uri, pid, dir, port}."""
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    log = open(root / "server.log", "ab")
+    p = subprocess.Popen(
+        [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://{host}:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if p.poll() is not None:
+            tail = (root / "server.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"the MLflow tracking server did not start (exit {p.returncode}): {tail[0][:200]}")
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                return {"uri": uri, "pid": p.pid, "dir": str(root), "port": port}
+        except OSError:
+            time.sleep(0.5)
+    stop_tracking_server({"pid": p.pid, "dir": str(root)})
+    raise UserError(f"the MLflow tracking server on {uri} did not answer within {timeout:.0f} s "
+                    f"(its log: {root / 'server.log'})")
+
+
+def stop_tracking_server(srv: dict) -> int:
+    """End the server's process group, if its leader is still the server started in srv['dir']."""
+    import psutil
+
+    try:
+        leader = psutil.Process(srv["pid"])
+        if srv["dir"] not in " ".join(leader.cmdline()):
+            return 0  # the pid was reused by something else: not ours to end
+        group = [q for q in psutil.process_iter() if _pgid(q.pid) == srv["pid"]]
+    except psutil.NoSuchProcess:
+        return 0
+    os.killpg(srv["pid"], signal.SIGTERM)
+    _, alive = psutil.wait_procs(group, timeout=10)
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(group)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 # ---- a local head ---------------------------------------------------------------------------------
 def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None) -> dict:
+def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None,
+               mlflow_port: int = 5000) -> dict:
     STATE.mkdir(parents=True, exist_ok=True)
     state_file = STATE / f"head-{port}.json"
     if state_file.exists():
@@ -125,14 +187,35 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
             "temp_dir": str(temp), "token_path": str(tok) if not os.environ.get("RAY_AUTH_TOKEN") else "$RAY_AUTH_TOKEN",
             "ports": [port, dashboard_port, agent_port, client_port], "started": time.time()}
+    state_file.write_text(json.dumps(info, indent=1))  # recorded now: `down` can end the head if the rest fails
+    # the jobs' tracking server: its store outlives the head (STATE/mlflow-<port>), so runs stay browsable
+    try:
+        info["tracking"] = start_tracking_server(STATE / f"mlflow-{port}", free_port(mlflow_port))
+    except UserError as e:
+        raise UserError(f"{e}; the Ray head is up: `omnistream cluster down --port {port}` ends it") from None
+    info["ports"].append(info["tracking"]["port"])
     state_file.write_text(json.dumps(info, indent=1))
     return info
 
 
-def head_processes(temp_dir: str, ports: list[int] = ()) -> list:
+def head_tracking_uri(dashboard: str) -> str | None:
+    """The tracking server `cluster up` started with the head whose dashboard is `dashboard`, if any."""
+    want = dashboard.rstrip("/")
+    for f in sorted(STATE.glob("head-*.json")) if STATE.exists() else []:
+        try:
+            info = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if info.get("dashboard", "").rstrip("/") == want and info.get("tracking"):
+            return info["tracking"]["uri"]
+    return None
+
+
+def head_processes(temp_dir: str, ports: list[int] = (), groups: list[int] = ()) -> list:
     """This head's processes, and no one else's: those whose command line names its temp dir as a
-    whole path (omni-ray-6379 must not match omni-ray-63790), and the Ray processes listening on the
-    ports it was started with (Ray's client server names no temp dir)."""
+    whole path (omni-ray-6379 must not match omni-ray-63790), the Ray processes listening on the
+    ports it was started with (Ray's client server names no temp dir), and the processes of the
+    process groups it started (its tracking server and that server's worker)."""
     import re
 
     import psutil
@@ -145,6 +228,10 @@ def head_processes(temp_dir: str, ports: list[int] = ()) -> list:
                 found[p.pid] = p
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    if groups:
+        for p in psutil.process_iter():
+            if p.pid not in found and _pgid(p.pid) in groups:
+                found[p.pid] = p
     if ports:
         try:
             conns = psutil.net_connections(kind="inet")
@@ -169,6 +256,7 @@ def cluster_down(port: int) -> int:
     if not state_file.exists():
         raise UserError(f"no head started by `omnistream cluster up` is recorded on port {port} (in {STATE})")
     info = json.loads(state_file.read_text())
+    n_tracking = stop_tracking_server(info["tracking"]) if info.get("tracking") else 0
     procs = head_processes(info["temp_dir"], info.get("ports", []))
     for p in procs:
         try:
@@ -184,7 +272,7 @@ def cluster_down(port: int) -> int:
     psutil.wait_procs(alive, timeout=10)
     state_file.unlink()
     shutil.rmtree(info["temp_dir"], ignore_errors=True)
-    return len(procs)
+    return len(procs) + n_tracking
 
 
 # ---- the Jobs API ---------------------------------------------------------------------------------
@@ -238,8 +326,14 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
     """Validate and resolve the config here, then submit it with the code as the working directory."""
     from .config import load_config
 
-    cfg = load_config(config_path, overrides).resolved_paths()
+    named = load_config(config_path, overrides)
+    cfg = named.resolved_paths()
     cfg.cluster.address = ""  # inside the job, connect() joins the cluster the job runs on (RAY_ADDRESS)
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD
+    if not named.tracking.uri:
+        # the head's tracking server: rank 0 may run on any node, where a SQLite path of this machine
+        # would silently become a new, empty database
+        cfg.tracking.uri = head_tracking_uri(address) or cfg.tracking.uri
     c = client(address, insecure)
     with tempfile.TemporaryDirectory(prefix="omnistream-job-") as d:
         copy_code(Path(d))
@@ -272,16 +366,54 @@ def copy_code(dst: Path) -> None:
         shutil.copytree(src, dst / "omnistream" / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_old*"))
 
 
-def follow(c, job_id: str, out=sys.stdout) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
-    async def tail():
-        async for lines in c.tail_job_logs(job_id):
-            out.write(lines)
+_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\([^)]*\)(?:\x1b\[[0-9;]*m)?\s*")  # "(RayTrainWorker pid=12) "
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RUN = re.compile(r"MLflow run ([0-9a-f]{32}) \((https?://[^)]+)\)")
+
+
+def follow(c, job_id: str, out=sys.stdout, raw: bool = False) -> str:
+    """Follow the job until it ends; returns its final status. Shows omnistream's own lines (steps,
+    evaluations, warnings) without Ray's process prefixes, and the run's page on the tracking server;
+    `raw` streams every line of the job's log as Ray writes it. When the job fails, the last 60 lines
+    of the whole log follow, so the error is never hidden."""
+    import collections
+
+    last: collections.deque = collections.deque(maxlen=60)
+
+    def show(line: str) -> None:
+        last.append(line)
+        text = _ANSI.sub("", _RAY_PREFIX.sub("", line))
+        if "[omnistream]" in text or text.startswith(("omnistream:", "MLflow run id", "Open it")):
+            out.write(text + "\n")
+            m = _RUN.search(text)
+            if m:
+                try:
+                    from .tracking import run_url
+
+                    out.write(f"[omnistream] the run's page: {run_url(m.group(2), m.group(1))}\n")
+                except Exception:  # noqa: BLE001 - a link is a convenience; the job goes on regardless
+                    pass
             out.flush()
+
+    async def tail():
+        pending = ""
+        async for chunk in c.tail_job_logs(job_id):
+            if raw:
+                out.write(chunk)
+                out.flush()
+                continue
+            pending += chunk
+            *lines, pending = pending.split("\n")
+            for ln in lines:
+                show(ln)
+        if pending:
+            show(pending)
 
     asyncio.run(tail())
     while True:
         status = str(c.get_job_status(job_id)).split(".")[-1]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if status != "SUCCEEDED" and not raw:
+                out.write(f"--- the last {len(last)} lines of job {job_id}'s log ---\n" + "\n".join(last) + "\n")
             return status
         time.sleep(1)

@@ -27,10 +27,25 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, judges); this one is model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+              description: str = "") -> str:
+    """A new run in `experiment` (created, or tagged, as a model-training experiment), with the config's
+    params (dotted names, so MLflow groups them by section) and a description (`mlflow.note.content`)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    if exp is None:
+        exp_id = c.create_experiment(experiment, tags=EXPERIMENT_KIND)
+    else:
+        exp_id = exp.experiment_id
+        for k, v in EXPERIMENT_KIND.items():
+            if exp.tags.get(k) != v:
+                c.set_experiment_tag(exp_id, k, v)
+    if description:
+        tags = {**tags, "mlflow.note.content": description}
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
     from mlflow.entities import Param
 
@@ -53,6 +68,8 @@ class Tracker(Protocol):
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None: ...
+    def log_image(self, key: str, png: bytes, step: int) -> None: ...
+    def log_table(self, rows: dict[str, list], artifact_file: str) -> None: ...
     def set_tag(self, key: str, value: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -63,6 +80,8 @@ class MemoryTracker:
     def __init__(self):
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.artifacts: dict[str, bytes] = {}
+        self.images: dict[str, list[tuple[int, bytes]]] = {}
+        self.tables: dict[str, dict[str, list]] = {}
         self.tags: dict[str, str] = {}
         self.status: str | None = None
 
@@ -73,6 +92,12 @@ class MemoryTracker:
 
     def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None:
         self.artifacts[f"{artifact_path}/{name}"] = data
+
+    def log_image(self, key: str, png: bytes, step: int) -> None:
+        self.images.setdefault(key, []).append((step, png))
+
+    def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
+        self.tables[artifact_file] = rows
 
     def set_tag(self, key: str, value: str) -> None:
         self.tags[key] = value
@@ -110,6 +135,17 @@ class MLflowTracker:
             p = Path(d) / name
             p.write_bytes(data)
             self.c.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_image(self, key: str, png: bytes, step: int) -> None:
+        """An image with a step: MLflow's image grid shows each key's images over the steps."""
+        import io
+
+        from PIL import Image
+
+        self.c.log_image(self.run_id, Image.open(io.BytesIO(png)), key=key, step=step)
+
+    def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
+        self.c.log_table(self.run_id, data=rows, artifact_file=artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.c.set_terminated(self.run_id, status)
@@ -153,16 +189,27 @@ class BufferedTracker:
         self._put("tag", (key, value), 0)
 
     def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None:
-        with self.cond:
-            if self.artifact_bytes_held + len(data) > self.max_artifact_bytes:
-                self.say(f"[omnistream] warning: tracking server unreachable; sample {artifact_path}/{name} not kept "
-                         f"(over {self.max_artifact_bytes >> 20} MiB of samples queued)")
-                return
-            self.artifact_bytes_held += len(data)
-        self._put("artifact", (data, name, artifact_path), 0)
+        if self._hold(len(data), f"sample {artifact_path}/{name}"):
+            self._put("artifact", (data, name, artifact_path), 0)
+
+    def log_image(self, key: str, png: bytes, step: int) -> None:
+        if self._hold(len(png), f"image {key} of step {step}"):
+            self._put("image", (key, png, step), 0)
+
+    def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
+        self._put("table", (rows, artifact_file), 0)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._put("finish", status, 0)
+
+    def _hold(self, n: int, what: str) -> bool:
+        with self.cond:
+            if self.artifact_bytes_held + n > self.max_artifact_bytes:
+                self.say(f"[omnistream] warning: tracking server unreachable; {what} not kept "
+                         f"(over {self.max_artifact_bytes >> 20} MiB of samples queued)")
+                return False
+            self.artifact_bytes_held += n
+            return True
 
     def _put(self, kind: str, payload, n: int) -> None:
         with self.cond:
@@ -187,6 +234,10 @@ class BufferedTracker:
             self.inner.set_tag(*payload)
         elif kind == "artifact":
             self.inner.log_artifact(*payload)
+        elif kind == "image":
+            self.inner.log_image(*payload)
+        elif kind == "table":
+            self.inner.log_table(*payload)
         elif kind == "finish":
             self.inner.finish(payload)
 
@@ -215,8 +266,8 @@ class BufferedTracker:
                 if self.queue and self.queue[0][1] is payload:
                     self.queue.popleft()
                     self.metrics_held -= n
-                    if kind == "artifact":
-                        self.artifact_bytes_held -= len(payload[0])
+                    if kind in ("artifact", "image"):
+                        self.artifact_bytes_held -= len(payload[0] if kind == "artifact" else payload[1])
                 self.sent_ops += 1
                 self.cond.notify_all()
             wait = 1.0
@@ -249,6 +300,22 @@ class BufferedTracker:
         return not left
 
 
+def start_system_metrics(uri: str, run_id: str, interval: float, node_id: str, log=print):
+    """MLflow's system metrics monitor for this node (CPU, memory, disk, network, and GPU where there is
+    one), logged as system/<node_id>/<metric> into the run from a thread of its own; None if it cannot
+    start (a warning: the run goes on without them)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        m = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1, node_id=node_id,
+                                 tracking_uri=uri)
+        m.start()
+        return m
+    except Exception as e:  # noqa: BLE001 - optional figures; never a reason to stop training
+        log(f"[omnistream] warning: no system metrics on node {node_id} ({type(e).__name__}: {e})")
+        return None
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
@@ -257,9 +324,15 @@ def final_metrics(uri: str, run_id: str) -> dict[str, float]:
     return dict(client(uri).get_run(run_id).data.metrics)
 
 
+def run_url(uri: str, run_id: str) -> str:
+    """The run's page on a tracking server."""
+    exp = client(uri).get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
 def ui_command(uri: str, run_id: str) -> str:
     if uri.startswith("http"):
-        return f"open {uri.rstrip('/')}/#/experiments/0/runs/{run_id}"
+        return f"open {run_url(uri, run_id)}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 

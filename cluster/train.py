@@ -41,17 +41,31 @@ class LedgerMonitor:
         return ray.get(self.ledger.stop_reason.remote())
 
 
+def _quiet_reports() -> None:
+    """Ray Train logs every report at INFO with its whole metrics dict (one per checkpoint per worker);
+    the trainer prints its own step lines. Its logger is named by its file's path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """One Ray Train worker: wire the Trainer's components, resume if asked, train."""
+    import ray
     import ray.train
     import torch
 
     from .checkpoint import Checkpointer
     from .evaluate import Evaluator
-    from .tracking import BufferedTracker, MLflowTracker
+    from .tracking import BufferedTracker, MLflowTracker, start_system_metrics
     from .trainer import Trainer
 
     cfg = RunConfig.model_validate(config["cfg"])
+    _quiet_reports()
     os.environ["OMP_NUM_THREADS"] = str(cfg.train.torch_threads)
     torch.set_num_threads(cfg.train.torch_threads)
     rank = ray.train.get_context().get_world_rank()
@@ -78,9 +92,16 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             print(f"[omnistream] resumed at step {trainer.step}: {trainer.start.rows} rows of the stream consumed, "
                   f"reading on from there", flush=True)
+    monitor = None
+    if cfg.tracking.system_metrics_interval_s > 0 and ray.train.get_context().get_local_rank() == 0:
+        node = ray.get_runtime_context().get_node_id()[:8]  # one monitor per node, named by its Ray node id
+        monitor = start_system_metrics(cfg.tracking.uri, config["run_id"], cfg.tracking.system_metrics_interval_s,
+                                       f"node-{node}", log=lambda line: print(line, flush=True))
     try:
         trainer.train()
     finally:
+        if monitor is not None:
+            monitor.finish()
         if tracker is not None:
             tracker.close(cfg.tracking.flush_timeout_s)
 
@@ -168,6 +189,23 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
     return cfg, start, universal
 
 
+def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
+    """The run's description in MLflow (markdown): what ran, in a few lines a person reads first."""
+    m, t, c = cfg.model, cfg.train, cfg.cluster
+    # decoder parameters: 12·d² per layer (attention 4·d², MLP 8·d²) plus the tied embedding
+    approx = 12 * m.n_layers * m.d_model ** 2 + vocab.size * m.d_model
+    mods = ", ".join(f"{n} ({vocab.by_name[n].vocab_size} ids)" for n in vocab.names)
+    return (f"**omnistream** `{cfg.name}`: one decoder over {mods}; vocabulary {vocab.size}, fingerprint "
+            f"`{vocab.fingerprint[:12]}`\n\n"
+            f"- model: {m.n_layers} layers × d_model {m.d_model}, {m.n_heads} heads, ~{approx / 1e6:.2f}M parameters\n"
+            f"- training: {t.steps} steps, {c.num_workers} worker(s){' on GPUs' if c.use_gpu else ''}, "
+            f"DeepSpeed ZeRO-{t.zero_stage}, {t.precision}, micro-batch {t.micro_batch_size} × grad_accum "
+            f"{t.grad_accum}, seq_len {cfg.data.seq_len}\n"
+            f"- data: {len(cfg.data.train_shards)} shard pattern(s) ({', '.join(cfg.data.train_shards[:2])}"
+            f"{', ...' if len(cfg.data.train_shards) > 2 else ''}), {cfg.data.epochs} epoch(s), seed {cfg.seed}\n"
+            f"- config: `config/resolved.toml` in this run's artifacts")
+
+
 def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     from . import tracking
     from .ray_local import connect
@@ -178,7 +216,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     uri = cfg.tracking.uri
     if run_id is None:
         run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, cfg.flat(),
-                                    tags={"omnistream.vocab_fingerprint": vocab.fingerprint})
+                                    tags={"omnistream.vocab_fingerprint": vocab.fingerprint},
+                                    description=describe_run(cfg, vocab))
     tracking.log_text(uri, run_id, cfg.to_toml(), "config/resolved.toml")
     tracking.log_text(uri, run_id, tracking.dumps(vocab.layout()), "vocab.json")
     print(f"[omnistream] MLflow run {run_id} ({uri})", flush=True)
@@ -260,8 +299,24 @@ def _train(cfg: RunConfig, vocab: Vocabulary, uri: str, run_id: str, t0: float) 
     except Exception as e:  # noqa: BLE001
         print(f"[omnistream] warning: the tracking server did not take the run's data report ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:200] if str(e) else ''}); the checkpoint {ckpt} is complete", flush=True)
+    if cfg.train.register_as and ckpt:
+        try:
+            print(f"[omnistream] registered {_register(cfg, ckpt, uri, run_id)}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the trained checkpoint stands; registering can be redone
+            print(f"[omnistream] warning: could not register the model as {cfg.train.register_as!r} "
+                  f"({type(e).__name__}: {e}); `omnistream export {ckpt} OUT --register "
+                  f"{cfg.train.register_as}` does it later", flush=True)
     kept = [str(c) for c in _checkpoints(cfg.cluster.storage_path, name)]
     return TrainResult(run_id, uri, metrics, ckpt, report, time.time() - t0, kept, digest)
+
+
+def _register(cfg: RunConfig, ckpt: str, uri: str, run_id: str) -> str:
+    """train.register_as: export the final checkpoint next to it and register it as an MLflow model."""
+    from .export import export
+    from .serving import log_and_register
+
+    out = export(ckpt, Path(cfg.cluster.storage_path) / f"{cfg.name}-{run_id[:12]}-export")
+    return log_and_register(out, cfg.train.register_as, uri, run_id)
 
 
 def _end_run(uri: str, run_id: str, status: str) -> None:

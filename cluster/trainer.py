@@ -260,12 +260,23 @@ class Trainer:
         if self.rank == 0:
             self._log(m)
             if self.tracker is not None:
-                for name, data in self.evaluator.samples(plain).items():
-                    self.tracker.log_artifact(data, name, f"samples/step_{self.step:06d}")
+                self._log_samples(self.evaluator.samples(plain))
             self.log_line(f"[omnistream] eval step {self.step}: "
                           + ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
         self.engine.module.train()
         return m
+
+    def _log_samples(self, samples) -> None:
+        """Images with the step (MLflow's image grid and step slider compare them across evaluations and
+        runs), other outputs (WAV, ...) as files beside them, each task's answers as a table."""
+        at = f"samples/step_{self.step:06d}"
+        for task, rows in samples.tables.items():
+            self.tracker.log_table(rows, f"{at}/{task}.json")
+        for key, name, ext, data in samples.media:
+            if ext == "png":
+                self.tracker.log_image(f"{key}/{name}", data, self.step)
+            else:
+                self.tracker.log_artifact(data, f"{key}_{name}.{ext}", at)
 
     def save(self) -> None:
         if self.checkpointer is not None:

@@ -62,16 +62,20 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     ds = ds.limit(cfg.fit_records)
     ds = ds.map_batches(ExtractFeatures, fn_constructor_kwargs={"modalities": mods}, batch_size=64,
                         compute=ray.data.ActorPoolStrategy(size=2), batch_format="numpy", num_cpus=0.5)
+    from tqdm import tqdm
+
     gathered: dict[str, list] = {m.name: [] for m in mods}
     bad = Tally()
-    for row in ds.iter_rows():
-        obj = pickle.loads(row["feature"])
-        if row["modality"] == "__bad__":
-            bad.errored[obj] += 1
-        else:
-            gathered[row["modality"]].append(obj)
+    with tqdm(desc="[omnistream] reading samples to fit the tokenizers", unit=" samples", disable=None) as bar:
+        for row in ds.iter_rows():
+            obj = pickle.loads(row["feature"])
+            if row["modality"] == "__bad__":
+                bad.errored[obj] += 1
+            else:
+                gathered[row["modality"]].append(obj)
+            bar.update()
     summary = {"records_sampled": cfg.fit_records, "bad_samples": dict(bad.errored), "samples": {}}
-    for m in mods:
+    for m in tqdm(mods, desc="[omnistream] fitting", unit=" modality", disable=None):
         feats = gathered[m.name]
         if not feats:
             raise UserError(f"no samples of modality {m.name!r} in the first {cfg.fit_records} records of "

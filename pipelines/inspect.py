@@ -26,11 +26,16 @@ def inspect_shards(specs: list[str], cfg: DataConfig, modalities: dict[str, dict
     ds = shards_may_die(record_stream(cfg, modalities, seed, [(0, s) for s in shards], bundle_dir, ledger))
     tokens: Counter = Counter()
     names = list(modalities)
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        for m in batch["mods"]:
-            idx, n = np.unique(np.asarray(m), return_counts=True)
-            for i, c in zip(idx, n):
-                tokens["special" if i == 0 else names[i - 1]] += int(c)
+    from tqdm import tqdm
+
+    with tqdm(total=len(shards), desc="[omnistream] inspecting shards", unit=" shard", disable=None) as bar:
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            for m in batch["mods"]:
+                idx, n = np.unique(np.asarray(m), return_counts=True)
+                for i, c in zip(idx, n):
+                    tokens["special" if i == 0 else names[i - 1]] += int(c)
+            bar.update(len(ray.get(ledger.parts_seen.remote())) - bar.n)  # shards whose tally is in
+        bar.update(len(ray.get(ledger.parts_seen.remote())) - bar.n)
     reported = set(ray.get(ledger.parts_seen.remote()))
     for s in shards:
         if f"0:{s}" not in reported:

@@ -38,6 +38,13 @@ def run(args) -> int:
     prepare_demo(cfg, args.refit)
     res = train(cfg)
     print_result(res, cfg)
+    if cfg.train.register_as:
+        from omnistream.cluster.serving import latest_version, name_the_digits
+
+        ref = latest_version(res.tracking_uri, cfg.train.register_as)
+        ok, asked, example = name_the_digits(ref, res.tracking_uri, cfg.resolved_paths().data.eval_shards)
+        print(f"  registered model {ref}, loaded with mlflow.pyfunc.load_model: {ok}/{asked} held-out digit "
+              f"images named (e.g. {example})")
     print(f"demo finished in {time.time() - t0:.0f}s")
     return 0
 

@@ -21,7 +21,11 @@ def register(sub) -> None:
                                    "the cluster (shared disk or s3://...).")
     add_config(p)
     p.add_argument("--address", default="", help=ADDR_HELP)
-    p.add_argument("--follow", action="store_true", help="stream the job's logs and wait for it to end")
+    p.add_argument("--follow", action="store_true",
+                   help="follow the job to its end: its steps, evaluations and warnings, and the run's page on the "
+                        "tracking server (the whole log on failure)")
+    p.add_argument("--raw", action="store_true", help="with --follow: stream every line of the job's log as Ray "
+                                                       "writes it")
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=submit)
     jb = sub.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(dest="jobs_cmd", required=True,
@@ -49,7 +53,7 @@ def submit(args) -> int:
     print(f"submitted job {job_id}", flush=True)
     if not args.follow:
         return 0
-    st = jobs.follow(c, job_id)
+    st = jobs.follow(c, job_id, raw=args.raw)
     print(f"job {job_id} {st}")
     return 0 if st == "SUCCEEDED" else 1
 

@@ -12,6 +12,12 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (the MLflow tag omnistream.checkpoint names the last one)")
     p.add_argument("out_dir", help="folder to write the model into")
     p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
+    p.add_argument("--register", metavar="NAME",
+                   help="also log the exported model (with its tokenizer bundle) as an MLflow model into the run "
+                        "that trained it and register a version of NAME; load it with "
+                        "mlflow.pyfunc.load_model('models:/NAME/<version>')")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI to register in (default: the one the checkpoint's "
+                                          "run logged to)")
     p.set_defaults(func=export)
 
     p = sub.add_parser("generate", help="generate from a prompt in any modality",
@@ -34,6 +40,14 @@ def export(args) -> int:
 
     out = do_export(args.checkpoint, args.out_dir, args.bundle)
     print(f"exported {args.checkpoint} -> {out}")
+    if args.register:
+        from omnistream.cluster.checkpoint import read_checkpoint_meta
+        from omnistream.cluster.serving import log_and_register
+
+        meta = read_checkpoint_meta(args.checkpoint)
+        uri = args.tracking_uri or meta["config"]["tracking"]["uri"] or "sqlite:///mlflow.db"
+        ref = log_and_register(out, args.register, uri, "" if args.tracking_uri else meta.get("run_id", ""))
+        print(f"registered {ref} ({uri}): mlflow.pyfunc.load_model({ref!r})")
     return 0
 
 

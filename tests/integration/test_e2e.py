@@ -91,8 +91,10 @@ def test_run_logs_the_design_metrics(trained):
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config", "vocab.json", "data", "samples"} <= arts
     sample_files = [a.path for a in c.list_artifacts(res.run_id, "samples/step_000010")]
-    assert any(p.endswith(".png") for p in sample_files) and any(p.endswith(".wav") for p in sample_files)
-    assert any(p.endswith(".txt") for p in sample_files)
+    assert any(p.endswith(".wav") for p in sample_files), sample_files          # text -> audio, as files
+    assert any(p.endswith("image_to_text.json") for p in sample_files), sample_files  # log_table
+    images = [a.path for a in c.list_artifacts(res.run_id, "images")]           # log_image, with the step
+    assert any("text_to_image" in p and "+step+10+" in p for p in images), images
 
 
 def test_checkpoint_holds_every_ranks_shard_and_the_data_position(trained):
@@ -191,6 +193,56 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", "audio", "--input", "the digit 3",
                  "--out", str(tmp_path / "g.wav")]) == 0
     assert (tmp_path / "g.wav").read_bytes()[:4] == b"RIFF"
+
+    # registered in the run's MLflow store, loaded back through MLflow, generating the same answer
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    assert main(["export", res.checkpoint, str(tmp_path / "r"), "--register", "e2e-digits"]) == 0
+    assert "registered models:/e2e-digits/1" in capsys.readouterr().out
+    mlflow.set_tracking_uri(res.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/e2e-digits/1")
+    got = served.predict(pd.DataFrame({"image": [rec.fields["png"]]}), params={"max_new_tokens": 4})
+    assert got.to_dict("records") == [{"to": "text", "ext": "txt", "output": text}]
+    got = served.predict(pd.DataFrame({"text": ["the digit 3"]}), params={"to": "image"})
+    assert got["ext"][0] == "png" and base64.b64decode(got["output"][0])[:4] == b"\x89PNG"
+    models = {m.name for m in tracking.client(res.tracking_uri).search_logged_models([
+        tracking.client(res.tracking_uri).get_run(res.run_id).info.experiment_id])}
+    assert models, "the model is logged in the experiment of the run that trained it"
+
+    # and `mlflow models serve` answers for it on 127.0.0.1, base64 in JSON for the image
+    import json as _json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from omnistream.cluster.ray_local import free_port
+
+    port, bindir = free_port(), str(Path(sys.executable).parent)
+    srv = subprocess.Popen([f"{bindir}/mlflow", "models", "serve", "-m", "models:/e2e-digits/1", "--env-manager",
+                            "local", "-h", "127.0.0.1", "-p", str(port)], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": res.tracking_uri,
+                                "PATH": f"{bindir}:{os.environ.get('PATH', '')}"})
+    try:
+        body = _json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(rec.fields["png"])
+                                                                               .decode()]]},
+                            "params": {"max_new_tokens": 4}}).encode()
+        deadline, answer = time.time() + 120, None
+        while answer is None and time.time() < deadline and srv.poll() is None:
+            try:
+                answer = _json.loads(urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}), timeout=30).read())
+            except OSError:
+                time.sleep(1)
+        assert answer == {"predictions": [{"to": "text", "ext": "txt", "output": text}]}, answer
+    finally:
+        os.killpg(srv.pid, 15)
+        srv.wait(timeout=30)
 
 
 def test_every_listener_is_loopback(trained):

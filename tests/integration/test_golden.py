@@ -89,7 +89,11 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
     assert m["eval/image_to_text/accuracy"] >= 0.2, m
     assert set(m) >= {"eval/loss/text", "eval/loss/image", "eval/loss/audio", "eval/image_to_text/accuracy"}
     assert "data.ledger_digest" in tracker.tags
-    assert any(k.startswith("samples/") and k.endswith(".png") for k in tracker.artifacts), sorted(tracker.artifacts)
+    # text -> image generations as images with their step; each task's answers as a table
+    assert any(k.startswith("text_to_image/") and steps[-1][0] == STEPS for k, steps in tracker.images.items()), \
+        sorted(tracker.images)
+    table = tracker.tables[f"samples/step_{STEPS:06d}/image_to_text.json"]
+    assert set(table) == {"key", "label", "caption", "generated", "correct"} and len(table["key"]) >= 1
 
 
 def test_activation_checkpointing_under_zero3_leaves_the_losses_unchanged(golden, golden_rows, tmp_path):

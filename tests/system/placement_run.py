@@ -42,11 +42,14 @@ def main(path: str) -> None:
         res = run_training(load_config(path))
         from ray.util.state import list_actors
 
-        actors = [{"class": a.class_name, "node": a.node_id} for a in list_actors(detail=True, limit=1000)]
+        listed = list_actors(detail=True, limit=1000)
+        actors = [{"class": a.class_name, "node": a.node_id} for a in listed]
+        # rank 0 is the one training worker here: the node its actor ran on
+        rank0 = next(a.node_id for a in listed if "TrainWorker" in a.class_name)
         listening = sorted({f"{p.name()} {c.laddr.ip}" for p in psutil.Process().children(recursive=True)
                             for c in _listening(p)})
         print(json.dumps({"data_node": c.head_node.node_id, "trainer_node": trainer.node_id, "actors": actors,
-                          "run_id": res.run_id, "step": res.metrics.get("train/loss") is not None,
+                          "run_id": res.run_id, "rank0_node": rank0, "step": res.metrics.get("train/loss") is not None,
                           "listening": listening}), flush=True)
     finally:
         ray.shutdown()

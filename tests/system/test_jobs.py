@@ -1,6 +1,7 @@
 """Submitting to a real Ray head, as a user does: `omnistream cluster up`, `omnistream submit --follow`,
 Ray's own `ray job list`, the job's MLflow run, one-line errors for a bad token or address, and
 `omnistream cluster down`. The head uses its own token file and state folder, not the user's."""
+import json
 import os
 import subprocess
 import sys
@@ -49,8 +50,10 @@ def test_head_is_loopback_only_with_a_token(head):
     assert (head["tmp"] / "auth_token").stat().st_mode & 0o077 == 0, "the token file is private"
     temp = next(ln.split('"')[3] for ln in (head["tmp"] / "state" / f"head-{head['port']}.json").read_text().splitlines()
                 if '"temp_dir"' in ln)
-    procs = head_processes(temp)
+    state = json.loads((head["tmp"] / "state" / f"head-{head['port']}.json").read_text())
+    procs = head_processes(temp, state["ports"], [state["tracking"]["pid"]])
     assert len(procs) >= 3
+    assert any("mlflow" in " ".join(p.cmdline()) for p in procs), "the tracking server is one of them"
     listening = []
     for p in procs:
         try:
@@ -84,9 +87,7 @@ zero_stage = 3
 num_workers = 1
 cpus_per_worker = 0.5
 storage_path = "{tmp}/ray"
-[tracking]
-uri = "sqlite:///{tmp}/mlflow.db"
-""")
+""")  # no [tracking]: the job logs to the tracking server `cluster up` started with the head
     p = run(["omnistream", "submit", str(cfg), "--address", head["dashboard"], "--follow"], head["env"])
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     job_id = next(ln.split()[-1] for ln in p.stdout.splitlines() if ln.startswith("submitted job "))
@@ -98,9 +99,14 @@ uri = "sqlite:///{tmp}/mlflow.db"
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     status = run(["omnistream", "jobs", "status", job_id, "--address", head["dashboard"]], head["env"])
     assert status.stdout.strip() == "SUCCEEDED"
-    # the job's MLflow run holds the metrics
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    # the job's MLflow run is on the head's tracking server, and holds the metrics
+    state = json.loads((tmp / "state" / f"head-{head['port']}.json").read_text())
+    uri = state["tracking"]["uri"]
+    assert uri.startswith("http://127.0.0.1:") and f"({uri})" in p.stdout
     run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in p.stdout.splitlines() if "MLflow run " in ln)
+    assert [str(f) for f in tmp.rglob("mlflow.db")] == [f"{state['tracking']['dir']}/mlflow.db"], \
+        "no SQLite store but the server's"
+    assert not list(Path(state["temp_dir"]).rglob("mlflow.db")), "none where the job ran"
     m = tracking.final_metrics(uri, run_id)
     for key in ("train/loss", "train/loss/text", "train/loss/image", "train/loss/audio", "train/tokens_per_s",
                 "data/seen", "data/kept"):
@@ -139,7 +145,7 @@ def test_cluster_down_leaves_nothing_of_its_head(head):
     state = json.loads((head["tmp"] / "state" / f"head-{head['port']}.json").read_text())
     from omnistream.cluster.jobs import head_processes
 
-    before = head_processes(state["temp_dir"], state["ports"])
+    before = head_processes(state["temp_dir"], state["ports"], [state["tracking"]["pid"]])
     names = " ".join(" ".join(q.cmdline()) for q in before)
     assert "client.server" in names, "the client server is one of the head's processes"
     down = run(["omnistream", "cluster", "down", "--port", str(head["port"])], head["env"])
