@@ -327,7 +327,8 @@ def final_metrics(uri: str, run_id: str) -> dict[str, float]:
 def run_url(uri: str, run_id: str) -> str:
     """The run's page on a tracking server."""
     exp = client(uri).get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    # MLflow 3's UI picks its view from this parameter (else from the browser's last choice, GenAI at first)
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
 
 
 def ui_command(uri: str, run_id: str) -> str:
