@@ -135,13 +135,21 @@ def stop_tracking_server(srv: dict) -> int:
     except psutil.NoSuchProcess:
         return 0
     os.killpg(srv["pid"], signal.SIGTERM)
-    _, alive = psutil.wait_procs(group, timeout=10)
+    _reap(group, timeout=10)
+    return len(group)
+
+
+def _reap(procs: list, timeout: float) -> None:
+    """Wait up to `timeout` s for processes sent SIGTERM, then SIGKILL those still there."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
     for q in alive:
         try:
             q.kill()
         except psutil.NoSuchProcess:
             pass
-    return len(group)
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _pgid(pid: int) -> int | None:
@@ -263,13 +271,7 @@ def cluster_down(port: int) -> int:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    _reap(procs, timeout=5)
     state_file.unlink()
     shutil.rmtree(info["temp_dir"], ignore_errors=True)
     return len(procs) + n_tracking
