@@ -174,7 +174,7 @@ class BufferedTracker:
         self.cond = threading.Condition()
         self.metrics_held = self.artifact_bytes_held = 0
         self.dropped = self.dropped_reported = 0
-        self.sent_ops, self.closing, self.last_step = 0, False, 0
+        self.closing, self.last_step = False, 0
         self.down_since: float | None = None
         self.thread = threading.Thread(target=self._run, name="omnistream-tracking", daemon=True)
         self.thread.start()
@@ -268,7 +268,6 @@ class BufferedTracker:
                     self.metrics_held -= n
                     if kind in ("artifact", "image"):
                         self.artifact_bytes_held -= len(payload[0] if kind == "artifact" else payload[1])
-                self.sent_ops += 1
                 self.cond.notify_all()
             wait = 1.0
             if self.down_since is not None:
@@ -278,10 +277,6 @@ class BufferedTracker:
                 self.dropped_reported = self.dropped
                 self._put("metrics", ({"tracking/dropped_metrics": float(self.dropped)}, self.last_step,
                                       int(time.time() * 1000)), 1)
-
-    def pending(self) -> int:
-        with self.cond:
-            return len(self.queue)
 
     def close(self, timeout: float = 120.0) -> bool:
         """Send what is queued, waiting up to `timeout` s; False (with a warning saying what) if not all went."""

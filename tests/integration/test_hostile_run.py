@@ -2,50 +2,32 @@
 tracking server that goes away, which never costs it its metrics: a real MLflow server on 127.0.0.1
 (SQLite behind it), stopped while rank 0 logs and started again on the same port and store."""
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from omnistream.cluster import tracking
+from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
 from omnistream.cluster.ray_local import free_port
 
 
 class Server:
-    """`mlflow server` as its own process group (its uvicorn worker included), ended by that group."""
+    """The tracking server `cluster up` starts (jobs.start_tracking_server), stopped and started again
+    on the same port and store."""
 
     def __init__(self, root: Path):
-        self.root, self.port, self.proc = root, free_port(), None
+        self.root, self.port, self.srv = root, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db", "--serve-artifacts",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=log, stderr=log, start_new_session=True, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("mlflow server did not come up: " + (self.root / "server.log").read_text()[-2000:])
+        self.srv = start_tracking_server(self.root, self.port)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=60)
-        self.proc = None
+        if self.srv is not None:
+            stop_tracking_server(self.srv)
+        self.srv = None
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,6 @@ def test_tokenizers_on_data_nodes_and_training_on_trainer_nodes(corpus, bundle, 
     """Also the tracking of a real cluster: rank 0 runs on the second node and logs over HTTP to the
     tracking server the head would run (`cluster up` starts the same one); its metrics, system metrics,
     sample images and checkpoint tag all reach that server, and no SQLite store appears anywhere else."""
-    import time
-
-    from omnistream.cluster import tracking
     from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
     from omnistream.cluster.ray_local import free_port
 
@@ -27,7 +24,6 @@ def test_tokenizers_on_data_nodes_and_training_on_trainer_nodes(corpus, bundle, 
     server = start_tracking_server(tmp_path / "tracking", free_port())
     repo_db = ROOT / "mlflow.db"
     repo_db_mtime = repo_db.stat().st_mtime if repo_db.exists() else None
-    started = time.time()
     cfg = tmp_path / "placed.toml"
     cfg.write_text(f"""
 name = "placed"
@@ -65,7 +61,7 @@ system_metrics_interval_s = 1
     try:
         p = subprocess.run([sys.executable, str(ROOT / "tests" / "system" / "placement_run.py"), str(cfg)],
                            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-        _check_tracking(p, server, tmp_path, started)
+        _check_tracking(p, server, tmp_path)
     finally:
         stop_tracking_server(server)
     assert repo_db_mtime == (repo_db.stat().st_mtime if repo_db.exists() else None), "nothing written to ./mlflow.db"
@@ -87,7 +83,7 @@ system_metrics_interval_s = 1
                                     for ln in out["listening"]), out["listening"]
 
 
-def _check_tracking(p, server, tmp_path, started) -> None:
+def _check_tracking(p, server, tmp_path) -> None:
     from omnistream.cluster import tracking
 
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
