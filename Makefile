@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install chromium demo test test-fast test-browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,11 +14,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The browser test (tests/browser) drives a Chromium of the system's: Playwright cannot download its own
+# here. Debian's package, where apt-get can install it; else say what to do.
+CHROMIUM_FOUND = $(or $(OMNISTREAM_CHROMIUM),$(shell command -v chromium chromium-browser google-chrome 2>/dev/null))
+chromium:
+ifeq ($(strip $(CHROMIUM_FOUND)),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "the browser test needs Chromium: install it (Debian: apt-get install chromium)," \
+	       "or set OMNISTREAM_CHROMIUM=/path/to/chromium"; exit 1; \
+	fi
+endif
+
 demo: install
 	$(VENV)/bin/omnistream demo
 
-test: install
+test: install chromium
 	$(VENV)/bin/pytest -q tests
+
+# the MLflow UI in headless Chromium alone (make test runs it too); its screenshot lands in test-artifacts/
+test-browser: install chromium
+	$(VENV)/bin/pytest -q tests/browser
 
 # unit tests only: no Ray, no subprocess (tests/unit); under 3 minutes on 2 cores
 test-fast: install

@@ -311,6 +311,20 @@ def start_system_metrics(uri: str, run_id: str, interval: float, node_id: str, l
         return None
 
 
+def stop_system_metrics(monitor, log=print) -> None:
+    """Stop the monitor, and log the samples of its last, unfinished interval: MLflow's monitor collects a
+    sample, waits the interval, and only then logs it, so on stop it drops what the last interval
+    collected (everything, for a run shorter than one interval, whose System metrics tab stays empty)."""
+    try:
+        monitor.finish()
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - optional figures, as at the start
+        log(f"[omnistream] warning: the last system metrics were not logged ({type(e).__name__}: {e})")
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 

@@ -61,10 +61,14 @@ def train_worker(config: dict) -> None:
 
     from .checkpoint import Checkpointer
     from .evaluate import Evaluator
-    from .tracking import BufferedTracker, MLflowTracker, start_system_metrics
+    from .tracking import BufferedTracker, MLflowTracker, start_system_metrics, stop_system_metrics
     from .trainer import Trainer
 
     cfg = RunConfig.model_validate(config["cfg"])
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
     _quiet_reports()
     os.environ["OMP_NUM_THREADS"] = str(cfg.train.torch_threads)
     torch.set_num_threads(cfg.train.torch_threads)
@@ -78,30 +82,32 @@ def train_worker(config: dict) -> None:
         # backoff for minutes), and it never holds up a step
         os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"})
         tracker = BufferedTracker(MLflowTracker(cfg.tracking.uri, config["run_id"]), cfg.tracking.buffer_metrics,
-                                  log=lambda line: print(line, flush=True))
-    trainer = Trainer(
-        cfg, vocab, batches,
-        tracker=tracker,
-        checkpointer=Checkpointer(lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
-                                  config["run_id"], config["stream"]),
-        evaluator=Evaluator(cfg, vocab),
-        monitor=LedgerMonitor(config["ledger"]) if rank == 0 and config.get("ledger") is not None else None,
-        log=lambda line: print(line, flush=True), load_universal=bool(config.get("universal")))
-    if config.get("resume"):
-        trainer.checkpointer.load(trainer, config["resume"], config.get("universal"))
-        if rank == 0:
-            print(f"[omnistream] resumed at step {trainer.step}: {trainer.start.rows} rows of the stream consumed, "
-                  f"reading on from there", flush=True)
+                                  log=say)
+    # before the Trainer is built: building it (DeepSpeed's engine, ZeRO's partitioning) is part of the run's
+    # CPU and memory story
     monitor = None
     if cfg.tracking.system_metrics_interval_s > 0 and ray.train.get_context().get_local_rank() == 0:
         node = ray.get_runtime_context().get_node_id()[:8]  # one monitor per node, named by its Ray node id
         monitor = start_system_metrics(cfg.tracking.uri, config["run_id"], cfg.tracking.system_metrics_interval_s,
-                                       f"node-{node}", log=lambda line: print(line, flush=True))
+                                       f"node-{node}", log=say)
     try:
+        trainer = Trainer(
+            cfg, vocab, batches,
+            tracker=tracker,
+            checkpointer=Checkpointer(lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
+                                      config["run_id"], config["stream"]),
+            evaluator=Evaluator(cfg, vocab),
+            monitor=LedgerMonitor(config["ledger"]) if rank == 0 and config.get("ledger") is not None else None,
+            log=say, load_universal=bool(config.get("universal")))
+        if config.get("resume"):
+            trainer.checkpointer.load(trainer, config["resume"], config.get("universal"))
+            if rank == 0:
+                print(f"[omnistream] resumed at step {trainer.step}: {trainer.start.rows} rows of the stream consumed, "
+                      f"reading on from there", flush=True)
         trainer.train()
     finally:
         if monitor is not None:
-            monitor.finish()
+            stop_system_metrics(monitor, log=say)
         if tracker is not None:
             tracker.close(cfg.tracking.flush_timeout_s)
 

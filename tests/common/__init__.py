@@ -77,3 +77,15 @@ OVERRIDES = [
     *[f'eval.tasks.{m}_to_text.{k}={v}' for m in ("image", "audio")
       for k, v in (("prompt", f'"{m}"'), ("label_field", '"digit"'), ("match", '"number"'))],
 ]
+
+
+def run_config(corpus: dict, tmp, *extra: str):
+    """The small run's config on the session corpus: OVERRIDES, its shards, and everything it writes
+    (bundle, Ray storage, SQLite tracking store) under `tmp`; `extra` overrides last."""
+    from omnistream.cluster.config import load_config
+
+    d = corpus["dir"]
+    return load_config(None, OVERRIDES + [
+        f'data.train_shards=["{d}/train-*.tar"]', f'data.eval_shards=["{d}/eval-000.tar"]',
+        f'data.bundle_dir="{tmp}/bundle"', f'cluster.storage_path="{tmp}/ray"',
+        f'tracking.uri="sqlite:///{tmp}/mlflow.db"', *extra])

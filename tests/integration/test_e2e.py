@@ -9,9 +9,8 @@ import psutil
 import pytest
 
 from omnistream.cluster import tracking
-from omnistream.cluster.config import load_config
 
-from common import OVERRIDES  # noqa: I001
+from common import run_config as _cfg  # noqa: I001
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +19,6 @@ pytestmark = pytest.mark.slow
 # the run the resumed and the killed runs are compared with
 UNINTERRUPTED = ("train.steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=4")
 NO_EVAL = ("data.eval_shards=[]",)  # resumed runs are compared by their data and training loss alone
-
-
-def _cfg(corpus, tmp, *extra):
-    d = corpus["dir"]
-    return load_config(None, OVERRIDES + [
-        f'data.train_shards=["{d}/train-*.tar"]', f'data.eval_shards=["{d}/eval-000.tar"]',
-        f'data.bundle_dir="{tmp}/bundle"', f'cluster.storage_path="{tmp}/ray"',
-        f'tracking.uri="sqlite:///{tmp}/mlflow.db"', *extra])
 
 
 def _non_loopback_listeners() -> list[str]:

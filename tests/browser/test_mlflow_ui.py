@@ -1,0 +1,166 @@
+"""MLflow where users look (issue 13), as a person sees it: the tracking server `cluster up` starts
+(jobs.start_tracking_server, 127.0.0.1), a short real training run logging to it, and a headless
+Chromium, driven by Playwright, on the run page whose address omnistream prints.
+
+Chromium is Debian's (`make test` installs the `chromium` package where it is missing; elsewhere set
+OMNISTREAM_CHROMIUM): Playwright cannot download its own browsers here. The run page's screenshot is
+saved in test-artifacts/ (OMNISTREAM_TEST_ARTIFACTS overrides), and the README shows it.
+"""
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from omnistream.cluster import tracking
+from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
+from omnistream.cluster.ray_local import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, EVAL_EVERY = 6, 3
+MODALITIES = ("text", "image", "audio")
+# headless, and nothing that reaches past this machine: without the background-networking flags
+# Chromium keeps trying Google's hosts, which this closed network refuses
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# MLflow 3.x opens its assistant panel on a browser's first visit, over a third of the page: a person
+# closes it once, and the browser remembers; this is that memory
+NO_ASSISTANT = ("try { localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+                " localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false'); } catch (e) {}")
+WAIT_MS = 60_000  # the UI's first load on 2 busy cores
+
+
+def chromium() -> str:
+    path = os.environ.get("OMNISTREAM_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if not path:
+        pytest.fail("the browser test needs Chromium: `make test` installs Debian's chromium package where "
+                    "apt-get can; elsewhere install Chromium and set OMNISTREAM_CHROMIUM=/path/to/chromium")
+    return path
+
+
+def artifacts_dir() -> Path:
+    d = Path(os.environ.get("OMNISTREAM_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, corpus, bundle, tmp_path_factory):
+    """A real run on the head's kind of tracking server: 1 worker, ZeRO-3, evaluations at steps 3 and 6
+    (generated images, WAVs and answer tables), system metrics at the default interval."""
+    from common import run_config
+
+    from omnistream.cluster.train import run_training
+
+    tmp = tmp_path_factory.mktemp("browser")
+    srv = start_tracking_server(tmp / "server", free_port())
+    try:
+        cfg = run_config(corpus, tmp, f"train.steps={STEPS}", f"train.eval_every={EVAL_EVERY}", "cluster.num_workers=1",
+                   f'data.bundle_dir="{bundle}"', f'tracking.uri="{srv["uri"]}"', 'tracking.experiment="browser"',
+                   "eval.samples=1")
+        res = run_training(cfg)
+        yield {"uri": srv["uri"], "run_id": res.run_id, "url": tracking.run_url(srv["uri"], res.run_id)}
+    finally:
+        stop_tracking_server(srv)
+
+
+@pytest.fixture(scope="module")
+def browser(run):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium(), args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, run):
+    """A fresh browser profile on the run's page, at the address omnistream prints for the run."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(WAIT_MS)
+    ctx.add_init_script(NO_ASSISTANT)
+    pg = ctx.new_page()
+    pg.goto(run["url"], wait_until="load")
+    yield pg
+    ctx.close()
+
+
+def cards(pg):
+    return pg.get_by_test_id("experiment-view-compare-runs-card")
+
+
+def card(pg, title: str):
+    return cards(pg).filter(has=pg.locator(f'h4[title="{title}"]'))
+
+
+def test_the_run_page_opens_in_the_model_training_view(page, run):
+    """Not MLflow 3's GenAI view (traces, judges, evaluation runs): the experiment's navigation is the
+    model-training one, and the run page has its metrics tabs."""
+    nav = page.locator("aside").first
+    nav.get_by_text("Models", exact=True).wait_for()
+    side = nav.inner_text().split("\n")
+    assert "Runs" in side and "Models" in side, side
+    assert not {"Judges", "Evaluation runs", "Prompts"} & set(side), side
+    page.get_by_role("tab", name="Model metrics").wait_for()
+    tabs = [t.inner_text() for t in page.get_by_role("tab").all()]
+    assert {"Overview", "Model metrics", "System metrics", "Artifacts"} <= set(tabs), tabs
+    # the run description names what ran
+    page.get_by_text("one decoder over", exact=False).first.wait_for()
+
+
+def test_each_modalitys_loss_is_drawn_with_every_logged_step(page, run):
+    """Charts named train/loss/<modality>, each drawn with one point per step the run logged."""
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("train/loss/")
+    for m in MODALITIES:
+        c = card(page, f"train/loss/{m}")
+        c.locator(".js-plotly-plot path.js-line").first.wait_for()
+        logged = tracking.metric_history(run["uri"], run["run_id"], f"train/loss/{m}")
+        assert [s for s, _ in logged] == list(range(1, STEPS + 1)), logged
+        points = c.locator(".js-plotly-plot .scatterlayer .point")
+        assert points.count() == len(logged), (m, points.count(), logged)
+
+
+def test_system_metrics_are_drawn(page, run):
+    """The System metrics tab (issue 13: it was empty) draws this node's CPU and memory."""
+    page.get_by_role("tab", name="System metrics").click()
+    logged = [k for k in tracking.final_metrics(run["uri"], run["run_id"]) if k.startswith("system/")]
+    assert any(k.endswith("/cpu_utilization_percentage") for k in logged), logged
+    cpu = next(k for k in logged if k.endswith("/cpu_utilization_percentage"))
+    card(page, cpu).locator(".js-plotly-plot").first.wait_for()
+
+
+def test_the_image_panel_shows_a_generated_sample_and_the_run_page_is_saved(page, run):
+    """A text->image sample logged with its step: set the image card to the last evaluation as a person
+    would (its Configure dialog: step, run parameters off), and the sample that step logged is drawn.
+    Then the run page, loss charts and the image, is saved as a screenshot."""
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("train/loss/")
+    images = cards(page).filter(has=page.locator('h4[title^="text_to_image/"]'))
+    images.first.wait_for()
+    for i in range(images.count()):
+        c = images.nth(i)
+        c.get_by_test_id("experiment-view-compare-runs-card-menu").click()
+        page.get_by_role("menuitem", name="Configure").click()
+        dlg = page.get_by_role("dialog")
+        step = dlg.locator("input[type=number]")
+        step.fill(str(STEPS))
+        step.press("Tab")
+        dlg.get_by_role("switch").click()  # "Show run parameters": 120 config values, over the image
+        dlg.get_by_role("button", name="Save changes").click()
+        dlg.wait_for(state="hidden")
+        img = c.locator("img").first
+        img.wait_for()
+        page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img.element_handle(), timeout=WAIT_MS)
+        src = img.get_attribute("src")
+        assert "images%2Ftext_to_image" in src and f"%2Bstep%2B{STEPS}%2B" in src, src
+    page.mouse.move(0, 0)  # no hover toolbar over a chart
+    time.sleep(1)  # the charts' last transition
+    shot = artifacts_dir() / "mlflow-run-page.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
