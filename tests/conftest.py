@@ -15,8 +15,10 @@ _HOOKS = os.path.join(os.path.dirname(__file__), "hooks")
 if _HOOKS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HOOKS, os.environ.get("PYTHONPATH")) if p)
 
+import threading
+
 import pytest
-from common import SMALL, SMALL_OPTIONS, fit_modalities
+from common import SMALL, SMALL_OPTIONS, UNINTERRUPTED, fit_modalities, non_loopback_listeners, run_config
 
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import write_demo_corpus
@@ -45,6 +47,45 @@ def ray_local():
     ray = connect("", num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained(ray_local, corpus, tmp_path_factory):
+    """The one small run the end-to-end tests read (integration/test_e2e.py, browser/): its tokenizers
+    fitted through the CLI's path, then 2 Ray Train workers, ZeRO-3, 10 steps, checkpoints at 3, 6, 9
+    and 10, evaluations at 5 and 10, logging to the MLflow tracking server `cluster up` starts
+    (127.0.0.1, SQLite, proxied artifacts). A thread samples the listener table while it trains."""
+    from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
+    from omnistream.cluster.ray_local import free_port
+    from omnistream.cluster.train import run_training
+    from omnistream.pipelines.fit import fit_bundle
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    srv = start_tracking_server(tmp / "tracking", free_port())
+    try:
+        # evaluations at steps 5 and 10: samples at two steps, for the image card's step slider
+        cfg = run_config(corpus, tmp, *UNINTERRUPTED, "train.eval_every=5", f'tracking.uri="{srv["uri"]}"')
+        vocab, summary = fit_bundle(cfg.resolved_paths().data, cfg.modalities, cfg.seed)
+        assert set(summary["samples"]) == {"text", "image", "audio"}
+
+        seen_bad: list[str] = []
+        stop = threading.Event()
+
+        def watch():  # sample the listener table while the cluster trains
+            while not stop.is_set():
+                seen_bad.extend(non_loopback_listeners())
+                stop.wait(1.0)
+
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        try:
+            res = run_training(cfg)
+        finally:
+            stop.set()
+            th.join()
+        yield {"cfg": cfg, "res": res, "tmp": tmp, "bad_listeners": sorted(set(seen_bad)), "server": srv}
+    finally:
+        stop_tracking_server(srv)
 
 
 @pytest.fixture(scope="module")

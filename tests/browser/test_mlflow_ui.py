@@ -1,6 +1,6 @@
-"""MLflow where users look (issue 13), as a person sees it: the tracking server `cluster up` starts
-(jobs.start_tracking_server, 127.0.0.1), a short real training run logging to it, and a headless
-Chromium, driven by Playwright, on the run page whose address omnistream prints.
+"""MLflow where users look (issue 13), as a person sees it: the session's short real training run,
+logged to the tracking server `cluster up` starts (jobs.start_tracking_server, 127.0.0.1), and a
+headless Chromium, driven by Playwright, on the run page whose address omnistream prints.
 
 Chromium is Debian's (`make test` installs the `chromium` package where it is missing; elsewhere set
 OMNISTREAM_CHROMIUM): Playwright cannot download its own browsers here. The run page's screenshot is
@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 
 from omnistream.cluster import tracking
-from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
-from omnistream.cluster.ray_local import free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, EVAL_EVERY = 6, 3
+STEPS = 10  # the shared run's (UNINTERRUPTED); it evaluates at steps 5 and 10
 MODALITIES = ("text", "image", "audio")
 # headless, and nothing that reaches past this machine: without the background-networking flags
 # Chromium keeps trying Google's hosts, which this closed network refuses
@@ -49,23 +47,12 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, corpus, bundle, tmp_path_factory):
-    """A real run on the head's kind of tracking server: 1 worker, ZeRO-3, evaluations at steps 3 and 6
-    (generated images, WAVs and answer tables), system metrics at the default interval."""
-    from common import run_config
-
-    from omnistream.cluster.train import run_training
-
-    tmp = tmp_path_factory.mktemp("browser")
-    srv = start_tracking_server(tmp / "server", free_port())
-    try:
-        cfg = run_config(corpus, tmp, f"train.steps={STEPS}", f"train.eval_every={EVAL_EVERY}", "cluster.num_workers=1",
-                   f'data.bundle_dir="{bundle}"', f'tracking.uri="{srv["uri"]}"', 'tracking.experiment="browser"',
-                   "eval.samples=1")
-        res = run_training(cfg)
-        yield {"uri": srv["uri"], "run_id": res.run_id, "url": tracking.run_url(srv["uri"], res.run_id)}
-    finally:
-        stop_tracking_server(srv)
+def run(trained):
+    """The session's small run (tests/conftest.py `trained`): 2 workers, ZeRO-3, 10 steps, evaluations at
+    steps 5 and 10 (generated images, WAVs, answer tables), system metrics at the default interval, all
+    on the tracking server `cluster up` starts."""
+    res = trained["res"]
+    return {"uri": res.tracking_uri, "run_id": res.run_id, "url": tracking.run_url(res.tracking_uri, res.run_id)}
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,29 @@ OVERRIDES = [
 ]
 
 
+# the uninterrupted run every end-to-end test reads (`trained`), and the runs compared with it
+UNINTERRUPTED = ("train.steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=4")
+
+
+def non_loopback_listeners() -> list[str]:
+    """Listening TCP sockets of this process and its descendants (Ray's processes, a tracking server)
+    not bound to loopback."""
+    import psutil
+
+    me = psutil.Process()
+    bad = []
+    for p in [me] + me.children(recursive=True):
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and not (c.laddr.ip.startswith("127.")
+                                                       or c.laddr.ip in ("::1", "::ffff:127.0.0.1")):
+                bad.append(f"{p.name()}[{p.pid}] {c.laddr.ip}:{c.laddr.port}")
+    return bad
+
+
 def run_config(corpus: dict, tmp, *extra: str):
     """The small run's config on the session corpus: OVERRIDES, its shards, and everything it writes
     (bundle, Ray storage, SQLite tracking store) under `tmp`; `extra` overrides last."""

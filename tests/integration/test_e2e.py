@@ -10,58 +10,13 @@ import pytest
 
 from omnistream.cluster import tracking
 
-from common import run_config as _cfg  # noqa: I001
+from common import UNINTERRUPTED, run_config as _cfg  # noqa: I001
 
 pytestmark = pytest.mark.slow
 
-
-
-# the run the resumed and the killed runs are compared with
-UNINTERRUPTED = ("train.steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=4")
+# `trained` (tests/conftest.py): the uninterrupted run of UNINTERRUPTED that the resumed and the
+# killed runs are compared with, logging to an MLflow tracking server on 127.0.0.1
 NO_EVAL = ("data.eval_shards=[]",)  # resumed runs are compared by their data and training loss alone
-
-
-def _non_loopback_listeners() -> list[str]:
-    """Listening TCP sockets of this process's descendants (Ray's processes) not bound to loopback."""
-    me = psutil.Process()
-    bad = []
-    for p in [me] + me.children(recursive=True):
-        try:
-            conns = p.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for c in conns:
-            if c.status == psutil.CONN_LISTEN and not (c.laddr.ip.startswith("127.") or c.laddr.ip in ("::1", "::ffff:127.0.0.1")):
-                bad.append(f"{p.name()}[{p.pid}] {c.laddr.ip}:{c.laddr.port}")
-    return bad
-
-
-@pytest.fixture(scope="module")
-def trained(ray_local, corpus, tmp_path_factory):
-    from omnistream.cluster.train import run_training
-    from omnistream.pipelines.fit import fit_bundle
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = _cfg(corpus, tmp, *UNINTERRUPTED)
-    vocab, summary = fit_bundle(cfg.resolved_paths().data, cfg.modalities, cfg.seed)
-    assert set(summary["samples"]) == {"text", "image", "audio"}
-
-    seen_bad: list[str] = []
-    stop = threading.Event()
-
-    def watch():  # sample the listener table while the cluster trains
-        while not stop.is_set():
-            seen_bad.extend(_non_loopback_listeners())
-            stop.wait(1.0)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    try:
-        res = run_training(cfg)
-    finally:
-        stop.set()
-        th.join()
-    return {"cfg": cfg, "res": res, "tmp": tmp, "bad_listeners": sorted(set(seen_bad)), "corpus_dir": corpus["dir"]}
 
 
 def test_run_logs_the_design_metrics(trained):
@@ -112,7 +67,8 @@ def test_every_epoch_and_a_second_run_read_the_token_cache(trained, resumed):
 def _resumed(trained, corpus, ckpt, *extra):
     from omnistream.cluster.train import run_training
 
-    return run_training(_cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, f'train.resume_from="{ckpt}"', *extra))
+    return run_training(_cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, f'train.resume_from="{ckpt}"',
+                             f'tracking.uri="{trained["cfg"].tracking.uri}"', *extra))
 
 
 def _step(ckpt) -> int:

@@ -163,8 +163,11 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
             f'data.bundle_dir="{bundle}"', f'tracking.uri="{uri}"', f'cluster.storage_path="{tmp_path}/ray"',
             "train.steps=1000", "cluster.num_workers=1"]
     (tmp_path / "run.toml").write_text('name = "interrupted"\n')  # the defaults, as the tests' runs use them
+    # SIGINT as a terminal delivers it: a test run started in the background of a script inherits SIGINT
+    # ignored, and so would `omnistream train` (Python keeps an ignored SIGINT ignored)
     p = subprocess.Popen(EXE + ["train", str(tmp_path / "run.toml")] + [a for s in sets for a in ("--set", s)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:
             if "step 2/1000" in line:
