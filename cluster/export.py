@@ -107,16 +107,21 @@ def checkpoint_vocab(ckpt: str | Path, meta: dict, bundle: str | None = None) ->
 
 def export(ckpt: str | Path, out_dir: str | Path, bundle: str | None = None) -> Path:
     """Checkpoint -> OUT_DIR/{model.safetensors, model.json, tokenizers/}."""
-    from safetensors.torch import save_file
-
     meta = read_checkpoint_meta(ckpt)
     vocab = checkpoint_vocab(ckpt, meta, bundle)
-    weights = consolidate(ckpt)
+    return write_export(out_dir, consolidate(ckpt), dict(meta["config"]["model"]), vocab, meta["step"],
+                        meta.get("run_id", ""))
+
+
+def write_export(out_dir: str | Path, weights: dict, model_cfg: dict, vocab: Vocabulary, step: int,
+                 run_id: str = "") -> Path:
+    """The exported folder from whole weights (parameter name -> tensor): what `load_model` reads."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / MODEL_FILE))
-    model_cfg = dict(meta["config"]["model"])
-    (out / MODEL_META).write_text(json.dumps({"model": model_cfg, "step": meta["step"], "run_id": meta.get("run_id", ""),
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / MODEL_FILE))
+    (out / MODEL_META).write_text(json.dumps({"model": model_cfg, "step": step, "run_id": run_id,
                                               "vocab_fingerprint": vocab.fingerprint}, indent=1))
     if (out / "tokenizers").exists():
         shutil.rmtree(out / "tokenizers")

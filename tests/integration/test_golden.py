@@ -95,6 +95,19 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
     table = tracker.tables[f"samples/step_{STEPS:06d}/image_to_text.json"]
     assert set(table) == {"key", "label", "caption", "generated", "correct"} and len(table["key"]) >= 1
 
+    # registered in MLflow and loaded back as a user loads it (mlflow.pyfunc.load_model("models:/...")),
+    # the model names the digit of held-out PNGs, far above chance; the demo checks its model the same way
+    from omnistream.cluster.export import write_export
+    from omnistream.cluster.serving import log_and_register, name_the_digits
+
+    out = write_export(tmp_path / "model", dict(trainer.engine.module.named_parameters()),
+                       cfg.model_dump(mode="json")["model"], vocab, STEPS)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ref = log_and_register(out, "golden-digits", uri)
+    assert ref == "models:/golden-digits/1"
+    ok, asked, example = name_the_digits(ref, uri, golden[0]["eval"], n=40)
+    assert asked >= 10 and ok / asked >= 0.2, (ok, asked, example)
+
 
 def test_activation_checkpointing_under_zero3_leaves_the_losses_unchanged(golden, golden_rows, tmp_path):
     """The switch for large models, through the real Trainer and a ZeRO-3 engine (which gathers each
