@@ -333,17 +333,18 @@ def final_metrics(uri: str, run_id: str) -> dict[str, float]:
     return dict(client(uri).get_run(run_id).data.metrics)
 
 
-def run_url(uri: str, run_id: str) -> str:
-    """The run's page on a tracking server."""
+def run_url(uri: str, run_id: str, ui: str = "") -> str:
+    """The run's page on a tracking server (`uri`), or on the MLflow UI at `ui` serving that store."""
     exp = client(uri).get_run(run_id).info.experiment_id
     # MLflow 3's UI picks its view from this parameter (else from the browser's last choice, GenAI at first)
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+    return f"{(ui or uri).rstrip('/')}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
 
 
 def ui_command(uri: str, run_id: str) -> str:
     if uri.startswith("http"):
         return f"open {run_url(uri, run_id)}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
+    return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+            f"# then open {run_url(uri, run_id, 'http://127.0.0.1:5000')}")
 
 
 def dumps(obj: Any) -> str:
