@@ -229,4 +229,5 @@ def _caption(vocab: Vocabulary, target: str, r) -> str:
 
 
 def _slug(text) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in str(text or ""))[:24].strip("-") or "x"
+    text = "" if text is None else str(text)  # not `text or ""`: the label 0 is a label
+    return "".join(ch if ch.isalnum() else "-" for ch in text)[:24].strip("-") or "x"

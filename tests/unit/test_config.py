@@ -2,7 +2,7 @@
 import pytest
 
 from omnistream.cluster.config import load_config, parse_value
-from omnistream.cluster.evaluate import first_number, matches
+from omnistream.cluster.evaluate import _slug, first_number, matches
 from omnistream.configs import path as shipped_config
 from omnistream.modalities.base import UserError
 
@@ -61,3 +61,8 @@ def test_match_rules():
     assert matches("A Cat ", "a cat", "exact") and not matches("a cat sat", "a cat", "exact")
     assert matches("a cat sat", "cat", "contains") and not matches("a dog", "cat", "contains")
     assert not matches("seven", "not a number", "number")
+
+
+def test_sample_names_keep_every_label():
+    """A sample's name carries its label, the digit 0 included (it was named 'x', as if it had none)."""
+    assert [_slug(v) for v in (0, 7, "a b/c", None, "")] == ["0", "7", "a-b-c", "x", "x"]
