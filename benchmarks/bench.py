@@ -38,17 +38,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
-
-from omnistream.cluster import tracking  # noqa: E402
-from omnistream.cluster.cli.demo import demo_config, prepare_demo  # noqa: E402
-from omnistream.cluster.config import load_config  # noqa: E402
-from omnistream.cluster.engine import lr_lambda, param_groups  # noqa: E402
-from omnistream.cluster.ray_local import free_port  # noqa: E402
-from omnistream.cluster.train import prepare, run_training  # noqa: E402
+from omnistream.cli.demo import demo_config, prepare_demo  # noqa: E402
+from omnistream.cluster.connect import free_port  # noqa: E402
+from omnistream.cluster.driver import prepare, run_training  # noqa: E402
+from omnistream.configs import load_config  # noqa: E402
 from omnistream.model.model import GPT  # noqa: E402
+from omnistream.pipelines.documents import local_documents  # noqa: E402
 from omnistream.pipelines.packing import COLUMNS, pack_documents  # noqa: E402
 from omnistream.pipelines.shards import list_shards  # noqa: E402
-from omnistream.pipelines.stream import local_documents  # noqa: E402
+from omnistream.training.engine import lr_lambda, param_groups  # noqa: E402
 
 STEPS = int(os.environ.get("BENCH_STEPS", "240"))
 DEMO_STEPS = int(os.environ.get("BENCH_DEMO_STEPS", "100"))
@@ -125,8 +123,7 @@ def attention_step_memory(T: int, attention: str) -> float:
 def _zero3_rank(rank: int, world: int, port: int) -> dict:
     """(d), one rank: build the engine, take one step, count what it holds."""
     import torch.distributed as dist
-
-    from omnistream.cluster.engine import build_engine
+    from omnistream.training.engine import build_engine
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -203,7 +200,6 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
     import tempfile
 
     import numpy as np
-
     from omnistream.modalities.vocab import Vocabulary
     from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
@@ -235,13 +231,16 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
 
 
 def history(res, key):
-    return [v for _, v in sorted(tracking.metric_history(res.tracking_uri, res.run_id, key))]
+    return [v for _, v in sorted(res.tracker.metric_history(key))]
 
 
 DEMO_CONFIG = demo_config()
 
 
 def main() -> int:
+    from omnistream.common import logs
+
+    logs.setup()  # the Trainer's step lines on stderr
     if sys.argv[1:2] == ["--attention-memory"]:
         print(json.dumps({"mib": attention_step_memory(int(sys.argv[2]), sys.argv[3])}))
         return 0

@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from omnistream.cluster.config import load_config
-from omnistream.cluster.engine import single_process_group
-from omnistream.cluster.tracking import MemoryTracker
-from omnistream.cluster.trainer import Trainer
+from omnistream.configs import load_config
 from omnistream.modalities import registry
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.model.model import GPT, GPTConfig, generate
 from omnistream.pipelines.packing import pack_documents
+from omnistream.tracking import MemoryTracker
+from omnistream.training.engine import single_process_group
+from omnistream.training.trainer import Trainer
 
 
 def batch(vocab: int, rows: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,7 +84,7 @@ def trainer_speed(model: GPTConfig, rows: int, steps: int, precision: str, **tra
     cfg.model.vocab_size = model.vocab_size
     tracker = MemoryTracker()
     trainer = Trainer(cfg, tiny_vocab(), synthetic_batches(model.vocab_size, rows, model.max_seq_len),
-                      tracker=tracker, log=lambda line: print(line, flush=True))
+                      tracker=tracker)
     trainer.train()
     m = tracker.last()  # the second interval: the first holds the warm-up (and compile) steps
     out = {"params_m": round(trainer.n_params / 1e6, 1), "tokens_per_s": round(m["train/tokens_per_s"]),
@@ -151,6 +150,9 @@ def is_loopback(ip) -> bool:
 
 
 def main() -> None:
+    from omnistream.common import logs
+
+    logs.setup()  # the Trainer's step lines on stderr
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the Trainer path tiny on the CPU (no CUDA checks)")

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
+from omnistream.training.engine import pin_collectives_to_loopback
 from ray.train import DataConfig
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
-
-from .engine import pin_collectives_to_loopback
 
 _STORE_SOCKET: socket.socket | None = None  # kept open in rank 0's process for the store's lifetime
 

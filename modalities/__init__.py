@@ -4,7 +4,9 @@ The plugin author's import surface (docs/plugins.md):
 
     from omnistream.modalities import BaseModality, ModalityOptions, FilterOptions, BadSample, check_modality
 """
-from .base import BadSample, BaseModality, FilterOptions, Modality, ModalityOptions, UserError
+from omnistream.common.errors import BadSample, UserError
+
+from .base import BaseModality, FilterOptions, Modality, ModalityOptions
 from .conformance import ConformanceError, check_modality
 from .vocab import BOS, EOS, PAD, Vocabulary
 

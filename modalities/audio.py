@@ -16,9 +16,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from omnistream.common.errors import BadSample
 from pydantic import Field
 
-from .base import BadSample, BaseModality, FilterOptions, ModalityOptions, kmeans, nearest, sample_rows
+from .base import (
+    BaseModality,
+    FilterOptions,
+    ModalityOptions,
+    kmeans,
+    nearest,
+    sample_rows,
+)
 
 # Input bounds, not options (options key the fingerprint): rates outside are errored as audio_sample_rate;
 # 1 kHz to 192 kHz covers telephone speech to studio masters. RESAMPLERS bounds the per-rate kernel cache.

@@ -18,27 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
 
 import numpy as np
+
+# the errors a plugin raises live with every other error of omnistream's; importable from here as before
+from omnistream.common.errors import BadSample, UserError  # noqa: F401
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class BadSample(ValueError):
-    """Raised for input bytes a modality cannot (or must not) turn into tokens.
-
-    The pipeline catches it, counts the record under ``reason`` and lists it in
-    the dead-letter file; it never ends a run (docs/architecture.md, Errors).
-    """
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class UserError(Exception):
-    """A mistake of the user's (bad config, missing plugin, wrong vocabulary).
-
-    The CLI prints the message as one line and exits with status 2.
-    """
 
 
 class ModalityOptions(BaseModel):

@@ -22,12 +22,9 @@ import tempfile
 from typing import Iterable
 
 import numpy as np
+from omnistream.common.errors import BadSample, ConformanceError
 
-from .base import BadSample, BaseModality, FilterOptions, ModalityOptions
-
-
-class ConformanceError(AssertionError):
-    pass
+from .base import BaseModality, FilterOptions, ModalityOptions
 
 
 def _fail(mod, check: str, detail: str):

@@ -12,10 +12,18 @@ import io
 from typing import Any, ClassVar
 
 import numpy as np
+from omnistream.common.errors import BadSample
 from PIL import Image
 from pydantic import Field, model_validator
 
-from .base import BadSample, BaseModality, FilterOptions, ModalityOptions, kmeans, nearest, sample_rows
+from .base import (
+    BaseModality,
+    FilterOptions,
+    ModalityOptions,
+    kmeans,
+    nearest,
+    sample_rows,
+)
 
 
 class ImageOptions(ModalityOptions):

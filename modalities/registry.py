@@ -8,7 +8,9 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from .base import BaseModality, Modality, UserError
+from omnistream.common.errors import UserError
+
+from .base import BaseModality, Modality
 
 GROUP = "omnistream.modalities"
 _REQUIRED = ("name", "version", "keys", "Options", "resources", "error_bound")

@@ -12,9 +12,10 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
+from omnistream.common.errors import BadSample
 from pydantic import Field
 
-from .base import BadSample, BaseModality, FilterOptions, ModalityOptions
+from .base import BaseModality, FilterOptions, ModalityOptions
 
 
 class TextOptions(ModalityOptions):

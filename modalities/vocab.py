@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from omnistream.common.errors import UserError
 
 from . import registry
-from .base import BaseModality, UserError
+from .base import BaseModality
 
 SPECIALS = {"pad": 0, "bos": 1, "eos": 2}
 PAD, BOS, EOS = 0, 1, 2
@@ -92,6 +93,11 @@ class Vocabulary:
         toks.append(np.array([EOS]))
         mods.append(np.array([0]))
         return np.concatenate(toks).astype(np.int64), np.concatenate(mods).astype(np.int64)
+
+    def prompt(self, src: str, local: np.ndarray, dst: str) -> list[int]:
+        """[<bos>, <begin:src>, src ids…, <end:src>, <begin:dst>]: a document of `src` whose continuation
+        is modality `dst` (what evaluation and generation ask the model for)."""
+        return [BOS, self.begin(src), *self.to_global(src, local).tolist(), self.end(src), self.begin(dst)]
 
     # ---- layout and persistence ----------------------------------------------------
     def layout(self) -> dict:

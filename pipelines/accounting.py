@@ -9,7 +9,6 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-
 MAX_DEAD_LETTERS = 10_000  # beyond this, dead letters are counted but not listed
 
 
@@ -103,9 +102,6 @@ class Tally:
                 "dead_letter_not_listed": self.dead_letter_dropped,
                 "mix_dropped": {"documents": self.mix_dropped, "tokens": dict(self.mix_dropped_tokens)}}
 
-
-class ErrorRateExceeded(RuntimeError):
-    """Too many of the first records were bad: the user probably pointed at the wrong data."""
 
 
 def error_rate_verdict(t: Tally, max_rate: float, window: int, final: bool = False) -> str | None:

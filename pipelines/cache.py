@@ -32,8 +32,7 @@ import time
 from pathlib import PurePosixPath
 
 import numpy as np
-
-from omnistream.modalities.base import UserError
+from omnistream.common.errors import UserError
 
 from .accounting import Tally
 from .config import DataConfig

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
-
+from omnistream.common import logs
+from omnistream.common.errors import BadSample, UserError
 from omnistream.modalities import registry
-from omnistream.modalities.base import BadSample, UserError
 from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import Tally
 from .config import DataConfig
+from .context import data_context
 from .shards import list_shards, shard_order
 from .stream import _read
 
@@ -56,7 +57,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     shards = list_shards(cfg.train_shards)
     plan = shard_order(shards, seed, 1)
     # the same records, in the same order, every time: the codebooks (k-means) depend on both
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    data_context()
     ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
     ds = ds.flat_map(_read, fn_kwargs={"max_member_bytes": cfg.max_member_bytes}, num_cpus=cfg.read_cpus)
     ds = ds.limit(cfg.fit_records)
@@ -66,7 +67,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
 
     gathered: dict[str, list] = {m.name: [] for m in mods}
     bad = Tally()
-    with tqdm(desc="[omnistream] reading samples to fit the tokenizers", unit=" samples", disable=None) as bar:
+    with tqdm(desc=f"{logs.TAG} reading samples to fit the tokenizers", unit=" samples", disable=None) as bar:
         for row in ds.iter_rows():
             obj = pickle.loads(row["feature"])
             if row["modality"] == "__bad__":
@@ -75,7 +76,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
                 gathered[row["modality"]].append(obj)
             bar.update()
     summary = {"records_sampled": cfg.fit_records, "bad_samples": dict(bad.errored), "samples": {}}
-    for m in tqdm(mods, desc="[omnistream] fitting", unit=" modality", disable=None):
+    for m in tqdm(mods, desc=f"{logs.TAG} fitting", unit=" modality", disable=None):
         feats = gathered[m.name]
         if not feats:
             raise UserError(f"no samples of modality {m.name!r} in the first {cfg.fit_records} records of "

@@ -11,10 +11,11 @@ from collections import Counter
 
 import numpy as np
 import ray
+from omnistream.common import logs
 
 from .accounting import Tally, error_rate_verdict
-from .ledger import DataLedger
 from .config import DataConfig
+from .ledger import DataLedger
 from .shards import list_shards
 from .stream import lost_shard, record_stream, shards_may_die
 
@@ -28,7 +29,7 @@ def inspect_shards(specs: list[str], cfg: DataConfig, modalities: dict[str, dict
     names = list(modalities)
     from tqdm import tqdm
 
-    with tqdm(total=len(shards), desc="[omnistream] inspecting shards", unit=" shard", disable=None) as bar:
+    with tqdm(total=len(shards), desc=f"{logs.TAG} inspecting shards", unit=" shard", disable=None) as bar:
         for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
             for m in batch["mods"]:
                 idx, n = np.unique(np.asarray(m), return_counts=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from omnistream.common.errors import UserError
+from omnistream.modalities.base import BaseModality, FilterOptions
 from pydantic import ValidationError
-
-from omnistream.modalities.base import BaseModality, FilterOptions, UserError
 
 
 def build_filters(mods: dict[str, BaseModality] | dict[str, type], quality: dict[str, dict[str, Any]]

@@ -25,19 +25,18 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
+from omnistream.common.errors import DataResumeMismatch
 from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import row_hash
 from .cache import TokenCache
 from .config import DataConfig
-from .stream import RETRIES, PackRows, make_document, record_rng
+from .context import data_context
+from .documents import make_document, record_rng
+from .stream import RETRIES, PackRows
 
 ROW_COLUMNS = ("win", "row", "pos")  # beside packing.COLUMNS and "keys"
 
-
-class DataResumeMismatch(RuntimeError):
-    """The stream rebuilt for a resume differs from the one the checkpoint consumed."""
 
 
 @dataclass
@@ -161,9 +160,7 @@ def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, 
     import ray
 
     start = start or StreamStart()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # the trainer prints its own progress
+    data_context()  # the trainer logs its own progress
     items = [{"window": k, "ranges": json.dumps(w)} for k, w in enumerate(windows) if k >= start.window]
     if not items:
         items = [{"window": len(windows), "ranges": "[]"}]  # a stream that was already consumed to its end

@@ -7,8 +7,7 @@ import random
 from typing import Iterable
 
 from braceexpand import braceexpand
-
-from omnistream.modalities.base import UserError
+from omnistream.common.errors import UserError
 
 REMOTE = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://", "abfs://")
 

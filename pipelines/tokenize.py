@@ -17,17 +17,21 @@ import time
 
 import numpy as np
 import ray
-
-from omnistream.modalities.base import UserError
+from omnistream.common import logs
+from omnistream.common.errors import ErrorRateExceeded, UserError
 from omnistream.modalities.vocab import Vocabulary
 
-from .accounting import ErrorRateExceeded, Tally
+from .accounting import Tally
 from .cache import TokenCache
 from .config import DataConfig
+from .context import data_context
 from .dedup import Deduper, start_dedup
+from .documents import RecordProcessor
 from .ledger import DataLedger
 from .shards import list_shards, shard_order
-from .stream import RETRIES, RecordProcessor, lost_shard, processor_options, shards_may_die
+from .stream import RETRIES, lost_shard, processor_options, shards_may_die
+
+log = logging.getLogger(__name__)
 
 RECLAIM_CHUNK = 2000  # records per round trip to the dedup actors when re-claiming cached shards
 
@@ -109,10 +113,7 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
     if dedup and done:
         summary["reclaimed"] = reclaim(cache, [s for s in order if s in done], dedup, cfg)
     ledger = DataLedger.remote(cfg.max_error_rate, cfg.error_rate_window)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # one bar of our own, in shards
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # and no execution banners through it
+    data_context()  # one bar of our own, in shards
     todo = [s for s in order if s in pending]
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo)).map_batches(
         ShardTokenizer, fn_constructor_kwargs={"modalities": modalities, "bundle_dir": cfg.bundle_dir, "cfg": cfg,
@@ -120,7 +121,7 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.tokenizer_actors, len(todo))),
         batch_format="numpy", **RETRIES, **processor_options(cfg, modalities))
     finished = set()
-    with tqdm(total=len(todo), desc="[omnistream] tokenizing shards into the token cache", unit="shard",
+    with tqdm(total=len(todo), desc=f"{logs.TAG} tokenizing shards into the token cache", unit="shard",
               disable=not progress) as bar:
         for b in shards_may_die(ds).iter_batches(batch_size=1, batch_format="numpy"):
             for shard, err in zip(b["shard"], b["error"]):
@@ -142,7 +143,7 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
             cache.write_shard(shard, names, [], {n: [] for n in names}, [] if dedup else None, tally, 0.0)
             ledger.add.remote(tally, shard)
             summary["tokenized"] += 1
-            print(f"[omnistream] warning: {shard}: {tally.shard_errors[0]['detail']}", flush=True)
+            log.warning("%s: %s", shard, tally.shard_errors[0]["detail"])
     reason = ray.get(ledger.stop_reason.remote(True))
     if reason:
         raise ErrorRateExceeded(reason)

@@ -18,10 +18,17 @@ if _HOOKS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 import threading
 
 import pytest
-from common import SMALL, SMALL_OPTIONS, UNINTERRUPTED, fit_modalities, non_loopback_listeners, run_config
-
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import write_demo_corpus
+
+from common import (
+    SMALL,
+    SMALL_OPTIONS,
+    UNINTERRUPTED,
+    fit_modalities,
+    non_loopback_listeners,
+    run_config,
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +49,7 @@ def bundle(fitted, tmp_path_factory):
     return str(d)
 @pytest.fixture(scope="session")
 def ray_local():
-    from omnistream.cluster.ray_local import connect
+    from omnistream.cluster.connect import connect
 
     ray = connect("", num_cpus=2)
     yield ray
@@ -55,9 +62,9 @@ def trained(ray_local, corpus, tmp_path_factory):
     fitted through the CLI's path, then 2 Ray Train workers, ZeRO-3, 10 steps, checkpoints at 3, 6, 9
     and 10, evaluations at 5 and 10, logging to the MLflow tracking server `cluster up` starts
     (127.0.0.1, SQLite, proxied artifacts). A thread samples the listener table while it trains."""
-    from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
-    from omnistream.cluster.ray_local import free_port
-    from omnistream.cluster.train import run_training
+    from omnistream.cluster.connect import free_port
+    from omnistream.cluster.driver import run_training
+    from omnistream.tracking.server import start_tracking_server, stop_tracking_server
     from omnistream.pipelines.fit import fit_bundle
 
     tmp = tmp_path_factory.mktemp("e2e")

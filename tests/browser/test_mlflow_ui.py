@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from omnistream.cluster import tracking
+from common import mlflow_run
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def run(trained):
     steps 5 and 10 (generated images, WAVs, answer tables), system metrics at the default interval, all
     on the tracking server `cluster up` starts."""
     res = trained["res"]
-    return {"uri": res.tracking_uri, "run_id": res.run_id, "url": tracking.run_url(res.tracking_uri, res.run_id)}
+    return {"uri": res.tracking_uri, "run_id": res.run_id, "url": mlflow_run(res.tracking_uri, res.run_id).url()}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_each_modalitys_loss_is_drawn_with_every_logged_step(page, run):
     for m in MODALITIES:
         c = card(page, f"train/loss/{m}")
         c.locator(".js-plotly-plot path.js-line").first.wait_for()
-        logged = tracking.metric_history(run["uri"], run["run_id"], f"train/loss/{m}")
+        logged = mlflow_run(run["uri"], run["run_id"]).metric_history(f"train/loss/{m}")
         assert [s for s, _ in logged] == list(range(1, STEPS + 1)), logged
         points = c.locator(".js-plotly-plot .scatterlayer .point")
         assert points.count() == len(logged), (m, points.count(), logged)
@@ -116,7 +116,7 @@ def test_each_modalitys_loss_is_drawn_with_every_logged_step(page, run):
 def test_system_metrics_are_drawn(page, run):
     """The System metrics tab (issue 13: it was empty) draws this node's CPU and memory."""
     page.get_by_role("tab", name="System metrics").click()
-    logged = [k for k in tracking.final_metrics(run["uri"], run["run_id"]) if k.startswith("system/")]
+    logged = [k for k in mlflow_run(run["uri"], run["run_id"]).final_metrics() if k.startswith("system/")]
     assert any(k.endswith("/cpu_utilization_percentage") for k in logged), logged
     cpu = next(k for k in logged if k.endswith("/cpu_utilization_percentage"))
     card(page, cpu).locator(".js-plotly-plot").first.wait_for()

@@ -9,7 +9,7 @@ from omnistream.pipelines.democorpus import CorpusSpec
 from omnistream.pipelines.records import read_shard
 
 REPO = Path(__file__).resolve().parents[2]
-EXE = [sys.executable, "-m", "omnistream.cluster.cli"]  # the CLI as a subprocess, with this venv's Python
+EXE = [sys.executable, "-m", "omnistream.cli"]  # the CLI as a subprocess, with this venv's Python
 
 # the modality options of the session's fitted bundle (`bundle`), as a config's TOML
 SMALL_MODALITIES = """[modalities.text]
@@ -105,10 +105,24 @@ def non_loopback_listeners() -> list[str]:
 def run_config(corpus: dict, tmp, *extra: str):
     """The small run's config on the session corpus: OVERRIDES, its shards, and everything it writes
     (bundle, Ray storage, SQLite tracking store) under `tmp`; `extra` overrides last."""
-    from omnistream.cluster.config import load_config
+    from omnistream.configs import load_config
 
     d = corpus["dir"]
     return load_config(None, OVERRIDES + [
         f'data.train_shards=["{d}/train-*.tar"]', f'data.eval_shards=["{d}/eval-000.tar"]',
         f'data.bundle_dir="{tmp}/bundle"', f'cluster.storage_path="{tmp}/ray"',
         f'tracking.uri="sqlite:///{tmp}/mlflow.db"', *extra])
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient on a run's store (the tests read MLflow directly, beside the Tracker door)."""
+    from omnistream.tracking.mlflow_backend import client
+
+    return client(uri)
+
+
+def mlflow_run(uri: str, run_id: str):
+    """The MLflow run as a Tracker: metric_history(key), final_metrics(), tags(), url()."""
+    from omnistream.tracking.mlflow_backend import MLflowTracker
+
+    return MLflowTracker(uri, run_id)

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from omnistream.pipelines.democorpus import draw_digit, dtmf, make_record
 from PIL import Image
-
-from omnistream.pipelines.democorpus import dtmf, draw_digit, make_record
 
 from common import EXE, REPO, SMALL_MODALITIES, wav_header  # noqa: E402,I001
 
@@ -227,7 +226,7 @@ def test_every_planted_defect_appears_under_its_reason(report):
 
 
 def test_unreadable_shard_is_listed_and_the_rest_goes_on(ray_local, planted, tmp_path):
-    from omnistream.cluster.config import load_config
+    from omnistream.configs import load_config
     from omnistream.pipelines.inspect import inspect_shards
 
     shards, _ = planted
@@ -255,7 +254,7 @@ def test_no_shards_is_a_user_mistake():
     ("data.quality.text.near_duplicates=false", ["orig-text", "d-neartext"]),
 ])
 def test_switching_a_filter_off_keeps_what_it_caught(ray_local, report, planted, switch, keys):
-    from omnistream.cluster.config import load_config
+    from omnistream.configs import load_config
     from omnistream.pipelines.inspect import inspect_shards
 
     shards, _ = planted
@@ -269,8 +268,8 @@ def test_switching_a_filter_off_keeps_what_it_caught(ray_local, report, planted,
 
 def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
     """Two actors, shards in two epochs: the same record met again is not its own duplicate."""
-    from omnistream.pipelines.ledger import DataLedger
     from omnistream.pipelines.config import DataConfig
+    from omnistream.pipelines.ledger import DataLedger
     from omnistream.pipelines.stream import record_stream
 
     shards, _ = planted
@@ -292,8 +291,8 @@ def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
 
 @pytest.mark.slow
 def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, corpus, tmp_path):
-    from omnistream.cluster.train import run_training
-    from omnistream.modalities.base import UserError
+    from omnistream.cluster.driver import run_training
+    from omnistream.common.errors import UserError
     from test_e2e import _cfg
 
     junk = tmp_path / "junk.tar"
@@ -318,7 +317,7 @@ def test_tokenize_command_fills_finishes_and_reuses_the_cache(ray_local, corpus,
     the second reuses them all, and after one shard's file is cut mid-write the third tokenizes that
     shard alone, deduplicated against the others (their stored claims re-claimed first): the cache then
     holds exactly what one uninterrupted build held."""
-    from omnistream.cluster.cli import main
+    from omnistream.cli import main
     from omnistream.pipelines.cache import TokenCache
 
     cfg = tmp_path / "t.toml"

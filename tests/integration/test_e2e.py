@@ -8,9 +8,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from omnistream.cluster import tracking
-
-from common import UNINTERRUPTED, run_config as _cfg  # noqa: I001
+from common import (
+    UNINTERRUPTED,  # noqa: I001
+    mlflow_client,
+    mlflow_run,
+)
+from common import run_config as _cfg
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +31,9 @@ def test_run_logs_the_design_metrics(trained):
                 "data/seen", "data/kept"]:
         assert key in m, key
     assert m["data/seen"] == m["data/kept"] + sum(v for k, v in m.items() if k.startswith(("data/filtered/", "data/errored/")))
-    steps = [s for s, _ in tracking.metric_history(res.tracking_uri, res.run_id, "train/loss")]
+    steps = [s for s, _ in mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss")]
     assert sorted(steps) == list(range(1, 11))
-    c = tracking.client(res.tracking_uri)
+    c = mlflow_client(res.tracking_uri)
     run = c.get_run(res.run_id)
     assert run.data.params["train.zero_stage"] == "3" and run.data.params["cluster.num_workers"] == "2"
     assert run.data.tags["model.attention"] == "varlen"  # the CPU path; never the T×T reference
@@ -65,7 +68,7 @@ def test_every_epoch_and_a_second_run_read_the_token_cache(trained, resumed):
 
 
 def _resumed(trained, corpus, ckpt, *extra):
-    from omnistream.cluster.train import run_training
+    from omnistream.cluster.driver import run_training
 
     return run_training(_cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, f'train.resume_from="{ckpt}"',
                              f'tracking.uri="{trained["cfg"].tracking.uri}"', *extra))
@@ -92,7 +95,7 @@ def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, resum
     first = trained["res"]
     window = trained["cfg"].data.pack_window
     for n, res in resumed.items():
-        steps = sorted(s for s, _ in tracking.metric_history(res.tracking_uri, res.run_id, "train/loss"))
+        steps = sorted(s for s, _ in mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss"))
         assert steps == list(range(n + 1, 11))
         assert _step(res.checkpoint) == 10
         assert first.ledger_digest and res.ledger_digest == first.ledger_digest
@@ -100,8 +103,8 @@ def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, resum
         assert 0 < res.metrics["data/resume/replayed_records"] <= window, n  # one window, not the run so far
         assert res.metrics["data/resume/seconds"] > 0
         # the resumed run starts from the trained weights: it ends where the uninterrupted run ended
-        a = dict(tracking.metric_history(res.tracking_uri, first.run_id, "train/loss"))
-        b = dict(tracking.metric_history(res.tracking_uri, res.run_id, "train/loss"))
+        a = dict(mlflow_run(res.tracking_uri, first.run_id).metric_history("train/loss"))
+        b = dict(mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss"))
         assert abs(a[10] - b[10]) < 1e-3 * a[10]
     # resuming at step 6 reads no more records than resuming at step 3; what it drops differs
     assert resumed[6].metrics["data/resume/replayed_records"] == resumed[3].metrics["data/resume/replayed_records"]
@@ -110,9 +113,9 @@ def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, resum
 
 def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, capsys):
     """2 ranks' ZeRO-3 shards -> one safetensors model whose held-out loss is the one the run logged."""
-    from omnistream.cluster.cli import main
-    from omnistream.cluster.evaluate import Evaluator
-    from omnistream.cluster.export import load_model
+    from omnistream.cli import main
+    from omnistream.serving.export import load_model
+    from omnistream.training.evaluate import Evaluator
 
     res = trained["res"]
     assert main(["export", res.checkpoint, str(tmp_path / "m")]) == 0
@@ -129,7 +132,7 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
                  "--max-new-tokens", "4"]) == 0
     # a briefly trained model may well continue with spaces: what matters is that the CLI prints exactly
     # the greedy continuation
-    from omnistream.cluster.export import generate_from
+    from omnistream.serving.generate import generate_from
 
     image = vocab.by_name["image"].decode_bytes("png", rec.fields["png"])
     text = generate_from(model, vocab, "image", image, "text", 4)
@@ -155,8 +158,8 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     assert got.to_dict("records") == [{"to": "text", "ext": "txt", "output": text}]
     got = served.predict(pd.DataFrame({"text": ["the digit 3"]}), params={"to": "image"})
     assert got["ext"][0] == "png" and base64.b64decode(got["output"][0])[:4] == b"\x89PNG"
-    models = {m.name for m in tracking.client(res.tracking_uri).search_logged_models([
-        tracking.client(res.tracking_uri).get_run(res.run_id).info.experiment_id])}
+    models = {m.name for m in mlflow_client(res.tracking_uri).search_logged_models([
+        mlflow_client(res.tracking_uri).get_run(res.run_id).info.experiment_id])}
     assert models, "the model is logged in the experiment of the run that trained it"
 
     # and `mlflow models serve` answers for it on 127.0.0.1, base64 in JSON for the image
@@ -167,7 +170,7 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     import time
     import urllib.request
 
-    from omnistream.cluster.ray_local import free_port
+    from omnistream.cluster.connect import free_port
 
     port, bindir = free_port(), str(Path(sys.executable).parent)
     srv = subprocess.Popen([f"{bindir}/mlflow", "models", "serve", "-m", "models:/e2e-digits/1", "--env-manager",
@@ -197,9 +200,10 @@ def test_every_listener_is_loopback(trained):
 
 
 def test_resume_with_other_vocabulary_or_data_is_refused(trained, corpus, tmp_path):
-    from omnistream.cluster.train import check_checkpoint, resume_plan
-    from omnistream.modalities.base import UserError
+    from omnistream.cluster.driver import check_checkpoint, resume_plan
+    from omnistream.common.errors import UserError
     from omnistream.modalities.vocab import Vocabulary
+
     from common import fit_modalities
 
     other = Vocabulary(fit_modalities(corpus["train"][:1], {"image": {"codebook_size": 32}}))
@@ -230,8 +234,8 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
     import os
     import signal
 
-    from omnistream.cluster.checkpoint import latest_checkpoint
-    from omnistream.cluster.train import run_training
+    from omnistream.cluster.driver import run_training
+    from omnistream.training.checkpoint import latest_checkpoint
 
     storage = tmp_path / "ray"
     cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, "train.max_failures=1",
@@ -258,7 +262,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corp
         done.set()
         th.join()
     assert killed, "the run ended before a worker could be killed"
-    steps = {s for s, _ in tracking.metric_history(res.tracking_uri, res.run_id, "train/loss")}
+    steps = {s for s, _ in mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss")}
     assert steps == set(range(1, 11)), "one run, its step axis continues to the end"
     assert _step(res.checkpoint) == 10
     assert res.ledger_digest == trained["res"].ledger_digest
@@ -279,11 +283,11 @@ def test_elastic_resume_2_to_1_and_1_to_2_workers(trained, corpus):
     assert json.loads((Path(one.checkpoint) / "omnistream.json").read_text())["world_size"] == 1
     nine = next(c for c in one.checkpoints if _step(c) == 9)
     two = _resumed(trained, corpus, nine, "cluster.num_workers=2")
-    a = dict(tracking.metric_history(first.tracking_uri, first.run_id, "train/loss"))
+    a = dict(mlflow_run(first.tracking_uri, first.run_id).metric_history("train/loss"))
     for res, n in ((one, 3), (two, 9)):
         assert res.ledger_digest == first.ledger_digest, n
         assert res.metrics["data/consumed_rows"] == first.metrics["data/consumed_rows"]
-        b = dict(tracking.metric_history(res.tracking_uri, res.run_id, "train/loss"))
+        b = dict(mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss"))
         assert sorted(b) == list(range(n + 1, 11))
         # the same batches: only the order of float sums differs from the uninterrupted run
         assert abs(a[n + 1] - b[n + 1]) < 0.01 * a[n + 1] and abs(a[10] - b[10]) < 0.01 * a[10]

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg():
-    from omnistream.cluster.config import load_config
+    from omnistream.configs import load_config
 
     c = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "train.zero_stage=3",
                            "train.micro_batch_size=2", "data.seq_len=16", "train.warmup_steps=1",
@@ -24,9 +24,8 @@ def _cfg():
 
 def _rank(rank: int, world: int, port: int, load: str | None, save: str, steps: int) -> None:
     import torch.distributed as dist
-
-    from omnistream.cluster.checkpoint import CKPT_TAG
-    from omnistream.cluster.engine import build_engine, pin_collectives_to_loopback
+    from omnistream.training.checkpoint import CKPT_TAG
+    from omnistream.training.engine import build_engine, pin_collectives_to_loopback
 
     pin_collectives_to_loopback()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -60,8 +59,8 @@ def _states(universal: Path) -> dict:
 
 
 def test_a_checkpoint_of_2_ranks_loads_on_1_and_on_2_again_bit_for_bit(tmp_path):
-    from omnistream.cluster.checkpoint import to_universal
-    from omnistream.cluster.ray_local import free_port
+    from omnistream.cluster.connect import free_port
+    from omnistream.training.checkpoint import to_universal
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     mp.spawn(_rank, args=(2, free_port(), None, str(a), 3), nprocs=2)

@@ -8,17 +8,17 @@ cross-modal tasks land far above chance (0.1).
 import numpy as np
 import pytest
 import torch
-from common import DIGIT_TASKS, fit_modalities
-
-from omnistream.cluster.config import load_config
-from omnistream.cluster.engine import single_process_group
-from omnistream.cluster.evaluate import Evaluator
-from omnistream.cluster.tracking import MemoryTracker
-from omnistream.cluster.trainer import Trainer
+from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import CorpusSpec, write_demo_corpus
+from omnistream.pipelines.documents import local_documents
 from omnistream.pipelines.packing import COLUMNS, pack_documents
-from omnistream.pipelines.stream import local_documents
+from omnistream.tracking import MemoryTracker
+from omnistream.training.engine import single_process_group
+from omnistream.training.evaluate import Evaluator
+from omnistream.training.trainer import Trainer
+
+from common import DIGIT_TASKS, fit_modalities
 
 STEPS = 800
 GOLDEN = CorpusSpec(train_records=1500, eval_records=60, records_per_shard=500, seed=7)
@@ -74,8 +74,7 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
 
     single_process_group()
     tracker = MemoryTracker()
-    trainer = Trainer(cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab),
-                      log=lambda line: None)
+    trainer = Trainer(cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab))
     m = trainer.train()
 
     assert trainer.step == STEPS and trainer.state_dict()["data"]["rows"] == STEPS * 16  # micro-batches of 16 rows
@@ -88,7 +87,7 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
     assert m["eval/audio_to_text/accuracy"] >= 0.4, m
     assert m["eval/image_to_text/accuracy"] >= 0.2, m
     assert set(m) >= {"eval/loss/text", "eval/loss/image", "eval/loss/audio", "eval/image_to_text/accuracy"}
-    assert "data.ledger_digest" in tracker.tags
+    assert "data.ledger_digest" in tracker.tags()
     # text -> image generations as images with their step; each task's answers as a table
     assert any(k.startswith("text_to_image/") and steps[-1][0] == STEPS for k, steps in tracker.images.items()), \
         sorted(tracker.images)
@@ -97,13 +96,14 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
 
     # registered in MLflow and loaded back as a user loads it (mlflow.pyfunc.load_model("models:/...")),
     # the model names the digit of held-out PNGs, far above chance; the demo checks its model the same way
-    from omnistream.cluster.export import write_export
-    from omnistream.cluster.serving import log_and_register, name_the_digits
+    from omnistream.serving.export import write_export
+    from omnistream.cli.demo import name_the_digits
+    from omnistream.serving.pyfunc import log_and_register
 
     out = write_export(tmp_path / "model", dict(trainer.engine.module.named_parameters()),
                        cfg.model_dump(mode="json")["model"], vocab, STEPS)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ref = log_and_register(out, "golden-digits", uri)
+    ref = log_and_register(out, "golden-digits", tracking_uri=uri)
     assert ref == "models:/golden-digits/1"
     ok, asked, example = name_the_digits(ref, uri, golden[0]["eval"], n=40)
     assert asked >= 10 and ok / asked >= 0.2, (ok, asked, example)
@@ -119,7 +119,7 @@ def test_activation_checkpointing_under_zero3_leaves_the_losses_unchanged(golden
                                    f"train.activation_checkpointing={ac}")
         cfg.data.eval_shards = []
         tracker = MemoryTracker()
-        Trainer(cfg, vocab, random_batches(golden_rows, 8, 1), tracker=tracker, log=lambda line: None).train()
+        Trainer(cfg, vocab, random_batches(golden_rows, 8, 1), tracker=tracker).train()
         curves.append([v for _, v in sorted(tracker.history["train/loss"])])
     assert len(curves[0]) == 4 and curves[0][-1] < curves[0][0]
     assert np.allclose(curves[0], curves[1], rtol=0, atol=1e-5), curves

@@ -10,7 +10,7 @@ SCRIPT = r"""
 import json, resource, sys
 from omnistream.pipelines.accounting import Tally
 from omnistream.pipelines.config import DataConfig
-from omnistream.pipelines.stream import RecordProcessor
+from omnistream.pipelines.documents import RecordProcessor
 
 import torchaudio.transforms  # noqa: F401 - loaded before the limit, as a warm actor has it
 proc = RecordProcessor(None, sys.argv[1], DataConfig(), seed=0)
@@ -29,8 +29,9 @@ def test_hostile_records_under_an_address_space_limit(bundle, corpus, tmp_path):
     import tarfile
 
     from omnistream.pipelines.records import read_shard
-    from common import wav_header
     from test_hostile_records import tar_bytes  # noqa: I001 - the unit tier's real-bytes helper
+
+    from common import wav_header
 
     good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if "txt" in r.fields)
     members = [("ok-0.txt", good.fields["txt"])]

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+from omnistream.cluster.connect import free_port
+from omnistream.tracking.server import start_tracking_server, stop_tracking_server
 
-from omnistream.cluster import tracking
-from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
-from omnistream.cluster.ray_local import free_port
+from common import mlflow_client, mlflow_run
 
 
 class Server:
@@ -30,6 +30,20 @@ class Server:
         self.srv = None
 
 
+def _said(logger: str) -> list[str]:
+    """What `logger` says from now on, line by line (omnistream's loggers do not propagate to pytest's)."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logging.getLogger(logger).addHandler(Keep())
+    return lines
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("mlflow-server"))
@@ -42,18 +56,21 @@ def test_what_overflows_the_buffer_is_counted_and_the_rest_sent(server, monkeypa
     """Server down: 3000 values into a buffer of 1000; the oldest 2000 are dropped and counted, and the
     1000 held are all sent once the server is back."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    run_id = tracking.start_run(server.uri, "outage", "buffer", {}, {})
+    from omnistream import tracking
+    from omnistream.configs import TrackingConfig
+
+    run_id = tracking.start_run(TrackingConfig(uri=server.uri, experiment="outage", run_name="buffer"), {}, {}).run_id
     server.stop()
-    said: list[str] = []
-    t = tracking.BufferedTracker(tracking.MLflowTracker(server.uri, run_id), max_metrics=1000, log=said.append)
+    said = _said("omnistream.tracking.buffered")
+    t = tracking.BufferedTracker(tracking.attach(TrackingConfig(uri=server.uri), run_id), max_metrics=1000)
     for step in range(1, 31):
         t.log({f"m/{i:03d}": float(step) for i in range(100)}, step)
     assert t.dropped == 2000
     server.start()
     assert t.close(timeout=120), said
-    got = tracking.metric_history(server.uri, run_id, "m/007")
+    got = mlflow_run(server.uri, run_id).metric_history("m/007")
     assert [s for s, _ in got] == list(range(21, 31))
-    assert tracking.final_metrics(server.uri, run_id)["tracking/dropped_metrics"] == 2000
+    assert mlflow_run(server.uri, run_id).final_metrics()["tracking/dropped_metrics"] == 2000
     assert any("failed" in line for line in said) and any("is back" in line for line in said), said
 
 
@@ -66,7 +83,7 @@ def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_lo
     figures) and started again only when training has written its last checkpoint: every step is
     trained while it is gone, none waits for it, the run finishes, every record is accounted under its
     reason, and every step's metrics are in the store afterwards."""
-    from omnistream.cluster.train import run_training
+    from omnistream.cluster.driver import run_training
     from test_data_quality import write_planted
     from test_e2e import _cfg
 
@@ -79,7 +96,7 @@ def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_lo
     outage: dict[str, float] = {}
 
     def cut():
-        c = tracking.client(server.uri)
+        c = mlflow_client(server.uri)
         while time.time() < deadline:
             exp = c.get_experiment_by_name("outage")
             runs = c.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'demo'") if exp else []
@@ -109,11 +126,11 @@ def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_lo
 
     # the outage
     assert "restarting" in outage, "the server was never stopped and started again"
-    assert tracking.client(server.uri).get_run(res.run_id).info.status == "FINISHED"
-    hist = tracking.client(server.uri).get_metric_history(res.run_id, "train/loss")
+    assert mlflow_client(server.uri).get_run(res.run_id).info.status == "FINISHED"
+    hist = mlflow_client(server.uri).get_metric_history(res.run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(1, steps + 1)), [m.step for m in hist]
     # each step was trained (and stamped) while the server was gone, held, and sent once it was back
     assert all(outage["stopped"] * 1000 < m.timestamp < outage["restarting"] * 1000 for m in hist), \
         (outage, [(m.step, m.timestamp) for m in hist])
     for key in ("train/tokens_per_s", "train/loss/text", "data/tokens/audio"):
-        assert len(tracking.metric_history(server.uri, res.run_id, key)) == steps, key
+        assert len(mlflow_run(server.uri, res.run_id).metric_history(key)) == steps, key

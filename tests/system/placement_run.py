@@ -14,11 +14,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from omnistream.cluster.connect import LOOPBACK_ENV, WORKER_ENV, free_port  # noqa: E402
+from omnistream.cluster.driver import run_training  # noqa: E402
+from omnistream.configs import load_config  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-
-from omnistream.cluster.config import load_config  # noqa: E402
-from omnistream.cluster.ray_local import LOOPBACK_ENV, WORKER_ENV, free_port  # noqa: E402
-from omnistream.cluster.train import run_training  # noqa: E402
 
 
 def _listening(p) -> list:

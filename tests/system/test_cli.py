@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from common import EXE, REPO
 
 
@@ -65,7 +66,7 @@ def test_demo_corpus_is_deterministic(tmp_path):
 
 def imported(tmp_path, *args) -> set[str]:
     """Top-level packages a CLI call imports (python -X importtime), after checking it ran."""
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "omnistream.cluster.cli", *args],
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "omnistream.cli", *args],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     return {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
@@ -125,7 +126,7 @@ def test_wheel_holds_only_the_omnistream_namespace(wheel_venv):
         assert f"omnistream/{pkg}/__init__.py" in names, pkg
     assert "omnistream/configs/demo.toml" in names
     eps = zipfile.ZipFile(wheel_venv["wheel"]).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "omnistream = omnistream.cluster.cli:main" in eps and "omnistream.modalities.text:TextModality" in eps
+    assert "omnistream = omnistream.cli:main" in eps and "omnistream.modalities.text:TextModality" in eps
 
 
 def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
@@ -141,11 +142,11 @@ def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
     assert "check_modality" in r.stdout and "BaseModality" in r.stdout
     assert run_py("-c", "import model").returncode != 0
     assert run_py("-c", "import cluster").returncode != 0
-    r = run_py("-m", "omnistream.cluster.cli", "config", "show", "--demo")
+    r = run_py("-m", "omnistream.cli", "config", "show", "--demo")
     assert r.returncode == 0 and "[eval.tasks.image_to_text]" in r.stdout, r.stderr
-    r = run_py("-m", "omnistream.cluster.cli", "modalities", "list")
+    r = run_py("-m", "omnistream.cli", "modalities", "list")
     assert r.returncode == 0 and all(f"omnistream.modalities.{n}." in r.stdout for n in ("text", "image", "audio"))
-    r = run_py("-m", "omnistream.cluster.cli", "demo", "--help")
+    r = run_py("-m", "omnistream.cli", "demo", "--help")
     assert r.returncode == 0 and "shipped demo config" in r.stdout
 
 
@@ -155,8 +156,7 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
     import signal
     import time
 
-    from common import OVERRIDES
-    from omnistream.cluster import tracking
+    from common import OVERRIDES, mlflow_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [*OVERRIDES, f'data.train_shards=["{corpus["train"][0]}"]', "data.eval_shards=[]", "data.epochs=50",
@@ -180,5 +180,5 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
             p.kill()
     assert p.returncode == 130, err[-2000:]
     assert "omnistream: interrupted" in err and "Traceback" not in err.split("omnistream: interrupted")[-1]
-    runs = tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("omnistream").experiment_id])
+    runs = mlflow_client(uri).search_runs([mlflow_client(uri).get_experiment_by_name("omnistream").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]

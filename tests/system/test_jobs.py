@@ -9,14 +9,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from omnistream.cluster.connect import free_port
 
-from omnistream.cluster import tracking
-from omnistream.cluster.ray_local import free_port
-from common import SMALL_MODALITIES
+from common import SMALL_MODALITIES, mlflow_client, mlflow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
 from common import REPO as ROOT  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -44,7 +44,7 @@ def head(tmp_path_factory):
 
 
 def test_head_is_loopback_only_with_a_token(head):
-    from omnistream.cluster.jobs import head_processes
+    from omnistream.cluster.head import head_processes
 
     assert "token authentication on" in head["up"] and str(head["tmp"] / "auth_token") in head["up"]
     assert (head["tmp"] / "auth_token").stat().st_mode & 0o077 == 0, "the token file is private"
@@ -107,11 +107,11 @@ storage_path = "{tmp}/ray"
     assert [str(f) for f in tmp.rglob("mlflow.db")] == [f"{state['tracking']['dir']}/mlflow.db"], \
         "no SQLite store but the server's"
     assert not list(Path(state["temp_dir"]).rglob("mlflow.db")), "none where the job ran"
-    m = tracking.final_metrics(uri, run_id)
+    m = mlflow_run(uri, run_id).final_metrics()
     for key in ("train/loss", "train/loss/text", "train/loss/image", "train/loss/audio", "train/tokens_per_s",
                 "data/seen", "data/kept"):
         assert key in m, key
-    assert tracking.client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
+    assert mlflow_client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
 
 
 def test_bad_token_and_unreachable_address_are_one_line_exit_2(head):
@@ -126,7 +126,7 @@ def test_bad_token_and_unreachable_address_are_one_line_exit_2(head):
 
 def test_head_processes_match_whole_temp_dirs_only(tmp_path):
     """A head on port 6379 must not claim the processes of a head on 63790 (a substring match would)."""
-    from omnistream.cluster.jobs import head_processes
+    from omnistream.cluster.head import head_processes
 
     other = tmp_path / "omni-ray-63790"
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={other}"])
@@ -143,7 +143,7 @@ def test_cluster_down_leaves_nothing_of_its_head(head):
     import json
 
     state = json.loads((head["tmp"] / "state" / f"head-{head['port']}.json").read_text())
-    from omnistream.cluster.jobs import head_processes
+    from omnistream.cluster.head import head_processes
 
     before = head_processes(state["temp_dir"], state["ports"], [state["tracking"]["pid"]])
     names = " ".join(" ".join(q.cmdline()) for q in before)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from common import DIGIT_TASKS, SMALL_MODALITIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
@@ -17,8 +18,8 @@ def test_tokenizers_on_data_nodes_and_training_on_trainer_nodes(corpus, bundle, 
     """Also the tracking of a real cluster: rank 0 runs on the second node and logs over HTTP to the
     tracking server the head would run (`cluster up` starts the same one); its metrics, system metrics,
     sample images and checkpoint tag all reach that server, and no SQLite store appears anywhere else."""
-    from omnistream.cluster.jobs import start_tracking_server, stop_tracking_server
-    from omnistream.cluster.ray_local import free_port
+    from omnistream.cluster.connect import free_port
+    from omnistream.tracking.server import start_tracking_server, stop_tracking_server
 
     d = corpus["dir"]
     server = start_tracking_server(tmp_path / "tracking", free_port())
@@ -84,12 +85,12 @@ system_metrics_interval_s = 1
 
 
 def _check_tracking(p, server, tmp_path) -> None:
-    from omnistream.cluster import tracking
+    from common import mlflow_client
 
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     uri, run_id = server["uri"], out["run_id"]
-    c = tracking.client(uri)
+    c = mlflow_client(uri)
     run = c.get_run(run_id)
     m = run.data.metrics
     assert {"train/loss", "train/loss/text", "eval/loss", "data/seen"} <= set(m), sorted(m)

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from omnistream.pipelines.democorpus import caption, draw_digit
 from PIL import Image
 
-from common import SMALL_MODALITIES
-
-from omnistream.cluster import tracking
-from omnistream.pipelines.democorpus import caption, draw_digit
+from common import SMALL_MODALITIES, mlflow_client, mlflow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
 from common import REPO as ROOT  # noqa: E402
+
 PLUGIN = ROOT / "examples" / "omnistream-video"
 TESTS = ROOT / "tests"
 # The corpus's own shares are about text 0.12, image 0.37, audio 0.20, video 0.31 (measured on it);
@@ -33,7 +32,7 @@ TOL = 0.05
 
 
 def omnistream(*args, python=sys.executable, check=True, timeout=600) -> subprocess.CompletedProcess:
-    p = subprocess.run([python, "-m", "omnistream.cluster.cli", *args], capture_output=True, text=True,
+    p = subprocess.run([python, "-m", "omnistream.cli", *args], capture_output=True, text=True,
                        timeout=timeout, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"omnistream {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -119,7 +118,7 @@ uri = "sqlite:///{tmp}/mlflow.db"
     # Fit in the plugin's venv without Ray (the Ray fit has its own test): the plugin is found there
     # through its installed entry point, as a user's process finds it.
     fit = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from common import fit_modalities; "
-           f"from omnistream.cluster.config import load_config; from omnistream.modalities.vocab import Vocabulary; "
+           f"from omnistream.configs import load_config; from omnistream.modalities.vocab import Vocabulary; "
            f"opts = load_config({str(cfg)!r}).modalities; "
            f"Vocabulary(fit_modalities({corpus['train'] + [str(tmp / 'video-000.tar')]!r}, opts, names=list(opts)))"
            f".save({str(tmp / 'bundle')!r})")
@@ -144,11 +143,11 @@ def test_plugin_is_listed_with_version_and_id_range(mixed_run):
 def test_training_logs_video_loss_and_meets_token_shares(mixed_run):
     uri = f"sqlite:///{mixed_run['tmp']}/mlflow.db"
     run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in mixed_run["train"].splitlines() if "MLflow run " in ln)
-    m = tracking.final_metrics(uri, run_id)
+    m = mlflow_run(uri, run_id).final_metrics()
     for name in ("text", "image", "audio", "video"):
         assert f"train/loss/{name}" in m
         assert m[f"data/tokens/{name}"] > 0
-    hist = {n: tracking.metric_history(uri, run_id, f"data/token_share/{n}") for n in SHARES}
+    hist = {n: mlflow_run(uri, run_id).metric_history(f"data/token_share/{n}") for n in SHARES}
     steps = len(hist["video"])
     assert steps >= 8, "log_every=1: one share per global batch"
     for n, target in SHARES.items():
@@ -161,7 +160,7 @@ def test_checkpoint_needs_the_plugin(mixed_run):
     what is missing; the test venv itself never had the plugin."""
     uri = f"sqlite:///{mixed_run['tmp']}/mlflow.db"
     run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in mixed_run["train"].splitlines() if "MLflow run " in ln)
-    ckpt = tracking.client(uri).get_run(run_id).data.tags["omnistream.checkpoint"]
+    ckpt = mlflow_client(uri).get_run(run_id).data.tags["omnistream.checkpoint"]
     listed = omnistream("modalities", "list").stdout
     assert "video" not in listed
     p = omnistream("export", ckpt, str(mixed_run["tmp"] / "export"), check=False)

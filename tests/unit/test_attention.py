@@ -3,9 +3,8 @@ checkpointing against none: each must change speed or memory, never the numbers.
 import random
 
 import torch
-
-from omnistream.cluster.engine import apply_activation_checkpointing
 from omnistream.model.model import GPT, GPTConfig, generate, varlen_layout
+from omnistream.training.engine import apply_activation_checkpointing
 
 
 def packed_rows(B: int, T: int, seed: int, pad_tail: bool = True):

@@ -1,10 +1,10 @@
 """The config tree: layering, round trips, TOML values, and the keys that name modalities."""
 import pytest
-
-from omnistream.cluster.config import load_config, parse_value
-from omnistream.cluster.evaluate import _slug, first_number, matches
+from omnistream.common.errors import UserError
+from omnistream.configs import load_config
+from omnistream.configs.load import parse_value
 from omnistream.configs import path as shipped_config
-from omnistream.modalities.base import UserError
+from omnistream.training.evaluate import _slug, first_number, matches
 
 DEMO = shipped_config("demo")
 

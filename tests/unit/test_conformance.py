@@ -1,6 +1,5 @@
 """The built-in modalities pass the conformance kit a plugin author would use."""
 import pytest
-
 from omnistream.modalities import registry
 from omnistream.modalities.conformance import ConformanceError, check_modality
 from omnistream.pipelines.records import read_shard

@@ -3,11 +3,10 @@ here happens before a connection is made."""
 import json
 
 import pytest
-
-from omnistream.cluster import jobs
-from omnistream.cluster.checkpoint import META, read_checkpoint_meta
-from omnistream.cluster.cli import main
-from omnistream.modalities.base import UserError
+from omnistream.cli import main
+from omnistream.cluster import auth, jobs
+from omnistream.common.errors import UserError
+from omnistream.training.checkpoint import META, read_checkpoint_meta
 
 
 @pytest.mark.parametrize("address,insecure,refused", [
@@ -24,9 +23,9 @@ from omnistream.modalities.base import UserError
 def test_token_goes_over_plain_http_only_on_loopback(address, insecure, refused):
     if refused:
         with pytest.raises(UserError, match="refusing to send the Ray token over plain http"):
-            jobs.check_transport(address, insecure)
+            auth.check_transport(address, insecure)
     else:
-        jobs.check_transport(address, insecure)
+        auth.check_transport(address, insecure)
 
 
 def test_client_refuses_before_connecting(tmp_path, monkeypatch, capsys):
@@ -94,7 +93,7 @@ def _checkpoint(d, step: int, ranks: int = 2, data: str | None = '{"position": {
 def test_the_newest_complete_checkpoint_passes_over_a_cut_off_one(tmp_path):
     """A run folder whose last checkpoint was cut off mid-write (a rank's shard or the data position
     missing, or the data position half-written) resumes from the one before; a lone broken one is one line."""
-    from omnistream.cluster.checkpoint import latest_checkpoint, read_data_position
+    from omnistream.training.checkpoint import latest_checkpoint, read_data_position
 
     _checkpoint(tmp_path / "checkpoint_a", 3)
     _checkpoint(tmp_path / "checkpoint_b", 6)
@@ -115,7 +114,11 @@ def test_the_newest_complete_checkpoint_passes_over_a_cut_off_one(tmp_path):
 def test_a_checkpoint_ray_train_has_not_registered_is_not_complete(tmp_path):
     """Ray Train registers a checkpoint (checkpoint_manager_snapshot.json) only once every rank's files
     are persisted: one whose files all look whole but that is not yet listed is passed over."""
-    from omnistream.cluster.checkpoint import RAY_SNAPSHOT, complete_checkpoints, latest_checkpoint
+    from omnistream.training.checkpoint import (
+        RAY_SNAPSHOT,
+        complete_checkpoints,
+        latest_checkpoint,
+    )
 
     for name, step in (("checkpoint_a", 3), ("checkpoint_b", 6), ("checkpoint_c", 9)):
         _checkpoint(tmp_path / name, step)
@@ -146,8 +149,8 @@ def test_a_token_file_others_can_read_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(p))
     p.chmod(0o644)
     with pytest.raises(UserError, match="can be read by other users \\(mode 644\\): chmod 600"):
-        jobs.read_token()
+        auth.read_token()
     with pytest.raises(UserError, match="chmod 600"):
-        jobs.ensure_token()
+        auth.ensure_token()
     p.chmod(0o600)
-    assert jobs.read_token() == "secret" and jobs.ensure_token() == p
+    assert auth.read_token() == "secret" and auth.ensure_token() == p

@@ -8,12 +8,11 @@ import random
 import tarfile
 
 import pytest
-
 from omnistream.modalities import registry
 from omnistream.pipelines.accounting import Tally
 from omnistream.pipelines.config import DataConfig
+from omnistream.pipelines.documents import RecordProcessor, make_document, record_rng
 from omnistream.pipelines.records import read_shard
-from omnistream.pipelines.stream import RecordProcessor, make_document, record_rng
 
 from common import wav_header  # noqa: I001
 
@@ -169,7 +168,6 @@ def test_an_oversized_tar_header_ends_the_shard_not_the_actor(bundle, corpus, tm
 
 def test_the_resampler_cache_is_bounded(fitted):
     import numpy as np
-
     from omnistream.modalities.audio import RESAMPLERS, Audio
 
     audio = next(m for m in fitted if m.name == "audio")

@@ -1,6 +1,11 @@
 import torch
-
-from omnistream.model.model import GPT, GPTConfig, attention_mask, generate, loss_by_group
+from omnistream.model.model import (
+    GPT,
+    GPTConfig,
+    attention_mask,
+    generate,
+    loss_by_group,
+)
 
 
 def _model():

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from omnistream.pipelines.mixing import mix_pack, shares_of, token_counts
 from omnistream.pipelines.packing import IGNORE, label_modalities, pack_documents
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from omnistream.modalities.base import UserError
+from omnistream.common.errors import UserError
 from omnistream.pipelines.accounting import DataPosition
 from omnistream.pipelines.cache import TokenCache, open_cache
 from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.rows import StreamStart, WindowRows, plan_windows
 from omnistream.pipelines.shards import shard_order
+
 from common import SMALL_OPTIONS
 
 

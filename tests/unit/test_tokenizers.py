@@ -3,13 +3,12 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
-
+from omnistream.common.errors import BadSample, UserError
 from omnistream.modalities import registry
-from omnistream.modalities.base import BadSample, UserError
 from omnistream.modalities.vocab import Vocabulary
-from omnistream.pipelines.democorpus import dtmf, draw_digit, encode_audio
+from omnistream.pipelines.democorpus import draw_digit, dtmf, encode_audio
 from omnistream.pipelines.records import read_shard
+from PIL import Image
 
 
 def _objects(mod, shards, n=30):

@@ -1,0 +1,92 @@
+"""`omnistream export` and `omnistream generate`: a usable model out of a checkpoint, and what it makes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into one safetensors model",
+                       description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
+                                   "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
+                                   "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.")
+    p.add_argument("checkpoint", help="checkpoint directory (the MLflow tag omnistream.checkpoint names the last one)")
+    p.add_argument("out_dir", help="folder to write the model into")
+    p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
+    p.add_argument("--register", metavar="NAME",
+                   help="also log the exported model (with its tokenizer bundle) as an MLflow model into the run "
+                        "that trained it and register a version of NAME; load it with "
+                        "mlflow.pyfunc.load_model('models:/NAME/<version>')")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI to register in (default: the one the checkpoint's "
+                                          "run logged to)")
+    p.set_defaults(func=export)
+
+    p = sub.add_parser("generate", help="generate from a prompt in any modality",
+                       description="Load an exported model (or a checkpoint) and greedily continue a prompt given "
+                                   "as a file or text in modality --from, as modality --to. Text is printed; "
+                                   "images and audio are written to --out (PNG, WAV) and the path printed. "
+                                   "Example: omnistream generate out/model --from image --input digit.png")
+    p.add_argument("model", help="exported model folder or checkpoint directory")
+    p.add_argument("--from", dest="src", required=True, help="modality of the prompt, e.g. text, image, audio")
+    p.add_argument("--to", dest="dst", default="text", help="modality to generate (default text)")
+    p.add_argument("--input", required=True, help="prompt: a file (.png/.jpg/.wav/...) or, for --from text, the text")
+    p.add_argument("--out", help="where to write a generated image or audio (default generated.<ext>)")
+    p.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's room)")
+    p.add_argument("--bundle", help="tokenizer bundle, when MODEL is a checkpoint trained elsewhere")
+    p.set_defaults(func=generate)
+
+
+def export(args) -> int:
+    from omnistream.serving.export import export as do_export
+
+    out = do_export(args.checkpoint, args.out_dir, args.bundle)
+    print(f"exported {args.checkpoint} -> {out}")
+    if args.register:
+        from omnistream.serving.pyfunc import log_and_register
+        from omnistream.training.checkpoint import read_checkpoint_meta
+
+        meta = read_checkpoint_meta(args.checkpoint)
+        if args.tracking_uri or not meta.get("run_id"):
+            uri = args.tracking_uri or meta["config"]["tracking"]["uri"] or "sqlite:///mlflow.db"
+            ref = log_and_register(out, args.register, tracking_uri=uri)
+        else:  # into the run that trained it
+            from omnistream import tracking
+            from omnistream.configs import TrackingConfig
+
+            tracker = tracking.attach(TrackingConfig.model_validate(meta["config"]["tracking"]), meta["run_id"])
+            uri = tracker.uri
+            ref = log_and_register(out, args.register, tracker)
+        print(f"registered {ref} ({uri}): mlflow.pyfunc.load_model({ref!r})")
+    return 0
+
+
+def generate(args) -> int:
+    from omnistream.common.errors import BadSample, UserError
+    from omnistream.serving.export import load_model
+    from omnistream.serving.generate import generate_from
+
+    model, vocab = load_model(args.model, args.bundle)
+    if args.src not in vocab.by_name:
+        raise UserError(f"the model knows modalities {vocab.names}, not --from {args.src!r}")
+    src = vocab.by_name[args.src]
+    path = Path(args.input)
+    if path.is_file():
+        ext = path.suffix.lstrip(".").lower()
+        if ext not in src.keys:
+            raise UserError(f"--input {path}: modality {args.src!r} reads .{'/.'.join(src.keys)} files, not .{ext}")
+        data = path.read_bytes()
+    else:  # not a file: the value itself, as the modality's first key would hold it (text: the text)
+        ext, data = src.keys[0], args.input.encode()
+    try:
+        obj = src.decode_bytes(ext, data)
+    except BadSample as e:
+        what = "no such file, nor" if not path.is_file() else "the file is not"
+        raise UserError(f"--input {args.input}: {what} a {args.src} value ({e.reason}: {e.detail})") from None
+    out = generate_from(model, vocab, args.src, obj, args.dst, args.max_new_tokens)
+    if isinstance(out, str):  # a modality that decodes to text is printed
+        print(out)
+        return 0
+    ext, blob = vocab.by_name[args.dst].to_bytes(out)
+    target = Path(args.out or f"generated.{ext}")
+    target.write_bytes(blob)
+    print(f"wrote {target}")
+    return 0

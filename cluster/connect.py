@@ -1,0 +1,107 @@
+"""Connecting to Ray: a local cluster in this process (loopback only) or an existing one."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+
+from omnistream.common import logs
+from omnistream.common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# With this set to 0 a local Ray binds its servers to 127.0.0.1, not every interface.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray Train's print patch tees worker prints into its logger, which prints each line twice here
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+def quiet_env() -> None:
+    os.environ.update(LOOPBACK_ENV)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # no usage report to the outside
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def free_port(preferred: int = 0) -> int:
+    """`preferred` if nothing on 127.0.0.1 holds it, else a port the OS says is free."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
+    """'' starts a local Ray here, every server on 127.0.0.1 only; else joins `address` (or, inside a
+    submitted job, the cluster running it).
+
+    The local Ray runs its dashboard (on 127.0.0.1): Ray Train's state queries go through it.
+    """
+    quiet_env()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS", "")  # set for a Ray job's driver: join that cluster
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        return ray
+    with _token_auth() as whose:
+        ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(8265),  # another Ray here (a `cluster up` head) may hold it
+                       _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
+                       logging_level="WARNING",
+                       runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(),
+                                                 "RAY_TRAIN_V2_ENABLED": "1"}})
+    if ctx.dashboard_url:
+        log.info("local Ray started (127.0.0.1 only, token authentication with %s); dashboard: http://%s",
+                 whose, ctx.dashboard_url)
+    return ray
+
+
+@contextlib.contextmanager
+def _token_auth():
+    """Token authentication for a Ray started in this process: every one of its servers (GCS, raylet,
+    dashboard and its Jobs API) refuses a caller without the token, so another user of this machine
+    cannot run code in it. The token is the user's when they name one ($RAY_AUTH_TOKEN, or a private
+    $RAY_AUTH_TOKEN_PATH); otherwise a fresh one that lives only in the environment of the processes
+    this Ray starts, never on disk. (Ray's own default would write ~/.ray/auth_token readable by all.)
+
+    Ray reads the mode and token once (its C++ config and token cache), so both are reloaded here,
+    and this process's environment is put back afterwards: programs it starts later do not inherit them.
+    """
+    from ray._raylet import (  # no public API reloads them yet
+        AuthenticationTokenLoader,
+        Config,
+    )
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        whose = "the token in $RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        from .auth import ensure_token
+
+        ensure_token()  # made private if missing; refused if others can read it
+        whose = f"the token in {os.environ['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        whose = "a token of this run's own"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield whose
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

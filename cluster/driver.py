@@ -1,0 +1,349 @@
+"""The driver of a training run on a Ray cluster.
+
+`run_training` resolves the config, starts the tracking run and the data stream (tokenizing what the
+token cache lacks, planning the row stream), and hands `worker.train_worker` to Ray Train's
+TorchTrainer; after a failure it starts the worker group again from the newest complete checkpoint,
+and at the end it reports the data accounting. Everything it records goes through the tracking door
+(omnistream.tracking), whichever backend the config names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omnistream import tracking
+from omnistream.common.errors import ErrorRateExceeded, UserError
+from omnistream.configs import RunConfig
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.rows import StreamStart
+from omnistream.training.checkpoint import (
+    check_checkpoint,
+    complete_checkpoints,
+    describe_stream_change,
+    latest_checkpoint,
+    read_checkpoint_meta,
+    read_data_position,
+    to_universal,
+)
+
+from .worker import train_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    metrics: dict
+    checkpoint: str | None
+    data_report: dict
+    wall_s: float
+    checkpoints: list = None          # every checkpoint Ray Train kept, oldest first
+    ledger_digest: str | None = None  # over the ordered (rank, record key) lists consumed
+    tracker: object = None            # the run in its tracking store: metric_history(), tags(), link()
+
+
+def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
+    """Resolve paths, load the vocabulary and size the model from it; all user mistakes surface here."""
+    from omnistream.pipelines.shards import list_shards
+
+    cfg = cfg.resolved_paths()
+    vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
+    cfg.model.vocab_size = vocab.size
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.seq_len)
+    list_shards(cfg.data.train_shards)
+    if cfg.data.eval_shards:
+        list_shards(cfg.data.eval_shards)
+    if cfg.train.resume_from:
+        p = Path(cfg.train.resume_from)
+        if p.is_dir() and not (p / "omnistream.json").exists():
+            # a run's folder: its newest complete checkpoint (a last one cut off mid-write is passed over)
+            newest = latest_checkpoint(p)
+            if newest is None:
+                raise UserError(f"train.resume_from={p} holds no complete omnistream checkpoint")
+            log.info("resuming from the newest complete checkpoint under %s: %s", p, newest)
+            cfg.train.resume_from = str(newest)
+        check_checkpoint(cfg.train.resume_from, vocab)
+    return cfg, vocab
+
+
+def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConfig, StreamStart, str | None]:
+    """Where a run resumed from `ckpt` starts: (its config, the stream's start, the universal checkpoint
+    to load when the checkpoint was written by another number of workers).
+
+    On another number of workers the global batch is kept where it can be: train.grad_accum is set so
+    that workers × micro_batch_size × grad_accum rows equal the checkpoint's global batch; then a step
+    consumes the same rows as it would have on the old workers. Where it cannot (say 2 -> 3 workers at
+    grad_accum 1), the global batch changes, and the log says so: the stream still goes on at the row
+    it stood at, but a step then covers another number of rows.
+    """
+    if not ckpt:
+        return cfg, StreamStart(), None
+    meta, data = read_checkpoint_meta(ckpt), read_data_position(ckpt)
+    change = describe_stream_change(data["stream"], stream)
+    if change:
+        raise UserError(f"checkpoint {ckpt} consumed another data stream ({change}): resuming it here would "
+                        f"repeat or skip records")
+    pos = data["position"]
+    last = pos.get("last")
+    start = StreamStart(last["window"], last["row"], last["row_hash"], int(pos["rows"])) if last else StreamStart()
+    old, new = meta["world_size"], cfg.cluster.num_workers
+    if old == new:
+        return cfg, start, None
+    t = meta["config"]["train"]
+    global_batch = old * t["micro_batch_size"] * t["grad_accum"]
+    cfg = cfg.model_copy(deep=True)
+    per_step = new * cfg.train.micro_batch_size
+    if global_batch % per_step == 0:
+        cfg.train.grad_accum = global_batch // per_step
+        log.info("checkpoint of %d workers resumes on %d: train.grad_accum=%d keeps the global batch at %d rows",
+                 old, new, cfg.train.grad_accum, global_batch)
+    else:
+        log.info("checkpoint of %d workers resumes on %d: the global batch changes from %d to %d rows (it is not "
+                 "a multiple of %d)", old, new, global_batch, per_step * cfg.train.grad_accum, per_step)
+    universal = None
+    if t["zero_stage"] > 0 or t["precision"] != "fp32":
+        import hashlib
+
+        tag = hashlib.sha256(str(Path(ckpt).resolve()).encode()).hexdigest()[:12]
+        universal = str(to_universal(ckpt, Path(cfg.cluster.storage_path) / "universal" / f"step{meta['step']}-{tag}"))
+    return cfg, start, universal
+
+
+def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
+    """The run's description in MLflow (markdown): what ran, in a few lines a person reads first."""
+    m, t, c = cfg.model, cfg.train, cfg.cluster
+    # decoder parameters: 12·d² per layer (attention 4·d², MLP 8·d²) plus the tied embedding
+    approx = 12 * m.n_layers * m.d_model ** 2 + vocab.size * m.d_model
+    mods = ", ".join(f"{n} ({vocab.by_name[n].vocab_size} ids)" for n in vocab.names)
+    return (f"**omnistream** `{cfg.name}`: one decoder over {mods}; vocabulary {vocab.size}, fingerprint "
+            f"`{vocab.fingerprint[:12]}`\n\n"
+            f"- model: {m.n_layers} layers × d_model {m.d_model}, {m.n_heads} heads, ~{approx / 1e6:.2f}M parameters\n"
+            f"- training: {t.steps} steps, {c.num_workers} worker(s){' on GPUs' if c.use_gpu else ''}, "
+            f"DeepSpeed ZeRO-{t.zero_stage}, {t.precision}, micro-batch {t.micro_batch_size} × grad_accum "
+            f"{t.grad_accum}, seq_len {cfg.data.seq_len}\n"
+            f"- data: {len(cfg.data.train_shards)} shard pattern(s) ({', '.join(cfg.data.train_shards[:2])}"
+            f"{', ...' if len(cfg.data.train_shards) > 2 else ''}), {cfg.data.epochs} epoch(s), seed {cfg.seed}\n"
+            f"- config: `config/resolved.toml` in this run's artifacts")
+
+
+def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
+    """Train as `cfg` says; a new tracking run, or the run `run_id` continued."""
+    from .connect import connect
+
+    t0 = time.time()
+    cfg, vocab = prepare(cfg)
+    connect(cfg.cluster.address, cfg.cluster.local_cpus)
+    if run_id is None:
+        tracker = tracking.start_run(cfg.tracking, cfg.flat(), tags={"omnistream.vocab_fingerprint": vocab.fingerprint},
+                                     description=describe_run(cfg, vocab))
+    else:
+        tracker = tracking.attach(cfg.tracking, run_id)
+    tracker.log_text(cfg.to_toml(), "config/resolved.toml")
+    tracker.log_text(tracking.dumps(vocab.layout()), "vocab.json")
+    log.info("tracking run %s (%s at %s); %s", tracker.run_id, cfg.tracking.backend, tracker.uri, tracker.link())
+
+    try:
+        return _train(cfg, vocab, tracker, t0)
+    except KeyboardInterrupt:  # Ctrl-C: the run is KILLED, not left RUNNING
+        _end_run(tracker, "KILLED")
+        raise
+
+
+def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult:
+    """Tokenize what the cache lacks, plan the stream, train (retrying from checkpoints), report."""
+    import ray
+    from omnistream.pipelines.cache import key_digest, open_cache
+    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
+    from omnistream.pipelines.shards import list_shards, shard_order
+    from omnistream.pipelines.tokenize import build_cache, require_data
+
+    run_id = tracker.run_id
+
+    # 1. tokenize once: the shards not yet in the token cache
+    shards = list_shards(cfg.data.train_shards)
+    cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
+    try:
+        built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
+        done, _ = cache.status(shards)  # the completion records, read once for the accounting and the plan
+        tally = require_data(cache, shards, done)
+    except (ErrorRateExceeded, UserError) as e:
+        if isinstance(e, ErrorRateExceeded):
+            _log_data(tracker, cache.tally(shards), 0)
+        _end_run(tracker, "FAILED")
+        raise UserError(str(e)) from None
+    tracker.log({"data/cache/shards_tokenized": built["tokenized"], "data/cache/shards_reused": built["already_cached"],
+                 "data/cache/seconds": built["seconds"]}, 0)
+    log.info("token cache %s: %d shards reused, %d tokenized (%d records, %.1f s)", built["url"],
+             built["already_cached"], built["tokenized"], built["records"], built["seconds"])
+
+    # 2. the row stream's plan: every epoch's seeded shard order, cut into packing windows
+    plan = shard_order(shards, cfg.seed, cfg.data.epochs)
+    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
+    stream = stream_settings(cfg.data, cfg.seed, cfg.train.micro_batch_size, key_digest(cache.key))
+
+    # 3. train; after a failure, again from the newest complete checkpoint (train.max_failures times)
+    name = f"{cfg.name}-{run_id[:12]}"
+    resume, attempt = cfg.train.resume_from or None, 0
+    while True:
+        run_cfg, start, universal = resume_plan(cfg, resume, stream)
+        ledger = _ledger(tally)
+        try:
+            result = _fit(run_cfg, run_id, name + (f"-retry{attempt}" if attempt else ""), ledger, resume, universal,
+                          stream, cache.url, plan, windows, start)
+            break
+        except Exception as e:  # noqa: BLE001 - a worker's failure, retried from a checkpoint or reported
+            newest = _newest_checkpoint(cfg.cluster.storage_path, name)
+            budget = cfg.train.max_failures
+            if budget < 0 or attempt < budget:
+                attempt += 1
+                resume = str(newest) if newest else resume  # no checkpoint yet: from where this run began
+                log.warning("training failed (%s); restarting from %s (retry %d of %s)", _root_message(e),
+                            resume or "step 0", attempt, "unlimited" if budget < 0 else budget)
+                continue
+            _end_run(tracker, "FAILED")
+            raise RuntimeError(f"training failed: {_root_message(e)}") from e
+    tally = ray.get(ledger.snapshot.remote())
+    report = tally.report()
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    metrics, digest = {}, None
+    try:  # the run is trained and saved: a tracking store failing now is a warning, not a failed run
+        _log_data(tracker, tally, int((result.metrics or {}).get("step", 0)))
+        if ckpt:
+            tracker.set_tag("omnistream.checkpoint", ckpt)
+        _end_run(tracker, "FINISHED")
+        metrics = tracker.final_metrics()
+        digest = tracker.tags().get("data.ledger_digest")
+    except Exception as e:  # noqa: BLE001
+        log.warning("the tracking store did not take the run's data report (%s: %s); the checkpoint %s is complete",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", ckpt)
+    if cfg.train.register_as and ckpt:
+        try:
+            log.info("registered %s", _register(cfg, ckpt, tracker))
+        except Exception as e:  # noqa: BLE001 - the trained checkpoint stands; registering can be redone
+            log.warning("could not register the model as %r (%s: %s); `omnistream export %s OUT --register %s` "
+                        "does it later", cfg.train.register_as, type(e).__name__, e, ckpt, cfg.train.register_as)
+    kept = [str(c) for c in _checkpoints(cfg.cluster.storage_path, name)]
+    return TrainResult(run_id, tracker.uri, metrics, ckpt, report, time.time() - t0, kept, digest, tracker)
+
+
+def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
+    """train.register_as: export the final checkpoint next to it and register it in the tracking store's
+    model registry (MLflow's)."""
+    from omnistream.serving.export import export
+    from omnistream.serving.pyfunc import log_and_register
+
+    out = export(ckpt, Path(cfg.cluster.storage_path) / f"{cfg.name}-{tracker.run_id[:12]}-export")
+    return log_and_register(out, cfg.train.register_as, tracker)
+
+
+def _end_run(tracker, status: str) -> None:
+    """Mark the run FINISHED, FAILED or KILLED; a tracking store that cannot take it is a warning, never an
+    error that would hide why the run ended."""
+    try:
+        tracker.finish(status)
+    except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than its status line
+        log.warning("could not mark tracking run %s %s (%s: %s)", tracker.run_id, status, type(e).__name__, e)
+
+
+def _ledger(tally):
+    """The run's DataLedger, holding the token cache's accounting; the packers add what the mixer drops,
+    and the stream's resume figures."""
+    from omnistream.pipelines.ledger import DataLedger
+
+    ledger = DataLedger.remote()  # the error rate was judged when the shards were tokenized
+    ledger.add.remote(tally, "token_cache")
+    return ledger
+
+
+def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, url, plan, windows, start):
+    """One Ray Train run of the worker group over the stream from `start`."""
+    import ray.train
+    from omnistream.common import logs
+    from omnistream.pipelines.rows import build_train_stream
+    from ray.train.torch import TorchTrainer
+
+    from .backend import BoundTorchConfig, OrderedSplit
+    from .connect import WORKER_ENV
+
+    t = cfg.train
+    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, url, plan, windows,
+                            unit_rows=t.micro_batch_size * t.grad_accum, mix_rows=t.micro_batch_size,
+                            start=start, ledger=ledger)
+    trainer = TorchTrainer(
+        train_worker,
+        torch_config=BoundTorchConfig(),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id, "ledger": ledger, "resume": resume,
+                           "universal": universal, "stream": stream},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=cfg.cluster.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=0),  # retried by run_training, from a checkpoint
+            worker_runtime_env={"env_vars": {**WORKER_ENV, **logs.inherited()}}),
+        datasets={"train": ds},
+        dataset_config=OrderedSplit(),
+    )
+    return _interruptible(trainer.fit)
+
+
+def _interruptible(fn):
+    """fn() in a thread of its own, so that Ctrl-C reaches this (main) thread as KeyboardInterrupt and the
+    run is marked KILLED. On the main thread Ray Train's fit() installs a SIGINT handler of its own that
+    aborts the run and exits the process with status 1 and no word, leaving the MLflow run RUNNING (and
+    the handler installed). The training actors end with this driver."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="omnistream-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _checkpoints(storage: str, name: str) -> list[Path]:
+    """The complete checkpoints of this run's attempts (`name`, `name-retry1`, ...), by step."""
+    found = [c for d in Path(storage).glob(f"{name}*") for c in complete_checkpoints(d)]
+    return sorted(found, key=lambda c: read_checkpoint_meta(c)["step"])
+
+
+def _newest_checkpoint(storage: str, name: str) -> Path | None:
+    found = _checkpoints(storage, name)
+    return found[-1] if found else None
+
+
+def _log_data(tracker, tally, step: int) -> dict:
+    """The data report next to the loss curves: counts as metrics, report and dead letters as files."""
+    report = tally.report()
+    tracker.log(tally.metrics(), step)
+    tracker.log_text(tracking.dumps(report), "data/report.json")
+    tracker.log_text("".join(json.dumps(d) + "\n" for d in tally.dead_letter), "data/dead_letter.jsonl")
+    return report
+
+
+def _root_message(e: BaseException) -> str:
+    """The most telling line of a worker's error: the last 'SomethingError: ...' line, else the last line."""
+    import re
+
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    lines = [ln.strip() for ln in str(seen).strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln, re.IGNORECASE)]
+    return (named or lines or [type(seen).__name__])[-1]

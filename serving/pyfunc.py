@@ -1,0 +1,115 @@
+"""An exported model as an MLflow model: logged with its tokenizer bundle, registered, loadable with
+`mlflow.pyfunc.load_model("models:/NAME/1")` and servable with `mlflow models serve`.
+
+predict takes a table with one column per prompt modality (`image`, `audio`: the file's bytes, PNG,
+WAV, ...; `text`: the text) and, as params, `to` (the modality to generate, default text) and
+`max_new_tokens`. Each row's first non-empty column is its prompt. It returns one row per input:
+`to`, `ext` and `output`, which is the text for text, else the file (PNG, WAV) in base64, so the
+answer is plain JSON when served.
+"""
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import mlflow.pyfunc
+from omnistream.common.errors import UserError
+
+ARTIFACT = "omnistream_model"  # the exported folder, as the MLflow model's artifact
+
+
+class OmnistreamModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around export.load_model + export.generate_from."""
+
+    def load_context(self, context) -> None:
+        from .export import load_model
+
+        self.model, self.vocab = load_model(context.artifacts[ARTIFACT])
+
+    def predict(self, context, model_input, params: dict | None = None):
+        import pandas as pd
+
+        from .generate import generate_from
+
+        params = params or {}
+        dst = params.get("to") or "text"
+        n = int(params.get("max_new_tokens") or 0) or None
+        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        out = []
+        for row in rows:
+            src = next((k for k in self.vocab.names if _present(row.get(k))), None)
+            if src is None:
+                raise UserError(f"each row needs one of the columns {self.vocab.names} (the prompt)")
+            mod = self.vocab.by_name[src]
+            value = row[src]
+            data = value.encode() if isinstance(value, str) and src == "text" else _bytes(value)
+            obj = mod.decode_bytes(_sniff(data, mod.keys), data)
+            res = generate_from(self.model, self.vocab, src, obj, dst, n)
+            if isinstance(res, str):
+                out.append({"to": dst, "ext": "txt", "output": res})
+            else:
+                ext, blob = self.vocab.by_name[dst].to_bytes(res)
+                out.append({"to": dst, "ext": ext, "output": base64.b64encode(blob).decode()})
+        return pd.DataFrame(out, columns=["to", "ext", "output"])
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and v != v) and len(v) > 0
+
+
+def _bytes(v) -> bytes:
+    """A file's bytes, given as bytes or (as JSON carries them) base64 text."""
+    return bytes(v) if isinstance(v, (bytes, bytearray)) else base64.b64decode(v)
+
+
+def _sniff(data: bytes, keys: tuple[str, ...]) -> str:
+    """The file extension the bytes are (the modality decodes by extension)."""
+    for magic, ext in ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpg"), (b"RIFF", "wav"), (b"fLaC", "flac")):
+        if data.startswith(magic) and ext in keys:
+            return ext
+    return keys[0]
+
+
+def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_uri: str = "") -> str:
+    """Log the exported folder as an MLflow model (into the run of `tracker`, the run that trained it, when
+    given; else into a new run of the store at `tracking_uri`) and register a version of `name`; returns
+    "models:/NAME/VERSION". The model registry is MLflow's: another tracking backend is refused."""
+    if tracker is not None:
+        if tracker.backend != "mlflow":
+            raise UserError(f"registering a model needs MLflow's model registry; this run is tracked by "
+                            f"{tracker.backend!r} (the exported model is in {model_dir})")
+        tracking_uri, run_id = tracker.uri, tracker.run_id
+    else:
+        run_id = ""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from .export import load_model
+
+    _, vocab = load_model(model_dir)  # refuses a folder that is not a whole exported model
+    binary = {"text": "string"}
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(binary.get(n, "binary"), n, required=False) for n in vocab.names]),
+        outputs=Schema([ColSpec("string", "to"), ColSpec("string", "ext"), ColSpec("string", "output")]),
+        params=ParamSchema([ParamSpec("to", "string", "text"), ParamSpec("max_new_tokens", "long", 0)]))
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id or None):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=OmnistreamModel(), artifacts={ARTIFACT: str(model_dir)},
+            signature=signature, registered_model_name=name,
+            # omnistream itself must be installed where the model is loaded (it is not on a package index)
+            pip_requirements=["torch", "numpy", "pillow", "soundfile", "tokenizers", "safetensors", "pydantic"])
+    version = info.registered_model_version
+    if version is None:
+        raise UserError(f"the tracking server at {tracking_uri} did not register {name!r} (no model registry?)")
+    return f"models:/{name}/{version}"
+
+
+def latest_version(tracking_uri: str, name: str) -> str:
+    from omnistream.tracking.mlflow_backend import client
+
+    versions = client(tracking_uri).search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise UserError(f"no model {name!r} is registered at {tracking_uri}")
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"

@@ -1,0 +1,159 @@
+"""The TensorBoard backend (`tracking.backend = "tensorboard"`): a run is a folder of event files.
+
+    <uri>/<experiment>/<run name>-<first 8 of the run id>/
+        events.out.tfevents.*    scalars (every metric), images, text (params, tags, status); one file per
+                                 process that logged (the driver, rank 0, a resumed run)
+        run.json                 the run's id and name
+        artifacts/...            files (the resolved config, the data report, tables, samples)
+
+Open it with `tensorboard --logdir <uri> --host 127.0.0.1`. Written with tensorboardX (no torch, no
+TensorFlow); read back with TensorBoard's own reader (tensorboard.backend.event_processing), which is
+also how the CLI prints a run's summary. The folder must be reachable by rank 0 wherever it runs (a
+shared disk on a multi-node cluster); there is no model registry and no system-metrics monitor here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+RUN_META = "run.json"
+
+
+class TensorBoardTracker:
+    backend = "tensorboard"
+
+    def __init__(self, uri: str, run_id: str, run_dir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.uri, self.run_id, self.dir = uri, run_id, Path(run_dir)
+        # one event file per process; flushed every 5 s (TensorBoard's default is 120 s) so a watcher sees
+        # the run move, and on finish()
+        self.w = SummaryWriter(logdir=str(self.dir), flush_secs=5)
+
+    # ---- the backend ---------------------------------------------------------------------------------
+    @classmethod
+    def resolve_uri(cls, uri: str) -> str:
+        path = uri.removeprefix("file://") or "runs/tensorboard"
+        if "://" in path:
+            from omnistream.common.errors import UserError
+
+            raise UserError(f"tracking.uri {uri!r}: the tensorboard backend writes to a folder (a path)")
+        return os.path.abspath(path)
+
+    @classmethod
+    def start(cls, settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> "TensorBoardTracker":
+        uri = cls.resolve_uri(settings.uri)
+        run_id = uuid.uuid4().hex
+        name = settings.run_name or "run"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:64] or "run"
+        d = Path(uri) / settings.experiment / f"{slug}-{run_id[:8]}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / RUN_META).write_text(json.dumps({"run_id": run_id, "run_name": name, "experiment": settings.experiment,
+                                              "started": time.time()}, indent=1))
+        t = cls(uri, run_id, d)
+        t.log_params(params)
+        for k, v in tags.items():
+            t.set_tag(k, v)
+        if description:
+            t.w.add_text("description", description, 0)
+        return t
+
+    @classmethod
+    def attach(cls, settings, run_id: str) -> "TensorBoardTracker":
+        uri = cls.resolve_uri(settings.uri)
+        for meta in (Path(uri) / settings.experiment).glob(f"*-{run_id[:8]}/{RUN_META}"):
+            if json.loads(meta.read_text()).get("run_id") == run_id:
+                return cls(uri, run_id, meta.parent)
+        from omnistream.common.errors import UserError
+
+        raise UserError(f"no TensorBoard run {run_id} under {uri}/{settings.experiment}")
+
+    # ---- writing -------------------------------------------------------------------------------------
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        wall = (timestamp_ms / 1000) if timestamp_ms else time.time()
+        for k, v in metrics.items():
+            if v is not None:
+                self.w.add_scalar(k, float(v), step, walltime=wall)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not params:
+            return
+        self._write("params.json", json.dumps(params, indent=1, sort_keys=True, default=str).encode())
+        table = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+        self.w.add_text("params", f"| param | value |\n|---|---|\n{table}", 0)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.w.add_text(f"tags/{key}", str(value), 0)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._write(artifact_file, text.encode())
+
+    def log_artifact(self, data: bytes, name: str, artifact_path: str) -> None:
+        self._write(f"{artifact_path}/{name}", data)
+
+    def log_image(self, key: str, png: bytes, step: int) -> None:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        self.w.add_image(key, img, step, dataformats="HWC")
+
+    def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
+        self._write(artifact_file, json.dumps(rows, indent=1, default=str).encode())
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.set_tag("omnistream.status", status)
+        self.w.flush()
+
+    def _write(self, rel: str, data: bytes) -> None:
+        p = (self.dir / "artifacts" / rel).resolve()
+        if not p.is_relative_to((self.dir / "artifacts").resolve()):
+            raise ValueError(f"artifact path {rel!r} leaves the run's folder")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    # ---- reading back, through TensorBoard's own reader ----------------------------------------------
+    def _events(self):
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
+
+        self.w.flush()
+        # every event file of the folder (each process that logged wrote its own), nothing sampled away;
+        # no purging: the driver logs step-0 figures after rank 0 logged later steps, on other tags
+        acc = EventAccumulator(str(self.dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0},
+                               purge_orphaned_data=False)
+        return acc.Reload()
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        acc = self._events()
+        if key not in acc.Tags()["scalars"]:
+            return []
+        return [(e.step, e.value) for e in acc.Scalars(key)]
+
+    def final_metrics(self) -> dict[str, float]:
+        acc = self._events()
+        return {k: acc.Scalars(k)[-1].value for k in acc.Tags()["scalars"]}
+
+    def tags(self) -> dict[str, str]:
+        acc = self._events()
+        out = {}
+        for tag in acc.Tags()["tensors"]:
+            # a text summary is stored as a string tensor under "<tag>/text_summary"
+            if tag.startswith("tags/"):
+                out[tag.removeprefix("tags/").removesuffix("/text_summary")] = \
+                    acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+        return out
+
+    def link(self) -> str:
+        return f"tensorboard --logdir {self.uri} --host 127.0.0.1   # run {self.dir.relative_to(self.uri)}"
+
+    def start_system_metrics(self, node_id: str, interval: float):
+        return None  # MLflow's monitor only; the TensorBoard backend logs none

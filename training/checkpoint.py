@@ -1,0 +1,171 @@
+"""Checkpoints: every rank's DeepSpeed shard, its data position, and the run's meta, in one directory.
+
+    model/...                 DeepSpeed's per-rank ZeRO files (tag "model")
+    data.json                 the global data position (Trainer.state_dict()["data"]) and the settings
+                              of the row stream it is a position in (rows.stream_settings)
+    omnistream.json           step, world size, token totals, vocabulary layout + fingerprint, config
+
+A checkpoint made with another vocabulary is refused, saying what differs. One written by N workers
+resumes on M: the data position is global, and the ZeRO shards are re-sharded through DeepSpeed's
+universal checkpoint (`to_universal`, converted once per checkpoint). Files are loaded with
+weights_only=True (engine.weights_only_checkpoint_engine).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from omnistream.common.errors import UserError
+from omnistream.modalities.vocab import Vocabulary, describe_mismatch
+
+CKPT_TAG = "model"
+META = "omnistream.json"
+DATA = "data.json"
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The checkpoint's meta; a missing, damaged or cut-off file is a UserError naming it and what is wrong."""
+    p = Path(path) / META
+    if not p.exists():
+        raise UserError(f"{path} is not an omnistream checkpoint ({META} missing)")
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path}: {p.name} is damaged or cut off ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {path}: {p.name} holds {type(meta).__name__}, not an object")
+    missing = [k for k in ("step", "world_size", "vocab", "config") if k not in meta]
+    if not missing and not (isinstance(meta["vocab"], dict) and "fingerprint" in meta["vocab"]):
+        missing = ["vocab.fingerprint"]
+    if missing:
+        raise UserError(f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)")
+    return meta
+
+
+def check_checkpoint(path: str | Path, vocab: Vocabulary) -> dict:
+    """Refuse a checkpoint made with another vocabulary (saying what differs), or without a data position."""
+    meta = read_checkpoint_meta(path)
+    layout = meta["vocab"]
+    if layout["fingerprint"] != vocab.fingerprint:
+        raise UserError(f"checkpoint {path} was trained with another vocabulary: "
+                        f"{describe_mismatch(layout, vocab.layout())}")
+    read_data_position(path)
+    return meta
+
+
+def read_data_position(path: str | Path) -> dict:
+    """data.json: {"position": DataPosition.to_json(), "stream": rows.stream_settings(...)}."""
+    p = Path(path) / DATA
+    try:
+        d = json.loads(p.read_text())
+        d["position"]["rows"], d["stream"]  # noqa: B018 - the fields a resume needs
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no {DATA} (written by an omnistream before the token cache?): "
+                        f"it cannot be resumed, only exported") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: {DATA} is damaged or cut off ({type(e).__name__}: {e})") from None
+    return d
+
+
+def describe_stream_change(have: dict, want: dict) -> str | None:
+    """What differs between the row stream a checkpoint consumed and the one this run would read, or None."""
+    diff = [f"{k}: {json.dumps(have.get(k), sort_keys=True)} -> {json.dumps(want.get(k), sort_keys=True)}"
+            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    return "; ".join(diff) or None
+
+
+def to_universal(ckpt: str | Path, out: str | Path) -> Path:
+    """DeepSpeed's universal checkpoint of a checkpoint's ZeRO shards: per parameter its fp32 weights and
+    AdamW moments, whole, which any number of ranks can load (re-sharded as they load). Converted once;
+    a finished conversion is marked by a file and reused."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = Path(out)
+    done = out / "converted.json"
+    if not done.exists():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(Path(ckpt) / CKPT_TAG), output_folder=str(out / CKPT_TAG), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+        done.write_text(json.dumps({"from": str(ckpt)}))
+    return out
+
+
+class Checkpointer:
+    """Saves and restores a Trainer. `publish(directory, metrics)` hands a finished checkpoint on
+    (in a Ray Train worker: `ray.train.report`, which gathers every rank's files into one checkpoint)."""
+
+    def __init__(self, publish: Callable[[str, dict], None], run_id: str = "", stream: dict | None = None):
+        self.publish, self.run_id, self.stream = publish, run_id, stream or {}
+
+    def save(self, trainer, metrics: dict) -> None:
+        """Every rank calls this together."""
+        sd = trainer.state_dict()
+        with tempfile.TemporaryDirectory() as d:
+            trainer.engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": sd["step"]})
+            if trainer.rank == 0:
+                Path(d, DATA).write_text(json.dumps({"position": sd["data"], "stream": self.stream}, indent=1))
+                meta = {"format": 1, "step": sd["step"], "world_size": trainer.world, "run_id": self.run_id,
+                        "tag": CKPT_TAG, "vocab": trainer.vocab.layout(),
+                        "config": trainer.cfg.model_dump(mode="json"), "n_params": trainer.n_params,
+                        "tokens": sd["tokens"]}
+                Path(d, META).write_text(json.dumps(meta, indent=1))
+            self.publish(d, {"step": sd["step"], **metrics})
+
+    def load(self, trainer, d: str | Path, universal: str | Path | None = None) -> dict:
+        """Restore model, optimizer and scheduler state (from `universal`, the checkpoint's universal form,
+        when it was written by another number of ranks), then the Trainer's step, token totals and data
+        position. Every rank calls this together."""
+        meta = check_checkpoint(d, trainer.vocab)
+        trainer.engine.load_checkpoint(str(universal or d), tag=CKPT_TAG, load_module_strict=True)
+        trainer.load_state_dict({"step": meta["step"], "tokens": meta.get("tokens", {}),
+                                 "data": read_data_position(d)["position"]})
+        return meta
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _registered(run_dir: Path) -> set[str] | None:
+    """The checkpoint folders Ray Train registered in `run_dir`, or None where it keeps no readable record.
+    Ray registers a checkpoint only after every rank has reported, and a rank reports only after its
+    files are persisted, so a folder not listed may still be being written (or was cut off by a kill)."""
+    try:
+        snap = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+        return {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Every complete checkpoint under `root` (a Ray Train run's folder, or a folder of them), by step:
+    registered by Ray Train where it keeps a record, and with meta, data position and every rank's
+    model files all there. A checkpoint cut off mid-write is passed over, never read."""
+    found: list[tuple[int, Path]] = []
+    for meta_file in Path(root).glob("**/" + META):
+        d = meta_file.parent
+        listed = _registered(d.parent)
+        if listed is not None and d.name not in listed:
+            continue
+        try:
+            meta = read_checkpoint_meta(d)
+            read_data_position(d)
+        except UserError:
+            continue
+        ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
+        if len(ranks) < (meta["world_size"] if meta["config"]["train"]["zero_stage"] == 3 else 1):
+            continue
+        found.append((meta["step"], d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (see complete_checkpoints)."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
