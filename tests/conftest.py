@@ -25,6 +25,7 @@ from common import (
     SMALL,
     SMALL_OPTIONS,
     UNINTERRUPTED,
+    TrackingServer,
     fit_modalities,
     non_loopback_listeners,
     run_config,
@@ -57,42 +58,46 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def trained(ray_local, corpus, tmp_path_factory):
+def tracking_server(tmp_path_factory):
+    """One MLflow tracking server for the session, as `cluster up` starts it (127.0.0.1, SQLite, proxied
+    artifacts): the shared run logs to it, and the outage tests stop it and start it again."""
+    s = TrackingServer(tmp_path_factory.mktemp("tracking"))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def trained(ray_local, corpus, tracking_server, tmp_path_factory):
     """The one small run the end-to-end tests read (integration/test_e2e.py, browser/): its tokenizers
     fitted through the CLI's path, then 2 Ray Train workers, ZeRO-3, 10 steps, checkpoints at 3, 6, 9
-    and 10, evaluations at 5 and 10, logging to the MLflow tracking server `cluster up` starts
-    (127.0.0.1, SQLite, proxied artifacts). A thread samples the listener table while it trains."""
-    from omnistream.cluster.connect import free_port
+    and 10, evaluations at 5 and 10, logging to the session's MLflow tracking server. A thread samples
+    the listener table while it trains."""
     from omnistream.cluster.driver import run_training
-    from omnistream.tracking.server import start_tracking_server, stop_tracking_server
     from omnistream.pipelines.fit import fit_bundle
 
     tmp = tmp_path_factory.mktemp("e2e")
-    srv = start_tracking_server(tmp / "tracking", free_port())
+    # evaluations at steps 5 and 10: samples at two steps, for the image card's step slider
+    cfg = run_config(corpus, tmp, *UNINTERRUPTED, "train.eval_every=5", f'tracking.uri="{tracking_server.uri}"')
+    vocab, summary = fit_bundle(cfg.resolved_paths().data, cfg.modalities, cfg.seed)
+    assert set(summary["samples"]) == {"text", "image", "audio"}
+
+    seen_bad: list[str] = []
+    stop = threading.Event()
+
+    def watch():  # sample the listener table while the cluster trains
+        while not stop.is_set():
+            seen_bad.extend(non_loopback_listeners())
+            stop.wait(1.0)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
     try:
-        # evaluations at steps 5 and 10: samples at two steps, for the image card's step slider
-        cfg = run_config(corpus, tmp, *UNINTERRUPTED, "train.eval_every=5", f'tracking.uri="{srv["uri"]}"')
-        vocab, summary = fit_bundle(cfg.resolved_paths().data, cfg.modalities, cfg.seed)
-        assert set(summary["samples"]) == {"text", "image", "audio"}
-
-        seen_bad: list[str] = []
-        stop = threading.Event()
-
-        def watch():  # sample the listener table while the cluster trains
-            while not stop.is_set():
-                seen_bad.extend(non_loopback_listeners())
-                stop.wait(1.0)
-
-        th = threading.Thread(target=watch, daemon=True)
-        th.start()
-        try:
-            res = run_training(cfg)
-        finally:
-            stop.set()
-            th.join()
-        yield {"cfg": cfg, "res": res, "tmp": tmp, "bad_listeners": sorted(set(seen_bad)), "server": srv}
+        res = run_training(cfg)
     finally:
-        stop_tracking_server(srv)
+        stop.set()
+        th.join()
+    return {"cfg": cfg, "res": res, "tmp": tmp, "bad_listeners": sorted(set(seen_bad)), "server": tracking_server}
 
 
 @pytest.fixture(scope="module")

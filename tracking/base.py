@@ -28,7 +28,7 @@ class Tracker(Protocol):
     """One run in a tracking store: everything the driver and the ranks record goes through this.
 
     Writers (any process: the driver, rank 0, a resumed run attached to the same run id):
-        log, log_params, set_tag, log_text, log_artifact, log_image, log_table, finish
+        log, log_params, set_tag, log_text, log_artifact, log_image, log_table, finish, flush
     Readers (the CLI's summary, the tests):
         metric_history, final_metrics, tags, link
     """
@@ -45,6 +45,7 @@ class Tracker(Protocol):
     def log_image(self, key: str, png: bytes, step: int) -> None: ...
     def log_table(self, rows: dict[str, list], artifact_file: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def flush(self) -> None: ...  # what this process wrote is in the store when it returns
 
     def metric_history(self, key: str) -> list[tuple[int, float]]: ...
     def final_metrics(self) -> dict[str, float]: ...
@@ -141,6 +142,9 @@ class MemoryTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.status = status
+
+    def flush(self) -> None:
+        pass
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return list(self.history.get(key, []))

@@ -138,6 +138,12 @@ class BufferedTracker:
                 self.cond.wait(min(1.0, max(0.0, deadline - time.time())))
             left, held, self.closing = len(self.queue), self.metrics_held, True
             self.cond.notify_all()
+        if not left:
+            try:
+                self.inner.flush()
+            except Exception as e:  # noqa: BLE001 - as any other call of the store's
+                log.warning("the tracking store did not flush (%s: %s)", type(e).__name__, e)
+                left = 1
         if left:
             log.warning("the tracking store did not take %d queued calls (%d metric values) within %.0f s; "
                         "they are lost", left, held, timeout)

@@ -117,6 +117,9 @@ class MLflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.c.set_terminated(self.run_id, status)
 
+    def flush(self) -> None:
+        pass  # every call above has reached the store when it returns
+
     # ---- reading back --------------------------------------------------------------------------------
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.c.get_metric_history(self.run_id, key)]

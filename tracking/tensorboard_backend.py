@@ -6,9 +6,11 @@
         run.json                 the run's id and name
         artifacts/...            files (the resolved config, the data report, tables, samples)
 
-Open it with `tensorboard --logdir <uri> --host 127.0.0.1`. Written with tensorboardX (no torch, no
-TensorFlow); read back with TensorBoard's own reader (tensorboard.backend.event_processing), which is
-also how the CLI prints a run's summary. The folder must be reachable by rank 0 wherever it runs (a
+Open it with `tensorboard --logdir <uri> --host 127.0.0.1`. Written with TensorBoard's own event-file
+writer and protos (no torch, no TensorFlow) and read back with its own reader
+(tensorboard.backend.event_processing), which is also how the CLI prints a run's summary. Not with
+tensorboardX's SummaryWriter: its flush() does not wait for its queue (measured here: the last scalars
+and images of a run were missing when read right after), where TensorBoard's writer's flush() does. The folder must be reachable by rank 0 wherever it runs (a
 shared disk on a multi-node cluster); there is no model registry and no system-metrics monitor here.
 """
 from __future__ import annotations
@@ -28,12 +30,30 @@ class TensorBoardTracker:
     backend = "tensorboard"
 
     def __init__(self, uri: str, run_id: str, run_dir: Path):
-        from tensorboardX import SummaryWriter
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.uri, self.run_id, self.dir = uri, run_id, Path(run_dir)
-        # one event file per process; flushed every 5 s (TensorBoard's default is 120 s) so a watcher sees
-        # the run move, and on finish()
-        self.w = SummaryWriter(logdir=str(self.dir), flush_secs=5)
+        # one event file per process (the suffix keeps two processes of one second apart); flushed every 5 s
+        # (the writer's default is 120 s) so a watcher sees the run move, and on flush() and finish()
+        self.w = EventFileWriter(str(self.dir), flush_secs=5, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:6]}")
+
+    def _add(self, step: int, values: list, wall: float | None = None) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self.w.add_event(Event(wall_time=wall or time.time(), step=step, summary=Summary(value=values)))
+
+    def _text(self, tag: str, text: str, step: int = 0) -> None:
+        """A text summary, as TensorBoard's text plugin reads it: a string tensor tagged for the plugin."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+        from tensorboard.compat.proto.types_pb2 import DT_STRING
+
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode()],
+                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+        self._add(step, [Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
 
     # ---- the backend ---------------------------------------------------------------------------------
     @classmethod
@@ -60,7 +80,7 @@ class TensorBoardTracker:
         for k, v in tags.items():
             t.set_tag(k, v)
         if description:
-            t.w.add_text("description", description, 0)
+            t._text("description", description)
         return t
 
     @classmethod
@@ -75,20 +95,21 @@ class TensorBoardTracker:
 
     # ---- writing -------------------------------------------------------------------------------------
     def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
-        wall = (timestamp_ms / 1000) if timestamp_ms else time.time()
-        for k, v in metrics.items():
-            if v is not None:
-                self.w.add_scalar(k, float(v), step, walltime=wall)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items() if v is not None]
+        if values:
+            self._add(step, values, (timestamp_ms / 1000) if timestamp_ms else None)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not params:
             return
         self._write("params.json", json.dumps(params, indent=1, sort_keys=True, default=str).encode())
         table = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
-        self.w.add_text("params", f"| param | value |\n|---|---|\n{table}", 0)
+        self._text("params", f"| param | value |\n|---|---|\n{table}")
 
     def set_tag(self, key: str, value: str) -> None:
-        self.w.add_text(f"tags/{key}", str(value), 0)
+        self._text(f"tags/{key}", str(value))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._write(artifact_file, text.encode())
@@ -99,17 +120,22 @@ class TensorBoardTracker:
     def log_image(self, key: str, png: bytes, step: int) -> None:
         import io
 
-        import numpy as np
         from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
 
-        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-        self.w.add_image(key, img, step, dataformats="HWC")
+        im = Image.open(io.BytesIO(png))  # the PNG goes in as it is; its size and channels are its header's
+        channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(im.mode, 3)
+        self._add(step, [Summary.Value(tag=key, image=Summary.Image(height=im.height, width=im.width,
+                                                                    colorspace=channels, encoded_image_string=png))])
 
     def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
         self._write(artifact_file, json.dumps(rows, indent=1, default=str).encode())
 
     def finish(self, status: str = "FINISHED") -> None:
         self.set_tag("omnistream.status", status)
+        self.w.flush()
+
+    def flush(self) -> None:
         self.w.flush()
 
     def _write(self, rel: str, data: bytes) -> None:
@@ -146,10 +172,8 @@ class TensorBoardTracker:
         acc = self._events()
         out = {}
         for tag in acc.Tags()["tensors"]:
-            # a text summary is stored as a string tensor under "<tag>/text_summary"
-            if tag.startswith("tags/"):
-                out[tag.removeprefix("tags/").removesuffix("/text_summary")] = \
-                    acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+            if tag.startswith("tags/"):  # the last value set wins, as in MLflow
+                out[tag.removeprefix("tags/")] = acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
         return out
 
     def link(self) -> str:

@@ -126,3 +126,26 @@ def mlflow_run(uri: str, run_id: str):
     from omnistream.tracking.mlflow_backend import MLflowTracker
 
     return MLflowTracker(uri, run_id)
+
+
+class TrackingServer:
+    """The MLflow tracking server `cluster up` starts (tracking.server.start_tracking_server) on 127.0.0.1,
+    which a test can stop and start again on the same port and store."""
+
+    def __init__(self, root: Path):
+        from omnistream.cluster.connect import free_port
+
+        self.root, self.port, self.srv = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from omnistream.tracking.server import start_tracking_server
+
+        self.srv = start_tracking_server(self.root, self.port)
+
+    def stop(self) -> None:
+        from omnistream.tracking.server import stop_tracking_server
+
+        if self.srv is not None:
+            stop_tracking_server(self.srv)
+        self.srv = None

@@ -57,14 +57,14 @@ def test_checkpoint_holds_every_ranks_shard_and_the_data_position(trained):
     assert data["position"]["digest"] == trained["res"].ledger_digest
 
 
-def test_every_epoch_and_a_second_run_read_the_token_cache(trained, resumed):
+def test_every_epoch_and_a_second_run_read_the_token_cache(trained, elastic):
     """The shards were tokenized once, as the run's first step; every epoch of the stream and every later
     run read tokens: a resumed run reports every shard reused and none tokenized."""
     res = trained["res"]
     assert res.metrics["data/cache/shards_tokenized"] == 4 and res.metrics["data/cache/shards_reused"] == 0
     assert res.metrics["data/consumed_rows"] == 80
-    assert resumed[3].metrics["data/cache/shards_tokenized"] == 0
-    assert resumed[3].metrics["data/cache/shards_reused"] == 4
+    assert elastic["one"].metrics["data/cache/shards_tokenized"] == 0
+    assert elastic["one"].metrics["data/cache/shards_reused"] == 4
 
 
 def _resumed(trained, corpus, ckpt, *extra):
@@ -78,37 +78,129 @@ def _step(ckpt) -> int:
     return json.loads((Path(ckpt) / "omnistream.json").read_text())["step"]
 
 
+def _resumed_at(res) -> int:
+    """The step a run (or its retry) resumed at: data/resume/seconds is logged with the first step after."""
+    return min(s for s, _ in res.tracker.metric_history("data/resume/seconds")) - 1
+
+
+def _train_worker_processes() -> list[psutil.Process]:
+    """The Ray Train worker processes of this session's Ray (descendants of this process)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 @pytest.fixture(scope="module")
-def resumed(trained, corpus):
-    """The uninterrupted run resumed in new runs from its step-3 and its step-6 checkpoints."""
+def killed(trained, corpus, tmp_path_factory):
+    """A run of the uninterrupted run's config whose training worker is SIGKILLed from outside as soon as
+    its first checkpoint (step 3) is registered: the run starts the worker group again from it
+    (train.max_failures=1), in the same tracking run."""
+    import os
+    import signal
+
+    from omnistream.cluster.driver import run_training
+    from omnistream.training.checkpoint import latest_checkpoint
+
+    storage = tmp_path_factory.mktemp("killed") / "ray"
+    cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, "train.max_failures=1",
+               f'cluster.storage_path="{storage}"', f'tracking.uri="{trained["cfg"].tracking.uri}"')
+    killed: list[int] = []
+    done = threading.Event()
+
+    def killer():
+        while not done.is_set():
+            if latest_checkpoint(storage) is not None:  # registered by Ray Train, every rank's files there
+                workers = _train_worker_processes()
+                if workers:
+                    victim = workers[-1]
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed.append(victim.pid)
+                    return
+            done.wait(0.02)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        res = run_training(cfg)
+    finally:
+        done.set()
+        th.join()
+    assert killed, "the run ended before a worker could be killed"
+    return res
+
+
+@pytest.fixture(scope="module")
+def elastic(trained, corpus, killed):
+    """The uninterrupted run's step-6 checkpoint resumed in a new run on 1 worker (grad_accum 1 -> 2 keeps
+    the global batch of 8 rows), and that run's step-9 checkpoint resumed on 2 workers again. The second
+    records itself with the TensorBoard backend: the same driver and ranks, another store behind the
+    Tracker door."""
     first = trained["res"]
     assert [_step(c) for c in first.checkpoints] == [3, 6, 9, 10]
-    trained["resumed"] = {3: _resumed(trained, corpus, first.checkpoints[0], "train.checkpoint_every=0"),
-                          6: _resumed(trained, corpus, first.checkpoints[1], "train.checkpoint_every=0")}
-    return trained["resumed"]
+    one = _resumed(trained, corpus, first.checkpoints[1], "cluster.num_workers=1")
+    assert json.loads((Path(one.checkpoint) / "omnistream.json").read_text())["world_size"] == 1
+    nine = next(c for c in one.checkpoints if _step(c) == 9)
+    tb = ('tracking.backend="tensorboard"', f'tracking.uri="{trained["tmp"]}/tensorboard"')
+    two = _resumed(trained, corpus, nine, "cluster.num_workers=2", *tb)
+    return {"one": one, "two": two}
 
 
-def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, resumed):
-    """Steps 4..10 (and 7..10) again; the records consumed over both runs are exactly those of the
-    uninterrupted run (same ledger digest); and the stream re-read before going on is at most one
-    packing window's documents, whether the checkpoint is at step 3 or step 6."""
+def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, killed, elastic):
+    """Resumed at step 3 (the killed run's retry) and at step 6 (a new run from the uninterrupted run's
+    checkpoint, on 1 worker): steps 4..10 (7..10) again; the records consumed are exactly those of the
+    uninterrupted run (same ledger digest); and the stream re-read before going on is at most one packing
+    window's documents, whether the checkpoint is at step 3 or step 6."""
     first = trained["res"]
     window = trained["cfg"].data.pack_window
-    for n, res in resumed.items():
-        steps = sorted(s for s, _ in mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss"))
-        assert steps == list(range(n + 1, 11))
+    at = {_resumed_at(killed): killed, _resumed_at(elastic["one"]): elastic["one"]}
+    assert sorted(at) == [3, 6], f"the kill landed after the first checkpoint was registered: resumed at {sorted(at)}"
+    a = dict(first.tracker.metric_history("train/loss"))
+    for n, res in at.items():
+        steps = {s for s, _ in res.tracker.metric_history("train/loss")}
+        assert steps >= set(range(n + 1, 11)) and max(steps) == 10, n
         assert _step(res.checkpoint) == 10
         assert first.ledger_digest and res.ledger_digest == first.ledger_digest
         assert res.metrics["data/consumed_records"] == first.metrics["data/consumed_records"]
         assert 0 < res.metrics["data/resume/replayed_records"] <= window, n  # one window, not the run so far
         assert res.metrics["data/resume/seconds"] > 0
         # the resumed run starts from the trained weights: it ends where the uninterrupted run ended
-        a = dict(mlflow_run(res.tracking_uri, first.run_id).metric_history("train/loss"))
-        b = dict(mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss"))
-        assert abs(a[10] - b[10]) < 1e-3 * a[10]
+        b = dict(res.tracker.metric_history("train/loss"))
+        # on the same workers the same float sums; on 1 worker (step 6) only their order differs
+        assert abs(a[10] - b[10]) < (1e-3 if n == 3 else 0.01) * a[10]
     # resuming at step 6 reads no more records than resuming at step 3; what it drops differs
-    assert resumed[6].metrics["data/resume/replayed_records"] == resumed[3].metrics["data/resume/replayed_records"]
-    assert resumed[6].metrics["data/resume/replayed_rows"] > resumed[3].metrics["data/resume/replayed_rows"]
+    assert at[6].metrics["data/resume/replayed_records"] == at[3].metrics["data/resume/replayed_records"]
+    assert at[6].metrics["data/resume/replayed_rows"] > at[3].metrics["data/resume/replayed_rows"]
+
+
+def test_a_run_tracked_by_tensorboard_is_read_back_by_tensorboards_own_reader(trained, elastic):
+    """tracking.backend = "tensorboard": the run's folder holds event files (the driver's and rank 0's) that
+    TensorBoard's reader reads with every per-modality loss curve, the data accounting and the tags, and
+    the files the MLflow run has as artifacts; no MLflow run was made for it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = elastic["two"]
+    root = Path(trained["tmp"]) / "tensorboard" / "omnistream"
+    (run_dir,) = [d for d in root.iterdir() if d.name.endswith(res.run_id[:8])]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2, "the driver's and rank 0's event files"
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0}, purge_orphaned_data=False).Reload()
+    for m in ("text", "image", "audio"):
+        assert [e.step for e in acc.Scalars(f"train/loss/{m}")] == [10], m
+    assert acc.Scalars("data/seen")[-1].value == 480 and acc.Scalars("data/cache/shards_reused")[-1].value == 4
+    tags = {t: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"]
+            if t.startswith("tags/")}
+    assert tags["tags/data.ledger_digest"] == trained["res"].ledger_digest
+    assert tags["tags/omnistream.status"] == "FINISHED"
+    assert (run_dir / "artifacts" / "config" / "resolved.toml").read_text().count('backend = "tensorboard"') == 1
+    assert json.loads((run_dir / "artifacts" / "data" / "report.json").read_text())["seen"] == 480
+    assert res.tracking_uri == str(Path(trained["tmp"]) / "tensorboard")
+    runs = mlflow_client(trained["res"].tracking_uri).search_runs(
+        [mlflow_client(trained["res"].tracking_uri).get_experiment_by_name("omnistream").experiment_id])
+    assert res.run_id not in {r.info.run_id for r in runs}
 
 
 def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, capsys):
@@ -215,79 +307,28 @@ def test_resume_with_other_vocabulary_or_data_is_refused(trained, corpus, tmp_pa
         resume_plan(trained["cfg"], ck, {**stream, "seq_len": 256})
 
 
-def _train_worker_processes() -> list[psutil.Process]:
-    """The Ray Train worker processes of this session's Ray (descendants of this process)."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, corpus, tmp_path):
+def test_killed_worker_restarts_from_checkpoint_with_the_same_data(trained, killed):
     """SIGKILL a training worker from outside once the first checkpoint exists: the run starts the worker
-    group again from its newest complete checkpoint (train.max_failures=1), the one MLflow run's step
+    group again from its newest complete checkpoint (train.max_failures=1), the one tracking run's step
     axis goes on to the end, and the records consumed are exactly those of the uninterrupted run."""
-    import os
-    import signal
-
-    from omnistream.cluster.driver import run_training
-    from omnistream.training.checkpoint import latest_checkpoint
-
-    storage = tmp_path / "ray"
-    cfg = _cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, "train.max_failures=1",
-               f'cluster.storage_path="{storage}"')
-    killed: list[int] = []
-    done = threading.Event()
-
-    def killer():
-        while not done.is_set():
-            if latest_checkpoint(storage) is not None:  # registered by Ray Train, every rank's files there
-                workers = _train_worker_processes()
-                if workers:
-                    victim = workers[-1]
-                    os.kill(victim.pid, signal.SIGKILL)
-                    killed.append(victim.pid)
-                    return
-            done.wait(0.02)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    try:
-        res = run_training(cfg)
-    finally:
-        done.set()
-        th.join()
-    assert killed, "the run ended before a worker could be killed"
-    steps = {s for s, _ in mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss")}
+    res = killed
+    steps = {s for s, _ in res.tracker.metric_history("train/loss")}
     assert steps == set(range(1, 11)), "one run, its step axis continues to the end"
     assert _step(res.checkpoint) == 10
     assert res.ledger_digest == trained["res"].ledger_digest
     assert res.metrics["data/seen"] == 480, "the data's accounting, from the token cache, counted once"
-    trained["killed"] = res
 
 
-def test_elastic_resume_2_to_1_and_1_to_2_workers(trained, corpus):
-    """The killed 2-worker run's first checkpoint (step 3, written before the kill) resumes on 1 worker
-    (grad_accum 1 -> 2 keeps the global batch of 8 rows), and that run's step-9 checkpoint resumes on 2
-    workers again. Each consumes exactly the uninterrupted run's rows, at the same places of the global
-    stream (same digest), and its loss goes on from where it was."""
-    first, killed = trained["res"], trained.get("killed")
-    if killed is None:
-        pytest.skip("needs the killed run's checkpoints")
-    three = next(c for c in killed.checkpoints if _step(c) == 3)
-    one = _resumed(trained, corpus, three, "cluster.num_workers=1")
-    assert json.loads((Path(one.checkpoint) / "omnistream.json").read_text())["world_size"] == 1
-    nine = next(c for c in one.checkpoints if _step(c) == 9)
-    two = _resumed(trained, corpus, nine, "cluster.num_workers=2")
-    a = dict(mlflow_run(first.tracking_uri, first.run_id).metric_history("train/loss"))
-    for res, n in ((one, 3), (two, 9)):
+def test_elastic_resume_2_to_1_and_1_to_2_workers(trained, elastic):
+    """The uninterrupted 2-worker run's step-6 checkpoint resumes on 1 worker, and that run's step-9
+    checkpoint on 2 workers again. Each consumes exactly the uninterrupted run's rows, at the same places
+    of the global stream (same digest), and its loss goes on from where it was."""
+    first = trained["res"]
+    a = dict(first.tracker.metric_history("train/loss"))
+    for res, n in ((elastic["one"], 6), (elastic["two"], 9)):
         assert res.ledger_digest == first.ledger_digest, n
         assert res.metrics["data/consumed_rows"] == first.metrics["data/consumed_rows"]
-        b = dict(mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss"))
+        b = dict(res.tracker.metric_history("train/loss"))
         assert sorted(b) == list(range(n + 1, 11))
         # the same batches: only the order of float sums differs from the uninterrupted run
         assert abs(a[n + 1] - b[n + 1]) < 0.01 * a[n + 1] and abs(a[10] - b[10]) < 0.01 * a[10]

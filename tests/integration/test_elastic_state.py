@@ -58,16 +58,26 @@ def _states(universal: Path) -> dict:
     return out
 
 
+def _ranks(world: int, *args) -> None:
+    """`world` rank processes, forked from a server that imported torch and DeepSpeed once: five spawned
+    ranks would import them five times (about 13 s of CPU each here)."""
+    mp.start_processes(_rank, args=(world, *args), nprocs=world, start_method="forkserver")
+
+
 def test_a_checkpoint_of_2_ranks_loads_on_1_and_on_2_again_bit_for_bit(tmp_path):
+    import multiprocessing
+
     from omnistream.cluster.connect import free_port
     from omnistream.training.checkpoint import to_universal
 
+    multiprocessing.set_forkserver_preload(["torch", "deepspeed", "omnistream.training.engine"])
+
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    mp.spawn(_rank, args=(2, free_port(), None, str(a), 3), nprocs=2)
+    _ranks(2, free_port(), None, str(a), 3)
     ua = to_universal(a, tmp_path / "ua")
-    mp.spawn(_rank, args=(1, free_port(), str(ua), str(b), 0), nprocs=1)   # 2 -> 1, saved as it was loaded
+    _ranks(1, free_port(), str(ua), str(b), 0)   # 2 -> 1, saved as it was loaded
     ub = to_universal(b, tmp_path / "ub")
-    mp.spawn(_rank, args=(2, free_port(), str(ub), str(c), 0), nprocs=2)   # 1 -> 2
+    _ranks(2, free_port(), str(ub), str(c), 0)   # 1 -> 2
     uc = to_universal(c, tmp_path / "uc")
     sa, sb, sc = _states(ua), _states(ub), _states(uc)
     assert len(sa) == 3 * 14  # 14 parameters: fp32, exp_avg, exp_avg_sq each

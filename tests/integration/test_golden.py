@@ -96,8 +96,8 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
 
     # registered in MLflow and loaded back as a user loads it (mlflow.pyfunc.load_model("models:/...")),
     # the model names the digit of held-out PNGs, far above chance; the demo checks its model the same way
-    from omnistream.serving.export import write_export
     from omnistream.cli.demo import name_the_digits
+    from omnistream.serving.export import write_export
     from omnistream.serving.pyfunc import log_and_register
 
     out = write_export(tmp_path / "model", dict(trainer.engine.module.named_parameters()),

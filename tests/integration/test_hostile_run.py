@@ -4,30 +4,10 @@ tracking server that goes away, which never costs it its metrics: a real MLflow 
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from omnistream.cluster.connect import free_port
-from omnistream.tracking.server import start_tracking_server, stop_tracking_server
 
 from common import mlflow_client, mlflow_run
-
-
-class Server:
-    """The tracking server `cluster up` starts (jobs.start_tracking_server), stopped and started again
-    on the same port and store."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.srv = root, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.srv = start_tracking_server(self.root, self.port)
-
-    def stop(self) -> None:
-        if self.srv is not None:
-            stop_tracking_server(self.srv)
-        self.srv = None
 
 
 def _said(logger: str) -> list[str]:
@@ -44,12 +24,13 @@ def _said(logger: str) -> list[str]:
     return lines
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("mlflow-server"))
-    s.start()
-    yield s
-    s.stop()
+@pytest.fixture
+def server(tracking_server):
+    """The session's tracking server (conftest), stopped and started again by these tests; running again
+    after each, whatever the test did."""
+    yield tracking_server
+    if tracking_server.srv is None:
+        tracking_server.start()
 
 
 def test_what_overflows_the_buffer_is_counted_and_the_rest_sent(server, monkeypatch):

@@ -80,6 +80,15 @@ def test_light_commands_never_import_torch_or_deepspeed(tmp_path, args):
     assert not mods & {"torch", "deepspeed", "mlflow"}, sorted(mods & {"torch", "deepspeed", "mlflow"})
 
 
+def test_training_imports_no_ray_when_imported():
+    """The same, as Python sees it: importing every training module loads neither Ray nor MLflow."""
+    code = ("import sys, omnistream.training.trainer, omnistream.training.evaluate, omnistream.training.checkpoint, "
+            "omnistream.training.engine, omnistream.training.metrics; "
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
 def test_unreachable_cluster_is_one_line_exit_2(tmp_path):
     # a token of its own: the one in this user's home may be anything (a 0644 one is refused, tested elsewhere)
     tok = tmp_path / "auth_token"
@@ -122,11 +131,13 @@ def test_wheel_holds_only_the_omnistream_namespace(wheel_venv):
     names = zipfile.ZipFile(wheel_venv["wheel"]).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"omnistream", next(t for t in tops if t.endswith(".dist-info"))}, tops
-    for pkg in ("modalities", "pipelines", "model", "cluster", "cluster/cli", "configs"):
+    for pkg in ("common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving", "cluster",
+                "cli"):
         assert f"omnistream/{pkg}/__init__.py" in names, pkg
     assert "omnistream/configs/demo.toml" in names
     eps = zipfile.ZipFile(wheel_venv["wheel"]).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "omnistream = omnistream.cli:main" in eps and "omnistream.modalities.text:TextModality" in eps
+    assert "tensorboard = omnistream.tracking.tensorboard_backend:TensorBoardTracker" in eps
 
 
 def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
@@ -135,7 +146,7 @@ def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
     def run_py(*args):
         return subprocess.run([py, *args], capture_output=True, text=True, cwd=cwd, timeout=180)
 
-    r = run_py("-c", "import omnistream.model, omnistream.cluster, omnistream.modalities as m; "
+    r = run_py("-c", "import omnistream.model, omnistream.cluster, omnistream.training, omnistream.modalities as m; "
                      "print(m.__file__); print(sorted(m.__all__))")
     assert r.returncode == 0, r.stderr
     assert str(REPO) not in r.stdout, "the wheel venv imported this checkout, not the installed wheel"
@@ -166,11 +177,11 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
     # SIGINT as a terminal delivers it: a test run started in the background of a script inherits SIGINT
     # ignored, and so would `omnistream train` (Python keeps an ignored SIGINT ignored)
     p = subprocess.Popen(EXE + ["train", str(tmp_path / "run.toml")] + [a for s in sets for a in ("--set", s)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        for line in p.stdout:
-            if "step 2/1000" in line:
+        for line in p.stderr:  # the step lines are log lines: stderr
+            if "[omnistream] step 2/1000" in line:
                 break
         time.sleep(1)
         p.send_signal(signal.SIGINT)

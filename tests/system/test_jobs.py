@@ -102,8 +102,11 @@ storage_path = "{tmp}/ray"
     # the job's MLflow run is on the head's tracking server, and holds the metrics
     state = json.loads((tmp / "state" / f"head-{head['port']}.json").read_text())
     uri = state["tracking"]["uri"]
-    assert uri.startswith("http://127.0.0.1:") and f"({uri})" in p.stdout
-    run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in p.stdout.splitlines() if "MLflow run " in ln)
+    # --follow shows omnistream's own lines of the job (its driver's and its workers'), Ray's prefixes taken off
+    assert uri.startswith("http://127.0.0.1:") and f"(mlflow at {uri})" in p.stdout
+    run_id = next(ln.split("tracking run ")[1].split()[0] for ln in p.stdout.splitlines() if "tracking run " in ln)
+    assert any(ln.startswith("[omnistream] step 4/4 loss=") for ln in p.stdout.splitlines()), p.stdout[-3000:]
+    assert "RayTrainWorker" not in p.stdout and "open http://127.0.0.1:" in p.stdout
     assert [str(f) for f in tmp.rglob("mlflow.db")] == [f"{state['tracking']['dir']}/mlflow.db"], \
         "no SQLite store but the server's"
     assert not list(Path(state["temp_dir"]).rglob("mlflow.db")), "none where the job ran"

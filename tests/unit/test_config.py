@@ -2,8 +2,8 @@
 import pytest
 from omnistream.common.errors import UserError
 from omnistream.configs import load_config
-from omnistream.configs.load import parse_value
 from omnistream.configs import path as shipped_config
+from omnistream.configs.load import parse_value
 from omnistream.training.evaluate import _slug, first_number, matches
 
 DEMO = shipped_config("demo")
