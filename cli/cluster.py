@@ -27,14 +27,14 @@ def register(sub) -> None:
 
 
 def up(args) -> int:
-    from omnistream.cluster import jobs
+    from omnistream.cluster import head
     from omnistream.common.errors import UserError
 
     try:
         res = json.loads(args.resources) if args.resources else None
     except ValueError:
         raise UserError(f"--resources must be JSON, e.g. '{{\"data\": 1}}', not {args.resources!r}") from None
-    info = jobs.cluster_up(args.port, args.dashboard_port, args.num_cpus, res, args.mlflow_port)
+    info = head.cluster_up(args.port, args.dashboard_port, args.num_cpus, res, args.mlflow_port)
     print(f"Ray head up on {info['address']} (127.0.0.1 only, token authentication on)\n"
           f"  dashboard / Jobs API: {info['dashboard']}\n  token: {info['token_path']}\n"
           f"  MLflow tracking server: {info['tracking']['uri']} (store: {info['tracking']['dir']}); "
@@ -46,8 +46,8 @@ def up(args) -> int:
 
 
 def down(args) -> int:
-    from omnistream.cluster import jobs
+    from omnistream.cluster import head
 
-    n = jobs.cluster_down(args.port)
+    n = head.cluster_down(args.port)
     print(f"stopped the head on port {args.port} ({n} processes)")
     return 0

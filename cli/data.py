@@ -67,9 +67,9 @@ def write_demo(args) -> int:
 
 def tokenize(args) -> int:
     from omnistream.cluster.connect import connect
+    from omnistream.common.errors import ErrorRateExceeded
     from omnistream.configs import load_config
     from omnistream.modalities.vocab import Vocabulary
-    from omnistream.common.errors import ErrorRateExceeded
     from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.shards import list_shards
     from omnistream.pipelines.tokenize import build_cache, require_data

@@ -105,6 +105,8 @@ class Trainer:
             if self.resume_t0 is not None and self.rank == 0:
                 self.metrics_once["data/resume/seconds"] = time.perf_counter() - self.resume_t0
                 self.resume_t0 = None
+        if self.world == 1:  # nobody to agree with: no collective on the step's path
+            return (None if b is None or self._stop else b), wait
         have = torch.tensor([0 if b is None or self._stop else 1])
         self.all_reduce(have, op=dist.ReduceOp.MIN)
         return (b if have.item() else None), wait
@@ -127,7 +129,10 @@ class Trainer:
         self.micro_batches += 1
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
-        """In-place all_reduce of a CPU tensor, through the device when the backend needs it (NCCL)."""
+        """In-place all_reduce of a CPU tensor, through the device when the backend needs it (NCCL); on one
+        rank the tensor is already the sum."""
+        if self.world == 1:
+            return
         if self.device.type == "cpu":
             dist.all_reduce(t, op=op)
         else:

@@ -142,7 +142,7 @@ def test_plugin_is_listed_with_version_and_id_range(mixed_run):
 
 def test_training_logs_video_loss_and_meets_token_shares(mixed_run):
     uri = f"sqlite:///{mixed_run['tmp']}/mlflow.db"
-    run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in mixed_run["train"].splitlines() if "MLflow run " in ln)
+    run_id = next(ln.split("run id: ")[1].split()[0] for ln in mixed_run["train"].splitlines() if ln.startswith("run id: "))
     m = mlflow_run(uri, run_id).final_metrics()
     for name in ("text", "image", "audio", "video"):
         assert f"train/loss/{name}" in m
@@ -159,7 +159,7 @@ def test_checkpoint_needs_the_plugin(mixed_run):
     """Where the plugin is not installed (this venv), its checkpoint is unreadable, with one line naming
     what is missing; the test venv itself never had the plugin."""
     uri = f"sqlite:///{mixed_run['tmp']}/mlflow.db"
-    run_id = next(ln.split("MLflow run ")[1].split()[0] for ln in mixed_run["train"].splitlines() if "MLflow run " in ln)
+    run_id = next(ln.split("run id: ")[1].split()[0] for ln in mixed_run["train"].splitlines() if ln.startswith("run id: "))
     ckpt = mlflow_client(uri).get_run(run_id).data.tags["omnistream.checkpoint"]
     listed = omnistream("modalities", "list").stdout
     assert "video" not in listed
