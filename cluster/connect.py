@@ -57,9 +57,15 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
+    # Ray Train hands the preemption switch to its controller from this process's environment only (its
+    # ENV_VARS_TO_PROPAGATE); the runtime_env below reaches the workers, not the controller.
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
     with _token_auth() as whose:
+        # no dashboard_port: Ray then binds 8265, or the next port up that is free (50 tries), where a port
+        # picked free here and bound later by Ray could be taken meanwhile by another command starting
+        # beside this one
         ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=free_port(8265),  # another Ray here (a `cluster up` head) may hold it
                        _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
                        logging_level="WARNING",
                        runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **LOCAL_ENV, **logs.inherited(),

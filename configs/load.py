@@ -39,26 +39,111 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """defaults <- TOML file <- overrides; a mistake is a UserError naming the key."""
+    """defaults <- TOML file <- overrides; a mistake is a UserError naming the key, where its value came from
+    (`--set`, or the file and line), the form expected, and the closest key for a typo."""
     tree: dict = {}
+    text = ""
     if path is not None:
         p = Path(path)
         if not p.exists():
             raise UserError(f"config file {p} does not exist")
+        text = p.read_text()
         try:
-            tree = tomllib.loads(p.read_text())
+            tree = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {p} is not valid TOML: {e}") from None
+    from_cli: dict[str, str] = {}
     for o in overrides or []:
         apply_override(tree, o)
+        from_cli[o.split("=", 1)[0].strip()] = o
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        where = f" in {path}" if path else ""
-        msg = err["msg"].removeprefix("Value error, ")
-        raise UserError(f"config key {key}{where}: {msg}" if key else f"config{where}: {msg}") from None
+        loc = [str(x) for x in err["loc"]]
+        key = ".".join(loc)
+        msg = ("no such key" if err["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+               else err["msg"].removeprefix("Value error, ")) + _hint(err, loc)
+        raise UserError(f"{_source(key, from_cli, path, text)}: {msg}" if key else f"config{_in(path)}: {msg}") from None
+    except UserError as e:  # a modality's options, checked by its plugin: "modalities.<name>[.key]: ..."
+        key = str(e).split(":", 1)[0]
+        if key.startswith("modalities.") and " " not in key:
+            msg = str(e).split(":", 1)[1].strip().removeprefix("Value error, ")
+            raise UserError(f"{_source(key, from_cli, path, text)}: {msg}") from None
+        raise
+
+
+def _in(path) -> str:
+    return f" in {path}" if path else ""
+
+
+def _source(key: str, from_cli: dict[str, str], path, text: str) -> str:
+    """Where the value of `key` came from: the `--set` that wrote it (or a section above it), else the
+    config file's line, else the defaults."""
+    for k, assignment in from_cli.items():
+        if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return f"--set {assignment}"
+    line = _line_of(text, key) if text else None
+    if line:
+        return f"config key {key} in {path}, line {line}"
+    return f"config key {key}{_in(path)}"
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line of a TOML text that assigns `key` (or opens its table): `[a.b]` then `c = ...`, `a.b.c = ...`
+    at the top, or `[a.b.c]`. Found by reading lines, as tomllib keeps no positions."""
+    import re
+
+    section = ""
+    best = None
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        m = re.match(r"^\[+\s*([^\]]+?)\s*\]+$", line)
+        if m:
+            section = m.group(1).replace(" ", "").replace('"', "")
+            if section == key or key.startswith(section + ".") and best is None and section.count(".") >= key.count("."):
+                best = n
+            continue
+        m = re.match(r"^([A-Za-z0-9_.\"\- ]+?)\s*=", line)
+        if m:
+            full = ".".join(x for x in (section, m.group(1).replace(" ", "").replace('"', "")) if x)
+            if full == key or key.startswith(full + "."):
+                return n
+    return best
+
+
+def _hint(err: dict, loc: list[str]) -> str:
+    """What to write instead: the TOML form of a list, the closest key for a typo."""
+    import difflib
+
+    if err["type"] == "list_type":
+        return f' (a TOML list: {loc[-1]} = ["a", "b"], or on the command line --set \'{".".join(loc)}=["a"]\')'
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        names = _fields_at(RunConfig, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], names, n=1)
+        return f"; did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else \
+            (f"; the keys here are {', '.join(sorted(names))}" if names else "")
+    return ""
+
+
+def _fields_at(model, loc: list[str]) -> list[str]:
+    """The key names of the config section at `loc` (pydantic models and dataclasses alike)."""
+    import dataclasses
+    import typing
+
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = model.model_fields[part].annotation
+        elif dataclasses.is_dataclass(model):
+            model = {f.name: f.type for f in dataclasses.fields(model)}.get(part)
+            model = typing.get_type_hints(model) and model if not isinstance(model, str) else None
+        else:
+            return []
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    if dataclasses.is_dataclass(model):
+        return [f.name for f in dataclasses.fields(model)]
+    return []
 
 
 def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:

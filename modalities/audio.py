@@ -192,6 +192,13 @@ class AudioModality(BaseModality):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) == 0:
             return Audio(np.zeros(o.n_fft, np.float32), o.sample_rate)
+        frames = len(ids)
+        # Griffin-Lim's STFT reflect-pads n_fft/2 samples at each end, so it cannot invert fewer than about
+        # n_fft/hop + 2 frames (1 or 2 frames raise inside torch): a short generation is padded with the
+        # quietest code and cut back to its own length after inversion
+        need = o.n_fft // o.hop + 2
+        if frames < need:
+            ids = np.concatenate([ids, np.full(need - frames, int(self._codebook.mean(1).argmin()))])
         if self._inv is None:
             self._inv = (T.InverseMelScale(n_stft=o.n_fft // 2 + 1, n_mels=o.n_mels, sample_rate=o.sample_rate,
                                            f_min=0.0, f_max=o.sample_rate / 2),
@@ -201,7 +208,7 @@ class AudioModality(BaseModality):
         db = (torch.as_tensor(self._codebook[ids]) - 1) * o.dynamic_range_db
         mel_power = (10 ** (db / 10)).T  # (n_mels, frames)
         spec = inv_mel(mel_power).clamp(min=0)
-        wave = gl(spec)
+        wave = gl(spec)[: max(frames * o.hop, o.n_fft)]
         peak = wave.abs().max()
         wave = (wave / peak * 0.5) if peak > 0 else wave
         return Audio(wave.numpy().astype(np.float32), o.sample_rate)

@@ -8,6 +8,8 @@
 It checks what omnistream relies on (the way scikit-learn's `check_estimator`
 checks an estimator): the declared attributes, fitting, ids in range,
 deterministic encoding, decode(encode(x)) within the declared error bound,
+decode of any id sequence of the block (empty, short, every id, random), a
+vocab_size that save/load keeps,
 fitted state surviving save/load and pickling into another process (what
 Ray does to a tokenizer actor), the bytes round trip, and bad bytes raising
 the project's `BadSample` rather than anything else. The first failure raises
@@ -131,6 +133,8 @@ def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, byt
         _fail(mod, "to_bytes", f"wrote extension {ext!r}, which the plugin does not read")
     mod.decode_bytes(ext, data)
 
+    check_any_ids(mod, V)
+
     # persistence: save/load and pickling keep the fingerprint and the ids
     fp = mod.fingerprint()
     with tempfile.TemporaryDirectory() as d:
@@ -139,6 +143,10 @@ def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, byt
         fresh.load(d)
     if fresh.fingerprint() != fp or not np.array_equal(fresh.encode(objs[0]), encoded[0]):
         _fail(mod, "save/load", "the loaded tokenizer differs from the saved one")
+    if fresh.vocab_size != V:
+        # a bundle's id layout is its modalities' vocab_size: it must follow from the options and the saved
+        # state alone, and code that computes it otherwise is a new `version` (docs/plugins.md)
+        _fail(mod, "vocab_size", f"{V} when fitted, {fresh.vocab_size} after save/load")
     try:
         payload = pickle.dumps(mod)
         clone = pickle.loads(payload)
@@ -171,4 +179,31 @@ def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, byt
     return mod
 
 
-__all__ = ["check_modality", "check_declaration", "ConformanceError"]
+def check_any_ids(mod: BaseModality, V: int) -> None:
+    """decode takes any id sequence of the block: evaluation and generation decode what a model generated,
+    which may be empty, one or two ids long, or any ids at all. Each decoded object is written with
+    to_bytes; where it reads back, its encoding stays in [0, vocab_size) (a fuzz of the encoder with
+    inputs the samples did not have)."""
+    rng = np.random.default_rng(1)
+    seqs = [[], [0], [V - 1], list(range(V))] + [rng.integers(0, V, n).tolist() for n in (1, 2, 3, 17, 64)]
+    for ids in seqs:
+        what = "every id of the block" if len(ids) == V and ids == list(range(V)) else f"{len(ids)} ids"
+        try:
+            obj = mod.decode(np.asarray(ids, dtype=np.int64))
+            ext, data = mod.to_bytes(obj)
+        except Exception as e:  # noqa: BLE001 - this is the check
+            _fail(mod, "decode any ids", f"decode/to_bytes of {what} raised {type(e).__name__}: {e} (evaluation and "
+                                         f"generation decode raw model output: any sequence of [0, {V}), empty too)")
+        if ext not in mod.keys:
+            _fail(mod, "to_bytes", f"wrote extension {ext!r} for {what}, which the plugin does not read")
+        try:
+            back = mod.decode_bytes(ext, data)
+        except BadSample:
+            continue  # e.g. a clip too short to keep: refused as a sample, which is allowed
+        again = np.asarray(mod.encode(back))
+        if again.size and (again.min() < 0 or again.max() >= V):
+            _fail(mod, "encode", f"ids outside [0, {V}) for a decoded {what}: min {again.min()}, max {again.max()} "
+                                 f"(is vocab_size one too small?)")
+
+
+__all__ = ["check_modality", "check_declaration", "check_any_ids", "ConformanceError"]

@@ -145,7 +145,11 @@ class Vocabulary:
             mods.append(m)
         vocab = cls(mods)
         if vocab.fingerprint != layout["fingerprint"]:
-            raise UserError(f"vocab.json in {d} does not match the tokenizers beside it: refit")
+            # say what differs: a plugin whose vocab_size (or version) changed since the bundle was fitted
+            diff = describe_mismatch(layout, vocab.layout())
+            raise UserError(f"vocab.json in {d} does not match the tokenizers beside it as installed now ({diff}): "
+                            f"refit with `omnistream tokenizers fit CONFIG`; a plugin that changes its vocab_size "
+                            f"must bump its version")
         return vocab
 
 

@@ -46,18 +46,31 @@ def _load(path: Path) -> dict:
 def consolidate(ckpt: str | Path) -> dict:
     """name -> full fp32 tensor, from the ZeRO shards of a checkpoint written by any number of ranks."""
     d = Path(ckpt) / CKPT_TAG
-    model_files = sorted(d.glob("zero_pp_rank_*_model_states.pt"), key=_rank)
+    # ZeRO-3 writes one model-states file per rank; stages 0-2 write one for the whole model (mp_rank_00)
+    model_files = sorted(d.glob("zero_pp_rank_*_model_states.pt"), key=_rank) or sorted(d.glob("mp_rank_*_model_states.pt"))
     if not model_files:
-        raise UserError(f"{ckpt} holds no DeepSpeed model states under {CKPT_TAG}/")
+        raise UserError(f"{ckpt} holds no DeepSpeed model states under {CKPT_TAG}/ (neither zero_pp_rank_*_model_states.pt "
+                        f"nor mp_rank_*_model_states.pt)")
     first = _load(model_files[0])
     stage = int(first["ds_config"].get("zero_optimization", {}).get("stage", 0))
     if stage == 0:
-        return {k: v.float().clone() for k, v in first["module"].items()}
-    optim_files = sorted(d.glob("zero_pp_rank_*_optim_states.pt"), key=_rank)
+        # the module's state dict: buffers are not weights, and a tied weight (the head shares the
+        # embedding) appears under both names, on one storage; keep its first name, as named_parameters() does
+        buffers, out, seen = set(first.get("buffer_names") or ()), {}, set()
+        for k, v in first["module"].items():
+            ptr = v.untyped_storage().data_ptr()
+            if k in buffers or ptr in seen:
+                continue
+            seen.add(ptr)
+            out[k] = v.float().clone()
+        return out
+    # each rank's slice of the fp32 master weights (bf16 runs name them bf16_zero_pp_rank_*)
+    optim_files = sorted(d.glob("*zero_pp_rank_*_optim_states.pt"), key=_rank)
     world = len(optim_files)
-    if world != len(model_files) or world != int(first["dp_world_size"]):
+    ranks_with_model = world if stage == 3 else 1
+    if world != int(first["dp_world_size"]) or len(model_files) != ranks_with_model:
         raise UserError(f"{ckpt} is incomplete: {len(model_files)} model and {world} optimizer shards "
-                        f"for {first['dp_world_size']} ranks")
+                        f"for {first['dp_world_size']} ranks (ZeRO-{stage})")
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     from tqdm import tqdm
 

@@ -31,6 +31,7 @@ class BufferedTracker:
         self.metrics_held = self.artifact_bytes_held = 0
         self.dropped = self.dropped_reported = 0
         self.closing, self.last_step = False, 0
+        self.draining = False  # close() is waiting: retry every second, not after the backoff
         self.down_since: float | None = None
         self.thread = threading.Thread(target=self._run, name="omnistream-tracking", daemon=True)
         self.thread.start()
@@ -112,7 +113,7 @@ class BufferedTracker:
                                 "and sent when it is back", type(e).__name__,
                                 str(e).splitlines()[0][:200] if str(e) else "", self.max_metrics)
                 with self.cond:
-                    self.cond.wait(wait)
+                    self.cond.wait(1.0 if self.draining else wait)
                 wait = min(wait * 2, 15.0)
                 continue
             with self.cond:
@@ -134,6 +135,8 @@ class BufferedTracker:
         """Send what is queued, waiting up to `timeout` s; False (with a warning saying what) if not all went."""
         deadline = time.time() + timeout
         with self.cond:
+            self.draining = True
+            self.cond.notify_all()  # a sender backing off tries again now
             while self.queue and time.time() < deadline:
                 self.cond.wait(min(1.0, max(0.0, deadline - time.time())))
             left, held, self.closing = len(self.queue), self.metrics_held, True

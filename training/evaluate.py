@@ -12,6 +12,7 @@ two entries of configs/demo.toml.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +25,8 @@ from omnistream.model.model import GPT, generate, loss_by_group
 from omnistream.pipelines.accounting import Tally
 from omnistream.pipelines.documents import local_documents
 from omnistream.pipelines.packing import COLUMNS, label_modalities, pack_documents
+
+log = logging.getLogger(__name__)
 
 # ---- match rules ----------------------------------------------------------------------------------
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -97,11 +100,29 @@ class EvalSet:
         return [r for r in self.records if task.prompt in r.ids and r.meta.get(task.label_field) is not None]
 
 
-def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int) -> list:
-    """Greedy continuations restricted to modality `dst`'s block, as `dst`'s decoded objects."""
+def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int,
+              errors: list[str] | None = None, what: str = "") -> list:
+    """Greedy continuations restricted to modality `dst`'s block, as `dst`'s decoded objects.
+
+    With `errors` given, a continuation its modality cannot decode (a barely trained model makes one or
+    two ids of an image or a clip; a plugin's decode may refuse any sequence) is None, and the reason is
+    appended to `errors`: a sample that cannot be drawn is reported, it never ends a training run.
+    """
     gens = generate(model, prompts, n_new, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),),
                     stop_token=vocab.end(dst))
-    return [vocab.by_name[dst].decode(vocab.to_local(dst, g)) for g in gens]
+    out = []
+    for i, g in enumerate(gens):
+        local = vocab.to_local(dst, g)
+        if errors is None:
+            out.append(vocab.by_name[dst].decode(local))
+            continue
+        try:
+            out.append(vocab.by_name[dst].decode(local))
+        except Exception as e:  # noqa: BLE001 - any failure of a modality's decode is the sample's, not the run's
+            out.append(None)
+            errors.append(f"{what or dst}[{i}]: {dst}.decode of {len(local)} ids raised {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    return out
 
 
 class Evaluator:
@@ -141,15 +162,22 @@ class Evaluator:
                 sums += s.cpu()
                 counts += c.cpu()
         out = {"loss_sums": sums, "loss_counts": counts}
+        errors: list[str] = []
         for name, task in cfg.eval.tasks.items():
             recs = es.for_task(task)[rank::world]
             correct = 0
             for i in range(0, len(recs), cfg.eval.batch_size):
                 chunk = recs[i:i + cfg.eval.batch_size]
                 answers = _generate(model, vocab, [vocab.prompt(task.prompt, r.ids[task.prompt], task.target)
-                                                   for r in chunk], task.target, cfg.eval.max_new_tokens)
-                correct += sum(matches(str(a), r.meta[task.label_field], task.match) for r, a in zip(chunk, answers))
+                                                   for r in chunk], task.target, cfg.eval.max_new_tokens, errors, name)
+                # an answer that could not be decoded is a wrong answer
+                correct += sum(a is not None and matches(str(a), r.meta[task.label_field], task.match)
+                               for r, a in zip(chunk, answers))
             out[f"task/{name}"] = torch.tensor([float(correct), float(len(recs))])
+        for e in errors[:5]:
+            log.warning("evaluation: %s", e)
+        # every rank sends the count, errors or not: the all-reduce needs the same tensors on every rank
+        out["sample_errors"] = torch.tensor([float(len(errors))])
         return out
 
     def metrics(self, reduced: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -163,6 +191,8 @@ class Evaluator:
         for k, v in reduced.items():
             if k.startswith("task/") and v[1] > 0:
                 m[f"eval/{k[5:]}/accuracy"] = float(v[0] / v[1])
+        if "sample_errors" in reduced:
+            m["eval/sample_errors"] = float(reduced["sample_errors"][0])
         return m
 
     def evaluate(self, model: GPT, rank: int = 0, world: int = 1,
@@ -186,22 +216,30 @@ class Evaluator:
             if not recs:
                 continue
             answers = _generate(model, vocab, [vocab.prompt(task.prompt, r.ids[task.prompt], task.target)
-                                               for r in recs], task.target, cfg.eval.max_new_tokens)
+                                               for r in recs], task.target, cfg.eval.max_new_tokens, out.errors, name)
             out.tables[name] = {
                 "key": [r.key for r in recs], "label": [str(r.meta[task.label_field]) for r in recs],
                 "caption": [_caption(vocab, task.target, r) for r in recs],
-                "generated": [str(a) for a in answers],
-                "correct": [bool(matches(str(a), r.meta[task.label_field], task.match)) for r, a in zip(recs, answers)]}
+                "generated": ["" if a is None else str(a) for a in answers],
+                "correct": [a is not None and bool(matches(str(a), r.meta[task.label_field], task.match))
+                            for r, a in zip(recs, answers)]}
             back = [r for r in recs if task.target in r.ids]
             if not back:
                 continue
             n_new = max(len(r.ids[task.prompt]) for r in back) + 1
+            key = f"{task.target}_to_{task.prompt}"
             objs = _generate(model, vocab, [vocab.prompt(task.target, r.ids[task.target], task.prompt) for r in back],
-                             task.prompt, n_new)
+                             task.prompt, n_new, out.errors, key)
             mod = vocab.by_name[task.prompt]
             for i, (r, obj) in enumerate(zip(back, objs)):
-                ext, data = mod.to_bytes(obj)
-                out.media.append((f"{task.target}_to_{task.prompt}", f"{i}_{_slug(r.meta[task.label_field])}", ext, data))
+                if obj is None:
+                    continue
+                try:
+                    ext, data = mod.to_bytes(obj)
+                except Exception as e:  # noqa: BLE001 - as a failed decode: the sample's, not the run's
+                    out.errors.append(f"{key}[{i}]: {task.prompt}.to_bytes raised {type(e).__name__}: {e}")
+                    continue
+                out.media.append((key, f"{i}_{_slug(r.meta[task.label_field])}", ext, data))
         return out
 
 
@@ -211,6 +249,7 @@ class Samples:
     generated, correct), and the reverse direction's outputs as (key, name, extension, bytes)."""
     tables: dict[str, dict[str, list]] = field(default_factory=dict)
     media: list[tuple[str, str, str, bytes]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the samples that could not be drawn, and why
 
 
 def _caption(vocab: Vocabulary, target: str, r) -> str:

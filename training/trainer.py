@@ -260,17 +260,36 @@ class Trainer:
         plain = self.plain_model()
         m = self.evaluator.evaluate(plain, self.rank, self.world, self.all_reduce)
         if self.rank == 0:
+            samples = self._draw_samples(plain) if self.tracker is not None else None
+            if samples is not None and samples.errors:
+                m["eval/sample_errors"] = m.get("eval/sample_errors", 0.0) + len(samples.errors)
             self._log(m)
-            if self.tracker is not None:
-                self._log_samples(self.evaluator.samples(plain))
+            if samples is not None:
+                self._log_samples(samples)
             log.info("eval step %d: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in sorted(m.items())))
         self.engine.module.train()
         return m
 
+    def _draw_samples(self, plain):
+        """The evaluator's samples; generation failing as a whole is reported like one sample that could
+        not be drawn: what a person looks at never ends training (rank 0 alone draws them, no collective)."""
+        from types import SimpleNamespace
+
+        try:
+            return self.evaluator.samples(plain)
+        except Exception as e:  # noqa: BLE001
+            return SimpleNamespace(tables={}, media=[], errors=[f"samples: {type(e).__name__}: {e}"])
+
     def _log_samples(self, samples) -> None:
         """Images with the step (MLflow's image grid and step slider compare them across evaluations and
-        runs), other outputs (WAV, ...) as files beside them, each task's answers as a table."""
+        runs), other outputs (WAV, ...) as files beside them, each task's answers as a table; the samples
+        that could not be drawn, and why, in errors.txt beside them."""
         at = f"samples/step_{self.step:06d}"
+        errors = getattr(samples, "errors", [])
+        if errors:
+            log.warning("eval step %d: %d sample(s) could not be drawn (%s); training goes on", self.step, len(errors),
+                        errors[0])
+            self.tracker.log_text("\n".join(errors) + "\n", f"{at}/errors.txt")
         for task, rows in samples.tables.items():
             self.tracker.log_table(rows, f"{at}/{task}.json")
         for key, name, ext, data in samples.media:

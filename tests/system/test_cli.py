@@ -1,6 +1,7 @@
 """The CLI as a user meets it, in subprocesses: --help, one-line errors with exit 2, what each command
 imports, and omnistream installed as a wheel into a fresh venv, run from an empty directory."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -193,3 +194,16 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
     assert "omnistream: interrupted" in err and "Traceback" not in err.split("omnistream: interrupted")[-1]
     runs = mlflow_client(uri).search_runs([mlflow_client(uri).get_experiment_by_name("omnistream").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_two_commands_start_a_local_ray_at_once(corpus, tmp_path):
+    """Two `omnistream data inspect` started together on one machine, each starting its own local Ray:
+    both finish, each with its whole report (a port is bound by Ray, never picked free and bound later)."""
+    shard = corpus["train"][0]
+    procs = [subprocess.Popen([*EXE, "data", "inspect", shard, "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out)["seen"] == 120, out[-2000:]

@@ -66,3 +66,23 @@ def test_match_rules():
 def test_sample_names_keep_every_label():
     """A sample's name carries its label, the digit 0 included (it was named 'x', as if it had none)."""
     assert [_slug(v) for v in (0, 7, "a b/c", None, "")] == ["0", "7", "a-b-c", "x", "x"]
+
+
+@pytest.mark.parametrize("toml,sets,says", [
+    # a value from the command line is blamed on the --set that wrote it, not on the file
+    ('[train]\nsteps = 5\n', ["train.steps=abc"], "--set train.steps=abc: Input should be a valid integer"),
+    # a value from the file: the file and its line
+    ('name = "m"\n\n[train]\nsteps = "abc"\n', [], "config key train.steps in {f}, line 4: Input should be a valid integer"),
+    ('[model]\nn_layers = 2\n[modalities.image]\npatch = 5\n', [], "config key modalities.image in {f}, line 3: "),
+    # a list where a string was given: the TOML form of a list
+    ("", ["data.train_shards=data/x.tar"], """--set 'data.train_shards=["a"]'"""),
+    # a typo: the closest key
+    ('[train]\nstepz = 3\n', [], "config key train.stepz in {f}, line 2: no such key; did you mean train.steps?"),
+    ("", ["model.n_layerz=3"], "--set model.n_layerz=3: no such key; did you mean model.n_layers?"),
+])
+def test_errors_say_where_the_value_came_from_and_what_to_write(tmp_path, toml, sets, says):
+    f = tmp_path / "melody.toml"
+    f.write_text(toml)
+    with pytest.raises(UserError) as e:
+        load_config(f, sets)
+    assert says.format(f=f) in str(e.value), str(e.value)

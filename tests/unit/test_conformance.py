@@ -45,14 +45,36 @@ class Crashes(ImageModality):
         return super().decode_bytes(ext, data)
 
 
+class ShortDecodeFails(ImageModality):
+    name = "shortdecode"
+
+    def decode(self, ids):
+        if len(ids) < 3:  # as a decoder that needs a whole frame would
+            raise IndexError("too few ids")
+        return super().decode(ids)
+
+
+class OneTooSmall(ImageModality):
+    name = "onetoosmall"
+
+    @property
+    def vocab_size(self) -> int:  # the last code is never in the samples' encodings, but it is a code
+        return super().vocab_size - 1
+
+
 def test_the_kit_catches_a_broken_plugin(corpus):
-    """A plugin whose ids leave its range, one that crashes on bad bytes, one that cannot be pickled."""
+    """A plugin whose ids leave its range, one that crashes on bad bytes, one whose decode refuses short
+    sequences, one whose vocab_size is one too small, one that cannot be pickled."""
     samples = _samples(corpus, ImageModality.keys, 12)
     opts = {"size": 16, "codebook_size": 16}
     with pytest.raises(ConformanceError, match="'outofrange' fails 'encode': ids outside"):
         check_modality(OutOfRange, samples, options=opts, subprocess=False)
     with pytest.raises(ConformanceError, match="'crashes' fails 'bad bytes'.*ValueError"):
         check_modality(Crashes, samples, options=opts, subprocess=False)
+    with pytest.raises(ConformanceError, match="'shortdecode' fails 'decode any ids'.* of 0 ids raised IndexError"):
+        check_modality(ShortDecodeFails, samples, options=opts, subprocess=False)
+    with pytest.raises(ConformanceError, match="'onetoosmall' fails 'encode': ids outside"):
+        check_modality(OneTooSmall, samples, options=opts, subprocess=False)
 
     class Local(ImageModality):  # defined in a function: Ray could not ship it to an actor
         name = "local"

@@ -38,6 +38,19 @@ def test_roundtrip_within_declared_bound(fitted, corpus, name):
     assert max(errs) <= mod.error_bound, (name, max(errs))
 
 
+@pytest.mark.parametrize("name", ["text", "image", "audio"])
+def test_decode_takes_any_sequence_of_its_block(fitted, name):
+    """What a model generates reaches decode as it is: empty, one or two ids (a generation stopped early),
+    any id of the block. Each is drawn, and written as the modality's file."""
+    mod = next(m for m in fitted if m.name == name)
+    rng = np.random.default_rng(0)
+    seqs = [[], [0], [mod.vocab_size - 1], [0, mod.vocab_size - 1], list(range(mod.vocab_size))]
+    seqs += [rng.integers(0, mod.vocab_size, n).tolist() for n in (1, 2, 3, 7, 40)]
+    for ids in seqs:
+        ext, data = mod.to_bytes(mod.decode(np.asarray(ids, dtype=np.int64)))
+        assert ext in mod.keys and isinstance(data, bytes) and (data or name == "text"), (name, len(ids))
+
+
 def test_text_roundtrip_is_exact_even_for_unseen_characters(fitted):
     text = next(m for m in fitted if m.name == "text")
     s = "naïve Zürich ✓ 数字 seven"

@@ -1,0 +1,130 @@
+"""The real Trainer in this process (world size 1, no Ray: the Ray wiring has its own end-to-end tests)
+on the session's small corpus, a few steps at a time:
+
+- a checkpoint of every ZeRO stage goes through `omnistream export` and `omnistream generate` as a user
+  types them, and the exported weights are the trained ones;
+- evaluating a barely trained model at every step, with every task and sample direction, never ends
+  training: a sample its modality cannot draw is counted (`eval/sample_errors`) and said in the run.
+"""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omnistream.configs import load_config
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.documents import local_documents
+from omnistream.pipelines.packing import COLUMNS, pack_documents
+from omnistream.tracking import MemoryTracker
+from omnistream.training.checkpoint import Checkpointer
+from omnistream.training.engine import single_process_group
+from omnistream.training.evaluate import Evaluator
+from omnistream.training.trainer import Trainer
+
+from common import DIGIT_TASKS
+
+
+def small_config(corpus, bundle, tmp_path, *overrides):
+    (tmp_path / "run.toml").write_text(DIGIT_TASKS)
+    cfg = load_config(tmp_path / "run.toml", [
+        "data.seq_len=128", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.steps=3",
+        "train.warmup_steps=1", "train.micro_batch_size=4", "train.log_every=1", "eval.examples=12", "eval.loss_rows=4",
+        "eval.samples=1", "eval.max_new_tokens=3", f'data.bundle_dir="{bundle}"', *overrides])
+    cfg.data.train_shards, cfg.data.eval_shards = corpus["train"][:1], corpus["eval"]
+    vocab = Vocabulary.load(bundle)
+    cfg.modalities = {m["name"]: m["options"] for m in vocab.layout()["modalities"]}
+    cfg.model.vocab_size, cfg.model.max_seq_len = vocab.size, 128
+    return cfg, vocab
+
+
+@pytest.fixture(scope="module")
+def rows(corpus, bundle, tmp_path_factory):
+    cfg, _ = small_config(corpus, bundle, tmp_path_factory.mktemp("rows"))
+    docs = [(t, m, f"{r.shard}:{r.key}") for r, _, t, m in local_documents(corpus["train"][:1], bundle, None,
+                                                                             cfg.data, cfg.seed)]
+    return pack_documents(*map(list, zip(*docs)), 128)
+
+
+def batches(rows: dict, batch: int):
+    """Packed rows in order, as the Trainer's stream gives them (keys included), round and round."""
+    n, i = len(rows["input_ids"]), 0
+    while True:
+        idx = np.arange(i, i + batch) % n
+        i += batch
+        yield {**{c: rows[c][idx] for c in (*COLUMNS, "modality_ids")}, "keys": rows["keys"][idx]}
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_export_and_generate_from_a_checkpoint_of_every_zero_stage(corpus, bundle, rows, tmp_path, capsys, stage,
+                                                                   precision):
+    from omnistream.cli import main
+    from omnistream.serving.export import load_model
+
+    single_process_group()
+    cfg, vocab = small_config(corpus, bundle, tmp_path, f"train.zero_stage={stage}", f'train.precision="{precision}"',
+                              "train.checkpoint_every=3")
+    cfg.data.eval_shards = []
+    saved = []
+
+    def publish(d, metrics):  # what ray.train.report does with the folder, in one process
+        saved.append(shutil.copytree(d, tmp_path / f"ckpt-{metrics['step']}"))
+
+    trainer = Trainer(cfg, vocab, batches(rows, 4), checkpointer=Checkpointer(publish, "stages"))
+    trainer.train()
+    assert [p.name for p in saved] == ["ckpt-3"]
+    trained = {k: v.detach().float().clone() for k, v in trainer.plain_model().named_parameters()}
+    del trainer
+
+    assert main(["export", str(saved[0]), str(tmp_path / "m")]) == 0
+    model, _ = load_model(tmp_path / "m")
+    got = dict(model.named_parameters())
+    assert set(got) == set(trained)
+    # the exported weights are the trained ones (in bf16 the exported fp32 masters round to the module's
+    # bf16 weights: 8 bits of mantissa, a relative 2^-8)
+    rtol, atol = (1e-2, 1e-4) if precision == "bf16" else (0, 1e-6)
+    for k, v in trained.items():
+        assert torch.allclose(got[k].float(), v, rtol=rtol, atol=atol), (stage, precision, k)
+    capsys.readouterr()
+    for to, ext in (("image", "png"), ("audio", "wav")):
+        assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", to, "--input", "the digit 3",
+                     "--out", str(tmp_path / f"g.{ext}")]) == 0
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "g.wav").read_bytes()[:4] == b"RIFF"
+    assert main(["generate", str(tmp_path / "m"), "--from", "text", "--input", "the digit", "--max-new-tokens", "3"]) == 0
+
+
+def test_evaluating_an_untrained_model_every_step_never_ends_training(corpus, bundle, rows, tmp_path):
+    """Every step evaluated (image->text, audio->text, and their reverse directions text->image and
+    text->audio, whose generations from an untrained model stop after any number of ids, 0, 1, 2...):
+    the run trains to its last step, and every evaluation logs eval/sample_errors."""
+    single_process_group()
+    cfg, vocab = small_config(corpus, bundle, tmp_path, "train.eval_every=1", "train.steps=4")
+    tracker = MemoryTracker()
+    Trainer(cfg, vocab, batches(rows, 4), tracker=tracker, evaluator=Evaluator(cfg, vocab)).train()
+    assert [s for s, _ in sorted(tracker.history["train/loss"])] == [1, 2, 3, 4]
+    assert [s for s, _ in sorted(tracker.history["eval/sample_errors"])][-4:] == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert f"samples/step_{step:06d}/image_to_text.json" in tracker.tables
+    assert any(k.startswith("text_to_image/") for k in tracker.images)
+
+
+def test_a_sample_that_cannot_be_drawn_is_counted_and_said_not_fatal(corpus, bundle, rows, tmp_path):
+    """A modality whose decode refuses what the model generated (here the audio modality of the real
+    bundle, made to refuse every sequence, as a plugin's decode may): each refusal is one counted sample
+    error with its reason in samples/step_N/errors.txt, the task's answer counts as wrong, and training
+    goes on to its last step."""
+    single_process_group()
+    cfg, vocab = small_config(corpus, bundle, tmp_path, "train.eval_every=2", "train.steps=4")
+    audio = vocab.by_name["audio"]
+
+    def refuse(ids):
+        raise ValueError(f"cannot draw {len(ids)} frames")
+
+    audio.decode = refuse
+    tracker = MemoryTracker()
+    Trainer(cfg, vocab, batches(rows, 4), tracker=tracker, evaluator=Evaluator(cfg, vocab)).train()
+    assert [s for s, _ in sorted(tracker.history["train/loss"])] == [1, 2, 3, 4]
+    errors = dict(tracker.history["eval/sample_errors"])
+    assert errors[2] >= 1 and errors[4] >= 1, errors  # text->audio, drawn on rank 0
+    text = tracker.artifacts["samples/step_000002/errors.txt"].decode()
+    assert "text_to_audio[0]: audio.decode of" in text and "ValueError: cannot draw" in text, text
+    assert not [k for k in tracker.artifacts if k.endswith(".wav")], "no clip was made of what could not be drawn"
