@@ -1,7 +1,10 @@
 """`omnistream export` and `omnistream generate`: a usable model out of a checkpoint, and what it makes."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
@@ -9,7 +12,8 @@ def register(sub) -> None:
                        description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
                                    "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
                                    "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.")
-    p.add_argument("checkpoint", help="checkpoint directory (the MLflow tag omnistream.checkpoint names the last one)")
+    p.add_argument("checkpoint", help="a checkpoint directory (the MLflow tag omnistream.checkpoint names the last one), "
+                                      "or a run's folder (cluster.storage_path): its newest complete checkpoint")
     p.add_argument("out_dir", help="folder to write the model into")
     p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
     p.add_argument("--register", metavar="NAME",
@@ -38,6 +42,7 @@ def register(sub) -> None:
 def export(args) -> int:
     from omnistream.serving.export import export as do_export
 
+    args.checkpoint = _newest_checkpoint_in(args.checkpoint)
     out = do_export(args.checkpoint, args.out_dir, args.bundle)
     print(f"exported {args.checkpoint} -> {out}")
     if args.register:
@@ -57,6 +62,22 @@ def export(args) -> int:
             ref = log_and_register(out, args.register, tracker)
         print(f"registered {ref} ({uri}): mlflow.pyfunc.load_model({ref!r})")
     return 0
+
+
+def _newest_checkpoint_in(path: str) -> str:
+    """A checkpoint, or a run's folder (`cluster.storage_path`, or one run in it): its newest complete
+    checkpoint, as train.resume_from takes it."""
+    from omnistream.common.errors import UserError
+    from omnistream.training.checkpoint import META, latest_checkpoint
+
+    p = Path(path)
+    if not p.is_dir() or (p / META).exists():
+        return path
+    newest = latest_checkpoint(p)
+    if newest is None:
+        raise UserError(f"{p} holds no complete omnistream checkpoint")
+    log.info("exporting the newest complete checkpoint under %s: %s", p, newest)
+    return str(newest)
 
 
 def generate(args) -> int:

@@ -47,6 +47,10 @@ class MLflowTracker:
             return f"sqlite:///{os.path.abspath('mlflow.db')}"
         if "://" not in uri:  # a bare folder: MLflow's file store
             return os.path.abspath(uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # sqlite:///runs/x.db is relative to the working directory, which a Ray worker does not share:
+            # rank 0 would log into another (new, empty) database than the driver's
+            return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
         return uri
 
     @classmethod

@@ -193,11 +193,15 @@ def planted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(planted):
+def report(ray_local, planted):
+    """`data inspect`'s report on the session's Ray, 2 tokenizer actors (the command itself, its --json on
+    stdout, runs in test_cli.py's two-commands test)."""
+    from omnistream.configs import load_config
+    from omnistream.pipelines.inspect import inspect_shards
+
     shards, _ = planted
-    r = inspect(*shards, "--set", "data.tokenizer_actors=2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)  # stdout is the JSON report alone (status lines go to stderr)
+    cfg = load_config(None, ["data.tokenizer_actors=2"])
+    return json.loads(json.dumps(inspect_shards(shards, cfg.data, cfg.modalities, cfg.seed)))  # as --json has it
 
 
 def test_inspect_accounts_for_every_record(report, planted):

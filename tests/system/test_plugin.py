@@ -5,6 +5,7 @@ is not installed (this venv). Every step is the real CLI in a subprocess, becaus
 through installed entry points."""
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -167,3 +168,49 @@ def test_checkpoint_needs_the_plugin(mixed_run):
     assert p.returncode == 2, p.stdout + p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "video" in err[0] and "not installed" in err[0], p.stderr
+
+
+GUIDE = ROOT / "docs" / "plugins.md"
+
+
+def guide_blocks() -> list[tuple[str, str]]:
+    """The fenced blocks of docs/plugins.md's "Your first corpus and run", in order: (language, text)."""
+    text = GUIDE.read_text()
+    section = text.split("## Your first corpus and run", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+
+
+def test_the_guides_first_run_reaches_a_trained_model(plugin_python, tmp_path):
+    """docs/plugins.md's first run, block by block, as a new plugin author types it, from an empty folder:
+    the plugin installed (into the throwaway venv, as its pip line would), the corpus script, the
+    config, then fit, train, export and generate through the `omnistream` command."""
+    blocks = guide_blocks()
+    assert [lang for lang, _ in blocks] == ["bash", "python", "bash", "toml", "bash"], [lang for lang, _ in blocks]
+    bin_dir = tmp_path / "bin"  # `omnistream` and `python` as the plugin's venv has them
+    bin_dir.mkdir()
+    for name, cmd in (("omnistream", f'exec {plugin_python} -m omnistream.cli "$@"'), ("python", f'exec {plugin_python} "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{cmd}\n")
+        (bin_dir / name).chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    said = []
+    for lang, body in blocks:
+        first = body.splitlines()[0]
+        if lang in ("python", "toml"):  # a file, named on its first line
+            (work / first.lstrip("# ").strip()).write_text(body)
+            continue
+        lines = [ln for ln in body.splitlines() if ln.strip() and not ln.startswith("#")]
+        # the install line: the plugin_python fixture installed the same package into a throwaway venv
+        assert not any(ln.startswith("pip ") and "examples/omnistream-video" not in ln for ln in lines), lines
+        script = "\n".join(ln for ln in lines if not ln.startswith("pip "))
+        p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert p.returncode == 0, f"{script}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        said.append(p.stdout)
+    assert "video" in said[0] and "omnistream_video" in said[0], said[0]
+    train_out = said[2]
+    assert "run id: " in train_out and "eval/video_to_text/accuracy" in train_out, train_out[-3000:]
+    assert (work / "first-model" / "model.safetensors").exists()
+    assert (work / "seven.gif").read_bytes()[:3] == b"GIF", "text -> video, written as the plugin's own file"
