@@ -65,7 +65,10 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         # no dashboard_port: Ray then binds 8265, or the next port up that is free (50 tries), where a port
         # picked free here and bound later by Ray could be taken meanwhile by another command starting
         # beside this one
-        ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a Ray of this command's own, even where a user's `ray start` left its address in
+        # /tmp/ray (ray.init() with no address would join that one, or refuse num_cpus for it)
+        ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                       dashboard_host="127.0.0.1",
                        _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
                        logging_level="WARNING",
                        runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **LOCAL_ENV, **logs.inherited(),
