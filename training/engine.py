@@ -49,6 +49,18 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
+def skip_cpu_shm_op() -> None:
+    """On the CPU accelerator DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op
+    (C++, with the machine's compiler: about a minute of 2 cores on a fresh environment, then a load of
+    the built op in every rank) that only its `inference_all_reduce` uses; training's collectives go
+    through torch.distributed (gloo here) either way. Marked incompatible, it is never built."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg: RunConfig, load_universal: bool = False):
     """The model, its AdamW and LR schedule, wrapped by `deepspeed.initialize`; returns (engine, scheduler,
     parameter count).
@@ -64,6 +76,7 @@ def build_engine(cfg: RunConfig, load_universal: bool = False):
     from omnistream.model.model import GPT
 
     t = cfg.train
+    skip_cpu_shm_op()
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
