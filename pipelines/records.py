@@ -88,10 +88,17 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     cur: RawRecord | None = None
     seen_keys: set[str] = set()
     cut = _cut_short(f)
+    in_header = False  # True while the parser reads the next header (the record before it is whole)
     try:
         with f, tarfile.open(fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape",
                              tarinfo=tarinfo) as tar:
-            for m in tar:
+            members = iter(tar)
+            while True:
+                in_header = True
+                m = next(members, None)
+                in_header = False
+                if m is None:
+                    break
                 if not m.isfile():
                     continue
                 bad = _unsafe(m.name)
@@ -125,9 +132,22 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
                     cur.error, cur.detail = "duplicate_field", name
                 else:
                     cur.fields[ext] = tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        # truncated or corrupt tar: what was read whole is kept, the record being read is lost, with a reason
-        reason = "header_too_large" if isinstance(e, HeaderTooLarge) else "shard_truncated"
+            plain = getattr(tar.fileobj, "comptype", "tar") == "tar"  # a compressed shard's offsets are not the file's
+            stopped = _stopped_early(f, tar.offset) if plain and not cut else None
+    except Exception as e:  # noqa: BLE001 - a shard's bytes end the shard, never the reader: said, with a reason
+        # truncated or corrupt tar: what was read whole is kept, the record being read is lost, with a reason.
+        # Crafted headers raise what the tar parser happens to raise (3,000 chained GNU long-name headers a
+        # RecursionError, a sparse header cut short an IndexError): those are a damaged shard.
+        if isinstance(e, HeaderTooLarge):
+            reason = "header_too_large"
+        elif isinstance(e, (tarfile.TarError, EOFError, OSError, ValueError)):
+            reason = "shard_truncated"
+        else:
+            reason = "shard_damaged"
+        if reason == "shard_damaged" and in_header and cur is not None:
+            # the damage is in the next header: every member of the record before it was read whole
+            yield cur
+            cur = None
         if cur is not None:
             cur.error, cur.detail = reason, f"{type(e).__name__}: {e}"
             cur.fields = {}
@@ -137,9 +157,31 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
         return
     if cur is not None:
         yield cur
+    if stopped:
+        yield RawRecord(url, "", error="shard_damaged", detail=stopped)
     if cut:
         # the stdlib reader ends quietly when a tar is cut exactly between members: say so
         yield RawRecord(url, "", error="shard_truncated", detail=cut)
+
+
+def _stopped_early(f, offset: int) -> str | None:
+    """Why the tar reader ended before the archive did, else None. Python's tarfile takes an invalid header
+    past the first one (a damaged checksum) for the end of the archive and stops there quietly; a real
+    end is zero blocks. So bytes that are not zeros where the reader stopped are the records it never
+    read: the shard is damaged, and says how much of it went unread. Streams that cannot seek (and
+    compressed shards, whose offsets are not the file's) are not checked."""
+    try:
+        if not f.seekable():
+            return None
+        size = f.seek(0, 2)
+        f.seek(offset)
+        block = f.read(1024)
+    except (OSError, ValueError):
+        return None
+    if block.strip(b"\0"):
+        return (f"an invalid tar header at byte {offset}: the reader stopped there, {size - offset} of {size} bytes "
+                f"unread")
+    return None
 
 
 def _cut_short(f) -> str | None:

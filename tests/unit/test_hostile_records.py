@@ -174,3 +174,56 @@ def test_the_resampler_cache_is_bounded(fitted):
     for rate in range(8100, 8100 + 30 * 100, 100):  # 30 distinct rates (multiples of 100: small kernels)
         audio._features(Audio(np.zeros(400, np.float32), rate))
     assert len(audio._resamplers) == RESAMPLERS
+
+
+def _shard_result(tmp_path, data: bytes, name="crafted.tar"):
+    from omnistream.pipelines.records import read_shard
+
+    p = tmp_path / name
+    p.write_bytes(data)
+    recs = list(read_shard(str(p), 1 << 20))  # must not raise, whatever the bytes
+    return [r.key for r in recs if r.key and not r.error], [(r.error, r.detail) for r in recs if not r.key]
+
+
+def test_a_crafted_header_chain_is_a_damaged_shard_not_an_exception(tmp_path):
+    """3,000 chained GNU long-name headers (tarfile recurses once per header: RecursionError), and a GNU
+    sparse header promising an extension block the file does not have (IndexError): each is one shard
+    error, and the record before it is kept."""
+    good = tar_bytes([("ok-0.txt", b"a caption")])[:1024]  # one record (header and data block), no end yet
+
+    def header(name: bytes, typeflag: bytes, size: int, extra: bytes = b"") -> bytes:
+        h = bytearray(512)
+        h[0:len(name)] = name
+        h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+        h[124:136] = f"{size:011o}\0".encode()
+        h[136:148] = b"00000000000\0"
+        h[156:157] = typeflag
+        h[257:265] = b"ustar  \0"
+        h[386:386 + len(extra)] = extra
+        h[148:156] = b" " * 8
+        h[148:156] = f"{sum(h):06o}\0 ".encode()
+        return bytes(h)
+
+    chain = b"".join(header(b"././@LongLink", b"L", 512) + b"x" * 512 for _ in range(3000))
+    kept, errors = _shard_result(tmp_path, good + chain + bytes(1024), "chain.tar")
+    assert kept == ["ok-0"] and [e for e, _ in errors] == ["shard_damaged"], errors
+    assert "RecursionError" in errors[0][1]
+    # GNU sparse ('S') with the "is extended" flag set: the parser reads an extension block that is not there
+    sparse = header(b"s-0.txt", b"S", 10, extra=b"\0" * 96 + b"\1")
+    kept, errors = _shard_result(tmp_path, good + sparse, "sparse.tar")
+    assert kept == ["ok-0"] and errors and errors[0][0] in ("shard_damaged", "shard_truncated"), errors
+
+
+def test_a_damaged_header_mid_shard_is_said_not_the_end_of_the_shard(tmp_path):
+    """Record 2 of 5 with its header's checksum zeroed: tarfile takes it for the end of the archive and
+    stops quietly. Records 0-1 are kept, and the shard says it was damaged and how much went unread."""
+    data = bytearray(tar_bytes([(f"r-{i}.txt", f"record {i}".encode()) for i in range(5)]))
+    at = 2 * 1024  # each record: one header block and one data block
+    assert data[at:at + 3] == b"r-2"
+    data[at + 148:at + 156] = b"\0" * 8
+    kept, errors = _shard_result(tmp_path, bytes(data))
+    assert kept == ["r-0", "r-1"], kept
+    assert [e for e, _ in errors] == ["shard_damaged"] and f"byte {at}" in errors[0][1], errors
+    # an intact shard says nothing of the kind
+    kept, errors = _shard_result(tmp_path, tar_bytes([(f"r-{i}.txt", b"x") for i in range(5)]), "intact.tar")
+    assert len(kept) == 5 and errors == [], errors
