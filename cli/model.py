@@ -1,10 +1,7 @@
 """`omnistream export` and `omnistream generate`: a usable model out of a checkpoint, and what it makes."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
@@ -41,8 +38,9 @@ def register(sub) -> None:
 
 def export(args) -> int:
     from omnistream.serving.export import export as do_export
+    from omnistream.training.checkpoint import checkpoint_or_newest_in
 
-    args.checkpoint = _newest_checkpoint_in(args.checkpoint)
+    args.checkpoint = checkpoint_or_newest_in(args.checkpoint, "export CHECKPOINT")
     out = do_export(args.checkpoint, args.out_dir, args.bundle)
     print(f"exported {args.checkpoint} -> {out}")
     if args.register:
@@ -62,22 +60,6 @@ def export(args) -> int:
             ref = log_and_register(out, args.register, tracker)
         print(f"registered {ref} ({uri}): mlflow.pyfunc.load_model({ref!r})")
     return 0
-
-
-def _newest_checkpoint_in(path: str) -> str:
-    """A checkpoint, or a run's folder (`cluster.storage_path`, or one run in it): its newest complete
-    checkpoint, as train.resume_from takes it."""
-    from omnistream.common.errors import UserError
-    from omnistream.training.checkpoint import META, latest_checkpoint
-
-    p = Path(path)
-    if not p.is_dir() or (p / META).exists():
-        return path
-    newest = latest_checkpoint(p)
-    if newest is None:
-        raise UserError(f"{p} holds no complete omnistream checkpoint")
-    log.info("exporting the newest complete checkpoint under %s: %s", p, newest)
-    return str(newest)
 
 
 def generate(args) -> int:

@@ -21,9 +21,9 @@ from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.rows import StreamStart
 from omnistream.training.checkpoint import (
     check_checkpoint,
+    checkpoint_or_newest_in,
     complete_checkpoints,
     describe_stream_change,
-    latest_checkpoint,
     read_checkpoint_meta,
     read_data_position,
     to_universal,
@@ -59,14 +59,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     if cfg.data.eval_shards:
         list_shards(cfg.data.eval_shards)
     if cfg.train.resume_from:
-        p = Path(cfg.train.resume_from)
-        if p.is_dir() and not (p / "omnistream.json").exists():
-            # a run's folder: its newest complete checkpoint (a last one cut off mid-write is passed over)
-            newest = latest_checkpoint(p)
-            if newest is None:
-                raise UserError(f"train.resume_from={p} holds no complete omnistream checkpoint")
-            log.info("resuming from the newest complete checkpoint under %s: %s", p, newest)
-            cfg.train.resume_from = str(newest)
+        cfg.train.resume_from = checkpoint_or_newest_in(cfg.train.resume_from, "train.resume_from")
         check_checkpoint(cfg.train.resume_from, vocab)
     return cfg, vocab
 

@@ -48,11 +48,11 @@ def import_deepspeed(needs_mlflow: bool) -> None:
     import sys
 
     if needs_mlflow or "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed  # noqa: F401
+        import deepspeed
         return
     sys.modules["mlflow"] = None
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
     finally:
         del sys.modules["mlflow"]
 
@@ -63,6 +63,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import torch
     from omnistream import tracking
+    from omnistream.pipelines.documents import held_out
     from omnistream.training.checkpoint import Checkpointer
     from omnistream.training.evaluate import Evaluator
     from omnistream.training.trainer import Trainer
@@ -98,7 +99,7 @@ def train_worker(config: dict) -> None:
             tracker=tracker,
             checkpointer=Checkpointer(lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
                                       config["run_id"], config["stream"]),
-            evaluator=Evaluator(cfg, vocab),
+            evaluator=Evaluator(cfg, vocab, held_out),
             monitor=LedgerMonitor(config["ledger"]) if rank == 0 and config.get("ledger") is not None else None,
             load_universal=bool(config.get("universal")))
         if config.get("resume"):

@@ -101,7 +101,7 @@ def _line_of(text: str, key: str) -> int | None:
         m = re.match(r"^\[+\s*([^\]]+?)\s*\]+$", line)
         if m:
             section = m.group(1).replace(" ", "").replace('"', "")
-            if section == key or key.startswith(section + ".") and best is None and section.count(".") >= key.count("."):
+            if section == key:  # the key is a table: its header line, unless one of its lines says more
                 best = n
             continue
         m = re.match(r"^([A-Za-z0-9_.\"\- ]+?)\s*=", line)
@@ -127,18 +127,14 @@ def _hint(err: dict, loc: list[str]) -> str:
 
 
 def _fields_at(model, loc: list[str]) -> list[str]:
-    """The key names of the config section at `loc` (pydantic models and dataclasses alike)."""
+    """The key names of the config section at `loc` (a section is a pydantic model, or a dataclass at its end:
+    the model's GPTConfig)."""
     import dataclasses
-    import typing
 
     for part in loc:
-        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
-            model = model.model_fields[part].annotation
-        elif dataclasses.is_dataclass(model):
-            model = {f.name: f.type for f in dataclasses.fields(model)}.get(part)
-            model = typing.get_type_hints(model) and model if not isinstance(model, str) else None
-        else:
+        if not (isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields):
             return []
+        model = model.model_fields[part].annotation
     if isinstance(model, type) and issubclass(model, BaseModel):
         return list(model.model_fields)
     if dataclasses.is_dataclass(model):

@@ -1,13 +1,15 @@
 """Data accounting: every record read is counted once as kept, filtered or errored.
 
-Plain data and arithmetic, no Ray: the trainer imports it on machines without Ray. The `DataLedger`
+Plain data and arithmetic, no Ray. The `DataLedger`
 Ray actor that gathers tallies from the pipeline's actors lives in ledger.py.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+
+# the data position and a row's identity are the stream's contract with the Trainer (common/stream.py)
+from omnistream.common.stream import MOD, DataPosition, row_hash  # noqa: F401 - re-exported
 
 MAX_DEAD_LETTERS = 10_000  # beyond this, dead letters are counted but not listed
 
@@ -119,61 +121,3 @@ def error_rate_verdict(t: Tally, max_rate: float, window: int, final: bool = Fal
                 f"data.max_error_rate={max_rate}: are the shards the data you meant?")
     return None
 
-
-MOD = 1 << 256
-
-
-def row_hash(keys: str) -> str:
-    """A packed row's identity: the record keys of its documents, in order."""
-    return hashlib.sha256(str(keys).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-@dataclass
-class DataPosition:
-    """Where a run stands in the global row stream (pipelines/rows.py): a few numbers, however long the run.
-
-    rows      rows of the global stream consumed, all ranks together
-    records   document keys in them (a document cut across rows counts once per piece)
-    digest    the sum, mod 2^256, of sha256("<position>:<keys>") over every consumed row: the same rows
-              at the same places of the stream give the same digest whichever rank consumed them and
-              on however many ranks, and a row repeated, skipped or moved changes it
-    last      the stream's last consumed row: its window, row in the window, hash and position; where a
-              resumed stream restarts (and what it checks)
-    """
-    rows: int = 0
-    records: int = 0
-    digest: int = 0
-    last: dict | None = None
-
-    def add_row(self, pos: int, keys: str, window: int, row: int) -> None:
-        keys = str(keys)
-        self.rows += 1
-        self.records += keys.count("\n") + 1
-        self.digest = (self.digest + int.from_bytes(
-            hashlib.sha256(f"{pos}:{keys}".encode("utf-8", "surrogateescape")).digest(), "big")) % MOD
-        if self.last is None or pos > self.last["pos"]:
-            self.last = {"window": int(window), "row": int(row), "pos": int(pos), "keys": keys}
-
-    def merged(self, others: list["DataPosition"]) -> "DataPosition":
-        """This position (the start) advanced by what each rank consumed since."""
-        out = DataPosition(self.rows, self.records, self.digest, self.last)
-        for o in others:
-            out.rows += o.rows
-            out.records += o.records
-            out.digest = (out.digest + o.digest) % MOD
-            if o.last is not None and (out.last is None or o.last["pos"] > out.last["pos"]):
-                out.last = o.last
-        return out
-
-    def to_json(self) -> dict:
-        last = None if self.last is None else {
-            "window": self.last["window"], "row": self.last["row"], "pos": self.last["pos"],
-            "row_hash": self.last.get("row_hash") or row_hash(self.last["keys"])}
-        return {"rows": self.rows, "records": self.records, "digest": f"{self.digest:064x}", "last": last}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "DataPosition":
-        return cls(int(d["rows"]), int(d["records"]), int(d["digest"], 16), d.get("last"))
-
-    def ledger_digest(self) -> str:
-        return f"{self.digest:064x}"

@@ -22,6 +22,7 @@ from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import Tally
 from .config import DataConfig
+from .packing import pack_documents
 from .quality import build_filters
 from .records import RawRecord, read_shard
 
@@ -239,3 +240,23 @@ def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, di
         n += 1
         if limit is not None and n >= limit:
             return
+
+
+def held_out(cfg) -> dict:
+    """A run's held-out set, read in this process (what training/evaluate.py's Evaluator is handed): the
+    first `eval.examples` kept records of `data.eval_shards` as (key, the labels of its KEY.json, local ids
+    per modality), their documents packed into rows for the loss, and what became of every record read
+    (a Tally). `cfg` is the run config."""
+    tally, records, docs = Tally(), [], []
+    for r, ids, toks, mods in local_documents(cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities, cfg.data,
+                                              cfg.seed, limit=cfg.eval.examples, tally=tally):
+        meta = {}
+        if "json" in r.fields:
+            try:
+                meta = json.loads(r.fields["json"])
+            except ValueError:
+                meta = {}
+        records.append((r.key, meta if isinstance(meta, dict) else {}, ids))
+        docs.append((toks, mods, r.key))
+    rows = pack_documents(*map(list, zip(*docs)), cfg.data.seq_len) if docs else {}
+    return {"records": records, "rows": rows, "tally": tally}

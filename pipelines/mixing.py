@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from omnistream.common.stream import shares_of, token_counts
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .packing import layout_rows, pieces
@@ -51,16 +52,6 @@ class MixConfig(BaseModel):
     @property
     def on(self) -> bool:
         return bool(self.shares)
-
-
-def token_counts(modality_ids: np.ndarray, n_mods: int) -> np.ndarray:
-    """Tokens per modality index 1..n_mods (index 0 = specials and padding is dropped)."""
-    return np.bincount(np.asarray(modality_ids).ravel(), minlength=n_mods + 1)[1:n_mods + 1]
-
-
-def shares_of(counts: np.ndarray) -> np.ndarray:
-    total = counts.sum()
-    return counts / total if total else np.zeros(len(counts))
 
 
 def mix_pack(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str], seq_len: int,

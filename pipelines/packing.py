@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from omnistream.common.stream import COLUMNS, label_modalities  # noqa: F401 - the batch format (common/stream.py)
 
 IGNORE = -100
-COLUMNS = ("input_ids", "labels", "position_ids", "doc_ids", "modality_ids")
 
 
 def pieces(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str], seq_len: int):
@@ -70,11 +70,4 @@ def layout_rows(rows: Sequence[Sequence[tuple]], seq_len: int) -> dict[str, np.n
             at += L
         row_keys.append("\n".join(k for _, _, k in docs))
     out["keys"] = np.array(row_keys, dtype=object)
-    return out
-
-
-def label_modalities(modality_ids: np.ndarray) -> np.ndarray:
-    """The modality of each label (= of the next token); the last column never has a label."""
-    out = np.zeros_like(modality_ids)
-    out[..., :-1] = modality_ids[..., 1:]
     return out

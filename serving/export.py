@@ -24,10 +24,15 @@ from pathlib import Path
 
 import torch
 from omnistream.common import logs
+from omnistream.common.checkpoint import (
+    CKPT_TAG,
+    META,
+    load_weights_only,
+    read_checkpoint_meta,
+)
 from omnistream.common.errors import UserError
 from omnistream.modalities import registry
 from omnistream.modalities.vocab import Vocabulary, describe_mismatch
-from omnistream.training.checkpoint import CKPT_TAG, META, read_checkpoint_meta
 
 MODEL_FILE = "model.safetensors"
 MODEL_META = "model.json"
@@ -38,8 +43,6 @@ def _rank(p: Path) -> int:
 
 
 def _load(path: Path) -> dict:
-    from omnistream.training.engine import load_weights_only
-
     return load_weights_only(path, "cpu")
 
 

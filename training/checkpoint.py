@@ -13,36 +13,17 @@ weights_only=True (engine.weights_only_checkpoint_engine).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from omnistream.common.checkpoint import CKPT_TAG, DATA, META, read_checkpoint_meta
 from omnistream.common.errors import UserError
 from omnistream.modalities.vocab import Vocabulary, describe_mismatch
 
-CKPT_TAG = "model"
-META = "omnistream.json"
-DATA = "data.json"
-
-
-def read_checkpoint_meta(path: str | Path) -> dict:
-    """The checkpoint's meta; a missing, damaged or cut-off file is a UserError naming it and what is wrong."""
-    p = Path(path) / META
-    if not p.exists():
-        raise UserError(f"{path} is not an omnistream checkpoint ({META} missing)")
-    try:
-        meta = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"checkpoint {path}: {p.name} is damaged or cut off ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"checkpoint {path}: {p.name} holds {type(meta).__name__}, not an object")
-    missing = [k for k in ("step", "world_size", "vocab", "config") if k not in meta]
-    if not missing and not (isinstance(meta["vocab"], dict) and "fingerprint" in meta["vocab"]):
-        missing = ["vocab.fingerprint"]
-    if missing:
-        raise UserError(f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)")
-    return meta
-
+log = logging.getLogger(__name__)
 
 def check_checkpoint(path: str | Path, vocab: Vocabulary) -> dict:
     """Refuse a checkpoint made with another vocabulary (saying what differs), or without a data position."""
@@ -60,7 +41,7 @@ def read_data_position(path: str | Path) -> dict:
     p = Path(path) / DATA
     try:
         d = json.loads(p.read_text())
-        d["position"]["rows"], d["stream"]  # noqa: B018 - the fields a resume needs
+        d["position"]["rows"], d["stream"]
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} has no {DATA} (written by an omnistream before the token cache?): "
                         f"it cannot be resumed, only exported") from None
@@ -148,17 +129,21 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     registered by Ray Train where it keeps a record, and with meta, data position and every rank's
     model files all there. A checkpoint cut off mid-write is passed over, never read."""
     found: list[tuple[int, Path]] = []
-    for meta_file in Path(root).glob("**/" + META):
-        d = meta_file.parent
+    # os.walk, not Path.glob("**/..."): a folder removed mid-walk (Ray Train dropping an old checkpoint
+    # while a run goes on) is skipped there, where glob raises FileNotFoundError
+    for top, _, files in os.walk(root):
+        if META not in files:
+            continue
+        d = Path(top)
         listed = _registered(d.parent)
         if listed is not None and d.name not in listed:
             continue
         try:
             meta = read_checkpoint_meta(d)
             read_data_position(d)
-        except UserError:
+            ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
+        except (UserError, OSError):  # OSError: removed while read (Ray Train drops old checkpoints)
             continue
-        ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
         if len(ranks) < (meta["world_size"] if meta["config"]["train"]["zero_stage"] == 3 else 1):
             continue
         found.append((meta["step"], d))
@@ -169,3 +154,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint under `root` (see complete_checkpoints)."""
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def checkpoint_or_newest_in(path: str | Path, what: str) -> str:
+    """`path` itself when it is a checkpoint (or not a folder: reading it says what is wrong); a run's folder
+    (`cluster.storage_path`, or one run in it): its newest complete checkpoint, a last one cut off
+    mid-write passed over. `what` names the setting in the error and the log line."""
+    p = Path(path)
+    if not p.is_dir() or (p / META).exists():
+        return str(path)
+    newest = latest_checkpoint(p)
+    if newest is None:
+        raise UserError(f"{what}={p} holds no complete omnistream checkpoint")
+    log.info("%s: the newest complete checkpoint under %s: %s", what, p, newest)
+    return str(newest)

@@ -165,26 +165,13 @@ def single_process_group() -> None:
                                 world_size=1)
 
 
-def load_weights_only(path, map_location=None):
-    """torch.load of a DeepSpeed checkpoint file with weights_only=True (docs/architecture.md, security
-    defaults): tensors and plain containers, never code. DeepSpeed's files need only its ZeRO stage enum,
-    loss scalers and (ZeRO-1/2's optimizer files) the (start, numel) record of each parameter's slice
-    beside those; every reader of a checkpoint (the engine, `export`) loads through this."""
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def weights_only_checkpoint_engine(engine):
     """DeepSpeed's torch checkpoint engine, but loading with weights_only=True (load_weights_only):
     DeepSpeed's own engine loads with weights_only=False."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
     )
+    from omnistream.common.checkpoint import load_weights_only
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):

@@ -11,7 +11,6 @@ two entries of configs/demo.toml.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -19,12 +18,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from omnistream.common.stream import COLUMNS, label_modalities
 from omnistream.configs import EvalTask, RunConfig
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.model.model import GPT, generate, loss_by_group
-from omnistream.pipelines.accounting import Tally
-from omnistream.pipelines.documents import local_documents
-from omnistream.pipelines.packing import COLUMNS, label_modalities, pack_documents
 
 log = logging.getLogger(__name__)
 
@@ -72,55 +69,38 @@ class HeldOut:
 
 @dataclass
 class EvalSet:
-    """Held-out records, read and tokenized once per worker."""
+    """Held-out records, read and tokenized once per worker (by pipelines/documents.held_out, handed in)."""
     records: list[HeldOut] = field(default_factory=list)
     rows: dict = field(default_factory=dict)       # packed rows for the loss
-    tally: Tally = field(default_factory=Tally)    # what became of the held-out records read
+    tally: object = None                           # what became of the held-out records read (a Tally)
 
     @classmethod
-    def load(cls, cfg: RunConfig) -> "EvalSet":
-        es = cls()
-        docs = []
-        for r, ids, toks, mods in local_documents(cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities,
-                                                  cfg.data, cfg.seed, limit=cfg.eval.examples, tally=es.tally):
-            meta = {}
-            if "json" in r.fields:
-                try:
-                    meta = json.loads(r.fields["json"])
-                except ValueError:
-                    meta = {}
-            es.records.append(HeldOut(r.key, meta if isinstance(meta, dict) else {}, ids))
-            docs.append((toks, mods, r.key))
-        if docs:
-            t, m, k = zip(*docs)
-            es.rows = pack_documents(list(t), list(m), list(k), cfg.data.seq_len)
-        return es
+    def of(cls, held: dict) -> "EvalSet":
+        """From what the loader returned: {"records": [(key, labels, ids)], "rows": ..., "tally": ...}."""
+        return cls([HeldOut(k, meta, ids) for k, meta, ids in held["records"]], held["rows"], held["tally"])
 
     def for_task(self, task: EvalTask) -> list[HeldOut]:
         return [r for r in self.records if task.prompt in r.ids and r.meta.get(task.label_field) is not None]
 
 
 def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int,
-              errors: list[str] | None = None, what: str = "") -> list:
+              errors: list[str], what: str) -> list:
     """Greedy continuations restricted to modality `dst`'s block, as `dst`'s decoded objects.
 
-    With `errors` given, a continuation its modality cannot decode (a barely trained model makes one or
-    two ids of an image or a clip; a plugin's decode may refuse any sequence) is None, and the reason is
-    appended to `errors`: a sample that cannot be drawn is reported, it never ends a training run.
+    A continuation its modality cannot decode (a barely trained model makes one or two ids of an image
+    or a clip; a plugin's decode may refuse any sequence) is None, and the reason is appended to
+    `errors`: a sample that cannot be drawn is reported, it never ends a training run.
     """
     gens = generate(model, prompts, n_new, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),),
                     stop_token=vocab.end(dst))
     out = []
     for i, g in enumerate(gens):
         local = vocab.to_local(dst, g)
-        if errors is None:
-            out.append(vocab.by_name[dst].decode(local))
-            continue
         try:
             out.append(vocab.by_name[dst].decode(local))
         except Exception as e:  # noqa: BLE001 - any failure of a modality's decode is the sample's, not the run's
             out.append(None)
-            errors.append(f"{what or dst}[{i}]: {dst}.decode of {len(local)} ids raised {type(e).__name__}: "
+            errors.append(f"{what}[{i}]: {dst}.decode of {len(local)} ids raised {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}")
     return out
 
@@ -128,8 +108,10 @@ def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str,
 class Evaluator:
     """eval/loss/<modality> and eval/<task>/accuracy, plus a few generations a person can open."""
 
-    def __init__(self, cfg: RunConfig, vocab: Vocabulary):
-        self.cfg, self.vocab = cfg, vocab
+    def __init__(self, cfg: RunConfig, vocab: Vocabulary, held_out: Callable[[RunConfig], dict]):
+        """`held_out(cfg)` reads the run's held-out set when it is first needed (the data side's job:
+        omnistream.pipelines.documents.held_out, which the wiring hands in)."""
+        self.cfg, self.vocab, self.held_out = cfg, vocab, held_out
         self._set: EvalSet | None = None
 
     @property
@@ -139,7 +121,7 @@ class Evaluator:
     @property
     def data(self) -> EvalSet:
         if self._set is None:
-            self._set = EvalSet.load(self.cfg)
+            self._set = EvalSet.of(self.held_out(self.cfg))
         return self._set
 
     @torch.no_grad()

@@ -4,7 +4,7 @@
     trainer.train()            # to train.steps, or until the stream ends
 
 Its state is `state_dict()` / `load_state_dict()`: the step, the token totals per modality, and the
-data position in the global row stream (rows consumed, their digest, the last row; accounting.DataPosition).
+data position in the global row stream (rows consumed, their digest, the last row; common/stream.DataPosition).
 The stream is built to start at that position (pipelines/rows.py), so loading it replays nothing; the
 Trainer checks that every micro-batch carries the stream positions due to this rank at this step.
 Everything else is a component with a small interface, handed in:
@@ -31,12 +31,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omnistream.common.errors import DataOrderError, ErrorRateExceeded
+from omnistream.common.stream import (
+    COLUMNS,
+    DataPosition,
+    label_modalities,
+    shares_of,
+    token_counts,
+)
 from omnistream.configs import RunConfig
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.model.model import flops_per_token, loss_by_group
-from omnistream.pipelines.accounting import DataPosition
-from omnistream.pipelines.mixing import shares_of, token_counts
-from omnistream.pipelines.packing import COLUMNS, label_modalities
 
 from .engine import build_engine, plain_copy
 from .metrics import Interval, memory_gb, peak_flops, scalars

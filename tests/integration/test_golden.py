@@ -11,7 +11,7 @@ import torch
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import CorpusSpec, write_demo_corpus
-from omnistream.pipelines.documents import local_documents
+from omnistream.pipelines.documents import held_out, local_documents
 from omnistream.pipelines.packing import COLUMNS, pack_documents
 from omnistream.tracking import MemoryTracker
 from omnistream.training.engine import single_process_group
@@ -74,7 +74,7 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
 
     single_process_group()
     tracker = MemoryTracker()
-    trainer = Trainer(cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab))
+    trainer = Trainer(cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab, held_out))
     m = trainer.train()
 
     assert trainer.step == STEPS and trainer.state_dict()["data"]["rows"] == STEPS * 16  # micro-batches of 16 rows

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
-from omnistream.pipelines.documents import local_documents
+from omnistream.pipelines.documents import held_out, local_documents
 from omnistream.pipelines.packing import COLUMNS, pack_documents
 from omnistream.tracking import MemoryTracker
 from omnistream.training.checkpoint import Checkpointer
@@ -99,7 +99,7 @@ def test_evaluating_an_untrained_model_every_step_never_ends_training(corpus, bu
     single_process_group()
     cfg, vocab = small_config(corpus, bundle, tmp_path, "train.eval_every=1", "train.steps=4")
     tracker = MemoryTracker()
-    Trainer(cfg, vocab, batches(rows, 4), tracker=tracker, evaluator=Evaluator(cfg, vocab)).train()
+    Trainer(cfg, vocab, batches(rows, 4), tracker=tracker, evaluator=Evaluator(cfg, vocab, held_out)).train()
     assert [s for s, _ in sorted(tracker.history["train/loss"])] == [1, 2, 3, 4]
     assert [s for s, _ in sorted(tracker.history["eval/sample_errors"])][-4:] == [1, 2, 3, 4]
     for step in range(1, 5):
@@ -121,7 +121,7 @@ def test_a_sample_that_cannot_be_drawn_is_counted_and_said_not_fatal(corpus, bun
 
     audio.decode = refuse
     tracker = MemoryTracker()
-    Trainer(cfg, vocab, batches(rows, 4), tracker=tracker, evaluator=Evaluator(cfg, vocab)).train()
+    Trainer(cfg, vocab, batches(rows, 4), tracker=tracker, evaluator=Evaluator(cfg, vocab, held_out)).train()
     assert [s for s, _ in sorted(tracker.history["train/loss"])] == [1, 2, 3, 4]
     errors = dict(tracker.history["eval/sample_errors"])
     assert errors[2] >= 1 and errors[4] >= 1, errors  # text->audio, drawn on rank 0

@@ -1,0 +1,53 @@
+"""A checkpoint's files as training writes them and serving reads them (training/checkpoint.py has the
+writer and the resume logic; serving/export.py the reader of a model out of it):
+
+    model/...          DeepSpeed's per-rank ZeRO files (tag "model")
+    data.json          the global data position and the settings of the row stream it is a position in
+    omnistream.json    step, world size, token totals, vocabulary layout + fingerprint, config
+
+Here so that both rooms read one format without one importing the other. Standard library at import
+time; torch and DeepSpeed only inside `load_weights_only`, for whoever loads the tensors.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+CKPT_TAG = "model"
+META = "omnistream.json"
+DATA = "data.json"
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The checkpoint's meta; a missing, damaged or cut-off file is a UserError naming it and what is wrong."""
+    p = Path(path) / META
+    if not p.exists():
+        raise UserError(f"{path} is not an omnistream checkpoint ({META} missing)")
+    try:
+        meta = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path}: {p.name} is damaged or cut off ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {path}: {p.name} holds {type(meta).__name__}, not an object")
+    missing = [k for k in ("step", "world_size", "vocab", "config") if k not in meta]
+    if not missing and not (isinstance(meta["vocab"], dict) and "fingerprint" in meta["vocab"]):
+        missing = ["vocab.fingerprint"]
+    if missing:
+        raise UserError(f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)")
+    return meta
+
+
+def load_weights_only(path, map_location=None):
+    """torch.load of a DeepSpeed checkpoint file with weights_only=True (docs/architecture.md, security
+    defaults): tensors and plain containers, never code. DeepSpeed's files need only its ZeRO stage enum,
+    loss scalers and (ZeRO-1/2's optimizer files) the (start, numel) record of each parameter's slice
+    beside those; every reader of a checkpoint (the engine, `export`) loads through this."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
