@@ -44,6 +44,7 @@ def export(args) -> int:
     out = do_export(args.checkpoint, args.out_dir, args.bundle)
     print(f"exported {args.checkpoint} -> {out}")
     if args.register:
+        from omnistream.common.logs import redact
         from omnistream.serving.pyfunc import log_and_register
         from omnistream.training.checkpoint import read_checkpoint_meta
 
@@ -58,7 +59,7 @@ def export(args) -> int:
             tracker = tracking.attach(TrackingConfig.model_validate(meta["config"]["tracking"]), meta["run_id"])
             uri = tracker.uri
             ref = log_and_register(out, args.register, tracker)
-        print(f"registered {ref} ({uri}): mlflow.pyfunc.load_model({ref!r})")
+        print(f"registered {ref} ({redact(uri)}): mlflow.pyfunc.load_model({ref!r})")
     return 0
 
 

@@ -5,9 +5,12 @@ import contextlib
 import logging
 import os
 import secrets
+import tempfile
+from pathlib import Path
 
 from omnistream.common import logs
 from omnistream.common.errors import UserError
+from omnistream.common.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,11 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         # beside this one
         # address="local": a Ray of this command's own, even where a user's `ray start` left its address in
         # /tmp/ray (ray.init() with no address would join that one, or refuse num_cpus for it)
+        # Ray's own default, /tmp/ray, is made 0777 and shared by every user of the machine: its logs, and
+        # the code it unpacks for workers, readable and replaceable by them. Here: a 0700 folder of ours.
+        temp = private_dir(Path(tempfile.gettempdir()) / f"omnistream-{os.getuid()}") / "ray"
         ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                       _temp_dir=str(temp),
                        dashboard_host="127.0.0.1",
                        _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
                        logging_level="WARNING",

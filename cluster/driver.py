@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omnistream import tracking
 from omnistream.common.errors import ErrorRateExceeded, UserError
+from omnistream.common.logs import redact
 from omnistream.configs import RunConfig
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.rows import StreamStart
@@ -132,18 +133,20 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     cfg, vocab = prepare(cfg)
     connect(cfg.cluster.address, cfg.cluster.local_cpus)
     if run_id is None:
-        tracker = tracking.start_run(cfg.tracking, cfg.flat(), tags={"omnistream.vocab_fingerprint": vocab.fingerprint},
+        tracker = tracking.start_run(cfg.tracking, cfg.flat(redacted=True), tags={"omnistream.vocab_fingerprint": vocab.fingerprint},
                                      description=describe_run(cfg, vocab))
     else:
         tracker = tracking.attach(cfg.tracking, run_id)
-    tracker.log_text(cfg.to_toml(), "config/resolved.toml")
+    tracker.log_text(cfg.to_toml(redacted=True), "config/resolved.toml")
     tracker.log_text(tracking.dumps(vocab.layout()), "vocab.json")
-    log.info("tracking run %s (%s at %s); %s", tracker.run_id, cfg.tracking.backend, tracker.uri, tracker.link())
+    log.info("tracking run %s (%s at %s); %s", tracker.run_id, cfg.tracking.backend, redact(tracker.uri),
+             redact(tracker.link()))
 
     try:
         return _train(cfg, vocab, tracker, t0)
-    except KeyboardInterrupt:  # Ctrl-C: the run is KILLED, not left RUNNING
-        _end_run(tracker, "KILLED")
+    except BaseException as e:  # Ctrl-C: the run is KILLED; any other way out FAILED, never left RUNNING
+        if not getattr(tracker, "omnistream_ended", False):
+            _end_run(tracker, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 
 
@@ -237,6 +240,7 @@ def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
 def _end_run(tracker, status: str) -> None:
     """Mark the run FINISHED, FAILED or KILLED; a tracking store that cannot take it is a warning, never an
     error that would hide why the run ended."""
+    tracker.omnistream_ended = True
     try:
         tracker.finish(status)
     except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than its status line

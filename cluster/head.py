@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from omnistream.common.errors import UserError
+from omnistream.common.private import private_dir
 from omnistream.tracking.server import (
     process_group,
     reap,
@@ -36,15 +37,16 @@ def _ray_bin() -> str:
 
 def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None,
                mlflow_port: int = 5000) -> dict:
-    STATE.mkdir(parents=True, exist_ok=True)
+    private_dir(STATE)
     state_file = STATE / f"head-{port}.json"
     if state_file.exists():
         raise UserError(f"a head started here is already recorded on port {port} ({state_file}): "
                         f"`omnistream cluster down --port {port}` first")
     tok = ensure_token()
     # Ray's socket paths must stay under ~107 bytes, so the head's temp dir is short and ours alone:
-    # `down` ends exactly the processes whose command line names it.
-    temp = Path(tempfile.gettempdir()) / f"omni-ray-{port}"
+    # `down` ends exactly the processes whose command line names it. Ray makes its own temp dir 0777, so
+    # it is a folder inside a private one (0700): its sockets, logs and the jobs' code, this user's alone.
+    temp = private_dir(Path(tempfile.gettempdir()) / f"omni-ray-{port}")
     # a job's entrypoint runs `python` from the head's PATH: put this environment's first, as an activated
     # venv would, so jobs run with the interpreter (and packages) omnistream is installed in
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -52,7 +54,7 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp}", "--disable-usage-stats",
+           f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp / 'r'}", "--disable-usage-stats",
            # the job agent's fixed default port (52365) is taken by any other Ray on this machine, an
            # in-process one of `omnistream train` included, and without its agent a head takes no jobs
            f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}"]

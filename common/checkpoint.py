@@ -11,6 +11,8 @@ time; torch and DeepSpeed only inside `load_weights_only`, for whoever loads the
 from __future__ import annotations
 
 import json
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -34,6 +36,13 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     missing = [k for k in ("step", "world_size", "vocab", "config") if k not in meta]
     if not missing and not (isinstance(meta["vocab"], dict) and "fingerprint" in meta["vocab"]):
         missing = ["vocab.fingerprint"]
+    if not missing:  # what a resume and an export read of the run's config
+        cfg = meta["config"] if isinstance(meta["config"], dict) else {}
+        for part, keys in (("train", ("micro_batch_size", "grad_accum", "zero_stage", "precision")),
+                           ("model", ()), ("data", ("bundle_dir",))):
+            sub = cfg.get(part)
+            missing += ([f"config.{part}"] if not isinstance(sub, dict) else
+                        [f"config.{part}.{k}" for k in keys if k not in sub])
     if missing:
         raise UserError(f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)")
     return meta
@@ -50,4 +59,30 @@ def load_weights_only(path, map_location=None):
     from deepspeed.utils.tensor_fragment import fragment_address
 
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            # torch.serialization.load, not torch.load: weights_only_loads() below replaces torch.load
+            return torch.serialization.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"checkpoint file {path} needs a pickle to load, refused: omnistream loads "
+                            f"checkpoints as weights only ({first})") from None
+
+
+@contextmanager
+def weights_only_loads():
+    """Every torch.load inside goes through load_weights_only. DeepSpeed's universal-checkpoint conversion
+    (ds_to_universal) and its loader call torch.load(weights_only=False) themselves, and whether a
+    resume takes that path is decided by the checkpoint's own omnistream.json: without this a planted
+    optimizer file would run its pickle there. Used around the conversion and the universal load."""
+    import torch
+
+    real = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        return load_weights_only(f, map_location)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real

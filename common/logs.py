@@ -101,3 +101,13 @@ def parse(line: str) -> tuple[str, str] | None:
 def inherited() -> dict[str, str]:
     """The environment a process this one starts elsewhere (a Ray job, a worker) needs to log as it does."""
     return {LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO")}
+
+
+# scheme://userinfo@ : a password or token in a URL (tracking.uri = "https://user:secret@host")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with every URL's user and password (`scheme://user:secret@host`) replaced by ***: for what
+    is logged, printed, or sent to a tracking store as a param or the run's config."""
+    return _USERINFO.sub(r"\1***@", text)

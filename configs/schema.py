@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import tomli_w
 from omnistream.common.errors import UserError
+from omnistream.common.logs import redact
 from omnistream.modalities import registry
 from omnistream.model.config import GPTConfig
 from omnistream.pipelines.config import DataConfig
@@ -160,11 +161,24 @@ class RunConfig(_Section):
         c.tracking.run_name = c.tracking.run_name or c.name
         return c
 
-    def to_toml(self) -> str:
-        return tomli_w.dumps(self.model_dump(mode="json"))
+    def to_toml(self, redacted: bool = False) -> str:
+        """The whole config as TOML; `redacted`: URLs' passwords as *** (what a tracking store is sent)."""
+        return tomli_w.dumps(self._dump(redacted))
 
-    def flat(self) -> dict[str, Any]:
-        return flatten(self.model_dump(mode="json"))
+    def flat(self, redacted: bool = False) -> dict[str, Any]:
+        return flatten(self._dump(redacted))
+
+    def _dump(self, redacted: bool) -> dict:
+        d = self.model_dump(mode="json")
+        return _redacted(d) if redacted else d
+
+
+def _redacted(v):
+    if isinstance(v, dict):
+        return {k: _redacted(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_redacted(x) for x in v]
+    return redact(v) if isinstance(v, str) else v
 
 
 def _abs(p: str) -> str:

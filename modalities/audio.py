@@ -36,6 +36,15 @@ RESAMPLERS = 8
 # 44.1 kHz -> 8 kHz is 80·441 = 35k, but 44.101 kHz -> 8 kHz would be 353M (1.4 GB). Rates sharing too
 # small a factor with the target are errored as audio_sample_rate instead of built.
 MAX_RESAMPLE_TAPS = 1 << 22
+# libsndfile picks the format by the bytes, whatever the name: a 69 KiB Ogg Vorbis of 255 channels named
+# .wav decodes to 464 MiB. Only the format the extension names is decoded, with at most MAX_CHANNELS
+# channels (7.1 surround), read in blocks of BLOCK frames, each mixed down to mono as it is read.
+CONTAINERS = {"wav": ("WAV", "WAVEX", "RF64"), "flac": ("FLAC",)}
+MAX_CHANNELS = 8
+BLOCK = 1 << 16
+# Float WAV's full scale is 1.0 (integer formats decode into [-1, 1]): a sample far past it is no sound,
+# and squaring it for the spectrum overflows float32 (1e30² = inf) into NaN features.
+MAX_AMPLITUDE = 1000.0
 
 
 @dataclass
@@ -118,8 +127,16 @@ class AudioModality(BaseModality):
         lie = _wav_size_lie(data) if data[:4] == b"RIFF" else None
         if lie:
             raise BadSample("audio_header_mismatch", lie)
+        want = CONTAINERS.get(ext)
+        if want is None:
+            raise BadSample("audio_wrong_format", f".{ext} is not one of the audio extensions {sorted(CONTAINERS)}")
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
+                if f.format not in want:
+                    raise BadSample("audio_wrong_format", f"the bytes of this .{ext} are {f.format_info}, "
+                                                          f"not {'/'.join(want)}")
+                if f.channels > MAX_CHANNELS:
+                    raise BadSample("audio_too_many_channels", f"{f.channels} channels > {MAX_CHANNELS}")
                 sr, frames = f.samplerate, f.frames
                 if not MIN_RATE <= sr <= MAX_RATE:
                     raise BadSample("audio_sample_rate", f"sample rate {sr} Hz outside {MIN_RATE}..{MAX_RATE}")
@@ -131,18 +148,23 @@ class AudioModality(BaseModality):
                 # the header's length is checked before reading, then the real length after
                 if frames / sr > self.options.max_seconds:
                     raise BadSample("audio_too_long", f"{frames / sr:.1f}s > max_seconds={self.options.max_seconds}")
-                wave = f.read(frames=int(self.options.max_seconds * sr) + 1, dtype="float32", always_2d=True)
+                # mono as it is read, BLOCK frames at a time: never the channels of the whole clip at once
+                limit = int(self.options.max_seconds * sr) + 1
+                wave = np.concatenate([b.mean(axis=1) for b in f.blocks(BLOCK, frames=limit, dtype="float32",
+                                                                        always_2d=True)] or [np.zeros(0, np.float32)])
         except BadSample:
             raise
         except Exception as e:
             raise BadSample("audio_undecodable", f"{type(e).__name__}: {e}") from None
         if len(wave) / sr > self.options.max_seconds:
             raise BadSample("audio_too_long", f"more than max_seconds={self.options.max_seconds}")
-        wave = wave.mean(axis=1)
         if len(wave) == 0:
             raise BadSample("audio_empty", "no samples")
         if not np.isfinite(wave).all():
             raise BadSample("audio_not_finite", "NaN or inf samples")
+        if np.abs(wave).max() > MAX_AMPLITUDE:
+            raise BadSample("audio_out_of_range", f"samples up to {np.abs(wave).max():.3g}, full scale is 1.0 "
+                                                  f"(more than {MAX_AMPLITUDE:g} is refused)")
         return Audio(wave=wave.astype(np.float32), sample_rate=int(sr))
 
     # ---- object -> frames ------------------------------------------------------
@@ -168,7 +190,10 @@ class AudioModality(BaseModality):
                                          center=False)
         db = 10 * torch.log10(self._mel(w).clamp(min=1e-10)).T  # (frames, n_mels)
         db = (db - db.max()).clamp(min=-o.dynamic_range_db)
-        return (1 + db / o.dynamic_range_db).numpy().astype(np.float32)
+        out = (1 + db / o.dynamic_range_db).numpy().astype(np.float32)
+        if not np.isfinite(out).all():  # one such clip in a fit would put a NaN row in the codebook
+            raise BadSample("audio_not_finite", "its log-mel features are not finite")
+        return out
 
     def fit_features(self, obj: Audio) -> np.ndarray:
         return self._features(obj)

@@ -151,6 +151,11 @@ class BaseModality:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         arrays, rest = _split_state(self._state())
+        for k, a in arrays.items():  # a NaN row in a codebook is nearest to nothing: every frame would map to it
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                raise UserError(f"the fitted {self.name} tokenizer's {k!r} holds NaN or inf "
+                                f"({int((~np.isfinite(a)).sum())} values): not saved; the fit samples had "
+                                f"values no decoder check caught")
         np.savez(d / "state.npz", **arrays)
         meta = {"name": self.name, "version": self.version,
                 "options": self.options.model_dump(mode="json"), "state": rest}

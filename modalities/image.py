@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from omnistream.common.errors import BadSample
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import Field, model_validator
 
 from .base import (
@@ -63,6 +63,14 @@ def dhash_bands(h: int, max_hamming: int) -> list[str]:
     return [f"i{i}:{(h >> edges[i]) & ((1 << (edges[i + 1] - edges[i])) - 1):x}" for i in range(k)]
 
 
+# Only the format a member's extension names is decoded: Pillow's open() otherwise tries every format it
+# knows (TIFF, BMP, PCX, SGI, TGA, ICO, DDS, QOI ... and EPS, which hands the bytes to Ghostscript where
+# it is installed), so a .png could be any of them.
+FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "PNG": lambda b: b[:8] == b"\x89PNG\r\n\x1a\n",
+          "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"}
+
+
 class ImageModality(BaseModality):
     name: ClassVar[str] = "image"
     version: ClassVar[str] = "1"
@@ -90,10 +98,18 @@ class ImageModality(BaseModality):
     def decode_bytes(self, ext: str, data: bytes) -> Image.Image:
         if not data:
             raise BadSample("image_empty")
+        fmt = FORMATS.get(ext)
+        if fmt is None:
+            raise BadSample("image_wrong_format", f".{ext} is not one of the image extensions {sorted(FORMATS)}")
         try:
-            im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
         except Image.DecompressionBombError as e:  # Pillow's own bound (2× its MAX_IMAGE_PIXELS) fired first
             raise BadSample("image_too_large", str(e)) from None
+        except Image.UnidentifiedImageError as e:
+            if _MAGIC[fmt](data):  # the format's own signature, then bytes its reader cannot make sense of
+                raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
+            raise BadSample("image_wrong_format", f"the bytes of this .{ext} are not {fmt} "
+                                                  f"(they begin {data[:8]!r})") from None
         except Exception as e:
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         w, h = im.size
@@ -101,6 +117,8 @@ class ImageModality(BaseModality):
             raise BadSample("image_too_large", f"{w}x{h} > max_pixels={self.options.max_pixels}")
         try:
             im.load()
+            # a phone's photo is stored as the sensor saw it, with the turn to show it in its EXIF tag
+            im = ImageOps.exif_transpose(im)
         except Exception as e:
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         return im.convert("RGB")

@@ -39,6 +39,8 @@ from .config import DataConfig
 
 FORMAT = 1
 MANIFEST = "cache.json"
+TMP = ".tmp-"             # part-files: written, then moved to their name
+STALE_S = 3600           # a part-file this old is no write in progress: swept when the cache is opened
 
 
 def shard_identity(url: str) -> list:
@@ -108,11 +110,35 @@ class TokenCache:
 
     def _write_atomic(self, rel: str, data: bytes) -> None:
         final = self._path(rel)
-        tmp = f"{final}.tmp-{time.time_ns()}"
+        tmp = f"{final}{TMP}{time.time_ns()}"
         self.fs.makedirs(str(PurePosixPath(final).parent), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, final)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            try:  # a failed write leaves no part-file behind (a killed process's are swept by claim())
+                self.fs.rm(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _sweep(self) -> int:
+        """Remove part-files (*.tmp-*) older than STALE_S: what writers killed mid-write left. Younger ones
+        may be another actor's write in progress."""
+        gone = 0
+        try:
+            paths = [p for p in self.fs.find(self.root) if TMP in PurePosixPath(p).name]
+        except OSError:
+            return 0
+        for p in paths:
+            try:
+                if time.time() - self.fs.modified(p).timestamp() > STALE_S:
+                    self.fs.rm(p)
+                    gone += 1
+            except (OSError, NotImplementedError):
+                continue
+        return gone
 
     # ---- the key ----------------------------------------------------------------------------------
     def manifest(self) -> dict | None:
@@ -127,6 +153,7 @@ class TokenCache:
     def claim(self, key: dict) -> None:
         """Make this directory the cache for `key`, or refuse a cache made under another key, saying what differs."""
         have = self.manifest()
+        self._sweep()
         if have is None:
             self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
             return

@@ -25,6 +25,7 @@ class Limits(BaseModel):
     members: int = Field(32, ge=1, description="members (files) per record; more is errored as too_many_members")
     header_bytes: int = Field(64 << 10, ge=512, description="a tar GNU long-name or pax header, which tar reads whole before the member's name can be checked; larger ends the shard as header_too_large")
     member_bytes: dict[str, int] = Field(default_factory=dict, description="per modality, member sizes tighter than data.max_member_bytes, e.g. {text = 1048576, image = 16777216}; more is errored as member_too_large")
+    shard_bytes: int = Field(16 << 30, ge=1 << 20, description="bytes decompressed from one compressed shard (.tar.gz, .tar.bz2, .tar.xz, .tar.zst), members skipped for their size included; more ends the shard as shard_too_large, what came before kept")
     buffer_bytes: int = Field(256 << 20, ge=1, description="record bytes one actor holds before decoding them (records are decoded in chunks of at most 256 and at most this many bytes)")
 
 

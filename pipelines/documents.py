@@ -133,9 +133,14 @@ class RecordProcessor:
         return None
 
     def outcomes(self, records: list[RawRecord]) -> list[Outcome]:
+        """Each record is decoded, checked, signed for dedup and encoded before the next is decoded: only
+        one record's decoded objects are held at a time (a 21 KB PNG can decode to 48 MB of pixels, and a
+        chunk is up to 256 records). Dedup then decides over the chunk's signatures in one call."""
+        if self.deduper is not None:  # Ray actors: only where the processor runs inside Ray
+            from .dedup import signatures
+
         out: list[Outcome | None] = [None] * len(records)
-        claims: dict[int, str] = {}
-        pending: list[tuple[int, dict]] = []
+        pending: list[tuple[int, dict | None, tuple, dict | None]] = []  # (i, parts, carries, signature)
         for i, r in enumerate(records):
             carries = tuple(sorted({self.exts[e] for e in r.fields if e in self.exts}))
             try:
@@ -143,42 +148,34 @@ class RecordProcessor:
                     raise BadSample(r.error, r.detail)
                 objs = decode_fields(self.mods, self.exts, r.fields)
                 reason = self.quality_reason(objs)
+                if reason:
+                    out[i] = Outcome("filtered", reason, modalities=carries)
+                    continue
+                carries = tuple(sorted(objs))
+                sig = (guarded(signatures, "dedup", "near_signatures", r, objs, set(self.exts), self.mods,
+                               self.filters, self.cfg.dedup) if self.deduper is not None else None)
+                parts = self._parts(objs)
             except BadSample as e:
                 out[i] = _errored(e, carries)
                 continue
-            if reason:
-                out[i] = Outcome("filtered", reason, modalities=carries)
-                continue
-            pending.append((i, objs))
-        if self.deduper is not None and pending:
-            sigs, signed = [], []
-            for i, objs in pending:
-                try:
-                    from .dedup import signatures
-
-                    sigs.append((f"{records[i].shard}:{records[i].key}",
-                                 guarded(signatures, "dedup", "near_signatures", records[i], objs, set(self.exts),
-                                         self.mods, self.filters, self.cfg.dedup)))
-                    signed.append((i, objs))
-                except BadSample as e:
-                    out[i] = _errored(e, tuple(sorted(objs)))
-            dups = self.deduper.duplicates(sigs) if sigs else []
-            pending = []
-            for (i, objs), dup, (_, sig) in zip(signed, dups, sigs):
-                if dup:
-                    out[i] = Outcome("filtered", dup, modalities=tuple(sorted(objs)))
-                else:
-                    pending.append((i, objs))
-                    claims[i] = json.dumps(sig)
-        for i, objs in pending:
-            try:
-                parts = ({n: guarded(self.mods[n].encode, n, "encode", o) for n, o in objs.items()}
-                         if self.vocab is not None else None)
-            except BadSample as e:
-                out[i] = _errored(e, tuple(sorted(objs)))
-                continue
-            out[i] = Outcome("kept", parts=parts, modalities=tuple(sorted(objs)), claims=claims.get(i))
+            finally:
+                objs = None  # the decoded pixels and samples go before the next record is decoded
+            pending.append((i, parts, carries, sig))
+        dups = (self.deduper.duplicates([(f"{records[i].shard}:{records[i].key}", sig) for i, _, _, sig in pending])
+                if self.deduper is not None and pending else [None] * len(pending))
+        for (i, parts, carries, sig), dup in zip(pending, dups):
+            if dup:
+                out[i] = Outcome("filtered", dup, modalities=carries)
+            else:
+                out[i] = Outcome("kept", parts=parts, modalities=carries,
+                                 claims=json.dumps(sig) if sig is not None else None)
         return out
+
+    def _parts(self, objs: dict) -> dict | None:
+        """What a kept record carries on: each modality's local ids (None without a bundle: accounting only)."""
+        if self.vocab is None:
+            return None
+        return {n: guarded(self.mods[n].encode, n, "encode", o) for n, o in objs.items()}
 
     def process(self, shards: Iterable[tuple[int, str]], tally: Tally, chunk: int = 256):
         """Yield (epoch, record, outcome) for every record of the shards, accounting each in `tally`."""
@@ -242,6 +239,21 @@ def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, di
             return
 
 
+def labels(raw: bytes | None) -> dict:
+    """A held-out record's labels: the scalar fields of its KEY.json object; {} for none, or for JSON that
+    cannot be read (`"[" * 100000` nests past the parser's recursion limit: RecursionError, not
+    ValueError), so one record's JSON never fails an evaluation (on every worker, at every retry)."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+
+
 def held_out(cfg) -> dict:
     """A run's held-out set, read in this process (what training/evaluate.py's Evaluator is handed): the
     first `eval.examples` kept records of `data.eval_shards` as (key, the labels of its KEY.json, local ids
@@ -250,13 +262,7 @@ def held_out(cfg) -> dict:
     tally, records, docs = Tally(), [], []
     for r, ids, toks, mods in local_documents(cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities, cfg.data,
                                               cfg.seed, limit=cfg.eval.examples, tally=tally):
-        meta = {}
-        if "json" in r.fields:
-            try:
-                meta = json.loads(r.fields["json"])
-            except ValueError:
-                meta = {}
-        records.append((r.key, meta if isinstance(meta, dict) else {}, ids))
+        records.append((r.key, labels(r.fields.get("json")), ids))
         docs.append((toks, mods, r.key))
     rows = pack_documents(*map(list, zip(*docs)), cfg.data.seq_len) if docs else {}
     return {"records": records, "rows": rows, "tally": tally}

@@ -1,12 +1,15 @@
 """Fitting the tokenizers on a sample of the training shards, with the work spread by Ray.
 
-Ray Data reads and decodes the sample and each modality turns its objects into
-fit features (image patches, log-mel frames, strings) in parallel actors; the
-final fit (k-means, BPE merges) runs once, here, on the gathered features.
+The sample is read the way training reads: each shard by a RecordProcessor actor (the guarded reader,
+data.limits, the quality filters, bounded restarts and retries, a shard whose actor keeps dying counted
+as a shard error), and each kept record's modalities turned into fit features (image patches, log-mel
+frames, strings), refused where they are not finite. The final fit (k-means, BPE merges) runs once,
+here, on the gathered features of the first data.fit_records records, in shard order.
 """
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,63 +22,95 @@ from omnistream.modalities.vocab import Vocabulary
 from .accounting import Tally
 from .config import DataConfig
 from .context import data_context
+from .documents import RecordProcessor, guarded
 from .shards import list_shards, shard_order
-from .stream import _read
+from .stream import RETRIES, lost_shard, processor_options, shards_may_die
+
+END = "__end__"  # the row that says a shard's call finished (a shard without one: its actor died)
 
 
-class ExtractFeatures:
-    def __init__(self, modalities):
-        self.mods = {m.name: m for m in modalities}
-        self.exts = {ext: m.name for m in modalities for ext in m.keys}
+class FitFeatures(RecordProcessor):
+    """One shard per call -> a row per record (its fit features per modality, or why it was not kept),
+    then one END row; at most `max_records` records of a shard are read."""
+
+    def __init__(self, modalities: dict[str, dict], cfg: DataConfig, seed: int, max_records: int):
+        super().__init__(modalities, None, cfg, seed)
+        self.max_records = max_records
+
+    def _parts(self, objs: dict) -> dict:
+        feats = {}
+        for n, o in objs.items():
+            f = guarded(self.mods[n].fit_features, n, "fit_features", o)
+            if isinstance(f, np.ndarray) and np.issubdtype(f.dtype, np.floating) and not np.isfinite(f).all():
+                raise BadSample("features_not_finite", f"{n}: NaN or inf in its fit features")
+            feats[n] = f
+        return feats
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, feats, bad = [], [], []
-        for i in range(len(batch["key"])):
-            if batch["error"][i]:
-                bad.append(str(batch["error"][i]))
-                continue
-            for ext, data in zip(list(batch["exts"][i]), list(batch["blobs"][i])):
-                name = self.exts.get(ext)
-                if name is None:
-                    continue
-                try:
-                    obj = self.mods[name].decode_bytes(ext, data)
-                except BadSample as e:
-                    bad.append(e.reason)
-                    continue
-                names.append(name)
-                feats.append(pickle.dumps(self.mods[name].fit_features(obj)))
-        # bad samples ride along as rows of their own so the driver can count them
-        names += ["__bad__"] * len(bad)
-        feats += [pickle.dumps(r) for r in bad]
-        return {"modality": np.array(names, dtype=object), "feature": np.array(feats, dtype=object)}
+        epoch, shard = int(batch["epoch"][0]), str(batch["shard"][0])
+        tally, keys, feats, why = Tally(), [], [], []
+        for _, r, o in self.process([(epoch, shard)], tally):
+            keys.append(r.key)
+            feats.append(pickle.dumps(o.parts) if o.status == "kept" else b"")
+            why.append("" if o.status == "kept" else f"{o.status}/{o.reason}")
+            if len(keys) >= self.max_records:
+                break
+        for e in tally.shard_errors:  # the shard itself (unreadable, cut short, damaged): no record row
+            keys.append("")
+            feats.append(b"")
+            why.append(f"shard_errors/{e['reason']}")
+        keys.append(END)
+        feats.append(b"")
+        why.append("")
+        return {k: np.array(v, dtype=object) for k, v in
+                {"shard": [shard] * len(keys), "key": keys, "feature": feats, "why": why}.items()}
 
 
 def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir: str | Path | None = None) -> tuple[Vocabulary, dict]:
     """Fit every configured modality and write the bundle (vocab.json + states) to out_dir or cfg.bundle_dir."""
-    mods = [registry.build(name, opts) for name, opts in modalities.items()]
+    mods = {name: registry.build(name, opts) for name, opts in modalities.items()}
     shards = list_shards(cfg.train_shards)
     plan = shard_order(shards, seed, 1)
     # the same records, in the same order, every time: the codebooks (k-means) depend on both
     data_context()
     ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
-    ds = ds.flat_map(_read, fn_kwargs={"max_member_bytes": cfg.max_member_bytes}, num_cpus=cfg.read_cpus)
-    ds = ds.limit(cfg.fit_records)
-    ds = ds.map_batches(ExtractFeatures, fn_constructor_kwargs={"modalities": mods}, batch_size=64,
-                        compute=ray.data.ActorPoolStrategy(size=2), batch_format="numpy", num_cpus=0.5)
+    ds = shards_may_die(ds.map_batches(
+        FitFeatures, fn_constructor_kwargs={"modalities": modalities, "cfg": cfg, "seed": seed,
+                                            "max_records": cfg.fit_records},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(2, len(plan))), batch_format="numpy",
+        **RETRIES, **processor_options(cfg, modalities)))
     from tqdm import tqdm
 
-    gathered: dict[str, list] = {m.name: [] for m in mods}
-    bad = Tally()
-    with tqdm(desc=f"{logs.TAG} reading samples to fit the tokenizers", unit=" samples", disable=None) as bar:
+    gathered: dict[str, list] = {name: [] for name in mods}
+    bad, tally, finished, order = Counter(), Tally(), set(), [s for _, s in plan]
+    records, cut = 0, False
+    with tqdm(desc=f"{logs.TAG} reading samples to fit the tokenizers", total=cfg.fit_records, unit=" records",
+              disable=None) as bar:
         for row in ds.iter_rows():
-            obj = pickle.loads(row["feature"])
-            if row["modality"] == "__bad__":
-                bad.errored[obj] += 1
-            else:
-                gathered[row["modality"]].append(obj)
+            if row["key"] == END:
+                finished.add(row["shard"])
+                continue
+            if not row["key"]:
+                bad[row["why"]] += 1
+                continue
+            if records >= cfg.fit_records:
+                cut = True
+                break
+            records += 1
             bar.update()
-    summary = {"records_sampled": cfg.fit_records, "bad_samples": dict(bad.errored), "samples": {}}
+            if row["why"]:
+                bad[row["why"]] += 1
+                continue
+            for name, f in pickle.loads(row["feature"]).items():  # our own actor's output, never input bytes
+                gathered[name].append(f)
+    # a shard with no END row, of those the sample reached, is one whose actor died each time it was tried
+    reached = order[:max((order.index(s) for s in finished), default=-1)] if cut else order
+    for s in reached:
+        if s not in finished:
+            lost_shard(s, tally, " to fit the tokenizers")
+            bad[f"shard_errors/{tally.shard_errors[-1]['reason']}"] += 1
+    mods = list(mods.values())
+    summary = {"records_sampled": records, "bad_samples": dict(sorted(bad.items())), "samples": {}}
     for m in tqdm(mods, desc=f"{logs.TAG} fitting", unit=" modality", disable=None):
         feats = gathered[m.name]
         if not feats:

@@ -9,6 +9,7 @@ the first dot of the basename, extension = the rest, lower-cased).
 """
 from __future__ import annotations
 
+import io
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
@@ -21,6 +22,87 @@ _HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
 
 class HeaderTooLarge(tarfile.HeaderError):
     pass
+
+
+class ShardTooLarge(OSError):
+    """A compressed shard decompressed past data.limits.shard_bytes."""
+
+
+# A compressed shard is known by its first bytes, whatever its name says (a `.tar` that is gzip, a
+# `.tar.gz` that is plain): gzip, bzip2, xz, zstd.
+_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zst"))
+
+
+def _decompressing(f, kind: str):
+    """A reader of `f`'s decompressed bytes. The standard library's for gzip, bzip2 and xz; zstandard's
+    stream reader for zstd (tarfile has none before Python 3.14)."""
+    import bz2
+    import gzip
+    import lzma
+
+    if kind == "gz":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if kind == "bz2":
+        return bz2.BZ2File(f)
+    if kind == "xz":
+        return lzma.LZMAFile(f)
+    import zstandard  # a dependency: WebDataset shards are often .tar.zst
+
+    return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+
+
+class _Bounded(io.RawIOBase):
+    """The decompressed stream of a compressed shard, counted: past `limit` bytes it raises ShardTooLarge,
+    so neither a bomb (bzip2 turns 64 MiB of zeros into 79 bytes) nor members skipped for their size
+    cost more than the limit. It keeps the last bytes read, for the check of where the tar reader
+    stopped (tarfile reads ahead of the header it stops at)."""
+
+    KEEP = 64 << 10
+
+    def __init__(self, source, raw, limit: int):
+        super().__init__()
+        self.source, self.raw, self.limit, self.n, self.tail = source, raw, limit, 0, bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(min(len(b), 1 << 20))
+        self.n += len(data)
+        if self.n > self.limit:
+            raise ShardTooLarge(f"more than {self.limit} bytes decompressed (data.limits.shard_bytes)")
+        b[:len(data)] = data
+        self.tail += data
+        if len(self.tail) > 2 * self.KEEP:
+            del self.tail[:-self.KEEP]
+        return len(data)
+
+    def after(self, offset: int) -> str | None:
+        """Why the tar stream did not end at `offset` (where the tar reader stopped), else None: its end is
+        zero blocks; no bytes at all there is a stream cut between members; anything else is a header
+        the reader could not read, with the records after it unread."""
+        start = self.n - len(self.tail)
+        if offset < start:
+            return None  # read past what is kept: the reader's own look-ahead is never this large
+        rest = bytes(self.tail[offset - start:])
+        anything, nonzero = bool(rest), bool(rest.strip(b"\0"))
+        while not nonzero:
+            more = self.read(1 << 20)
+            if not more:
+                break
+            anything, nonzero = True, bool(more.strip(b"\0"))
+        if nonzero:
+            return (f"an invalid tar header at byte {offset} of the decompressed stream: the reader stopped "
+                    f"there, what follows unread")
+        if not anything:
+            return "the decompressed stream ends without an end-of-archive marker"
+        return None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+            self.source.close()
+        super().close()
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -82,15 +164,18 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
 
     try:
         f = fsspec.open(url, "rb").open()
+        kind = _compression(f)
+        if kind is not None:
+            f = _Bounded(f, _decompressing(f, kind), limits.shard_bytes)
     except Exception as e:
         yield RawRecord(url, "", error="shard_unreadable", detail=f"{type(e).__name__}: {e}")
         return
     cur: RawRecord | None = None
     seen_keys: set[str] = set()
-    cut = _cut_short(f)
+    cut = _cut_short(f) if kind is None else None  # a compressed shard's size says nothing of its tar
     in_header = False  # True while the parser reads the next header (the record before it is whole)
     try:
-        with f, tarfile.open(fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape",
+        with f, tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape",
                              tarinfo=tarinfo) as tar:
             members = iter(tar)
             while True:
@@ -132,14 +217,18 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
                     cur.error, cur.detail = "duplicate_field", name
                 else:
                     cur.fields[ext] = tar.extractfile(m).read()
-            plain = getattr(tar.fileobj, "comptype", "tar") == "tar"  # a compressed shard's offsets are not the file's
-            stopped = _stopped_early(f, tar.offset) if plain and not cut else None
+            if kind is not None:
+                stopped = f.after(tar.offset)
+            else:
+                stopped = _stopped_early(f, tar.offset) if not cut else None
     except Exception as e:  # noqa: BLE001 - a shard's bytes end the shard, never the reader: said, with a reason
         # truncated or corrupt tar: what was read whole is kept, the record being read is lost, with a reason.
         # Crafted headers raise what the tar parser happens to raise (3,000 chained GNU long-name headers a
         # RecursionError, a sparse header cut short an IndexError): those are a damaged shard.
         if isinstance(e, HeaderTooLarge):
             reason = "header_too_large"
+        elif isinstance(e, ShardTooLarge):
+            reason = "shard_too_large"
         elif isinstance(e, (tarfile.TarError, EOFError, OSError, ValueError)):
             reason = "shard_truncated"
         else:
@@ -158,10 +247,21 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     if cur is not None:
         yield cur
     if stopped:
-        yield RawRecord(url, "", error="shard_damaged", detail=stopped)
+        yield RawRecord(url, "", error="shard_truncated" if "without an end" in stopped else "shard_damaged",
+                        detail=stopped)
     if cut:
         # the stdlib reader ends quietly when a tar is cut exactly between members: say so
         yield RawRecord(url, "", error="shard_truncated", detail=cut)
+
+
+def _compression(f) -> str | None:
+    """The shard's compression, by its first bytes (None: a plain tar). `f` is left at its start."""
+    if f.seekable():
+        head = f.read(6)
+        f.seek(0)
+    else:  # a stream that cannot seek is peeked at through a buffer
+        head = f.peek(6)[:6] if hasattr(f, "peek") else b""
+    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
 
 
 def _stopped_early(f, offset: int) -> str | None:

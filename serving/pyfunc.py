@@ -13,9 +13,12 @@ import base64
 from pathlib import Path
 
 import mlflow.pyfunc
-from omnistream.common.errors import UserError
+from omnistream.common.errors import BadSample, UserError
 
 ARTIFACT = "omnistream_model"  # the exported folder, as the MLflow model's artifact
+# rows per request: each row is one generation on the serving process, run one after another, so one
+# request of thousands of rows would hold the server for all of them
+MAX_ROWS = 64
 
 
 class OmnistreamModel(mlflow.pyfunc.PythonModel):
@@ -35,6 +38,8 @@ class OmnistreamModel(mlflow.pyfunc.PythonModel):
         dst = params.get("to") or "text"
         n = int(params.get("max_new_tokens") or 0) or None
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        if len(rows) > MAX_ROWS:
+            raise UserError(f"{len(rows)} rows in one request, at most {MAX_ROWS}: send them in several requests")
         out = []
         for row in rows:
             src = next((k for k in self.vocab.names if _present(row.get(k))), None)
@@ -43,7 +48,10 @@ class OmnistreamModel(mlflow.pyfunc.PythonModel):
             mod = self.vocab.by_name[src]
             value = row[src]
             data = value.encode() if isinstance(value, str) and src == "text" else _bytes(value)
-            obj = mod.decode_bytes(_sniff(data, mod.keys), data)
+            try:
+                obj = mod.decode_bytes(_sniff(data, mod.keys), data)
+            except BadSample as e:
+                raise UserError(f"the {src} of row {len(out)} cannot be read: {e.reason} ({e.detail})") from None
             res = generate_from(self.model, self.vocab, src, obj, dst, n)
             if isinstance(res, str):
                 out.append({"to": dst, "ext": "txt", "output": res})
@@ -64,6 +72,8 @@ def _bytes(v) -> bytes:
 
 def _sniff(data: bytes, keys: tuple[str, ...]) -> str:
     """The file extension the bytes are (the modality decodes by extension)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and "webp" in keys:
+        return "webp"
     for magic, ext in ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpg"), (b"RIFF", "wav"), (b"fLaC", "flac")):
         if data.startswith(magic) and ext in keys:
             return ext

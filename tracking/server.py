@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from omnistream.common.errors import UserError
+from omnistream.common.private import private_dir
 
 
 def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0) -> dict:
@@ -18,7 +19,7 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
     `stop_tracking_server` ends it with its worker. Returns {uri, pid, dir, port}."""
     import urllib.request
 
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)  # the store (SQLite and artifacts): this user's alone
     mlflow = Path(sys.executable).parent / "mlflow"
     log = open(root / "server.log", "ab")
     p = subprocess.Popen(

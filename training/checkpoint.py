@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from omnistream.common.checkpoint import CKPT_TAG, DATA, META, read_checkpoint_meta
+from omnistream.common.checkpoint import CKPT_TAG, DATA, META, read_checkpoint_meta, weights_only_loads
 from omnistream.common.errors import UserError
 from omnistream.modalities.vocab import Vocabulary, describe_mismatch
 
@@ -71,9 +71,10 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(argparse.Namespace(
-            input_folder=str(Path(ckpt) / CKPT_TAG), output_folder=str(out / CKPT_TAG), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+        with weights_only_loads():  # in this process: one extract and one merge worker, no pool
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(Path(ckpt) / CKPT_TAG), output_folder=str(out / CKPT_TAG), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
         done.write_text(json.dumps({"from": str(ckpt)}))
     return out
 
@@ -104,7 +105,8 @@ class Checkpointer:
         when it was written by another number of ranks), then the Trainer's step, token totals and data
         position. Every rank calls this together."""
         meta = check_checkpoint(d, trainer.vocab)
-        trainer.engine.load_checkpoint(str(universal or d), tag=CKPT_TAG, load_module_strict=True)
+        with weights_only_loads():  # DeepSpeed's universal loader calls torch.load itself
+            trainer.engine.load_checkpoint(str(universal or d), tag=CKPT_TAG, load_module_strict=True)
         trainer.load_state_dict({"step": meta["step"], "tokens": meta.get("tokens", {}),
                                  "data": read_data_position(d)["position"]})
         return meta

@@ -360,3 +360,25 @@ token_cache = "{tmp_path / 'cache'}"
     out = capsys.readouterr().out
     assert "3 already cached, 1 tokenized" in out and "480 records" in out
     assert all(cache.read_shard(s).equals(t) for s, t in before.items())
+
+
+def test_the_tokenizer_fit_reads_as_training_does(ray_local, planted, tmp_path):
+    """`tokenizers fit` read its sample without data.limits, failed on any plugin exception and left its
+    actors Ray's unbounded restarts: the planted shards' decoder-killing record hung it forever. Now
+    the fit reads through the same processor as training: the killing shard is one shard error
+    (actor_died) and the fit finishes; each record over a bound, and each one a quality filter
+    catches, is counted under its reason; the codebooks are fitted on the rest."""
+    from omnistream.configs import load_config
+    from omnistream.pipelines.fit import fit_bundle
+
+    from common import SMALL_OPTIONS
+
+    shards, _ = planted
+    cfg = load_config(None, ["data.fit_records=100000"])  # every planted record is in the sample
+    vocab, summary = fit_bundle(cfg.data.model_copy(update={"train_shards": shards}), SMALL_OPTIONS, cfg.seed,
+                                tmp_path / "bundle")
+    bad = summary["bad_samples"]
+    assert bad.get("shard_errors/actor_died") == 1, bad
+    assert bad.get("errored/too_many_members", 0) >= 1 and bad.get("errored/audio_sample_rate", 0) >= 1, bad
+    assert any(k.startswith("filtered/") for k in bad), bad
+    assert set(summary["samples"]) == {"text", "image", "audio"} and vocab.size > 0

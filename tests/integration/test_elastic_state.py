@@ -88,3 +88,33 @@ def test_a_checkpoint_of_2_ranks_loads_on_1_and_on_2_again_bit_for_bit(tmp_path)
              for u in (ua, ub, uc)]
     assert steps == [3, 3, 3]
     assert to_universal(a, tmp_path / "ua") == ua  # converted once, then reused
+
+
+class _Payload:
+    """Unpickled, it creates a file: what a planted checkpoint's optimizer file could do with any code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path):
+    """Resuming on another number of workers converts the checkpoint to DeepSpeed's universal form, whose
+    converter calls torch.load(weights_only=False); the checkpoint's own omnistream.json decides that
+    path. An optimizer file holding a __reduce__ payload is refused with one line, and never runs."""
+    import torch
+    from omnistream.common.errors import UserError
+    from omnistream.training.checkpoint import to_universal
+
+    marker = tmp_path / "pwned"
+    model = tmp_path / "ck" / "model"
+    model.mkdir(parents=True)
+    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"):
+        torch.save({"optimizer_state_dict": {"zero_stage": _Payload(str(marker))}}, model / name)
+    with pytest.raises(UserError, match="needs a pickle to load, refused"):
+        to_universal(tmp_path / "ck", tmp_path / "u")
+    assert not marker.exists(), "the pickle ran"

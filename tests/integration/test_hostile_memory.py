@@ -49,8 +49,21 @@ def test_hostile_records_under_an_address_space_limit(bundle, corpus, tmp_path):
     pax = tmp_path / "pax.tar"
     pax.write_bytes(buf.getvalue())
 
+    # 30 records of a 4000x4000 PNG (a few KB each, 48 MB decoded, within image.max_pixels): decoded one
+    # record at a time, never the chunk's 30 at once (1.4 GB)
+    from PIL import Image
+
+    import numpy as np
+
+    png = io.BytesIO()  # wide stripes: not near-uniform, and a few KB as PNG
+    stripes = np.broadcast_to(((np.arange(4000) // 500) % 2 * 255).astype(np.uint8), (4000, 4000))
+    Image.fromarray(np.ascontiguousarray(stripes)).convert("RGB").save(png, "PNG", optimize=True)
+    big = tmp_path / "big.tar"
+    big.write_bytes(tar_bytes([m for i in range(30) for m in ((f"big-{i}.png", png.getvalue()),
+                                                              (f"big-{i}.txt", good.fields["txt"]))]))
+
     results = {}
-    for path in (shard, pax):
+    for path in (shard, pax, big):
         p = subprocess.run([sys.executable, "-c", SCRIPT, bundle, str(path)], capture_output=True, text=True,
                            timeout=300, cwd=REPO)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -61,3 +74,5 @@ def test_hostile_records_under_an_address_space_limit(bundle, corpus, tmp_path):
     assert results["hostile.tar"]["balanced"]
     got = {k: r for k, _, r in results["pax.tar"]["records"]}
     assert got == {"a-0": "", "b-0": "header_too_large"}, got
+    got = {k: (s, r) for k, s, r in results["big.tar"]["records"]}
+    assert len(got) == 30 and set(got.values()) == {("kept", "")}, got

@@ -27,3 +27,9 @@ def test_the_in_process_ray_refuses_callers_without_the_token(ray_local):
                                                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     assert p.returncode != 0 and "InvalidAuthToken" in p.stderr + p.stdout, (p.stdout + p.stderr)[-1500:]
     assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42  # and its own tasks run
+    # and its temp dir (logs, sockets, the code unpacked for workers) sits in a folder only this user enters
+    import os
+    from pathlib import Path
+
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    assert os.stat(session.parent.parent).st_mode & 0o777 == 0o700, session

@@ -128,3 +128,29 @@ def test_a_sample_that_cannot_be_drawn_is_counted_and_said_not_fatal(corpus, bun
     text = tracker.artifacts["samples/step_000002/errors.txt"].decode()
     assert "text_to_audio[0]: audio.decode of" in text and "ValueError: cannot draw" in text, text
     assert not [k for k in tracker.artifacts if k.endswith(".wav")], "no clip was made of what could not be drawn"
+
+
+def test_the_served_model_bounds_a_request(corpus, bundle, rows, tmp_path):
+    """The MLflow model's predict: one row per request is a generation; more than MAX_ROWS rows in one
+    request is refused in one line (a request of thousands held the server for all of them), and a
+    prompt file that is no image is a UserError saying so, not a traceback."""
+    import pandas as pd
+    from omnistream.common.errors import UserError
+    from omnistream.serving.export import export, load_model
+    from omnistream.serving.pyfunc import MAX_ROWS, OmnistreamModel
+
+    single_process_group()
+    cfg, vocab = small_config(corpus, bundle, tmp_path, "train.zero_stage=0", "train.steps=1", "train.checkpoint_every=1")
+    cfg.data.eval_shards = []
+    saved = []
+    trainer = Trainer(cfg, vocab, batches(rows, 4),
+                      checkpointer=Checkpointer(lambda d, m: saved.append(shutil.copytree(d, tmp_path / "ck")), "serve"))
+    trainer.train()
+    served = OmnistreamModel()
+    served.model, served.vocab = load_model(export(saved[0], tmp_path / "m"))
+    one = served.predict(None, pd.DataFrame({"text": ["the digit"]}), {"max_new_tokens": 2})
+    assert len(one) == 1 and one["to"][0] == "text"
+    with pytest.raises(UserError, match=f"at most {MAX_ROWS}"):
+        served.predict(None, pd.DataFrame({"text": ["the digit"] * (MAX_ROWS + 1)}), {"max_new_tokens": 2})
+    with pytest.raises(UserError, match="image_wrong_format"):
+        served.predict(None, pd.DataFrame({"image": [b"II*\x00 a TIFF, say"]}), {"max_new_tokens": 2})

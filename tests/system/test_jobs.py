@@ -51,6 +51,11 @@ def test_head_is_loopback_only_with_a_token(head):
     temp = next(ln.split('"')[3] for ln in (head["tmp"] / "state" / f"head-{head['port']}.json").read_text().splitlines()
                 if '"temp_dir"' in ln)
     state = json.loads((head["tmp"] / "state" / f"head-{head['port']}.json").read_text())
+    # private to this user: the folder Ray's temp dir (0777 by Ray's own doing) is in, its state and the
+    # tracking server's store (other users could read the jobs' logs and replace their uploaded code)
+    for d in (temp, head["tmp"] / "state", state["tracking"]["dir"]):
+        assert os.stat(d).st_mode & 0o777 == 0o700, (d, oct(os.stat(d).st_mode))
+    assert (Path(temp) / "r").is_dir() and any((Path(temp) / "r").glob("session_*")), "Ray's temp dir is inside"
     procs = head_processes(temp, state["ports"], [state["tracking"]["pid"]])
     assert len(procs) >= 3
     assert any("mlflow" in " ".join(p.cmdline()) for p in procs), "the tracking server is one of them"

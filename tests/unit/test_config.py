@@ -86,3 +86,19 @@ def test_errors_say_where_the_value_came_from_and_what_to_write(tmp_path, toml, 
     with pytest.raises(UserError) as e:
         load_config(f, sets)
     assert says.format(f=f) in str(e.value), str(e.value)
+
+
+def test_a_password_in_a_url_is_never_sent_to_the_tracking_store():
+    """tracking.uri = "https://user:secret@host" was logged as a param, in the run's resolved.toml and in
+    the log line: what the tracking store is sent (flat, to_toml with redacted=True) and what is logged
+    (common.logs.redact) carry *** instead; the config itself keeps it, to connect with."""
+    from omnistream.common.logs import redact
+    from omnistream.configs import load_config
+
+    cfg = load_config(None, ['tracking.uri="https://alice:s3cret@mlflow.example.org/path"',
+                             'data.train_shards=["s3://KEY:SECRET@bucket/x-{000..003}.tar"]'])
+    sent = str(cfg.flat(redacted=True)) + cfg.to_toml(redacted=True)
+    assert "s3cret" not in sent and "SECRET" not in sent and "alice" not in sent
+    assert cfg.flat(redacted=True)["tracking.uri"] == "https://***@mlflow.example.org/path"
+    assert cfg.tracking.uri == "https://alice:s3cret@mlflow.example.org/path"
+    assert redact("at http://127.0.0.1:5000 and sqlite:///x.db") == "at http://127.0.0.1:5000 and sqlite:///x.db"

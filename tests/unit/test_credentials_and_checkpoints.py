@@ -52,6 +52,11 @@ def test_client_refuses_before_connecting(tmp_path, monkeypatch, capsys):
     ("[1, 2]", "holds list"),
     ('{"step": 3, "world_size": 2, "config": {}}', "lacks vocab"),
     ('{"step": 3, "world_size": 2, "config": {}, "vocab": {}}', "lacks vocab.fingerprint"),
+    # a resume read config.train's fields (KeyError, the tracking run left RUNNING); export config.data's
+    ('{"step": 3, "world_size": 2, "config": {"model": {}, "data": {"bundle_dir": "b"}}, "vocab": {"fingerprint": "f"}}',
+     "lacks config.train"),
+    ('{"step": 3, "world_size": 2, "config": {"train": {"zero_stage": 3}, "model": {}, "data": {}},'
+     ' "vocab": {"fingerprint": "f"}}', "lacks config.train.micro_batch_size.*config.data.bundle_dir"),
 ])
 def test_damaged_checkpoint_is_one_line(tmp_path, capsys, content, needle):
     (tmp_path / META).write_text(content)
@@ -62,8 +67,13 @@ def test_damaged_checkpoint_is_one_line(tmp_path, capsys, content, needle):
     assert len(err) == 1 and META in err[0] and "Traceback" not in err[0], err
 
 
+# the parts of a run's config that a resume and an export read back from a checkpoint
+WHOLE_CONFIG = {"train": {"micro_batch_size": 4, "grad_accum": 1, "zero_stage": 3, "precision": "fp32"},
+                "model": {}, "data": {"bundle_dir": "b"}}
+
+
 def test_a_whole_meta_reads_back(tmp_path):
-    meta = {"step": 3, "world_size": 2, "config": {}, "vocab": {"fingerprint": "abc"}}
+    meta = {"step": 3, "world_size": 2, "vocab": {"fingerprint": "abc"}, "config": WHOLE_CONFIG}
     (tmp_path / META).write_text(json.dumps(meta))
     assert read_checkpoint_meta(tmp_path) == meta
 
@@ -85,7 +95,7 @@ def _checkpoint(d, step: int, ranks: int = 2, data: str | None = '{"position": {
     for r in range(ranks):
         (d / "model" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
     (d / META).write_text(json.dumps({"step": step, "world_size": 2, "vocab": {"fingerprint": "f"},
-                                      "config": {"train": {"zero_stage": 3}}}))
+                                      "config": WHOLE_CONFIG}))
     if data is not None:
         (d / "data.json").write_text(data)
 
@@ -154,3 +164,25 @@ def test_a_token_file_others_can_read_is_refused(tmp_path, monkeypatch):
         auth.ensure_token()
     p.chmod(0o600)
     assert auth.read_token() == "secret" and auth.ensure_token() == p
+
+
+def test_private_dirs_are_this_users_alone(tmp_path):
+    """Created 0700; a folder of this user's left open is closed; another user's, a link or a file at the
+    place is refused, naming it (the head's temp dir sits at a path anyone can predict)."""
+    import os
+
+    from omnistream.common.private import private_dir
+
+    d = private_dir(tmp_path / "a" / "b")
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(tmp_path / "open", 0o777)
+    assert os.stat(private_dir(tmp_path / "open")).st_mode & 0o777 == 0o700
+    (tmp_path / "link").symlink_to(tmp_path / "open")
+    with pytest.raises(UserError, match="not a directory"):
+        private_dir(tmp_path / "link")
+    if os.getuid() == 0:  # a directory of another user's, made as root can
+        (tmp_path / "theirs").mkdir()
+        os.chown(tmp_path / "theirs", 65534, 65534)
+        with pytest.raises(UserError, match="belongs to another user"):
+            private_dir(tmp_path / "theirs")

@@ -164,3 +164,24 @@ def test_the_digest_depends_on_rows_and_places_not_on_who_consumed_them():
     for p, k in rows + rows[-1:]:
         repeated.add_row(p, k, 0, p)
     assert repeated.ledger_digest() != one.ledger_digest()
+
+
+def test_a_failed_write_leaves_no_part_file_and_old_ones_are_swept(built, tmp_path):
+    """A write that fails (here: its data is not bytes) removes its part-file; part-files a killed writer
+    left (older than an hour) are removed when the cache is next opened; a young one, maybe another
+    actor's write in progress, is left."""
+    import os
+    import shutil
+    import time
+
+    shutil.copytree(built["cache"].url, tmp_path / "c")
+    cache = TokenCache(str(tmp_path / "c"))
+    with pytest.raises(TypeError):
+        cache._write_atomic("shards/x.json", "not bytes")
+    assert not list((tmp_path / "c").rglob("*.tmp-*"))
+    old, young = tmp_path / "c" / "shards" / "a.parquet.tmp-1", tmp_path / "c" / "shards" / "b.parquet.tmp-2"
+    old.write_bytes(b"half")
+    young.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    cache.claim(built["cache"].manifest()["key"])
+    assert not old.exists() and young.exists()
