@@ -20,6 +20,11 @@ def register(sub) -> None:
     p.add_argument("--mlflow-port", type=int, default=5000,
                    help="port of the MLflow tracking server started with the head (default 5000, or a free one); "
                         "`omnistream submit` logs jobs there unless the config names tracking.uri")
+    p.add_argument("--tracking-auth", action="store_true",
+                   help="protect the MLflow tracking server with MLflow's basic auth (a user and password made "
+                        "once, kept mode 0600 in its store; submitted jobs get them). Without it the server "
+                        "answers every process on this machine, so every local user can read and change runs "
+                        "and register models: use it on a machine others log in to")
     p.set_defaults(func=up)
     p = cl.add_parser("down", help="stop the head `cluster up` started (its own processes only)")
     p.add_argument("--port", type=int, default=6379, help="GCS port it was started on (default 6379)")
@@ -34,11 +39,13 @@ def up(args) -> int:
         res = json.loads(args.resources) if args.resources else None
     except ValueError:
         raise UserError(f"--resources must be JSON, e.g. '{{\"data\": 1}}', not {args.resources!r}") from None
-    info = head.cluster_up(args.port, args.dashboard_port, args.num_cpus, res, args.mlflow_port)
+    info = head.cluster_up(args.port, args.dashboard_port, args.num_cpus, res, args.mlflow_port, args.tracking_auth)
+    t = info["tracking"]
+    guard = (f"basic auth: user and password in {t['credentials']}" if t.get("credentials") else
+             "no authentication: every user of this machine can use it (--tracking-auth protects it)")
     print(f"Ray head up on {info['address']} (127.0.0.1 only, token authentication on)\n"
           f"  dashboard / Jobs API: {info['dashboard']}\n  token: {info['token_path']}\n"
-          f"  MLflow tracking server: {info['tracking']['uri']} (store: {info['tracking']['dir']}); "
-          f"submitted jobs log there\n"
+          f"  MLflow tracking server: {t['uri']} (store: {t['dir']}; {guard}); submitted jobs log there\n"
           f"  submit:  omnistream submit CONFIG --address {info['dashboard']} --follow\n"
           f"  Ray's own CLI needs token mode: RAY_AUTH_MODE=token ray job list --address {info['dashboard']}\n"
           f"  stop:    omnistream cluster down --port {args.port}")

@@ -36,7 +36,7 @@ def _ray_bin() -> str:
 
 
 def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None,
-               mlflow_port: int = 5000) -> dict:
+               mlflow_port: int = 5000, tracking_auth: bool = False) -> dict:
     private_dir(STATE)
     state_file = STATE / f"head-{port}.json"
     if state_file.exists():
@@ -70,7 +70,7 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     state_file.write_text(json.dumps(info, indent=1))  # recorded now: `down` can end the head if the rest fails
     # the jobs' tracking server: its store outlives the head (STATE/mlflow-<port>), so runs stay browsable
     try:
-        info["tracking"] = start_tracking_server(STATE / f"mlflow-{port}", free_port(mlflow_port))
+        info["tracking"] = start_tracking_server(STATE / f"mlflow-{port}", free_port(mlflow_port), auth=tracking_auth)
     except UserError as e:
         raise UserError(f"{e}; the Ray head is up: `omnistream cluster down --port {port}` ends it") from None
     info["ports"].append(info["tracking"]["port"])
@@ -78,8 +78,9 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     return info
 
 
-def head_tracking_uri(dashboard: str) -> str | None:
-    """The tracking server `cluster up` started with the head whose dashboard is `dashboard`, if any."""
+def head_tracking(dashboard: str) -> dict | None:
+    """The tracking server `cluster up` started with the head whose dashboard is `dashboard`, if any:
+    {uri, pid, dir, port[, credentials]}."""
     want = dashboard.rstrip("/")
     for f in sorted(STATE.glob("head-*.json")) if STATE.exists() else []:
         try:
@@ -87,7 +88,7 @@ def head_tracking_uri(dashboard: str) -> str | None:
         except ValueError:
             continue
         if info.get("dashboard", "").rstrip("/") == want and info.get("tracking"):
-            return info["tracking"]["uri"]
+            return info["tracking"]
     return None
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from omnistream.common import logs
 from omnistream.common.errors import UserError
+from omnistream.tracking.server import client_env
 
 from .auth import check_transport, read_token, token_path
 from .connect import LOOPBACK_ENV, WORKER_ENV
-from .head import head_tracking_uri
+from .head import head_tracking
 
 # omnistream.<name>: what a job needs (everything but the CLI's own folder is imported by `train`)
 PACKAGES = ("common", "modalities", "model", "pipelines", "configs", "tracking", "training", "serving", "cluster", "cli")
@@ -83,10 +84,15 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
     cfg = named.resolved_paths()
     cfg.cluster.address = ""  # inside the job, connect() joins the cluster the job runs on (RAY_ADDRESS)
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD
+    tracking_env = {}
     if not named.tracking.uri:
         # the head's tracking server: rank 0 may run on any node, where a SQLite path of this machine
         # would silently become a new, empty database
-        cfg.tracking.uri = head_tracking_uri(address) or cfg.tracking.uri
+        server = head_tracking(address)
+        if server:
+            cfg.tracking.uri = server["uri"]
+            tracking_env = client_env(server)  # its user and password, where `cluster up --tracking-auth`
+            os.environ.update(tracking_env)    # and for this client's own reads of the run
     c = client(address, insecure)
     with tempfile.TemporaryDirectory(prefix="omnistream-job-") as d:
         copy_code(Path(d))
@@ -96,7 +102,8 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
             try:
                 job_id = _call(address, c.submit_job,
                                entrypoint="python -m omnistream.cli train job.toml",
-                               runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited()}},
+                               runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(),
+                                                                             **tracking_env}},
                                metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
                 break
             except RuntimeError as e:

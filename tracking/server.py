@@ -1,7 +1,9 @@
 """The MLflow tracking-server process a head runs for its jobs (`omnistream cluster up` starts it)."""
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -11,23 +13,33 @@ from pathlib import Path
 from omnistream.common.errors import UserError
 from omnistream.common.private import private_dir
 
+CREDENTIALS = "credentials.json"  # a protected server's user and password, in its (0700) store, mode 0600
 
-def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0) -> dict:
+
+def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0,
+                          auth: bool = False) -> dict:
     """An MLflow tracking server: SQLite behind it, artifacts proxied through it (--serve-artifacts), so a
     worker on any node logs metrics, images and files over HTTP and nothing is written on the node it
     runs on. MLflow's light settings: one worker, job execution off. Its own process group, so
-    `stop_tracking_server` ends it with its worker. Returns {uri, pid, dir, port}."""
+    `stop_tracking_server` ends it with its worker. Returns {uri, pid, dir, port[, credentials]}.
+
+    Without `auth` it answers every process that reaches 127.0.0.1, so every user of this machine
+    (their runs, registered models). With `auth`: MLflow's basic-auth app, whose admin user and password
+    are made once and kept in the private store (CREDENTIALS); a client sends them as
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (client_env), a browser asks for them."""
     import urllib.request
 
     private_dir(root)  # the store (SQLite and artifacts): this user's alone
     mlflow = Path(sys.executable).parent / "mlflow"
     log = open(root / "server.log", "ab")
-    p = subprocess.Popen(
-        [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    cmd = [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+           "--artifacts-destination", str(root / "artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if auth:
+        cmd += ["--app-name", "basic-auth"]
+        env.update(_auth_env(root))
+    p = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     uri = f"http://{host}:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -36,12 +48,47 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
             raise UserError(f"the MLflow tracking server did not start (exit {p.returncode}): {tail[0][:200]}")
         try:
             if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return {"uri": uri, "pid": p.pid, "dir": str(root), "port": port}
+                return {"uri": uri, "pid": p.pid, "dir": str(root), "port": port,
+                        **({"credentials": str(root / CREDENTIALS)} if auth else {})}
         except OSError:
             time.sleep(0.5)
     stop_tracking_server({"pid": p.pid, "dir": str(root)})
     raise UserError(f"the MLflow tracking server on {uri} did not answer within {timeout:.0f} s "
                     f"(its log: {root / 'server.log'})")
+
+
+def _credentials(root: Path) -> dict:
+    """The protected server's admin user, password and session key: made on its first start, then the
+    same on every start on this store (MLflow keeps the user in the store's auth database)."""
+    f = root / CREDENTIALS
+    if f.exists():
+        return json.loads(f.read_text())
+    c = {"username": "omnistream", "password": secrets.token_urlsafe(24), "secret_key": secrets.token_urlsafe(32)}
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(c, out)
+    return c
+
+
+def _auth_env(root: Path) -> dict:
+    """The environment of MLflow's basic-auth app: its settings file (no access for users it does not
+    know), the admin user, and the key it signs sessions and CSRF tokens with."""
+    c = _credentials(root)
+    ini = root / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{root / 'auth.db'}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": c["username"],
+            "MLFLOW_AUTH_ADMIN_PASSWORD": c["password"], "MLFLOW_FLASK_SERVER_SECRET_KEY": c["secret_key"]}
+
+
+def client_env(server: dict) -> dict:
+    """What an MLflow client needs in its environment to use `server` (a start_tracking_server result, or
+    what a head recorded of it): its user and password where it is protected, else nothing."""
+    if not server.get("credentials"):
+        return {}
+    c = json.loads(Path(server["credentials"]).read_text())
+    return {"MLFLOW_TRACKING_USERNAME": c["username"], "MLFLOW_TRACKING_PASSWORD": c["password"]}
 
 
 def stop_tracking_server(srv: dict) -> int:

@@ -33,3 +33,37 @@ def test_the_in_process_ray_refuses_callers_without_the_token(ray_local):
 
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
     assert os.stat(session.parent.parent).st_mode & 0o777 == 0o700, session
+
+
+def test_a_protected_tracking_server_answers_only_with_its_password(tmp_path, monkeypatch):
+    """`cluster up --tracking-auth`'s server: MLflow's basic auth, with a user and password made once and
+    kept mode 0600 in the 0700 store. A request without them is refused (401: another local user cannot
+    read or change runs); an MLflow client given them (client_env, as a submitted job is) logs a run."""
+    import json
+    import os
+
+    from omnistream.cluster.connect import free_port
+    from omnistream.tracking.server import client_env, start_tracking_server, stop_tracking_server
+
+    srv = start_tracking_server(tmp_path / "store", free_port(), auth=True)
+    try:
+        assert os.stat(srv["dir"]).st_mode & 0o777 == 0o700
+        assert os.stat(srv["credentials"]).st_mode & 0o777 == 0o600
+        for path in ("/api/2.0/mlflow/experiments/search?max_results=1", "/"):
+            try:
+                urllib.request.urlopen(srv["uri"] + path, timeout=30)
+                raise AssertionError(f"{path} answered without the password")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, (path, e.code)
+        env = client_env(srv)
+        assert env["MLFLOW_TRACKING_PASSWORD"] == json.loads(open(srv["credentials"]).read())["password"]
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(srv["uri"])
+        run = c.create_run(c.create_experiment("protected"))
+        c.log_metric(run.info.run_id, "train/loss", 1.5, step=1)
+        assert c.get_run(run.info.run_id).data.metrics == {"train/loss": 1.5}
+    finally:
+        stop_tracking_server(srv)

@@ -162,9 +162,11 @@ def test_installed_wheel_runs_from_an_empty_directory(wheel_venv):
     assert r.returncode == 0 and "shipped demo config" in r.stdout
 
 
-def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
-    """Ctrl-C (SIGINT) during `omnistream train`, once its MLflow run exists: exit 130, one line, and the
-    run is marked KILLED in the store, not left RUNNING."""
+def test_two_commands_at_once_and_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
+    """Two commands started together on one machine, each starting its own local Ray (a port is bound by
+    Ray, never picked free and bound later): `omnistream data inspect` finishes with its whole report,
+    and `omnistream train` runs until Ctrl-C (SIGINT) once its MLflow run exists: exit 130, one line,
+    and the run is marked KILLED in the store, not left RUNNING."""
     import signal
     import time
 
@@ -180,6 +182,8 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
     p = subprocess.Popen(EXE + ["train", str(tmp_path / "run.toml")] + [a for s in sets for a in ("--set", s)], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    inspect = subprocess.Popen([*EXE, "data", "inspect", corpus["train"][0], "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         for line in p.stderr:  # the step lines are log lines: stderr
             if "[omnistream] step 2/1000" in line:
@@ -187,23 +191,14 @@ def test_ctrl_c_marks_the_run_killed(corpus, bundle, tmp_path):
         time.sleep(1)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
+        out, inspect_err = inspect.communicate(timeout=300)
     finally:
-        if p.poll() is None:
-            p.kill()
+        for proc in (p, inspect):
+            if proc.poll() is None:
+                proc.kill()
+    assert inspect.returncode == 0, inspect_err[-3000:]
+    assert json.loads(out)["seen"] == 120, out[-2000:]
     assert p.returncode == 130, err[-2000:]
     assert "omnistream: interrupted" in err and "Traceback" not in err.split("omnistream: interrupted")[-1]
     runs = mlflow_client(uri).search_runs([mlflow_client(uri).get_experiment_by_name("omnistream").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
-
-
-@pytest.mark.slow
-def test_two_commands_start_a_local_ray_at_once(corpus, tmp_path):
-    """Two `omnistream data inspect` started together on one machine, each starting its own local Ray:
-    both finish, each with its whole report (a port is bound by Ray, never picked free and bound later)."""
-    shard = corpus["train"][0]
-    procs = [subprocess.Popen([*EXE, "data", "inspect", shard, "--json"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-        assert json.loads(out)["seen"] == 120, out[-2000:]
