@@ -67,7 +67,7 @@ def dhash_bands(h: int, max_hamming: int) -> list[str]:
 # knows (TIFF, BMP, PCX, SGI, TGA, ICO, DDS, QOI ... and EPS, which hands the bytes to Ghostscript where
 # it is installed), so a .png could be any of them.
 FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-_MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "PNG": lambda b: b[:8] == b"\x89PNG\r\n\x1a\n",
+_MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "PNG": lambda b: b[:4] == b"\x89PNG",
           "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"}
 
 
