@@ -109,3 +109,19 @@ def own_ray_only():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# `make test` runs the suite in 2 processes (pytest-xdist, --dist loadgroup): a module's tests stay in one
+# process, so its module fixtures (a training run, a Ray head, the plugin guide's run) are made once;
+# every test on the session's Ray (`ray_local`, and `trained`, the shared run on it) is in one process,
+# so there is one session Ray and one shared run. Measured on 2 cores: what one process leaves idle
+# (waits on servers, on Ray's polls, on subprocesses) the other uses.
+SESSION_RAY = ("ray_local", "trained")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        shared = any(f in getattr(item, "fixturenames", ()) for f in SESSION_RAY)
+        item.add_marker(pytest.mark.xdist_group("session-ray" if shared else item.nodeid.split("::")[0]))
