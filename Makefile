@@ -37,9 +37,9 @@ demo: install
 	$(VENV)/bin/omnistream demo
 
 # two processes (pytest-xdist): a module's tests, and every test on the session's Ray, stay together
-# (tests/conftest.py); what one leaves idle the other uses
+# (tests/conftest.py's scheduler); what one leaves idle the other uses
 test: install chromium
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup tests
+	$(VENV)/bin/pytest -q -n 2 tests
 
 # the MLflow UI in headless Chromium alone (make test runs it too); its screenshot lands in test-artifacts/
 test-browser: install chromium

@@ -98,6 +98,7 @@ class Checkpointer:
                         "config": trainer.cfg.model_dump(mode="json"), "n_params": trainer.n_params,
                         "tokens": sd["tokens"]}
                 Path(d, META).write_text(json.dumps(meta, indent=1))
+            _write_manifest(d, trainer.rank)
             self.publish(d, {"step": sd["step"], **metrics})
 
     def load(self, trainer, d: str | Path, universal: str | Path | None = None) -> dict:
@@ -113,6 +114,7 @@ class Checkpointer:
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+MANIFEST = "files-rank{rank}.json"
 
 
 def _registered(run_dir: Path) -> set[str] | None:
@@ -124,6 +126,33 @@ def _registered(run_dir: Path) -> set[str] | None:
         return {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _write_manifest(d: str | Path, rank: int) -> None:
+    """files-rank<R>.json: every file this rank wrote into the checkpoint, with its size, written last.
+    Ray Train copies each rank's folder into the checkpoint on its own; a worker killed mid-copy leaves
+    files that exist but are short, and Ray keeps no record of a run's checkpoints until it writes its
+    snapshot (not at all for an attempt whose worker was killed). The sizes tell a whole file from one
+    cut off, whatever order the files were copied in."""
+    root = Path(d)
+    sizes = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    (root / MANIFEST.format(rank=rank)).write_text(json.dumps(sizes, indent=1))
+
+
+def _whole(d: Path, world: int) -> bool | None:
+    """Every rank's manifest there, and every file it lists there at its size (a checkpoint written before
+    manifests were: every rank's model files there)."""
+    manifests = list(d.glob(MANIFEST.format(rank="*")))
+    if not manifests:
+        return None
+    if len(manifests) < world:
+        return False
+    for m in manifests:
+        for name, size in json.loads(m.read_text()).items():
+            f = d / name
+            if not f.is_file() or f.stat().st_size != size:
+                return False
+    return True
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -143,10 +172,12 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         try:
             meta = read_checkpoint_meta(d)
             read_data_position(d)
+            whole = _whole(d, meta["world_size"])
             ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
-        except (UserError, OSError):  # OSError: removed while read (Ray Train drops old checkpoints)
+        except (UserError, OSError, ValueError):  # OSError: removed while read (Ray Train drops old ones)
             continue
-        if len(ranks) < (meta["world_size"] if meta["config"]["train"]["zero_stage"] == 3 else 1):
+        if whole is False or (whole is None and len(ranks) < (
+                meta["world_size"] if meta["config"]["train"]["zero_stage"] == 3 else 1)):
             continue
         found.append((meta["step"], d))
     return [d for _, d in sorted(found)]

@@ -186,3 +186,26 @@ def test_private_dirs_are_this_users_alone(tmp_path):
         os.chown(tmp_path / "theirs", 65534, 65534)
         with pytest.raises(UserError, match="belongs to another user"):
             private_dir(tmp_path / "theirs")
+
+
+def test_a_rank_file_cut_short_mid_copy_is_not_complete(tmp_path):
+    """Ray Train copies each rank's folder into the checkpoint on its own, and keeps no record of an
+    attempt whose worker was killed: a checkpoint whose files all exist, one of them cut short by the
+    kill, was taken for complete, and the retry failed loading it (EOFError, seen in a CI run). Each rank
+    now lists its files with their sizes (files-rank<R>.json); a file short of its size, or a rank's list
+    missing, is not complete."""
+    from omnistream.training.checkpoint import _write_manifest, latest_checkpoint
+
+    for name, step in (("checkpoint_a", 7), ("checkpoint_b", 8), ("checkpoint_c", 9)):
+        d = tmp_path / name
+        _checkpoint(d, step)
+        for r in range(2):
+            (d / "model" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"y" * 1000)
+        _write_manifest(d, 0)
+        _write_manifest(d, 1)
+    assert latest_checkpoint(tmp_path).name == "checkpoint_c"
+    cut = tmp_path / "checkpoint_c" / "model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    cut.write_bytes(b"y" * 400)                                  # killed mid-copy: there, but short
+    assert latest_checkpoint(tmp_path).name == "checkpoint_b"
+    (tmp_path / "checkpoint_b" / "files-rank1.json").unlink()    # a rank whose files never arrived
+    assert latest_checkpoint(tmp_path).name == "checkpoint_a"
