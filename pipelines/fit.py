@@ -24,7 +24,7 @@ from .config import DataConfig
 from .context import data_context
 from .documents import RecordProcessor, guarded
 from .shards import list_shards, shard_order
-from .stream import RETRIES, lost_shard, processor_options, shards_may_die
+from .stream import ACTOR_DIED, RETRIES, processor_options, shards_may_die
 
 END = "__end__"  # the row that says a shard's call finished (a shard without one: its actor died)
 
@@ -82,7 +82,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     from tqdm import tqdm
 
     gathered: dict[str, list] = {name: [] for name in mods}
-    bad, tally, finished, order = Counter(), Tally(), set(), [s for _, s in plan]
+    bad, finished, order = Counter(), set(), [s for _, s in plan]
     records, cut = 0, False
     with tqdm(desc=f"{logs.TAG} reading samples to fit the tokenizers", total=cfg.fit_records, unit=" records",
               disable=None) as bar:
@@ -105,10 +105,9 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
                 gathered[name].append(f)
     # a shard with no END row, of those the sample reached, is one whose actor died each time it was tried
     reached = order[:max((order.index(s) for s in finished), default=-1)] if cut else order
-    for s in reached:
-        if s not in finished:
-            lost_shard(s, tally, " to fit the tokenizers")
-            bad[f"shard_errors/{tally.shard_errors[-1]['reason']}"] += 1
+    lost = sum(s not in finished for s in reached)
+    if lost:
+        bad[f"shard_errors/{ACTOR_DIED}"] += lost
     mods = list(mods.values())
     summary = {"records_sampled": records, "bad_samples": dict(sorted(bad.items())), "samples": {}}
     for m in tqdm(mods, desc=f"{logs.TAG} fitting", unit=" modality", disable=None):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterable
 
 import numpy as np
 import ray
@@ -25,14 +24,6 @@ from .dedup import start_dedup
 from .documents import RecordProcessor
 from .mixing import MixConfig, mix_pack
 from .packing import pack_documents
-from .records import read_shard
-
-
-def _read(row: dict, max_member_bytes: int) -> Iterable[dict]:
-    """Ray Data flat_map: one (epoch, shard) row -> its records with raw field bytes (tokenizer fitting)."""
-    for r in read_shard(row["shard"], max_member_bytes):
-        yield {"epoch": int(row["epoch"]), "shard": r.shard, "key": r.key, "exts": list(r.fields.keys()),
-               "blobs": list(r.fields.values()), "error": r.error or "", "detail": r.detail}
 
 
 class PackRows:
