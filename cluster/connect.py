@@ -23,6 +23,33 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::Fu
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def own_cluster() -> None:
+    """Run in every Ray worker process of our jobs (runtime_env's worker_process_setup_hook): point Ray's
+    address lookups at the cluster the worker belongs to.
+
+    Without an address, Ray's state API finds "the" cluster by scanning the machine for GCS processes
+    and, where it finds several, takes the one a plain `ray start` (or Ray's test cluster) last wrote to
+    /tmp/ray/ray_current_cluster. Ray Train's PlacementGroupCleaner asks it every second whether the
+    run's controller is alive; asked of another user's or test's Ray it hears "no such actor" and removes
+    the placement group of a healthy run, whose workers then die ("Destroying worker since its
+    placement group was removed"): a local run beside any other Ray on the machine could end that way.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+# the module path Ray imports and calls in each worker (a string, so nothing is pickled)
+OWN_CLUSTER_HOOK = f"{__name__}.own_cluster"
+
+
+def job_runtime_env(env_vars: dict) -> dict:
+    """The runtime_env for a Ray job of ours: its workers' environment, and every worker looking up its
+    own cluster (own_cluster)."""
+    return {"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(), **env_vars},
+            "worker_process_setup_hook": OWN_CLUSTER_HOOK}
+
+
 def quiet_env() -> None:
     os.environ.update(LOOPBACK_ENV)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # no usage report to the outside
@@ -56,7 +83,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
     address = address or os.environ.get("RAY_ADDRESS", "")  # set for a Ray job's driver: join that cluster
     if address:
         try:
-            ray.init(address=address, log_to_driver=log_to_driver)
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=job_runtime_env({}))
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
@@ -78,8 +105,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
                        dashboard_host="127.0.0.1",
                        _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
                        logging_level="WARNING",
-                       runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **LOCAL_ENV, **logs.inherited(),
-                                                 "RAY_TRAIN_V2_ENABLED": "1"}})
+                       runtime_env=job_runtime_env({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1"}))
     if ctx.dashboard_url:
         log.info("local Ray started (127.0.0.1 only, token authentication with %s); dashboard: http://%s",
                  whose, ctx.dashboard_url)

@@ -22,7 +22,7 @@ from omnistream.common.errors import UserError
 from omnistream.tracking.server import client_env
 
 from .auth import check_transport, read_token, token_path
-from .connect import LOOPBACK_ENV, WORKER_ENV
+from .connect import LOOPBACK_ENV, job_runtime_env
 from .head import head_tracking
 
 # omnistream.<name>: what a job needs (everything but the CLI's own folder is imported by `train`)
@@ -102,8 +102,7 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
             try:
                 job_id = _call(address, c.submit_job,
                                entrypoint="python -m omnistream.cli train job.toml",
-                               runtime_env={"working_dir": d, "env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(),
-                                                                             **tracking_env}},
+                               runtime_env={"working_dir": d, **job_runtime_env(tracking_env)},
                                metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
                 break
             except RuntimeError as e:

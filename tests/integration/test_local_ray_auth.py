@@ -67,3 +67,59 @@ def test_a_protected_tracking_server_answers_only_with_its_password(tmp_path, mo
         assert c.get_run(run.info.run_id).data.metrics == {"train/loss": 1.5}
     finally:
         stop_tracking_server(srv)
+
+
+# Another Ray on the machine, as `ray start` or Ray's own test cluster leaves one: it writes its address to
+# /tmp/ray/ray_current_cluster, where Ray's address lookups without an address go when they find several.
+OTHER_RAY = """
+import os, sys
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+from ray.cluster_utils import Cluster
+from omnistream.cluster.connect import free_port
+c = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 0,
+    "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+    "gcs_server_port": free_port(), "dashboard_agent_listen_port": free_port()})
+print(c.address, flush=True)
+try:
+    sys.stdin.read()
+finally:
+    c.shutdown()
+"""
+
+
+def test_a_run_beside_another_ray_on_the_machine_asks_its_own(ray_local):
+    """Ray Train's PlacementGroupCleaner asks the state API, every second, whether the run's controller is
+    still alive, and removes the run's placement group when told no. Asked from one of our workers while
+    another Ray runs on the machine, the lookup went to that other Ray, heard "no such actor", and a
+    healthy run's workers were destroyed (a CI run of the suite failed so). The same question, asked the
+    same way (Ray Train's own is_actor_alive, from a detached actor as the cleaner is), must be answered by
+    the worker's own Ray."""
+    import ray
+    from ray.train.v2._internal.state.util import is_actor_alive
+
+    other = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    try:
+        other_address = other.stdout.readline().strip()
+        assert other_address and other_address != ray.get_runtime_context().gcs_address, other_address
+
+        @ray.remote(num_cpus=0)
+        class Cleaner:
+            def controller_alive(self, actor_id: str) -> bool:
+                return is_actor_alive(actor_id, timeout=30)
+
+        @ray.remote(num_cpus=0)
+        class Controller:
+            def actor_id(self) -> str:
+                return ray.get_runtime_context().get_actor_id()
+
+        controller = Controller.remote()
+        cleaner = Cleaner.options(lifetime="detached").remote()
+        try:
+            assert ray.get(cleaner.controller_alive.remote(ray.get(controller.actor_id.remote())), timeout=120)
+        finally:
+            ray.kill(cleaner)
+            ray.kill(controller)
+    finally:
+        other.stdin.close()
+        other.wait(timeout=120)

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
-from omnistream.cluster.connect import LOOPBACK_ENV, WORKER_ENV, free_port  # noqa: E402
+from omnistream.cluster.connect import free_port, job_runtime_env  # noqa: E402
 from omnistream.cluster.driver import run_training  # noqa: E402
 from omnistream.configs import load_config  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -37,7 +37,7 @@ def main(path: str) -> None:
         "dashboard_agent_listen_port": free_port()})
     trainer = c.add_node(**loopback, num_cpus=1, resources={"trainer": 2})
     try:
-        ray.init(address=c.address, runtime_env={"env_vars": {**LOOPBACK_ENV, **WORKER_ENV}})
+        ray.init(address=c.address, runtime_env=job_runtime_env({}))
         res = run_training(load_config(path))
         from ray.util.state import list_actors
 
