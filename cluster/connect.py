@@ -83,7 +83,11 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
     address = address or os.environ.get("RAY_ADDRESS", "")  # set for a Ray job's driver: join that cluster
     if address:
         try:
-            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=job_runtime_env({}))
+            # a submitted job's driver runs with the runtime env `jobs submit` gave it, which Ray refuses to
+            # merge with a second one naming the same fields
+            in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+            ray.init(address=address, log_to_driver=log_to_driver,
+                     runtime_env=None if in_job else job_runtime_env({}))
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
