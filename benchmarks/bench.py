@@ -1,11 +1,12 @@
 """`make bench`: what omnistream's machinery costs, as ratios against baselines run in the same process.
 
 (a) throughput: `omnistream train` (Ray Data stream -> Ray Train, 1 worker, DeepSpeed ZeRO-0)
-    against a plain PyTorch loop over the same model and the same pre-tokenized packed rows,
-    with the same micro-batch, optimizer and thread count. Ratio = omnistream / plain.
+    against a plain PyTorch loop over the same model and the very rows the run trained on in the
+    half it is measured over (built in-process by the stream's own packing stage from the run's
+    token cache), with the same micro-batch, optimizer and thread count. Ratio = omnistream / plain.
     omnistream's figure is the median tokens/s of the second half of its run. Both read
-    pre-tokenized rows (omnistream from its token cache), so the ratio is the cost of Ray Train +
-    DeepSpeed + streaming, not of tokenizing on 2 cores.
+    pre-tokenized rows, so the ratio is the cost of Ray Train + DeepSpeed + streaming, not of
+    tokenizing on 2 cores.
 (b) data wait: the share of step time the demo's trainers (2 workers, ZeRO-3) waited for the
     stream, over the whole run (warm-up included) and after the first logged interval.
 (c) attention memory: peak resident memory of one forward + backward of a 2-layer, 64-wide model on
@@ -37,14 +38,14 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omnistream.cli.demo import demo_config, prepare_demo  # noqa: E402
 from omnistream.cluster.connect import free_port  # noqa: E402
 from omnistream.cluster.driver import prepare, run_training  # noqa: E402
 from omnistream.configs import load_config  # noqa: E402
 from omnistream.model.model import GPT  # noqa: E402
-from omnistream.pipelines.documents import local_documents  # noqa: E402
-from omnistream.pipelines.packing import COLUMNS, pack_documents  # noqa: E402
+from omnistream.pipelines.packing import COLUMNS  # noqa: E402
 from omnistream.pipelines.shards import list_shards  # noqa: E402
 from omnistream.training.engine import lr_lambda, param_groups  # noqa: E402
 
@@ -53,18 +54,41 @@ DEMO_STEPS = int(os.environ.get("BENCH_DEMO_STEPS", "100"))
 THREADS = 2
 
 
-def plain_loop(cfg, vocab, steps: int) -> float:
-    """Tokens/s of a bare PyTorch loop: pre-tokenized rows, no Ray, no DeepSpeed."""
-    t = cfg.train
-    need_rows = (steps + 5) * t.micro_batch_size
-    docs = []
-    for _, _, toks, mods in local_documents(list_shards(cfg.data.train_shards), cfg.data.bundle_dir, cfg.modalities,
-                                            cfg.data, cfg.seed):
-        docs.append((toks, mods, ""))
-        if len(docs) >= need_rows * 12:  # ~7 documents fill a 256-token row
+def stream_rows(cfg, vocab, n_rows: int) -> dict:
+    """The first `n_rows` rows of the run's own stream, built here in-process by the stream's own stage
+    (pipelines/rows.WindowRows over the run's plan and windows, from its token cache): the rows the run
+    trained on, in its order, with its packing. (Rows packed from the whole corpus at once, as this bench
+    once fed its plain loop, are fuller and sorted by length: fewer, longer documents per row make fewer
+    attention buckets, so the baseline ran on easier rows than the run it was compared with.)"""
+    from omnistream.pipelines.cache import open_cache
+    from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
+    from omnistream.pipelines.shards import shard_order
+
+    shards = list_shards(cfg.data.train_shards)
+    cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
+    done, _ = cache.status(shards)
+    plan = shard_order(shards, cfg.seed, cfg.data.epochs)
+    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
+    rows = WindowRows(cache.url, cfg.data.bundle_dir, cfg.modalities, cfg.data, cfg.seed, plan,
+                      cfg.train.micro_batch_size)
+    parts, have = [], 0
+    for k, w in enumerate(windows):
+        out = rows({"window": np.array([k]), "ranges": np.array([json.dumps(w)], dtype=object)})
+        parts.append({c: out[c] for c in COLUMNS})
+        have += len(out["keys"])
+        if have >= n_rows:
             break
-    rows = pack_documents([d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs], cfg.data.seq_len)
-    assert len(rows["input_ids"]) >= need_rows, "not enough rows for the plain loop"
+    assert have >= n_rows, f"the stream holds {have} rows, the plain loop needs {n_rows}"
+    return {c: np.concatenate([p[c] for p in parts])[:n_rows] for c in COLUMNS}
+
+
+def plain_loop(cfg, vocab, steps: int, skip_steps: int = 0) -> float:
+    """Tokens/s of a bare PyTorch loop (no Ray, no DeepSpeed) over the run's own rows, from the run's step
+    `skip_steps` on (the half of the run its figure is taken from)."""
+    t = cfg.train
+    first = skip_steps * t.micro_batch_size
+    rows = stream_rows(cfg, vocab, first + (steps + 5) * t.micro_batch_size)
+    rows = {c: v[first:] for c, v in rows.items()}
     torch.set_num_threads(THREADS)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).train()
@@ -269,7 +293,7 @@ def main() -> int:
     tps = history(res_one, "train/tokens_per_s")
     omni_tps = statistics.median(tps[len(tps) // 2:])
     cfg_plain, vocab = prepare(one)
-    plain_tps = plain_loop(cfg_plain, vocab, STEPS // 2)
+    plain_tps = plain_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2)
 
     # (b) the demo's data wait: 2 workers, ZeRO-3, as configs/demo.toml says
     demo = load_config(DEMO_CONFIG, common + [f"train.steps={DEMO_STEPS}"])
