@@ -46,7 +46,7 @@ from omnistream.cluster.driver import prepare, run_training  # noqa: E402
 from omnistream.configs import load_config  # noqa: E402
 from omnistream.model.model import GPT  # noqa: E402
 from omnistream.pipelines.packing import COLUMNS  # noqa: E402
-from omnistream.pipelines.shards import list_shards  # noqa: E402
+from omnistream.pipelines.shards import list_shards, shard_order  # noqa: E402
 from omnistream.training.engine import lr_lambda, param_groups  # noqa: E402
 
 STEPS = int(os.environ.get("BENCH_STEPS", "240"))
@@ -62,7 +62,6 @@ def stream_rows(cfg, vocab, n_rows: int) -> dict:
     attention buckets, so the baseline ran on easier rows than the run it was compared with.)"""
     from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
-    from omnistream.pipelines.shards import shard_order
 
     shards = list_shards(cfg.data.train_shards)
     cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
@@ -227,7 +226,6 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
     from omnistream.modalities.vocab import Vocabulary
     from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
-    from omnistream.pipelines.shards import shard_order
     from omnistream.pipelines.tokenize import ShardTokenizer
 
     cfg = cfg.resolved_paths()

@@ -139,12 +139,14 @@ def _write_manifest(d: str | Path, rank: int) -> None:
     (root / MANIFEST.format(rank=rank)).write_text(json.dumps(sizes, indent=1))
 
 
-def _whole(d: Path, world: int) -> bool | None:
+def _whole(d: Path, meta: dict) -> bool:
     """Every rank's manifest there, and every file it lists there at its size (a checkpoint written before
     manifests were: every rank's model files there)."""
+    world = meta["world_size"]
     manifests = list(d.glob(MANIFEST.format(rank="*")))
     if not manifests:
-        return None
+        ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
+        return len(ranks) >= (world if meta["config"]["train"]["zero_stage"] == 3 else 1)
     if len(manifests) < world:
         return False
     for m in manifests:
@@ -172,12 +174,10 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         try:
             meta = read_checkpoint_meta(d)
             read_data_position(d)
-            whole = _whole(d, meta["world_size"])
-            ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
+            whole = _whole(d, meta)
         except (UserError, OSError, ValueError):  # OSError: removed while read (Ray Train drops old ones)
             continue
-        if whole is False or (whole is None and len(ranks) < (
-                meta["world_size"] if meta["config"]["train"]["zero_stage"] == 3 else 1)):
+        if not whole:
             continue
         found.append((meta["step"], d))
     return [d for _, d in sorted(found)]
