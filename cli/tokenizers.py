@@ -16,6 +16,18 @@ def register(sub) -> None:
     add_config(p)
     p.add_argument("--out", help="bundle folder (default: data.bundle_dir from the config)")
     p.set_defaults(func=fit_command)
+    e = tok.add_parser("eval", help="how well the image tokenizer keeps a picture: PSNR and SSIM beside k-means "
+                                    "and a thumbnail",
+                       description="On held-out images of data.eval_shards: PSNR and SSIM of decode(encode(x)) for "
+                                   "the bundle's image tokenizer, for omnistream's k-means tokenizer at the same "
+                                   "ids per image (fitted here on data.fit_records records of data.train_shards), "
+                                   "and for a thumbnail of side×side pixels blown back up; and batched encode "
+                                   "throughput on one core. Prints the figures as JSON and records them, with a "
+                                   "picture of originals | k-means | thumbnail | learned, in a tracking run.")
+    add_config(e)
+    e.add_argument("--images", type=int, default=512, help="held-out images to measure (default 512)")
+    e.add_argument("--modality", default="image", help="the image modality's name in the config (default image)")
+    e.set_defaults(func=eval_command)
 
 
 def fit_command(args) -> int:
@@ -44,4 +56,104 @@ def fit(cfg, out: str | None = None):
               f"fingerprint {m.fingerprint()}")
     print(f"tokenizer bundle: {out or cfg.data.bundle_dir} (vocabulary of {vocab.size} ids, "
           f"fingerprint {vocab.fingerprint})")
+    link = record_fit(cfg, vocab, summary)
+    if link:
+        print(f"fit curves and reconstructions: {link}")
     return vocab
+
+
+def record_fit(cfg, vocab, summary: dict) -> str | None:
+    """A tracking run for the fits that trained a model (their loss curves, reconstruction samples and
+    summary figures, as `tokenizer/<modality>/<name>`); None when no fit trained one."""
+    reports = {n: r for n, r in summary["reports"].items() if r}
+    if not reports:
+        return None
+    from omnistream import tracking
+
+    settings = cfg.tracking.model_copy(update={"run_name": f"{cfg.tracking.run_name or cfg.name}-tokenizers"})
+    params = {f"modalities.{n}.{k}": v for n in reports for k, v in cfg.modalities[n].items()}
+    t = tracking.start_run(settings, params, tags={"omnistream.kind": "tokenizers-fit",
+                                                  "omnistream.vocab_fingerprint": vocab.fingerprint})
+    try:
+        for n, r in reports.items():
+            steps, curves = r.get("steps", []), r.get("metrics", {})
+            for i, step in enumerate(steps):
+                t.log({f"tokenizer/{n}/{k}": float(v[i]) for k, v in curves.items()}, step=step)
+            last = steps[-1] if steps else 0
+            for k, png in r.get("images", {}).items():
+                t.log_image(f"tokenizer/{n}/{k}", png, step=last)
+            t.log({f"tokenizer/{n}/{k}": float(v) for k, v in r.get("summary", {}).items()}, step=last)
+        t.finish()
+    except BaseException:
+        t.finish("FAILED")
+        raise
+    return t.link()
+
+
+def eval_command(args) -> int:
+    import json
+
+    import numpy as np
+    from omnistream.common.errors import UserError
+    from omnistream.configs import load_config
+    from omnistream.modalities import image_eval
+    from omnistream.modalities.image import ImageModality
+    from omnistream.modalities.vocab import Vocabulary
+
+    cfg = load_config(args.config, args.overrides).resolved_paths()
+    vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
+    mod = vocab.by_name.get(args.modality)
+    if not isinstance(mod, ImageModality):
+        raise UserError(f"no image modality named {args.modality!r} in {args.config} (its modalities: {vocab.names})")
+    held = _pixels(cfg.data, cfg.data.eval_shards, mod, args.images)
+    train = _pixels(cfg.data, cfg.data.train_shards, mod, cfg.data.fit_records)
+    if len(held) < 1 or len(train) < 2:
+        raise UserError(f"found {len(held)} readable images in data.eval_shards and {len(train)} in "
+                        f"data.train_shards: tokenizers eval needs some of each")
+    km = image_eval.kmeans_baseline(mod, train, codes=min(1024, max(2, len(train) * mod.tokens_per_image // 4)))
+    res, grid = image_eval.compare(mod, km, held)
+    res = {"bundle": str(cfg.data.bundle_dir), "fingerprint": mod.fingerprint(), **res}
+    link = _record_eval(cfg, vocab, args.modality, res, grid)
+    if link:
+        res["tracking"] = link
+    print(json.dumps(res, indent=1, default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v)))
+    return 0
+
+
+def _pixels(data, shards, mod, limit: int):
+    """Up to `limit` images of `shards`, as the tokenizer's size×size RGB pixels (unreadable ones skipped)."""
+    import numpy as np
+    from omnistream.common.errors import BadSample
+    from omnistream.pipelines.records import read_shard
+    from omnistream.pipelines.shards import list_shards
+
+    out = []
+    for shard in list_shards(shards):
+        for rec in read_shard(shard, data.max_member_bytes, data.limits):
+            for ext, raw in (rec.fields or {}).items():
+                if ext in mod.keys:
+                    try:
+                        out.append(mod.pixels(mod.decode_bytes(ext, raw)))
+                    except BadSample:
+                        pass
+            if len(out) >= limit:
+                return np.stack(out[:limit])
+    return np.stack(out) if out else np.zeros((0, mod.options.size, mod.options.size, 3), np.uint8)
+
+
+def _record_eval(cfg, vocab, name: str, res: dict, grid) -> str | None:
+    import io
+
+    from omnistream import tracking
+    from PIL import Image
+
+    settings = cfg.tracking.model_copy(update={"run_name": f"{cfg.tracking.run_name or cfg.name}-tokenizer-eval"})
+    t = tracking.start_run(settings, {f"modalities.{name}.{k}": v for k, v in cfg.modalities[name].items()},
+                           tags={"omnistream.kind": "tokenizer-eval", "omnistream.vocab_fingerprint": vocab.fingerprint})
+    t.log({f"tokenizer_eval/{name}/{k}": float(v) for k, v in res.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    t.log_image(f"tokenizer_eval/{name}/original_kmeans_thumbnail_learned", buf.getvalue(), step=0)
+    t.finish()
+    return t.link()

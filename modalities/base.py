@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class Modality(Protocol):
 
     def decode_bytes(self, ext: str, data: bytes) -> Any: ...
     def fit_features(self, obj: Any) -> Any: ...
-    def fit(self, features: list[Any]) -> None: ...
+    def fit(self, features: list[Any], progress: Callable[[int, int, dict], None] | None = None) -> None: ...
     def encode(self, obj: Any) -> np.ndarray: ...
     def decode(self, ids: np.ndarray) -> Any: ...
     def roundtrip_error(self, obj: Any, decoded: Any) -> float: ...
@@ -146,7 +146,11 @@ class BaseModality:
         self._fitted = True
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the fitted state as ``state.npz`` (arrays) + ``state.json`` (the rest)."""
+        """Write the fitted state as ``state.safetensors`` (arrays: codebooks, a learned tokenizer's weights)
+        + ``state.json`` (the rest, with the arrays file's sha256). safetensors holds bare tensors, so loading
+        one runs no code (a pickle could)."""
+        from safetensors.numpy import save_file
+
         self._require_fitted()
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -156,9 +160,10 @@ class BaseModality:
                 raise UserError(f"the fitted {self.name} tokenizer's {k!r} holds NaN or inf "
                                 f"({int((~np.isfinite(a)).sum())} values): not saved; the fit samples had "
                                 f"values no decoder check caught")
-        np.savez(d / "state.npz", **arrays)
+        save_file({k: np.ascontiguousarray(a) for k, a in arrays.items()}, str(d / WEIGHTS))
         meta = {"name": self.name, "version": self.version,
-                "options": self.options.model_dump(mode="json"), "state": rest}
+                "options": self.options.model_dump(mode="json"), "state": rest,
+                "weights_sha256": hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()}
         (d / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
     def load(self, directory: str | os.PathLike) -> None:
@@ -171,10 +176,35 @@ class BaseModality:
                 f"tokenizer state in {d} was fitted by {self.name} version {meta.get('version')}, "
                 f"the installed plugin is version {self.version}: refit with `omnistream tokenizers fit`")
         self.options = self.Options(**meta["options"])
-        with np.load(d / "state.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        if (d / WEIGHTS).exists():
+            from safetensors import SafetensorError
+            from safetensors.numpy import load
+
+            data = (d / WEIGHTS).read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+                raise UserError(f"{d / WEIGHTS} is not the file its tokenizer was saved with (its sha256 differs "
+                                f"from state.json's): refit with `omnistream tokenizers fit` or restore the bundle")
+            try:
+                arrays = load(data)
+            except SafetensorError as e:
+                raise UserError(f"{d / WEIGHTS} cannot be read: {e}") from None
+        else:  # a bundle written before safetensors: numpy's format, read without pickle
+            with np.load(d / "state.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
         self._set_state({**meta["state"], **arrays})
         self._fitted = True
+
+    # ---- fits that train a model (optional) -----------------------------------------
+    def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
+        """Ray resources for a fit that trains a model, given the cluster's (``ray.cluster_resources()``):
+        such a fit runs as a Ray task with them (on a GPU when it asks for one). None (the default): the fit
+        is light (k-means, BPE) and runs in the process that gathered the samples."""
+        return None
+
+    def fit_report(self) -> dict[str, Any]:
+        """What the last fit has to show in the tracker: ``{"metrics": {name: [one value per step]},
+        "images": {name: png bytes}}``. Empty for a fit that trains nothing."""
+        return {}
 
     def fingerprint(self) -> str:
         """sha256 over name, version, options and fitted state: equal iff the tokenizer maps alike."""
@@ -203,6 +233,9 @@ class BaseModality:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r}, fitted={self._fitted})"
+
+
+WEIGHTS = "state.safetensors"
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

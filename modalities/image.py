@@ -1,15 +1,18 @@
-"""Images: a fixed grid of p×p patches, each quantised to a k-means codebook.
+"""Images, with one of two tokenizers (`tokenizer`):
 
-An image becomes (size/patch)^2 ids, row-major: 36 ids at the default 24×24 pixels
-and 4×4 patches; the demo (configs/demo.toml) uses 16×16 pixels, so 16 ids. Pixels are standardised per image
-(zero mean, unit variance, clipped at ±3σ) before patching so that the codebook
-spends its codes on shape, not on each image's brightness and colour cast; the
-decoder maps back with a fixed mid-grey mean and contrast.
+- "kmeans" (the default): a fixed grid of p×p patches, each quantised to a k-means codebook. An image
+  becomes (size/patch)^2 ids, row-major: 36 ids at the default 24×24 pixels and 4×4 patches; the demo
+  (configs/demo.toml) uses 16×16 pixels, so 16 ids. Pixels are standardised per image (zero mean, unit
+  variance, clipped at ±3σ) before patching so that the codebook spends its codes on shape, not on each
+  image's brightness and colour cast; the decoder maps back with a fixed mid-grey mean and contrast.
+- "fsq": a learned convolutional autoencoder with finite scalar quantisation (fsq.py), trained by
+  `omnistream tokenizers fit` on the configured shards' images. RGB, (size/down)^2 ids per image,
+  prod(levels) codes; it keeps brightness and colour, so what a model writes can be the photo it saw.
 """
 from __future__ import annotations
 
 import io
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 from omnistream.common.errors import BadSample
@@ -27,18 +30,39 @@ from .base import (
 
 
 class ImageOptions(ModalityOptions):
+    tokenizer: Literal["kmeans", "fsq"] = Field("kmeans", description="'kmeans': patch codebook (fast to fit, "
+                                                 "grey by default); 'fsq': a learned autoencoder (RGB, colour kept)")
     size: int = Field(24, ge=4, le=1024, description="images are resized to size×size pixels")
     patch: int = Field(4, ge=1, le=64, description="patch side in pixels; size must be a multiple of it")
     codebook_size: int = Field(256, ge=2, le=65536, description="number of patch codes (this modality's vocabulary size)")
-    grayscale: bool = Field(True, description="quantise luminance only (3× smaller patches, colour is dropped)")
+    grayscale: bool = Field(True, description="kmeans: quantise luminance only (3× smaller patches, colour is dropped); fsq is always RGB")
     max_pixels: int = Field(16_000_000, ge=1, description="images whose header claims more pixels are refused before decoding (decompression bombs)")
     fit_patches: int = Field(200_000, ge=1000, description="at most this many patches are used to fit the codebook")
-    seed: int = Field(0, description="seed of the k-means initialisation")
+    seed: int = Field(0, description="seed of the k-means initialisation, and of the fsq fit")
+    # ---- tokenizer = "fsq" -------------------------------------------------------------------------
+    down: int = Field(8, description="fsq: downsampling, 4, 8 or 16; (size/down)^2 ids per image (64 at 64 px)")
+    levels: list[int] = Field([8, 5, 5, 5], min_length=1, max_length=8,
+                              description="fsq: levels per latent channel; their product is the codebook size "
+                                          "(1,000 for [8,5,5,5]; at most 65,536)")
+    width: int = Field(64, ge=8, le=512, description="fsq: the decoder's channels after the stem (a multiple of "
+                                                     "16), 2x and 4x at coarser resolutions; the encoder has half")
+    fit_steps: int = Field(3000, ge=1, description="fsq: training steps of the fit")
+    fit_batch: int = Field(32, ge=1, description="fsq: images per training step")
+    fit_lr: float = Field(2e-3, gt=0, description="fsq: peak AdamW learning rate (warm-up, then cosine decay)")
 
     @model_validator(mode="after")
     def _grid(self):
-        if self.size % self.patch:
+        if self.tokenizer == "kmeans" and self.size % self.patch:
             raise ValueError(f"size={self.size} is not a multiple of patch={self.patch}")
+        if self.tokenizer == "fsq":
+            if self.down not in (4, 8, 16):
+                raise ValueError(f"down={self.down}: fsq downsamples by 4, 8 or 16")
+            if self.size % self.down:
+                raise ValueError(f"size={self.size} is not a multiple of down={self.down}")
+            if any(v < 2 for v in self.levels) or np.prod(self.levels) > 65536:
+                raise ValueError(f"levels={self.levels}: each at least 2, their product at most 65,536")
+            if self.width % 16:
+                raise ValueError(f"width={self.width} is not a multiple of 16")
         return self
 
 
@@ -85,14 +109,27 @@ class ImageModality(BaseModality):
     def __init__(self, options=None):
         super().__init__(options)
         self._codebook: np.ndarray | None = None
+        self._weights: dict[str, np.ndarray] | None = None  # fsq: the autoencoder's state dict, as arrays
+        self._ae = None  # fsq: the autoencoder built from _weights, on first use
+        self._report: dict[str, Any] = {}
+
+    @property
+    def _fsq(self) -> bool:
+        return self.options.tokenizer == "fsq"
 
     @property
     def vocab_size(self) -> int:
-        return self.options.codebook_size
+        return int(np.prod(self.options.levels)) if self._fsq else self.options.codebook_size
+
+    @property
+    def side(self) -> int:
+        """Ids per image side: an image is side×side ids, row-major."""
+        o = self.options
+        return o.size // (o.down if self._fsq else o.patch)
 
     @property
     def tokens_per_image(self) -> int:
-        return (self.options.size // self.options.patch) ** 2
+        return self.side ** 2
 
     # ---- bytes -> object -------------------------------------------------------
     def decode_bytes(self, ext: str, data: bytes) -> Image.Image:
@@ -123,7 +160,12 @@ class ImageModality(BaseModality):
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         return im.convert("RGB")
 
-    # ---- object -> patches ---------------------------------------------------
+    # ---- object -> pixels / patches ---------------------------------------------
+    def pixels(self, im: Image.Image) -> np.ndarray:
+        """The image as the fsq tokenizer sees it: size×size RGB, uint8."""
+        o = self.options
+        return np.asarray(im.convert("RGB").resize((o.size, o.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
     def _patches(self, im: Image.Image) -> np.ndarray:
         o = self.options
         im = im.convert("L" if o.grayscale else "RGB").resize((o.size, o.size), Image.Resampling.BILINEAR)
@@ -136,23 +178,112 @@ class ImageModality(BaseModality):
         return x.reshape(g, p, g, p, c).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * c)
 
     def fit_features(self, obj: Image.Image) -> np.ndarray:
-        return self._patches(obj)
+        return self.pixels(obj) if self._fsq else self._patches(obj)
 
-    def fit(self, features: list[np.ndarray]) -> None:
-        rows = sample_rows(features, self.options.fit_patches, self.options.seed)
-        self._codebook = kmeans(rows, self.options.codebook_size, seed=self.options.seed)
+    def fit(self, features: list[np.ndarray], progress: Callable[[int, int, dict], None] | None = None) -> None:
+        if not self._fsq:
+            rows = sample_rows(features, self.options.fit_patches, self.options.seed)
+            self._codebook = kmeans(rows, self.options.codebook_size, seed=self.options.seed)
+            self._mark_fitted()
+            return
+        import torch
+
+        from . import fsq
+
+        o = self.options
+        images = np.stack([np.asarray(f, dtype=np.uint8) for f in features])
+        if images.shape[1:] != (o.size, o.size, 3):
+            raise ValueError(f"fsq fit features must be {o.size}×{o.size} RGB, got {images.shape[1:]}")
+        torch.manual_seed(o.seed)  # the initial weights too: the same samples and options fit the same tokenizer
+        ae = fsq.FSQAutoencoder(o.levels, o.down, o.width)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        every = max(1, o.fit_steps // 200)  # about 200 points of each curve in the tracker
+        curves: dict[str, list[float]] = {"loss": [], "psnr": []}
+        steps: list[int] = []
+
+        def on_step(step: int, m: dict) -> None:
+            if step % every == 0 or step == o.fit_steps - 1:
+                steps.append(step)
+                for k in curves:
+                    curves[k].append(m[k])
+            if progress is not None:
+                progress(step + 1, o.fit_steps, m)
+
+        fsq.train(ae, images, steps=o.fit_steps, batch=o.fit_batch, lr=o.fit_lr, seed=o.seed,
+                  device=device, on_step=on_step)
+        self._set_state({k: v.detach().cpu().numpy() for k, v in ae.state_dict().items()})
         self._mark_fitted()
+        # reconstructions of the first 8 fit images, original above, decode(encode(x)) below
+        first = images[:8]
+        recon = np.stack([self.pixels(self.decode(ids)) for ids in self.encode_batch(
+            [Image.fromarray(x) for x in first])])
+        grid = np.concatenate([np.concatenate(list(first), 1), np.concatenate(list(recon), 1)], 0)
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="PNG")
+        self._report = {"metrics": curves, "steps": steps,
+                        "images": {"reconstructions": buf.getvalue()},
+                        "summary": {"fit_psnr_db": float(np.mean(fsq.psnr(first, recon)))}}
+
+    def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
+        if not self._fsq:
+            return None
+        if cluster.get("GPU", 0) >= 1:
+            return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_cpus": max(1, int(cluster.get("CPU", 1)))}  # a CPU fit takes every core it can
+
+    def fit_report(self) -> dict[str, Any]:
+        return self._report
+
+    def _autoencoder(self):
+        if self._ae is None:
+            import torch
+
+            from . import fsq
+
+            o = self.options
+            ae = fsq.FSQAutoencoder(o.levels, o.down, o.width)
+            ae.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self._weights.items()})
+            self._ae = ae.eval()
+        return self._ae
 
     def encode(self, obj: Image.Image) -> np.ndarray:
+        return self.encode_many([self.prepare(obj)])[0]
+
+    def prepare(self, obj: Image.Image) -> np.ndarray:
+        """What encoding needs of an image: its size×size pixels (fsq) or standardised patches (kmeans),
+        a few KB, so the tokenizer actor can hold a chunk's worth and encode them in one pass."""
+        return self.pixels(obj) if self._fsq else self._patches(obj)
+
+    def encode_many(self, prepared: list[np.ndarray]) -> list[np.ndarray]:
+        """Ids of each prepared image; fsq runs them through the encoder as one batch."""
         self._require_fitted()
-        return nearest(self._patches(obj), self._codebook)
+        if not self._fsq:
+            return [nearest(p, self._codebook) for p in prepared]
+        from . import fsq
+
+        codes = self._autoencoder().encode(fsq.to_tensor(np.stack(prepared)))
+        return [c.numpy().astype(np.int64) for c in codes]
+
+    def encode_batch(self, objs: list[Image.Image]) -> list[np.ndarray]:
+        """Several images through the encoder at once."""
+        return self.encode_many([self.prepare(o) for o in objs])
 
     def decode(self, ids) -> Image.Image:
         self._require_fitted()
         o = self.options
-        g, p = o.size // o.patch, o.patch
-        c = 1 if o.grayscale else 3
+        g = self.side
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self._fsq:
+            import torch
+
+            from . import fsq
+
+            if len(ids) < g * g:  # a short generation: fill the rest with the middle code (mid grey)
+                ids = np.concatenate([ids, np.full(g * g - len(ids), self.vocab_size // 2)])
+            x = self._autoencoder().decode(torch.from_numpy(ids[: g * g]).view(1, -1), g)
+            return Image.fromarray(fsq.to_uint8(x)[0], "RGB")
+        p = o.patch
+        c = 1 if o.grayscale else 3
         if len(ids) < g * g:  # a short generation: fill the rest with the flattest code
             ids = np.concatenate([ids, np.full(g * g - len(ids), np.abs(self._codebook).sum(1).argmin())])
         x = self._codebook[ids[: g * g]].reshape(g, g, p, p, c).transpose(0, 2, 1, 3, 4).reshape(g * p, g * p, c)
@@ -161,6 +292,11 @@ class ImageModality(BaseModality):
         return Image.fromarray(arr[:, :, 0] if c == 1 else arr, "L" if c == 1 else "RGB").convert("RGB")
 
     def roundtrip_error(self, obj: Image.Image, decoded: Image.Image) -> float:
+        if self._fsq:  # the share of the image's pixel variance lost, on the pixels it encodes; the variance
+            # has a floor of 16² (grey levels): a nearly flat image's few levels of noise are not its content
+            a = self.pixels(obj).astype(np.float32)
+            b = self.pixels(decoded).astype(np.float32)
+            return float(((a - b) ** 2).mean() / max(a.var(), 16.0 ** 2))
         a, b = self._patches(obj), self._patches(decoded)
         return float(((a - b) ** 2).mean() / (a.var() + 1e-6))
 
@@ -170,9 +306,16 @@ class ImageModality(BaseModality):
         return "png", buf.getvalue()
 
     def _state(self) -> dict[str, Any]:
+        if self._fsq:
+            return {f"ae.{k}": v for k, v in self._weights.items()}
         return {"codebook": self._codebook}
 
     def _set_state(self, state: dict[str, Any]) -> None:
+        if self._fsq:
+            self._weights = {k[3:] if k.startswith("ae.") else k: np.asarray(v, dtype=np.float32)
+                             for k, v in state.items() if isinstance(v, np.ndarray)}
+            self._ae = None
+            return
         self._codebook = np.asarray(state["codebook"], dtype=np.float32)
 
     # ---- data quality ----------------------------------------------------------------

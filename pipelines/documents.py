@@ -39,6 +39,12 @@ class Outcome:
     claims: str | None = None        # the dedup signatures a kept record claimed (JSON), kept in the token cache
 
 
+@dataclass
+class _Prepared:
+    """A modality's input held for batched encoding (RecordProcessor._encode_batched)."""
+    value: object
+
+
 def _errored(e: BadSample, carries: tuple) -> "Outcome":
     return Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
 
@@ -154,13 +160,15 @@ class RecordProcessor:
                 carries = tuple(sorted(objs))
                 sig = (guarded(signatures, "dedup", "near_signatures", r, objs, set(self.exts), self.mods,
                                self.filters, self.cfg.dedup) if self.deduper is not None else None)
-                parts = self._parts(objs)
+                parts = self._parts(objs, batched=True)
             except BadSample as e:
                 out[i] = _errored(e, carries)
                 continue
             finally:
                 objs = None  # the decoded pixels and samples go before the next record is decoded
             pending.append((i, parts, carries, sig))
+        self._encode_batched(pending, records, out, carries_of={i: c for i, _, c, _ in pending})
+        pending = [t for t in pending if out[t[0]] is None]
         dups = (self.deduper.duplicates([(f"{records[i].shard}:{records[i].key}", sig) for i, _, _, sig in pending])
                 if self.deduper is not None and pending else [None] * len(pending))
         for (i, parts, carries, sig), dup in zip(pending, dups):
@@ -171,11 +179,42 @@ class RecordProcessor:
                                  claims=json.dumps(sig) if sig is not None else None)
         return out
 
-    def _parts(self, objs: dict) -> dict | None:
-        """What a kept record carries on: each modality's local ids (None without a bundle: accounting only)."""
+    def _parts(self, objs: dict, batched: bool = False) -> dict | None:
+        """What a kept record carries on: each modality's local ids (None without a bundle: accounting only).
+        With `batched`, a modality that encodes many at once (`prepare` + `encode_many`, the learned image
+        tokenizer) gives only its prepared input here, small enough to hold for a chunk (64×64×3 bytes of
+        pixels, not the decoded photo); `_encode_batched` encodes the chunk's in one pass per modality."""
         if self.vocab is None:
             return None
-        return {n: guarded(self.mods[n].encode, n, "encode", o) for n, o in objs.items()}
+        parts = {}
+        for n, o in objs.items():
+            m = self.mods[n]
+            if batched and hasattr(m, "encode_many") and hasattr(m, "prepare"):
+                parts[n] = _Prepared(guarded(m.prepare, n, "prepare", o))
+            else:
+                parts[n] = guarded(m.encode, n, "encode", o)
+        return parts
+
+    def _encode_batched(self, pending: list, records: list, out: list, carries_of: dict, batch: int = 64) -> None:
+        """Replace each _Prepared part of `pending` by its ids, `batch` at a time per modality. A batch that
+        fails is encoded one by one, so the error is the one record's (errored), not its neighbours'."""
+        for name, m in self.mods.items():
+            todo = [(i, parts) for i, parts, _, _ in pending if parts and isinstance(parts.get(name), _Prepared)]
+            for k in range(0, len(todo), batch):
+                chunk = todo[k:k + batch]
+                try:
+                    ids = guarded(m.encode_many, name, "encode", [parts[name].value for _, parts in chunk])
+                except BadSample:
+                    ids = []
+                    for i, parts in chunk:
+                        try:
+                            ids.append(guarded(m.encode_many, name, "encode", [parts[name].value])[0])
+                        except BadSample as e:
+                            out[i] = _errored(e, carries_of[i])
+                            ids.append(None)
+                for (i, parts), one in zip(chunk, ids):
+                    if one is not None:
+                        parts[name] = one
 
     def process(self, shards: Iterable[tuple[int, str]], tally: Tally, chunk: int = 256):
         """Yield (epoch, record, outcome) for every record of the shards, accounting each in `tally`."""

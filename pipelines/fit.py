@@ -4,10 +4,14 @@ The sample is read the way training reads: each shard by a RecordProcessor actor
 data.limits, the quality filters, bounded restarts and retries, a shard whose actor keeps dying counted
 as a shard error), and each kept record's modalities turned into fit features (image patches, log-mel
 frames, strings), refused where they are not finite. The final fit (k-means, BPE merges) runs once,
-here, on the gathered features of the first data.fit_records records, in shard order.
+here, on the gathered features of the first data.fit_records records, in shard order. A fit that trains a
+model (a modality whose `fit_resources` asks for resources: the learned `fsq` image tokenizer) runs as a Ray
+task with what it asks for, on a GPU when the cluster has one, with a progress bar the driver draws; its
+`fit_report` (loss curves, reconstructions) comes back with it for the tracker.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -26,6 +30,7 @@ from .documents import RecordProcessor, guarded
 from .shards import list_shards, shard_order
 from .stream import ACTOR_DIED, RETRIES, processor_options, shards_may_die
 
+log = logging.getLogger(__name__)
 END = "__end__"  # the row that says a shard's call finished (a shard without one: its actor died)
 
 
@@ -37,7 +42,7 @@ class FitFeatures(RecordProcessor):
         super().__init__(modalities, None, cfg, seed)
         self.max_records = max_records
 
-    def _parts(self, objs: dict) -> dict:
+    def _parts(self, objs: dict, batched: bool = False) -> dict:
         feats = {}
         for n, o in objs.items():
             f = guarded(self.mods[n].fit_features, n, "fit_features", o)
@@ -108,18 +113,55 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     lost = sum(s not in finished for s in reached)
     if lost:
         bad[f"shard_errors/{ACTOR_DIED}"] += lost
-    mods = list(mods.values())
-    summary = {"records_sampled": records, "bad_samples": dict(sorted(bad.items())), "samples": {}}
-    for m in tqdm(mods, desc=f"{logs.TAG} fitting", unit=" modality", disable=None):
-        feats = gathered[m.name]
+    del ds  # its reading actors give their CPUs back before a training fit asks for them
+    summary = {"records_sampled": records, "bad_samples": dict(sorted(bad.items())), "samples": {}, "reports": {}}
+    for name, m in tqdm(list(mods.items()), desc=f"{logs.TAG} fitting", unit=" modality", disable=None):
+        feats = gathered[name]
         if not feats:
-            raise UserError(f"no samples of modality {m.name!r} in the first {cfg.fit_records} records of "
+            raise UserError(f"no samples of modality {name!r} in the first {cfg.fit_records} records of "
                             f"{cfg.train_shards}: cannot fit its tokenizer")
         try:
-            m.fit(feats)
+            mods[name], summary["reports"][name] = fit_one(m, feats)
         except ValueError as e:
-            raise UserError(f"fitting modality {m.name!r} failed: {e}") from None
-        summary["samples"][m.name] = len(feats)
-    vocab = Vocabulary(mods)
+            raise UserError(f"fitting modality {name!r} failed: {e}") from None
+        summary["samples"][name] = len(feats)
+    vocab = Vocabulary(list(mods.values()))
     vocab.save(out_dir or cfg.bundle_dir)
     return vocab, summary
+
+
+def fit_one(mod, features: list) -> tuple:
+    """Fit one modality: here when its fit is light, else as a Ray task with the resources it asks for.
+    Returns the fitted modality and its fit report."""
+    # both hooks are optional: a plugin that does not subclass BaseModality may have neither
+    wants = getattr(mod, "fit_resources", lambda cluster: None)(ray.cluster_resources())
+    if wants is None:
+        mod.fit(features)
+        return mod, getattr(mod, "fit_report", dict)()
+    if "num_cpus" in wants and "num_gpus" not in wants:  # never more than is free now: a fit that waits for
+        free = int(ray.available_resources().get("CPU", 1))  # CPUs held elsewhere would wait forever
+        wants = {**wants, "num_cpus": max(1, min(int(wants["num_cpus"]), free))}
+    log.info("training the %s tokenizer as a Ray task with %s", mod.name, wants)
+    return ray.get(_train_fit.options(**wants).remote(mod, features))
+
+
+@ray.remote
+def _train_fit(mod, features: list) -> tuple:
+    import torch
+    from ray.experimental.tqdm_ray import tqdm
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:  # Ray sets OMP_NUM_THREADS to 1 in a task; the fit's convolutions use what it was given
+        torch.set_num_threads(max(1, int(cpus)))
+    bar = tqdm(desc=f"training the {mod.name} tokenizer", total=None, unit=" steps")
+
+    def progress(step: int, total: int, metrics: dict) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(1)
+        if step % 50 == 0 or step == total:
+            bar.set_description(f"training the {mod.name} tokenizer (loss {metrics.get('loss', float('nan')):.4f})")
+
+    mod.fit(features, progress=progress)
+    bar.close()
+    return mod, mod.fit_report()
