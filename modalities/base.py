@@ -206,12 +206,18 @@ class BaseModality:
         "images": {name: png bytes}}``. Empty for a fit that trains nothing."""
         return {}
 
+    def _fingerprint_options(self) -> dict[str, Any]:
+        """The options the fingerprint covers: all of them, unless a plugin leaves out those that do not
+        change its mapping (a field added later must leave the fingerprints of bundles fitted before it
+        alone, or every such bundle stops loading)."""
+        return self.options.model_dump(mode="json")
+
     def fingerprint(self) -> str:
         """sha256 over name, version, options and fitted state: equal iff the tokenizer maps alike."""
         self._require_fitted()
         h = hashlib.sha256()
         h.update(f"{self.name}\0{self.version}\0".encode())
-        h.update(json.dumps(self.options.model_dump(mode="json"), sort_keys=True).encode())
+        h.update(json.dumps(self._fingerprint_options(), sort_keys=True).encode())
         arrays, rest = _split_state(self._state())
         h.update(json.dumps(rest, sort_keys=True).encode())
         for k in sorted(arrays):

@@ -305,6 +305,18 @@ class ImageModality(BaseModality):
         obj.save(buf, format="PNG")
         return "png", buf.getvalue()
 
+    # the options only one of the two tokenizers reads: the other's are left out of the fingerprint, so a
+    # k-means bundle fitted before the fsq options existed keeps its fingerprint (and still loads)
+    KMEANS_ONLY = ("patch", "codebook_size", "grayscale", "fit_patches")
+    FSQ_ONLY = ("tokenizer", "down", "levels", "width", "fit_steps", "fit_batch", "fit_lr")
+
+    def _fingerprint_options(self) -> dict[str, Any]:
+        drop = self.KMEANS_ONLY if self._fsq else self.FSQ_ONLY
+        opts = {k: v for k, v in self.options.model_dump(mode="json").items() if k not in drop}
+        if self._fsq:
+            opts["tokenizer"] = "fsq"
+        return opts
+
     def _state(self) -> dict[str, Any]:
         if self._fsq:
             return {f"ae.{k}": v for k, v in self._weights.items()}

@@ -128,3 +128,45 @@ def test_psnr_and_ssim_agree_with_their_definitions():
     assert np.allclose(fsq.psnr(a, b), 10 * np.log10(255 ** 2 / mse))
     noisy = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.uint8)
     assert np.all(fsq.ssim(a, noisy) < fsq.ssim(a, b))
+
+
+def test_a_kmeans_bundle_fitted_before_the_fsq_options_still_loads(corpus, tmp_path):
+    """A bundle's vocab.json records each tokenizer's options and fingerprint. The fsq fields added to the
+    image options must neither change a k-means tokenizer's fingerprint nor count as a config mismatch,
+    or every bundle (and token cache, and checkpoint) fitted before them would stop loading."""
+    import numpy as np
+    import hashlib
+
+    from omnistream.modalities.vocab import Vocabulary, layout_fingerprint
+    from safetensors.numpy import load_file
+
+    opts = {"size": 16, "codebook_size": 32}
+    km = ImageModality(opts)
+    km.fit([km.fit_features(km.decode_bytes(e, d)) for e, d in _images(corpus, 40)])
+    Vocabulary([km]).save(tmp_path)
+    # rewrite it as the code before this change wrote it: no fsq options, numpy's .npz, no sha256
+    d = tmp_path / "image"
+    meta = json.loads((d / "state.json").read_text())
+    meta["options"] = {k: v for k, v in meta["options"].items() if k not in ImageModality.FSQ_ONLY}
+    meta.pop("weights_sha256")
+    (d / "state.json").write_text(json.dumps(meta))
+    np.savez(d / "state.npz", **load_file(str(d / "state.safetensors")))
+    (d / "state.safetensors").unlink()
+    # the fingerprint as that code computed it: sha256 over name, version, its options and the codebook
+    h = hashlib.sha256(b"image\x001\x00")
+    h.update(json.dumps(meta["options"], sort_keys=True).encode())
+    h.update(b"{}")
+    cb = np.ascontiguousarray(km._codebook)
+    h.update(f"codebook:{cb.dtype.str}:{cb.shape}".encode())
+    h.update(cb.tobytes())
+    old_fp = h.hexdigest()[:16]
+    layout = json.loads((tmp_path / "vocab.json").read_text())
+    for m in layout["modalities"]:
+        m["options"] = {k: v for k, v in m["options"].items() if k not in ImageModality.FSQ_ONLY}
+        m["fingerprint"] = old_fp
+    layout["fingerprint"] = layout_fingerprint(layout)
+    (tmp_path / "vocab.json").write_text(json.dumps(layout))
+
+    back = Vocabulary.load(tmp_path, {"image": opts})
+    assert back.by_name["image"].fingerprint() == km.fingerprint() == old_fp
+    assert back.fingerprint == layout["fingerprint"]
