@@ -22,12 +22,12 @@ network here for a perceptual loss).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 UNSHUFFLE = 4  # space-to-depth factor of the stem (and depth-to-space of the head)
 

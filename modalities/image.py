@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from omnistream.common.errors import BadSample
@@ -324,7 +325,7 @@ class ImageModality(BaseModality):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if self._fsq:
-            self._weights = {k[3:] if k.startswith("ae.") else k: np.asarray(v, dtype=np.float32)
+            self._weights = {k.removeprefix("ae."): np.asarray(v, dtype=np.float32)
                              for k, v in state.items() if isinstance(v, np.ndarray)}
             self._ae = None
             return

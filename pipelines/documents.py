@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 from omnistream.common.errors import BadSample
@@ -45,7 +45,7 @@ class _Prepared:
     value: object
 
 
-def _errored(e: BadSample, carries: tuple) -> "Outcome":
+def _errored(e: BadSample, carries: tuple) -> Outcome:
     return Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
 
 

@@ -12,7 +12,7 @@ from omnistream.pipelines.records import read_shard
 
 from common import EXE, mlflow_client
 
-FSQ = {"tokenizer": "fsq", "size": 16, "down": 4, "width": 32, "levels": [8, 5, 5], "fit_steps": 300, "fit_batch": 16}
+FSQ = {"tokenizer": "fsq", "size": 16, "down": 4, "width": 32, "levels": [8, 5, 5], "fit_steps": 200, "fit_batch": 16}
 
 
 def _config(corpus, tmp) -> str:
@@ -51,7 +51,8 @@ print(json.dumps(out))
 """
 
 
-def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhere(own_ray_only, corpus, tmp_path):
+def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhere(own_ray_only, corpus, tmp_path,
+                                                                                   capsys):
     toml = _config(corpus, tmp_path)
     fit = subprocess.run([*EXE, "tokenizers", "fit", toml], capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -90,10 +91,11 @@ def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhe
     assert len(batched) > 10 and all(batched[k] == alone[k] for k in batched)
 
     # eval: the learned tokenizer, k-means at the same ids per image and the thumbnail, side by side
-    ev = subprocess.run([*EXE, "tokenizers", "eval", toml, "--images", "40"], capture_output=True, text=True,
-                        timeout=600)
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    res = json.loads(ev.stdout)
+    from omnistream.cli import main
+
+    capsys.readouterr()
+    assert main(["tokenizers", "eval", toml, "--images", "40"]) == 0  # in this process: no Ray, no second start-up
+    res = json.loads(capsys.readouterr().out)
     assert res["tokens_per_image"] == 16 and res["codes"] == 200 and res["images"] == 40
     for k in ("fsq", "kmeans", "thumbnail"):
         assert 5 < res[f"psnr_db_{k}"] < 60 and 0 < res[f"ssim_{k}"] <= 1, res

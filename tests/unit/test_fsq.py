@@ -134,9 +134,9 @@ def test_a_kmeans_bundle_fitted_before_the_fsq_options_still_loads(corpus, tmp_p
     """A bundle's vocab.json records each tokenizer's options and fingerprint. The fsq fields added to the
     image options must neither change a k-means tokenizer's fingerprint nor count as a config mismatch,
     or every bundle (and token cache, and checkpoint) fitted before them would stop loading."""
-    import numpy as np
     import hashlib
 
+    import numpy as np
     from omnistream.modalities.vocab import Vocabulary, layout_fingerprint
     from safetensors.numpy import load_file
 
