@@ -178,8 +178,18 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ---- training -----------------------------------------------------------------------------------------------
 
-def loss_fn(x: torch.Tensor, y: torch.Tensor, grad_weight: float) -> torch.Tensor:
-    """MSE (what PSNR measures) + an L1 term on horizontal and vertical differences (keeps edges sharp)."""
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as JPEG and the SSIM above use
+
+
+def loss_fn(x: torch.Tensor, y: torch.Tensor, grad_weight: float, chroma_weight: float = 1.0) -> torch.Tensor:
+    """Squared error (what PSNR measures) + an L1 term on horizontal and vertical differences (keeps edges
+    sharp). With chroma_weight < 1 both are taken apart into luma and the colour left over, and colour counts
+    that much: the codes then carry shape first, as JPEG halves colour's resolution before luma's (on the
+    demo's pastel digits, 0.1 lifted a linear probe's digit accuracy from the codes from 0.70 to 0.80)."""
+    if chroma_weight < 1:
+        w = x.new_tensor(LUMA).view(1, 3, 1, 1)
+        lx, ly = (x * w).sum(1, keepdim=True), (y * w).sum(1, keepdim=True)
+        return loss_fn(lx, ly, grad_weight) + chroma_weight * loss_fn(x - lx, y - ly, grad_weight)
     mse = F.mse_loss(y, x)
     if grad_weight <= 0:
         return mse
@@ -189,7 +199,7 @@ def loss_fn(x: torch.Tensor, y: torch.Tensor, grad_weight: float) -> torch.Tenso
 
 
 def train(model: FSQAutoencoder, images: np.ndarray, *, steps: int, batch: int, lr: float, seed: int,
-          grad_weight: float = 0.1, device: str = "cpu",
+          grad_weight: float = 0.3, chroma_weight: float = 1.0, device: str = "cpu",
           on_step: Callable[[int, dict], None] | None = None) -> list[float]:
     """Train `model` on (N, S, S, 3) uint8 images, random horizontal flips as augmentation. Returns the
     loss per step. `on_step(step, {"loss": ..., "psnr": ...})` is called every step (progress, tracking)."""
@@ -200,15 +210,19 @@ def train(model: FSQAutoencoder, images: np.ndarray, *, steps: int, batch: int, 
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    data = to_tensor(images)
+    if str(device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels once
+    # the images stay uint8 (a quarter of float32's bytes) and go to the device once; each batch is
+    # converted there, so a GPU fit does not wait on a host copy per step
+    data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     losses = []
     for step in range(steps):
         idx = torch.randint(len(data), (batch,), generator=g)
-        x = data[idx]
         flip = torch.rand(batch, generator=g) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(device)
+        x = data[idx.to(device)].permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
         y = model(x)
-        loss = loss_fn(x, y, grad_weight)
+        loss = loss_fn(x, y, grad_weight, chroma_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

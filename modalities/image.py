@@ -50,6 +50,10 @@ class ImageOptions(ModalityOptions):
     fit_steps: int = Field(3000, ge=1, description="fsq: training steps of the fit")
     fit_batch: int = Field(32, ge=1, description="fsq: images per training step")
     fit_lr: float = Field(2e-3, gt=0, description="fsq: peak AdamW learning rate (warm-up, then cosine decay)")
+    fit_grad_weight: float = Field(0.3, ge=0, description="fsq: weight of the L1 loss on image gradients (edges) "
+                                                          "beside the squared error")
+    fit_chroma_weight: float = Field(1.0, ge=0, le=1, description="fsq: weight of colour (chroma) error against "
+                                     "brightness (luma) error; below 1 the codes spend their bits on shape first")
 
     @model_validator(mode="after")
     def _grid(self):
@@ -179,7 +183,7 @@ class ImageModality(BaseModality):
         return x.reshape(g, p, g, p, c).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * c)
 
     def fit_features(self, obj: Image.Image) -> np.ndarray:
-        return self.pixels(obj) if self._fsq else self._patches(obj)
+        return self.prepare(obj)
 
     def fit(self, features: list[np.ndarray], progress: Callable[[int, int, dict], None] | None = None) -> None:
         if not self._fsq:
@@ -211,7 +215,7 @@ class ImageModality(BaseModality):
                 progress(step + 1, o.fit_steps, m)
 
         fsq.train(ae, images, steps=o.fit_steps, batch=o.fit_batch, lr=o.fit_lr, seed=o.seed,
-                  device=device, on_step=on_step)
+                  grad_weight=o.fit_grad_weight, chroma_weight=o.fit_chroma_weight, device=device, on_step=on_step)
         self._set_state({k: v.detach().cpu().numpy() for k, v in ae.state_dict().items()})
         self._mark_fitted()
         # reconstructions of the first 8 fit images, original above, decode(encode(x)) below
@@ -309,11 +313,18 @@ class ImageModality(BaseModality):
     # the options only one of the two tokenizers reads: the other's are left out of the fingerprint, so a
     # k-means bundle fitted before the fsq options existed keeps its fingerprint (and still loads)
     KMEANS_ONLY = ("patch", "codebook_size", "grayscale", "fit_patches")
-    FSQ_ONLY = ("tokenizer", "down", "levels", "width", "fit_steps", "fit_batch", "fit_lr")
+    FSQ_ONLY = ("tokenizer", "down", "levels", "width", "fit_steps", "fit_batch", "fit_lr", "fit_grad_weight",
+                "fit_chroma_weight")
+    # options added after bundles were written: left out of the fingerprint at their default, so a bundle
+    # fitted before them keeps the fingerprint it was saved with
+    LATER = ("fit_grad_weight", "fit_chroma_weight")
 
     def _fingerprint_options(self) -> dict[str, Any]:
         drop = self.KMEANS_ONLY if self._fsq else self.FSQ_ONLY
         opts = {k: v for k, v in self.options.model_dump(mode="json").items() if k not in drop}
+        for k in self.LATER:
+            if k in opts and opts[k] == ImageOptions.model_fields[k].default:
+                del opts[k]
         if self._fsq:
             opts["tokenizer"] = "fsq"
         return opts

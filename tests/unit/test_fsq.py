@@ -119,6 +119,22 @@ def test_options_say_what_is_wrong():
     assert (d.tokens_per_image, d.vocab_size) == (64, 1000)
 
 
+def test_the_chroma_weight_scales_colour_error_and_leaves_brightness_error_alone():
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    luma_only = torch.full((1, 3, 1, 1), 0.1)  # a grey shift: all luma, no colour
+    colour_only = torch.tensor([0.1, -0.1, 0.1 * 0.288 / 0.114]).view(1, 3, 1, 1)  # 0.299 - 0.587 + 0.288 = 0
+    assert abs(float((colour_only.flatten() * torch.tensor(fsq.LUMA)).sum())) < 1e-6
+    for g in (0.0, 0.3):
+        plain = fsq.loss_fn(x, x + colour_only, g)
+        assert torch.isclose(fsq.loss_fn(x, x + colour_only, g, chroma_weight=0.1), 0.1 * plain)
+        assert float(fsq.loss_fn(x, x + luma_only, g, chroma_weight=0.1)) == pytest.approx(0.01, rel=1e-5)
+    # options at their defaults stay out of the fingerprint (fsq bundles saved before them keep theirs)
+    opts = ImageModality({"tokenizer": "fsq", "size": 16, "down": 4})._fingerprint_options()
+    assert "fit_chroma_weight" not in opts and "fit_grad_weight" not in opts
+    assert ImageModality({"tokenizer": "fsq", "size": 16, "down": 4, "fit_chroma_weight": 0.1}
+                         )._fingerprint_options()["fit_chroma_weight"] == 0.1
+
+
 def test_psnr_and_ssim_agree_with_their_definitions():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
