@@ -54,6 +54,16 @@ def default_photos() -> list[str]:
     return sorted(f for f in found if os.path.exists(f))
 
 
+def skimage_photos() -> list[str]:
+    """The colour photographs in scikit-image's wheel (`pip install scikit-image`; read as files, never imported
+    for anything else)."""
+    import skimage
+
+    d = Path(skimage.__file__).parent / "data"
+    return [str(d / f) for f in ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
+                                 "motorcycle_left.png", "rocket.jpg")]
+
+
 def crops(path: str, n: int, size: int, seed: int) -> np.ndarray:
     im = Image.open(path).convert("RGB")
     # shrink once so the short side is 4 crops' worth of pixels (a crop is at least half of it): every crop
@@ -77,31 +87,12 @@ def all_crops(paths: list[str], n: int, size: int, seed0: int) -> np.ndarray:
                                           range(seed0, seed0 + len(paths)))))
 
 
-def gpu_encode_rate(mod: ImageModality, images: np.ndarray, batch: int = 2048, rounds: int = 20) -> float:
-    """Images per second through the fitted encoder on the GPU: uint8 pixels from host memory in, codes back
-    in host memory, batches of `batch` (the resize to size px that `prepare` does on a CPU is not in it)."""
-    enc = mod._autoencoder().to("cuda")
-    # the held-out crops, repeated to one full batch, in pinned memory; sent as uint8 and scaled on the GPU
-    x = torch.from_numpy(np.resize(images, (batch, *images.shape[1:]))).pin_memory()
-
-    def once():
-        return enc.encode(x.cuda(non_blocking=True).permute(0, 3, 1, 2).float().div(127.5).sub(1)).cpu()
-
-    for _ in range(3):  # warm-up: cuDNN's choice of kernels and the allocator
-        once()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        once()
-    torch.cuda.synchronize()
-    rate = rounds * batch / (time.perf_counter() - t0)
-    mod._autoencoder().to("cpu")
-    return rate
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", nargs="*", help="photo files (default: see above)")
+    ap.add_argument("--fit-only", nargs="*", default=[], metavar="PHOTO",
+                    help="more photos to fit on, never held out (the held-out set stays that of --photos); "
+                         "'skimage' names the six colour photographs scikit-image ships")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--down", type=int, default=8)
     ap.add_argument("--train-crops", type=int, default=400, help="crops per fitted photo")
@@ -115,7 +106,8 @@ def main() -> int:
     if len(photos) < 4:
         raise SystemExit(f"need at least 4 photos, found {len(photos)}: see --help")
     held = photos[3::4]
-    fitted = [p for p in photos if p not in held]
+    extra = [q for p in a.fit_only for q in (skimage_photos() if p == "skimage" else [p])]
+    fitted = [p for p in photos if p not in held] + [p for p in extra if p not in photos]
     torch.set_num_threads(a.threads)
     train, test = all_crops(fitted, a.train_crops, a.size, 0), all_crops(held, a.eval_crops, a.size, 1000)
     print(f"{len(fitted)} photos fitted ({len(train)} crops), {len(held)} held out ({len(test)} crops): "
@@ -146,9 +138,6 @@ def main() -> int:
                 "fsq_fit_batch": o.fit_batch, "fsq_fit_s": round(fit_s, 1),
                 "fsq_params": int(sum(v.size for v in mod._weights.values())), "kmeans_fit_s": round(km_s, 1),
                 "photos_fitted": len(fitted), "photos_held_out": len(held), "crops_fitted": len(train)})
-    if torch.cuda.is_available():
-        res["fsq_encode_images_per_s_gpu"] = round(gpu_encode_rate(mod, test), 1)
-        res["gpu"] = torch.cuda.get_device_name()
     Path(f"{a.out}.json").write_text(json.dumps(res, indent=1))
     Image.fromarray(grid).save(f"{a.out}.png")
     print(json.dumps(res, indent=1))
