@@ -68,7 +68,7 @@ def gpu_encode_rate(mod: ImageModality, images: np.ndarray, batch: int = 2048, r
         x = torch.from_numpy(np.resize(images, (batch, *images.shape[1:]))).pin_memory()
 
         def once():
-            return enc.encode(x.cuda(non_blocking=True).permute(0, 3, 1, 2).float().div(127.5).sub(1)).cpu()
+            return enc.encode(fsq.to_tensor(x.cuda(non_blocking=True))).cpu()
 
         for _ in range(3):  # warm-up: cuDNN's choice of kernels and the allocator
             once()
