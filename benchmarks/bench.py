@@ -259,6 +259,24 @@ def history(res, key):
 DEMO_CONFIG = demo_config()
 
 
+def throughput_figures(common: list[str]) -> dict:
+    """(a): the median tokens/s of the second half of a 1-worker ZeRO-0 run, and of the plain loop over the
+    same rows."""
+    one = load_config(DEMO_CONFIG, common + [f"train.steps={STEPS}", "cluster.num_workers=1", "data.epochs=1",
+                                             "cluster.cpus_per_worker=1", "train.zero_stage=0"])
+    res_one = run_training(one)
+    tps = history(res_one, "train/tokens_per_s")
+    omni_tps = statistics.median(tps[len(tps) // 2:])
+    cfg_plain, vocab = prepare(one)
+    plain_tps = plain_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2)
+    return {
+        "train_tokens_per_s_omnistream_1worker_zero0": round(omni_tps, 1),
+        "train_tokens_per_s_plain_pytorch": round(plain_tps, 1),
+        "throughput_ratio_omnistream_vs_plain": round(omni_tps / plain_tps, 3),
+        "omnistream_tokens_per_s_first_half": round(statistics.median(tps[1:len(tps) // 2]), 1),
+    }
+
+
 def main() -> int:
     from omnistream.common import logs
 
@@ -285,26 +303,20 @@ def main() -> int:
               'tracking.experiment="omnistream-bench"']
 
     # (a) omnistream train, one worker, ZeRO-0, against the plain loop
-    one = load_config(DEMO_CONFIG, common + [f"train.steps={STEPS}", "cluster.num_workers=1", "data.epochs=1",
-                                             "cluster.cpus_per_worker=1", "train.zero_stage=0"])
-    res_one = run_training(one)
-    tps = history(res_one, "train/tokens_per_s")
-    omni_tps = statistics.median(tps[len(tps) // 2:])
-    cfg_plain, vocab = prepare(one)
-    plain_tps = plain_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2)
+    throughput = throughput_figures(common)
+    if sys.argv[1:2] == ["--throughput-only"]:
+        print(json.dumps(throughput, indent=1))
+        return 0
 
     # (b) the demo's data wait: 2 workers, ZeRO-3, as configs/demo.toml says
     demo = load_config(DEMO_CONFIG, common + [f"train.steps={DEMO_STEPS}"])
     res_demo = run_training(demo)
     waits = history(res_demo, "train/data_wait_frac")
     figures = {
-        "train_tokens_per_s_omnistream_1worker_zero0": round(omni_tps, 1),
-        "train_tokens_per_s_plain_pytorch": round(plain_tps, 1),
-        "throughput_ratio_omnistream_vs_plain": round(omni_tps / plain_tps, 3),
+        **throughput,
         "demo_data_wait_frac_mean": round(statistics.mean(waits), 4),
         "demo_data_wait_frac_after_first_interval": round(statistics.mean(waits[1:]), 4) if len(waits) > 1 else None,
         "demo_tokens_per_s_2workers_zero3": round(statistics.median(history(res_demo, "train/tokens_per_s")[2:]), 1),
-        "omnistream_tokens_per_s_first_half": round(statistics.median(tps[1:len(tps) // 2]), 1),
     }
     figures.update(cache_speedup(base))
     figures.update(memory_figures())
