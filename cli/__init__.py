@@ -5,7 +5,7 @@
     omnistream data tokenize CONFIG          tokenize the training shards once, into the token cache
     omnistream data inspect SHARDS...        account every record: kept, filtered or errored, and why
     omnistream tokenizers fit CONFIG         fit every configured modality; write the tokenizer bundle
-    omnistream tokenizers eval CONFIG        PSNR/SSIM of the image tokenizer beside k-means and a thumbnail
+    omnistream tokenizers eval CONFIG        image PSNR/SSIM or audio STOI of a tokenizer, beside k-means
     omnistream train CONFIG [--set k=v ...]  train on a Ray cluster with DeepSpeed, track in MLflow
     omnistream modalities list               installed modality plugins, versions and id ranges
     omnistream config show [CONFIG]          the resolved config (or every key with its doc: --doc)

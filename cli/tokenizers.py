@@ -16,17 +16,22 @@ def register(sub) -> None:
     add_config(p)
     p.add_argument("--out", help="bundle folder (default: data.bundle_dir from the config)")
     p.set_defaults(func=fit_command)
-    e = tok.add_parser("eval", help="how well the image tokenizer keeps a picture: PSNR and SSIM beside k-means "
-                                    "and a thumbnail",
-                       description="On held-out images of data.eval_shards: PSNR and SSIM of decode(encode(x)) for "
-                                   "the bundle's image tokenizer, for omnistream's k-means tokenizer at the same "
-                                   "ids per image (fitted here on data.fit_records records of data.train_shards), "
-                                   "and for a thumbnail of side×side pixels blown back up; and batched encode "
-                                   "throughput on one core. Prints the figures as JSON and records them, with a "
-                                   "picture of originals | k-means | thumbnail | learned, in a tracking run.")
+    e = tok.add_parser("eval", help="how well the image or audio tokenizer keeps its input, beside k-means",
+                       description="Image (the default): on held-out images of data.eval_shards, PSNR and SSIM of "
+                                   "decode(encode(x)) for the bundle's image tokenizer, for omnistream's k-means "
+                                   "tokenizer at the same ids per image (fitted here on data.fit_records records of "
+                                   "data.train_shards), and for a thumbnail of side×side pixels blown back up; and "
+                                   "batched encode throughput on one core. Audio (--modality audio): on held-out "
+                                   "clips, STOI and mel distance of decode(encode(x)) for the bundle's audio "
+                                   "tokenizer and for k-means at the same ids per second, with encode and decode "
+                                   "speed on one core as multiples of real time. Prints the figures as JSON and "
+                                   "records them in a tracking run, with a picture of originals | k-means | "
+                                   "thumbnail | learned, or the clips and their reconstructions as WAV files.")
     add_config(e)
     e.add_argument("--images", type=int, default=512, help="held-out images to measure (default 512)")
-    e.add_argument("--modality", default="image", help="the image modality's name in the config (default image)")
+    e.add_argument("--clips", type=int, default=64, help="held-out audio clips to measure (default 64)")
+    e.add_argument("--modality", default="image", help="the modality's name in the config: an image or audio "
+                                                       "modality (default image)")
     e.set_defaults(func=eval_command)
 
 
@@ -82,6 +87,8 @@ def record_fit(cfg, vocab, summary: dict) -> str | None:
             last = steps[-1] if steps else 0
             for k, png in r.get("images", {}).items():
                 t.log_image(f"tokenizer/{n}/{k}", png, step=last)
+            for k, wav in r.get("audio", {}).items():  # originals beside what the codec makes of them
+                t.log_artifact(wav, f"{k}.wav", f"tokenizer/{n}")
             t.log({f"tokenizer/{n}/{k}": float(v) for k, v in r.get("summary", {}).items()}, step=last)
         t.finish()
     except BaseException:
@@ -97,14 +104,18 @@ def eval_command(args) -> int:
     from omnistream.common.errors import UserError
     from omnistream.configs import load_config
     from omnistream.modalities import image_eval
+    from omnistream.modalities.audio import AudioModality
     from omnistream.modalities.image import ImageModality
     from omnistream.modalities.vocab import Vocabulary
 
     cfg = load_config(args.config, args.overrides).resolved_paths()
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
     mod = vocab.by_name.get(args.modality)
+    if isinstance(mod, AudioModality):
+        return _eval_audio(args, cfg, vocab, mod)
     if not isinstance(mod, ImageModality):
-        raise UserError(f"no image modality named {args.modality!r} in {args.config} (its modalities: {vocab.names})")
+        raise UserError(f"no image or audio modality named {args.modality!r} in {args.config} (its modalities: "
+                        f"{vocab.names})")
     held = _pixels(cfg.data, cfg.data.eval_shards, mod, args.images)
     train = _pixels(cfg.data, cfg.data.train_shards, mod, cfg.data.fit_records)
     if len(held) < 1 or len(train) < 2:
@@ -118,6 +129,53 @@ def eval_command(args) -> int:
         res["tracking"] = link
     print(json.dumps(res, indent=1, default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v)))
     return 0
+
+
+def _eval_audio(args, cfg, vocab, mod) -> int:
+    import json
+
+    from omnistream.common.errors import UserError
+    from omnistream.modalities import audio_eval
+
+    held = _decoded(cfg.data, cfg.data.eval_shards, mod, args.clips)
+    train = _decoded(cfg.data, cfg.data.train_shards, mod, cfg.data.fit_records)
+    if len(held) < 1 or len(train) < 2:
+        raise UserError(f"found {len(held)} readable clips in data.eval_shards and {len(train)} in "
+                        f"data.train_shards: tokenizers eval needs some of each")
+    res = audio_eval.compare(mod, train, held)
+    res = {"bundle": str(cfg.data.bundle_dir), "fingerprint": mod.fingerprint(), **res}
+    kept = [a for a in held if a.seconds >= audio_eval.MIN_SECONDS][:4] or held[:4]
+    sounds = {}
+    for i, (a, b) in enumerate(zip(kept, audio_eval.roundtrip(mod, kept))):
+        sounds[f"original_{i}.wav"] = mod.to_bytes(a)[1]
+        sounds[f"{mod.options.tokenizer}_{i}.wav"] = mod.to_bytes(b)[1]
+    flat = {k: v for k, v in res.items() if not isinstance(v, dict)}
+    flat.update({f"{who}/{k}": v for who in ("learned", "kmeans") for k, v in res[who].items()})
+    link = _record_eval(cfg, vocab, args.modality, flat, sounds=sounds)
+    if link:
+        res["tracking"] = link
+    print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def _decoded(data, shards, mod, limit: int) -> list:
+    """Up to `limit` decoded samples of `mod` in `shards` (unreadable ones skipped)."""
+    from omnistream.common.errors import BadSample
+    from omnistream.pipelines.records import read_shard
+    from omnistream.pipelines.shards import list_shards
+
+    out = []
+    for shard in list_shards(shards):
+        for rec in read_shard(shard, data.max_member_bytes, data.limits):
+            for ext, raw in (rec.fields or {}).items():
+                if ext in mod.keys:
+                    try:
+                        out.append(mod.decode_bytes(ext, raw))
+                    except BadSample:
+                        pass
+            if len(out) >= limit:
+                return out[:limit]
+    return out
 
 
 def _pixels(data, shards, mod, limit: int):
@@ -141,7 +199,7 @@ def _pixels(data, shards, mod, limit: int):
     return np.stack(out) if out else np.zeros((0, mod.options.size, mod.options.size, 3), np.uint8)
 
 
-def _record_eval(cfg, vocab, name: str, res: dict, grid) -> str | None:
+def _record_eval(cfg, vocab, name: str, res: dict, grid=None, sounds: dict | None = None) -> str | None:
     import io
 
     from omnistream import tracking
@@ -152,8 +210,11 @@ def _record_eval(cfg, vocab, name: str, res: dict, grid) -> str | None:
                            tags={"omnistream.kind": "tokenizer-eval", "omnistream.vocab_fingerprint": vocab.fingerprint})
     t.log({f"tokenizer_eval/{name}/{k}": float(v) for k, v in res.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    t.log_image(f"tokenizer_eval/{name}/original_kmeans_thumbnail_learned", buf.getvalue(), step=0)
+    if grid is not None:
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="PNG")
+        t.log_image(f"tokenizer_eval/{name}/original_kmeans_thumbnail_learned", buf.getvalue(), step=0)
+    for file, data in (sounds or {}).items():  # each original beside its reconstruction
+        t.log_artifact(data, file, f"tokenizer_eval/{name}")
     t.finish()
     return t.link()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import io
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from omnistream.common.errors import BadSample
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import (
     BaseModality,
@@ -75,17 +76,50 @@ def _wav_size_lie(data: bytes) -> str | None:
     return "no data chunk"
 
 
+# What `tokenizer = "codec"` changes when the user leaves these unset: 16 kHz (telephone band is not enough
+# for clear speech) and a frame of 20 ms, 3 codes of 1,000 each: 150 ids a second.
+CODEC_DEFAULTS = {"sample_rate": 16000, "hop": 320}
+
+
 class AudioOptions(ModalityOptions):
-    sample_rate: int = Field(8000, ge=1000, le=192000, description="audio is resampled to this rate (Hz) before features")
-    n_fft: int = Field(256, ge=16, description="FFT size of the mel spectrogram")
-    hop: int = Field(128, ge=1, description="hop between frames in samples; one frame is one token")
+    tokenizer: Literal["kmeans", "codec"] = Field("kmeans", description="'kmeans': log-mel frames to a k-means "
+                                                  "codebook, decoded with Griffin-Lim (fast to fit); 'codec': a "
+                                                  "learned neural codec (clear speech; fits in minutes)")
+    sample_rate: int = Field(8000, ge=1000, le=192000, description="audio is resampled to this rate (Hz) before "
+                                                                   "features (codec: 16000 unless set)")
+    n_fft: int = Field(256, ge=16, description="kmeans: FFT size of the mel spectrogram")
+    hop: int = Field(128, ge=1, description="hop between frames in samples; kmeans: one frame is one token; "
+                                            "codec: one frame is `groups` tokens (320 unless set: 50 frames/s)")
     n_mels: int = Field(32, ge=4, description="mel bands per frame")
     dynamic_range_db: float = Field(80.0, gt=0, description="levels below the clip's peak by more than this are floored")
     codebook_size: int = Field(128, ge=2, le=65536, description="number of frame codes (this modality's vocabulary size)")
     max_seconds: float = Field(10.0, gt=0, description="longer audio is refused as a bad sample (untrusted-input bound)")
     fit_frames: int = Field(100_000, ge=1000, description="at most this many frames are used to fit the codebook")
     griffin_lim_iters: int = Field(32, ge=1, description="Griffin-Lim iterations when decoding ids to a waveform")
-    seed: int = Field(0, description="seed of the k-means initialisation")
+    seed: int = Field(0, description="seed of the k-means initialisation, and of the codec's fit")
+    # ---- tokenizer = "codec" -----------------------------------------------------------------------
+    levels: list[int] = Field([8, 5, 5, 5], min_length=1, max_length=8,
+                              description="codec: FSQ levels per latent channel of a group; their product is each "
+                                          "codebook's size (1,000 for [8,5,5,5])")
+    groups: int = Field(3, ge=1, le=8, description="codec: codebooks per frame; a frame's ids go into the stream "
+                                                   "one after another, each codebook in its own id range")
+    width: int = Field(128, ge=16, le=1024, description="codec: the decoder's channels (the encoder has half)")
+    fit_steps: int = Field(3000, ge=1, description="codec: training steps of the fit")
+    fit_batch: int = Field(16, ge=1, description="codec: segments per training step")
+    fit_seconds: float = Field(1.0, gt=0, le=30, description="codec: length of each training segment")
+    fit_lr: float = Field(2e-3, gt=0, description="codec: peak AdamW learning rate (warm-up, then cosine decay)")
+
+    @model_validator(mode="after")
+    def _codec(self):
+        if self.tokenizer == "codec":
+            for k, v in CODEC_DEFAULTS.items():
+                if k not in self.model_fields_set:
+                    setattr(self, k, v)
+            if self.hop % 2:
+                raise ValueError(f"the codec's hop must be even (its STFT runs at half of it), got {self.hop}")
+            if math.prod(self.levels) > 65536:
+                raise ValueError(f"codec levels {self.levels} make {math.prod(self.levels)} codes, more than 65,536")
+        return self
 
 
 class AudioFilters(FilterOptions):
@@ -110,13 +144,27 @@ class AudioModality(BaseModality):
     def __init__(self, options=None):
         super().__init__(options)
         self._codebook: np.ndarray | None = None
+        self._weights: dict[str, np.ndarray] | None = None  # codec: the network's state dict, as arrays
+        self._net = None  # codec: the network built from _weights, on first use
+        self._report: dict[str, Any] = {}
         self._mel = None
         self._inv = None
         self._resamplers: OrderedDict[int, Any] = OrderedDict()  # the last RESAMPLERS rates, least recent out
 
     @property
+    def _codec(self) -> bool:
+        return self.options.tokenizer == "codec"
+
+    @property
+    def codebook(self) -> int:
+        """Codes per codebook: the codec's FSQ product, or the k-means codebook."""
+        return math.prod(self.options.levels) if self._codec else self.options.codebook_size
+
+    @property
     def vocab_size(self) -> int:
-        return self.options.codebook_size
+        # codec: one id range per codebook, frame by frame (AnyGPT's layout): a frame is `groups` ids, the
+        # g-th of them in [g·codebook, (g+1)·codebook)
+        return self.codebook * (self.options.groups if self._codec else 1)
 
     # ---- bytes -> object -------------------------------------------------------
     def decode_bytes(self, ext: str, data: bytes) -> Audio:
@@ -168,8 +216,8 @@ class AudioModality(BaseModality):
         return Audio(wave=wave.astype(np.float32), sample_rate=int(sr))
 
     # ---- object -> frames ------------------------------------------------------
-    def _features(self, a: Audio) -> np.ndarray:
-        """(frames, n_mels) log-mel in [0, 1]: 1 = the clip's peak, 0 = dynamic_range_db below it."""
+    def _resampled(self, a: Audio):
+        """The waveform at the configured rate, as a float32 tensor."""
         import torch
         import torchaudio.transforms as T
 
@@ -182,6 +230,15 @@ class AudioModality(BaseModality):
                     self._resamplers.popitem(last=False)
             self._resamplers.move_to_end(a.sample_rate)
             w = self._resamplers[a.sample_rate](w)
+        return w
+
+    def _features(self, a: Audio) -> np.ndarray:
+        """(frames, n_mels) log-mel in [0, 1]: 1 = the clip's peak, 0 = dynamic_range_db below it."""
+        import torch
+        import torchaudio.transforms as T
+
+        o = self.options
+        w = self._resampled(a)
         if len(w) < o.n_fft:
             w = torch.nn.functional.pad(w, (0, o.n_fft - len(w)))
         if self._mel is None:
@@ -195,25 +252,119 @@ class AudioModality(BaseModality):
             raise BadSample("audio_not_finite", "its log-mel features are not finite")
         return out
 
-    def fit_features(self, obj: Audio) -> np.ndarray:
-        return self._features(obj)
+    def prepare(self, obj: Audio) -> np.ndarray:
+        """What encoding needs of a clip, so the tokenizer actor can hold a chunk's worth and encode them in one
+        pass: k-means its log-mel frames; the codec its waveform at the codec's rate and level (float16: 32
+        KB a second, and 66 dB of headroom, past what 150 ids a second keep)."""
+        if not self._codec:
+            return self._features(obj)
+        from . import codec
 
-    def fit(self, features: list[np.ndarray]) -> None:
-        rows = sample_rows(features, self.options.fit_frames, self.options.seed)
-        self._codebook = kmeans(rows, self.options.codebook_size, seed=self.options.seed)
+        w = self._resampled(obj).numpy()
+        rms = float(np.sqrt(np.mean(w.astype(np.float64) ** 2))) if len(w) else 0.0
+        # levelled to codec.LEVEL, with at most 40 dB of gain: near-silence is not blown up into noise
+        return np.clip(w * (codec.LEVEL / max(rms, codec.LEVEL / 100)), -1, 1).astype(np.float16)
+
+    def fit_features(self, obj: Audio) -> np.ndarray:
+        return self.prepare(obj)
+
+    def fit(self, features: list[np.ndarray], progress: Callable[[int, int, dict], None] | None = None) -> None:
+        if not self._codec:
+            rows = sample_rows(features, self.options.fit_frames, self.options.seed)
+            self._codebook = kmeans(rows, self.options.codebook_size, seed=self.options.seed)
+            self._mark_fitted()
+            return
+        import torch
+
+        from . import codec
+
+        o = self.options
+        waves = [np.asarray(f, dtype=np.float32).reshape(-1) for f in features]
+        torch.manual_seed(o.seed)  # the initial weights too: the same samples and options fit the same codec
+        net = codec.Codec(o.hop, o.levels, o.groups, o.width)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        every = max(1, o.fit_steps // 200)  # about 200 points of each curve in the tracker
+        curves: dict[str, list[float]] = {"loss": [], "mel_l1": []}
+        steps: list[int] = []
+
+        def on_step(step: int, m: dict) -> None:
+            if step % every == 0 or step == o.fit_steps - 1:
+                steps.append(step)
+                for k in curves:
+                    curves[k].append(m[k])
+            if progress is not None:
+                progress(step + 1, o.fit_steps, m)
+
+        codec.train(net, waves, sample_rate=o.sample_rate, steps=o.fit_steps, batch=o.fit_batch,
+                    seconds=o.fit_seconds, lr=o.fit_lr, seed=o.seed, device=device, on_step=on_step)
+        self._set_state({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         self._mark_fitted()
+        # the first 3 fit clips, and what the fitted codec makes of them, for the tracker
+        first = [w[: int(5 * o.sample_rate)] for w in waves[:3]]
+        recon = self.decode_waves(self.encode_many(first))
+        sounds = {}
+        for i, (a, b) in enumerate(zip(first, recon)):
+            sounds[f"original_{i}"] = self.to_bytes(Audio(a, o.sample_rate))[1]
+            sounds[f"reconstruction_{i}"] = self.to_bytes(Audio(b, o.sample_rate))[1]
+        self._report = {"metrics": curves, "steps": steps, "audio": sounds,
+                        "summary": {"fit_mel_l1": curves["mel_l1"][-1]}}
+
+    def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
+        if not self._codec:
+            return None
+        if cluster.get("GPU", 0) >= 1:
+            return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_cpus": max(1, int(cluster.get("CPU", 1)))}  # a CPU fit takes every core it can
+
+    def fit_report(self) -> dict[str, Any]:
+        return self._report
+
+    def _network(self):
+        if self._net is None:
+            import torch
+
+            from . import codec
+
+            o = self.options
+            net = codec.Codec(o.hop, o.levels, o.groups, o.width)
+            net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self._weights.items()})
+            self._net = net.eval()
+        return self._net
 
     def encode(self, obj: Audio) -> np.ndarray:
+        return self.encode_many([self.prepare(obj)])[0]
+
+    def encode_many(self, prepared: list[np.ndarray]) -> list[np.ndarray]:
+        """Ids of each prepared clip; the codec runs them through its encoder in one batch of windows."""
         self._require_fitted()
-        return nearest(self._features(obj), self._codebook)
+        if not self._codec:
+            return [nearest(p, self._codebook) for p in prepared]
+        from . import codec
+
+        codes = codec.encode_waves(self._network(), [np.asarray(p, dtype=np.float32) for p in prepared])
+        return [codec.flatten(c, self.codebook) for c in codes]
+
+    def decode_waves(self, ids_list: list) -> list[np.ndarray]:
+        """codec: the waveform of each id sequence (codec.unflatten reads them), in one batch."""
+        from . import codec
+
+        frames = [codec.unflatten(ids, self.options.groups, self.codebook) for ids in ids_list]
+        waves = codec.decode_codes(self._network(), frames)
+        return [np.clip(w, -1, 1) for w in waves]
 
     def decode(self, ids) -> Audio:
-        """ids -> mel power (peak at 0 dB) -> linear spectrogram (torchaudio InverseMelScale) -> Griffin-Lim."""
+        """codec: ids -> codes -> the decoder's waveform (no Griffin-Lim). k-means: ids -> mel power (peak at
+        0 dB) -> linear spectrogram (torchaudio InverseMelScale) -> Griffin-Lim."""
         import torch
         import torchaudio.transforms as T
 
         self._require_fitted()
         o = self.options
+        if self._codec:
+            wave = self.decode_waves([ids])[0]
+            if len(wave) < o.hop:  # under one frame: a frame of silence, so the clip is never empty
+                wave = np.zeros(o.hop, np.float32)
+            return Audio(wave, o.sample_rate)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) == 0:
             return Audio(np.zeros(o.n_fft, np.float32), o.sample_rate)
@@ -250,10 +401,29 @@ class AudioModality(BaseModality):
         sf.write(buf, obj.wave, obj.sample_rate, format="WAV", subtype="PCM_16")
         return "wav", buf.getvalue()
 
+    # the options only one of the two tokenizers reads: the other's are left out of the fingerprint, so a
+    # k-means bundle fitted before the codec existed keeps its fingerprint (and still loads)
+    KMEANS_ONLY = ("n_fft", "n_mels", "dynamic_range_db", "codebook_size", "fit_frames", "griffin_lim_iters")
+    CODEC_ONLY = ("tokenizer", "levels", "groups", "width", "fit_steps", "fit_batch", "fit_seconds", "fit_lr")
+
+    def _fingerprint_options(self) -> dict[str, Any]:
+        drop = self.KMEANS_ONLY if self._codec else self.CODEC_ONLY
+        opts = {k: v for k, v in self.options.model_dump(mode="json").items() if k not in drop}
+        if self._codec:
+            opts["tokenizer"] = "codec"
+        return opts
+
     def _state(self) -> dict[str, Any]:
+        if self._codec:
+            return {f"codec.{k}": v for k, v in self._weights.items()}
         return {"codebook": self._codebook}
 
     def _set_state(self, state: dict[str, Any]) -> None:
+        if self._codec:
+            self._weights = {k.removeprefix("codec."): np.asarray(v, dtype=np.float32)
+                             for k, v in state.items() if isinstance(v, np.ndarray)}
+            self._net = None
+            return
         self._codebook = np.asarray(state["codebook"], dtype=np.float32)
 
     # ---- data quality ----------------------------------------------------------------

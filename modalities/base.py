@@ -204,7 +204,8 @@ class BaseModality:
 
     def fit_report(self) -> dict[str, Any]:
         """What the last fit has to show in the tracker: ``{"metrics": {name: [one value per step]},
-        "images": {name: png bytes}}``. Empty for a fit that trains nothing."""
+        "images": {name: png bytes}, "audio": {name: wav bytes}, "summary": {name: number}}``. Empty for a
+        fit that trains nothing."""
         return {}
 
     def _fingerprint_options(self) -> dict[str, Any]:

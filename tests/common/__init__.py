@@ -149,3 +149,20 @@ class TrackingServer:
         if self.srv is not None:
             stop_tracking_server(self.srv)
         self.srv = None
+
+
+def speechlike(seconds: float, rate: int, seed: int = 0):
+    """A speech-like test signal (float32 in [-0.3, 0.3]): a voiced sound with a gliding pitch, a moving
+    formant, syllable-rate loudness and noise bursts."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    formant = 700 + 400 * np.sin(2 * np.pi * 1.3 * t)
+    voiced = sum(np.exp(-((k * f0 - formant) / 300) ** 2) * np.sin(k * phase) for k in range(1, 30))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    noise = rng.normal(0, 0.3, len(t)) * (np.sin(2 * np.pi * 2.1 * t) > 0.8)
+    w = (voiced * envelope + noise).astype(np.float32)
+    return (0.3 * w / np.abs(w).max()).astype(np.float32)
