@@ -59,3 +59,19 @@ def test_codec_options_default_to_150_ids_a_second_and_say_what_is_wrong():
     assert "groups" not in AudioModality()._fingerprint_options()
     assert "n_mels" not in d._fingerprint_options() and d._fingerprint_options()["tokenizer"] == "codec"
     json.dumps(d._fingerprint_options())
+
+
+def test_the_audio_eval_scores_a_clip_against_itself_and_against_a_damaged_copy():
+    from omnistream.modalities import audio_eval
+    from omnistream.modalities.audio import Audio
+
+    clean = Audio(speechlike(3.0, 16000, seed=3), 16000)
+    rng = np.random.default_rng(0)
+    noisy = Audio(clean.wave + rng.normal(0, 0.1, len(clean.wave)).astype(np.float32), 16000)
+    # the same clip at another rate and level is the same speech: STOI 1, mel distance near 0
+    same = audio_eval.scores([clean], [Audio(clean.wave[::2] * 3, 8000)])
+    worse = audio_eval.scores([clean], [noisy])
+    assert same["stoi"] > 0.9 and worse["stoi"] < same["stoi"] - 0.1
+    assert worse["mel_distance_db"] > same["mel_distance_db"] + 1
+    # k-means at the same ids per second as the default codec: 150 a second
+    assert audio_eval.ids_per_second(AudioModality({"tokenizer": "codec"})) == 150
