@@ -81,6 +81,8 @@ def main() -> int:
                     help="an audio option for the codec (JSON value), e.g. fit_steps=6000 or 'levels=[8,8,8,5]'")
     ap.add_argument("--held-clips", type=int, default=120, help="Dutch clips to measure on (random, seeded)")
     ap.add_argument("--out", default="audio_codec.json")
+    ap.add_argument("--bundle", help="save the fitted codec to this folder; if it holds one already, measure that "
+                                     "one instead of fitting")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -97,7 +99,6 @@ def main() -> int:
     held = {"dutch_actors": fillets("nl", args.held_clips, 0), "espeak_ng": espeak(VOICES)}
     log.info("read %d fit clips (%.0f min) and %s in %.0f s", len(train), sum(a.seconds for a in train) / 60,
              {k: len(v) for k, v in held.items()}, time.time() - t0)
-    feats = [mod.fit_features(a) for a in train]
     t0 = time.time()
     last = [0.0]
 
@@ -106,8 +107,14 @@ def main() -> int:
             last[0] = time.time()
             log.info("step %d/%d loss %.3f mel_l1 %.3f (%.0f s)", step, total, m["loss"], m["mel_l1"], time.time() - t0)
 
-    mod.fit(feats, progress=progress)
-    fit_s = time.time() - t0
+    if args.bundle and (Path(args.bundle) / "state.json").exists():
+        mod.load(args.bundle)
+        fit_s = float("nan")
+    else:
+        mod.fit([mod.fit_features(a) for a in train], progress=progress)
+        fit_s = time.time() - t0
+        if args.bundle:
+            mod.save(args.bundle)
     report = {"options": mod.options.model_dump(mode="json"), "fit_seconds": round(fit_s, 1),
               "fit_minutes_of_speech": round(sum(a.seconds for a in train) / 60, 1),
               "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -377,7 +377,11 @@ class AudioModality(BaseModality):
             ids = np.concatenate([ids, np.full(need - frames, int(self._codebook.mean(1).argmin()))])
         if self._inv is None:
             self._inv = (T.InverseMelScale(n_stft=o.n_fft // 2 + 1, n_mels=o.n_mels, sample_rate=o.sample_rate,
-                                           f_min=0.0, f_max=o.sample_rate / 2),
+                                           f_min=0.0, f_max=o.sample_rate / 2,
+                                           # gelsd, not the default gels: with many mels on a short FFT the
+                                           # lowest mel filters hold no bin (80 mels on 512 at 16 kHz), and gels
+                                           # refuses such a rank-deficient system
+                                           driver="gelsd"),
                          T.GriffinLim(n_fft=o.n_fft, hop_length=o.hop, power=2.0, n_iter=o.griffin_lim_iters,
                                       rand_init=False))
         inv_mel, gl = self._inv

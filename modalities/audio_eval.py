@@ -66,7 +66,7 @@ def scores(originals: list[Audio], decoded: list[Audio]) -> dict[str, float]:
 def kmeans_baseline(learned: AudioModality, train: list[Audio], codes: int = 1024) -> AudioModality:
     """omnistream's k-means tokenizer at the learned one's ids per second, fitted on `train`."""
     hop = round(RATE / ids_per_second(learned))
-    km = AudioModality({"tokenizer": "kmeans", "sample_rate": RATE, "hop": hop, "n_fft": max(512, 2 * hop),
+    km = AudioModality({"tokenizer": "kmeans", "sample_rate": RATE, "hop": hop, "n_fft": max(1024, 2 * hop),
                         "n_mels": 80, "codebook_size": codes})
     km.fit([km.fit_features(a) for a in train])
     return km

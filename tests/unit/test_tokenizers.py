@@ -149,3 +149,17 @@ def test_vocabulary_layout_and_mismatch(fitted, bundle, tmp_path):
     other = v.layout()
     other["modalities"] = other["modalities"][:2]
     assert "'audio' is missing now" in describe_mismatch(v.layout(), other)
+
+
+def test_kmeans_audio_with_more_mels_than_its_fft_resolves_still_decodes():
+    """80 mels on a 512-point FFT at 16 kHz leave the lowest mel filters without a bin: the inverse mel
+    system is rank-deficient, which torch's default least-squares driver refused (a crash in decode)."""
+    from omnistream.modalities.audio import Audio, AudioModality
+
+    from common import speechlike
+
+    km = AudioModality({"sample_rate": 16000, "hop": 107, "n_fft": 512, "n_mels": 80, "codebook_size": 32})
+    clips = [Audio(speechlike(1.5, 16000, seed=i), 16000) for i in range(3)]
+    km.fit([km.fit_features(a) for a in clips])
+    out = km.decode(km.encode(clips[0]))
+    assert len(out.wave) >= len(clips[0].wave) - 512 and np.isfinite(out.wave).all()
