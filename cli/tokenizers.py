@@ -158,8 +158,9 @@ def _eval_audio(args, cfg, vocab, mod) -> int:
     return 0
 
 
-def _decoded(data, shards, mod, limit: int) -> list:
-    """Up to `limit` decoded samples of `mod` in `shards` (unreadable ones skipped)."""
+def _decoded(data, shards, mod, limit: int, convert=None) -> list:
+    """Up to `limit` decoded samples of `mod` in `shards`, each through `convert` as it is read (a photo is
+    not held whole when its pixels will do); unreadable ones skipped."""
     from omnistream.common.errors import BadSample
     from omnistream.pipelines.records import read_shard
     from omnistream.pipelines.shards import list_shards
@@ -170,7 +171,8 @@ def _decoded(data, shards, mod, limit: int) -> list:
             for ext, raw in (rec.fields or {}).items():
                 if ext in mod.keys:
                     try:
-                        out.append(mod.decode_bytes(ext, raw))
+                        obj = mod.decode_bytes(ext, raw)
+                        out.append(convert(obj) if convert else obj)
                     except BadSample:
                         pass
             if len(out) >= limit:
@@ -181,21 +183,8 @@ def _decoded(data, shards, mod, limit: int) -> list:
 def _pixels(data, shards, mod, limit: int):
     """Up to `limit` images of `shards`, as the tokenizer's size×size RGB pixels (unreadable ones skipped)."""
     import numpy as np
-    from omnistream.common.errors import BadSample
-    from omnistream.pipelines.records import read_shard
-    from omnistream.pipelines.shards import list_shards
 
-    out = []
-    for shard in list_shards(shards):
-        for rec in read_shard(shard, data.max_member_bytes, data.limits):
-            for ext, raw in (rec.fields or {}).items():
-                if ext in mod.keys:
-                    try:
-                        out.append(mod.pixels(mod.decode_bytes(ext, raw)))
-                    except BadSample:
-                        pass
-            if len(out) >= limit:
-                return np.stack(out[:limit])
+    out = _decoded(data, shards, mod, limit, convert=mod.pixels)
     return np.stack(out) if out else np.zeros((0, mod.options.size, mod.options.size, 3), np.uint8)
 
 

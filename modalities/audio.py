@@ -283,18 +283,7 @@ class AudioModality(BaseModality):
         torch.manual_seed(o.seed)  # the initial weights too: the same samples and options fit the same codec
         net = codec.Codec(o.hop, o.levels, o.groups, o.width)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        every = max(1, o.fit_steps // 200)  # about 200 points of each curve in the tracker
-        curves: dict[str, list[float]] = {"loss": [], "mel_l1": []}
-        steps: list[int] = []
-
-        def on_step(step: int, m: dict) -> None:
-            if step % every == 0 or step == o.fit_steps - 1:
-                steps.append(step)
-                for k in curves:
-                    curves[k].append(m[k])
-            if progress is not None:
-                progress(step + 1, o.fit_steps, m)
-
+        on_step, steps, curves = self.fit_curves(o.fit_steps, ("loss", "mel_l1"), progress)
         codec.train(net, waves, sample_rate=o.sample_rate, steps=o.fit_steps, batch=o.fit_batch,
                     seconds=o.fit_seconds, lr=o.fit_lr, seed=o.seed, device=device, on_step=on_step)
         self._set_state({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
@@ -310,11 +299,7 @@ class AudioModality(BaseModality):
                         "summary": {"fit_mel_l1": curves["mel_l1"][-1]}}
 
     def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
-        if not self._codec:
-            return None
-        if cluster.get("GPU", 0) >= 1:
-            return {"num_gpus": 1, "num_cpus": 1}
-        return {"num_cpus": max(1, int(cluster.get("CPU", 1)))}  # a CPU fit takes every core it can
+        return self.trained_fit_resources(cluster) if self._codec else None
 
     def fit_report(self) -> dict[str, Any]:
         return self._report

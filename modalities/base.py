@@ -202,6 +202,33 @@ class BaseModality:
         is light (k-means, BPE) and runs in the process that gathered the samples."""
         return None
 
+    @staticmethod
+    def fit_curves(total: int, names: tuple[str, ...], progress: Callable[[int, int, dict], None] | None = None):
+        """For a fit that trains a network over `total` steps: an `on_step(step, metrics)` callback that keeps
+        about 200 points of each named curve for the tracker and drives `progress`; returns (on_step, the
+        steps kept, {name: values})."""
+        every = max(1, total // 200)
+        curves: dict[str, list[float]] = {k: [] for k in names}
+        steps: list[int] = []
+
+        def on_step(step: int, m: dict) -> None:
+            if step % every == 0 or step == total - 1:
+                steps.append(step)
+                for k, v in curves.items():
+                    v.append(m[k])
+            if progress is not None:
+                progress(step + 1, total, m)
+
+        return on_step, steps, curves
+
+    @staticmethod
+    def trained_fit_resources(cluster: dict[str, float]) -> dict[str, float]:
+        """What a fit that trains a network asks for: a GPU and a CPU where the cluster has a GPU, else every
+        CPU it has (the fit's convolutions use them all)."""
+        if cluster.get("GPU", 0) >= 1:
+            return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_cpus": max(1, int(cluster.get("CPU", 1)))}
+
     def fit_report(self) -> dict[str, Any]:
         """What the last fit has to show in the tracker: ``{"metrics": {name: [one value per step]},
         "images": {name: png bytes}, "audio": {name: wav bytes}, "summary": {name: number}}``. Empty for a

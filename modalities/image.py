@@ -202,18 +202,7 @@ class ImageModality(BaseModality):
         torch.manual_seed(o.seed)  # the initial weights too: the same samples and options fit the same tokenizer
         ae = fsq.FSQAutoencoder(o.levels, o.down, o.width)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        every = max(1, o.fit_steps // 200)  # about 200 points of each curve in the tracker
-        curves: dict[str, list[float]] = {"loss": [], "psnr": []}
-        steps: list[int] = []
-
-        def on_step(step: int, m: dict) -> None:
-            if step % every == 0 or step == o.fit_steps - 1:
-                steps.append(step)
-                for k in curves:
-                    curves[k].append(m[k])
-            if progress is not None:
-                progress(step + 1, o.fit_steps, m)
-
+        on_step, steps, curves = self.fit_curves(o.fit_steps, ("loss", "psnr"), progress)
         fsq.train(ae, images, steps=o.fit_steps, batch=o.fit_batch, lr=o.fit_lr, seed=o.seed,
                   grad_weight=o.fit_grad_weight, chroma_weight=o.fit_chroma_weight, device=device, on_step=on_step)
         self._set_state({k: v.detach().cpu().numpy() for k, v in ae.state_dict().items()})
@@ -230,11 +219,7 @@ class ImageModality(BaseModality):
                         "summary": {"fit_psnr_db": float(np.mean(fsq.psnr(first, recon)))}}
 
     def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
-        if not self._fsq:
-            return None
-        if cluster.get("GPU", 0) >= 1:
-            return {"num_gpus": 1, "num_cpus": 1}
-        return {"num_cpus": max(1, int(cluster.get("CPU", 1)))}  # a CPU fit takes every core it can
+        return self.trained_fit_resources(cluster) if self._fsq else None
 
     def fit_report(self) -> dict[str, Any]:
         return self._report
