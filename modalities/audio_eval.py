@@ -40,18 +40,17 @@ def roundtrip(mod: AudioModality, clips: list[Audio]) -> list[Audio]:
     return [mod.decode(i) for i in ids]
 
 
-def _mel_db(w: np.ndarray) -> np.ndarray:
-    import torchaudio.transforms as T
-
-    mel = T.MelSpectrogram(sample_rate=RATE, n_fft=1024, hop_length=160, n_mels=80)(torch.from_numpy(w))
-    return 10 * np.log10(mel.clamp(min=1e-8).numpy())
+def _mel_db(mel, w: np.ndarray) -> np.ndarray:
+    return 10 * np.log10(mel(torch.from_numpy(w)).clamp(min=1e-8).numpy())
 
 
 def scores(originals: list[Audio], decoded: list[Audio]) -> dict[str, float]:
     """Mean STOI and mel distance (dB) over the clips. Each decoded clip is scaled to its original's level first
     (the codec works at one level; k-means decodes to a fixed peak): STOI ignores level, mel distance would not."""
+    import torchaudio.transforms as T
     from pystoi import stoi
 
+    mel = T.MelSpectrogram(sample_rate=RATE, n_fft=1024, hop_length=160, n_mels=80)  # built once: its filter bank
     s, d = [], []
     for a, b in zip(originals, decoded):
         x, y = at_rate(a), at_rate(b)
@@ -59,7 +58,7 @@ def scores(originals: list[Audio], decoded: list[Audio]) -> dict[str, float]:
         x, y = x[:n], y[:n]
         y = y * (np.sqrt((x ** 2).mean()) / max(np.sqrt((y ** 2).mean()), 1e-8))
         s.append(stoi(x, y, RATE, extended=False))
-        d.append(float(np.abs(_mel_db(x) - _mel_db(y)).mean()))
+        d.append(float(np.abs(_mel_db(mel, x) - _mel_db(mel, y)).mean()))
     return {"stoi": float(np.mean(s)), "mel_distance_db": float(np.mean(d))}
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fsq import FSQ
+from .fsq import FSQ, update, warmup_cosine
 
 # Frames of context each side of a window when coding a long clip in windows. The encoder sees ±(2+1+13)
 # frames around a frame, the decoder ±(1+13+3), plus half an STFT window: 32 is more than either.
@@ -129,6 +129,14 @@ class Codec(nn.Module):
         return self.fsq.codes(self._grouped(self.latents(wave))).transpose(1, 2)
 
     @torch.no_grad()
+    def quiet_code(self) -> np.ndarray:
+        """The codes (groups,) of a silent frame, what windows are padded with. Computed once per set of
+        weights: `train` forgets it."""
+        if getattr(self, "_quiet", None) is None:
+            self._quiet = self.codes(torch.zeros(1, (2 * MARGIN + 1) * self.hop))[0, MARGIN].numpy()
+        return self._quiet
+
+    @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T, groups) codes -> (B, T·hop) waveform."""
         B, T, _ = codes.shape
@@ -193,7 +201,7 @@ def decode_codes(model: Codec, codes: Sequence[np.ndarray], window: int = 500) -
     the decoded middle kept. The context is padded with the code of silence (the codes of a silent frame)."""
     hop = model.hop
     window = max(1, min(window, max((len(c) for c in codes), default=1)))
-    quiet = model.codes(torch.zeros(1, (2 * MARGIN + 1) * hop))[0, MARGIN].numpy()
+    quiet = model.quiet_code()
     pieces, where = [], []
     for i, c in enumerate(codes):
         T = len(c)
@@ -248,11 +256,10 @@ def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device).train()
+    model._quiet = None  # the silence code of the old weights
     loss_fn = Loss(sample_rate).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=1e-4)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = warmup_cosine(opt, steps)
     data = torch.from_numpy(np.concatenate(list(waves)).astype(np.float32)).to(device)
     seg = max(1, round(seconds * sample_rate / model.hop)) * model.hop
     if len(data) < seg:
@@ -266,12 +273,7 @@ def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps:
         x = x * torch.exp(torch.empty(batch, 1).uniform_(-0.7, 0.7, generator=g)).to(device)
         y = model(x)
         loss, mel = loss_fn(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(update(model, opt, sched, loss))
         if on_step is not None:
             on_step(step, {"loss": losses[-1], "mel_l1": float(mel.detach())})
     model.eval()

@@ -201,6 +201,24 @@ def loss_fn(x: torch.Tensor, y: torch.Tensor, grad_weight: float, chroma_weight:
     return mse + grad_weight * (dx.abs().mean() + dy.abs().mean())
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of `steps`, then a cosine down to 2% of the peak rate (the schedule
+    every network-training tokenizer fit uses: fsq here, the audio codec)."""
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
+def update(model: nn.Module, opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> float:
+    """One optimizer step on `loss`, gradients clipped at norm 1. Returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def train(model: FSQAutoencoder, images: np.ndarray, *, steps: int, batch: int, lr: float, seed: int,
           grad_weight: float = 0.3, chroma_weight: float = 1.0, device: str = "cpu",
           on_step: Callable[[int, dict], None] | None = None) -> list[float]:
@@ -210,9 +228,7 @@ def train(model: FSQAutoencoder, images: np.ndarray, *, steps: int, batch: int, 
     torch.manual_seed(seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = warmup_cosine(opt, steps)
     if str(device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels once
     # the images stay uint8 (a quarter of float32's bytes) and go to the device once; each batch is
@@ -226,12 +242,7 @@ def train(model: FSQAutoencoder, images: np.ndarray, *, steps: int, batch: int, 
         x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
         y = model(x)
         loss = loss_fn(x, y, grad_weight, chroma_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(update(model, opt, sched, loss))
         if on_step is not None:
             mse = float(F.mse_loss(y.detach().clamp(-1, 1), x)) / 4  # [-1, 1] -> [0, 1] scale
             on_step(step, {"loss": losses[-1], "psnr": 10 * math.log10(1 / max(mse, 1e-10))})
