@@ -7,7 +7,9 @@
     omnistream's figure is the median tokens/s of the second half of its run; the pair is run 3 times
     (BENCH_REPEATS) and the ratio is the median of the three ratios. Both read
     pre-tokenized rows, so the ratio is the cost of Ray Train + DeepSpeed + streaming, not of
-    tokenizing on 2 cores.
+    tokenizing on 2 cores. Beside it, omnistream's Trainer fed the same rows in this process without Ray
+    (throughput_ratio_trainer_without_ray_vs_plain): what a rank's own per-step work costs (DeepSpeed, the
+    order check, the hash chain, the per-modality losses), apart from sharing the cores with Ray's processes.
 (b) data wait: the share of step time the demo's trainers (2 workers, ZeRO-3) waited for the
     stream, over the whole run (warm-up included) and after the first logged interval.
 (c) attention memory: peak resident memory of one forward + backward of a 2-layer, 64-wide model on
@@ -83,32 +85,69 @@ def stream_rows(cfg, vocab, n_rows: int) -> dict:
     return {c: np.concatenate([p[c] for p in parts])[:n_rows] for c in COLUMNS}
 
 
+def measured_rows(cfg, vocab, steps: int, skip_steps: int) -> dict:
+    """The rows of the run's steps `skip_steps` to `skip_steps + steps` (+5 warm-up steps), in its order."""
+    mb = cfg.train.micro_batch_size
+    rows = stream_rows(cfg, vocab, (skip_steps + steps + 5) * mb)
+    return {c: v[skip_steps * mb:] for c, v in rows.items()}
+
+
+def _tokens_per_s(step, rows: dict, mb: int, steps: int) -> float:
+    """Run `step(batch)` over `steps` + 5 micro-batches of `rows`; tokens/s of all but the first 5 (first-touch
+    allocation, thread pools)."""
+    tokens, t0 = 0, None
+    for k in range(steps + 5):
+        if k == 5:
+            t0, tokens = time.perf_counter(), 0
+        b = {c: v[k * mb:(k + 1) * mb] for c, v in rows.items()}
+        step(k, b)
+        tokens += int((b["doc_ids"] > 0).sum())
+    return tokens / (time.perf_counter() - t0)
+
+
 def plain_loop(cfg, vocab, steps: int, skip_steps: int = 0) -> float:
     """Tokens/s of a bare PyTorch loop (no Ray, no DeepSpeed) over the run's own rows, from the run's step
     `skip_steps` on (the half of the run its figure is taken from)."""
     t = cfg.train
-    first = skip_steps * t.micro_batch_size
-    rows = stream_rows(cfg, vocab, first + (steps + 5) * t.micro_batch_size)
-    rows = {c: v[first:] for c, v in rows.items()}
+    rows = measured_rows(cfg, vocab, steps, skip_steps)
     torch.set_num_threads(THREADS)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).train()
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
-    tokens, t0 = 0, None
-    for step in range(steps + 5):
-        if step == 5:  # 5 warm-up steps are not timed (first-touch allocation, thread pools)
-            t0, tokens = time.perf_counter(), 0
-        sl = slice(step * t.micro_batch_size, (step + 1) * t.micro_batch_size)
-        b = {c: torch.as_tensor(rows[c][sl], dtype=torch.long) for c in COLUMNS}
+
+    def step(_, b):
+        b = {c: torch.as_tensor(v, dtype=torch.long) for c, v in b.items()}
         _, loss, _ = model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         sched.step()
-        tokens += int((b["doc_ids"] > 0).sum())
-    return tokens / (time.perf_counter() - t0)
+
+    return _tokens_per_s(step, rows, t.micro_batch_size, steps)
+
+
+def trainer_loop(cfg, vocab, steps: int, skip_steps: int = 0) -> float:
+    """Tokens/s of omnistream's own Trainer (DeepSpeed engine, order check, hash chain, per-modality losses and
+    token shares: everything a rank does per step) fed the same rows in this process, without Ray: the
+    per-step host work, apart from what sharing the cores with Ray's processes costs."""
+    from omnistream.training.engine import single_process_group
+    from omnistream.training.metrics import Interval
+    from omnistream.training.trainer import Trainer
+
+    rows = measured_rows(cfg, vocab, steps, skip_steps)
+    torch.set_num_threads(THREADS)
+    single_process_group()
+    trainer = Trainer(cfg, vocab, iter(()))
+    trainer.engine.module.train()
+    acc = Interval(trainer.n_mods + 1, trainer.device)
+
+    def step(k, b):
+        trainer.batches = iter([{**b, "keys": [f"bench-{k}-{j}" for j in range(len(b["doc_ids"]))]}])
+        assert trainer.train_step(acc)
+
+    return _tokens_per_s(step, rows, cfg.train.micro_batch_size, steps)
 
 
 def _rss_kib(field: str) -> int:
@@ -268,7 +307,7 @@ def throughput_figures(common: list[str]) -> dict:
     afternoon), so one pair says little."""
     one = load_config(DEMO_CONFIG, common + [f"train.steps={STEPS}", "cluster.num_workers=1", "data.epochs=1",
                                              "cluster.cpus_per_worker=1", "train.zero_stage=0"])
-    omni, plain, first = [], [], []
+    omni, plain, first, bare = [], [], [], []
     for _ in range(REPEATS):
         res_one = run_training(one)
         tps = history(res_one, "train/tokens_per_s")
@@ -276,6 +315,7 @@ def throughput_figures(common: list[str]) -> dict:
         first.append(statistics.median(tps[1:len(tps) // 2]))
         cfg_plain, vocab = prepare(one)
         plain.append(plain_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2))
+        bare.append(trainer_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2))
     ratios = [o / p for o, p in zip(omni, plain)]
     return {
         "train_tokens_per_s_omnistream_1worker_zero0": round(statistics.median(omni), 1),
@@ -283,6 +323,8 @@ def throughput_figures(common: list[str]) -> dict:
         "throughput_ratio_omnistream_vs_plain": round(statistics.median(ratios), 3),
         "throughput_ratio_each_run": [round(r, 3) for r in ratios],
         "omnistream_tokens_per_s_first_half": round(statistics.median(first), 1),
+        "throughput_ratio_trainer_without_ray_vs_plain": round(statistics.median(
+            [b / p for b, p in zip(bare, plain)]), 3),
     }
 
 
