@@ -49,7 +49,8 @@ def register(sub) -> None:
                                     "with reasons, per modality and per shard. Exit 0 when the pass completed (bad "
                                     "records are data, not failure); 2 for a user mistake. With --json, stdout holds "
                                     "the JSON report alone (status lines go to stderr).")
-    p.add_argument("shards", nargs="+", help="shard paths, globs or {000..009} braces")
+    p.add_argument("shards", nargs="*", help="shard paths, globs or {000..009} braces (none: every source of the "
+                                              "--config's data.sources, each under its own filters and name)")
     add_config(p, flag=True)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=inspect)
@@ -74,19 +75,25 @@ def tokenize(args) -> int:
     from omnistream.pipelines.shards import list_shards
     from omnistream.pipelines.tokenize import build_cache, require_data
 
+    from omnistream.pipelines.sources import source_data
+
     cfg = load_config(args.config, args.overrides).resolved_paths()
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
-    shards = list_shards(cfg.data.train_shards)
-    cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
+    todo = [(name, source_data(cfg.data, name, src) if cfg.data.sources else cfg.data)
+            for name, src in cfg.data.source_items()]
+    caches = [(name, dcfg, list_shards(dcfg.train_shards)) for name, dcfg in todo]
+    caches = [(name, dcfg, sh, open_cache(dcfg, vocab.fingerprint, cfg.seed, sh)) for name, dcfg, sh in caches]
     connect(cfg.cluster.address, cfg.cluster.local_cpus)
-    try:
-        built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
-    except ErrorRateExceeded as e:
-        raise UserError(str(e)) from None
-    tally = require_data(cache, shards)
-    print(f"token cache {built['url']}: {built['shards']} shards ({built['already_cached']} already cached, "
-          f"{built['tokenized']} tokenized in {built['seconds']:.1f} s); {tally.seen} records: {tally.kept} kept, "
-          f"{sum(tally.filtered.values())} filtered, {sum(tally.errored.values())} errored")
+    for name, dcfg, shards, cache in caches:
+        try:
+            built = build_cache(dcfg, cfg.modalities, cfg.seed, cache)
+        except ErrorRateExceeded as e:
+            raise UserError(str(e)) from None
+        tally = require_data(cache, shards)
+        print(f"{f'source {name}: ' if cfg.data.sources else ''}token cache {built['url']}: {built['shards']} shards "
+              f"({built['already_cached']} already cached, {built['tokenized']} tokenized in {built['seconds']:.1f} s); "
+              f"{tally.seen} records: {tally.kept} kept, {sum(tally.filtered.values())} filtered, "
+              f"{sum(tally.errored.values())} errored")
     return 0
 
 
@@ -98,17 +105,37 @@ def inspect(args) -> int:
     from omnistream.pipelines.inspect import format_report, inspect_shards
     from omnistream.pipelines.shards import list_shards
 
+    from omnistream.pipelines.sources import source_data
+
     cfg = load_config(args.config, args.overrides).resolved_paths()
-    list_shards(args.shards)  # no shards is a user mistake, reported before any cluster starts
+    if args.shards:
+        passes = [("", args.shards, cfg.data)]
+    elif cfg.data.sources:
+        passes = [(name, src.shards, source_data(cfg.data, name, src)) for name, src in cfg.data.source_items()]
+    else:
+        raise UserError("name the SHARDS to inspect, or give a --config whose data.sources lists them")
+    for _, specs, _ in passes:
+        list_shards(specs)  # no shards is a user mistake, reported before any cluster starts
     bundle = cfg.data.bundle_dir if (Path(cfg.data.bundle_dir) / "vocab.json").exists() and args.config else None
     out = sys.stdout
     if args.json:  # stdout is the report alone: Ray prints its raylet's messages (a dead actor, say) there
         sys.stdout = sys.stderr
     connect(cfg.cluster.address, cfg.cluster.local_cpus, log_to_driver=not args.json)
-    report = inspect_shards(args.shards, cfg.data, cfg.modalities, cfg.seed, bundle)
+    reports = {name: inspect_shards(specs, dcfg, cfg.modalities, cfg.seed, bundle) for name, specs, dcfg in passes}
+    if args.shards:
+        report = reports[""]
+    else:  # one report per source, under its name, and their counts side by side
+        report = {"sources": reports, **{f"data/source/{n}/{k}": v for n, r in reports.items()
+                                         for k, v in _counts(r).items()}}
     if args.json:
         print(json.dumps(report), file=out, flush=True)
     else:
-        print(format_report(report))
-        log.info("inspected %d shards", report["shards"])
+        for name, r in reports.items():
+            print((f"source {name}:\n" if name else "") + format_report(r))
+        log.info("inspected %d shards", sum(r["shards"] for r in reports.values()))
     return 0
+
+
+def _counts(report: dict) -> dict[str, int]:
+    return {"seen": report["seen"], "kept": report["kept"], "filtered": sum(report["filtered"].values()),
+            "errored": sum(report["errored"].values()) + len(report["shard_errors"])}

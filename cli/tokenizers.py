@@ -48,7 +48,7 @@ def fit(cfg, out: str | None = None):
     from omnistream.pipelines.shards import list_shards
 
     cfg = cfg.resolved_paths()
-    list_shards(cfg.data.train_shards)  # a user mistake is reported before any cluster starts
+    list_shards(cfg.data.all_shards())  # a user mistake is reported before any cluster starts
     connect(cfg.cluster.address, cfg.cluster.local_cpus)
     t0 = time.time()
     vocab, summary = fit_bundle(cfg.data, cfg.modalities, cfg.seed, out)
@@ -117,7 +117,7 @@ def eval_command(args) -> int:
         raise UserError(f"no image or audio modality named {args.modality!r} in {args.config} (its modalities: "
                         f"{vocab.names})")
     held = _pixels(cfg.data, cfg.data.eval_shards, mod, args.images)
-    train = _pixels(cfg.data, cfg.data.train_shards, mod, cfg.data.fit_records)
+    train = _pixels(cfg.data, cfg.data.all_shards(), mod, cfg.data.fit_records)
     if len(held) < 1 or len(train) < 2:
         raise UserError(f"found {len(held)} readable images in data.eval_shards and {len(train)} in "
                         f"data.train_shards: tokenizers eval needs some of each")
@@ -138,7 +138,7 @@ def _eval_audio(args, cfg, vocab, mod) -> int:
     from omnistream.modalities import audio_eval
 
     held = _decoded(cfg.data, cfg.data.eval_shards, mod, args.clips)
-    train = _decoded(cfg.data, cfg.data.train_shards, mod, cfg.data.fit_records)
+    train = _decoded(cfg.data, cfg.data.all_shards(), mod, cfg.data.fit_records)
     if len(held) < 1 or len(train) < 2:
         raise UserError(f"found {len(held)} readable clips in data.eval_shards and {len(train)} in "
                         f"data.train_shards: tokenizers eval needs some of each")

@@ -56,13 +56,23 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
     cfg.model.vocab_size = vocab.size
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.seq_len)
-    list_shards(cfg.data.train_shards)
+    for _, src in cfg.data.source_items():
+        list_shards(src.shards)
     if cfg.data.eval_shards:
         list_shards(cfg.data.eval_shards)
     if cfg.train.resume_from:
         cfg.train.resume_from = checkpoint_or_newest_in(cfg.train.resume_from, "train.resume_from")
         check_checkpoint(cfg.train.resume_from, vocab)
     return cfg, vocab
+
+
+def _describe_data(cfg: RunConfig) -> str:
+    d = cfg.data
+    if d.sources:
+        return "- data: " + "; ".join(f"source `{n}` ({len(s.shards)} shard pattern(s), weight {s.weight}, {s.exhausted})"
+                                      for n, s in sorted(d.sources.items()))
+    return (f"- data: {len(d.train_shards)} shard pattern(s) ({', '.join(d.train_shards[:2])}"
+            f"{', ...' if len(d.train_shards) > 2 else ''}), {d.epochs} epoch(s)")
 
 
 def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConfig, StreamStart, str | None]:
@@ -84,7 +94,8 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
                         f"repeat or skip records")
     pos = data["position"]
     last = pos.get("last")
-    start = StreamStart(last["window"], last["row"], last["row_hash"], int(pos["rows"])) if last else StreamStart()
+    start = (StreamStart(last["window"], last["row"], last["row_hash"], int(pos["rows"]), last.get("state"))
+             if last else StreamStart())
     old, new = meta["world_size"], cfg.cluster.num_workers
     if old == new:
         return cfg, start, None
@@ -120,8 +131,7 @@ def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
             f"- training: {t.steps} steps, {c.num_workers} worker(s){' on GPUs' if c.use_gpu else ''}, "
             f"DeepSpeed ZeRO-{t.zero_stage}, {t.precision}, micro-batch {t.micro_batch_size} × grad_accum "
             f"{t.grad_accum}, seq_len {cfg.data.seq_len}\n"
-            f"- data: {len(cfg.data.train_shards)} shard pattern(s) ({', '.join(cfg.data.train_shards[:2])}"
-            f"{', ...' if len(cfg.data.train_shards) > 2 else ''}), {cfg.data.epochs} epoch(s), seed {cfg.seed}\n"
+            f"{_describe_data(cfg)}, seed {cfg.seed}\n"
             f"- config: `config/resolved.toml` in this run's artifacts")
 
 
@@ -153,34 +163,15 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
 def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult:
     """Tokenize what the cache lacks, plan the stream, train (retrying from checkpoints), report."""
     import ray
-    from omnistream.pipelines.cache import key_digest, open_cache
-    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
-    from omnistream.pipelines.shards import list_shards, shard_order
-    from omnistream.pipelines.tokenize import build_cache, require_data
-
     run_id = tracker.run_id
 
-    # 1. tokenize once: the shards not yet in the token cache
-    shards = list_shards(cfg.data.train_shards)
-    cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
+    # 1. tokenize once: the shards not yet in each source's token cache; 2. plan the row stream
     try:
-        built = build_cache(cfg.data, cfg.modalities, cfg.seed, cache)
-        done, _ = cache.status(shards)  # the completion records, read once for the accounting and the plan
-        tally = require_data(cache, shards, done)
+        data = _plan_data(cfg, vocab, tracker)
     except (ErrorRateExceeded, UserError) as e:
-        if isinstance(e, ErrorRateExceeded):
-            _log_data(tracker, cache.tally(shards), 0)
         _end_run(tracker, "FAILED")
         raise UserError(str(e)) from None
-    tracker.log({"data/cache/shards_tokenized": built["tokenized"], "data/cache/shards_reused": built["already_cached"],
-                 "data/cache/seconds": built["seconds"]}, 0)
-    log.info("token cache %s: %d shards reused, %d tokenized (%d records, %.1f s)", built["url"],
-             built["already_cached"], built["tokenized"], built["records"], built["seconds"])
-
-    # 2. the row stream's plan: every epoch's seeded shard order, cut into packing windows
-    plan = shard_order(shards, cfg.seed, cfg.data.epochs)
-    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
-    stream = stream_settings(cfg.data, cfg.seed, cfg.train.micro_batch_size, key_digest(cache.key))
+    tally, stream = data["tally"], data["stream"]
 
     # 3. train; after a failure, again from the newest complete checkpoint (train.max_failures times)
     name = f"{cfg.name}-{run_id[:12]}"
@@ -190,7 +181,7 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
         ledger = _ledger(tally)
         try:
             result = _fit(run_cfg, run_id, name + (f"-retry{attempt}" if attempt else ""), ledger, resume, universal,
-                          stream, cache.url, plan, windows, start)
+                          stream, data, start)
             break
         except Exception as e:  # noqa: BLE001 - a worker's failure, retried from a checkpoint or reported
             newest = _newest_checkpoint(cfg.cluster.storage_path, name)
@@ -204,11 +195,11 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
             _end_run(tracker, "FAILED")
             raise RuntimeError(f"training failed: {_root_message(e)}") from e
     tally = ray.get(ledger.snapshot.remote())
-    report = tally.report()
+    report = _report(tally, data["sources"])
     ckpt = result.checkpoint.path if result.checkpoint else None
     metrics, digest = {}, None
     try:  # the run is trained and saved: a tracking store failing now is a warning, not a failed run
-        _log_data(tracker, tally, int((result.metrics or {}).get("step", 0)))
+        _log_data(tracker, tally, int((result.metrics or {}).get("step", 0)), data["sources"])
         if ckpt:
             tracker.set_tag("omnistream.checkpoint", ckpt)
         _end_run(tracker, "FINISHED")
@@ -225,6 +216,72 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
                         "does it later", cfg.train.register_as, type(e).__name__, e, ckpt, cfg.train.register_as)
     kept = [str(c) for c in _checkpoints(cfg.cluster.storage_path, name)]
     return TrainResult(run_id, tracker.uri, metrics, ckpt, report, time.time() - t0, kept, digest, tracker)
+
+
+def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker) -> dict:
+    """Tokenize what each source's token cache lacks, then plan the row stream: one source's epochs of seeded
+    shard order cut into packing windows, or every named source's, with their reading order
+    (pipelines/sources.py). Returns the accounting (all sources together, and per source), the stream's
+    settings (what a resume must match) and what build_train_stream needs."""
+    from omnistream.pipelines.accounting import Tally
+    from omnistream.pipelines.cache import key_digest, open_cache
+    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
+    from omnistream.pipelines.shards import list_shards, shard_order
+    from omnistream.pipelines.sources import plan_stream, source_data
+    from omnistream.pipelines.tokenize import build_cache, require_data
+
+    names, configs, shards, caches, metas, per_source = [], [], [], [], [], {}
+    tally = Tally()
+    for name, src in cfg.data.source_items():
+        dcfg = source_data(cfg.data, name, src) if cfg.data.sources else cfg.data
+        sh = list_shards(dcfg.train_shards)
+        cache = open_cache(dcfg, vocab.fingerprint, cfg.seed, sh)
+        try:
+            built = build_cache(dcfg, cfg.modalities, cfg.seed, cache)
+            done, _ = cache.status(sh)  # the completion records, read once for the accounting and the plan
+            t = require_data(cache, sh, done)
+        except ErrorRateExceeded:
+            _log_data(tracker, cache.tally(sh), 0)
+            raise
+        except UserError as e:
+            raise UserError(f"source {name!r}: {e}" if cfg.data.sources else str(e)) from None
+        tracker.log({"data/cache/shards_tokenized": built["tokenized"], "data/cache/shards_reused": built["already_cached"],
+                     "data/cache/seconds": built["seconds"]} if not cfg.data.sources else
+                    {f"data/cache/{name}/shards_tokenized": built["tokenized"],
+                     f"data/cache/{name}/shards_reused": built["already_cached"]}, 0)
+        log.info("token cache %s%s: %d shards reused, %d tokenized (%d records, %.1f s)", built["url"],
+                 f" (source {name})" if cfg.data.sources else "", built["already_cached"], built["tokenized"],
+                 built["records"], built["seconds"])
+        tally.add(t)
+        per_source[name] = t
+        names.append(name), configs.append(src), shards.append(sh), caches.append(cache), metas.append(done)
+
+    t = cfg.train
+    if not cfg.data.sources:
+        plan = shard_order(shards[0], cfg.seed, cfg.data.epochs)
+        windows = plan_windows(plan, {s: m["rows"] for s, m in metas[0].items()}, window_size(cfg.data))
+        stream = stream_settings(cfg.data, cfg.seed, t.micro_batch_size, key_digest(caches[0].key))
+        return {"tally": tally, "sources": per_source, "stream": stream, "url": caches[0].url, "plan": plan,
+                "windows": windows, "mixed": None}
+    # the schedule counts steps in the global batch the run started with: a resume keeps its figure
+    rows_per_step = cfg.cluster.num_workers * t.micro_batch_size * t.grad_accum
+    if cfg.train.resume_from:
+        rows_per_step = read_data_position(cfg.train.resume_from)["stream"].get("rows_per_step", rows_per_step)
+    plans, windows, items = plan_stream(names, configs, shards, caches, metas, cfg.seed, window_size(cfg.data),
+                                        t.steps, rows_per_step * cfg.data.seq_len)
+    stream = stream_settings(cfg.data, cfg.seed, t.micro_batch_size, "")
+    stream.pop("token_cache")
+    stream.update(rows_per_step=rows_per_step, sources={
+        n: {"token_cache": key_digest(c.key), **src.model_dump(mode="json", include={"weight", "exhausted", "epochs"})}
+        for n, c, src in zip(names, caches, configs)})
+    mixed = {"names": names, "sources": [(c.url, p) for c, p in zip(caches, plans)],
+             "configs": [src.model_dump(mode="json") for src in configs], "windows": [len(w) for w in windows],
+             "items": items, "rows_per_step": rows_per_step}
+    log.info("%d sources: %s", len(names), ", ".join(
+        f"{n} ({len(sh)} shards, {len(w)} windows over {p[-1][0] + 1 if p else 0} epochs)"
+        for n, sh, w, p in zip(names, shards, windows, plans)))
+    return {"tally": tally, "sources": per_source, "stream": stream, "url": "", "plan": [], "windows": [],
+            "mixed": mixed}
 
 
 def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
@@ -257,7 +314,7 @@ def _ledger(tally):
     return ledger
 
 
-def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, url, plan, windows, start):
+def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, data, start):
     """One Ray Train run of the worker group over the stream from `start`."""
     import ray.train
     from omnistream.common import logs
@@ -268,9 +325,10 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
     from .connect import WORKER_ENV
 
     t = cfg.train
-    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, url, plan, windows,
+    mixed = data["mixed"] and {**data["mixed"], "state": start.state}
+    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, data["url"], data["plan"], data["windows"],
                             unit_rows=t.micro_batch_size * t.grad_accum, mix_rows=t.micro_batch_size,
-                            start=start, ledger=ledger)
+                            start=start, ledger=ledger, mixed=mixed)
     trainer = TorchTrainer(
         train_worker,
         torch_config=BoundTorchConfig(),
@@ -325,12 +383,23 @@ def _newest_checkpoint(storage: str, name: str) -> Path | None:
     return found[-1] if found else None
 
 
-def _log_data(tracker, tally, step: int) -> dict:
-    """The data report next to the loss curves: counts as metrics, report and dead letters as files."""
-    report = tally.report()
+def _log_data(tracker, tally, step: int, sources: dict | None = None) -> dict:
+    """The data report next to the loss curves: counts as metrics, report and dead letters as files; with
+    named sources each one's counts too (data/source/<name>/seen|kept|filtered|errored)."""
+    report = _report(tally, sources)
     tracker.log(tally.metrics(), step)
+    if sources:
+        tracker.log({f"data/source/{n}/{k}": v for n, c in report["sources"].items() for k, v in c.items()}, step)
     tracker.log_text(tracking.dumps(report), "data/report.json")
     tracker.log_text("".join(json.dumps(d) + "\n" for d in tally.dead_letter), "data/dead_letter.jsonl")
+    return report
+
+
+def _report(tally, sources: dict | None) -> dict:
+    """The run's data report; with its sources' counts under their names."""
+    report = tally.report()
+    if sources:
+        report["sources"] = {n: t.source_counts() for n, t in sources.items()}
     return report
 
 

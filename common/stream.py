@@ -12,6 +12,7 @@ Standard library and numpy.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +62,7 @@ class DataPosition:
     digest: int = 0
     last: dict | None = None
 
-    def add_row(self, pos: int, keys: str, window: int, row: int) -> None:
+    def add_row(self, pos: int, keys: str, window: int, row: int, state: str | None = None) -> None:
         keys = str(keys)
         self.rows += 1
         self.records += keys.count("\n") + 1
@@ -69,6 +70,8 @@ class DataPosition:
             hashlib.sha256(f"{pos}:{keys}".encode("utf-8", "surrogateescape")).digest(), "big")) % MOD
         if self.last is None or pos > self.last["pos"]:
             self.last = {"window": int(window), "row": int(row), "pos": int(pos), "keys": keys}
+            if state is not None:  # named sources: the interleaving state after this row (JSON)
+                self.last["state"] = state
 
     def merged(self, others: list[DataPosition]) -> DataPosition:
         """This position (the start) advanced by what each rank consumed since."""
@@ -85,6 +88,9 @@ class DataPosition:
         last = None if self.last is None else {
             "window": self.last["window"], "row": self.last["row"], "pos": self.last["pos"],
             "row_hash": self.last.get("row_hash") or row_hash(self.last["keys"])}
+        if last is not None and self.last.get("state") is not None:
+            st = self.last["state"]
+            last["state"] = json.loads(st) if isinstance(st, str) else st
         return {"rows": self.rows, "records": self.records, "digest": f"{self.digest:064x}", "last": last}
 
     @classmethod

@@ -134,6 +134,11 @@ class RunConfig(_Section):
 
         try:
             build_filters({n: registry.get(n) for n in names}, self.data.quality)
+            for src_name, src in self.data.sources.items():
+                try:
+                    build_filters({n: registry.get(n) for n in names}, src.quality)
+                except UserError as e:
+                    raise UserError(f"data.sources.{src_name}.quality: {e}") from None
         except UserError as e:
             raise ValueError(str(e)) from None
         return self
@@ -150,7 +155,11 @@ class RunConfig(_Section):
         """A copy whose local paths are absolute, so Ray workers (other cwd) find them."""
         c = self.model_copy(deep=True)
         c.data.bundle_dir = _abs(c.data.bundle_dir)
-        c.data.train_shards = [_abs(s) for s in c.data.train_shards]
+        if c.data.sources:
+            for src in c.data.sources.values():
+                src.shards = [_abs(s) for s in src.shards]
+        else:
+            c.data.train_shards = [_abs(s) for s in c.data.train_shards]
         c.data.eval_shards = [_abs(s) for s in c.data.eval_shards]
         if c.data.token_cache != "auto":
             c.data.token_cache = _abs(c.data.token_cache)

@@ -81,6 +81,11 @@ class Tally:
                    list(d["dead_letter"]), d["dead_letter_dropped"], d.get("mix_dropped", 0),
                    Counter(d.get("mix_dropped_tokens", {})))
 
+    def source_counts(self) -> dict[str, int]:
+        """seen / kept / filtered / errored, each one number (data/source/<name>/...)."""
+        return {"seen": self.seen, "kept": self.kept, "filtered": sum(self.filtered.values()),
+                "errored": sum(self.errored.values()) + len(self.shard_errors)}
+
     def balanced(self) -> bool:
         return self.seen == self.kept + sum(self.filtered.values()) + sum(self.errored.values())
 

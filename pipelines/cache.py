@@ -203,7 +203,8 @@ class TokenCache:
         data = buf.getvalue()
         sid = self.shard_id(shard)
         self._write_atomic(f"shards/{sid}.parquet", data)
-        meta = {"shard": shard, "rows": len(keys), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        ids = sum(len(p) for n in names for p in parts[n] if p is not None)
+        meta = {"shard": shard, "rows": len(keys), "ids": int(ids), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "tally": tally.to_json(), "seconds": round(seconds, 3)}
         self._write_atomic(f"shards/{sid}.json", json.dumps(meta).encode())
         return meta

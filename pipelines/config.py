@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .mixing import MixConfig
+from .sources import SourceConfig
 
 
 class DedupConfig(BaseModel):
@@ -33,7 +34,13 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     train_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/train-*.tar"],
-                                    description="WebDataset shards to train on: paths, globs, {000..099} braces or fsspec URLs")
+                                    description="WebDataset shards to train on: paths, globs, {000..099} braces or fsspec URLs "
+                                                "(one source; unused when data.sources is set)")
+    sources: dict[str, SourceConfig] = Field(
+        default_factory=dict, description="named sources mixed by weight, each with its shards, weight (a number or "
+                                          "[step, weight] points), `repeat` or `stop` when it runs out, and its own "
+                                          "quality filters and limits, e.g. [data.sources.web] shards = [...] weight = 0.8; "
+                                          "set, it replaces data.train_shards (pipelines/sources.py)")
     eval_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/eval-000.tar"],
                                    description="held-out shards for eval losses and cross-modal accuracy ([] = no eval)")
     bundle_dir: str = Field("runs/demo/tokenizers", description="tokenizer bundle (vocab.json + fitted state) written by `omnistream tokenizers fit`")
@@ -54,3 +61,27 @@ class DataConfig(BaseModel):
     read_cpus: float = Field(0.25, gt=0, description="CPUs one shard-reading task of the tokenizer fit asks of Ray (training reads inside the tokenizer actors)")
     tokenizer_actors: int = Field(1, ge=1, description="record-processing actors (each loads the tokenizer bundle once)")
     data_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the data stages ask for, e.g. {data = 0.1} to keep tokenizing on data nodes")
+
+    @model_validator(mode="after")
+    def _sources(self):
+        import re
+
+        bad = [n for n in self.sources if not re.fullmatch(r"[A-Za-z0-9_.-]+", n)]
+        if bad:
+            raise ValueError(f"source names are letters, digits, '_', '.' and '-' (they name metrics and cache "
+                             f"folders): {bad}")
+        return self
+
+    def all_shards(self) -> list[str]:
+        """The training shard specs of every source (what the tokenizers are fitted on)."""
+        if self.sources:
+            return [s for _, src in sorted(self.sources.items()) for s in src.shards]
+        return list(self.train_shards)
+
+    def source_items(self) -> list[tuple[str, object]]:
+        """(name, SourceConfig) of the named sources, by name; the one-source shorthand as "train"."""
+        if self.sources:
+            return sorted(self.sources.items())
+        from .sources import SourceConfig
+
+        return [("train", SourceConfig(shards=self.train_shards))]

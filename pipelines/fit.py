@@ -74,7 +74,7 @@ class FitFeatures(RecordProcessor):
 def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir: str | Path | None = None) -> tuple[Vocabulary, dict]:
     """Fit every configured modality and write the bundle (vocab.json + states) to out_dir or cfg.bundle_dir."""
     mods = {name: registry.build(name, opts) for name, opts in modalities.items()}
-    shards = list_shards(cfg.train_shards)
+    shards = list_shards(cfg.all_shards())
     plan = shard_order(shards, seed, 1)
     # the same records, in the same order, every time: the codebooks (k-means) depend on both
     data_context()
@@ -119,7 +119,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
         feats = gathered[name]
         if not feats:
             raise UserError(f"no samples of modality {name!r} in the first {cfg.fit_records} records of "
-                            f"{cfg.train_shards}: cannot fit its tokenizer")
+                            f"{cfg.all_shards()}: cannot fit its tokenizer")
         try:
             mods[name], summary["reports"][name] = fit_one(m, feats)
         except ValueError as e:

@@ -50,9 +50,11 @@ class DataLedger:
     def parts_seen(self) -> list[str]:
         return list(self.parts)
 
-    def set_metrics(self, m: dict[str, float]) -> None:
-        """Figures a pipeline stage reports once (data/resume/*), logged with the accounting."""
-        self.extra.update(m)
+    def add_metrics(self, m: dict[str, float]) -> None:
+        """Figures pipeline stages report (data/resume/*: one window re-read per source on a resume), summed,
+        logged with the accounting."""
+        for k, v in m.items():
+            self.extra[k] = self.extra.get(k, 0) + v
 
     def metrics(self) -> dict[str, float]:
         return {**self.tally.metrics(), **self.extra}

@@ -46,6 +46,7 @@ class StreamStart:
     row: int = -1
     row_hash: str = ""
     position: int = 0
+    state: dict | None = None  # named sources: the interleaving state after that row (pipelines/sources.py)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -85,32 +86,44 @@ class WindowRows:
     """Ray Data actor: one window (its document ranges) -> its packed rows, with `win` and `row` per row."""
 
     def __init__(self, url: str, bundle_dir: str, modalities: dict[str, dict], cfg: DataConfig, seed: int,
-                 plan: list[tuple[int, str]], mix_rows: int, start: dict | None = None, ledger=None):
+                 plan: list[tuple[int, str]], mix_rows: int, start: dict | None = None, ledger=None,
+                 sources: list[tuple[str, list]] | None = None, skip: dict | None = None):
+        """`sources` (named sources, pipelines/sources.py): each source's (cache url, plan), in place of `url`
+        and `plan`; a window item then names its source (`src`), a resumed stream gives `skip` ({window: [row,
+        row hash]}: the rows up to that row of that window were consumed) in place of `start`, and an empty
+        window is one marker row (row -1) so that the interleaving sees it arrive."""
         self.vocab = Vocabulary.load(bundle_dir, modalities)
         self.names = list(self.vocab.names)
-        self.cache, self.cfg, self.seed, self.plan = TokenCache(url), cfg, seed, plan
+        self.cfg, self.seed = cfg, seed
+        self.caches = [TokenCache(u) for u, _ in sources] if sources else [TokenCache(url)]
+        self.plans = [p for _, p in sources] if sources else [plan]
         self.pack = PackRows(cfg.seq_len, seed, mix_rows, cfg.mix, self.names, ledger)
         self.start = StreamStart(**start) if start else None
+        # (source, window) -> [row, row hash]: that window's rows up to that row were consumed
+        self.skip = {tuple(map(int, k.split(":"))): v for k, v in (skip or {}).items()}
+        if self.start is not None and self.start.row >= 0:
+            self.skip[(0, self.start.window)] = [self.start.row, self.start.row_hash]
+        self.marker = sources is not None
         self.ledger = ledger
-        self.tables: OrderedDict[str, tuple] = OrderedDict()  # the last few shards read, as flat arrays
+        self.tables: OrderedDict[tuple, tuple] = OrderedDict()  # the last few shards read, as flat arrays
 
-    def _shard(self, shard: str) -> tuple:
-        if shard not in self.tables:
-            t = self.cache.read_shard(shard, columns=["key", *self.names])
+    def _shard(self, src: int, shard: str) -> tuple:
+        if (src, shard) not in self.tables:
+            t = self.caches[src].read_shard(shard, columns=["key", *self.names])
             cols = {}
             for n in self.names:
                 a = t.column(n).combine_chunks()
                 cols[n] = (a.offsets.to_numpy(), a.values.to_numpy(zero_copy_only=False),
                            a.is_null().to_numpy(zero_copy_only=False))
-            self.tables[shard] = (t.column("key").to_pylist(), cols)
+            self.tables[(src, shard)] = (t.column("key").to_pylist(), cols)
             while len(self.tables) > 4:
                 self.tables.popitem(last=False)
-        return self.tables[shard]
+        return self.tables[(src, shard)]
 
-    def documents(self, ranges: list[list[int]]):
+    def documents(self, ranges: list[list[int]], src: int = 0):
         for pi, a, b in ranges:
-            epoch, shard = self.plan[pi]
-            keys, cols = self._shard(shard)
+            epoch, shard = self.plans[src][pi]
+            keys, cols = self._shard(src, shard)
             for i in range(a, b):
                 parts = {n: v[o[i]:o[i + 1]] for n, (o, v, null) in cols.items() if not null[i]}
                 t, m = make_document(self.vocab, parts, self.cfg.modality_order, record_rng(self.seed, epoch, keys[i]))
@@ -118,25 +131,32 @@ class WindowRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         k = int(batch["window"][0])
-        docs = list(self.documents(json.loads(str(batch["ranges"][0]))))
+        src = int(batch["src"][0]) if "src" in batch else 0
+        docs = list(self.documents(json.loads(str(batch["ranges"][0])), src))
         out = self.pack([d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs])
         n = len(out["keys"])
         out["win"] = np.full(n, k, dtype=np.int64)
         out["row"] = np.arange(n, dtype=np.int64)
-        s = self.start
-        if s is not None and k == s.window and s.row >= 0:
-            if s.row >= n or row_hash(out["keys"][s.row]) != s.row_hash:
+        if (src, k) in self.skip:
+            last, want = self.skip[(src, k)]
+            if last >= n or row_hash(out["keys"][last]) != want:
                 raise DataResumeMismatch(
                     f"the stream rebuilt from the token cache differs from the one the checkpoint consumed (window "
-                    f"{k}, row {s.row}): the token cache or the packing changed since, so resuming would repeat or "
+                    f"{k}, row {last}): the token cache or the packing changed since, so resuming would repeat or "
                     f"skip records")
             # the records read again to restore the position: the whole window, packed again (packing needs
             # all of it), however far into it the checkpoint fell; its rows up to the last consumed are dropped
             replayed = len(docs)
             if self.ledger is not None:
-                self.ledger.set_metrics.remote({"data/resume/replayed_records": replayed,
-                                                "data/resume/replayed_rows": s.row + 1})
-            out = {c: v[s.row + 1:] for c, v in out.items()}
+                self.ledger.add_metrics.remote({"data/resume/replayed_records": replayed,
+                                                "data/resume/replayed_rows": last + 1})
+            out = {c: v[last + 1:] for c, v in out.items()}
+        if self.marker and not len(out["keys"]):
+            out = {c: (np.zeros((1,) + v.shape[1:], v.dtype) if c != "keys" else np.array([""], dtype=object))
+                   for c, v in out.items()}
+            out.update(win=np.array([k], np.int64), row=np.array([-1], np.int64))
+        if self.marker:
+            out["src"] = np.full(len(out["keys"]), src, dtype=np.int64)
         return out
 
 
@@ -155,26 +175,43 @@ class Positions:
 
 def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, url: str,
                        plan: list[tuple[int, str]], windows: list, unit_rows: int, mix_rows: int,
-                       start: StreamStart | None = None, ledger=None):
-    """The training rows from window `start.window` on, in blocks of `unit_rows` rows."""
+                       start: StreamStart | None = None, ledger=None, mixed: dict | None = None):
+    """The training rows from window `start.window` on, in blocks of `unit_rows` rows.
+
+    `mixed`: named sources (pipelines/sources.py), {"sources": [(cache url, plan)], "configs": [SourceConfig
+    dicts], "windows": [windows per source], "items": [window items in reading order], "rows_per_step": the
+    global batch, "state": the interleaving state a resume starts from (None: the start)}; `url`, `plan` and
+    `windows` are then unused."""
     import ray
+
+    from .sources import Interleave, resume_items
 
     start = start or StreamStart()
     data_context()  # the trainer logs its own progress
-    items = [{"window": k, "ranges": json.dumps(w)} for k, w in enumerate(windows) if k >= start.window]
-    if not items:
-        items = [{"window": len(windows), "ranges": "[]"}]  # a stream that was already consumed to its end
     extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
+    kwargs = {"url": url, "bundle_dir": cfg.bundle_dir, "modalities": modalities, "cfg": cfg, "seed": seed,
+              "plan": plan, "mix_rows": mix_rows, "start": start.to_json(), "ledger": ledger}
+    if mixed:
+        items, skip = resume_items(mixed["items"], mixed.get("state"))
+        kwargs.update(start=None, sources=mixed["sources"], skip=skip)
+    else:
+        items = [{"window": k, "ranges": json.dumps(w)} for k, w in enumerate(windows) if k >= start.window]
+    if not items:
+        items = [{"window": len(windows), "ranges": "[]", **({"src": 0} if mixed else {})}]  # consumed to its end
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
-    ds = ds.map_batches(WindowRows, fn_constructor_kwargs={
-        "url": url, "bundle_dir": cfg.bundle_dir, "modalities": modalities, "cfg": cfg, "seed": seed, "plan": plan,
-        "mix_rows": mix_rows, "start": start.to_json(), "ledger": ledger},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.packers), batch_format="numpy", num_cpus=0.25,
-        **RETRIES, **extra)
+    ds = ds.map_batches(WindowRows, fn_constructor_kwargs=kwargs, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.packers), batch_format="numpy", num_cpus=0.25,
+                        **RETRIES, **extra)
     # One actor, its tasks run in the order they were submitted, and never restarted: a restart would
     # number rows from the start again (the Trainer's order check would stop the run; the run then
     # retries from its checkpoint)
-    ds = ds.map_batches(Positions, fn_constructor_kwargs={"start": start.position}, batch_size=None,
+    if mixed:
+        stage, args = Interleave, {"sources": mixed["configs"], "windows": mixed["windows"],
+                                   "rows_per_step": mixed["rows_per_step"], "unit": mix_rows if cfg.mix.on else 1,
+                                   "start": {"position": start.position, **(mixed.get("state") or {})}}
+    else:
+        stage, args = Positions, {"start": start.position}
+    ds = ds.map_batches(stage, fn_constructor_kwargs=args, batch_size=None,
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=0,
                         max_restarts=0, allow_out_of_order_execution=False, **extra)
     return ds.repartition(target_num_rows_per_block=unit_rows, strict=True)

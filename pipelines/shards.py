@@ -46,11 +46,12 @@ def list_shards(specs: str | Iterable[str]) -> list[str]:
     return out
 
 
-def shard_order(shards: list[str], seed: int, epochs: int) -> list[tuple[int, str]]:
-    """(epoch, shard) pairs: every epoch visits every shard once, in an order drawn from (seed, epoch)."""
+def shard_order(shards: list[str], seed: int, epochs: int, source: str = "") -> list[tuple[int, str]]:
+    """(epoch, shard) pairs: every epoch visits every shard once, in an order drawn from (seed, epoch), and
+    from the source's name for a named source (two sources with the same shards are not read in step)."""
     plan = []
     for epoch in range(epochs):
         order = list(shards)
-        random.Random(f"{seed}:{epoch}").shuffle(order)
+        random.Random(f"{seed}:{source}:{epoch}" if source else f"{seed}:{epoch}").shuffle(order)
         plan += [(epoch, s) for s in order]
     return plan

@@ -119,7 +119,7 @@ def own_ray_only():
 # that starts using `ray_local` belongs here: elsewhere it would start a second session Ray.
 SESSION_RAY_MODULES = {"tests/browser/test_mlflow_ui.py", "tests/integration/test_e2e.py",
                        "tests/integration/test_data_quality.py", "tests/integration/test_hostile_run.py",
-                       "tests/integration/test_local_ray_auth.py"}
+                       "tests/integration/test_local_ray_auth.py", "tests/integration/test_sources_run.py"}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -96,7 +96,7 @@ class Checkpointer:
                 meta = {"format": 1, "step": sd["step"], "world_size": trainer.world, "run_id": self.run_id,
                         "tag": CKPT_TAG, "vocab": trainer.vocab.layout(),
                         "config": trainer.cfg.model_dump(mode="json"), "n_params": trainer.n_params,
-                        "tokens": sd["tokens"]}
+                        "tokens": sd["tokens"], "source_tokens": sd["source_tokens"]}
                 Path(d, META).write_text(json.dumps(meta, indent=1))
             _write_manifest(d, trainer.rank)
             self.publish(d, {"step": sd["step"], **metrics})
@@ -109,6 +109,7 @@ class Checkpointer:
         with weights_only_loads():  # DeepSpeed's universal loader calls torch.load itself
             trainer.engine.load_checkpoint(str(universal or d), tag=CKPT_TAG, load_module_strict=True)
         trainer.load_state_dict({"step": meta["step"], "tokens": meta.get("tokens", {}),
+                                 "source_tokens": meta.get("source_tokens", {}),
                                  "data": read_data_position(d)["position"]})
         return meta
 

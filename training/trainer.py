@@ -68,6 +68,10 @@ class Trainer:
         # state
         self.step = 0
         self.tokens = torch.zeros(self.n_mods, dtype=torch.float64)  # per modality, all ranks, since step 0
+        # named sources (data.sources): tokens per source, all ranks, since step 0 and since the last log
+        self.sources = [n for n, _ in cfg.data.source_items()] if cfg.data.sources else []
+        self.source_tokens = torch.zeros(len(self.sources), dtype=torch.float64)
+        self.interval_source_tokens = torch.zeros(len(self.sources), dtype=torch.float64)
         self.start = DataPosition()    # the position this run started at (a checkpoint's, or 0)
         self.consumed = DataPosition()  # what this rank consumed since: rows, records, digest, last row
         self.micro_batches = 0          # received by this rank since the start (for the order check)
@@ -86,6 +90,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """A collective (every rank calls it together): the data position is gathered from all ranks."""
         return {"step": self.step, "tokens": {n: int(v) for n, v in zip(self.vocab.names, self.tokens)},
+                "source_tokens": {n: int(v) for n, v in zip(self.sources, self.source_tokens)},
                 "data": self.position().to_json()}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -94,6 +99,8 @@ class Trainer:
         self.resume_t0 = time.perf_counter()
         self.step = int(sd["step"])
         self.tokens = torch.tensor([sd.get("tokens", {}).get(n, 0) for n in self.vocab.names], dtype=torch.float64)
+        self.source_tokens = torch.tensor([sd.get("source_tokens", {}).get(n, 0) for n in self.sources],
+                                          dtype=torch.float64)
         self.start = DataPosition.from_json(sd["data"])
         self.consumed = DataPosition()
         self.micro_batches = 0
@@ -147,13 +154,18 @@ class Trainer:
     def train_step(self, acc: Interval) -> bool:
         """One optimizer step over train.grad_accum micro-batches; False if the stream ended first."""
         t0 = time.perf_counter()
-        step_tokens = torch.zeros(self.n_mods, dtype=torch.float64)
+        n, S = self.n_mods, len(self.sources)
+        step_tokens = torch.zeros(n + S, dtype=torch.float64)  # per modality, then per source: one all_reduce
         for _ in range(self.cfg.train.grad_accum):
             b, wait = self.next_batch()
             if b is None:
                 return False
-            for k, w, r, p in zip(b["keys"], b["win"], b["row"], b["pos"]):
-                self.consumed.add_row(int(p), k, int(w), int(r))
+            states = b["state"] if "state" in b else [None] * len(b["keys"])
+            for k, w, r, p, st in zip(b["keys"], b["win"], b["row"], b["pos"], states):
+                self.consumed.add_row(int(p), k, int(w), int(r), st)
+            if S:
+                per_row = (np.asarray(b["doc_ids"]) > 0).sum(1)
+                step_tokens[n:] += torch.as_tensor(np.bincount(np.asarray(b["src"]), per_row, S), dtype=torch.float64)
             # np.array copies: Ray hands read-only arrays, which torch warns about sharing
             x = {c: torch.from_numpy(np.array(b[c], dtype=np.int64)).to(self.device, non_blocking=True) for c in COLUMNS}
             _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
@@ -162,10 +174,13 @@ class Trainer:
             lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long).to(self.device)
             s, c = loss_by_group(tok_loss.detach().float(), x["labels"], lm, self.n_mods + 1)
             acc.add(s, c, tokens=int((b["doc_ids"] > 0).sum()), wait=wait)
-            step_tokens += torch.as_tensor(token_counts(b["modality_ids"], self.n_mods), dtype=torch.float64)
+            step_tokens[:n] += torch.as_tensor(token_counts(b["modality_ids"], self.n_mods), dtype=torch.float64)
         self.step += 1
-        # the global batch's token shares (data/token_share/*): one small all_reduce per step
+        # the global batch's token shares (data/token_share/*, data/source_share/*): one small all_reduce per step
         self.all_reduce(step_tokens)
+        step_tokens, by_source = step_tokens[:n], step_tokens[n:]
+        self.source_tokens += by_source
+        self.interval_source_tokens += by_source
         self.tokens += step_tokens
         dev = (shares_of(step_tokens) - self.target).abs().max().item() if self.cfg.data.mix.on else None
         acc.add_shares(step_tokens, dev)
@@ -215,6 +230,11 @@ class Trainer:
     def _log_interval(self, acc: Interval, fpt: float, peak: float | None) -> None:
         m = acc.reduce(self.all_reduce, self.world).metrics(self.vocab)
         m.update({f"data/tokens/{n}": float(v) for n, v in zip(self.vocab.names, self.tokens)})
+        if self.sources:  # each source's share of the tokens consumed since the last log, and its total
+            total = float(self.interval_source_tokens.sum()) or 1.0
+            m.update({f"data/source_share/{n}": float(v) / total for n, v in zip(self.sources, self.interval_source_tokens)})
+            m.update({f"data/source_tokens/{n}": float(v) for n, v in zip(self.sources, self.source_tokens)})
+            self.interval_source_tokens.zero_()
         gn = self.engine.get_global_grad_norm()
         m.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(gn) if gn is not None else None,
                   "train/peak_memory_gb": memory_gb()})
