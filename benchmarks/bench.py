@@ -24,6 +24,8 @@
     rows, pipelines/rows.WindowRows) against records/s of the same shards tokenized from their media
     (read, decode, filter, encode: tokenize.ShardTokenizer, dedup off), both in this process on one
     core. Target >= 10.
+(f) object storage: records/s of the same demo shards tokenized (as in (e)) as read from an S3-compatible
+    server on 127.0.0.1 (moto_server) against read from disk, in turn, twice each. Target >= 0.75.
 
 Figures go to stdout as a table and to bench.json (name -> number), so commits can be compared.
 No timing is asserted anywhere: these machines are shared and noisy.
@@ -259,27 +261,34 @@ def memory_figures() -> dict:
     }
 
 
+def _tokenize(cfg, shards: list[str], cache_dir: str):
+    """Tokenize `shards` into a fresh cache at `cache_dir` with ShardTokenizer in this process (read, decode,
+    filter, encode; dedup off). Returns (records, seconds, cache, data config)."""
+    import numpy as np
+    from omnistream.modalities.vocab import Vocabulary
+    from omnistream.pipelines.cache import open_cache
+    from omnistream.pipelines.tokenize import ShardTokenizer
+
+    data = cfg.data.model_copy(update={"train_shards": shards, "token_cache": cache_dir})
+    vocab = Vocabulary.load(data.bundle_dir, cfg.modalities)
+    cache = open_cache(data, vocab.fingerprint, cfg.seed, shards)
+    t0 = time.perf_counter()
+    out = ShardTokenizer(cfg.modalities, data.bundle_dir, data, cfg.seed, cache.url, [], None)(
+        {"shard": np.array(shards, dtype=object)})
+    return int(out["seen"].sum()), time.perf_counter() - t0, cache, data
+
+
 def cache_speedup(cfg, shards: int = 4) -> dict:
     """(e): one epoch of `shards` demo shards tokenized from media, then read back from a fresh cache."""
     import tempfile
 
     import numpy as np
-    from omnistream.modalities.vocab import Vocabulary
-    from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
-    from omnistream.pipelines.tokenize import ShardTokenizer
 
     cfg = cfg.resolved_paths()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
-        data = cfg.data.model_copy(update={"train_shards": list_shards(cfg.data.train_shards)[:shards],
-                                           "token_cache": d})
-        vocab = Vocabulary.load(data.bundle_dir, cfg.modalities)
-        cache = open_cache(data, vocab.fingerprint, cfg.seed, data.train_shards)
-        t0 = time.perf_counter()
-        out = ShardTokenizer(cfg.modalities, data.bundle_dir, data, cfg.seed, cache.url, [], None)(
-            {"shard": np.array(data.train_shards, dtype=object)})
-        media_s, records = time.perf_counter() - t0, int(out["seen"].sum())
+        records, media_s, cache, data = _tokenize(cfg, list_shards(cfg.data.train_shards)[:shards], d)
         plan = shard_order(data.train_shards, cfg.seed, 1)
         done, _ = cache.status(data.train_shards)
         windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(data))
@@ -291,6 +300,59 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
     return {"cache_records_per_s_from_media": round(records / media_s, 1),
             "cache_records_per_s_from_cache": round(records / cache_s, 1),
             "cache_epoch_speedup_records_per_s": round(media_s / cache_s, 2)}
+
+
+def s3_tokenize_ratio(cfg, shards: int = 4, repeats: int = 2) -> dict:
+    """(f): records/s of `shards` demo shards tokenized as read from an S3-compatible server on 127.0.0.1
+    (moto_server, a subprocess), against the same shards read from disk; in turn, `repeats` times each,
+    fresh caches; the ratio of the medians. Target >= 0.75."""
+    import shutil
+    import socket
+    import tempfile
+
+    import fsspec
+
+    cfg = cfg.resolved_paths()
+    torch.set_num_threads(1)
+    local = list_shards(cfg.data.train_shards)[:shards]
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("bench")
+        remote = []
+        for p in local:
+            fs.put(p, f"bench/{Path(p).name}")
+            remote.append(f"s3://bench/{Path(p).name}")
+        disk, s3 = [], []
+        for _ in range(repeats):
+            for shards_, out in ((local, disk), (remote, s3)):
+                with tempfile.TemporaryDirectory() as d:
+                    records, seconds, _, _ = _tokenize(cfg, shards_, d)
+                out.append(records / seconds)
+    finally:
+        server.terminate()
+        server.wait(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"tokenize_records_per_s_from_disk": round(statistics.median(disk), 1),
+            "tokenize_records_per_s_from_s3": round(statistics.median(s3), 1),
+            "tokenize_ratio_s3_vs_disk": round(statistics.median(s3) / statistics.median(disk), 3)}
 
 
 def history(res, key):
@@ -341,6 +403,12 @@ def main() -> int:
     if sys.argv[1:2] == ["--memory-only"]:
         print(json.dumps(memory_figures(), indent=1))
         return 0
+    if sys.argv[1:2] == ["--s3-only"]:
+        os.chdir(REPO)
+        base = load_config(DEMO_CONFIG)
+        prepare_demo(base)
+        print(json.dumps(s3_tokenize_ratio(base), indent=1))
+        return 0
     if sys.argv[1:2] == ["--cache-only"]:
         os.chdir(REPO)
         base = load_config(DEMO_CONFIG)
@@ -370,6 +438,7 @@ def main() -> int:
         "demo_tokens_per_s_2workers_zero3": round(statistics.median(history(res_demo, "train/tokens_per_s")[2:]), 1),
     }
     figures.update(cache_speedup(base))
+    figures.update(s3_tokenize_ratio(base))
     figures.update(memory_figures())
     Path("bench.json").write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))

@@ -48,6 +48,9 @@ class DataConfig(BaseModel):
     epochs: int = Field(1, ge=1, description="passes over the training shards (training stops earlier at train.steps)")
     modality_order: Literal["random", "config"] = Field("random", description="order of modalities inside a document: drawn per record by seed, or the config's order")
     pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
+    remote_retries: int = Field(3, ge=0, le=20, description="times a remote shard's read (s3://, gs://, http...) is resumed "
+                                                           "where it broke off, with a doubling pause from 0.5 s; then the "
+                                                           "shard is errored as shard_read_failed, what was read whole kept")
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
     limits: Limits = Field(default_factory=Limits, description="per-record bounds: bytes, members, tar header size, per-modality member size, bytes buffered per actor")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")

@@ -221,7 +221,8 @@ class RecordProcessor:
         for epoch, shard in shards:
             buf: list[RawRecord] = []
             held = 0  # bytes of the buffered records: decoded at `chunk` records or data.limits.buffer_bytes
-            for r in read_shard(shard, self.cfg.max_member_bytes, self.cfg.limits, self.ext_bytes):
+            for r in read_shard(shard, self.cfg.max_member_bytes, self.cfg.limits, self.ext_bytes,
+                                self.cfg.remote_retries):
                 if not r.key:  # the shard itself failed (unreadable, or cut between records)
                     tally.shard_error(r.shard, r.error, r.detail)
                     continue

@@ -15,6 +15,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .shards import REMOTE
+
 MAX_NAME = 1024              # longest member name accepted (untrusted input bound)
 _HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
             tarfile.SOLARIS_XHDTYPE)
@@ -49,6 +51,80 @@ def _decompressing(f, kind: str):
     import zstandard  # a dependency: WebDataset shards are often .tar.zst
 
     return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+
+
+class ShardReadFailed(OSError):
+    """A remote shard's bytes could not be read, its retries spent (the store gone, the connection dropped)."""
+
+
+class _Retrying(io.RawIOBase):
+    """A remote shard's bytes, read again from where they broke off. A read of the object store that fails
+    (the connection dropped, the server answered an error) reopens the object and seeks back to the same
+    byte, up to `retries` times with a doubling pause (0.5 s, 1 s, 2 s...); then ShardReadFailed, and the
+    shard is errored as `shard_read_failed` with what was read whole before kept. (fsspec's own retries
+    cover one request; this covers the stream, whose reader cannot start the tar again.)"""
+
+    def __init__(self, url: str, retries: int, pause: float = 0.5):
+        super().__init__()
+        import fsspec
+
+        self.url, self.retries, self.pause, self.pos, self.failures = url, retries, pause, 0, 0
+        # 8 MiB requests: s3fs's default block is 50 MiB, held per open shard in every reading actor
+        fs, path = fsspec.core.url_to_fs(url)
+        self._open = lambda: fs.open(path, "rb", block_size=8 << 20)
+        self.f = self._call(self._open, reopen=False)
+
+    def _call(self, fn, reopen: bool = True):
+        import time
+
+        while True:
+            try:
+                return fn()
+            except (ShardTooLarge, HeaderTooLarge):
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever the store's client raises is a failed read
+                if self.failures >= self.retries:
+                    raise ShardReadFailed(f"{self.url}: {type(e).__name__}: {str(e)[:200]} (after {self.failures} "
+                                          f"retries, at byte {self.pos})") from e
+                time.sleep(self.pause * 2 ** self.failures)
+                self.failures += 1
+                if reopen:
+                    try:
+                        self.f.close()
+                    except Exception:  # noqa: BLE001 - the old handle is broken anyway
+                        pass
+                    try:
+                        self.f = self._open()
+                        self.f.seek(self.pos)
+                    except Exception:  # noqa: BLE001 - counted as this attempt; the next read tries again
+                        pass
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._call(lambda: self.f.read(len(b)))
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = self._call(lambda: self.f.seek(offset, whence))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001
+                pass
+        super().close()
 
 
 class _Bounded(io.RawIOBase):
@@ -148,12 +224,13 @@ def split_name(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
-def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str, int] | None = None
-               ) -> Iterator[RawRecord]:
+def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str, int] | None = None,
+               retries: int = 3) -> Iterator[RawRecord]:
     """Yield the records of one shard; a failure becomes a record with `error` set, never an exception.
 
     `limits` (config.Limits) bounds each record's members, total bytes and the tar headers;
-    `ext_bytes` caps members by extension (a modality's data.limits.member_bytes, over its keys)."""
+    `ext_bytes` caps members by extension (a modality's data.limits.member_bytes, over its keys);
+    `retries`: how often a remote shard's read is resumed after a failure (_Retrying)."""
     import fsspec
 
     from .config import Limits
@@ -163,7 +240,7 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     tarinfo = type("BoundedTarInfo", (_BoundedTarInfo,), {"max_header": limits.header_bytes})
 
     try:
-        f = fsspec.open(url, "rb").open()
+        f = io.BufferedReader(_Retrying(url, retries), 1 << 20) if url.startswith(REMOTE) else fsspec.open(url, "rb").open()
         kind = _compression(f)
         if kind is not None:
             f = _Bounded(f, _decompressing(f, kind), limits.shard_bytes)
@@ -229,6 +306,8 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
             reason = "header_too_large"
         elif isinstance(e, ShardTooLarge):
             reason = "shard_too_large"
+        elif isinstance(e, ShardReadFailed):
+            reason = "shard_read_failed"
         elif isinstance(e, (tarfile.TarError, EOFError, OSError, ValueError)):
             reason = "shard_truncated"
         else:
@@ -241,7 +320,7 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
             cur.error, cur.detail = reason, f"{type(e).__name__}: {e}"
             cur.fields = {}
             yield cur
-        else:
+        if cur is None or reason == "shard_read_failed":  # the store failed: the shard itself is errored too
             yield RawRecord(url, "", error=reason, detail=f"{type(e).__name__}: {e}")
         return
     if cur is not None:

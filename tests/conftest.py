@@ -25,6 +25,7 @@ from common import (
     SMALL,
     SMALL_OPTIONS,
     UNINTERRUPTED,
+    S3Server,
     TrackingServer,
     fit_modalities,
     non_loopback_listeners,
@@ -49,7 +50,24 @@ def bundle(fitted, tmp_path_factory):
     Vocabulary(fitted).save(d)
     return str(d)
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server():
+    """An S3-compatible server on 127.0.0.1 for the session, its endpoint and credentials in the standard
+    AWS environment of this process, and so of the session Ray's workers, which start after it."""
+    s = S3Server()
+    s.start()
+    saved = {k: os.environ.get(k) for k in s.env}
+    os.environ.update(s.env)
+    yield s
+    s.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
     from omnistream.cluster.connect import connect
 
     ray = connect("", num_cpus=2)
@@ -119,7 +137,8 @@ def own_ray_only():
 # that starts using `ray_local` belongs here: elsewhere it would start a second session Ray.
 SESSION_RAY_MODULES = {"tests/browser/test_mlflow_ui.py", "tests/integration/test_e2e.py",
                        "tests/integration/test_data_quality.py", "tests/integration/test_hostile_run.py",
-                       "tests/integration/test_local_ray_auth.py", "tests/integration/test_sources_run.py"}
+                       "tests/integration/test_local_ray_auth.py", "tests/integration/test_sources_run.py",
+                       "tests/integration/test_object_storage.py"}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -151,6 +151,45 @@ class TrackingServer:
         self.srv = None
 
 
+class S3Server:
+    """An S3-compatible server (moto's `moto_server`) on 127.0.0.1, as a subprocess, which a test can stop
+    mid-read and start again. `env` is the standard AWS environment that points a client at it."""
+
+    SECRET = "omnistream-test-secret-7f3a9c"  # grepped for: it must never reach a log, param or checkpoint
+
+    def __init__(self):
+        from omnistream.cluster.connect import free_port
+
+        self.port, self.proc = free_port(), None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "omnistream-test-key",
+                    "AWS_SECRET_ACCESS_KEY": self.SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> None:
+        import shutil
+        import socket
+        import subprocess
+        import time
+
+        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"moto_server did not listen on 127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
 def speechlike(seconds: float, rate: int, seed: int = 0):
     """A speech-like test signal (float32 in [-0.3, 0.3]): a voiced sound with a gliding pitch, a moving
     formant, syllable-rate loudness and noise bursts."""

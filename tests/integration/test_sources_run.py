@@ -11,7 +11,7 @@ from common import run_config
 
 pytestmark = pytest.mark.slow
 
-N = 6  # the schedule switches after 6 steps: a 0.8 -> 0.3, b 0.2 -> 0.7
+N = 5  # the schedule switches after 5 steps: a 0.8 -> 0.3, b 0.2 -> 0.7; checkpoints at 2, 4 (N-1), 6 (N+1)...
 
 
 def sources(corpus) -> tuple[str, ...]:
@@ -27,9 +27,9 @@ def runs(trained, corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sources")
 
     def cfg(*extra):
-        return run_config(corpus, tmp, *sources(corpus), "train.steps=12", "train.zero_stage=0",
-                          "cluster.num_workers=1", "train.grad_accum=2", "train.checkpoint_every=1",
-                          "train.keep_checkpoints=12", "data.eval_shards=[]",
+        return run_config(corpus, tmp, *sources(corpus), "train.steps=10", "train.zero_stage=0",
+                          "cluster.num_workers=1", "train.grad_accum=2", "train.checkpoint_every=2",
+                          "train.keep_checkpoints=5", "data.eval_shards=[]",
                           f'data.bundle_dir="{trained["tmp"]}/bundle"', *extra)
 
     whole = run_training(cfg())
@@ -47,8 +47,8 @@ def test_the_schedule_is_followed_and_each_source_is_accounted_under_its_name(ru
     res = runs["whole"]
     a, b = _tokens(res, "a"), _tokens(res, "b")
     before = a[N] / (a[N] + b[N])
-    after = (a[12] - a[N]) / (a[12] - a[N] + b[12] - b[N])
-    # 6 steps of 8 rows: the rule keeps each source within about one row of its share
+    after = (a[10] - a[N]) / (a[10] - a[N] + b[10] - b[N])
+    # 5 steps of 8 rows: the rule keeps each source within about one row of its share
     assert abs(before - 0.8) <= 0.04 and abs(after - 0.3) <= 0.04, (before, after)
     m = res.metrics
     for name in ("a", "b"):
@@ -63,5 +63,5 @@ def test_a_resume_either_side_of_the_switch_on_two_workers_consumes_the_same_row
     whole = runs["whole"]
     for n, res in runs["resumed"].items():
         assert res.ledger_digest == whole.ledger_digest, n
-        assert _tokens(res, "a")[12] == _tokens(whole, "a")[12], n
+        assert _tokens(res, "a")[10] == _tokens(whole, "a")[10], n
         assert res.metrics["data/resume/replayed_rows"] > 0, n
