@@ -25,6 +25,10 @@ def register(sub) -> None:
                         "once, kept mode 0600 in its store; submitted jobs get them). Without it the server "
                         "answers every process on this machine, so every local user can read and change runs "
                         "and register models: use it on a machine others log in to")
+    p.add_argument("--artifacts", default="", metavar="URL",
+                   help="where the tracking server keeps run artifacts (images, WAVs, models), e.g. "
+                        "s3://bucket/mlflow with the AWS environment (AWS_ENDPOINT_URL, credentials) set for "
+                        "`cluster up`; default: its store on this machine")
     p.set_defaults(func=up)
     p = cl.add_parser("down", help="stop the head `cluster up` started (its own processes only)")
     p.add_argument("--port", type=int, default=6379, help="GCS port it was started on (default 6379)")
@@ -39,7 +43,8 @@ def up(args) -> int:
         res = json.loads(args.resources) if args.resources else None
     except ValueError:
         raise UserError(f"--resources must be JSON, e.g. '{{\"data\": 1}}', not {args.resources!r}") from None
-    info = head.cluster_up(args.port, args.dashboard_port, args.num_cpus, res, args.mlflow_port, args.tracking_auth)
+    info = head.cluster_up(args.port, args.dashboard_port, args.num_cpus, res, args.mlflow_port, args.tracking_auth,
+                            args.artifacts)
     t = info["tracking"]
     guard = (f"basic auth: user and password in {t['credentials']}" if t.get("credentials") else
              "no authentication: every user of this machine can use it (--tracking-auth protects it)")

@@ -10,7 +10,8 @@ def register(sub) -> None:
                                    "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
                                    "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.")
     p.add_argument("checkpoint", help="a checkpoint directory (the MLflow tag omnistream.checkpoint names the last one), "
-                                      "or a run's folder (cluster.storage_path): its newest complete checkpoint")
+                                      "or a run's folder (cluster.storage_path): its newest complete checkpoint; a path "
+                                      "or a URL such as s3://bucket/runs/... (copied here first)")
     p.add_argument("out_dir", help="folder to write the model into")
     p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
     p.add_argument("--register", metavar="NAME",
@@ -38,17 +39,18 @@ def register(sub) -> None:
 
 def export(args) -> int:
     from omnistream.serving.export import export as do_export
-    from omnistream.training.checkpoint import checkpoint_or_newest_in
+    from omnistream.training.checkpoint import checkpoint_or_newest_in, local_copy
 
     args.checkpoint = checkpoint_or_newest_in(args.checkpoint, "export CHECKPOINT")
-    out = do_export(args.checkpoint, args.out_dir, args.bundle)
+    local = local_copy(args.checkpoint)  # one in object storage (s3://...) is read from a copy here
+    out = do_export(local, args.out_dir, args.bundle)
     print(f"exported {args.checkpoint} -> {out}")
     if args.register:
         from omnistream.common.logs import redact
         from omnistream.serving.pyfunc import log_and_register
         from omnistream.training.checkpoint import read_checkpoint_meta
 
-        meta = read_checkpoint_meta(args.checkpoint)
+        meta = read_checkpoint_meta(local)
         if args.tracking_uri or not meta.get("run_id"):
             uri = args.tracking_uri or meta["config"]["tracking"]["uri"] or "sqlite:///mlflow.db"
             ref = log_and_register(out, args.register, tracking_uri=uri)

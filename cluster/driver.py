@@ -23,8 +23,11 @@ from omnistream.pipelines.rows import StreamStart
 from omnistream.training.checkpoint import (
     check_checkpoint,
     checkpoint_or_newest_in,
+    checkpoint_step,
     complete_checkpoints,
     describe_stream_change,
+    is_remote,
+    local_copy,
     read_checkpoint_meta,
     read_data_position,
     to_universal,
@@ -62,7 +65,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
         list_shards(cfg.data.eval_shards)
     if cfg.train.resume_from:
         cfg.train.resume_from = checkpoint_or_newest_in(cfg.train.resume_from, "train.resume_from")
-        check_checkpoint(cfg.train.resume_from, vocab)
+        check_checkpoint(local_copy(cfg.train.resume_from), vocab)
     return cfg, vocab
 
 
@@ -87,7 +90,8 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
     """
     if not ckpt:
         return cfg, StreamStart(), None
-    meta, data = read_checkpoint_meta(ckpt), read_data_position(ckpt)
+    local = local_copy(ckpt)  # a checkpoint in object storage is read from a copy on this machine
+    meta, data = read_checkpoint_meta(local), read_data_position(local)
     change = describe_stream_change(data["stream"], stream)
     if change:
         raise UserError(f"checkpoint {ckpt} consumed another data stream ({change}): resuming it here would "
@@ -114,9 +118,23 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
     if t["zero_stage"] > 0 or t["precision"] != "fp32":
         import hashlib
 
-        tag = hashlib.sha256(str(Path(ckpt).resolve()).encode()).hexdigest()[:12]
-        universal = str(to_universal(ckpt, Path(cfg.cluster.storage_path) / "universal" / f"step{meta['step']}-{tag}"))
+        tag = hashlib.sha256(str(ckpt if is_remote(ckpt) else Path(ckpt).resolve()).encode()).hexdigest()[:12]
+        folder = f"universal/step{meta['step']}-{tag}"
+        if is_remote(cfg.cluster.storage_path):  # converted here, kept beside the run's checkpoints for every node
+            universal = f"{cfg.cluster.storage_path.rstrip('/')}/{folder}"
+            _upload(to_universal(local, Path(local).parent / f"{Path(local).name}-universal"), universal)
+        else:
+            universal = str(to_universal(local, Path(cfg.cluster.storage_path) / folder))
     return cfg, start, universal
+
+
+def _upload(folder: Path, url: str) -> None:
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(url)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{base}/{p.relative_to(folder).as_posix()}")
 
 
 def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
@@ -197,6 +215,8 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
     tally = ray.get(ledger.snapshot.remote())
     report = _report(tally, data["sources"])
     ckpt = result.checkpoint.path if result.checkpoint else None
+    if ckpt and is_remote(cfg.cluster.storage_path) and not is_remote(ckpt):  # Ray's path inside its filesystem
+        ckpt = f"{cfg.cluster.storage_path.split('://', 1)[0]}://{ckpt}"
     metrics, digest = {}, None
     try:  # the run is trained and saved: a tracking store failing now is a warning, not a failed run
         _log_data(tracker, tally, int((result.metrics or {}).get("step", 0)), data["sources"])
@@ -266,7 +286,8 @@ def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker) -> dict:
     # the schedule counts steps in the global batch the run started with: a resume keeps its figure
     rows_per_step = cfg.cluster.num_workers * t.micro_batch_size * t.grad_accum
     if cfg.train.resume_from:
-        rows_per_step = read_data_position(cfg.train.resume_from)["stream"].get("rows_per_step", rows_per_step)
+        rows_per_step = read_data_position(local_copy(cfg.train.resume_from))["stream"].get("rows_per_step",
+                                                                                            rows_per_step)
     plans, windows, items = plan_stream(names, configs, shards, caches, metas, cfg.seed, window_size(cfg.data),
                                         t.steps, rows_per_step * cfg.data.seq_len)
     stream = stream_settings(cfg.data, cfg.seed, t.micro_batch_size, "")
@@ -290,7 +311,11 @@ def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
     from omnistream.serving.export import export
     from omnistream.serving.pyfunc import log_and_register
 
-    out = export(ckpt, Path(cfg.cluster.storage_path) / f"{cfg.name}-{tracker.run_id[:12]}-export")
+    import tempfile
+
+    folder = f"{cfg.name}-{tracker.run_id[:12]}-export"
+    out = export(local_copy(ckpt), Path(tempfile.mkdtemp(prefix="omnistream-")) / folder
+                 if is_remote(cfg.cluster.storage_path) else Path(cfg.cluster.storage_path) / folder)
     return log_and_register(out, cfg.train.register_as, tracker)
 
 
@@ -372,10 +397,19 @@ def _interruptible(fn):
     return box["result"]
 
 
-def _checkpoints(storage: str, name: str) -> list[Path]:
-    """The complete checkpoints of this run's attempts (`name`, `name-retry1`, ...), by step."""
-    found = [c for d in Path(storage).glob(f"{name}*") for c in complete_checkpoints(d)]
-    return sorted(found, key=lambda c: read_checkpoint_meta(c)["step"])
+def _checkpoints(storage: str, name: str) -> list:
+    """The complete checkpoints of this run's attempts (`name`, `name-retry1`, ...), by step (paths, or URLs
+    when the run keeps them in object storage)."""
+    if is_remote(storage):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(storage)
+        scheme = storage.split("://", 1)[0]
+        runs = [f"{scheme}://{d}" for d in fs.glob(f"{base.rstrip('/')}/{name}*")]
+    else:
+        runs = list(Path(storage).glob(f"{name}*"))
+    found = [c for d in runs for c in complete_checkpoints(d)]
+    return sorted(found, key=checkpoint_step)
 
 
 def _newest_checkpoint(storage: str, name: str) -> Path | None:

@@ -36,7 +36,7 @@ def _ray_bin() -> str:
 
 
 def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None,
-               mlflow_port: int = 5000, tracking_auth: bool = False) -> dict:
+               mlflow_port: int = 5000, tracking_auth: bool = False, artifacts: str = "") -> dict:
     private_dir(STATE)
     state_file = STATE / f"head-{port}.json"
     if state_file.exists():
@@ -70,7 +70,8 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     state_file.write_text(json.dumps(info, indent=1))  # recorded now: `down` can end the head if the rest fails
     # the jobs' tracking server: its store outlives the head (STATE/mlflow-<port>), so runs stay browsable
     try:
-        info["tracking"] = start_tracking_server(STATE / f"mlflow-{port}", free_port(mlflow_port), auth=tracking_auth)
+        info["tracking"] = start_tracking_server(STATE / f"mlflow-{port}", free_port(mlflow_port), auth=tracking_auth,
+                                                  artifacts=artifacts)
     except UserError as e:
         raise UserError(f"{e}; the Ray head is up: `omnistream cluster down --port {port}` ends it") from None
     info["ports"].append(info["tracking"]["port"])

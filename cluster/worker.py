@@ -64,7 +64,7 @@ def train_worker(config: dict) -> None:
     import torch
     from omnistream import tracking
     from omnistream.pipelines.documents import held_out
-    from omnistream.training.checkpoint import Checkpointer
+    from omnistream.training.checkpoint import Checkpointer, local_copy
     from omnistream.training.evaluate import Evaluator
     from omnistream.training.trainer import Trainer
 
@@ -103,7 +103,8 @@ def train_worker(config: dict) -> None:
             monitor=LedgerMonitor(config["ledger"]) if rank == 0 and config.get("ledger") is not None else None,
             load_universal=bool(config.get("universal")))
         if config.get("resume"):
-            trainer.checkpointer.load(trainer, config["resume"], config.get("universal"))
+            # a checkpoint in object storage is read from a copy on this worker's node
+            trainer.checkpointer.load(trainer, local_copy(config["resume"]), local_copy(config.get("universal")))
             if rank == 0:
                 log.info("resumed at step %d: %d rows of the stream consumed, reading on from there",
                          trainer.step, trainer.start.rows)

@@ -17,7 +17,7 @@ CREDENTIALS = "credentials.json"  # a protected server's user and password, in i
 
 
 def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0,
-                          auth: bool = False) -> dict:
+                          auth: bool = False, artifacts: str = "") -> dict:
     """An MLflow tracking server: SQLite behind it, artifacts proxied through it (--serve-artifacts), so a
     worker on any node logs metrics, images and files over HTTP and nothing is written on the node it
     runs on. MLflow's light settings: one worker, job execution off. Its own process group, so
@@ -26,7 +26,11 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
     Without `auth` it answers every process that reaches 127.0.0.1, so every user of this machine
     (their runs, registered models). With `auth`: MLflow's basic-auth app, whose admin user and password
     are made once and kept in the private store (CREDENTIALS); a client sends them as
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (client_env), a browser asks for them."""
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (client_env), a browser asks for them.
+
+    `artifacts`: where the server keeps artifacts, e.g. s3://bucket/mlflow (its store's artifacts/ folder by
+    default); the server writes there with the standard AWS environment it is started in (AWS_ENDPOINT_URL,
+    credentials), so the clients need none."""
     import urllib.request
 
     private_dir(root)  # the store (SQLite and artifacts): this user's alone
@@ -34,7 +38,7 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
     log = open(root / "server.log", "ab")
     cmd = [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-           "--artifacts-destination", str(root / "artifacts")]
+           "--artifacts-destination", artifacts or str(root / "artifacts")]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if auth:
         cmd += ["--app-name", "basic-auth"]

@@ -12,9 +12,11 @@ weights_only=True (engine.weights_only_checkpoint_engine).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -74,7 +76,11 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
         with weights_only_loads():  # in this process: one extract and one merge worker, no pool
             ds_to_universal(argparse.Namespace(
                 input_folder=str(Path(ckpt) / CKPT_TAG), output_folder=str(out / CKPT_TAG), num_extract_workers=1,
-                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                # ZeRO-1/2 checkpoints hold no `universal_checkpoint_info` (a Megatron client writes one, with
+                # its tensor-parallel merge patterns); omnistream's model has none of those, so DeepSpeed's
+                # default (its version alone) is the right one. Without it ZeRO-1/2 could not resume elsewhere.
+                inject_missing_state=True))
         done.write_text(json.dumps({"from": str(ckpt)}))
     return out
 
@@ -140,28 +146,32 @@ def _write_manifest(d: str | Path, rank: int) -> None:
     (root / MANIFEST.format(rank=rank)).write_text(json.dumps(sizes, indent=1))
 
 
-def _whole(d: Path, meta: dict) -> bool:
+def _whole(listing: dict[str, int], read: Callable[[str], bytes], meta: dict) -> bool:
     """Every rank's manifest there, and every file it lists there at its size (a checkpoint written before
-    manifests were: every rank's model files there)."""
+    manifests were: every rank's model files there). `listing`: the checkpoint's files (path inside it ->
+    size); `read`: one file's bytes."""
     world = meta["world_size"]
-    manifests = list(d.glob(MANIFEST.format(rank="*")))
+    manifests = [n for n in listing if fnmatch.fnmatch(n, MANIFEST.format(rank="*"))]
     if not manifests:
-        ranks = {p.name for p in (d / CKPT_TAG).glob("*model_states.pt")}
+        ranks = {n for n in listing if n.startswith(CKPT_TAG + "/") and n.endswith("model_states.pt")}
         return len(ranks) >= (world if meta["config"]["train"]["zero_stage"] == 3 else 1)
     if len(manifests) < world:
         return False
-    for m in manifests:
-        for name, size in json.loads(m.read_text()).items():
-            f = d / name
-            if not f.is_file() or f.stat().st_size != size:
-                return False
-    return True
+    return all(listing.get(name) == size for m in manifests for name, size in json.loads(read(m)).items())
 
 
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Every complete checkpoint under `root` (a Ray Train run's folder, or a folder of them), by step:
-    registered by Ray Train where it keeps a record, and with meta, data position and every rank's
-    model files all there. A checkpoint cut off mid-write is passed over, never read."""
+def is_remote(path: str | Path | None) -> bool:
+    """A URL (s3://...) rather than a path on this machine."""
+    return path is not None and "://" in str(path)
+
+
+def complete_checkpoints(root: str | Path) -> list:
+    """Every complete checkpoint under `root` (a Ray Train run's folder, or a folder of them; a path, or a URL
+    such as s3://bucket/runs), by step: registered by Ray Train where it keeps a record, and with meta, data
+    position and every rank's model files all there. A checkpoint cut off mid-write is passed over, never
+    read. Paths for a local root, URLs for a remote one."""
+    if is_remote(root):
+        return _complete_remote(str(root))
     found: list[tuple[int, Path]] = []
     # os.walk, not Path.glob("**/..."): a folder removed mid-walk (Ray Train dropping an old checkpoint
     # while a run goes on) is skipped there, where glob raises FileNotFoundError
@@ -175,13 +185,82 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         try:
             meta = read_checkpoint_meta(d)
             read_data_position(d)
-            whole = _whole(d, meta)
+            listing = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+            whole = _whole(listing, lambda n, d=d: (d / n).read_bytes(), meta)
         except (UserError, OSError, ValueError):  # OSError: removed while read (Ray Train drops old ones)
             continue
         if not whole:
             continue
         found.append((meta["step"], d))
     return [d for _, d in sorted(found)]
+
+
+def _complete_remote(root: str) -> list[str]:
+    """complete_checkpoints of a folder in object storage: one listing (with sizes), the small JSON files read."""
+    import fsspec
+
+    scheme = root.split("://", 1)[0]
+    fs, base = fsspec.core.url_to_fs(root)
+    files = {p: info.get("size") for p, info in fs.find(base, detail=True).items()}
+    found = []
+    for meta_path in [p for p in files if posixpath.basename(p) == META]:
+        d = posixpath.dirname(meta_path)
+        try:
+            snap = posixpath.join(posixpath.dirname(d), RAY_SNAPSHOT)
+            if snap in files:
+                listed = {r["checkpoint_dir_name"] for r in json.loads(fs.cat_file(snap))["checkpoint_results"]}
+                if posixpath.basename(d) not in listed:
+                    continue
+            meta = json.loads(fs.cat_file(meta_path))
+            data = json.loads(fs.cat_file(posixpath.join(d, DATA)))
+            data["position"]["rows"], data["stream"], meta["step"], meta["vocab"]["fingerprint"]
+            listing = {p[len(d) + 1:]: n for p, n in files.items() if p.startswith(d + "/")}
+            if not _whole(listing, lambda n, d=d: fs.cat_file(posixpath.join(d, n)), meta):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((meta["step"], f"{scheme}://{d}"))
+    return [d for _, d in sorted(found)]
+
+
+_COPIES: dict[str, str] = {}
+
+
+def local_copy(path: str | Path | None) -> str | None:
+    """A checkpoint (or a universal checkpoint) kept at a URL, downloaded once per process into a private
+    temporary folder, whose path is returned; a local path as it is. DeepSpeed, the export and the meta
+    readers then read files, wherever the run keeps them."""
+    if path is None or not is_remote(path):
+        return None if path is None else str(path)
+    url = str(path).rstrip("/")
+    if url not in _COPIES:
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(url)
+        out = Path(tempfile.mkdtemp(prefix="omnistream-checkpoint-"))
+        names = fs.find(base)
+        # a store may hold folder markers (an empty object named like the folder, as pyarrow writes them)
+        folders = {posixpath.dirname(n) for n in names}
+        names = [n for n in names if n.rstrip("/") not in folders and not n.endswith("/")]
+        if not names:
+            raise UserError(f"{url}: nothing there (no such checkpoint)")
+        for f in names:
+            target = out / f[len(base) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(target))
+        log.info("checkpoint %s copied to %s", url, out)
+        _COPIES[url] = str(out)
+    return _COPIES[url]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was written at (its meta), wherever it is kept."""
+    if is_remote(path):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(str(path))
+        return int(json.loads(fs.cat_file(posixpath.join(base, META)))["step"])
+    return int(read_checkpoint_meta(path)["step"])
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -194,11 +273,16 @@ def checkpoint_or_newest_in(path: str | Path, what: str) -> str:
     """`path` itself when it is a checkpoint (or not a folder: reading it says what is wrong); a run's folder
     (`cluster.storage_path`, or one run in it): its newest complete checkpoint, a last one cut off
     mid-write passed over. `what` names the setting in the error and the log line."""
-    p = Path(path)
-    if not p.is_dir() or (p / META).exists():
+    if is_remote(path):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(str(path))
+        if fs.exists(posixpath.join(base, META)):
+            return str(path)
+    elif not Path(path).is_dir() or (Path(path) / META).exists():
         return str(path)
-    newest = latest_checkpoint(p)
+    newest = latest_checkpoint(path)
     if newest is None:
-        raise UserError(f"{what}={p} holds no complete omnistream checkpoint")
-    log.info("%s: the newest complete checkpoint under %s: %s", what, p, newest)
+        raise UserError(f"{what}={path} holds no complete omnistream checkpoint")
+    log.info("%s: the newest complete checkpoint under %s: %s", what, path, newest)
     return str(newest)

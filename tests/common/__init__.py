@@ -132,16 +132,16 @@ class TrackingServer:
     """The MLflow tracking server `cluster up` starts (tracking.server.start_tracking_server) on 127.0.0.1,
     which a test can stop and start again on the same port and store."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, artifacts: str = ""):
         from omnistream.cluster.connect import free_port
 
-        self.root, self.port, self.srv = root, free_port(), None
+        self.root, self.port, self.srv, self.artifacts = root, free_port(), None, artifacts
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         from omnistream.tracking.server import start_tracking_server
 
-        self.srv = start_tracking_server(self.root, self.port)
+        self.srv = start_tracking_server(self.root, self.port, artifacts=self.artifacts)
 
     def stop(self) -> None:
         from omnistream.tracking.server import stop_tracking_server

@@ -44,31 +44,46 @@ def test_data_inspect_reads_s3_shards_as_it_reads_the_same_shards_on_disk(ray_lo
     assert all(s.startswith(f"s3://{BUCKET}/corpus/") for s in remote["per_shard"])
 
 
-def test_a_run_trains_on_two_sources_in_s3_with_its_token_cache_there_and_no_credential_anywhere(
+def test_a_run_on_two_sources_in_s3_keeps_its_cache_and_checkpoints_there_resumes_from_them_on_two_workers_and_records_no_credential(
         trained, s3, corpus, tmp_path, capfd):
+    """Shards, token cache and Ray Train's checkpoints all in S3. The run (1 worker, ZeRO-3) checkpoints at
+    steps 3 and 6; a run resumed from the step-3 checkpoint in S3 on 2 workers (DeepSpeed's universal form,
+    converted once and kept in S3 beside it) consumes the same rows. The key and the secret of the store
+    are in no param, tag, log line, checkpoint file or cache file."""
     from omnistream.cluster.driver import run_training
+    from omnistream.training.checkpoint import checkpoint_step
 
-    cfg = run_config(corpus, tmp_path, f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
-                     f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]', "data.sources.b.weight=0.25",
-                     f'data.token_cache="s3://{BUCKET}/cache"', "train.steps=4", "train.zero_stage=0",
-                     "cluster.num_workers=1", "data.eval_shards=[]", f'data.bundle_dir="{trained["tmp"]}/bundle"')
-    res = run_training(cfg)
-    assert res.metrics["data/source/a/seen"] == 240 and res.metrics["data/source/b/seen"] == 240
-    assert res.metrics["data/source_tokens/a"] > res.metrics["data/source_tokens/b"] > 0
+    def cfg(*extra):
+        return run_config(corpus, tmp_path, f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
+                          f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]',
+                          "data.sources.b.weight=0.25", f'data.token_cache="s3://{BUCKET}/cache"',
+                          f'cluster.storage_path="s3://{BUCKET}/ray"', "train.steps=6", "train.checkpoint_every=3",
+                          "train.zero_stage=3", "cluster.num_workers=1", "train.grad_accum=2", "data.eval_shards=[]",
+                          f'data.bundle_dir="{trained["tmp"]}/bundle"', *extra)
+
+    whole = run_training(cfg())
+    assert whole.metrics["data/source/a/seen"] == 240 and whole.metrics["data/source/b/seen"] == 240
+    assert whole.metrics["data/source_tokens/a"] > whole.metrics["data/source_tokens/b"] > 0
     for name in ("a", "b"):  # each source's cache, complete: a parquet and its completion record per shard
         files = s3.ls(f"{BUCKET}/cache/{name}/shards")
         assert sum(f.endswith(".parquet") for f in files) == 2 and sum(f.endswith(".json") for f in files) == 2
-    # the key, and above all the secret, are nowhere: params, tags, logs, the checkpoint, the cache
+    assert all(c.startswith(f"s3://{BUCKET}/ray/") for c in whole.checkpoints)
+    assert [checkpoint_step(c) for c in whole.checkpoints] == [3, 6] and whole.checkpoint == whole.checkpoints[-1]
+
+    resumed = run_training(cfg("cluster.num_workers=2", f'train.resume_from="{whole.checkpoints[0]}"'))
+    assert resumed.ledger_digest == whole.ledger_digest
+    assert s3.find(f"{BUCKET}/ray/universal")  # the universal form, kept in S3 for every node
+
     secret, key = S3Server.SECRET, os.environ["AWS_ACCESS_KEY_ID"]
-    run = mlflow_client(res.tracking_uri).get_run(res.run_id)
-    recorded = json.dumps(run.data.params) + json.dumps(run.data.tags)
     out, err = capfd.readouterr()
-    ckpt = b"".join(p.read_bytes() for p in Path(res.checkpoint).rglob("*") if p.is_file())
-    cache = b"".join(s3.cat_file(f) for f in s3.find(f"{BUCKET}/cache"))
-    for what, text in (("params and tags", recorded), ("logs", out + err)):
-        assert secret not in text and key not in text, what
-    for what, blob in (("checkpoint", ckpt), ("token cache", cache)):
-        assert secret.encode() not in blob and key.encode() not in blob, what
+    for res in (whole, resumed):
+        run = mlflow_client(res.tracking_uri).get_run(res.run_id)
+        recorded = json.dumps(run.data.params) + json.dumps(run.data.tags)
+        assert secret not in recorded and key not in recorded
+    assert secret not in out + err and key not in out + err
+    for what in ("ray", "cache"):
+        blob = b"".join(s3.cat_file(f) for f in s3.find(f"{BUCKET}/{what}"))
+        assert blob and secret.encode() not in blob and key.encode() not in blob, what
 
 
 def _big_shard(records: int) -> bytes:
@@ -119,3 +134,24 @@ def test_a_store_that_stops_mid_read_errors_the_shard_counted_after_its_retries_
     finally:
         own.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_the_tracking_server_keeps_a_runs_artifacts_in_s3(s3, corpus, tmp_path):
+    """`cluster up --artifacts s3://...`: the tracking server writes what runs log there (the clients send it
+    over HTTP and need no credentials of their own)."""
+    from omnistream import tracking
+
+    from common import TrackingServer
+
+    srv = TrackingServer(tmp_path / "mlflow", artifacts=f"s3://{BUCKET}/mlflow")
+    srv.start()
+    try:
+        cfg = run_config(corpus, tmp_path, f'tracking.uri="{srv.uri}"')
+        t = tracking.start_run(cfg.tracking, {"example": 1}, {})
+        t.log_text("what a run logged", "notes/hello.txt")
+        t.finish("FINISHED")
+        stored = [k for k in s3.find(f"{BUCKET}/mlflow") if k.endswith("notes/hello.txt")]
+        assert len(stored) == 1 and t.run_id in stored[0]
+        assert s3.cat_file(stored[0]) == b"what a run logged"
+    finally:
+        srv.stop()
