@@ -148,3 +148,18 @@ def test_a_source_named_like_a_path_is_refused():
 
     with pytest.raises(ValueError, match="source names"):
         DataConfig(sources={"a/b": {"shards": ["x"]}})
+
+
+def test_with_a_token_mixture_sources_are_dealt_a_whole_micro_batch_at_a_time():
+    """data.mix set: the unit is one mixer batch (micro_batch_size rows), so every micro-batch comes from one
+    source whole, and keeps the modality shares the mixer gave it."""
+    sources = [SourceConfig(shards=["a"], weight=0.7), SourceConfig(shards=["b"], weight=0.3)]
+    windows = make((20, 20), rows=16)
+    il = Interleave([s.model_dump() for s in sources], [20, 20], 8, 4)
+    outs = [il(windows[s][j]) for j in range(20) for s in (0, 1)]
+    rows = {c: np.concatenate([o[c] for o in outs if o]) for c in ("keys", "src", "doc_ids")}
+    src = rows["src"][: len(rows["src"]) // 4 * 4].reshape(-1, 4)
+    assert (src == src[:, :1]).all()  # each micro-batch of 4 rows from one source
+    both = np.flatnonzero(rows["src"] == 0).max() + 1  # then a is used up and b goes on alone
+    t, s = tokens(rows)[:both], rows["src"][:both]
+    assert abs(t[s == 0].sum() / t.sum() - 0.7) <= 0.02
