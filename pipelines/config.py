@@ -73,6 +73,10 @@ class DataConfig(BaseModel):
         if bad:
             raise ValueError(f"source names are letters, digits, '_', '.' and '-' (they name metrics and cache "
                              f"folders): {bad}")
+        srcs = list(self.sources.values())
+        for step in sorted({0, *[c for src in srcs for c in src.change_steps()]}):
+            if srcs and sum(src.weight_at(step) for src in srcs) <= 0:
+                raise ValueError(f"from step {step} every source's weight is 0: nothing could be read")
         return self
 
     def all_shards(self) -> list[str]:

@@ -143,11 +143,13 @@ def test_a_bad_weight_is_refused_in_plain_words(weight, err):
         SourceConfig(shards=["x"], weight=weight)
 
 
-def test_a_source_named_like_a_path_is_refused():
+def test_a_source_named_like_a_path_or_a_step_with_no_weight_at_all_is_refused():
     from omnistream.pipelines.config import DataConfig
 
     with pytest.raises(ValueError, match="source names"):
         DataConfig(sources={"a/b": {"shards": ["x"]}})
+    with pytest.raises(ValueError, match="from step 10 every source's weight is 0"):
+        DataConfig(sources={"a": {"shards": ["x"], "weight": [[0, 1], [10, 0]]}, "b": {"shards": ["y"], "weight": 0}})
 
 
 def test_with_a_token_mixture_sources_are_dealt_a_whole_micro_batch_at_a_time():
