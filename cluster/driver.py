@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,7 +364,7 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=cfg.cluster.storage_path,
+            name=name, **_storage(cfg.cluster.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),  # retried by run_training, from a checkpoint
             worker_runtime_env={"env_vars": {**WORKER_ENV, **logs.inherited()}}),
@@ -371,6 +372,19 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
         dataset_config=OrderedSplit(),
     )
     return _interruptible(trainer.fit)
+
+
+def _storage(path: str) -> dict:
+    """Ray Train's storage arguments. For s3:// a pyarrow S3 filesystem of our own: the endpoint from the
+    standard AWS_ENDPOINT_URL (pyarrow's constructor does not read it), and 10 attempts per request where
+    pyarrow's default makes 3, since one failed part of a checkpoint's upload fails the run."""
+    if not path.startswith("s3://"):
+        return {"storage_path": path}
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
+    return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
 
 
 def _interruptible(fn):

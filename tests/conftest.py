@@ -25,6 +25,7 @@ from common import (
     SMALL,
     SMALL_OPTIONS,
     UNINTERRUPTED,
+    S3_BUCKET,
     S3Server,
     TrackingServer,
     fit_modalities,
@@ -64,6 +65,18 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_corpus(s3_server, corpus):
+    """The session corpus uploaded to s3://omnistream-test/corpus/; the bucket's fsspec filesystem."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(S3_BUCKET)
+    for p in corpus["train"] + corpus["eval"]:
+        fs.put(str(p), f"{S3_BUCKET}/corpus/{os.path.basename(p)}")
+    return fs
 
 
 @pytest.fixture(scope="session")

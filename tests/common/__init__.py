@@ -151,6 +151,9 @@ class TrackingServer:
         self.srv = None
 
 
+S3_BUCKET = "omnistream-test"  # the session's bucket on the session's S3 server (tests/conftest.py)
+
+
 class S3Server:
     """An S3-compatible server (moto's `moto_server`) on 127.0.0.1, as a subprocess, which a test can stop
     mid-read and start again. `env` is the standard AWS environment that points a client at it."""

@@ -1,32 +1,23 @@
 """Data in object storage, against a real S3-compatible server on 127.0.0.1 (moto_server, the session's
 `s3_server`, whose endpoint and credentials are in the standard AWS environment of this process and of
-the session Ray's workers): shards inspected and trained on from s3://, two named sources, the token cache
-written there, the credentials nowhere in what a run records, and a store that stops mid-read."""
+the session Ray's workers): shards inspected from s3://, a store that stops mid-read, a tracking server
+keeping artifacts in S3. The training run on two sources in S3, its cache and checkpoints there and the
+resume from them: integration/test_sources_run.py."""
 import io
-import json
-import os
 import tarfile
-from pathlib import Path
 
 import pytest
 
-from common import S3Server, mlflow_client, run_config
+from common import S3_BUCKET as BUCKET
+from common import S3Server, run_config
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "omnistream-test"
 
 
 @pytest.fixture(scope="module")
-def s3(s3_server, corpus):
-    """The session corpus uploaded to s3://omnistream-test/corpus/."""
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    for p in corpus["train"] + corpus["eval"]:
-        fs.put(str(p), f"{BUCKET}/corpus/{Path(p).name}")
-    return fs
+def s3(s3_corpus):
+    return s3_corpus
 
 
 def _counts(r: dict) -> tuple:
@@ -42,48 +33,6 @@ def test_data_inspect_reads_s3_shards_as_it_reads_the_same_shards_on_disk(ray_lo
     assert remote["shards"] == 4 and remote["seen"] == 480
     assert _counts(remote) == _counts(local)
     assert all(s.startswith(f"s3://{BUCKET}/corpus/") for s in remote["per_shard"])
-
-
-def test_a_run_on_two_sources_in_s3_keeps_its_cache_and_checkpoints_there_resumes_from_them_on_two_workers_and_records_no_credential(
-        trained, s3, corpus, tmp_path, capfd):
-    """Shards, token cache and Ray Train's checkpoints all in S3. The run (1 worker, ZeRO-3) checkpoints at
-    steps 3 and 6; a run resumed from the step-3 checkpoint in S3 on 2 workers (DeepSpeed's universal form,
-    converted once and kept in S3 beside it) consumes the same rows. The key and the secret of the store
-    are in no param, tag, log line, checkpoint file or cache file."""
-    from omnistream.cluster.driver import run_training
-    from omnistream.training.checkpoint import checkpoint_step
-
-    def cfg(*extra):
-        return run_config(corpus, tmp_path, f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
-                          f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]',
-                          "data.sources.b.weight=0.25", f'data.token_cache="s3://{BUCKET}/cache"',
-                          f'cluster.storage_path="s3://{BUCKET}/ray"', "train.steps=6", "train.checkpoint_every=3",
-                          "train.zero_stage=3", "cluster.num_workers=1", "train.grad_accum=2", "data.eval_shards=[]",
-                          f'data.bundle_dir="{trained["tmp"]}/bundle"', *extra)
-
-    whole = run_training(cfg())
-    assert whole.metrics["data/source/a/seen"] == 240 and whole.metrics["data/source/b/seen"] == 240
-    assert whole.metrics["data/source_tokens/a"] > whole.metrics["data/source_tokens/b"] > 0
-    for name in ("a", "b"):  # each source's cache, complete: a parquet and its completion record per shard
-        files = s3.ls(f"{BUCKET}/cache/{name}/shards")
-        assert sum(f.endswith(".parquet") for f in files) == 2 and sum(f.endswith(".json") for f in files) == 2
-    assert all(c.startswith(f"s3://{BUCKET}/ray/") for c in whole.checkpoints)
-    assert [checkpoint_step(c) for c in whole.checkpoints] == [3, 6] and whole.checkpoint == whole.checkpoints[-1]
-
-    resumed = run_training(cfg("cluster.num_workers=2", f'train.resume_from="{whole.checkpoints[0]}"'))
-    assert resumed.ledger_digest == whole.ledger_digest
-    assert s3.find(f"{BUCKET}/ray/universal")  # the universal form, kept in S3 for every node
-
-    secret, key = S3Server.SECRET, os.environ["AWS_ACCESS_KEY_ID"]
-    out, err = capfd.readouterr()
-    for res in (whole, resumed):
-        run = mlflow_client(res.tracking_uri).get_run(res.run_id)
-        recorded = json.dumps(run.data.params) + json.dumps(run.data.tags)
-        assert secret not in recorded and key not in recorded
-    assert secret not in out + err and key not in out + err
-    for what in ("ray", "cache"):
-        blob = b"".join(s3.cat_file(f) for f in s3.find(f"{BUCKET}/{what}"))
-        assert blob and secret.encode() not in blob and key.encode() not in blob, what
 
 
 def _big_shard(records: int) -> bytes:

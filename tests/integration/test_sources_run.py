@@ -1,42 +1,74 @@
-"""Two named sources on a weight schedule through the real stream (token caches, Ray Data, the Interleave
-actor) and the real Trainer on the session's Ray: the schedule is followed, each source is accounted under its
-name, and a resume either side of the switch on another number of workers consumes the uninterrupted run's
-rows (same ledger digest)."""
+"""Two named sources on a weight schedule, kept in object storage, through the real stream (token caches,
+Ray Data, the Interleave actor) and the real Trainer on the session's Ray, against the session's S3 server
+on 127.0.0.1 (tests/conftest.py `s3_server`): shards, token caches and Ray Train's checkpoints all in S3.
+The schedule is followed, each source is accounted under its name, a resume either side of the switch from
+the S3 checkpoints on another number of workers consumes the uninterrupted run's rows (same ledger digest),
+and the store's key and secret are in nothing the runs record."""
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from common import run_config
+from common import S3_BUCKET as BUCKET
+from common import S3Server, mlflow_client, run_config
 
 pytestmark = pytest.mark.slow
 
 N = 5  # the schedule switches after 5 steps: a 0.8 -> 0.3, b 0.2 -> 0.7; checkpoints at 2, 4 (N-1), 6 (N+1)...
 
 
-def sources(corpus) -> tuple[str, ...]:
-    d = corpus["dir"]
-    return (f'data.sources.a.shards=["{d}/train-00[01].tar"]', f"data.sources.a.weight=[[0, 0.8], [{N}, 0.3]]",
-            f'data.sources.b.shards=["{d}/train-00[23].tar"]', f"data.sources.b.weight=[[0, 0.2], [{N}, 0.7]]")
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
 
 
 @pytest.fixture(scope="module")
-def runs(trained, corpus, tmp_path_factory):
+def runs(trained, corpus, s3_corpus, tmp_path_factory):
+    """The uninterrupted run (1 worker, grad_accum 2, ZeRO-3) and two runs resumed from its S3 checkpoints at
+    steps N-1 and N+1 on 2 workers (DeepSpeed's universal form, converted and kept in S3)."""
+    import ray
     from omnistream.cluster.driver import run_training
 
     tmp = tmp_path_factory.mktemp("sources")
 
     def cfg(*extra):
-        return run_config(corpus, tmp, *sources(corpus), "train.steps=10", "train.zero_stage=0",
+        return run_config(corpus, tmp, f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
+                          f"data.sources.a.weight=[[0, 0.8], [{N}, 0.3]]",
+                          f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]',
+                          f"data.sources.b.weight=[[0, 0.2], [{N}, 0.7]]",
+                          f'data.token_cache="s3://{BUCKET}/sources/cache"',
+                          f'cluster.storage_path="s3://{BUCKET}/sources/ray"', "train.steps=10",
                           "cluster.num_workers=1", "train.grad_accum=2", "train.checkpoint_every=2",
                           "train.keep_checkpoints=5", "data.eval_shards=[]",
                           f'data.bundle_dir="{trained["tmp"]}/bundle"', *extra)
 
-    whole = run_training(cfg())
-    ckpts = {json.loads((Path(c) / "omnistream.json").read_text())["step"]: c for c in whole.checkpoints}
-    resumed = {n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{ckpts[n]}"'))
-               for n in (N - 1, N + 1)}
-    return {"whole": whole, "resumed": resumed}
+    lines = _Lines()
+    omni = logging.getLogger("omnistream")  # omnistream's loggers do not propagate to the root
+    level = omni.level
+    omni.setLevel(logging.INFO)
+    omni.addHandler(lines)
+    t0 = time.time()
+    try:
+        whole = run_training(cfg())
+        steps = {json.loads(s3_corpus.cat_file(f"{c[len('s3://'):]}/omnistream.json"))["step"]: c
+                 for c in whole.checkpoints}
+        resumed = {n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[n]}"'))
+                   for n in (N - 1, N + 1)}
+    finally:
+        omni.removeHandler(lines)
+        omni.setLevel(level)
+    # what every Ray process of the session wrote while the runs ran (the workers' stdout and stderr included)
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    ray_logs = [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= t0]
+    return {"whole": whole, "resumed": resumed, "steps": steps, "driver_log": "\n".join(lines.lines),
+            "ray_logs": ray_logs}
 
 
 def _tokens(res, name):
@@ -59,9 +91,30 @@ def test_the_schedule_is_followed_and_each_source_is_accounted_under_its_name(ru
     assert m["data/source/a/kept"] + m["data/source/b/kept"] == m["data/kept"]
 
 
-def test_a_resume_either_side_of_the_switch_on_two_workers_consumes_the_same_rows(runs):
+def test_the_caches_and_checkpoints_are_in_s3_and_a_resume_from_them_on_two_workers_consumes_the_same_rows(
+        runs, s3_corpus):
     whole = runs["whole"]
+    for name in ("a", "b"):  # each source's cache, complete: a parquet and its completion record per shard
+        files = s3_corpus.ls(f"{BUCKET}/sources/cache/{name}/shards")
+        assert sum(f.endswith(".parquet") for f in files) == 2 and sum(f.endswith(".json") for f in files) == 2
+    assert sorted(runs["steps"]) == [2, 4, 6, 8, 10]
+    assert all(c.startswith(f"s3://{BUCKET}/sources/ray/") for c in whole.checkpoints)
+    assert whole.checkpoint == runs["steps"][10]
+    assert s3_corpus.find(f"{BUCKET}/sources/ray/universal")  # the universal form, kept in S3 for every node
     for n, res in runs["resumed"].items():
         assert res.ledger_digest == whole.ledger_digest, n
         assert _tokens(res, "a")[10] == _tokens(whole, "a")[10], n
         assert res.metrics["data/resume/replayed_rows"] > 0, n
+
+
+def test_the_stores_key_and_secret_are_in_no_param_tag_log_checkpoint_or_cache(runs, s3_corpus):
+    secret, key = S3Server.SECRET, os.environ["AWS_ACCESS_KEY_ID"]
+    for res in (runs["whole"], *runs["resumed"].values()):
+        run = mlflow_client(res.tracking_uri).get_run(res.run_id)
+        recorded = json.dumps(run.data.params) + json.dumps(run.data.tags)
+        assert secret not in recorded and key not in recorded
+    assert runs["driver_log"] and secret not in runs["driver_log"] and key not in runs["driver_log"]
+    assert runs["ray_logs"] and not any(secret.encode() in b or key.encode() in b for b in runs["ray_logs"])
+    for what in ("ray", "cache"):
+        blob = b"".join(s3_corpus.cat_file(f) for f in s3_corpus.find(f"{BUCKET}/sources/{what}"))
+        assert blob and secret.encode() not in blob and key.encode() not in blob, what
