@@ -382,7 +382,9 @@ def _storage(path: str) -> dict:
         return {"storage_path": path}
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+    # background_writes off: an empty object (Ray's storage marker) is one part uploaded, then completed, in
+    # turn; with them on, moto answered that completion with INTERNAL_FAILURE now and then
+    fs = pafs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, background_writes=False,
                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
     return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
 

@@ -119,15 +119,12 @@ def submission_order(windows: list[list], tokens_per_window: list[list[float]], 
     window at the step where the schedule will have taken its source's tokens up to the window's start. The
     order only decides what is read first (the interleaving does not depend on it), so an estimate is enough."""
     order = []
+    total = float(sum(s.max_weight() for s in sources)) or 1.0
     for si, src in enumerate(sources):
         changes = src.change_steps() or [0]
-        cum, at = 0.0, []
-        for t in tokens_per_window[si]:
-            at.append(cum)
-            cum += t
+        at = np.concatenate([[0.0], np.cumsum(tokens_per_window[si])[:-1]]) if tokens_per_window[si] else []
         # steps needed to take `x` tokens from this source at its scheduled (un-normalised) rate; a source
         # at weight 0 for a while is read after those steps
-        total = float(sum(s.max_weight() for s in sources)) or 1.0
         for j, x in enumerate(at):
             step, taken = 0.0, 0.0
             bounds = changes[1:] + [math.inf]

@@ -124,12 +124,13 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 MANIFEST = "files-rank{rank}.json"
 
 
-def _registered(run_dir: Path) -> set[str] | None:
-    """The checkpoint folders Ray Train registered in `run_dir`, or None where it keeps no readable record.
-    Ray registers a checkpoint only after every rank has reported, and a rank reports only after its
-    files are persisted, so a folder not listed may still be being written (or was cut off by a kill)."""
+def _registered(read_snapshot: Callable[[], bytes]) -> set[str] | None:
+    """The checkpoint folders Ray Train registered in a run's folder (`read_snapshot` reads its RAY_SNAPSHOT),
+    or None where it keeps no readable record. Ray registers a checkpoint only after every rank has reported,
+    and a rank reports only after its files are persisted, so a folder not listed may still be being written
+    (or was cut off by a kill)."""
     try:
-        snap = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+        snap = json.loads(read_snapshot())
         return {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -173,13 +174,16 @@ def complete_checkpoints(root: str | Path) -> list:
     if is_remote(root):
         return _complete_remote(str(root))
     found: list[tuple[int, Path]] = []
+    registered: dict[Path, set[str] | None] = {}
     # os.walk, not Path.glob("**/..."): a folder removed mid-walk (Ray Train dropping an old checkpoint
     # while a run goes on) is skipped there, where glob raises FileNotFoundError
     for top, _, files in os.walk(root):
         if META not in files:
             continue
         d = Path(top)
-        listed = _registered(d.parent)
+        if d.parent not in registered:  # one read per run folder, not one per checkpoint in it
+            registered[d.parent] = _registered(lambda p=d.parent: (p / RAY_SNAPSHOT).read_bytes())
+        listed = registered[d.parent]
         if listed is not None and d.name not in listed:
             continue
         try:
@@ -202,15 +206,16 @@ def _complete_remote(root: str) -> list[str]:
     scheme = root.split("://", 1)[0]
     fs, base = fsspec.core.url_to_fs(root)
     files = {p: info.get("size") for p, info in fs.find(base, detail=True).items()}
-    found = []
+    found, registered = [], {}
     for meta_path in [p for p in files if posixpath.basename(p) == META]:
         d = posixpath.dirname(meta_path)
+        run = posixpath.dirname(d)
+        if run not in registered:  # one read per run folder, not one per checkpoint in it
+            snap = posixpath.join(run, RAY_SNAPSHOT)
+            registered[run] = _registered(lambda snap=snap: fs.cat_file(snap)) if snap in files else None
+        if registered[run] is not None and posixpath.basename(d) not in registered[run]:
+            continue
         try:
-            snap = posixpath.join(posixpath.dirname(d), RAY_SNAPSHOT)
-            if snap in files:
-                listed = {r["checkpoint_dir_name"] for r in json.loads(fs.cat_file(snap))["checkpoint_results"]}
-                if posixpath.basename(d) not in listed:
-                    continue
             meta = json.loads(fs.cat_file(meta_path))
             data = json.loads(fs.cat_file(posixpath.join(d, DATA)))
             data["position"]["rows"], data["stream"], meta["step"], meta["vocab"]["fingerprint"]
