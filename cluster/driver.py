@@ -376,16 +376,18 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
 
 def _storage(path: str) -> dict:
     """Ray Train's storage arguments. For s3:// a pyarrow S3 filesystem of our own: the endpoint from the
-    standard AWS_ENDPOINT_URL (pyarrow's constructor does not read it), and 10 attempts per request where
-    pyarrow's default makes 3, since one failed part of a checkpoint's upload fails the run."""
+    standard AWS_ENDPOINT_URL (pyarrow's constructor does not read it), 10 attempts per request where
+    pyarrow's default makes 3, since one failed part of a checkpoint's upload fails the run, and a 60 s
+    request timeout (boto3's and so s3fs's default) where the AWS C++ SDK gives up on a response after 3 s
+    without a byte. With 3 s, moto paused for 12 s failed a write here, and with 60 s it did not; in the test
+    suite, moto slowed by the training run beside it failed Ray Train's storage marker: the SDK sent its
+    CompleteMultipartUpload again while the first was being carried out, which moto answers with a 500."""
     if not path.startswith("s3://"):
         return {"storage_path": path}
     import pyarrow.fs as pafs
 
-    # background_writes off: an empty object (Ray's storage marker) is one part uploaded, then completed, in
-    # turn; with them on, moto answered that completion with INTERNAL_FAILURE now and then
-    fs = pafs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, background_writes=False,
-                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
+    fs = pafs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, request_timeout=60,
+                           connect_timeout=10, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
     return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
 
 
