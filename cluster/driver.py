@@ -375,19 +375,18 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
 
 
 def _storage(path: str) -> dict:
-    """Ray Train's storage arguments. For s3:// a pyarrow S3 filesystem of our own: the endpoint from the
-    standard AWS_ENDPOINT_URL (pyarrow's constructor does not read it), 10 attempts per request where
-    pyarrow's default makes 3, since one failed part of a checkpoint's upload fails the run, and a 60 s
-    request timeout (boto3's and so s3fs's default) where the AWS C++ SDK gives up on a response after 3 s
-    without a byte. With 3 s, moto paused for 12 s failed a write here, and with 60 s it did not; in the test
-    suite, moto slowed by the training run beside it failed Ray Train's storage marker: the SDK sent its
-    CompleteMultipartUpload again while the first was being carried out, which moto answers with a 500."""
+    """Ray Train's storage arguments. For s3:// the project's one S3 client, s3fs (endpoint, credentials and
+    retries from the standard AWS settings, as for shards and caches), handed to Ray Train as a pyarrow
+    filesystem. Not pyarrow's own S3 client: in the test suite, under a training run's load, it took moto's 200
+    OK answers to the CompleteMultipartUpload of Ray Train's empty storage marker for errors ("got error
+    embedded in a 200 OK response", twice), and the run failed before its first step, with 10 attempts and
+    with a 60 s timeout alike. s3fs writes a small object in one PUT."""
     if not path.startswith("s3://"):
         return {"storage_path": path}
+    import fsspec
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, request_timeout=60,
-                           connect_timeout=10, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10))
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("s3")))
     return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
 
 
