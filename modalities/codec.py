@@ -232,21 +232,32 @@ def _mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
 
 class Loss(nn.Module):
     """Multi-scale log-mel L1 + multi-resolution spectral convergence (the loud bins, where a wrong phase shows
-    as frames that cancel)."""
+    as frames that cancel). One STFT per scale and clip serves both terms (torchaudio's MelSpectrogram would
+    take its own, and the spectral convergence took the input's twice: the loss cost more than the network)."""
 
     def __init__(self, sample_rate: int):
         super().__init__()
-        import torchaudio.transforms as T
+        import torchaudio.functional as AF
 
-        self.mels = nn.ModuleList(T.MelSpectrogram(sample_rate=sample_rate, n_fft=n, hop_length=n // 4, n_mels=m,
-                                                   power=1.0) for n, m in MEL_SCALES)
+        self.scales = sorted({n for n, _ in MEL_SCALES} | set(RESOLUTIONS))
+        for n, m in MEL_SCALES:  # torchaudio's filter banks, as its MelSpectrogram(power=1) applies them
+            self.register_buffer(f"fb{n}", AF.melscale_fbanks(n // 2 + 1, 0.0, sample_rate / 2, m, sample_rate),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, the log-mel L1 at 80 bands) of output y against input x."""
-        mel = [(torch.log(m(y) + LOG_EPS) - torch.log(m(x) + LOG_EPS)).abs().mean() for m in self.mels]
-        sc = [torch.linalg.norm(_mag(x, n) - _mag(y, n)) / torch.linalg.norm(_mag(x, n)).clamp(min=1e-6)
-              for n in RESOLUTIONS]
-        return sum(mel) + sum(sc) / len(sc), mel[3]
+        mel, sc = {}, []
+        for n in self.scales:
+            with torch.no_grad():
+                mx = _mag(x, n)
+            my = _mag(y, n)
+            if hasattr(self, f"fb{n}"):
+                fb = getattr(self, f"fb{n}")
+                mel[n] = (torch.log(my.transpose(-1, -2) @ fb + LOG_EPS)
+                          - torch.log(mx.transpose(-1, -2) @ fb + LOG_EPS)).abs().mean()
+            if n in RESOLUTIONS:
+                sc.append(torch.linalg.norm(mx - my) / torch.linalg.norm(mx).clamp(min=1e-6))
+        return sum(mel.values()) + sum(sc) / len(sc), mel[1024]
 
 
 def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps: int, batch: int, seconds: float,
