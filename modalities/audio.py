@@ -104,7 +104,8 @@ class AudioOptions(ModalityOptions):
     groups: int = Field(3, ge=1, le=8, description="codec: codebooks per frame; a frame's ids go into the stream "
                                                    "one after another, each codebook in its own id range")
     width: int = Field(128, ge=16, le=1024, description="codec: the decoder's channels (the encoder has half)")
-    fit_steps: int = Field(3000, ge=1, description="codec: training steps of the fit")
+    fit_steps: int = Field(6000, ge=1, description="codec: training steps of the fit (about 17 minutes on 2 CPU "
+                                                    "cores)")
     fit_batch: int = Field(16, ge=1, description="codec: segments per training step")
     fit_seconds: float = Field(1.0, gt=0, le=30, description="codec: length of each training segment")
     fit_lr: float = Field(2e-3, gt=0, description="codec: peak AdamW learning rate (warm-up, then cosine decay)")

@@ -23,9 +23,13 @@ Why this shape, on 2 CPU cores:
   with MARGIN frames of context on each side and comes out as if coded whole, no seams.
 
 Losses (no adversary: a GAN's discriminators would cost more than the codec, and intelligibility, which STOI
-measures, lives in the band envelopes these losses fit): L1 of log-mel spectrograms at five scales (DAC's)
-and spectral convergence at four STFT resolutions. The phase is only learnt through them: a wrong phase
-makes overlapping frames cancel, which the other resolutions see.
+measures, lives in the band envelopes these losses fit): L1 of log-mel spectrograms at five scales (DAC's),
+spectral convergence at four STFT resolutions, and the envelope term: 1 - the correlation of each
+one-third-octave band's envelope with the original's over 375 ms, STOI's own comparison (Taal et al. 2011)
+made differentiable, as Fu et al. (2018) trained speech enhancement on it. The log-mel L1 spends itself on
+every band and level alike, quiet ones included; the envelope term on how the speech band's loudness moves,
+which is what a listener follows. The phase is only learnt through these: a wrong phase makes overlapping
+frames cancel, which the other resolutions see.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ class ResBlock(nn.Module):
 
 
 class Codec(nn.Module):
-    def __init__(self, hop: int, levels: Sequence[int], groups: int, width: int):
+    def __init__(self, hop: int, levels: Sequence[int], groups: int, width: int, encoder_width: int | None = None):
         super().__init__()
         if hop % 2:
             raise ValueError(f"the codec's hop must be even (the STFT runs at half of it), got {hop}")
@@ -79,7 +83,8 @@ class Codec(nn.Module):
         bins = self.n_fft // 2 + 1
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
         n = len(levels) * groups
-        ew = width // 2  # the encoder only has to sort; the decoder invents what the codes leave out (fsq.py)
+        # the encoder only has to sort; the decoder invents what the codes leave out (fsq.py)
+        ew = encoder_width or width // 2
         self.encoder = nn.Sequential(
             nn.Conv1d(bins, ew, 1), ResBlock(ew, 1), ResBlock(ew, 3),
             nn.Conv1d(ew, ew, 4, stride=2, padding=1),  # 2T -> T
@@ -223,6 +228,13 @@ RESOLUTIONS = (256, 512, 1024, 2048)  # n_fft of the spectral-convergence terms,
 # (n_fft, mel bands) of the multi-scale log-mel L1 (DAC's loss, at 16 kHz's scales): mel bands put the
 # weight where hearing (and intelligibility) is, where a log L1 over linear bins spends half of it above 4 kHz
 MEL_SCALES = ((128, 10), (256, 20), (512, 40), (1024, 80), (2048, 160))
+# The envelope term, STOI's analysis at the codec's rate: 15 one-third-octave bands centred from 150 Hz
+# (to 4.3 kHz), frames of 25 ms every 12.5 ms, envelopes compared over spans of 30 frames (375 ms), a span
+# every 10 frames. Measured at 1,000 steps on 40 held-out Dutch clips, by weight: 0 STOI 0.669 (mel distance
+# 17.0 dB), 1: 0.695 (16.4), 3: 0.732 (15.8), 10: 0.759 (15.7), 30: 0.783 (15.5). Both measures gain, so it
+# is not STOI alone being fitted; 30 is the largest weight tried.
+ENVELOPE_WEIGHT = 30.0
+ENV_BANDS, ENV_SPAN, ENV_STRIDE = 15, 30, 10
 
 
 def _mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
@@ -232,8 +244,9 @@ def _mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
 
 class Loss(nn.Module):
     """Multi-scale log-mel L1 + multi-resolution spectral convergence (the loud bins, where a wrong phase shows
-    as frames that cancel). One STFT per scale and clip serves both terms (torchaudio's MelSpectrogram would
-    take its own, and the spectral convergence took the input's twice: the loss cost more than the network)."""
+    as frames that cancel) + the envelope term (the module's docstring). One STFT per scale and clip serves
+    the first two (torchaudio's MelSpectrogram would take its own, and the spectral convergence took the
+    input's twice: the loss cost more than the network)."""
 
     def __init__(self, sample_rate: int):
         super().__init__()
@@ -243,6 +256,21 @@ class Loss(nn.Module):
         for n, m in MEL_SCALES:  # torchaudio's filter banks, as its MelSpectrogram(power=1) applies them
             self.register_buffer(f"fb{n}", AF.melscale_fbanks(n // 2 + 1, 0.0, sample_rate / 2, m, sample_rate),
                                  persistent=False)
+        self.env_fft = round(0.025 * sample_rate)
+        freqs = np.fft.rfftfreq(self.env_fft, 1 / sample_rate)
+        centres = 150 * 2 ** (np.arange(ENV_BANDS) / 3)
+        lo, hi = centres * 2 ** (-1 / 6), centres * 2 ** (1 / 6)
+        bands = (freqs >= lo[:, None]) & (freqs < hi[:, None])  # (bands, bins): which bins each band sums
+        bands = bands[bands.any(1)]  # at a low rate the top bands lie past Nyquist
+        self.register_buffer("bands", torch.from_numpy(bands.astype(np.float32)), persistent=False)
+
+    def envelopes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> each band's envelope (root of its power) in spans, mean removed: (B, bands, spans, ENV_SPAN)."""
+        n = self.env_fft
+        power = torch.stft(x, n, n // 2, window=torch.hann_window(n, device=x.device), return_complex=True).abs() ** 2
+        env = torch.sqrt(self.bands @ power + 1e-8)
+        env = env.unfold(-1, min(ENV_SPAN, env.shape[-1]), ENV_STRIDE)  # a segment under 375 ms: one span
+        return env - env.mean(-1, keepdim=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, the log-mel L1 at 80 bands) of output y against input x."""
@@ -257,7 +285,11 @@ class Loss(nn.Module):
                           - torch.log(mx.transpose(-1, -2) @ fb + LOG_EPS)).abs().mean()
             if n in RESOLUTIONS:
                 sc.append(torch.linalg.norm(mx - my) / torch.linalg.norm(mx).clamp(min=1e-6))
-        return sum(mel.values()) + sum(sc) / len(sc), mel[1024]
+        with torch.no_grad():
+            ex = self.envelopes(x)
+        ey = self.envelopes(y)
+        corr = (ex * ey).sum(-1) / (ex.norm(dim=-1) * ey.norm(dim=-1) + 1e-6)
+        return sum(mel.values()) + sum(sc) / len(sc) + ENVELOPE_WEIGHT * (1 - corr).mean(), mel[1024]
 
 
 def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps: int, batch: int, seconds: float,

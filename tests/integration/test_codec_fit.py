@@ -16,7 +16,7 @@ from common import speechlike
 AudioModality = registry.get("audio")
 # small enough to fit in seconds on the demo's DTMF tones (8 kHz, as the demo's shards)
 TINY = {"tokenizer": "codec", "sample_rate": 8000, "hop": 160, "width": 32, "levels": [5, 5, 5], "groups": 2,
-        "fit_steps": 250, "fit_batch": 8, "fit_seconds": 0.5, "fit_lr": 4e-3}
+        "fit_steps": 400, "fit_batch": 8, "fit_seconds": 0.5, "fit_lr": 4e-3}
 
 
 @pytest.fixture(scope="module")

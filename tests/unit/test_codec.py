@@ -75,3 +75,18 @@ def test_the_audio_eval_scores_a_clip_against_itself_and_against_a_damaged_copy(
     assert worse["mel_distance_db"] > same["mel_distance_db"] + 1
     # k-means at the same ids per second as the default codec: 150 a second
     assert audio_eval.ids_per_second(AudioModality({"tokenizer": "codec"})) == 150
+
+
+def test_the_envelope_term_follows_each_bands_loudness_over_time_not_its_level():
+    """The loss's envelope term (STOI's comparison): nothing for the clip itself or the clip louder, where
+    the log-mel term sees the level; a clip whose loudness moves otherwise costs it."""
+    loss = codec.Loss(16000)
+    x = torch.from_numpy(speechlike(2.0, 16000, seed=1))[None]
+    shifted = torch.roll(x, 4000, -1)  # the same sounds a quarter second later: other envelopes
+
+    def envelope_term(y):
+        ex, ey = loss.envelopes(x), loss.envelopes(y)
+        return float((1 - (ex * ey).sum(-1) / (ex.norm(dim=-1) * ey.norm(dim=-1) + 1e-6)).mean())
+
+    assert envelope_term(x) < 1e-4 and envelope_term(2 * x) < 1e-4 and envelope_term(shifted) > 0.3
+    assert float(loss(x, 2 * x)[1]) > 0.3  # the log-mel L1 at 80 bands: up to log 2 = 0.69 a band, less at the floor
