@@ -74,7 +74,7 @@ class ResBlock(nn.Module):
 
 
 class Codec(nn.Module):
-    def __init__(self, hop: int, levels: Sequence[int], groups: int, width: int, encoder_width: int | None = None):
+    def __init__(self, hop: int, levels: Sequence[int], groups: int, width: int):
         super().__init__()
         if hop % 2:
             raise ValueError(f"the codec's hop must be even (the STFT runs at half of it), got {hop}")
@@ -83,8 +83,7 @@ class Codec(nn.Module):
         bins = self.n_fft // 2 + 1
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
         n = len(levels) * groups
-        # the encoder only has to sort; the decoder invents what the codes leave out (fsq.py)
-        ew = encoder_width or width // 2
+        ew = width // 2  # the encoder only has to sort; the decoder invents what the codes leave out (fsq.py)
         self.encoder = nn.Sequential(
             nn.Conv1d(bins, ew, 1), ResBlock(ew, 1), ResBlock(ew, 3),
             nn.Conv1d(ew, ew, 4, stride=2, padding=1),  # 2T -> T
@@ -272,6 +271,13 @@ class Loss(nn.Module):
         env = env.unfold(-1, min(ENV_SPAN, env.shape[-1]), ENV_STRIDE)  # a segment under 375 ms: one span
         return env - env.mean(-1, keepdim=True)
 
+    def envelope_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """1 - the mean correlation of y's band envelopes with x's, span by span (0 when they move alike)."""
+        with torch.no_grad():
+            ex = self.envelopes(x)
+        ey = self.envelopes(y)
+        return (1 - (ex * ey).sum(-1) / (ex.norm(dim=-1) * ey.norm(dim=-1) + 1e-6)).mean()
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, the log-mel L1 at 80 bands) of output y against input x."""
         mel, sc = {}, []
@@ -285,11 +291,7 @@ class Loss(nn.Module):
                           - torch.log(mx.transpose(-1, -2) @ fb + LOG_EPS)).abs().mean()
             if n in RESOLUTIONS:
                 sc.append(torch.linalg.norm(mx - my) / torch.linalg.norm(mx).clamp(min=1e-6))
-        with torch.no_grad():
-            ex = self.envelopes(x)
-        ey = self.envelopes(y)
-        corr = (ex * ey).sum(-1) / (ex.norm(dim=-1) * ey.norm(dim=-1) + 1e-6)
-        return sum(mel.values()) + sum(sc) / len(sc) + ENVELOPE_WEIGHT * (1 - corr).mean(), mel[1024]
+        return sum(mel.values()) + sum(sc) / len(sc) + ENVELOPE_WEIGHT * self.envelope_loss(x, y), mel[1024]
 
 
 def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps: int, batch: int, seconds: float,
