@@ -104,11 +104,14 @@ class AudioOptions(ModalityOptions):
     groups: int = Field(3, ge=1, le=8, description="codec: codebooks per frame; a frame's ids go into the stream "
                                                    "one after another, each codebook in its own id range")
     width: int = Field(128, ge=16, le=1024, description="codec: the decoder's channels (the encoder has half)")
-    fit_steps: int = Field(6000, ge=1, description="codec: training steps of the fit (about 17 minutes on 2 CPU "
+    fit_steps: int = Field(9000, ge=1, description="codec: training steps of the fit (about 23 minutes on 2 CPU "
                                                     "cores)")
     fit_batch: int = Field(16, ge=1, description="codec: segments per training step")
     fit_seconds: float = Field(1.0, gt=0, le=30, description="codec: length of each training segment")
     fit_lr: float = Field(2e-3, gt=0, description="codec: peak AdamW learning rate (warm-up, then cosine decay)")
+    envelope_weight: float = Field(60.0, ge=0, description="codec: weight of the fit's envelope term (STOI's band-"
+                                   "envelope correlation, modalities/codec.py): 60 for speech; lower keeps the "
+                                   "log-mel spectrum of tones or music closer")
 
     @model_validator(mode="after")
     def _codec(self):
@@ -286,7 +289,8 @@ class AudioModality(BaseModality):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         on_step, steps, curves = self.fit_curves(o.fit_steps, ("loss", "mel_l1"), progress)
         codec.train(net, waves, sample_rate=o.sample_rate, steps=o.fit_steps, batch=o.fit_batch,
-                    seconds=o.fit_seconds, lr=o.fit_lr, seed=o.seed, device=device, on_step=on_step)
+                    seconds=o.fit_seconds, lr=o.fit_lr, envelope_weight=o.envelope_weight, seed=o.seed, device=device,
+                    on_step=on_step)
         self._set_state({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         self._mark_fitted()
         # the first 3 fit clips, and what the fitted codec makes of them, for the tracker

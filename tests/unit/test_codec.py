@@ -80,7 +80,7 @@ def test_the_audio_eval_scores_a_clip_against_itself_and_against_a_damaged_copy(
 def test_the_envelope_term_follows_each_bands_loudness_over_time_not_its_level():
     """The loss's envelope term (STOI's comparison): nothing for the clip itself or the clip louder, where
     the log-mel term sees the level; a clip whose loudness moves otherwise costs it."""
-    loss = codec.Loss(16000)
+    loss = codec.Loss(16000, envelope_weight=60.0)
     x = torch.from_numpy(speechlike(2.0, 16000, seed=1))[None]
     shifted = torch.roll(x, 4000, -1)  # the same sounds a quarter second later: other envelopes
 
