@@ -4,9 +4,10 @@ Speech gathered here, no downloads at run time: the voiced dialogue of the game 
 Czech and Dutch voice actors (Debian's fillets-ng-data-cs and fillets-ng-data-nl, ~100 and ~90 minutes,
 mono and stereo Ogg Vorbis at 22 and 44 kHz). The codec is fitted on the Czech recordings only and measured
 on the Dutch ones: other actors, another language. A second held-out set is synthetic: espeak-ng voices
-reading English sentences (the voices of the issue's own baseline), when espeak-ng is installed.
+reading English sentences (the voices of the issue's own baseline), when espeak-ng is installed. A third is
+the woman's voice of ALSA's speaker test (alsa-utils: "Front Left" and the like, 8 clips), when installed.
 
-    apt-get install fillets-ng-data-cs fillets-ng-data-nl espeak-ng
+    apt-get install fillets-ng-data-cs fillets-ng-data-nl espeak-ng alsa-utils
     python benchmarks/audio_codec.py                     # the defaults: 150 ids/s
     python benchmarks/audio_codec.py --set fit_steps=6000 --set width=192
 
@@ -45,6 +46,7 @@ SENTENCES = [
     "Four hours of steady work faced us.",
 ]
 VOICES = ["en+m3", "en-us+f2", "en+f4", "en-gb-scotland+m1"]
+ALSA = "/usr/share/sounds/alsa"
 
 
 def read(path: str) -> Audio:
@@ -75,6 +77,13 @@ def espeak(voices: list[str]) -> list[Audio]:
     return out
 
 
+def alsa_voice() -> list[Audio]:
+    files = [f for f in sorted(glob.glob(f"{ALSA}/*.wav")) if not f.endswith("Noise.wav")]
+    if not files:
+        log.warning("alsa-utils is not installed: no held-out set of ALSA's speaker-test voice")
+    return [read(f) for f in files]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
@@ -96,7 +105,8 @@ def main() -> int:
     mod = AudioModality(opts)
     t0 = time.time()
     train = fillets("cs", None, 0)
-    held = {"dutch_actors": fillets("nl", args.held_clips, 0), "espeak_ng": espeak(VOICES)}
+    held = {"dutch_actors": fillets("nl", args.held_clips, 0), "espeak_ng": espeak(VOICES),
+            "alsa_voice": alsa_voice()}
     log.info("read %d fit clips (%.0f min) and %s in %.0f s", len(train), sum(a.seconds for a in train) / 60,
              {k: len(v) for k, v in held.items()}, time.time() - t0)
     t0 = time.time()
