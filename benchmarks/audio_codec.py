@@ -9,7 +9,7 @@ the woman's voice of ALSA's speaker test (alsa-utils: "Front Left" and the like,
 
     apt-get install fillets-ng-data-cs fillets-ng-data-nl espeak-ng alsa-utils
     python benchmarks/audio_codec.py                     # the defaults: 150 ids/s
-    python benchmarks/audio_codec.py --set fit_steps=6000 --set width=192
+    python benchmarks/audio_codec.py --set width=192 --set envelope_weight=30
 
 Prints one JSON object (and writes it to --out): the codec and k-means at the same ids per second, side by
 side on each held-out set (modalities/audio_eval.compare), and the fit's time.

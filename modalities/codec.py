@@ -298,7 +298,8 @@ class Loss(nn.Module):
 
 
 def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps: int, batch: int, seconds: float,
-          lr: float, envelope_weight: float, seed: int, device: str = "cpu", on_step: Callable[[int, dict], None] | None = None) -> list[float]:
+          lr: float, envelope_weight: float, seed: int, device: str = "cpu",
+          on_step: Callable[[int, dict], None] | None = None) -> list[float]:
     """Train on random `seconds`-long segments of `waves` (float32 at the codec's rate, at LEVEL), laid end to
     end. `on_step(step, {"loss", "mel_l1"})` every step. Returns the loss per step."""
     g = torch.Generator().manual_seed(seed)
