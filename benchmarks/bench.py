@@ -26,6 +26,10 @@
     core. Target >= 10.
 (f) object storage: records/s of the same demo shards tokenized (as in (e)) as read from an S3-compatible
     server on 127.0.0.1 (moto_server) against read from disk, in turn, twice each. Target >= 0.75.
+(g) a tokenizer fit that trains a network: its steps/s through `omnistream tokenizers fit` (a subprocess,
+    its own local Ray, the fit a Ray task) against the same modality fitted in this process with every core,
+    on the same demo shards and FIT_STEPS steps, for the fsq image tokenizer and the audio codec; each
+    side in a fresh process, in turn FIT_REPEATS times. Ratio = tokenizers fit / in-process. Target >= 0.9.
 
 Figures go to stdout as a table and to bench.json (name -> number), so commits can be compared.
 No timing is asserted anywhere: these machines are shared and noisy.
@@ -58,6 +62,8 @@ STEPS = int(os.environ.get("BENCH_STEPS", "240"))
 DEMO_STEPS = int(os.environ.get("BENCH_DEMO_STEPS", "100"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))  # part (a)'s run and plain loop, in turn
 THREADS = 2
+FIT_STEPS = int(os.environ.get("BENCH_FIT_STEPS", "400"))  # part (g): enough steps to measure a rate
+FIT_REPEATS = int(os.environ.get("BENCH_FIT_REPEATS", "3"))
 
 
 def stream_rows(cfg, vocab, n_rows: int) -> dict:
@@ -355,6 +361,83 @@ def s3_tokenize_ratio(cfg, shards: int = 4, repeats: int = 2) -> dict:
             "tokenize_ratio_s3_vs_disk": round(statistics.median(s3) / statistics.median(disk), 3)}
 
 
+# part (g): the learned tokenizers, each at the demo's sizes (as the README's demo commands set them)
+LEARNED = {"image": {"tokenizer": "fsq", "down": 4, "levels": [8, 5, 5]}, "audio": {"tokenizer": "codec"}}
+
+
+def _fit_in_process(name: str) -> float:
+    """Steps/s of `name`'s fit (LEARNED, FIT_STEPS steps) in this process with every core, on the records
+    `tokenizers fit` samples: the first data.fit_records of the shards in the fit's order, decoded by the
+    modality itself. Run in a fresh child process (`--fit-in-process`), as the CLI's fit runs in a fresh Ray
+    worker: both pay a new process's first steps (about a second of oneDNN set-up) alike."""
+    from omnistream.modalities import registry
+    from omnistream.pipelines.records import read_shard
+
+    cfg = load_config(DEMO_CONFIG, _fit_sets(name)).resolved_paths()
+    mod = registry.build(name, cfg.modalities[name])
+    feats, records = [], 0
+    for _, shard in shard_order(list_shards(cfg.data.train_shards), cfg.seed, 1):
+        for r in read_shard(shard, cfg.data.max_member_bytes):
+            records += 1
+            feats += [mod.fit_features(mod.decode_bytes(e, b)) for e, b in r.fields.items() if e in mod.keys]
+            if records >= cfg.data.fit_records:
+                break
+        if records >= cfg.data.fit_records:
+            break
+    torch.set_num_threads(os.cpu_count() or 1)
+    steps = [0]
+    t0 = time.perf_counter()
+    mod.fit(feats, progress=lambda step, total, m: steps.__setitem__(0, step))
+    return steps[0] / (time.perf_counter() - t0)
+
+
+def _fit_sets(name: str) -> list[str]:
+    return [f"modalities.{name}.{k}={json.dumps(v)}" for k, v in {**LEARNED[name], "fit_steps": FIT_STEPS}.items()]
+
+
+def _fit_through_cli(name: str) -> tuple[float, int]:
+    """Steps/s and threads of `name`'s fit through `omnistream tokenizers fit` (its own local Ray), as the
+    fit's log line gives them."""
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        sets = _fit_sets(name) + [f'data.bundle_dir="{d}/bundle"', f'tracking.uri="sqlite:///{d}/mlflow.db"']
+        p = subprocess.run([str(Path(sys.executable).parent / "omnistream"), "tokenizers", "fit", str(DEMO_CONFIG),
+                            *[a for kv in sets for a in ("--set", kv)]], capture_output=True, text=True, cwd=REPO,
+                           timeout=1800)
+    m = re.search(rf"trained the {name} tokenizer with (\d+) threads: \d+ steps in [\d.]+ s \(([\d.]+) steps/s\)",
+                  p.stderr)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"tokenizers fit failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return float(m.group(2)), int(m.group(1))
+
+
+def fit_rate_figures() -> dict:
+    """(g): the learned tokenizers' fit rate through `omnistream tokenizers fit` against in-process, in turn
+    FIT_REPEATS times; the ratio is the median of the pairs' (one pair moved by 0.1 here from run to run)."""
+    import ray
+
+    if ray.is_initialized():  # the CLI's local Ray gets the machine's cores, as a user's does
+        ray.shutdown()
+    out = {}
+    for name, opts in LEARNED.items():
+        cli, here, threads = [], [], set()
+        for _ in range(FIT_REPEATS):
+            rate, n = _fit_through_cli(name)
+            cli.append(rate)
+            threads.add(n)
+            here.append(_in_child("--fit-in-process", name)["steps_per_s"])
+        tok = opts["tokenizer"]
+        out.update({f"fit_{tok}_steps_per_s_tokenizers_fit": round(statistics.median(cli), 2),
+                    f"fit_{tok}_threads_tokenizers_fit": sorted(threads),
+                    f"fit_{tok}_steps_per_s_in_process": round(statistics.median(here), 2),
+                    f"fit_ratio_{tok}_tokenizers_fit_vs_in_process": round(statistics.median(
+                        [c / h for c, h in zip(cli, here)]), 3),
+                    f"fit_ratio_{tok}_each_pair": [round(c / h, 3) for c, h in zip(cli, here)]})
+    return out
+
+
 def history(res, key):
     return [v for _, v in sorted(res.tracker.metric_history(key))]
 
@@ -400,8 +483,17 @@ def main() -> int:
     if sys.argv[1:2] == ["--zero3-rank"]:
         print(json.dumps(_zero3_rank(*map(int, sys.argv[2:5]))))
         return 0
+    if sys.argv[1:2] == ["--fit-in-process"]:
+        os.chdir(REPO)
+        print(json.dumps({"steps_per_s": _fit_in_process(sys.argv[2])}))
+        return 0
     if sys.argv[1:2] == ["--memory-only"]:
         print(json.dumps(memory_figures(), indent=1))
+        return 0
+    if sys.argv[1:2] == ["--fit-only"]:
+        os.chdir(REPO)
+        prepare_demo(load_config(DEMO_CONFIG))
+        print(json.dumps(fit_rate_figures(), indent=1))
         return 0
     alone = {"--s3-only": s3_tokenize_ratio, "--cache-only": cache_speedup}  # one part on the demo's data
     if sys.argv[1:2] and sys.argv[1] in alone:
@@ -435,6 +527,7 @@ def main() -> int:
     figures.update(cache_speedup(base))
     figures.update(s3_tokenize_ratio(base))
     figures.update(memory_figures())
+    figures.update(fit_rate_figures())
     Path("bench.json").write_text(json.dumps(figures, indent=1))
     width = max(map(len, figures))
     print("\nomnistream bench (same process, same machine)")

@@ -197,9 +197,10 @@ class BaseModality:
 
     # ---- fits that train a model (optional) -----------------------------------------
     def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
-        """Ray resources for a fit that trains a model, given the cluster's (``ray.cluster_resources()``):
-        such a fit runs as a Ray task with them (on a GPU when it asks for one). None (the default): the fit
-        is light (k-means, BPE) and runs in the process that gathered the samples."""
+        """Ray resources for a fit that trains a model, given what one node can offer (``{"CPU": n, "GPU": g}``,
+        the largest node's): such a fit runs as a Ray task with them (on a GPU when it asks for one), its torch
+        threads set to its CPUs. None (the default): the fit is light (k-means, BPE) and runs in the process
+        that gathered the samples."""
         return None
 
     @staticmethod
@@ -223,8 +224,8 @@ class BaseModality:
 
     @staticmethod
     def trained_fit_resources(cluster: dict[str, float]) -> dict[str, float]:
-        """What a fit that trains a network asks for: a GPU and a CPU where the cluster has a GPU, else every
-        CPU it has (the fit's convolutions use them all)."""
+        """What a fit that trains a network asks for: a GPU and a CPU where a node has a GPU, else every CPU of
+        the node (the fit's convolutions use them all, one thread each)."""
         if cluster.get("GPU", 0) >= 1:
             return {"num_gpus": 1, "num_cpus": 1}
         return {"num_cpus": max(1, int(cluster.get("CPU", 1)))}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .shards import list_shards, shard_order
 from .stream import ACTOR_DIED, RETRIES, processor_options, shards_may_die
 
 log = logging.getLogger(__name__)
+FIT_WAIT_S = 120.0  # how long a trained fit waits for the CPUs it asks for (see _cpus_given_back)
 END = "__end__"  # the row that says a shard's call finished (a shard without one: its actor died)
 
 
@@ -121,7 +123,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
             raise UserError(f"no samples of modality {name!r} in the first {cfg.fit_records} records of "
                             f"{cfg.all_shards()}: cannot fit its tokenizer")
         try:
-            mods[name], summary["reports"][name] = fit_one(m, feats)
+            mods[name], summary["reports"][name] = fit_one(m, feats, cfg.fit_cpus)
         except ValueError as e:
             raise UserError(f"fitting modality {name!r} failed: {e}") from None
         summary["samples"][name] = len(feats)
@@ -130,19 +132,50 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     return vocab, summary
 
 
-def fit_one(mod, features: list) -> tuple:
-    """Fit one modality: here when its fit is light, else as a Ray task with the resources it asks for.
-    Returns the fitted modality and its fit report."""
+def node_resources() -> dict[str, float]:
+    """What one node can give one task: the most CPUs and GPUs of any alive node. A fit is a single task on a
+    single node, so the cluster's totals (two 8-core nodes: 16) would ask for more than any node has."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return {k: max((float(n.get(k, 0)) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
+
+
+def fit_one(mod, features: list, cpus: int = 0, wait_s: float = FIT_WAIT_S) -> tuple:
+    """Fit one modality: here when its fit is light, else as a Ray task with the resources it asks for
+    (`cpus`, when set, in place of the CPUs it asks for on a node without a GPU). Returns the fitted
+    modality and its fit report; a trained fit's report says the threads, steps and seconds it took."""
     # both hooks are optional: a plugin that does not subclass BaseModality may have neither
-    wants = getattr(mod, "fit_resources", lambda cluster: None)(ray.cluster_resources())
+    wants = getattr(mod, "fit_resources", lambda node: None)(node_resources())
     if wants is None:
         mod.fit(features)
         return mod, getattr(mod, "fit_report", dict)()
-    if "num_cpus" in wants and "num_gpus" not in wants:  # never more than is free now: a fit that waits for
-        free = int(ray.available_resources().get("CPU", 1))  # CPUs held elsewhere would wait forever
-        wants = {**wants, "num_cpus": max(1, min(int(wants["num_cpus"]), free))}
+    if "num_gpus" not in wants:
+        wants = {**wants, "num_cpus": _cpus_given_back(int(cpus or wants.get("num_cpus", 1)), wait_s)}
     log.info("training the %s tokenizer as a Ray task with %s", mod.name, wants)
-    return ray.get(_train_fit.options(**wants).remote(mod, features))
+    mod, report, took = ray.get(_train_fit.options(**wants).remote(mod, features))
+    log.info("trained the %s tokenizer with %d threads: %d steps in %.0f s (%.2f steps/s)", mod.name,
+             took["threads"], took["steps"], took["seconds"], took["steps"] / max(took["seconds"], 1e-9))
+    report = dict(report or {})
+    report["summary"] = {**report.get("summary", {}), "threads": took["threads"], "fit_seconds": took["seconds"],
+                         "steps_per_s": took["steps"] / max(took["seconds"], 1e-9)}
+    return mod, report
+
+
+def _cpus_given_back(want: int, wait_s: float) -> int:
+    """`want` CPUs once Ray has them free: the sample's reading actors give theirs back a moment after the
+    read ends (2 of 2 cores were still held the instant after on a 2-core machine, and a fit sized then
+    ran on one thread at half speed). After `wait_s` with fewer free (held by another job), what is free,
+    with a warning: a task that asks for more than will ever be free waits forever."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = int(ray.available_resources().get("CPU", 0))
+        if free >= want:
+            return want
+        if time.monotonic() > deadline:
+            log.warning("only %d of the %d CPUs a tokenizer fit asks for came free within %.0f s (another job "
+                        "holds them?): fitting on %d; data.fit_cpus sets the number", free, want, wait_s,
+                        max(1, free))
+            return max(1, free)
+        time.sleep(0.2)
 
 
 @ray.remote
@@ -150,18 +183,28 @@ def _train_fit(mod, features: list) -> tuple:
     import torch
     from ray.experimental.tqdm_ray import tqdm
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:  # Ray sets OMP_NUM_THREADS to 1 in a task; the fit's convolutions use what it was given
-        torch.set_num_threads(max(1, int(cpus)))
-    bar = tqdm(desc=f"training the {mod.name} tokenizer", total=None, unit=" steps")
+    # Ray sets OMP_NUM_THREADS to the task's CPUs (1 where it asks for none); the fit's convolutions use
+    # every CPU the task was given, one intra-op thread each
+    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    torch.set_num_threads(threads)
+    bar = tqdm(desc=f"training the {mod.name} tokenizer on {threads} threads", total=None, unit=" steps")
+    steps, shown = [0], [0, time.monotonic()]  # steps done; steps and time last shown
 
     def progress(step: int, total: int, metrics: dict) -> None:
+        # the bar is redrawn twice a second, not per step: each update is a line Ray's log monitor parses
+        # and the driver redraws, at 60 steps/s for fsq on 2 cores, beside a fit that wants both cores
+        steps[0] = step
+        if time.monotonic() - shown[1] < 0.5 and step != total:
+            return
         if bar.total != total:
             bar.total = total
-        bar.update(1)
-        if step % 50 == 0 or step == total:
-            bar.set_description(f"training the {mod.name} tokenizer (loss {metrics.get('loss', float('nan')):.4f})")
+        bar.update(step - shown[0])
+        shown[:] = [step, time.monotonic()]
+        bar.set_description(f"training the {mod.name} tokenizer on {threads} threads "
+                            f"(loss {metrics.get('loss', float('nan')):.4f})")
 
+    t0 = time.perf_counter()
     mod.fit(features, progress=progress)
+    took = {"threads": torch.get_num_threads(), "steps": steps[0], "seconds": time.perf_counter() - t0}
     bar.close()
-    return mod, mod.fit_report()
+    return mod, mod.fit_report(), took
