@@ -60,6 +60,7 @@ def up(args) -> int:
 def down(args) -> int:
     from omnistream.cluster import head
 
-    n = head.cluster_down(args.port)
-    print(f"stopped the head on port {args.port} ({n} processes)")
+    n, recorded = head.cluster_down(args.port)
+    print(f"stopped the head on port {args.port} ({n} processes)" if recorded else
+          f"stopped a head of ours on port {args.port} that had no record ({n} processes)")
     return 0
