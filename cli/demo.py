@@ -71,7 +71,7 @@ def prepare_demo(cfg, refit: bool = False) -> None:
     if stale:
         log.info("refitting: the tokenizer bundle was %s", stale)
     if refit or stale or not vj.exists():
-        fit(cfg)
+        fit(cfg, overwrite=True)  # the demo's own bundle, refitted as --refit asks or its config now says
     else:
         log.info("tokenizer bundle already in %s (--refit to refit)", cfg.data.bundle_dir)
 

@@ -25,7 +25,7 @@ LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 def own_cluster() -> None:
     """Run in every Ray worker process of our jobs (runtime_env's worker_process_setup_hook): point Ray's
-    address lookups at the cluster the worker belongs to.
+    address lookups at the cluster the worker belongs to, and take up the job's tracking credentials.
 
     Without an address, Ray's state API finds "the" cluster by scanning the machine for GCS processes
     and, where it finds several, takes the one a plain `ray start` (or Ray's test cluster) last wrote to
@@ -36,7 +36,12 @@ def own_cluster() -> None:
     """
     import ray
 
+    from omnistream.tracking.server import load_job_credentials
+
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # a submitted job's tracking credentials, read here at the worker's start, while its working directory is
+    # still the job's (Ray Train then moves a worker into its run's folder, where a relative path finds nothing)
+    load_job_credentials()
 
 
 # the module path Ray imports and calls in each worker (a string, so nothing is pickled)

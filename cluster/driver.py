@@ -122,20 +122,39 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
         tag = hashlib.sha256(str(ckpt if is_remote(ckpt) else Path(ckpt).resolve()).encode()).hexdigest()[:12]
         folder = f"universal/step{meta['step']}-{tag}"
         if is_remote(cfg.cluster.storage_path):  # converted here, kept beside the run's checkpoints for every node
+            import shutil
+            import tempfile
+
             universal = f"{cfg.cluster.storage_path.rstrip('/')}/{folder}"
-            _upload(to_universal(local, Path(local).parent / f"{Path(local).name}-universal"), universal)
+            # in a new folder of this process's own (mkdtemp: 0700, a name nobody could plant beforehand), never
+            # beside the download under a name another user could guess and fill with a converted.json
+            work = Path(tempfile.mkdtemp(prefix="omnistream-universal-"))
+            try:
+                _upload(to_universal(local, work / "universal"), universal)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         else:
             universal = str(to_universal(local, Path(cfg.cluster.storage_path) / folder))
     return cfg, start, universal
 
 
 def _upload(folder: Path, url: str) -> None:
+    """Every file under `folder` to `url`, after checking that none is a link: a link would upload whatever
+    it points to, outside the folder, as the run's weights."""
     import fsspec
 
+    files = []
+    for top, dirs, names in os.walk(folder):  # os.walk follows no link to a folder; the check below sees them
+        for n in sorted(dirs + names):
+            p = Path(top, n)
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise UserError(f"{p} is a link or not a plain file: a converted checkpoint holds none, refused "
+                                f"(nothing uploaded to {url})")
+            if p.is_file():
+                files.append(p)
     fs, base = fsspec.core.url_to_fs(url)
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            fs.put_file(str(p), f"{base}/{p.relative_to(folder).as_posix()}")
+    for p in sorted(files):
+        fs.put_file(str(p), f"{base}/{p.relative_to(folder).as_posix()}")
 
 
 def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
@@ -277,6 +296,8 @@ def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker) -> dict:
         per_source[name] = t
         names.append(name), configs.append(src), shards.append(sh), caches.append(cache), metas.append(done)
 
+    if tally.unconsumed_line():  # said once a run, here; counted in the report as data/unconsumed/<ext>
+        log.warning("%s", tally.unconsumed_line())
     t = cfg.train
     if not cfg.data.sources:
         plan = shard_order(shards[0], cfg.seed, cfg.data.epochs)

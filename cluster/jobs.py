@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omnistream.common import logs
 from omnistream.common.errors import UserError
-from omnistream.tracking.server import client_env
+from omnistream.tracking.server import client_env, write_job_credentials
 
 from .auth import check_transport, read_token, token_path
 from .connect import LOOPBACK_ENV, job_runtime_env
@@ -84,19 +84,21 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
     cfg = named.resolved_paths()
     cfg.cluster.address = ""  # inside the job, connect() joins the cluster the job runs on (RAY_ADDRESS)
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD
-    tracking_env = {}
+    server = None
     if not named.tracking.uri:
         # the head's tracking server: rank 0 may run on any node, where a SQLite path of this machine
         # would silently become a new, empty database
         server = head_tracking(address)
         if server:
             cfg.tracking.uri = server["uri"]
-            tracking_env = client_env(server)  # its user and password, where `cluster up --tracking-auth`
-            os.environ.update(tracking_env)    # and for this client's own reads of the run
+            os.environ.update(client_env(server))  # its user and password, for this client's own reads of the run
     c = client(address, insecure)
     with tempfile.TemporaryDirectory(prefix="omnistream-job-") as d:
         copy_code(Path(d))
         Path(d, "job.toml").write_text(cfg.to_toml())
+        # where `cluster up --tracking-auth` protects it: the job's processes read the user and password from a
+        # 0600 file of the working directory; the runtime env, which `ray job list` shows, only names that file
+        tracking_env = write_job_credentials(Path(d), server) if server else {}
         deadline = time.time() + 90
         while True:
             try:

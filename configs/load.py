@@ -10,6 +10,7 @@ from typing import Any
 
 import tomllib
 from omnistream.common.errors import UserError
+from omnistream.common.logs import redact
 from omnistream.modalities import registry
 from pydantic import BaseModel, ValidationError
 
@@ -57,7 +58,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         apply_override(tree, o)
         from_cli[o.split("=", 1)[0].strip()] = o
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
@@ -71,6 +72,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             msg = str(e).split(":", 1)[1].strip().removeprefix("Value error, ")
             raise UserError(f"{_source(key, from_cli, path, text)}: {msg}") from None
         raise
+    for key, value in cfg.flat().items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and credentials_in_url(v):
+                raise UserError(f"{redact(_source(key, from_cli, path, text))}: {redact(v)!r} carries credentials in the URL "
+                                f"(user:password@). A config is saved with every run (params, resolved.toml, "
+                                f"checkpoints, the token cache, the data report): give them through the environment "
+                                f"instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://, MLFLOW_TRACKING_USERNAME / "
+                                f"MLFLOW_TRACKING_PASSWORD for a tracking server)")
+    return cfg
+
+
+def credentials_in_url(text: str) -> bool:
+    """A URL with user information (`scheme://user:secret@host`, `https://TOKEN@host`) anywhere in `text`."""
+    return redact(text) != text
 
 
 def _in(path) -> str:

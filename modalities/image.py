@@ -92,12 +92,29 @@ def dhash_bands(h: int, max_hamming: int) -> list[str]:
     return [f"i{i}:{(h >> edges[i]) & ((1 << (edges[i + 1] - edges[i])) - 1):x}" for i in range(k)]
 
 
-# Only the format a member's extension names is decoded: Pillow's open() otherwise tries every format it
+# Only JPEG, PNG and WebP are decoded, told apart by their bytes' signature, whatever the member's extension
+# says (a PNG saved as .jpg is common in photo folders): Pillow's open() would otherwise try every format it
 # knows (TIFF, BMP, PCX, SGI, TGA, ICO, DDS, QOI ... and EPS, which hands the bytes to Ghostscript where
-# it is installed), so a .png could be any of them.
+# it is installed), so anything else is refused by its content.
 FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "PNG": lambda b: b[:4] == b"\x89PNG",
           "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"}
+# what shows through a transparent pixel: one fixed colour (white, as a page or a browser shows it), never
+# whatever colour the encoder left under an alpha of 0
+BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB: 16-bit greys scaled (converting clips them: a 0-65535 gradient came out
+    99.6% white), transparency (an alpha channel, a palette's or a colour key) composited over BACKGROUND."""
+    if im.mode.startswith("I") or im.mode == "F":  # a 16-bit PNG's greys arrive as I;16 or I, 0..65535
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(a * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND + (255,)), im).convert("RGB")
+    return im.convert("RGB")
 
 
 class ImageModality(BaseModality):
@@ -140,19 +157,17 @@ class ImageModality(BaseModality):
     def decode_bytes(self, ext: str, data: bytes) -> Image.Image:
         if not data:
             raise BadSample("image_empty")
-        fmt = FORMATS.get(ext)
-        if fmt is None:
+        if ext not in FORMATS:
             raise BadSample("image_wrong_format", f".{ext} is not one of the image extensions {sorted(FORMATS)}")
+        fmt = next((f for f, is_it in _MAGIC.items() if is_it(data)), None)
+        if fmt is None:
+            raise BadSample("image_wrong_format", f"the bytes of this .{ext} are not JPEG, PNG or WebP "
+                                                  f"(they begin {data[:8]!r})")
         try:
             im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
         except Image.DecompressionBombError as e:  # Pillow's own bound (2× its MAX_IMAGE_PIXELS) fired first
             raise BadSample("image_too_large", str(e)) from None
-        except Image.UnidentifiedImageError as e:
-            if _MAGIC[fmt](data):  # the format's own signature, then bytes its reader cannot make sense of
-                raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
-            raise BadSample("image_wrong_format", f"the bytes of this .{ext} are not {fmt} "
-                                                  f"(they begin {data[:8]!r})") from None
-        except Exception as e:
+        except Exception as e:  # the format's own signature, then bytes its reader cannot make sense of
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         w, h = im.size
         if w * h > self.options.max_pixels:
@@ -163,7 +178,7 @@ class ImageModality(BaseModality):
             im = ImageOps.exif_transpose(im)
         except Exception as e:
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
-        return im.convert("RGB")
+        return to_rgb(im)
 
     # ---- object -> pixels / patches ---------------------------------------------
     def pixels(self, im: Image.Image) -> np.ndarray:

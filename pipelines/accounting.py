@@ -27,6 +27,7 @@ class Tally:
     dead_letter_dropped: int = 0
     mix_dropped: int = 0                               # kept documents the token mixer left out (surplus)
     mix_dropped_tokens: Counter = field(default_factory=Counter)  # modality -> tokens in them
+    unconsumed: Counter = field(default_factory=Counter)  # extension -> members no modality reads (a .gif)
 
     def count(self, shard: str, key: str, o) -> None:
         """Account one record's Outcome (pipelines.stream) exactly once."""
@@ -65,13 +66,15 @@ class Tally:
         self.dead_letter_dropped += other.dead_letter_dropped
         self.mix_dropped += other.mix_dropped
         self.mix_dropped_tokens.update(other.mix_dropped_tokens)
+        self.unconsumed.update(other.unconsumed)
 
     def to_json(self) -> dict:
         return {"seen": self.seen, "kept": self.kept, "filtered": dict(self.filtered), "errored": dict(self.errored),
                 "per_modality": {k: dict(v) for k, v in self.per_modality.items()},
                 "per_shard": {k: dict(v) for k, v in self.per_shard.items()}, "shard_errors": self.shard_errors,
                 "dead_letter": self.dead_letter, "dead_letter_dropped": self.dead_letter_dropped,
-                "mix_dropped": self.mix_dropped, "mix_dropped_tokens": dict(self.mix_dropped_tokens)}
+                "mix_dropped": self.mix_dropped, "mix_dropped_tokens": dict(self.mix_dropped_tokens),
+                "unconsumed": dict(self.unconsumed)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Tally":
@@ -79,7 +82,7 @@ class Tally:
                    {k: Counter(v) for k, v in d["per_modality"].items()},
                    {k: Counter(v) for k, v in d["per_shard"].items()}, list(d["shard_errors"]),
                    list(d["dead_letter"]), d["dead_letter_dropped"], d.get("mix_dropped", 0),
-                   Counter(d.get("mix_dropped_tokens", {})))
+                   Counter(d.get("mix_dropped_tokens", {})), Counter(d.get("unconsumed", {})))
 
     def source_counts(self) -> dict[str, int]:
         """seen / kept / filtered / errored, each one number (data/source/<name>/...)."""
@@ -98,7 +101,16 @@ class Tally:
         if self.mix_dropped:
             m["data/mix_dropped"] = self.mix_dropped
             m.update({f"data/mix_dropped_tokens/{k}": v for k, v in self.mix_dropped_tokens.items()})
+        m.update({f"data/unconsumed/{k}": v for k, v in self.unconsumed.items()})
         return m
+
+    def unconsumed_line(self) -> str | None:
+        """One line for the log about members no modality reads, or None."""
+        if not self.unconsumed:
+            return None
+        top = ", ".join(f".{k} ({v})" for k, v in self.unconsumed.most_common(5))
+        return (f"{sum(self.unconsumed.values())} record members no configured modality reads were passed over: "
+                f"{top}; their records were kept with what was read (data/unconsumed/<ext>)")
 
     def report(self) -> dict:
         return {"seen": self.seen, "kept": self.kept, "filtered": dict(self.filtered),
@@ -107,7 +119,8 @@ class Tally:
                 "per_shard": {k: dict(v) for k, v in sorted(self.per_shard.items())},
                 "shard_errors": self.shard_errors, "dead_letter": self.dead_letter,
                 "dead_letter_not_listed": self.dead_letter_dropped,
-                "mix_dropped": {"documents": self.mix_dropped, "tokens": dict(self.mix_dropped_tokens)}}
+                "mix_dropped": {"documents": self.mix_dropped, "tokens": dict(self.mix_dropped_tokens)},
+                "unconsumed": dict(sorted(self.unconsumed.items()))}
 
 
 

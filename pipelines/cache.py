@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from pathlib import PurePosixPath
 
@@ -41,6 +42,10 @@ FORMAT = 1
 MANIFEST = "cache.json"
 TMP = ".tmp-"             # part-files: written, then moved to their name
 STALE_S = 3600           # a part-file this old is no write in progress: swept when the cache is opened
+# shard errors that say the store failed, not the shard: such a shard's record says `retry`, and the next
+# `data tokenize` or run reads it again rather than taking the cut-short read for the shard's contents
+RETRY_REASONS = ("shard_read_failed", "shard_missing")
+OWN_TMP = re.compile(r"(cache\.json|[0-9a-f]{20}\.(parquet|json))" + re.escape(TMP) + r"\d+")  # _write_atomic's names
 
 
 def shard_identity(url: str) -> list:
@@ -124,13 +129,16 @@ class TokenCache:
             raise
 
     def _sweep(self) -> int:
-        """Remove part-files (*.tmp-*) older than STALE_S: what writers killed mid-write left. Younger ones
-        may be another actor's write in progress."""
+        """Remove this cache's own part-files older than STALE_S: what writers killed mid-write left (younger
+        ones may be another actor's write in progress). Only names this cache writes (cache.json's and a
+        shard's, OWN_TMP) in its own two folders: a folder the cache is pointed at may hold other files."""
         gone = 0
-        try:
-            paths = [p for p in self.fs.find(self.root) if TMP in PurePosixPath(p).name]
-        except OSError:
-            return 0
+        paths = []
+        for folder in (self.root, self._path("shards")):
+            try:
+                paths += [p for p in self.fs.ls(folder, detail=False) if OWN_TMP.fullmatch(PurePosixPath(p).name)]
+            except (OSError, FileNotFoundError):
+                continue
         for p in paths:
             try:
                 if time.time() - self.fs.modified(p).timestamp() > STALE_S:
@@ -153,7 +161,8 @@ class TokenCache:
     def claim(self, key: dict) -> None:
         """Make this directory the cache for `key`, or refuse a cache made under another key, saying what differs."""
         have = self.manifest()
-        self._sweep()
+        if have is not None:  # a cache already: its writers' leftovers go (a new one has none)
+            self._sweep()
         if have is None:
             self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
             return
@@ -176,12 +185,13 @@ class TokenCache:
             return None
         return meta
 
-    def status(self, shards: list[str]) -> tuple[dict[str, dict], list[str]]:
-        """({shard: meta} of the complete shards, [shards still to tokenize])."""
+    def status(self, shards: list[str], retry_failed: bool = False) -> tuple[dict[str, dict], list[str]]:
+        """({shard: meta} of the complete shards, [shards still to tokenize]); `retry_failed`: a shard whose
+        read the store cut short (RETRY_REASONS) is to tokenize again, not complete."""
         done, todo = {}, []
         for s in shards:
             m = self.shard_meta(s)
-            if m is None:
+            if m is None or (retry_failed and m.get("retry")):
                 todo.append(s)
             else:
                 done[s] = m
@@ -206,6 +216,8 @@ class TokenCache:
         ids = sum(len(p) for n in names for p in parts[n] if p is not None)
         meta = {"shard": shard, "rows": len(keys), "ids": int(ids), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "tally": tally.to_json(), "seconds": round(seconds, 3)}
+        if any(e["reason"] in RETRY_REASONS for e in tally.shard_errors):
+            meta["retry"] = True
         self._write_atomic(f"shards/{sid}.json", json.dumps(meta).encode())
         return meta
 

@@ -49,8 +49,12 @@ class DataConfig(BaseModel):
     modality_order: Literal["random", "config"] = Field("random", description="order of modalities inside a document: drawn per record by seed, or the config's order")
     pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
     remote_retries: int = Field(3, ge=0, le=20, description="times a remote shard's read (s3://, gs://, http...) is resumed "
-                                                           "where it broke off, with a doubling pause from 0.5 s; then the "
-                                                           "shard is errored as shard_read_failed, what was read whole kept")
+                                                           "where it broke off, with a doubling pause from 0.5 s (at most "
+                                                           "30 s); then the shard is errored as shard_read_failed, what "
+                                                           "was read whole kept, and read again by the next run")
+    read_deadline_s: float = Field(3600.0, gt=0, description="wall-clock seconds one remote shard's read may take, retries "
+                                                             "included; then it is errored as shard_read_failed (a store that "
+                                                             "trickles bytes would hold its reader forever)")
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
     limits: Limits = Field(default_factory=Limits, description="per-record bounds: bytes, members, tar header size, per-modality member size, bytes buffered per actor")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
@@ -70,14 +74,19 @@ class DataConfig(BaseModel):
     def _sources(self):
         import re
 
-        bad = [n for n in self.sources if not re.fullmatch(r"[A-Za-z0-9_.-]+", n)]
+        # identifiers: a name is a metric's name and a folder of the token cache (`..` would be the parent)
+        bad = [n for n in self.sources if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n)]
         if bad:
-            raise ValueError(f"source names are letters, digits, '_', '.' and '-' (they name metrics and cache "
-                             f"folders): {bad}")
+            raise ValueError(f"source names are identifiers of letters, digits, '_' and '-' (they name metrics and "
+                             f"cache folders): {bad}")
         srcs = list(self.sources.values())
         for step in sorted({0, *[c for src in srcs for c in src.change_steps()]}):
-            if srcs and sum(src.weight_at(step) for src in srcs) <= 0:
+            total = sum(src.weight_at(step) for src in srcs)
+            if srcs and total <= 0:
                 raise ValueError(f"from step {step} every source's weight is 0: nothing could be read")
+            if srcs and not (1e-12 <= total < float("inf")):
+                raise ValueError(f"at step {step} the sources' weights sum to {total}: weights are shares, keep "
+                                 f"their sum between 1e-12 and a finite number (e.g. 0.7 and 0.3)")
         return self
 
     def all_shards(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ class RecordProcessor:
             buf: list[RawRecord] = []
             held = 0  # bytes of the buffered records: decoded at `chunk` records or data.limits.buffer_bytes
             for r in read_shard(shard, self.cfg.max_member_bytes, self.cfg.limits, self.ext_bytes,
-                                self.cfg.remote_retries):
+                                self.cfg.remote_retries, self.cfg.read_deadline_s):
                 if not r.key:  # the shard itself failed (unreadable, or cut between records)
                     tally.shard_error(r.shard, r.error, r.detail)
                     continue
@@ -236,6 +237,9 @@ class RecordProcessor:
     def _account(self, epoch: int, records: list[RawRecord], tally: Tally):
         for r, o in zip(records, self.outcomes(records)):
             tally.count(r.shard, r.key, o)
+            # members no modality reads (KEY.json is the record's labels): counted, never passed over unsaid
+            tally.unconsumed.update(e if _PLAIN_EXT.fullmatch(e) else "other" for e in r.fields
+                                    if e not in self.exts and e != "json")
             yield epoch, r, o
 
     # ---- Ray Data entry point -------------------------------------------------------------------------
@@ -258,6 +262,9 @@ class RecordProcessor:
         out_m = np.empty(len(mods), dtype=object)
         out_t[:], out_m[:] = toks, mods
         return {"key": np.array(keys, dtype=object), "tokens": out_t, "mods": out_m}
+
+
+_PLAIN_EXT = re.compile(r"[a-z0-9_-]{1,16}")  # an extension fit to name a metric; others count as "other"
 
 
 def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, dict] | None, cfg: DataConfig,

@@ -75,6 +75,9 @@ def format_report(r: dict) -> str:
             lines.append(f"  {s}: {c.get('errored', 0)} errored records, {c.get('shard_errors', 0)} shard failures")
     for e in r["shard_errors"]:
         lines.append(f"  shard failure {e['shard']}: {e['reason']} ({e['detail'][:80]})")
+    if r.get("unconsumed"):
+        lines.append("members no modality reads (passed over, their records kept): " +
+                     ", ".join(f".{k} {v}" for k, v in sorted(r["unconsumed"].items(), key=lambda kv: -kv[1])))
     if r.get("error_rate_verdict"):
         lines.append("warning: " + r["error_rate_verdict"])
     lines.append(f"dead letters: {len(r['dead_letter'])} listed (--json shows them)")

@@ -57,18 +57,31 @@ class ShardReadFailed(OSError):
     """A remote shard's bytes could not be read, its retries spent (the store gone, the connection dropped)."""
 
 
+MAX_PAUSE_S = 30.0  # the longest pause between two tries of a remote read (doubling from 0.5 s reaches it at the 7th)
+
+
+def retry_pause(attempt: int, first: float = 0.5) -> float:
+    """The pause before retry number `attempt` (1, 2, ...) of a remote read: doubling from `first`, capped at
+    MAX_PAUSE_S (uncapped, the 20th retry of data.remote_retries = 20 waited 72 hours)."""
+    return min(MAX_PAUSE_S, first * 2 ** (attempt - 1))
+
+
 class _Retrying(io.RawIOBase):
     """A remote shard's bytes, read again from where they broke off. A read of the object store that fails
     (the connection dropped, the server answered an error) reopens the object and seeks back to the same
-    byte, up to `retries` times with a doubling pause (0.5 s, 1 s, 2 s...); then ShardReadFailed, and the
-    shard is errored as `shard_read_failed` with what was read whole before kept. (fsspec's own retries
-    cover one request; this covers the stream, whose reader cannot start the tar again.)"""
+    byte, up to `retries` times with a doubling pause (0.5 s, 1 s, 2 s... at most MAX_PAUSE_S); then
+    ShardReadFailed, and the shard is errored as `shard_read_failed` with what was read whole before kept.
+    So is a read still going after `deadline_s` (a store that trickles bytes would hold its actor forever).
+    (fsspec's own retries cover one request; this covers the stream, whose reader cannot start the tar again.)"""
 
-    def __init__(self, url: str, retries: int, pause: float = 0.5):
+    def __init__(self, url: str, retries: int, pause: float = 0.5, deadline_s: float = float("inf")):
         super().__init__()
+        import time
+
         import fsspec
 
         self.url, self.retries, self.pause, self.pos, self.failures = url, retries, pause, 0, 0
+        self.deadline_s, self.deadline = deadline_s, time.monotonic() + deadline_s
         # 8 MiB requests: s3fs's default block is 50 MiB, held per open shard in every reading actor
         fs, path = fsspec.core.url_to_fs(url)
         self._open = lambda: fs.open(path, "rb", block_size=8 << 20)
@@ -78,15 +91,18 @@ class _Retrying(io.RawIOBase):
         import time
 
         while True:
+            if time.monotonic() > self.deadline:
+                raise ShardReadFailed(f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s "
+                                      f"(at byte {self.pos})")
             try:
-                return fn()
-            except (ShardTooLarge, HeaderTooLarge):
-                raise
+                return self._bounded(fn)
+            except (ShardTooLarge, HeaderTooLarge, FileNotFoundError, ShardReadFailed):
+                raise  # not the store failing (no retry brings a missing shard back), or out of time
             except Exception as e:  # noqa: BLE001 - whatever the store's client raises is a failed read
                 if self.failures >= self.retries:
                     raise ShardReadFailed(f"{self.url}: {type(e).__name__}: {str(e)[:200]} (after {self.failures} "
                                           f"retries, at byte {self.pos})") from e
-                time.sleep(self.pause * 2 ** self.failures)
+                time.sleep(self.pause_before(self.failures + 1))
                 self.failures += 1
                 if reopen:
                     try:
@@ -98,6 +114,37 @@ class _Retrying(io.RawIOBase):
                         self.f.seek(self.pos)
                     except Exception:  # noqa: BLE001 - counted as this attempt; the next read tries again
                         pass
+
+    def pause_before(self, attempt: int) -> float:
+        return retry_pause(attempt, self.pause)
+
+    def _bounded(self, fn):
+        """fn() within what is left of the deadline. A store that trickles bytes blocks one read call for as
+        long as it likes (each byte resets the client's socket timeout), so the call runs in a daemon thread
+        and is given up at the deadline; the shard then fails, and its file is closed under the thread."""
+        import threading
+        import time
+
+        if self.deadline_s == float("inf"):
+            return fn()
+        left = self.deadline - time.monotonic()
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed back to the reading thread as it is
+                box["error"] = e
+
+        t = threading.Thread(target=run, daemon=True, name="omnistream-shard-read")
+        t.start()
+        t.join(max(left, 0.0))
+        if t.is_alive():
+            raise ShardReadFailed(f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s "
+                                  f"(at byte {self.pos})")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def readable(self) -> bool:
         return True
@@ -225,12 +272,13 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str, int] | None = None,
-               retries: int = 3) -> Iterator[RawRecord]:
+               retries: int = 3, deadline_s: float = float("inf")) -> Iterator[RawRecord]:
     """Yield the records of one shard; a failure becomes a record with `error` set, never an exception.
 
     `limits` (config.Limits) bounds each record's members, total bytes and the tar headers;
     `ext_bytes` caps members by extension (a modality's data.limits.member_bytes, over its keys);
-    `retries`: how often a remote shard's read is resumed after a failure (_Retrying)."""
+    `retries`: how often a remote shard's read is resumed after a failure (_Retrying); `deadline_s`: the
+    wall-clock seconds a remote shard's read may take."""
     import fsspec
 
     from .config import Limits
@@ -240,12 +288,16 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     tarinfo = type("BoundedTarInfo", (_BoundedTarInfo,), {"max_header": limits.header_bytes})
 
     try:
-        f = io.BufferedReader(_Retrying(url, retries), 1 << 20) if url.startswith(REMOTE) else fsspec.open(url, "rb").open()
+        f = (io.BufferedReader(_Retrying(url, retries, deadline_s=deadline_s), 1 << 20) if url.startswith(REMOTE)
+             else fsspec.open(url, "rb").open())
         kind = _compression(f)
         if kind is not None:
             f = _Bounded(f, _decompressing(f, kind), limits.shard_bytes)
     except Exception as e:
-        yield RawRecord(url, "", error="shard_unreadable", detail=f"{type(e).__name__}: {e}")
+        missing = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+        # a store that failed while the shard was opened is an outage, tried again by the next run (cache.py)
+        reason = "shard_missing" if missing else "shard_read_failed" if isinstance(e, ShardReadFailed) else "shard_unreadable"
+        yield RawRecord(url, "", error=reason, detail=f"{type(e).__name__}: {e}")
         return
     cur: RawRecord | None = None
     seen_keys: set[str] = set()

@@ -15,7 +15,9 @@ REMOTE = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://", "
 def list_shards(specs: str | Iterable[str]) -> list[str]:
     """Expand each spec's braces, then glob the result; keep the first occurrence of each shard.
 
-    A spec that matches nothing is a user mistake (docs/architecture.md, Errors): it names the spec.
+    A spec that matches nothing is a user mistake (docs/architecture.md, Errors): it names the spec. A
+    member of a {a..b} brace range that names one file (no glob) is listed even when it is not there: its
+    read errors it as `shard_missing`, counted, where dropping it would read 99 of 100 and say nothing.
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -23,7 +25,10 @@ def list_shards(specs: str | Iterable[str]) -> list[str]:
     seen: set[str] = set()
     for spec in specs:
         matched: list[str] = []
-        for s in braceexpand(spec):
+        members = list(braceexpand(spec))
+        missing: list[str] = []  # named one by one by a brace range, and not there
+        for s in members:
+            literal = not any(c in s for c in "*?[")
             if s.startswith(("http://", "https://")):
                 matched.append(s)  # no listing over plain HTTP; the read reports a missing one
             elif s.startswith(REMOTE):
@@ -31,13 +36,19 @@ def list_shards(specs: str | Iterable[str]) -> list[str]:
 
                 fs, path = fsspec.core.url_to_fs(s)
                 proto = s.split("://", 1)[0]
-                matched += [f"{proto}://{p}" for p in sorted(fs.glob(path))]
-            elif any(c in s for c in "*?["):
+                found = [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+                matched += found
+                if not found and literal and len(members) > 1:
+                    missing.append(s)
+            elif not literal:
                 matched += sorted(_glob.glob(s))
             elif os.path.exists(s):
                 matched.append(os.path.abspath(s))
+            elif len(members) > 1:
+                missing.append(os.path.abspath(s))
         if not matched:
             raise UserError(f"no shards found for {spec!r}")
+        matched += missing  # each errored as shard_missing when read (records.read_shard), and counted
         for m in matched:
             m = m if m.startswith(REMOTE) else os.path.abspath(m)
             if m not in seen:

@@ -25,7 +25,8 @@ workers keeps that global batch where it can (cluster/driver.resume_plan), and t
 in the original steps either way, so the stream is the same.
 
 When a source runs out: `repeat` starts its next epoch (a new seeded shard order; the planner plans as
-many epochs as train.steps can use at the source's largest weight); `stop` takes it out of the mix
+many epochs as train.steps can use at the source's largest share, counted as if every `stop` source had
+left, so it never runs out first); `stop` takes it out of the mix
 after its `epochs` passes, and the others share its weight. When no source with a positive weight is
 left, the stream ends.
 
@@ -102,14 +103,27 @@ def weights_at(sources: list[SourceConfig], step: int) -> np.ndarray:
     return np.array([s.weight_at(step) for s in sources], dtype=np.float64)
 
 
-def epochs_needed(src: SourceConfig, source_tokens: int, total_weight_min: float, steps: int,
-                  step_tokens: int) -> int:
+def largest_share(s: int, sources: list[SourceConfig]) -> float:
+    """The largest share of the stream source `s` can have at any step: its weight over the weights of the
+    sources that never leave (`repeat`) at that step. A `stop` source leaves when it runs out and the others
+    share its weight, so the share over all sources' weights is not a bound (A repeat 0.5, B stop 0.5: A
+    takes every row once B has left, twice what half of them would plan for)."""
+    steps = sorted({0, *[c for src in sources for c in src.change_steps()]})
+    share = 0.0
+    for t in steps:
+        w = sources[s].weight_at(t)
+        if w > 0:
+            staying = sum(src.weight_at(t) for i, src in enumerate(sources) if src.exhausted == "repeat" or i == s)
+            share = max(share, min(1.0, w / staying))
+    return share
+
+
+def epochs_needed(src: SourceConfig, source_tokens: int, share: float, steps: int, step_tokens: int) -> int:
     """Epochs to plan for a source: `stop` its own `epochs`; `repeat` as many as `steps` steps of
-    `step_tokens` tokens can take from it at its largest share (its largest weight over the smallest sum of
-    weights any step can have), plus one."""
+    `step_tokens` tokens can take from it at its largest share (largest_share), plus one: a `repeat` source
+    never runs out before train.steps."""
     if src.exhausted == "stop":
         return src.epochs
-    share = min(1.0, src.max_weight() / max(total_weight_min, 1e-12))
     return max(1, math.ceil(steps * step_tokens * share / max(source_tokens, 1)) + 1)
 
 
@@ -247,13 +261,11 @@ def plan_stream(names: list[str], sources: list[SourceConfig], shards: list[list
     from .rows import plan_windows
     from .shards import shard_order
 
-    smallest_sum = min([sum(s.weight_at(t) for s in sources) for t in
-                        sorted({0, *[c for s in sources for c in s.change_steps()]})] or [1.0])
     plans, windows, per_window = [], [], []
-    for name, src, sh, cache, meta in zip(names, sources, shards, caches, metas):
+    for i, (name, src, sh, cache, meta) in enumerate(zip(names, sources, shards, caches, metas)):
         tokens = {s: shard_tokens(cache, s, meta[s]) for s in sh}
         docs = {s: int(meta[s]["rows"]) for s in sh}
-        epochs = epochs_needed(src, sum(tokens.values()), smallest_sum, steps, step_tokens)
+        epochs = epochs_needed(src, sum(tokens.values()), largest_share(i, sources), steps, step_tokens)
         plan = shard_order(sh, seed, epochs, source=name)
         win = plan_windows(plan, docs, window)
         per_doc = {s: tokens[s] / max(docs[s], 1) for s in sh}

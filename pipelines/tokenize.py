@@ -101,7 +101,7 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
 
     shards = list_shards(cfg.train_shards)
     url = cache.url
-    done, todo = cache.status(shards)
+    done, todo = cache.status(shards, retry_failed=True)
     summary = {"url": url, "shards": len(shards), "already_cached": len(done), "tokenized": 0,
                "records": 0, "seconds": 0.0, "reclaimed": 0}
     if not todo:

@@ -106,7 +106,8 @@ def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_ur
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id or None):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=OmnistreamModel(), artifacts={ARTIFACT: str(model_dir)},
+            # models-from-code: the model is this file of ours, not a pickled object (pyfunc_code.py says why)
+            name="model", python_model=str(Path(__file__).with_name("pyfunc_code.py")), artifacts={ARTIFACT: str(model_dir)},
             signature=signature, registered_model_name=name,
             # omnistream itself must be installed where the model is loaded (it is not on a package index)
             pip_requirements=["torch", "numpy", "pillow", "soundfile", "tokenizers", "safetensors", "pydantic"])

@@ -26,6 +26,9 @@ def client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from .server import load_job_credentials
+
+    load_job_credentials()  # in a submitted job, the tracking server's user and password (see there)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 

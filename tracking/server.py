@@ -51,14 +51,43 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
             tail = (root / "server.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise UserError(f"the MLflow tracking server did not start (exit {p.returncode}): {tail[0][:200]}")
         try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return {"uri": uri, "pid": p.pid, "dir": str(root), "port": port,
-                        **({"credentials": str(root / CREDENTIALS)} if auth else {})}
+            healthy = urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
         except OSError:
-            time.sleep(0.5)
+            healthy = False
+        if healthy:
+            # the port was free when picked, then released for MLflow to bind: whoever bound it in between
+            # would answer here and receive the jobs' data (and, with auth, their password)
+            owner = _listener(port)
+            if owner not in _process_tree(p.pid):
+                stop_tracking_server({"pid": p.pid, "dir": str(root)})
+                raise UserError(f"port {port} on {host} was taken by another process ({owner or 'not ours'}) before "
+                                f"the MLflow tracking server could bind it: not started; try again, or pick a port")
+            return {"uri": uri, "pid": p.pid, "dir": str(root), "port": port,
+                    **({"credentials": str(root / CREDENTIALS)} if auth else {})}
+        time.sleep(0.5)
     stop_tracking_server({"pid": p.pid, "dir": str(root)})
     raise UserError(f"the MLflow tracking server on {uri} did not answer within {timeout:.0f} s "
                     f"(its log: {root / 'server.log'})")
+
+
+def _listener(port: int) -> int | None:
+    """The pid listening on `port`, where the OS tells us (another user's process is not shown)."""
+    import psutil
+
+    try:
+        return next((c.pid for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port), None)
+    except psutil.AccessDenied:
+        return None
+
+
+def _process_tree(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 def _credentials(root: Path) -> dict:
@@ -93,6 +122,40 @@ def client_env(server: dict) -> dict:
         return {}
     c = json.loads(Path(server["credentials"]).read_text())
     return {"MLFLOW_TRACKING_USERNAME": c["username"], "MLFLOW_TRACKING_PASSWORD": c["password"]}
+
+
+# a job's environment names the file holding the tracking server's user and password (a file of the job's
+# working directory, mode 0600), never the password itself: Ray shows a job's runtime_env to every client
+# (`ray job list`, the dashboard), and its env_vars with it
+JOB_CREDENTIALS = "OMNISTREAM_TRACKING_CREDENTIALS"
+JOB_CREDENTIALS_FILE = ".tracking-credentials.json"
+
+
+def write_job_credentials(folder: Path, server: dict) -> dict:
+    """`server`'s client credentials (client_env) in a 0600 file of a job's working directory `folder`;
+    returns the job's env var naming that file ({} for a server without authentication)."""
+    env = client_env(server)
+    if not env:
+        return {}
+    fd = os.open(Path(folder) / JOB_CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(env, out)
+    return {JOB_CREDENTIALS: JOB_CREDENTIALS_FILE}
+
+
+def load_job_credentials() -> None:
+    """In a job's processes (its driver, its ranks, on any node: each runs in a copy of the working
+    directory): the credentials JOB_CREDENTIALS names, into the environment MLflow's client reads."""
+    name = os.environ.get(JOB_CREDENTIALS)
+    if not name or os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return
+    f = Path(name)
+    try:
+        os.chmod(f, 0o600)  # Ray unpacks a working directory with the default mode
+        os.environ.update({k: str(v) for k, v in json.loads(f.read_text()).items()
+                           if k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    except (OSError, ValueError):
+        return
 
 
 def stop_tracking_server(srv: dict) -> int:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from omnistream.common.checkpoint import CKPT_TAG, DATA, META, read_checkpoint_meta, weights_only_loads
 from omnistream.common.errors import UserError
+from omnistream.common.paths import inside
 from omnistream.modalities.vocab import Vocabulary, describe_mismatch
 
 log = logging.getLogger(__name__)
@@ -242,15 +243,22 @@ def local_copy(path: str | Path | None) -> str | None:
         import fsspec
 
         fs, base = fsspec.core.url_to_fs(url)
-        out = Path(tempfile.mkdtemp(prefix="omnistream-checkpoint-"))
         names = fs.find(base)
         # a store may hold folder markers (an empty object named like the folder, as pyarrow writes them)
         folders = {posixpath.dirname(n) for n in names}
         names = [n for n in names if n.rstrip("/") not in folders and not n.endswith("/")]
         if not names:
             raise UserError(f"{url}: nothing there (no such checkpoint)")
-        for f in names:
-            target = out / f[len(base) + 1:]
+        # every key is checked before anything is written: whoever can write to the bucket must not be able
+        # to write files on the machines that read from it (a key `ckpt/../../x` would land above the folder)
+        out = Path(tempfile.mkdtemp(prefix="omnistream-checkpoint-"))
+        targets = [(f, inside(out, f[len(base) + 1:] if f.startswith(base + "/") else "")) for f in names]
+        bad = [f for f, t in targets if t is None]
+        if bad:
+            out.rmdir()
+            raise UserError(f"{url}: the object key {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
+                            f"would be written outside the checkpoint's folder: refused, nothing copied")
+        for f, target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f, str(target))
         log.info("checkpoint %s copied to %s", url, out)

@@ -220,12 +220,25 @@ class Trainer:
             if reason:
                 raise ErrorRateExceeded(reason)
             if self.rank == 0:
-                log.info("the stream ended at step %d (before train.steps=%d): raise data.epochs to train longer",
-                         self.step, t.steps)
+                self._stream_ended_early()
         self.metrics.update(self.evaluate())
         self._log_ledger()
         self.save()
         return self.metrics
+
+    def _stream_ended_early(self) -> None:
+        """The stream ran out before train.steps: a warning, and a tag on the run saying at which step, why,
+        and which setting would have kept it going (the run still ends FINISHED: it trained on all it had)."""
+        d, t = self.cfg.data, self.cfg.train
+        if d.sources:
+            stop = [n for n, s in sorted(d.sources.items()) if s.exhausted == "stop"]
+            hint = '; raise data.sources.<name>.epochs or set exhausted = "repeat"' if stop else ""
+            why = f"every source with a weight ran out (`stop` sources: {', '.join(stop) or 'none'}){hint}"
+        else:
+            why = f"the shards ran out after data.epochs = {d.epochs}; raise data.epochs to train longer"
+        log.warning("the stream ended at step %d of train.steps = %d: %s", self.step, t.steps, why)
+        if self.tracker is not None:
+            self.tracker.set_tag("omnistream.stream_ended_early", f"step {self.step} of {t.steps}: {why}")
 
     def _log_interval(self, acc: Interval, fpt: float, peak: float | None) -> None:
         m = acc.reduce(self.all_reduce, self.world).metrics(self.vocab)

@@ -244,12 +244,20 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     # registered in the run's MLflow store, loaded back through MLflow, generating the same answer
     import base64
 
+    import mlflow.artifacts
     import mlflow.pyfunc
     import pandas as pd
 
     assert main(["export", res.checkpoint, str(tmp_path / "r"), "--register", "e2e-digits"]) == 0
     assert "registered models:/e2e-digits/1" in capsys.readouterr().out
     mlflow.set_tracking_uri(res.tracking_uri)
+    # logged from code: the version holds no pickle, so loading it unpickles nothing (a registered pickle runs
+    # whatever its author put in it on every machine that loads it)
+    files = [p for p in Path(mlflow.artifacts.download_artifacts("models:/e2e-digits/1", dst_path=str(tmp_path / "dl")))
+             .rglob("*") if p.is_file()]
+    assert any(p.name == "python_model.py" or p.suffix == ".py" for p in files), [p.name for p in files]
+    pickles = [p.name for p in files if p.suffix in (".pkl", ".pickle") or p.read_bytes()[:1] == b"\x80"]
+    assert not pickles, pickles
     served = mlflow.pyfunc.load_model("models:/e2e-digits/1")
     got = served.predict(pd.DataFrame({"image": [rec.fields["png"]]}), params={"max_new_tokens": 4})
     assert got.to_dict("records") == [{"to": "text", "ext": "txt", "output": text}]

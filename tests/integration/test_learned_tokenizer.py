@@ -63,6 +63,14 @@ def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhe
     assert "fit curves and reconstructions:" in fit.stdout, fit.stdout
     assert (tmp_path / "bundle" / "image" / "state.safetensors").exists()
 
+    # a second fit into the same folder would replace what checkpoints were made against: refused, unchanged
+    before = (tmp_path / "bundle" / "vocab.json").read_bytes()
+    again = subprocess.run([*EXE, "tokenizers", "fit", toml], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert len(again.stderr.strip().splitlines()) == 1 and "--overwrite" in again.stderr and "--out" in again.stderr
+    assert json.loads(before)["fingerprint"][:12] in again.stderr
+    assert (tmp_path / "bundle" / "vocab.json").read_bytes() == before
+
     # the fit's run: the loss curve falls, the reconstructions are an image
     c = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
     exp = c.get_experiment_by_name("omnistream")

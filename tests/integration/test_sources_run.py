@@ -101,6 +101,13 @@ def test_the_caches_and_checkpoints_are_in_s3_and_a_resume_from_them_on_two_work
     assert all(c.startswith(f"s3://{BUCKET}/sources/ray/") for c in whole.checkpoints)
     assert whole.checkpoint == runs["steps"][10]
     assert s3_corpus.find(f"{BUCKET}/sources/ray/universal")  # the universal form, kept in S3 for every node
+    # converted in a private folder of its own, removed once uploaded: never at `<download>-universal`, a name
+    # beside the download that another user could guess and plant a converted.json (or a link) in
+    import glob
+    import tempfile
+
+    assert not glob.glob(f"{tempfile.gettempdir()}/omnistream-checkpoint-*-universal")
+    assert not glob.glob(f"{tempfile.gettempdir()}/omnistream-universal-*")
     for n, res in runs["resumed"].items():
         assert res.ledger_digest == whole.ledger_digest, n
         assert _tokens(res, "a")[10] == _tokens(whole, "a")[10], n

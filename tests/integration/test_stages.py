@@ -154,3 +154,30 @@ def test_the_served_model_bounds_a_request(corpus, bundle, rows, tmp_path):
         served.predict(None, pd.DataFrame({"text": ["the digit"] * (MAX_ROWS + 1)}), {"max_new_tokens": 2})
     with pytest.raises(UserError, match="image_wrong_format"):
         served.predict(None, pd.DataFrame({"image": [b"II*\x00 a TIFF, say"]}), {"max_new_tokens": 2})
+
+
+def test_a_stream_that_ends_before_train_steps_is_a_warning_and_a_tag_naming_the_setting(corpus, bundle, rows,
+                                                                                       tmp_path, caplog):
+    """It was one info line with a hint (raise data.epochs) that does nothing for named sources. Now a
+    warning and a run tag: the step, the steps asked for, and the setting that would have gone on."""
+    import itertools
+    import logging
+
+    from omnistream.pipelines.sources import SourceConfig
+
+    single_process_group()
+    for sources, says in (({}, "raise data.epochs"),
+                          ({"web": SourceConfig(shards=["x"], exhausted="stop")}, "data.sources.<name>.epochs")):
+        cfg, vocab = small_config(corpus, bundle, tmp_path, "train.steps=5")
+        cfg.data.eval_shards, cfg.data.sources = [], sources
+        tracker = MemoryTracker()
+        stream = itertools.islice(batches(rows, 4), 2)
+        if sources:  # a named source's rows say which source they came from
+            stream = ({**b, "src": np.zeros(len(b["keys"]), np.int64)} for b in stream)
+        with caplog.at_level(logging.WARNING, logger="omnistream"):
+            Trainer(cfg, vocab, stream, tracker=tracker).train()
+        tag = tracker.tags()["omnistream.stream_ended_early"]
+        assert tag.startswith("step 2 of 5: ") and says in tag, tag
+        assert any("the stream ended at step 2 of train.steps = 5" in r.getMessage() and says in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING), caplog.text
+        caplog.clear()

@@ -86,3 +86,36 @@ def test_tensorboard_images_and_params_are_in_the_event_files(tmp_path):
     acc = EventAccumulator(str(run.dir), size_guidance={"images": 0, "tensors": 0}).Reload()
     assert [e.step for e in acc.Images("text_to_image/0_7")] == [5]
     assert any(t.startswith("params") for t in acc.Tags()["tensors"])
+
+
+def test_the_tracking_server_refuses_a_port_someone_else_bound_first(tmp_path):
+    """The port is picked free, released, then bound by MLflow: a process that binds it in between answered
+    the health check and would have received the jobs' runs and password. Here one holds it from the start
+    and answers /health; the server is not reported started, and ours is ended."""
+    import http.server
+    import threading
+
+    import psutil
+    from omnistream.common.errors import UserError
+    from omnistream.tracking.server import start_tracking_server
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    port = impostor.server_address[1]
+    try:
+        with pytest.raises(UserError, match=f"port {port} .* taken by another process"):
+            start_tracking_server(tmp_path / "store", port, timeout=60)
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    store = str(tmp_path / "store")
+    assert not [q.pid for q in psutil.process_iter(["cmdline"]) if any(store in a for a in q.info["cmdline"] or [])]

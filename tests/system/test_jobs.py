@@ -32,12 +32,21 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"), "OMNISTREAM_CLUSTER_DIR": str(tmp / "state")}
     env.pop("RAY_ADDRESS", None)
     port, dport = free_port(), free_port()
-    up = run(["omnistream", "cluster", "up", "--port", str(port), "--dashboard-port", str(dport), "--num-cpus", "2"],
-             env)
+    up = run(["omnistream", "cluster", "up", "--port", str(port), "--dashboard-port", str(dport), "--num-cpus", "2",
+              "--tracking-auth"], env)
     assert up.returncode == 0, up.stdout + up.stderr
+    # this process reads the job's run from the protected tracking server as a user would: with its credentials
+    from omnistream.tracking.server import client_env
+
+    creds = client_env(json.loads((tmp / "state" / f"head-{port}.json").read_text())["tracking"])
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
     try:
-        yield {"env": env, "port": port, "dashboard": f"http://127.0.0.1:{dport}", "tmp": tmp, "up": up.stdout}
+        yield {"env": env, "port": port, "dashboard": f"http://127.0.0.1:{dport}", "tmp": tmp, "up": up.stdout,
+               "password": creds["MLFLOW_TRACKING_PASSWORD"]}
     finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if (tmp / "state" / f"head-{port}.json").exists():  # the last test takes it down itself
             down = run(["omnistream", "cluster", "down", "--port", str(port)], env)
             assert down.returncode == 0, down.stdout + down.stderr
@@ -102,6 +111,9 @@ storage_path = "{tmp}/ray"
                  timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    # the tracking server's password reached the job (its run is there) but not its runtime env, which Ray
+    # shows every client
+    assert "OMNISTREAM_TRACKING_CREDENTIALS" in listed.stdout and head["password"] not in listed.stdout
     status = run(["omnistream", "jobs", "status", job_id, "--address", head["dashboard"]], head["env"])
     assert status.stdout.strip() == "SUCCEEDED"
     # the job's MLflow run is on the head's tracking server, and holds the metrics
@@ -138,12 +150,19 @@ def test_head_processes_match_whole_temp_dirs_only(tmp_path):
 
     other = tmp_path / "omni-ray-63790"
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={other}"])
+    # another user's process naming the same folder is never ours to signal (root here: run it as nobody)
+    theirs = (subprocess.Popen(["/bin/sh", "-c", "sleep 60; true", "sh", f"--temp-dir={other}"], user=65534)
+              if os.getuid() == 0 else None)
     try:
         assert p.pid in {q.pid for q in head_processes(str(other))}
         assert p.pid not in {q.pid for q in head_processes(str(tmp_path / "omni-ray-6379"))}
+        if theirs is not None:
+            assert theirs.pid not in {q.pid for q in head_processes(str(other))}
     finally:
-        p.kill()
-        p.wait()
+        for q in (p, theirs):
+            if q is not None:
+                q.kill()
+                q.wait()
 
 
 def test_cluster_down_leaves_nothing_of_its_head(head):

@@ -136,6 +136,32 @@ def test_repeat_plans_the_epochs_a_small_source_needs_and_stop_its_own():
     assert len({tuple(o) for o in orders}) > 1
 
 
+def test_a_repeat_source_beside_a_stop_source_lasts_to_train_steps():
+    """A `repeat` 0.5 beside B `stop` 0.5: once B has left, A takes every row, so A must be planned for the whole
+    run (it was planned for half and the stream ended at step 55 of 100). Every document fills one row here, so
+    the rows the plan gives are the rows the stream can deal."""
+    steps, G = 100, 16
+    metas = [{f"a{i}": {"rows": 100, "ids": 100 * (SEQ - 4)} for i in range(4)}, {"b0": {"rows": 10, "ids": 10 * (SEQ - 4)}}]
+    sources = [SourceConfig(shards=["a*"], weight=0.5), SourceConfig(shards=["b*"], weight=0.5, exhausted="stop")]
+    plans, windows, items = plan_stream(["a", "b"], sources, [list(metas[0]), list(metas[1])], [None, None], metas,
+                                        seed=3, window=16, steps=steps, step_tokens=G * SEQ)
+    full = [[{**window(s, j, sum(b - a for _, a, b in w), 0), "doc_ids": np.ones((sum(b - a for _, a, b in w), SEQ),
+                                                                                np.int32)}
+             for j, w in enumerate(windows[s])] for s in (0, 1)]
+    rows = stream(sources, full, [(i["src"], i["window"]) for i in items], G=G)
+    assert len(rows["keys"]) >= steps * G, f"the stream ended at step {len(rows['keys']) // G} of {steps}"
+    assert (rows["src"] == 1).sum() == 10  # B once, as `stop` with one epoch says
+
+
+def test_weights_whose_sum_is_not_a_usable_number_are_refused():
+    from omnistream.pipelines.config import DataConfig
+
+    with pytest.raises(ValueError, match="sum to inf"):
+        DataConfig(sources={"a": {"shards": ["x"], "weight": 1e308}, "b": {"shards": ["y"], "weight": 1e308}})
+    with pytest.raises(ValueError, match="sum to 2e-13"):
+        DataConfig(sources={"a": {"shards": ["x"], "weight": 1e-13}, "b": {"shards": ["y"], "weight": 1e-13}})
+
+
 @pytest.mark.parametrize("weight,err", [([(1, 0.5)], "starts at step 0"), ([(0, 0.5), (0, 0.2)], "increase"),
                                         (-1.0, ">= 0"), ([(0, -0.1)], ">= 0")])
 def test_a_bad_weight_is_refused_in_plain_words(weight, err):
@@ -146,8 +172,9 @@ def test_a_bad_weight_is_refused_in_plain_words(weight, err):
 def test_a_source_named_like_a_path_or_a_step_with_no_weight_at_all_is_refused():
     from omnistream.pipelines.config import DataConfig
 
-    with pytest.raises(ValueError, match="source names"):
-        DataConfig(sources={"a/b": {"shards": ["x"]}})
+    for name in ("a/b", ".", "..", "a.b", ""):
+        with pytest.raises(ValueError, match="source names"):
+            DataConfig(sources={name: {"shards": ["x"]}})
     with pytest.raises(ValueError, match="from step 10 every source's weight is 0"):
         DataConfig(sources={"a": {"shards": ["x"], "weight": [[0, 1], [10, 0]]}, "b": {"shards": ["y"], "weight": 0}})
 

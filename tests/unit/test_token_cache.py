@@ -179,9 +179,31 @@ def test_a_failed_write_leaves_no_part_file_and_old_ones_are_swept(built, tmp_pa
     with pytest.raises(TypeError):
         cache._write_atomic("shards/x.json", "not bytes")
     assert not list((tmp_path / "c").rglob("*.tmp-*"))
-    old, young = tmp_path / "c" / "shards" / "a.parquet.tmp-1", tmp_path / "c" / "shards" / "b.parquet.tmp-2"
-    old.write_bytes(b"half")
-    young.write_bytes(b"half")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    shards = tmp_path / "c" / "shards"
+    old, young = shards / f"{cache.shard_id('a')}.parquet.tmp-1", shards / f"{cache.shard_id('b')}.json.tmp-2"
+    # what the cache did not write is not its to delete, however old and whatever its name: a user's file
+    # in the folder data.token_cache names, or in one below it
+    (tmp_path / "c" / "theirs").mkdir()
+    foreign = [tmp_path / "c" / "notes.tmp-3", shards / "draft.tmp-4", tmp_path / "c" / "theirs" / "cache.json.tmp-5"]
+    for f in (old, young, *foreign):
+        f.write_bytes(b"half")
+    for f in (old, *foreign):
+        os.utime(f, (time.time() - 7200, time.time() - 7200))
     cache.claim(built["cache"].manifest()["key"])
     assert not old.exists() and young.exists()
+    assert all(f.exists() for f in foreign), [str(f) for f in foreign if not f.exists()]
+
+
+def test_a_folder_that_is_no_cache_is_not_swept(tmp_path):
+    """Pointed at a folder holding other things (the parent of a cache, say, as a source named `..` once
+    made it), the cache deletes none of them when it makes itself there."""
+    import os
+    import time
+
+    (tmp_path / "shards").mkdir()
+    theirs = [tmp_path / "cache.json.tmp-1", tmp_path / "shards" / f"{'0' * 20}.json.tmp-2"]
+    for f in theirs:
+        f.write_bytes(b"x")
+        os.utime(f, (time.time() - 7200, time.time() - 7200))
+    TokenCache(str(tmp_path)).claim({"format": 1})
+    assert all(f.exists() for f in theirs)
