@@ -99,7 +99,7 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
         # where `cluster up --tracking-auth` protects it: the job's processes read the user and password from a
         # 0600 file of the working directory; the runtime env, which `ray job list` shows, only names that file
         tracking_env = write_job_credentials(Path(d), server) if server else {}
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while True:
             try:
                 job_id = _call(address, c.submit_job,
@@ -109,8 +109,13 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
                 break
             except RuntimeError as e:
                 # a head that has just started answers 500 until its job agent is up
-                if "No available agent" not in str(e) or time.time() > deadline:
+                if "No available agent" not in str(e):
                     raise
+                if time.time() > deadline:
+                    raise UserError(f"the Ray head at {address} has no job agent to take the job (none came up "
+                                    f"within 120 s): its dashboard agent's log is dashboard_agent.log in the head's "
+                                    f"session folder (session_latest/logs); `omnistream cluster down` and `up` "
+                                    f"start it again") from None
                 time.sleep(2)
     return c, job_id
 

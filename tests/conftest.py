@@ -154,6 +154,12 @@ SESSION_RAY_MODULES = {"tests/browser/test_mlflow_ui.py", "tests/integration/tes
                        "tests/integration/test_object_storage.py"}
 
 
+# the modules that start Ray heads of their own (`cluster up`) run one after the other: two heads starting
+# at once on 2 cores beside the session's run left one's job agent unregistered for 90 s (submit: "No
+# available agent") in a fresh-clone run
+HEAD_MODULES = {"tests/system/test_jobs.py", "tests/system/test_cluster_up.py"}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
@@ -161,6 +167,8 @@ def pytest_xdist_make_scheduler(config, log):
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
+            if module in HEAD_MODULES:
+                return "heads"
             return "session-ray" if module in SESSION_RAY_MODULES else module
 
     return ByModule(config, log)
