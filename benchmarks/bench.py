@@ -62,8 +62,11 @@ STEPS = int(os.environ.get("BENCH_STEPS", "240"))
 DEMO_STEPS = int(os.environ.get("BENCH_DEMO_STEPS", "100"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))  # part (a)'s run and plain loop, in turn
 THREADS = 2
-FIT_STEPS = int(os.environ.get("BENCH_FIT_STEPS", "400"))  # part (g): enough steps to measure a rate
-FIT_REPEATS = int(os.environ.get("BENCH_FIT_REPEATS", "3"))
+# part (g): steps per fit, about 20-40 s of each on 2 cores (fsq's 400 steps took 5 s, and one hiccup of
+# the machine moved a pair's ratio by 0.2); BENCH_FIT_STEPS sets both
+FIT_STEPS = {"image": 1500, "audio": 400} if "BENCH_FIT_STEPS" not in os.environ else \
+    dict.fromkeys(("image", "audio"), int(os.environ["BENCH_FIT_STEPS"]))
+FIT_REPEATS = int(os.environ.get("BENCH_FIT_REPEATS", "5"))  # one pair moved by 0.2 either way
 
 
 def stream_rows(cfg, vocab, n_rows: int) -> dict:
@@ -366,7 +369,7 @@ LEARNED = {"image": {"tokenizer": "fsq", "down": 4, "levels": [8, 5, 5]}, "audio
 
 
 def _fit_in_process(name: str) -> float:
-    """Steps/s of `name`'s fit (LEARNED, FIT_STEPS steps) in this process with every core, on the records
+    """Steps/s of `name`'s fit (LEARNED, FIT_STEPS[name] steps) in this process with every core, on the records
     `tokenizers fit` samples: the first data.fit_records of the shards in the fit's order, decoded by the
     modality itself. Run in a fresh child process (`--fit-in-process`), as the CLI's fit runs in a fresh Ray
     worker: both pay a new process's first steps (about a second of oneDNN set-up) alike."""
@@ -392,7 +395,7 @@ def _fit_in_process(name: str) -> float:
 
 
 def _fit_sets(name: str) -> list[str]:
-    return [f"modalities.{name}.{k}={json.dumps(v)}" for k, v in {**LEARNED[name], "fit_steps": FIT_STEPS}.items()]
+    return [f"modalities.{name}.{k}={json.dumps(v)}" for k, v in {**LEARNED[name], "fit_steps": FIT_STEPS[name]}.items()]
 
 
 def _fit_through_cli(name: str) -> tuple[float, int]:
