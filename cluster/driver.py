@@ -296,8 +296,9 @@ def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker) -> dict:
         per_source[name] = t
         names.append(name), configs.append(src), shards.append(sh), caches.append(cache), metas.append(done)
 
-    if tally.unconsumed_line():  # said once a run, here; counted in the report as data/unconsumed/<ext>
-        log.warning("%s", tally.unconsumed_line())
+    unconsumed = tally.unconsumed_line()
+    if unconsumed:  # said once a run, here; counted in the report as data/unconsumed/<ext>
+        log.warning("%s", unconsumed)
     t = cfg.train
     if not cfg.data.sources:
         plan = shard_order(shards[0], cfg.seed, cfg.data.epochs)

@@ -137,7 +137,7 @@ class TokenCache:
         for folder in (self.root, self._path("shards")):
             try:
                 paths += [p for p in self.fs.ls(folder, detail=False) if OWN_TMP.fullmatch(PurePosixPath(p).name)]
-            except (OSError, FileNotFoundError):
+            except OSError:  # a folder not made yet
                 continue
         for p in paths:
             try:
@@ -161,11 +161,10 @@ class TokenCache:
     def claim(self, key: dict) -> None:
         """Make this directory the cache for `key`, or refuse a cache made under another key, saying what differs."""
         have = self.manifest()
-        if have is not None:  # a cache already: its writers' leftovers go (a new one has none)
-            self._sweep()
-        if have is None:
+        if have is None:  # a new cache: nothing of its own to sweep, and what is there is not its to delete
             self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
             return
+        self._sweep()  # a cache already: what its killed writers left goes
         if have.get("key") != key:
             raise UserError(
                 f"token cache {self.url} was made with other settings: {describe_key_difference(have.get('key', {}), key)}. "

@@ -92,8 +92,7 @@ class _Retrying(io.RawIOBase):
 
         while True:
             if time.monotonic() > self.deadline:
-                raise ShardReadFailed(f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s "
-                                      f"(at byte {self.pos})")
+                raise self._late()
             try:
                 return self._bounded(fn)
             except (ShardTooLarge, HeaderTooLarge, FileNotFoundError, ShardReadFailed):
@@ -102,7 +101,7 @@ class _Retrying(io.RawIOBase):
                 if self.failures >= self.retries:
                     raise ShardReadFailed(f"{self.url}: {type(e).__name__}: {str(e)[:200]} (after {self.failures} "
                                           f"retries, at byte {self.pos})") from e
-                time.sleep(self.pause_before(self.failures + 1))
+                time.sleep(retry_pause(self.failures + 1, self.pause))
                 self.failures += 1
                 if reopen:
                     try:
@@ -115,8 +114,9 @@ class _Retrying(io.RawIOBase):
                     except Exception:  # noqa: BLE001 - counted as this attempt; the next read tries again
                         pass
 
-    def pause_before(self, attempt: int) -> float:
-        return retry_pause(attempt, self.pause)
+    def _late(self) -> ShardReadFailed:
+        return ShardReadFailed(f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s "
+                               f"(at byte {self.pos})")
 
     def _bounded(self, fn):
         """fn() within what is left of the deadline. A store that trickles bytes blocks one read call for as
@@ -140,8 +140,7 @@ class _Retrying(io.RawIOBase):
         t.start()
         t.join(max(left, 0.0))
         if t.is_alive():
-            raise ShardReadFailed(f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s "
-                                  f"(at byte {self.pos})")
+            raise self._late()
         if "error" in box:
             raise box["error"]
         return box["value"]
