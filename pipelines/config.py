@@ -58,7 +58,7 @@ class DataConfig(BaseModel):
     max_member_bytes: int = Field(64 << 20, ge=1, description="tar members larger than this are refused (untrusted-input bound)")
     limits: Limits = Field(default_factory=Limits, description="per-record bounds: bytes, members, tar header size, per-modality member size, bytes buffered per actor")
     fit_records: int = Field(2000, ge=10, description="records sampled from the training shards to fit the tokenizers")
-    fit_cpus: int = Field(0, ge=0, description="CPUs, and so threads, a tokenizer fit that trains a network (fsq, codec) takes on a node without a GPU: 0 = every CPU of the largest node (it waits up to 2 minutes for them to come free)")
+    fit_cpus: int = Field(0, ge=0, description="CPUs, and so threads, a tokenizer fit that trains a network (fsq, codec) takes on a node without a GPU, at most the largest node's: 0 = all of them (it waits up to 2 minutes for them to come free)")
     token_cache: str = Field("auto", description="where the tokenized training shards are kept (a path or an fsspec URL): written once, by `omnistream data tokenize` or at the start of training, and read by every epoch, run and resume. \"auto\" = token_cache/<key>/ next to bundle_dir, one per set of settings the tokens depend on; a path named here holds one cache and refuses another's")
     packers: int = Field(1, ge=1, description="actors that read the token cache and pack rows for training")
     max_error_rate: float = Field(0.5, ge=0, le=1, description="stop when more than this share of the first error_rate_window records is errored: the shards are probably the wrong data")

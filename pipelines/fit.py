@@ -144,12 +144,15 @@ def fit_one(mod, features: list, cpus: int = 0, wait_s: float = FIT_WAIT_S) -> t
     (`cpus`, when set, in place of the CPUs it asks for on a node without a GPU). Returns the fitted
     modality and its fit report; a trained fit's report says the threads, steps and seconds it took."""
     # both hooks are optional: a plugin that does not subclass BaseModality may have neither
-    wants = getattr(mod, "fit_resources", lambda node: None)(node_resources())
+    node = node_resources()
+    wants = getattr(mod, "fit_resources", lambda node: None)(node)
     if wants is None:
         mod.fit(features)
         return mod, getattr(mod, "fit_report", dict)()
     if "num_gpus" not in wants:
-        wants = {**wants, "num_cpus": _cpus_given_back(int(cpus or wants.get("num_cpus", 1)), wait_s)}
+        # one task runs on one node: more CPUs than the largest node has would wait forever
+        want = max(1, min(int(cpus or wants.get("num_cpus", 1)), int(node["CPU"]) or 1))
+        wants = {**wants, "num_cpus": _cpus_given_back(want, wait_s)}
     log.info("training the %s tokenizer as a Ray task with %s", mod.name, wants)
     mod, report, took = ray.get(_train_fit.options(**wants).remote(mod, features))
     log.info("trained the %s tokenizer with %d threads: %d steps in %.0f s (%.2f steps/s)", mod.name,
