@@ -370,23 +370,16 @@ LEARNED = {"image": {"tokenizer": "fsq", "down": 4, "levels": [8, 5, 5]}, "audio
 
 def _fit_in_process(name: str) -> float:
     """Steps/s of `name`'s fit (LEARNED, FIT_STEPS[name] steps) in this process with every core, on the records
-    `tokenizers fit` samples: the first data.fit_records of the shards in the fit's order, decoded by the
-    modality itself. Run in a fresh child process (`--fit-in-process`), as the CLI's fit runs in a fresh Ray
+    `tokenizers fit` samples: about the first data.fit_records samples of the shards in the fit's order
+    (cli.tokenizers._decoded, the reader `tokenizers eval` uses), decoded by the modality itself. Run in a fresh child process (`--fit-in-process`), as the CLI's fit runs in a fresh Ray
     worker: both pay a new process's first steps (about a second of oneDNN set-up) alike."""
+    from omnistream.cli.tokenizers import _decoded
     from omnistream.modalities import registry
-    from omnistream.pipelines.records import read_shard
 
     cfg = load_config(DEMO_CONFIG, _fit_sets(name)).resolved_paths()
     mod = registry.build(name, cfg.modalities[name])
-    feats, records = [], 0
-    for _, shard in shard_order(list_shards(cfg.data.train_shards), cfg.seed, 1):
-        for r in read_shard(shard, cfg.data.max_member_bytes):
-            records += 1
-            feats += [mod.fit_features(mod.decode_bytes(e, b)) for e, b in r.fields.items() if e in mod.keys]
-            if records >= cfg.data.fit_records:
-                break
-        if records >= cfg.data.fit_records:
-            break
+    order = [s for _, s in shard_order(list_shards(cfg.data.train_shards), cfg.seed, 1)]
+    feats = _decoded(cfg.data, order, mod, cfg.data.fit_records, convert=mod.fit_features)
     torch.set_num_threads(os.cpu_count() or 1)
     steps = [0]
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from pathlib import Path
 from omnistream.common.errors import UserError
 from omnistream.common.private import private_dir
 from omnistream.tracking.server import (
+    listener_pid,
     process_group,
     reap,
     start_tracking_server,
@@ -45,13 +46,11 @@ def port_holder(port: int) -> str:
     """Who listens on `port`, as ' (pid N, name)' where the OS tells us, else ''."""
     import psutil
 
+    pid = listener_pid(port)
     try:
-        for c in psutil.net_connections(kind="inet"):
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
-                return f" (pid {c.pid}, {psutil.Process(c.pid).name()})"
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        pass
-    return ""
+        return f" (pid {pid}, {psutil.Process(pid).name()})" if pid else ""
+    except psutil.Error:
+        return f" (pid {pid})"
 
 
 def _port_taken(port: int) -> bool:

@@ -155,11 +155,12 @@ def fit_one(mod, features: list, cpus: int = 0, wait_s: float = FIT_WAIT_S) -> t
         wants = {**wants, "num_cpus": _cpus_given_back(want, wait_s)}
     log.info("training the %s tokenizer as a Ray task with %s", mod.name, wants)
     mod, report, took = ray.get(_train_fit.options(**wants).remote(mod, features))
+    rate = took["steps"] / max(took["seconds"], 1e-9)
     log.info("trained the %s tokenizer with %d threads: %d steps in %.0f s (%.2f steps/s)", mod.name,
-             took["threads"], took["steps"], took["seconds"], took["steps"] / max(took["seconds"], 1e-9))
+             took["threads"], took["steps"], took["seconds"], rate)
     report = dict(report or {})
     report["summary"] = {**report.get("summary", {}), "threads": took["threads"], "fit_seconds": took["seconds"],
-                         "steps_per_s": took["steps"] / max(took["seconds"], 1e-9)}
+                         "steps_per_s": rate}
     return mod, report
 
 

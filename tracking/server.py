@@ -57,7 +57,7 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
         if healthy:
             # the port was free when picked, then released for MLflow to bind: whoever bound it in between
             # would answer here and receive the jobs' data (and, with auth, their password)
-            owner = _listener(port)
+            owner = listener_pid(port)
             if owner not in _process_tree(p.pid):
                 stop_tracking_server({"pid": p.pid, "dir": str(root)})
                 raise UserError(f"port {port} on {host} was taken by another process ({owner or 'not ours'}) before "
@@ -70,7 +70,7 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
                     f"(its log: {root / 'server.log'})")
 
 
-def _listener(port: int) -> int | None:
+def listener_pid(port: int) -> int | None:
     """The pid listening on `port`, where the OS tells us (another user's process is not shown)."""
     import psutil
 
