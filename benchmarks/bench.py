@@ -76,7 +76,8 @@ def stream_rows(cfg, vocab, n_rows: int) -> dict:
     once fed its plain loop, are fuller and sorted by length: fewer, longer documents per row make fewer
     attention buckets, so the baseline ran on easier rows than the run it was compared with.)"""
     from omnistream.pipelines.cache import open_cache
-    from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
+    from omnistream.pipelines.plan import plan_windows, window_size
+    from omnistream.pipelines.rows import WindowRows
 
     shards = list_shards(cfg.data.train_shards)
     cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
@@ -292,7 +293,8 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
     import tempfile
 
     import numpy as np
-    from omnistream.pipelines.rows import WindowRows, plan_windows, window_size
+    from omnistream.pipelines.plan import plan_windows, window_size
+    from omnistream.pipelines.rows import WindowRows
 
     cfg = cfg.resolved_paths()
     torch.set_num_threads(1)

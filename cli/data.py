@@ -71,26 +71,19 @@ def tokenize(args) -> int:
     from omnistream.common.errors import ErrorRateExceeded
     from omnistream.configs import load_config
     from omnistream.modalities.vocab import Vocabulary
-    from omnistream.pipelines.cache import open_cache
-    from omnistream.pipelines.shards import list_shards
-    from omnistream.pipelines.tokenize import build_cache, require_data
-
-    from omnistream.pipelines.sources import source_data
+    from omnistream.pipelines.plan import fill_caches, open_sources
 
     cfg = load_config(args.config, args.overrides).resolved_paths()
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
-    todo = [(name, source_data(cfg.data, name, src) if cfg.data.sources else cfg.data)
-            for name, src in cfg.data.source_items()]
-    caches = [(name, dcfg, list_shards(dcfg.train_shards)) for name, dcfg in todo]
-    caches = [(name, dcfg, sh, open_cache(dcfg, vocab.fingerprint, cfg.seed, sh)) for name, dcfg, sh in caches]
+    sources = open_sources(cfg.data, vocab.fingerprint, cfg.seed)  # no shards, another cache: before Ray starts
     connect(cfg.cluster.address, cfg.cluster.local_cpus)
-    for name, dcfg, shards, cache in caches:
-        try:
-            built = build_cache(dcfg, cfg.modalities, cfg.seed, cache)
-        except ErrorRateExceeded as e:
-            raise UserError(str(e)) from None
-        tally = require_data(cache, shards)
-        print(f"{f'source {name}: ' if cfg.data.sources else ''}token cache {built['url']}: {built['shards']} shards "
+    try:
+        fill_caches(sources, cfg.modalities, cfg.seed)
+    except ErrorRateExceeded as e:
+        raise UserError(str(e)) from None
+    for src in sources:
+        built, tally = src.built, src.tally
+        print(f"{f'source {src.name}: ' if src.named else ''}token cache {built['url']}: {built['shards']} shards "
               f"({built['already_cached']} already cached, {built['tokenized']} tokenized in {built['seconds']:.1f} s); "
               f"{tally.seen} records: {tally.kept} kept, {sum(tally.filtered.values())} filtered, "
               f"{sum(tally.errored.values())} errored")
@@ -103,9 +96,8 @@ def inspect(args) -> int:
     from omnistream.cluster.connect import connect
     from omnistream.configs import load_config
     from omnistream.pipelines.inspect import format_report, inspect_shards
+    from omnistream.pipelines.plan import source_data
     from omnistream.pipelines.shards import list_shards
-
-    from omnistream.pipelines.sources import source_data
 
     cfg = load_config(args.config, args.overrides).resolved_paths()
     if args.shards:

@@ -55,8 +55,11 @@ class TrainResult:
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     """Resolve paths, load the vocabulary and size the model from it; all user mistakes surface here."""
     from omnistream.pipelines.shards import list_shards
+    from omnistream.training.evaluate import task_kind
 
     cfg = cfg.resolved_paths()
+    for task in cfg.eval.tasks.values():  # an unknown kind is said before any cluster starts
+        task_kind(task.kind)
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
     cfg.model.vocab_size = vocab.size
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.seq_len)
@@ -205,11 +208,11 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
 
     # 1. tokenize once: the shards not yet in each source's token cache; 2. plan the row stream
     try:
-        data = _plan_data(cfg, vocab, tracker)
+        plan = _plan_data(cfg, vocab, tracker)
     except (ErrorRateExceeded, UserError) as e:
         _end_run(tracker, "FAILED")
         raise UserError(str(e)) from None
-    tally, stream = data["tally"], data["stream"]
+    tally, stream = plan.tally, plan.settings
 
     # 3. train; after a failure, again from the newest complete checkpoint (train.max_failures times)
     name = f"{cfg.name}-{run_id[:12]}"
@@ -219,7 +222,7 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
         ledger = _ledger(tally)
         try:
             result = _fit(run_cfg, run_id, name + (f"-retry{attempt}" if attempt else ""), ledger, resume, universal,
-                          stream, data, start)
+                          stream, plan, start)
             break
         except Exception as e:  # noqa: BLE001 - a worker's failure, retried from a checkpoint or reported
             newest = _newest_checkpoint(cfg.cluster.storage_path, name)
@@ -233,13 +236,13 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
             _end_run(tracker, "FAILED")
             raise RuntimeError(f"training failed: {_root_message(e)}") from e
     tally = ray.get(ledger.snapshot.remote())
-    report = _report(tally, data["sources"])
+    report = _report(tally, plan.per_source)
     ckpt = result.checkpoint.path if result.checkpoint else None
     if ckpt and is_remote(cfg.cluster.storage_path) and not is_remote(ckpt):  # Ray's path inside its filesystem
         ckpt = f"{cfg.cluster.storage_path.split('://', 1)[0]}://{ckpt}"
     metrics, digest = {}, None
     try:  # the run is trained and saved: a tracking store failing now is a warning, not a failed run
-        _log_data(tracker, tally, int((result.metrics or {}).get("step", 0)), data["sources"])
+        _log_data(tracker, tally, int((result.metrics or {}).get("step", 0)), plan.per_source)
         if ckpt:
             tracker.set_tag("omnistream.checkpoint", ckpt)
         _end_run(tracker, "FINISHED")
@@ -258,74 +261,34 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
     return TrainResult(run_id, tracker.uri, metrics, ckpt, report, time.time() - t0, kept, digest, tracker)
 
 
-def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker) -> dict:
-    """Tokenize what each source's token cache lacks, then plan the row stream: one source's epochs of seeded
-    shard order cut into packing windows, or every named source's, with their reading order
-    (pipelines/sources.py). Returns the accounting (all sources together, and per source), the stream's
-    settings (what a resume must match) and what build_train_stream needs."""
-    from omnistream.pipelines.accounting import Tally
-    from omnistream.pipelines.cache import key_digest, open_cache
-    from omnistream.pipelines.rows import plan_windows, stream_settings, window_size
-    from omnistream.pipelines.shards import list_shards, shard_order
-    from omnistream.pipelines.sources import plan_stream, source_data
-    from omnistream.pipelines.tokenize import build_cache, require_data
+def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker):
+    """Fill every source's token cache (tokenizing what it lacks), then plan the row stream
+    (pipelines/plan.py); the cache figures go to the tracking run."""
+    from omnistream.pipelines.plan import fill_caches, open_sources, plan_stream
 
-    names, configs, shards, caches, metas, per_source = [], [], [], [], [], {}
-    tally = Tally()
-    for name, src in cfg.data.source_items():
-        dcfg = source_data(cfg.data, name, src) if cfg.data.sources else cfg.data
-        sh = list_shards(dcfg.train_shards)
-        cache = open_cache(dcfg, vocab.fingerprint, cfg.seed, sh)
-        try:
-            built = build_cache(dcfg, cfg.modalities, cfg.seed, cache)
-            done, _ = cache.status(sh)  # the completion records, read once for the accounting and the plan
-            t = require_data(cache, sh, done)
-        except ErrorRateExceeded:
-            _log_data(tracker, cache.tally(sh), 0)
-            raise
-        except UserError as e:
-            raise UserError(f"source {name!r}: {e}" if cfg.data.sources else str(e)) from None
-        tracker.log({"data/cache/shards_tokenized": built["tokenized"], "data/cache/shards_reused": built["already_cached"],
-                     "data/cache/seconds": built["seconds"]} if not cfg.data.sources else
-                    {f"data/cache/{name}/shards_tokenized": built["tokenized"],
-                     f"data/cache/{name}/shards_reused": built["already_cached"]}, 0)
-        log.info("token cache %s%s: %d shards reused, %d tokenized (%d records, %.1f s)", built["url"],
-                 f" (source {name})" if cfg.data.sources else "", built["already_cached"], built["tokenized"],
-                 built["records"], built["seconds"])
-        tally.add(t)
-        per_source[name] = t
-        names.append(name), configs.append(src), shards.append(sh), caches.append(cache), metas.append(done)
-
-    unconsumed = tally.unconsumed_line()
+    sources = open_sources(cfg.data, vocab.fingerprint, cfg.seed)
+    try:
+        fill_caches(sources, cfg.modalities, cfg.seed)
+    except ErrorRateExceeded as e:
+        _log_data(tracker, e.tally, 0)
+        raise
+    for src in sources:
+        b = src.built
+        tracker.log({f"data/cache/{src.name}/shards_tokenized": b["tokenized"],
+                     f"data/cache/{src.name}/shards_reused": b["already_cached"]} if src.named else
+                    {"data/cache/shards_tokenized": b["tokenized"], "data/cache/shards_reused": b["already_cached"],
+                     "data/cache/seconds": b["seconds"]}, 0)
+    train = cfg.train
+    # the schedule counts steps in the global batch the run started with: a resume keeps its figure
+    rows_per_step = cfg.cluster.num_workers * train.micro_batch_size * train.grad_accum
+    if cfg.data.sources and train.resume_from:
+        position = read_data_position(local_copy(train.resume_from))
+        rows_per_step = position["stream"].get("rows_per_step", rows_per_step)
+    plan = plan_stream(cfg.data, sources, cfg.seed, train.steps, rows_per_step, train.micro_batch_size)
+    unconsumed = plan.tally.unconsumed_line()
     if unconsumed:  # said once a run, here; counted in the report as data/unconsumed/<ext>
         log.warning("%s", unconsumed)
-    t = cfg.train
-    if not cfg.data.sources:
-        plan = shard_order(shards[0], cfg.seed, cfg.data.epochs)
-        windows = plan_windows(plan, {s: m["rows"] for s, m in metas[0].items()}, window_size(cfg.data))
-        stream = stream_settings(cfg.data, cfg.seed, t.micro_batch_size, key_digest(caches[0].key))
-        return {"tally": tally, "sources": per_source, "stream": stream, "url": caches[0].url, "plan": plan,
-                "windows": windows, "mixed": None}
-    # the schedule counts steps in the global batch the run started with: a resume keeps its figure
-    rows_per_step = cfg.cluster.num_workers * t.micro_batch_size * t.grad_accum
-    if cfg.train.resume_from:
-        rows_per_step = read_data_position(local_copy(cfg.train.resume_from))["stream"].get("rows_per_step",
-                                                                                            rows_per_step)
-    plans, windows, items = plan_stream(names, configs, shards, caches, metas, cfg.seed, window_size(cfg.data),
-                                        t.steps, rows_per_step * cfg.data.seq_len)
-    stream = stream_settings(cfg.data, cfg.seed, t.micro_batch_size, "")
-    stream.pop("token_cache")
-    stream.update(rows_per_step=rows_per_step, sources={
-        n: {"token_cache": key_digest(c.key), **src.model_dump(mode="json", include={"weight", "exhausted", "epochs"})}
-        for n, c, src in zip(names, caches, configs)})
-    mixed = {"names": names, "sources": [(c.url, p) for c, p in zip(caches, plans)],
-             "configs": [src.model_dump(mode="json") for src in configs], "windows": [len(w) for w in windows],
-             "items": items, "rows_per_step": rows_per_step}
-    log.info("%d sources: %s", len(names), ", ".join(
-        f"{n} ({len(sh)} shards, {len(w)} windows over {p[-1][0] + 1 if p else 0} epochs)"
-        for n, sh, w, p in zip(names, shards, windows, plans)))
-    return {"tally": tally, "sources": per_source, "stream": stream, "url": "", "plan": [], "windows": [],
-            "mixed": mixed}
+    return plan
 
 
 def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
@@ -362,7 +325,7 @@ def _ledger(tally):
     return ledger
 
 
-def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, data, start):
+def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, plan, start):
     """One Ray Train run of the worker group over the stream from `start`."""
     import ray.train
     from omnistream.common import logs
@@ -372,11 +335,10 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
     from .backend import BoundTorchConfig, OrderedSplit
     from .connect import WORKER_ENV
 
-    t = cfg.train
-    mixed = data["mixed"] and {**data["mixed"], "state": start.state}
-    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, data["url"], data["plan"], data["windows"],
-                            unit_rows=t.micro_batch_size * t.grad_accum, mix_rows=t.micro_batch_size,
-                            start=start, ledger=ledger, mixed=mixed)
+    train = cfg.train
+    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, plan,
+                            unit_rows=train.micro_batch_size * train.grad_accum, mix_rows=train.micro_batch_size,
+                            start=start, ledger=ledger)
     trainer = TorchTrainer(
         train_worker,
         torch_config=BoundTorchConfig(),
@@ -387,7 +349,7 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources}),
         run_config=ray.train.RunConfig(
             name=name, **_storage(cfg.cluster.storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),  # retried by run_training, from a checkpoint
             worker_runtime_env={"env_vars": {**WORKER_ENV, **logs.inherited()}}),
         datasets={"train": ds},
@@ -427,10 +389,10 @@ def _interruptible(fn):
         except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
             box["error"] = e
 
-    t = threading.Thread(target=target, name="omnistream-fit", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.5)
+    thread = threading.Thread(target=target, name="omnistream-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
     if "error" in box:
         raise box["error"]
     return box["result"]

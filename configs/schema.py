@@ -76,6 +76,10 @@ class TrackingConfig(_Section):
 
 class EvalTask(_Section):
     """A cross-modal task: prompt with one modality of a held-out record, generate another, check the answer."""
+    kind: str = Field("generate", description="what the task does: generate (prompt with `prompt`, generate `target`, "
+                      "match the answer against `label_field`), or a kind a package registers under the "
+                      "omnistream.eval_tasks entry points (training/evaluate.py, TaskKind)")
+    options: dict[str, Any] = Field(default_factory=dict, description="settings of the task's kind beyond these")
     prompt: str = Field(description="modality of the prompt, e.g. image")
     target: str = Field("text", description="modality generated as the answer, e.g. text")
     label_field: str = Field(description="field of the record's JSON (.json member) that holds the expected answer")

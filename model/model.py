@@ -12,9 +12,10 @@ Pieces, and why:
 - SwiGLU MLP with hidden = 8/3·d rounded up to a multiple of 64: same params
   as a 4·d GELU MLP, better loss per FLOP (Shazeer 2020).
 - Causal, document-masked attention: a token sees only earlier tokens of its
-  own document, so packing never leaks context. Three ways compute it
-  (`GPTConfig.attention`), none but the reference builds a T×T mask:
-  FlexAttention on CUDA, length-bucketed causal SDPA ("varlen") elsewhere.
+  own document, so packing never leaks context. Three kernels compute it
+  (ATTENTION_KERNELS, picked by `GPTConfig.attention`), none but the dense
+  reference builds a T×T mask: FlexAttention on CUDA, length-bucketed causal
+  SDPA ("varlen") elsewhere.
 - A KV cache for generation: each new token costs one token's forward.
 - Tied input/output embeddings: with ~1k-token vocabularies and small widths
   this halves the embedding parameters at no measurable cost.
@@ -101,25 +102,21 @@ class Block(nn.Module):
 
 
 # ---- document-masked attention -------------------------------------------------------------------
-# A packed row holds many documents, and a token may see only earlier tokens of its own document. Three
-# ways compute exactly that (tests/unit/test_attention.py holds them to 1e-5 in loss and gradients):
-#   dense   SDPA with a (B, 1, T, T) bool mask. The reference: the mask is T² per row (64 MB at T = 8k)
-#           and an explicit mask makes SDPA give up its flash kernels.
-#   varlen  every document cut out of the row, documents grouped into length buckets (25% apart), and
-#           each bucket run as one batch of causal SDPA with no mask (the flash kernel, on CPU too).
-#           Padding a document at its END is exact under causality: no real query sees a later pad.
-#           Memory is linear in T and compute is sum(L_doc²), not T². The path on CPU.
-#   flex    FlexAttention with a block mask built from doc_ids: key blocks no query can see are
-#           skipped and nothing T×T exists. The path on CUDA (compiled once per process).
-# Document ids are as pipelines/packing.py writes them: a document is a run of equal ids in a row.
-MIN_BUCKET = 16  # finest bucket step: below this, more SDPA calls cost more than the padding they save
+# A packed row holds many documents, and a token may see only earlier tokens of its own document. Each way
+# of computing exactly that is one kernel class with two static methods, `layout(doc_ids)` (worked out once
+# per forward, shared by every layer) and `attend(q, k, v, layout, dropout)`, registered by name in
+# ATTENTION_KERNELS; `GPTConfig.attention` picks one by that name (model/config.py lists the names, so that
+# a config is checked without torch). tests/unit/test_attention.py holds every registered kernel to the
+# dense reference, 1e-5 in loss and gradients. Document ids are as pipelines/packing.py writes them: a
+# document is a run of equal ids in a row.
+MIN_BUCKET = 16  # finest varlen bucket step: below this, more SDPA calls cost more than the padding they save
 
 
 @dataclass
 class Layout:
     """Where the documents of a batch are, worked out once per forward and shared by every layer."""
-    kind: str                                        # dense | varlen | flex | cached
-    mask: torch.Tensor | None = None                 # dense, cached: (B, 1, T, S) bool, True = may attend
+    kernel: type                                     # the kernel class that made it (and attends with it)
+    mask: torch.Tensor | None = None                 # dense: (B, 1, T, S) bool, True = may attend
     buckets: list = field(default_factory=list)      # varlen: [(index (n, L) into the B·T tokens, real slots)]
     order: torch.Tensor | None = None                # varlen: puts the buckets' outputs back in row order
     block_mask: object = None                        # flex: torch's BlockMask
@@ -137,73 +134,105 @@ def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same_doc).unsqueeze(1)
 
 
-def varlen_layout(doc_ids: torch.Tensor) -> Layout:
-    """Documents as runs of equal ids, bucketed by length rounded up to a quarter of its power of two
-    (257..320 -> 320), in steps of at least 16: at most 25% padding above 64 tokens (at most 1.56x the
-    attention FLOPs of exact lengths), in a few SDPA calls instead of one per document."""
-    B, T = doc_ids.shape
-    flat = doc_ids.reshape(-1)
-    starts_doc = torch.ones_like(flat, dtype=torch.bool)
-    starts_doc[1:] = flat[1:] != flat[:-1]
-    starts_doc[::T] = True  # a row always starts a document, even if the last one had the same id
-    starts = starts_doc.nonzero().squeeze(1)
-    lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
-    octave = torch.exp2(torch.floor(torch.log2(lengths.double()))).long()
-    step = (octave // 4).clamp(min=MIN_BUCKET)
-    sizes = (lengths + step - 1) // step * step
-    buckets, picked = [], []
-    for size in sizes.unique().tolist():
-        sel = sizes == size
-        s, n = starts[sel], lengths[sel]
-        ar = torch.arange(size, device=flat.device)
-        valid = ar < n[:, None]
-        index = torch.where(valid, s[:, None] + ar, s[:, None])  # pads read the document's first token
-        buckets.append((index, valid.flatten().nonzero().squeeze(1)))  # and are dropped after attention
-        picked.append(index[valid])
-    return Layout("varlen", buckets=buckets, order=torch.argsort(torch.cat(picked)))
+class DenseAttention:
+    """The reference: SDPA with a (B, 1, T, T) bool mask. The mask is T² per row (64 MB at T = 8k) and an
+    explicit mask makes SDPA give up its flash kernels. Generation's cached steps attend this way too, with
+    the (B, 1, T, S) mask of the new tokens over every cached key (KVCache.extend)."""
+
+    @staticmethod
+    def layout(doc_ids: torch.Tensor) -> Layout:
+        return Layout(DenseAttention, mask=attention_mask(doc_ids))
+
+    @staticmethod
+    def attend(q, k, v, layout: Layout, dropout: float = 0.0) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout).transpose(1, 2)
 
 
-def flex_layout(doc_ids: torch.Tensor) -> Layout:
-    def causal_same_doc(b, h, q, kv):
-        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+class VarlenAttention:
+    """Every document cut out of the row, documents grouped into length buckets (25% apart), and each bucket
+    run as one batch of causal SDPA with no mask (the flash kernel, on CPU too). Padding a document at its
+    END is exact under causality: no real query sees a later pad. Memory is linear in T and compute is
+    sum(L_doc²), not T². The path on CPU."""
 
-    B, T = doc_ids.shape
-    return Layout("flex", block_mask=_flex()[1](causal_same_doc, B, None, T, T, device=doc_ids.device))
+    @staticmethod
+    def layout(doc_ids: torch.Tensor) -> Layout:
+        """Documents as runs of equal ids, bucketed by length rounded up to a quarter of its power of two
+        (257..320 -> 320), in steps of at least 16: at most 25% padding above 64 tokens (at most 1.56x the
+        attention FLOPs of exact lengths), in a few SDPA calls instead of one per document."""
+        B, T = doc_ids.shape
+        flat = doc_ids.reshape(-1)
+        starts_doc = torch.ones_like(flat, dtype=torch.bool)
+        starts_doc[1:] = flat[1:] != flat[:-1]
+        starts_doc[::T] = True  # a row always starts a document, even if the last one had the same id
+        starts = starts_doc.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=starts.new_tensor([flat.numel()]))
+        octave = torch.exp2(torch.floor(torch.log2(lengths.double()))).long()
+        step = (octave // 4).clamp(min=MIN_BUCKET)
+        sizes = (lengths + step - 1) // step * step
+        buckets, picked = [], []
+        for size in sizes.unique().tolist():
+            sel = sizes == size
+            s, n = starts[sel], lengths[sel]
+            ar = torch.arange(size, device=flat.device)
+            valid = ar < n[:, None]
+            index = torch.where(valid, s[:, None] + ar, s[:, None])  # pads read the document's first token
+            buckets.append((index, valid.flatten().nonzero().squeeze(1)))  # and are dropped after attention
+            picked.append(index[valid])
+        return Layout(VarlenAttention, buckets=buckets, order=torch.argsort(torch.cat(picked)))
+
+    @staticmethod
+    def attend(q, k, v, layout: Layout, dropout: float = 0.0) -> torch.Tensor:
+        B, H, T, D = q.shape
+        # one gather per bucket for q, k and v together: (B·T, 3, H, D) rows, picked by token index
+        qkv = torch.stack((q, k, v), dim=2).permute(0, 3, 2, 1, 4).reshape(B * T, 3, H, D)
+        outs = []
+        for index, keep in layout.buckets:
+            n, L = index.shape
+            qb, kb, vb = qkv.index_select(0, index.flatten()).view(n, L, 3, H, D).permute(2, 0, 3, 1, 4)  # (n, H, L, D)
+            y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout)
+            outs.append(y.transpose(1, 2).reshape(n * L, H, D).index_select(0, keep))  # real tokens only
+        return torch.cat(outs).index_select(0, layout.order).view(B, T, H, D)
 
 
-_FLEX = None
+class FlexAttention:
+    """FlexAttention with a block mask built from doc_ids: key blocks no query can see are skipped and
+    nothing T×T exists. The path when training on CUDA (compiled once per process); no dropout."""
+    cpu_backward = False  # torch 2.14's CPU form has no backward: the parity test checks its forward there
+    _compiled = None
+
+    @staticmethod
+    def _flex():
+        """(flex_attention, create_block_mask), compiled on CUDA: uncompiled, the first is a slow reference
+        that materialises the scores and the second materialises the whole mask before blocking it."""
+        if FlexAttention._compiled is None:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            if torch.cuda.is_available():
+                flex_attention, create_block_mask = torch.compile(flex_attention), torch.compile(create_block_mask)
+            FlexAttention._compiled = (flex_attention, create_block_mask)
+        return FlexAttention._compiled
+
+    @staticmethod
+    def layout(doc_ids: torch.Tensor) -> Layout:
+        def causal_same_doc(b, h, q, kv):
+            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+        B, T = doc_ids.shape
+        block_mask = FlexAttention._flex()[1](causal_same_doc, B, None, T, T, device=doc_ids.device)
+        return Layout(FlexAttention, block_mask=block_mask)
+
+    @staticmethod
+    def attend(q, k, v, layout: Layout, dropout: float = 0.0) -> torch.Tensor:
+        return FlexAttention._flex()[0](q, k, v, block_mask=layout.block_mask).transpose(1, 2)
 
 
-def _flex():
-    """(flex_attention, create_block_mask), compiled on CUDA: uncompiled, the first is a slow reference
-    that materialises the scores and the second materialises the whole mask before blocking it."""
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        if torch.cuda.is_available():
-            flex_attention, create_block_mask = torch.compile(flex_attention), torch.compile(create_block_mask)
-        _FLEX = (flex_attention, create_block_mask)
-    return _FLEX
+# name -> kernel; a new kernel is one class above and one entry here (and its name in config.ATTENTION)
+ATTENTION_KERNELS: dict[str, type] = {"dense": DenseAttention, "varlen": VarlenAttention, "flex": FlexAttention}
 
 
 def attend(q, k, v, layout: Layout, dropout: float = 0.0) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H, S, D) as the layout allows; returns (B, T, H, D)."""
-    if layout.kind in ("dense", "cached"):
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout)
-        return y.transpose(1, 2)
-    if layout.kind == "flex":
-        return _flex()[0](q, k, v, block_mask=layout.block_mask).transpose(1, 2)
-    B, H, T, D = q.shape
-    # one gather per bucket for q, k and v together: (B·T, 3, H, D) rows, picked by token index
-    qkv = torch.stack((q, k, v), dim=2).permute(0, 3, 2, 1, 4).reshape(B * T, 3, H, D)
-    outs = []
-    for index, keep in layout.buckets:
-        n, L = index.shape
-        qb, kb, vb = qkv.index_select(0, index.flatten()).view(n, L, 3, H, D).permute(2, 0, 3, 1, 4)  # (n, H, L, D)
-        y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout)
-        outs.append(y.transpose(1, 2).reshape(n * L, H, D).index_select(0, keep))  # real tokens only
-    return torch.cat(outs).index_select(0, layout.order).view(B, T, H, D)
+    return layout.kernel.attend(q, k, v, layout, dropout)
 
 
 class KVCache:
@@ -231,7 +260,7 @@ class KVCache:
         qpos = torch.arange(self.start, self.length, device=doc_ids.device)
         visible = torch.arange(self.length, device=doc_ids.device)[None, :] <= qpos[:, None]  # (T, S)
         same = self.doc[:, None, :self.length] == doc_ids[:, :, None]                     # (B, T, S)
-        return Layout("cached", mask=(same & visible).unsqueeze(1))
+        return Layout(DenseAttention, mask=(same & visible).unsqueeze(1))
 
     def store(self, layer: int, k, v):
         self.k[layer, :, :, self.start:self.length] = k
@@ -279,10 +308,7 @@ class GPT(nn.Module):
         return kind
 
     def layout(self, doc_ids: torch.Tensor) -> Layout:
-        kind = self.attention_kind(doc_ids.device, self.training)
-        if kind == "dense":
-            return Layout("dense", mask=attention_mask(doc_ids))
-        return flex_layout(doc_ids) if kind == "flex" else varlen_layout(doc_ids)
+        return ATTENTION_KERNELS[self.attention_kind(doc_ids.device, self.training)].layout(doc_ids)
 
     def forward(self, input_ids, position_ids, doc_ids, labels=None, cache: KVCache | None = None):
         """Logits (B, T, V); with labels also the mean loss and the per-token loss (B, T), 0 where ignored.

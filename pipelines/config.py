@@ -95,10 +95,8 @@ class DataConfig(BaseModel):
             return [s for _, src in sorted(self.sources.items()) for s in src.shards]
         return list(self.train_shards)
 
-    def source_items(self) -> list[tuple[str, object]]:
+    def source_items(self) -> list[tuple[str, SourceConfig]]:
         """(name, SourceConfig) of the named sources, by name; the one-source shorthand as "train"."""
         if self.sources:
             return sorted(self.sources.items())
-        from .sources import SourceConfig
-
         return [("train", SourceConfig(shards=self.train_shards))]

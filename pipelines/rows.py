@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omnistream.common.errors import DataResumeMismatch
@@ -33,7 +34,11 @@ from .cache import TokenCache
 from .config import DataConfig
 from .context import data_context
 from .documents import make_document, record_rng
+from .sources import Interleave, resume_items
 from .stream import RETRIES, PackRows
+
+if TYPE_CHECKING:
+    from .plan import StreamPlan
 
 ROW_COLUMNS = ("win", "row", "pos")  # beside packing.COLUMNS and "keys"
 
@@ -50,36 +55,6 @@ class StreamStart:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def plan_windows(plan: list[tuple[int, str]], docs: dict[str, int], size: int) -> list[list[list[int]]]:
-    """Cut the plan's documents, in order, into windows of `size` documents (the last may be shorter)."""
-    windows, cur, n = [], [], 0
-    for i, (_, shard) in enumerate(plan):
-        a, total = 0, docs[shard]
-        while a < total:
-            take = min(size - n, total - a)
-            cur.append([i, a, a + take])
-            n, a = n + take, a + take
-            if n == size:
-                windows.append(cur)
-                cur, n = [], 0
-    if cur:
-        windows.append(cur)
-    return windows
-
-
-def window_size(cfg: DataConfig) -> int:
-    return cfg.mix.window if cfg.mix.on else cfg.pack_window
-
-
-def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str) -> dict:
-    """What the row stream depends on beyond the cache; a resume under other settings is refused."""
-    s = {"token_cache": cache_digest, "seed": seed, "seq_len": cfg.seq_len, "window": window_size(cfg),
-         "modality_order": cfg.modality_order, "mix": cfg.mix.model_dump(mode="json")}
-    if cfg.mix.on:
-        s["mix_rows"] = mix_rows
-    return s
 
 
 class WindowRows:
@@ -173,27 +148,21 @@ class Positions:
         return batch
 
 
-def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, url: str,
-                       plan: list[tuple[int, str]], windows: list, unit_rows: int, mix_rows: int,
-                       start: StreamStart | None = None, ledger=None, mixed: dict | None = None):
-    """The training rows from window `start.window` on, in blocks of `unit_rows` rows.
-
-    `mixed`: named sources (pipelines/sources.py), {"sources": [(cache url, plan)], "configs": [SourceConfig
-    dicts], "windows": [windows per source], "items": [window items in reading order], "rows_per_step": the
-    global batch, "state": the interleaving state a resume starts from (None: the start)}; `url`, `plan` and
-    `windows` are then unused."""
+def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan: StreamPlan,
+                       unit_rows: int, mix_rows: int, start: StreamStart | None = None, ledger=None):
+    """The training rows of a planned stream (plan.plan_stream) from `start` on, in blocks of `unit_rows`
+    rows. Named sources (plan.mixed) resume from `start.state`, the interleaving state."""
     import ray
-
-    from .sources import Interleave, resume_items
 
     start = start or StreamStart()
     data_context()  # the trainer logs its own progress
     extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
-    kwargs = {"url": url, "bundle_dir": cfg.bundle_dir, "modalities": modalities, "cfg": cfg, "seed": seed,
-              "plan": plan, "mix_rows": mix_rows, "start": start.to_json(), "ledger": ledger}
+    mixed, windows = plan.mixed, plan.windows
+    kwargs = {"url": plan.url, "bundle_dir": cfg.bundle_dir, "modalities": modalities, "cfg": cfg, "seed": seed,
+              "plan": plan.plan, "mix_rows": mix_rows, "start": start.to_json(), "ledger": ledger}
     if mixed:
-        items, skip = resume_items(mixed["items"], mixed.get("state"))
-        kwargs.update(start=None, sources=mixed["sources"], skip=skip)
+        items, skip = resume_items(mixed.items, start.state)
+        kwargs.update(start=None, sources=mixed.caches, skip=skip)
     else:
         items = [{"window": k, "ranges": json.dumps(w)} for k, w in enumerate(windows) if k >= start.window]
     if not items:
@@ -206,9 +175,9 @@ def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, 
     # number rows from the start again (the Trainer's order check would stop the run; the run then
     # retries from its checkpoint)
     if mixed:
-        stage, args = Interleave, {"sources": mixed["configs"], "windows": mixed["windows"],
-                                   "rows_per_step": mixed["rows_per_step"], "unit": mix_rows if cfg.mix.on else 1,
-                                   "start": {"position": start.position, **(mixed.get("state") or {})}}
+        stage, args = Interleave, {"sources": mixed.configs, "windows": mixed.windows,
+                                   "rows_per_step": mixed.rows_per_step, "unit": mix_rows if cfg.mix.on else 1,
+                                   "start": {"position": start.position, **(start.state or {})}}
     else:
         stage, args = Positions, {"start": start.position}
     ds = ds.map_batches(stage, fn_constructor_kwargs=args, batch_size=None,

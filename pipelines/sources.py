@@ -24,8 +24,8 @@ batch in rows as it started (workers x micro_batch_size x grad_accum); a resume 
 workers keeps that global batch where it can (cluster/driver.resume_plan), and the schedule is counted
 in the original steps either way, so the stream is the same.
 
-When a source runs out: `repeat` starts its next epoch (a new seeded shard order; the planner plans as
-many epochs as train.steps can use at the source's largest share, counted as if every `stop` source had
+When a source runs out: `repeat` starts its next epoch (a new seeded shard order; the planner (plan.py) plans
+as many epochs as train.steps can use at the source's largest share, counted as if every `stop` source had
 left, so it never runs out first); `stop` takes it out of the mix
 after its `epochs` passes, and the others share its weight. When no source with a positive weight is
 left, the stream ends.
@@ -116,15 +116,6 @@ def largest_share(s: int, sources: list[SourceConfig]) -> float:
             staying = sum(src.weight_at(t) for i, src in enumerate(sources) if src.exhausted == "repeat" or i == s)
             share = max(share, min(1.0, w / staying))
     return share
-
-
-def epochs_needed(src: SourceConfig, source_tokens: int, share: float, steps: int, step_tokens: int) -> int:
-    """Epochs to plan for a source: `stop` its own `epochs`; `repeat` as many as `steps` steps of
-    `step_tokens` tokens can take from it at its largest share (largest_share), plus one: a `repeat` source
-    never runs out before train.steps."""
-    if src.exhausted == "stop":
-        return src.epochs
-    return max(1, math.ceil(steps * step_tokens * share / max(source_tokens, 1)) + 1)
 
 
 def submission_order(windows: list[list], tokens_per_window: list[list[float]], sources: list[SourceConfig],
@@ -226,55 +217,6 @@ class Interleave:
 
     def exhausted(self, s: int) -> bool:
         return not self.buf[s] and self.seen[s] >= self.windows[s] - 1
-
-
-# ---- planning (driver) ----------------------------------------------------------------------------------------
-
-def source_data(cfg, name: str, src: SourceConfig):
-    """The DataConfig one source is tokenized under: its shards, its quality filters and limits over the
-    data section's, and its own token cache (data.token_cache/<name> when a path is named; "auto" keys it)."""
-    quality = {m: dict(q) for m, q in cfg.quality.items()}
-    for m, q in src.quality.items():
-        quality[m] = {**quality.get(m, {}), **q}
-    limits = type(cfg.limits)(**{**cfg.limits.model_dump(), **src.limits})
-    cache = cfg.token_cache if cfg.token_cache == "auto" else f"{cfg.token_cache.rstrip('/')}/{name}"
-    return cfg.model_copy(update={"train_shards": list(src.shards), "quality": quality, "limits": limits,
-                                  "token_cache": cache, "sources": {}})
-
-
-def shard_tokens(cache, shard: str, meta: dict) -> int:
-    """Tokens of a cached shard's documents, about: its ids plus 4 markers a document (bos, eos, one modality's
-    begin/end). From the completion record; a cache written before it recorded `ids` is read once."""
-    ids = meta.get("ids")
-    if ids is None:
-        t = cache.read_shard(shard, meta)
-        ids = sum(int(sum(len(x) for x in t.column(c).to_pylist() if x is not None))
-                  for c in t.column_names if c not in ("key", "claims"))
-    return int(ids) + 4 * int(meta["rows"])
-
-
-def plan_stream(names: list[str], sources: list[SourceConfig], shards: list[list[str]], caches: list,
-                metas: list[dict], seed: int, window: int, steps: int, step_tokens: int):
-    """Every source's epochs of seeded shard order cut into packing windows, and the order to read them in.
-    Returns (plans, windows, items): per source its (epoch, shard) plan and its windows (rows.plan_windows), and
-    the window items for the stream ({src, window, ranges}) in reading order."""
-    from .rows import plan_windows
-    from .shards import shard_order
-
-    plans, windows, per_window = [], [], []
-    for i, (name, src, sh, cache, meta) in enumerate(zip(names, sources, shards, caches, metas)):
-        tokens = {s: shard_tokens(cache, s, meta[s]) for s in sh}
-        docs = {s: int(meta[s]["rows"]) for s in sh}
-        epochs = epochs_needed(src, sum(tokens.values()), largest_share(i, sources), steps, step_tokens)
-        plan = shard_order(sh, seed, epochs, source=name)
-        win = plan_windows(plan, docs, window)
-        per_doc = {s: tokens[s] / max(docs[s], 1) for s in sh}
-        plans.append(plan)
-        windows.append(win)
-        per_window.append([sum((b - a) * per_doc[plan[pi][1]] for pi, a, b in w) for w in win])
-    order = submission_order(windows, per_window, sources, step_tokens)
-    items = [{"src": s, "window": j, "ranges": json.dumps(windows[s][j])} for s, j in order]
-    return plans, windows, items
 
 
 def resume_items(items: list[dict], state: dict | None) -> tuple[list[dict], dict]:

@@ -3,21 +3,25 @@
 The Evaluator runs on a plain (unsharded) copy of the model on every rank, each rank taking its
 slice of the held-out records; counts are summed across ranks with the all-reduce it is given.
 
-A task (`[eval.tasks.<name>]`, docs/architecture.md "Evaluation") prompts with one modality of a
-record, `[<bos>, <begin:prompt>, prompt ids…, <end:prompt>, <begin:target>]`, greedily generates the
-target modality, and checks the decoded answer against a field of the record's JSON with a match
-rule. Nothing here knows which modalities or corpus a run uses: the demo's digit question is
-two entries of configs/demo.toml.
+A task (`[eval.tasks.<name>]`, docs/architecture.md "Evaluation") is of a kind (`kind`, a `TaskKind` in
+TASK_KINDS or under the `omnistream.eval_tasks` entry points): the kind picks the held-out records it
+scores, counts the right answers, and draws the samples a person looks at; the Evaluator shards the records
+over the ranks and sums the counts. The first kind, "generate", prompts with one modality of a record,
+`[<bos>, <begin:prompt>, prompt ids…, <end:prompt>, <begin:target>]`, greedily generates the target
+modality, and checks the decoded answer against a field of the record's JSON with a match rule. Nothing
+here knows which modalities or corpus a run uses: the demo's digit question is two entries of
+configs/demo.toml.
 """
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
+from omnistream.common.errors import UserError
 from omnistream.common.stream import COLUMNS, label_modalities
 from omnistream.configs import EvalTask, RunConfig
 from omnistream.modalities.vocab import Vocabulary
@@ -79,7 +83,8 @@ class EvalSet:
         """From what the loader returned: {"records": [(key, labels, ids)], "rows": ..., "tally": ...}."""
         return cls([HeldOut(k, meta, ids) for k, meta, ids in held["records"]], held["rows"], held["tally"])
 
-    def for_task(self, task: EvalTask) -> list[HeldOut]:
+    def with_label(self, task: EvalTask) -> list[HeldOut]:
+        """The records that hold the task's prompt modality and its label."""
         return [r for r in self.records if task.prompt in r.ids and r.meta.get(task.label_field) is not None]
 
 
@@ -105,6 +110,108 @@ def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str,
     return out
 
 
+# ---- task kinds ------------------------------------------------------------------------------------
+@dataclass
+class TaskContext:
+    """What a task kind works with: the model (eval mode, no grad), the vocabulary, the [eval] section, the
+    task's name, and the list a sample that cannot be drawn is reported into (it never ends a run)."""
+    model: GPT
+    vocab: Vocabulary
+    settings: object                 # the config's [eval] section (EvalConfig)
+    name: str
+    errors: list[str]
+
+    def generate(self, prompts: list[list[int]], target: str, n_new: int, what: str = "") -> list:
+        """Greedy continuations restricted to `target`'s block, decoded (None where `target` cannot decode)."""
+        return _generate(self.model, self.vocab, prompts, target, n_new, self.errors, what or self.name)
+
+
+class TaskKind(Protocol):
+    """One kind of eval task. Register it in TASK_KINDS, or, from a package of its own, under the
+    `omnistream.eval_tasks` entry points; `[eval.tasks.<name>] kind = "<its name>"` picks it, and its own
+    settings are the task's `options`. tests/integration/test_stages.py runs every registered kind."""
+
+    def records(self, data: EvalSet, task: EvalTask) -> list[HeldOut]:
+        """The held-out records the task scores, in a fixed order (the Evaluator deals them to the ranks)."""
+        ...
+
+    def score(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> int:
+        """How many of `records` the model answers right (eval/<name>/accuracy = right / len(records))."""
+        ...
+
+    def samples(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut], out: Samples) -> None:
+        """A few answers for a person to look at: a table in out.tables[ctx.name], files in out.media."""
+        ...
+
+
+class GenerateAndMatch:
+    """Prompt with one modality, generate another, check the decoded answer against the record's label
+    (`match`: exact, contains or number); the samples add the reverse direction as the prompt modality's
+    files (text -> image PNGs, text -> audio WAVs)."""
+
+    def records(self, data: EvalSet, task: EvalTask) -> list[HeldOut]:
+        return data.with_label(task)
+
+    def _answers(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> list:
+        return ctx.generate([ctx.vocab.prompt(task.prompt, r.ids[task.prompt], task.target) for r in records],
+                            task.target, ctx.settings.max_new_tokens)
+
+    def score(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> int:
+        correct, size = 0, ctx.settings.batch_size
+        for i in range(0, len(records), size):
+            chunk = records[i:i + size]
+            # an answer that could not be decoded is a wrong answer
+            correct += sum(a is not None and matches(str(a), r.meta[task.label_field], task.match)
+                           for r, a in zip(chunk, self._answers(ctx, task, chunk)))
+        return correct
+
+    def samples(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut], out: Samples) -> None:
+        vocab, answers = ctx.vocab, self._answers(ctx, task, records)
+        out.tables[ctx.name] = {
+            "key": [r.key for r in records], "label": [str(r.meta[task.label_field]) for r in records],
+            "caption": [_caption(vocab, task.target, r) for r in records],
+            "generated": ["" if a is None else str(a) for a in answers],
+            "correct": [a is not None and bool(matches(str(a), r.meta[task.label_field], task.match))
+                        for r, a in zip(records, answers)]}
+        back = [r for r in records if task.target in r.ids]
+        if not back:
+            return
+        n_new = max(len(r.ids[task.prompt]) for r in back) + 1
+        key = f"{task.target}_to_{task.prompt}"
+        objs = ctx.generate([vocab.prompt(task.target, r.ids[task.target], task.prompt) for r in back],
+                            task.prompt, n_new, key)
+        mod = vocab.by_name[task.prompt]
+        for i, (r, obj) in enumerate(zip(back, objs)):
+            if obj is None:
+                continue
+            try:
+                ext, data = mod.to_bytes(obj)
+            except Exception as e:  # noqa: BLE001 - as a failed decode: the sample's, not the run's
+                ctx.errors.append(f"{key}[{i}]: {task.prompt}.to_bytes raised {type(e).__name__}: {e}")
+                continue
+            out.media.append((key, f"{i}_{_slug(r.meta[task.label_field])}", ext, data))
+
+
+TASK_GROUP = "omnistream.eval_tasks"
+TASK_KINDS: dict[str, type] = {"generate": GenerateAndMatch}
+
+
+def task_kinds() -> dict[str, object]:
+    """name -> kind class (or entry point) of every task kind: the table, then the entry points."""
+    from importlib.metadata import entry_points
+
+    return {**{ep.name: ep for ep in entry_points(group=TASK_GROUP)}, **TASK_KINDS}
+
+
+def task_kind(name: str) -> TaskKind:
+    """A task kind by name; an unknown one is a UserError listing those there are."""
+    found = task_kinds()
+    if name not in found:
+        raise UserError(f"eval task kind {name!r} is not registered (registered: {', '.join(sorted(found))})")
+    cls = found[name]
+    return (cls.load() if hasattr(cls, "load") else cls)()
+
+
 class Evaluator:
     """eval/loss/<modality> and eval/<task>/accuracy, plus a few generations a person can open."""
 
@@ -112,6 +219,7 @@ class Evaluator:
         """`held_out(cfg)` reads the run's held-out set when it is first needed (the data side's job:
         omnistream.pipelines.documents.held_out, which the wiring hands in)."""
         self.cfg, self.vocab, self.held_out = cfg, vocab, held_out
+        self.kinds = {name: task_kind(task.kind) for name, task in cfg.eval.tasks.items()}
         self._set: EvalSet | None = None
 
     @property
@@ -146,15 +254,9 @@ class Evaluator:
         out = {"loss_sums": sums, "loss_counts": counts}
         errors: list[str] = []
         for name, task in cfg.eval.tasks.items():
-            recs = es.for_task(task)[rank::world]
-            correct = 0
-            for i in range(0, len(recs), cfg.eval.batch_size):
-                chunk = recs[i:i + cfg.eval.batch_size]
-                answers = _generate(model, vocab, [vocab.prompt(task.prompt, r.ids[task.prompt], task.target)
-                                                   for r in chunk], task.target, cfg.eval.max_new_tokens, errors, name)
-                # an answer that could not be decoded is a wrong answer
-                correct += sum(a is not None and matches(str(a), r.meta[task.label_field], task.match)
-                               for r, a in zip(chunk, answers))
+            kind = self.kinds[name]
+            recs = kind.records(es, task)[rank::world]
+            correct = kind.score(TaskContext(model, vocab, cfg.eval, name, errors), task, recs)
             out[f"task/{name}"] = torch.tensor([float(correct), float(len(recs))])
         for e in errors[:5]:
             log.warning("evaluation: %s", e)
@@ -188,40 +290,16 @@ class Evaluator:
 
     @torch.no_grad()
     def samples(self, model: GPT) -> "Samples":
-        """For each task: its answers on a few records (a table), and the reverse direction (target ->
-        prompt, e.g. text -> image) as the prompt modality's files (PNG, WAV, ...)."""
+        """For each task, what its kind draws from its first eval.samples records (generate: its answers as a
+        table, and the reverse direction, e.g. text -> image, as the prompt modality's files)."""
         cfg, vocab, out = self.cfg, self.vocab, Samples()
         if cfg.eval.samples == 0:
             return out
         for name, task in cfg.eval.tasks.items():
-            recs = self.data.for_task(task)[: cfg.eval.samples]
-            if not recs:
-                continue
-            answers = _generate(model, vocab, [vocab.prompt(task.prompt, r.ids[task.prompt], task.target)
-                                               for r in recs], task.target, cfg.eval.max_new_tokens, out.errors, name)
-            out.tables[name] = {
-                "key": [r.key for r in recs], "label": [str(r.meta[task.label_field]) for r in recs],
-                "caption": [_caption(vocab, task.target, r) for r in recs],
-                "generated": ["" if a is None else str(a) for a in answers],
-                "correct": [a is not None and bool(matches(str(a), r.meta[task.label_field], task.match))
-                            for r, a in zip(recs, answers)]}
-            back = [r for r in recs if task.target in r.ids]
-            if not back:
-                continue
-            n_new = max(len(r.ids[task.prompt]) for r in back) + 1
-            key = f"{task.target}_to_{task.prompt}"
-            objs = _generate(model, vocab, [vocab.prompt(task.target, r.ids[task.target], task.prompt) for r in back],
-                             task.prompt, n_new, out.errors, key)
-            mod = vocab.by_name[task.prompt]
-            for i, (r, obj) in enumerate(zip(back, objs)):
-                if obj is None:
-                    continue
-                try:
-                    ext, data = mod.to_bytes(obj)
-                except Exception as e:  # noqa: BLE001 - as a failed decode: the sample's, not the run's
-                    out.errors.append(f"{key}[{i}]: {task.prompt}.to_bytes raised {type(e).__name__}: {e}")
-                    continue
-                out.media.append((key, f"{i}_{_slug(r.meta[task.label_field])}", ext, data))
+            kind = self.kinds[name]
+            recs = kind.records(self.data, task)[: cfg.eval.samples]
+            if recs:
+                kind.samples(TaskContext(model, vocab, cfg.eval, name, out.errors), task, recs, out)
         return out
 
 

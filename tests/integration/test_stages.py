@@ -181,3 +181,54 @@ def test_a_stream_that_ends_before_train_steps_is_a_warning_and_a_tag_naming_the
         assert any("the stream ended at step 2 of train.steps = 5" in r.getMessage() and says in r.getMessage()
                    for r in caplog.records if r.levelno == logging.WARNING), caplog.text
         caplog.clear()
+
+
+class FirstNumberIsSeven:
+    """A task kind of the test's own, registered in the evaluator's table: a record is 'right' when its label
+    is 7, whatever the model says (so the count is known), and its samples are one table."""
+
+    def records(self, data, task):
+        return data.with_label(task)
+
+    def score(self, ctx, task, records):
+        assert not ctx.model.training
+        return sum(str(r.meta[task.label_field]) == "7" for r in records)
+
+    def samples(self, ctx, task, records, out):
+        out.tables[ctx.name] = {"key": [r.key for r in records], "option": [task.options["note"]] * len(records)}
+
+
+@pytest.mark.parametrize("kind", ["generate", "sevens"])
+def test_every_registered_task_kind_runs_through_the_evaluator(corpus, bundle, tmp_path, kind, monkeypatch):
+    """Every kind in the table (the built-in generate-and-match, and one registered here) is called by the
+    Evaluator: its accuracy is its right answers over the records it picked, its samples are the run's."""
+    from omnistream.model.model import GPT
+    from omnistream.training import evaluate
+
+    monkeypatch.setitem(evaluate.TASK_KINDS, "sevens", FirstNumberIsSeven)
+    cfg, vocab = small_config(corpus, bundle, tmp_path)
+    for task in cfg.eval.tasks.values():
+        task.kind, task.options = kind, {"note": "from options"}
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    ev = Evaluator(cfg, vocab, held_out)
+    metrics = ev.evaluate(model)
+    samples = ev.samples(model)
+    for name, task in cfg.eval.tasks.items():
+        picked = ev.data.with_label(task)
+        assert picked, name
+        acc = metrics[f"eval/{name}/accuracy"]
+        if kind == "sevens":
+            assert acc == pytest.approx(sum(str(r.meta[task.label_field]) == "7" for r in picked) / len(picked))
+            assert samples.tables[name]["option"] == ["from options"] * min(len(picked), cfg.eval.samples)
+        else:
+            assert 0 <= acc <= 1 and set(samples.tables[name]) >= {"key", "label", "generated", "correct"}
+
+
+def test_an_unknown_task_kind_is_a_user_error_naming_the_registered(corpus, bundle, tmp_path):
+    from omnistream.common.errors import UserError
+
+    cfg, vocab = small_config(corpus, bundle, tmp_path)
+    next(iter(cfg.eval.tasks.values())).kind = "riddles"
+    with pytest.raises(UserError, match=r"eval task kind 'riddles' is not registered \(registered: .*generate"):
+        Evaluator(cfg, vocab, held_out)

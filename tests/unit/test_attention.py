@@ -3,7 +3,9 @@ checkpointing against none: each must change speed or memory, never the numbers.
 import random
 
 import torch
-from omnistream.model.model import GPT, GPTConfig, generate, varlen_layout
+import pytest
+from omnistream.model.config import ATTENTION
+from omnistream.model.model import ATTENTION_KERNELS, GPT, GPTConfig, VarlenAttention, generate
 from omnistream.training.engine import apply_activation_checkpointing
 
 
@@ -40,32 +42,34 @@ def loss_and_grads(attention: str, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-def test_varlen_gives_the_dense_loss_and_gradients():
-    """The path the Trainer takes on CPU, on rows of many documents: 1 token, bucket edges (15, 16, 17,
-    257), whole rows, padding tails."""
+@pytest.mark.parametrize("kernel", sorted(set(ATTENTION_KERNELS) - {"dense"}))
+def test_every_registered_kernel_gives_the_dense_loss_and_gradients(kernel):
+    """Each kernel of ATTENTION_KERNELS against the dense reference on rows of many documents: 1 token,
+    varlen's bucket edges (15, 16, 17, 257), whole rows, padding tails. A kernel without a CPU backward
+    (flex in torch 2.14) is held to the loss here and to its gradients on CUDA by benchmarks/gpu_check.py."""
     batch = packed_rows(3, 384, seed=1)
     ref_loss, ref_grads = loss_and_grads("dense", batch)
-    loss, grads = loss_and_grads("varlen", batch)
+    if not getattr(ATTENTION_KERNELS[kernel], "cpu_backward", True):
+        with torch.no_grad():
+            loss = model(kernel)(*batch)[1]
+        assert abs(float(loss - ref_loss)) < 1e-5
+        return
+    loss, grads = loss_and_grads(kernel, batch)
     assert abs(float(loss - ref_loss)) < 1e-5
     for n, g in grads.items():
         assert torch.allclose(g, ref_grads[n], atol=1e-5, rtol=0), (n, float((g - ref_grads[n]).abs().max()))
 
 
-def test_flex_block_mask_gives_the_dense_loss():
-    """FlexAttention's CPU form has no backward (torch 2.14): its mask is checked here on the forward,
-    and its gradients on CUDA by benchmarks/gpu_check.py."""
-    batch = packed_rows(3, 256, seed=5)
-    with torch.no_grad():
-        ref = model("dense")(*batch)[1]
-        got = model("flex")(*batch)[1]
-    assert abs(float(got - ref)) < 1e-5
+def test_every_kernel_can_be_named_in_a_config():
+    """model/config.py's names (checked without torch) are the table's, plus auto."""
+    assert set(ATTENTION) == {"auto", *ATTENTION_KERNELS}
 
 
 def test_the_cpu_path_is_varlen_and_builds_no_t_by_t_mask():
     m = GPT(GPTConfig(vocab_size=100, n_layers=1, n_heads=2, d_model=16, max_seq_len=4096))
     assert m.attention_kind("cpu") == "varlen"
     _, _, doc, _ = packed_rows(2, 4096, seed=2)
-    lay = varlen_layout(doc)
+    lay = VarlenAttention.layout(doc)
     assert lay.mask is None
     # every token is in exactly one bucket once; a document is padded by at most a quarter of its length,
     # or by less than the 16-token step below 64 tokens
@@ -82,7 +86,7 @@ def test_a_document_id_reused_after_another_is_a_new_document():
     """Runs, not ids, are documents: a row "1 1 2 2 1 1" is three documents (packing never writes it,
     but the fast paths and the reference must agree on what it means if anything does)."""
     doc = torch.tensor([[1, 1, 2, 2, 3, 3]])
-    lay = varlen_layout(doc)
+    lay = VarlenAttention.layout(doc)
     assert sum(len(keep) for _, keep in lay.buckets) == 6 and sum(len(index) for index, _ in lay.buckets) == 3
 
 

@@ -10,25 +10,37 @@ from __future__ import annotations
 
 import ast
 import shutil
+import sys
 from pathlib import Path
 
 from common import REPO
 
-# room -> (omnistream rooms it may import, libraries it must never import). Mirrors docs/architecture.md.
-LAYERS: dict[str, tuple[set[str], set[str]]] = {
+# room -> (omnistream rooms it may import, libraries it may import, libraries it must never reach, not even
+# through the rooms it imports). Mirrors docs/architecture.md's table; the standard library is always allowed.
+LAYERS: dict[str, tuple[set[str], set[str], set[str]]] = {
     # common: numpy for the token stream's contract; torch and DeepSpeed only inside common.checkpoint's loader
-    "common":     (set(), {"ray", "mlflow", "pydantic", "PIL"}),
-    "model":      ({"common"}, {"ray", "deepspeed", "mlflow", "pydantic"}),
-    "modalities": ({"common"}, {"ray", "deepspeed", "mlflow"}),
-    "pipelines":  ({"common", "modalities"}, {"deepspeed", "mlflow"}),
-    "tracking":   ({"common"}, {"ray", "deepspeed", "torch"}),
-    "configs":    ({"common", "modalities", "model", "pipelines", "tracking"}, {"ray", "deepspeed", "mlflow", "torch"}),
-    "training":   ({"common", "model", "modalities", "configs", "tracking"}, {"ray", "mlflow"}),
-    "serving":    ({"common", "model", "modalities", "configs", "tracking"}, {"ray"}),
-    "cluster":    ({"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving"}, set()),
+    "common":     (set(), {"numpy", "torch", "deepspeed"}, {"ray", "mlflow", "pydantic", "PIL", "torch"}),
+    "model":      ({"common"}, {"torch"}, {"ray", "deepspeed", "mlflow", "pydantic"}),
+    "modalities": ({"common"}, {"numpy", "torch", "torchaudio", "PIL", "pydantic", "tokenizers", "safetensors",
+                                "soundfile", "pystoi"}, {"ray", "deepspeed", "mlflow"}),
+    "pipelines":  ({"common", "modalities"}, {"ray", "numpy", "pyarrow", "fsspec", "pydantic", "PIL", "soundfile",
+                                              "webdataset", "braceexpand", "zstandard", "tqdm", "torch"},
+                   {"deepspeed", "mlflow"}),
+    "tracking":   ({"common"}, {"mlflow", "tensorboard", "PIL", "psutil", "pydantic"}, {"ray", "deepspeed", "torch"}),
+    "configs":    ({"common", "modalities", "model", "pipelines", "tracking"}, {"pydantic", "tomli_w"},
+                   {"ray", "deepspeed", "mlflow", "torch"}),
+    "training":   ({"common", "model", "modalities", "configs", "tracking"}, {"torch", "deepspeed", "numpy", "fsspec"},
+                   {"ray", "mlflow"}),
+    "serving":    ({"common", "model", "modalities", "configs", "tracking"}, {"torch", "mlflow", "pandas",
+                                                                              "safetensors", "tqdm"}, {"ray"}),
+    "cluster":    ({"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving"},
+                   {"ray", "torch", "deepspeed", "fsspec", "pyarrow", "psutil"}, set()),
     "cli":        ({"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving",
-                    "cluster"}, set()),
+                    "cluster"}, {"numpy", "PIL", "mlflow", "pandas"}, set()),
 }
+# what a room's modules may import only inside functions (common's checkpoint loader: torch, DeepSpeed)
+LAZY_ONLY: dict[str, set[str]] = {"common": {"torch", "deepspeed"}}
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 
 def _imports(path: Path, room: str, root: Path) -> list[tuple[int, str, bool]]:
@@ -53,44 +65,128 @@ def _imports(path: Path, room: str, root: Path) -> list[tuple[int, str, bool]]:
     return out
 
 
-def violations(root: Path = REPO) -> list[str]:
-    """Every import that breaks LAYERS, as 'file:line: what', directly or through the rooms it imports."""
-    modules: dict[str, tuple[Path, list]] = {}
+def modules(root: Path = REPO) -> dict[str, tuple[Path, list]]:
+    """omnistream module name -> (file, its imports) for every module of every room."""
+    out: dict[str, tuple[Path, list]] = {}
     for room in LAYERS:
         for f in sorted((root / room).rglob("*.py")):
             rel = f.relative_to(root / room).with_suffix("")
             name = ".".join(["omnistream", room, *rel.parts]).removesuffix(".__init__")
-            modules[name] = (f, _imports(f, room, root))
+            out[name] = (f, _imports(f, room, root))
+    return out
+
+
+def _target(mod: str, mods: dict) -> str | None:
+    """The omnistream module an import names (`from .x import name` names a module or a name in one)."""
+    return next((m for m in (mod, mod.rsplit(".", 1)[0]) if m in mods), None)
+
+
+def _loaded(name: str, mods: dict) -> list[str]:
+    """What importing module `name` runs besides it: its parent packages' __init__ files, outermost first
+    (`import omnistream.pipelines.config` runs pipelines/__init__.py before config.py)."""
+    parts = name.split(".")
+    return [p for p in (".".join(parts[:i]) for i in range(2, len(parts))) if p in mods]
+
+
+def violations(root: Path = REPO) -> list[str]:
+    """Every import that breaks LAYERS, as 'file:line: what', directly or through the modules it pulls in."""
+    mods = modules(root)
     bad = []
-    for name, (f, imps) in modules.items():
+    for name, (f, imps) in mods.items():
         room = name.split(".")[1]
-        allowed, never = LAYERS[room]
-        for line, mod, _ in imps:
+        rooms, libraries, never = LAYERS[room]
+        for line, mod, at_import in imps:
             parts = mod.split(".")
             where = f"{f.relative_to(root)}:{line}"
-            if parts[0] == "omnistream" and len(parts) > 1 and parts[1] != room and parts[1] not in allowed:
-                bad.append(f"{where}: imports {mod}; {room}/ may import only {sorted(allowed) or 'no other room'}")
-            elif parts[0] in never:
+            if parts[0] == "omnistream" and len(parts) > 1 and parts[1] != room and parts[1] not in rooms:
+                bad.append(f"{where}: imports {mod}; {room}/ may import only {sorted(rooms) or 'no other room'}")
+            elif parts[0] in never and parts[0] not in LAZY_ONLY.get(room, ()):
                 bad.append(f"{where}: imports {mod}; {room}/ never imports {parts[0]}")
-        # what importing this module pulls in: follow its import-time imports through omnistream's modules
-        seen, todo = {name}, [name]
+            elif parts[0] in LAZY_ONLY.get(room, ()) and at_import:
+                bad.append(f"{where}: imports {mod} at import time; {room}/ imports {parts[0]} only inside functions")
+            elif parts[0] not in STDLIB and parts[0] != "omnistream" and parts[0] not in libraries:
+                bad.append(f"{where}: imports {parts[0]}, not a library {room}/ uses (docs/architecture.md lists "
+                           f"{', '.join(sorted(libraries))})")
+        # what importing this module pulls in: its parent packages' __init__ files, then every import-time
+        # import, followed through omnistream's modules
+        seen = {name, *_loaded(name, mods)}
+        todo = [(m, f"the package's {mods[m][0].relative_to(root)}") for m in _loaded(name, mods)] + [(name, "")]
         while todo:
-            current = todo.pop()
-            for line, mod, at_import in modules[current][1]:
+            current, via = todo.pop()
+            for line, mod, at_import in mods[current][1]:
                 if not at_import:
                     continue
                 if mod.split(".")[0] in never and current != name:
-                    bad.append(f"{f.relative_to(root)}: importing it imports {mod}, through {current} (line {line}); "
+                    bad.append(f"{f.relative_to(root)}: importing it imports {mod}, through "
+                               f"{mods[current][0].relative_to(root)}:{line}{' (' + via + ')' if via else ''}; "
                                f"{room}/ never imports {mod.split('.')[0]}")
-                target = next((m for m in (mod, mod.rsplit(".", 1)[0]) if m in modules), None)
-                if target and target not in seen:
-                    seen.add(target)
-                    todo.append(target)
+                target = _target(mod, mods)
+                for t in ([*_loaded(target, mods), target] if target else []):
+                    if t not in seen:
+                        seen.add(t)
+                        todo.append((t, via or f"reached from line {line} of {mods[current][0].relative_to(root)}"))
     return sorted(set(bad))
+
+
+def import_cycles(root: Path = REPO) -> list[list[str]]:
+    """Every set of modules that import each other in a circle, counting imports inside functions and the
+    package __init__ files an import runs (Tarjan's strongly connected components)."""
+    mods = modules(root)
+    graph = {}
+    for name, (_, imps) in mods.items():
+        targets = {t for _, mod, _ in imps if (t := _target(mod, mods))}
+        graph[name] = {x for t in targets for x in (*_loaded(t, mods), t)} - {name, *_loaded(name, mods)}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
 
 
 def test_every_room_imports_only_downwards():
     assert violations() == []
+
+
+def test_no_module_imports_itself_round_a_circle():
+    """No import cycle among omnistream's modules, at import time or inside functions: a cycle held together
+    by function-level imports is a design that cannot be read top to bottom (and breaks when one of those
+    imports moves to the top)."""
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    for room in LAYERS:
+        shutil.copytree(REPO / room, tmp_path / room, ignore=shutil.ignore_patterns("__pycache__"))
+    f = tmp_path / "pipelines" / "shards.py"
+    f.write_text(f.read_text() + "\n\ndef later():\n    from .tokenize import build_cache\n")
+    assert any({"omnistream.pipelines.shards", "omnistream.pipelines.tokenize"} <= set(c)
+               for c in import_cycles(tmp_path)), import_cycles(tmp_path)
 
 
 def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
@@ -106,8 +202,29 @@ def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
     data_config = tmp_path / "pipelines" / "config.py"
     data_config.write_text("import ray  # noqa\n" + data_config.read_text())
     found = violations(tmp_path)
-    assert any(v.startswith("training/trainer.py: importing it imports ray, through omnistream.pipelines.config")
+    assert any(v.startswith("training/trainer.py: importing it imports ray, through pipelines/config.py:1")
                for v in found), found
+    # a package's __init__.py runs before any of its modules: Ray there reaches configs/ and training/
+    (tmp_path / "pipelines" / "config.py").write_text((REPO / "pipelines" / "config.py").read_text())
+    init = tmp_path / "pipelines" / "__init__.py"
+    init.write_text(init.read_text() + "\nimport ray\n")
+    found = violations(tmp_path)
+    assert any(v.startswith("configs/schema.py: importing it imports ray, through pipelines/__init__.py:")
+               for v in found), found
+    assert any(v.startswith("training/trainer.py: importing it imports ray") for v in found), found
+    init.write_text((REPO / "pipelines" / "__init__.py").read_text())
+    # and the package's own __init__.py: configs/ never imports Ray, nor does anything importing configs/
+    init = tmp_path / "configs" / "__init__.py"
+    init.write_text(init.read_text() + "\nimport ray\n")
+    found = violations(tmp_path)
+    assert any(v.startswith("configs/__init__.py:") and "configs/ never imports ray" in v for v in found), found
+    assert any(v.startswith("configs/schema.py: importing it imports ray, through configs/__init__.py:")
+               for v in found), found
+    init.write_text((REPO / "configs" / "__init__.py").read_text())
+    # a library no room lists
+    (tmp_path / "model" / "config.py").write_text("import requests\n" + (REPO / "model" / "config.py").read_text())
+    assert any(v.startswith("model/config.py:1: imports requests, not a library model/ uses") for v in violations(tmp_path))
+    (tmp_path / "model" / "config.py").write_text((REPO / "model" / "config.py").read_text())
     # a room importing a room above it
     (tmp_path / "tracking" / "base.py").write_text("from omnistream.training import trainer\n"
                                                   + (REPO / "tracking" / "base.py").read_text())

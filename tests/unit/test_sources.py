@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from omnistream.common.stream import COLUMNS, row_hash
-from omnistream.pipelines.sources import Interleave, SourceConfig, plan_stream, resume_items
+from omnistream.pipelines.plan import plan_sources
+from omnistream.pipelines.sources import Interleave, SourceConfig, resume_items
 
 SEQ = 64
 
@@ -123,7 +124,7 @@ def test_repeat_plans_the_epochs_a_small_source_needs_and_stop_its_own():
     for exhausted, want in (("repeat", None), ("stop", 2)):
         sources = [SourceConfig(shards=["a*"], weight=0.5),
                    SourceConfig(shards=["b*"], weight=0.5, exhausted=exhausted, epochs=2)]
-        plans, windows, items = plan_stream(["a", "b"], sources, shards, [None, None], metas, seed=3, window=16,
+        plans, windows, items = plan_sources(["a", "b"], sources, shards, [None, None], metas, seed=3, window=16,
                                             steps=100, step_tokens=16 * SEQ)
         epochs = plans[1][-1][0] + 1
         if want:
@@ -143,7 +144,7 @@ def test_a_repeat_source_beside_a_stop_source_lasts_to_train_steps():
     steps, G = 100, 16
     metas = [{f"a{i}": {"rows": 100, "ids": 100 * (SEQ - 4)} for i in range(4)}, {"b0": {"rows": 10, "ids": 10 * (SEQ - 4)}}]
     sources = [SourceConfig(shards=["a*"], weight=0.5), SourceConfig(shards=["b*"], weight=0.5, exhausted="stop")]
-    plans, windows, items = plan_stream(["a", "b"], sources, [list(metas[0]), list(metas[1])], [None, None], metas,
+    plans, windows, items = plan_sources(["a", "b"], sources, [list(metas[0]), list(metas[1])], [None, None], metas,
                                         seed=3, window=16, steps=steps, step_tokens=G * SEQ)
     full = [[{**window(s, j, sum(b - a for _, a, b in w), 0), "doc_ids": np.ones((sum(b - a for _, a, b in w), SEQ),
                                                                                 np.int32)}

@@ -10,7 +10,8 @@ from omnistream.common.errors import UserError
 from omnistream.pipelines.accounting import DataPosition
 from omnistream.pipelines.cache import TokenCache, open_cache
 from omnistream.pipelines.config import DataConfig
-from omnistream.pipelines.rows import StreamStart, WindowRows, plan_windows
+from omnistream.pipelines.plan import plan_windows
+from omnistream.pipelines.rows import StreamStart, WindowRows
 from omnistream.pipelines.shards import shard_order
 
 from common import SMALL_OPTIONS
