@@ -52,7 +52,10 @@ def export(args) -> int:
 
         meta = read_checkpoint_meta(local)
         if args.tracking_uri or not meta.get("run_id"):
-            uri = args.tracking_uri or meta["config"]["tracking"]["uri"] or "sqlite:///mlflow.db"
+            from omnistream import tracking
+
+            settings = meta["config"]["tracking"]
+            uri = args.tracking_uri or tracking.registry_uri(settings["backend"], settings["uri"])
             ref = log_and_register(out, args.register, tracking_uri=uri)
         else:  # into the run that trained it
             from omnistream import tracking

@@ -54,6 +54,7 @@ class TrainResult:
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     """Resolve paths, load the vocabulary and size the model from it; all user mistakes surface here."""
+    from omnistream.pipelines.formats import reader
     from omnistream.pipelines.shards import list_shards
     from omnistream.training.evaluate import task_kind
 
@@ -64,6 +65,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     cfg.model.vocab_size = vocab.size
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.seq_len)
     for _, src in cfg.data.source_items():
+        reader(src.format or cfg.data.format)  # an unknown format, or its library missing: one line, here
         list_shards(src.shards)
     if cfg.data.eval_shards:
         list_shards(cfg.data.eval_shards)

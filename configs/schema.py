@@ -66,12 +66,22 @@ class TrackingConfig(_Section):
                      "directory; http:// for a server), for tensorboard a folder ('' = runs/tensorboard)")
     experiment: str = Field("omnistream", description="experiment name (tensorboard: a folder under uri)")
     run_name: str = Field("", description="run name ('' = the config's name)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings, checked by its "
+                                    "Options model, e.g. for tensorboard: flush_secs = 5")
     buffer_metrics: int = Field(100_000, ge=1000, description="metric values held while the tracking server is "
                                 "unreachable (training goes on; beyond this the oldest are dropped and counted)")
     flush_timeout_s: float = Field(120.0, ge=0, description="at the end of training, how long to wait for held "
                                    "metrics to reach the tracking server")
     system_metrics_interval_s: float = Field(10.0, ge=0, description="seconds between samples of each node's CPU, "
                                              "memory, disk, network and GPU (system/<node>/...; 0 = off)")
+
+    @model_validator(mode="after")
+    def _options(self):
+        if self.options:  # the backend's own model checks them (tracking.backend_options); none: nothing to load
+            from omnistream.tracking import backend_options
+
+            backend_options(self.backend, self.options)
+        return self
 
 
 class EvalTask(_Section):

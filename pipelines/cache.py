@@ -66,7 +66,9 @@ def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[s
     return {"format": FORMAT, "vocab_fingerprint": vocab_fingerprint, "seed": seed,
             "shards": [shard_identity(s) for s in shards], "quality": cfg.quality,
             "dedup": cfg.dedup.model_dump(mode="json"), "max_member_bytes": cfg.max_member_bytes,
-            "limits": cfg.limits.model_dump(mode="json")}
+            "limits": cfg.limits.model_dump(mode="json"),
+            # the data format, where it is not the tar shards every cache before it was made from
+            **({"data_format": cfg.format} if cfg.format != "webdataset" else {})}
 
 
 def key_digest(key: dict) -> str:

@@ -41,6 +41,8 @@ class DataConfig(BaseModel):
                                           "[step, weight] points), `repeat` or `stop` when it runs out, and its own "
                                           "quality filters and limits, e.g. [data.sources.web] shards = [...] weight = 0.8; "
                                           "set, it replaces data.train_shards (pipelines/sources.py)")
+    format: str = Field("webdataset", description="how the shards are stored: webdataset (tar shards, .tar.gz/.bz2/.xz/.zst "
+                                                 "too) or a format registered in pipelines/formats.py READERS")
     eval_shards: list[str] = Field(default_factory=lambda: ["runs/demo/data/eval-000.tar"],
                                    description="held-out shards for eval losses and cross-modal accuracy ([] = no eval)")
     bundle_dir: str = Field("runs/demo/tokenizers", description="tokenizer bundle (vocab.json + fitted state) written by `omnistream tokenizers fit`")

@@ -25,7 +25,8 @@ from .accounting import Tally
 from .config import DataConfig
 from .packing import pack_documents
 from .quality import build_filters
-from .records import RawRecord, read_shard
+from .formats import ReadBounds, reader
+from .records import RawRecord
 
 
 @dataclass
@@ -126,6 +127,7 @@ class RecordProcessor:
             self.deduper = Deduper(dedup_shards, cfg.dedup)
         # data.limits.member_bytes is per modality: applied to each of its keys (extensions)
         self.ext_bytes = {e: cfg.limits.member_bytes[n] for e, n in self.exts.items() if n in cfg.limits.member_bytes}
+        self.reader, self.bounds = reader(cfg.format), ReadBounds.of(cfg, self.ext_bytes)
 
     # ---- outcomes ---------------------------------------------------------------------------------
     def quality_reason(self, objs: dict[str, object]) -> str | None:
@@ -222,8 +224,7 @@ class RecordProcessor:
         for epoch, shard in shards:
             buf: list[RawRecord] = []
             held = 0  # bytes of the buffered records: decoded at `chunk` records or data.limits.buffer_bytes
-            for r in read_shard(shard, self.cfg.max_member_bytes, self.cfg.limits, self.ext_bytes,
-                                self.cfg.remote_retries, self.cfg.read_deadline_s):
+            for r in self.reader.read(shard, self.bounds):
                 if not r.key:  # the shard itself failed (unreadable, or cut between records)
                     tally.shard_error(r.shard, r.error, r.detail)
                     continue

@@ -26,6 +26,7 @@ from omnistream.common.errors import ErrorRateExceeded, UserError
 from .accounting import Tally
 from .cache import TokenCache, key_digest, open_cache
 from .config import DataConfig
+from .formats import reader
 from .shards import list_shards, shard_order
 from .sources import SourceConfig, largest_share, submission_order
 from .tokenize import build_cache, require_data
@@ -79,7 +80,7 @@ def source_data(cfg: DataConfig, name: str, src: SourceConfig) -> DataConfig:
     limits = type(cfg.limits)(**{**cfg.limits.model_dump(), **src.limits})
     cache = cfg.token_cache if cfg.token_cache == "auto" else f"{cfg.token_cache.rstrip('/')}/{name}"
     return cfg.model_copy(update={"train_shards": list(src.shards), "quality": quality, "limits": limits,
-                                  "token_cache": cache, "sources": {}})
+                                  "token_cache": cache, "sources": {}, "format": src.format or cfg.format})
 
 
 def open_sources(cfg: DataConfig, vocab_fingerprint: str, seed: int) -> list[Source]:
@@ -88,6 +89,7 @@ def open_sources(cfg: DataConfig, vocab_fingerprint: str, seed: int) -> list[Sou
     out = []
     for name, src in cfg.source_items():
         dcfg = source_data(cfg, name, src) if cfg.sources else cfg
+        reader(dcfg.format)  # an unknown format, or its library missing, before anything is read
         shards = list_shards(dcfg.train_shards)
         out.append(Source(name, src, dcfg, shards, open_cache(dcfg, vocab_fingerprint, seed, shards), bool(cfg.sources)))
     return out

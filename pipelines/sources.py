@@ -52,6 +52,8 @@ class SourceConfig(BaseModel):
 
     shards: list[str] = Field(description="WebDataset shards of this source: paths, globs, {000..099} braces or URLs "
                                           "(s3:// with the s3 extra)")
+    format: str | None = Field(None, description="how this source's shards are stored (pipelines/formats.py); "
+                                                "unset: data.format")
     weight: float | list[tuple[int, float]] = Field(
         1.0, description="share of the consumed tokens: a number, or [[step, weight], ...] points, piecewise constant "
                          "from each point's step on (the first point at step 0); normalised over the sources at each step")

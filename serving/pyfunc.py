@@ -83,12 +83,15 @@ def _sniff(data: bytes, keys: tuple[str, ...]) -> str:
 def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_uri: str = "") -> str:
     """Log the exported folder as an MLflow model (into the run of `tracker`, the run that trained it, when
     given; else into a new run of the store at `tracking_uri`) and register a version of `name`; returns
-    "models:/NAME/VERSION". The model registry is MLflow's: another tracking backend is refused."""
+    "models:/NAME/VERSION". The model registry is MLflow's: a tracking backend without one is refused
+    (tracking.registry_uri)."""
     if tracker is not None:
-        if tracker.backend != "mlflow":
-            raise UserError(f"registering a model needs MLflow's model registry; this run is tracked by "
-                            f"{tracker.backend!r} (the exported model is in {model_dir})")
-        tracking_uri, run_id = tracker.uri, tracker.run_id
+        from omnistream import tracking
+
+        try:
+            tracking_uri, run_id = tracking.registry_uri(tracker.backend, tracker.uri), tracker.run_id
+        except UserError as e:
+            raise UserError(f"{e} (the exported model is in {model_dir})") from None
     else:
         run_id = ""
     import mlflow

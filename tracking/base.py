@@ -21,6 +21,7 @@ class Settings(Protocol):
     uri: str
     experiment: str
     run_name: str
+    options: dict[str, Any]  # the backend's own settings ([tracking.options]), checked by its `Options` model
 
 
 @runtime_checkable
@@ -47,14 +48,19 @@ class Tracker(Protocol):
     def finish(self, status: str = "FINISHED") -> None: ...
     def flush(self) -> None: ...  # what this process wrote is in the store when it returns
 
-    def metric_history(self, key: str) -> list[tuple[int, float]]: ...
+    def metric_history(self, key: str) -> list[tuple[int, float]]: ...  # (step, value), in step order
     def final_metrics(self) -> dict[str, float]: ...
     def tags(self) -> dict[str, str]: ...
     def link(self) -> str: ...
 
 
 class Backend(Protocol):
-    """A tracker class with the two ways of getting one: a new run, or an existing run by id."""
+    """A tracker class with the two ways of getting one: a new run, or an existing run by id.
+
+    Optional: `Options`, a pydantic model of the backend's own settings ([tracking.options]; checked when the
+    config loads); `registry_uri(uri)`, the MLflow tracking URI whose model registry its runs' models are
+    registered in (a backend without it has no registry: `train.register_as` is refused with its name).
+    `tracking/conformance.py`'s `check_tracker` tests a backend in one call."""
 
     name: ClassVar[str]
 
@@ -68,11 +74,15 @@ class Backend(Protocol):
     def start_system_metrics(self, node_id: str, interval: float): ...
 
 
+# backends registered in this process (a test's, a notebook's), beside the entry points' installed ones
+BACKENDS: dict[str, type] = {}
+
+
 def backends() -> dict[str, Any]:
-    """name -> entry point of every installed tracker backend."""
+    """name -> entry point (or class) of every tracker backend: the installed ones, then BACKENDS."""
     from importlib.metadata import entry_points
 
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    return {**{ep.name: ep for ep in entry_points(group=GROUP)}, **BACKENDS}
 
 
 def backend(name: str) -> type:
@@ -80,7 +90,7 @@ def backend(name: str) -> type:
     found = backends()
     if name not in found:
         raise UserError(f"tracking.backend {name!r} is not installed (installed: {', '.join(sorted(found)) or 'none'})")
-    return found[name].load()
+    return found[name] if isinstance(found[name], type) else found[name].load()
 
 
 def start_run(settings: Settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> Tracker:
@@ -96,6 +106,28 @@ def attach(settings: Settings, run_id: str) -> Tracker:
 def resolve_uri(backend_name: str, uri: str) -> str:
     """The store a run logs to: the config's, or the backend's default, made absolute where it is a path."""
     return backend(backend_name).resolve_uri(uri)
+
+
+def backend_options(name: str, options: dict[str, Any]):
+    """The backend's own settings, validated by its `Options` model (None when it has none and none are
+    given); options for a backend that takes none are a UserError."""
+    cls = backend(name)
+    model = getattr(cls, "Options", None)
+    if model is None:
+        if options:
+            raise UserError(f"tracking backend {name!r} takes no options (tracking.options names {sorted(options)})")
+        return None
+    return model(**options)
+
+
+def registry_uri(backend_name: str, uri: str) -> str:
+    """The MLflow tracking URI holding the model registry for runs of this backend and store; a backend
+    without a model registry is a UserError naming it."""
+    cls = backend(backend_name)
+    if not hasattr(cls, "registry_uri"):
+        raise UserError(f"registering a model needs MLflow's model registry; runs tracked by {backend_name!r} have "
+                        f"none (name one with --tracking-uri, or track the run with MLflow)")
+    return cls.registry_uri(uri)
 
 
 def dumps(obj: Any) -> str:

@@ -57,6 +57,11 @@ class MLflowTracker:
         return uri
 
     @classmethod
+    def registry_uri(cls, uri: str) -> str:
+        """MLflow's model registry lives in the tracking store itself."""
+        return cls.resolve_uri(uri)
+
+    @classmethod
     def start(cls, settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> "MLflowTracker":
         """A new run in `settings.experiment` (created, or tagged, as a model-training experiment), with the
         params (dotted names, so MLflow groups them by section) and a description (`mlflow.note.content`)."""
@@ -129,7 +134,9 @@ class MLflowTracker:
 
     # ---- reading back --------------------------------------------------------------------------------
     def metric_history(self, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.c.get_metric_history(self.run_id, key)]
+        """(step, value) in step order (MLflow returns them in the order they were stored)."""
+        found = sorted(self.c.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
+        return [(m.step, m.value) for m in found]
 
     def final_metrics(self) -> dict[str, float]:
         return dict(self.c.get_run(self.run_id).data.metrics)

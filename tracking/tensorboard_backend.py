@@ -23,19 +23,31 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 RUN_META = "run.json"
+
+
+class TensorBoardOptions(BaseModel):
+    """[tracking.options] for backend = "tensorboard"."""
+    model_config = ConfigDict(extra="forbid")
+    flush_secs: float = Field(5.0, gt=0, description="seconds between flushes of the event file (TensorBoard's writer "
+                              "waits 120 s by default; 5 lets a watcher see the run move)")
 
 
 class TensorBoardTracker:
     backend = "tensorboard"
 
-    def __init__(self, uri: str, run_id: str, run_dir: Path):
+    Options = TensorBoardOptions
+
+    def __init__(self, uri: str, run_id: str, run_dir: Path, options: TensorBoardOptions | None = None):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.uri, self.run_id, self.dir = uri, run_id, Path(run_dir)
-        # one event file per process (the suffix keeps two processes of one second apart); flushed every 5 s
-        # (the writer's default is 120 s) so a watcher sees the run move, and on flush() and finish()
-        self.w = EventFileWriter(str(self.dir), flush_secs=5, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:6]}")
+        # one event file per process (the suffix keeps two processes of one second apart); flushed every
+        # options.flush_secs, and on flush() and finish()
+        options = options or TensorBoardOptions()
+        self.w = EventFileWriter(str(self.dir), flush_secs=options.flush_secs, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:6]}")
 
     def _add(self, step: int, values: list, wall: float | None = None) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
@@ -75,7 +87,7 @@ class TensorBoardTracker:
         d.mkdir(parents=True, exist_ok=True)
         (d / RUN_META).write_text(json.dumps({"run_id": run_id, "run_name": name, "experiment": settings.experiment,
                                               "started": time.time()}, indent=1))
-        t = cls(uri, run_id, d)
+        t = cls(uri, run_id, d, TensorBoardOptions(**getattr(settings, "options", {})))
         t.log_params(params)
         for k, v in tags.items():
             t.set_tag(k, v)
@@ -88,7 +100,7 @@ class TensorBoardTracker:
         uri = cls.resolve_uri(settings.uri)
         for meta in (Path(uri) / settings.experiment).glob(f"*-{run_id[:8]}/{RUN_META}"):
             if json.loads(meta.read_text()).get("run_id") == run_id:
-                return cls(uri, run_id, meta.parent)
+                return cls(uri, run_id, meta.parent, TensorBoardOptions(**getattr(settings, "options", {})))
         from omnistream.common.errors import UserError
 
         raise UserError(f"no TensorBoard run {run_id} under {uri}/{settings.experiment}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from omnistream import tracking
 from omnistream.configs import TrackingConfig
+from omnistream.tracking.tensorboard_backend import TensorBoardTracker
 from PIL import Image
 
 
@@ -119,3 +120,44 @@ def test_the_tracking_server_refuses_a_port_someone_else_bound_first(tmp_path):
         impostor.server_close()
     store = str(tmp_path / "store")
     assert not [q.pid for q in psutil.process_iter(["cmdline"]) if any(store in a for a in q.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("name", ["mlflow", "tensorboard"])
+def test_every_shipped_backend_passes_the_kit(name, tmp_path):
+    from omnistream.tracking.conformance import check_tracker
+
+    check_tracker(name, f"sqlite:///{tmp_path}/m.db" if name == "mlflow" else str(tmp_path / "tb"))
+
+
+class ForgetsTheSecondHandle(TensorBoardTracker):
+    """A backend whose attach() starts a fresh run folder: what a resumed run would then lose."""
+    backend = "forgetful"
+
+    @classmethod
+    def attach(cls, settings, run_id):
+        return cls.start(settings, {}, {})
+
+
+def test_the_tracker_kit_fails_a_backend_that_loses_a_handles_writes(tmp_path, monkeypatch):
+    from omnistream.common.errors import ConformanceError
+    from omnistream.tracking.conformance import check_tracker
+
+    monkeypatch.setitem(tracking.BACKENDS, "forgetful", ForgetsTheSecondHandle)
+    with pytest.raises(ConformanceError, match="tracking backend 'forgetful': attach"):
+        check_tracker("forgetful", str(tmp_path / "tb"))
+
+
+def test_backend_options_are_checked_by_the_backend_and_used(tmp_path):
+    """[tracking.options] belong to the backend: TensorBoard's flush_secs reaches its writer; an unknown option,
+    or options for a backend that takes none, are refused when the config loads."""
+    from omnistream.common.errors import UserError
+    from pydantic import ValidationError
+
+    cfg = TrackingConfig(backend="tensorboard", uri=str(tmp_path), options={"flush_secs": 0.5})
+    run = tracking.start_run(cfg, {}, {})
+    assert run.w._async_writer._worker._flush_secs == 0.5  # TensorBoard's writer thread's interval (its default: 120)
+    run.finish()
+    with pytest.raises(ValidationError, match="flush_sec"):
+        TrackingConfig(backend="tensorboard", uri=str(tmp_path), options={"flush_sec": 1})
+    with pytest.raises(UserError, match="tracking backend 'mlflow' takes no options"):
+        TrackingConfig(backend="mlflow", options={"flush_secs": 1})
