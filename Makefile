@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # from source, 4.4 s from byte-code; tests/system/test_placement.py 118 s -> 65 s.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install chromium demo test test-fast test-browser bench clean
+.PHONY: install chromium demo lint test test-fast test-browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,9 +36,14 @@ endif
 demo: install
 	$(VENV)/bin/omnistream demo
 
+# the house rules a tool checks (pyproject.toml [tool.ruff]): lint, then the formatting (`ruff format .` fixes it)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # two processes (pytest-xdist): a module's tests, and every test on the session's Ray, stay together
 # (tests/conftest.py's scheduler); what one leaves idle the other uses
-test: install chromium
+test: install chromium lint
 	$(VENV)/bin/pytest -q -n 2 tests
 
 # the MLflow UI in headless Chromium alone (make test runs it too); its screenshot lands in test-artifacts/

@@ -14,6 +14,7 @@ the woman's voice of ALSA's speaker test (alsa-utils: "Front Left" and the like,
 Prints one JSON object (and writes it to --out): the codec and k-means at the same ids per second, side by
 side on each held-out set (modalities/audio_eval.compare), and the fit's time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
+
 from omnistream.modalities import audio_eval
 from omnistream.modalities.audio import Audio, AudioModality
 
@@ -86,12 +88,19 @@ def alsa_voice() -> list[Audio]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                    help="an audio option for the codec (JSON value), e.g. fit_steps=6000 or 'levels=[8,8,8,5]'")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="an audio option for the codec (JSON value), e.g. fit_steps=6000 or 'levels=[8,8,8,5]'",
+    )
     ap.add_argument("--held-clips", type=int, default=120, help="Dutch clips to measure on (random, seeded)")
     ap.add_argument("--out", default="audio_codec.json")
-    ap.add_argument("--bundle", help="save the fitted codec to this folder; if it holds one already, measure that "
-                                     "one instead of fitting")
+    ap.add_argument(
+        "--bundle",
+        help="save the fitted codec to this folder; if it holds one already, measure that one instead of fitting",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -105,10 +114,14 @@ def main() -> int:
     mod = AudioModality(opts)
     t0 = time.time()
     train = fillets("cs", None, 0)
-    held = {"dutch_actors": fillets("nl", args.held_clips, 0), "espeak_ng": espeak(VOICES),
-            "alsa_voice": alsa_voice()}
-    log.info("read %d fit clips (%.0f min) and %s in %.0f s", len(train), sum(a.seconds for a in train) / 60,
-             {k: len(v) for k, v in held.items()}, time.time() - t0)
+    held = {"dutch_actors": fillets("nl", args.held_clips, 0), "espeak_ng": espeak(VOICES), "alsa_voice": alsa_voice()}
+    log.info(
+        "read %d fit clips (%.0f min) and %s in %.0f s",
+        len(train),
+        sum(a.seconds for a in train) / 60,
+        {k: len(v) for k, v in held.items()},
+        time.time() - t0,
+    )
     t0 = time.time()
     last = [0.0]
 
@@ -125,9 +138,13 @@ def main() -> int:
         fit_s = time.time() - t0
         if args.bundle:
             mod.save(args.bundle)
-    report = {"options": mod.options.model_dump(mode="json"), "fit_seconds": round(fit_s, 1),
-              "fit_minutes_of_speech": round(sum(a.seconds for a in train) / 60, 1),
-              "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    report = {
+        "options": mod.options.model_dump(mode="json"),
+        "fit_seconds": round(fit_s, 1),
+        "fit_minutes_of_speech": round(sum(a.seconds for a in train) / 60, 1),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     for name, clips in held.items():
         if clips:
             report[name] = audio_eval.compare(mod, train[:400], clips)

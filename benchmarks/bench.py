@@ -34,6 +34,7 @@
 Figures go to stdout as a table and to bench.json (name -> number), so commits can be compared.
 No timing is asserted anywhere: these machines are shared and noisy.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
 from omnistream.cli.demo import demo_config, prepare_demo  # noqa: E402
 from omnistream.cluster.connect import free_port  # noqa: E402
 from omnistream.cluster.driver import prepare, run_training  # noqa: E402
@@ -64,8 +66,11 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))  # part (a)'s run and plain 
 THREADS = 2
 # part (g): steps per fit, about 20-40 s of each on 2 cores (fsq's 400 steps took 5 s, and one hiccup of
 # the machine moved a pair's ratio by 0.2); BENCH_FIT_STEPS sets both
-FIT_STEPS = {"image": 1500, "audio": 400} if "BENCH_FIT_STEPS" not in os.environ else \
-    dict.fromkeys(("image", "audio"), int(os.environ["BENCH_FIT_STEPS"]))
+FIT_STEPS = (
+    {"image": 1500, "audio": 400}
+    if "BENCH_FIT_STEPS" not in os.environ
+    else dict.fromkeys(("image", "audio"), int(os.environ["BENCH_FIT_STEPS"]))
+)
 FIT_REPEATS = int(os.environ.get("BENCH_FIT_REPEATS", "5"))  # one pair moved by 0.2 either way
 
 
@@ -84,8 +89,9 @@ def stream_rows(cfg, vocab, n_rows: int) -> dict:
     done, _ = cache.status(shards)
     plan = shard_order(shards, cfg.seed, cfg.data.epochs)
     windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
-    rows = WindowRows(cache.url, cfg.data.bundle_dir, cfg.modalities, cfg.data, cfg.seed, plan,
-                      cfg.train.micro_batch_size)
+    rows = WindowRows(
+        cache.url, cfg.data.bundle_dir, cfg.modalities, cfg.data, cfg.seed, plan, cfg.train.micro_batch_size
+    )
     parts, have = [], 0
     for k, w in enumerate(windows):
         out = rows({"window": np.array([k]), "ranges": np.array([json.dumps(w)], dtype=object)})
@@ -101,7 +107,7 @@ def measured_rows(cfg, vocab, steps: int, skip_steps: int) -> dict:
     """The rows of the run's steps `skip_steps` to `skip_steps + steps` (+5 warm-up steps), in its order."""
     mb = cfg.train.micro_batch_size
     rows = stream_rows(cfg, vocab, (skip_steps + steps + 5) * mb)
-    return {c: v[skip_steps * mb:] for c, v in rows.items()}
+    return {c: v[skip_steps * mb :] for c, v in rows.items()}
 
 
 def _tokens_per_s(step, rows: dict, mb: int, steps: int) -> float:
@@ -111,7 +117,7 @@ def _tokens_per_s(step, rows: dict, mb: int, steps: int) -> float:
     for k in range(steps + 5):
         if k == 5:
             t0, tokens = time.perf_counter(), 0
-        b = {c: v[k * mb:(k + 1) * mb] for c, v in rows.items()}
+        b = {c: v[k * mb : (k + 1) * mb] for c, v in rows.items()}
         step(k, b)
         tokens += int((b["doc_ids"] > 0).sum())
     return tokens / (time.perf_counter() - t0)
@@ -199,15 +205,32 @@ def attention_step_memory(T: int, attention: str) -> float:
 def _zero3_rank(rank: int, world: int, port: int) -> dict:
     """(d), one rank: build the engine, take one step, count what it holds."""
     import torch.distributed as dist
+
     from omnistream.training.engine import build_engine
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = load_config(DEMO_CONFIG, ["model.vocab_size=1024", "model.d_model=768", "model.n_layers=8",
-                                    "model.n_heads=12", "model.max_seq_len=64", "train.zero_stage=3",
-                                    "train.micro_batch_size=1"])
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            "model.vocab_size=1024",
+            "model.d_model=768",
+            "model.n_layers=8",
+            "model.n_heads=12",
+            "model.max_seq_len=64",
+            "train.zero_stage=3",
+            "train.micro_batch_size=1",
+        ],
+    )
     engine, _, n_params = build_engine(cfg)
     ids = torch.randint(3, 1024, (1, 64))
     _, loss, _ = engine(ids, torch.arange(64)[None], torch.ones(1, 64, dtype=torch.long), ids)
@@ -231,7 +254,7 @@ def _zero3_rank(rank: int, world: int, port: int) -> dict:
 
     for p in engine.module.parameters():
         count([p.data, getattr(p, "ds_tensor", None), p.grad])
-    count(vars(engine.optimizer))                          # DeepSpeed's flat partitions and buffers
+    count(vars(engine.optimizer))  # DeepSpeed's flat partitions and buffers
     count(list(engine.optimizer.optimizer.state.values()))  # AdamW's moments
     dist.destroy_process_group()
     return {"params": n_params, "model_state_bytes": total}
@@ -240,8 +263,15 @@ def _zero3_rank(rank: int, world: int, port: int) -> dict:
 def zero3_memory(world: int) -> dict:
     """(d): `world` ranks as processes of this script; rank 0's figures."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "--zero3-rank", str(r), str(world), str(port)],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--zero3-rank", str(r), str(world), str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"ZeRO-3 memory run with {world} ranks failed: {outs}")
@@ -275,6 +305,7 @@ def _tokenize(cfg, shards: list[str], cache_dir: str):
     """Tokenize `shards` into a fresh cache at `cache_dir` with ShardTokenizer in this process (read, decode,
     filter, encode; dedup off). Returns (records, seconds, cache, data config)."""
     import numpy as np
+
     from omnistream.modalities.vocab import Vocabulary
     from omnistream.pipelines.cache import open_cache
     from omnistream.pipelines.tokenize import ShardTokenizer
@@ -284,7 +315,8 @@ def _tokenize(cfg, shards: list[str], cache_dir: str):
     cache = open_cache(data, vocab.fingerprint, cfg.seed, shards)
     t0 = time.perf_counter()
     out = ShardTokenizer(cfg.modalities, data.bundle_dir, data, cfg.seed, cache.url, [], None)(
-        {"shard": np.array(shards, dtype=object)})
+        {"shard": np.array(shards, dtype=object)}
+    )
     return int(out["seen"].sum()), time.perf_counter() - t0, cache, data
 
 
@@ -293,6 +325,7 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
     import tempfile
 
     import numpy as np
+
     from omnistream.pipelines.plan import plan_windows, window_size
     from omnistream.pipelines.rows import WindowRows
 
@@ -308,9 +341,11 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
         for k, w in enumerate(windows):
             rows({"window": np.array([k]), "ranges": np.array([json.dumps(w)], dtype=object)})
         cache_s = time.perf_counter() - t0
-    return {"cache_records_per_s_from_media": round(records / media_s, 1),
-            "cache_records_per_s_from_cache": round(records / cache_s, 1),
-            "cache_epoch_speedup_records_per_s": round(media_s / cache_s, 2)}
+    return {
+        "cache_records_per_s_from_media": round(records / media_s, 1),
+        "cache_records_per_s_from_cache": round(records / cache_s, 1),
+        "cache_epoch_speedup_records_per_s": round(media_s / cache_s, 2),
+    }
 
 
 def s3_tokenize_ratio(cfg, shards: int = 4, repeats: int = 2) -> dict:
@@ -328,12 +363,19 @@ def s3_tokenize_ratio(cfg, shards: int = 4, repeats: int = 2) -> dict:
     local = list_shards(cfg.data.train_shards)[:shards]
     port = free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     try:
         for _ in range(100):
             try:
@@ -361,9 +403,11 @@ def s3_tokenize_ratio(cfg, shards: int = 4, repeats: int = 2) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return {"tokenize_records_per_s_from_disk": round(statistics.median(disk), 1),
-            "tokenize_records_per_s_from_s3": round(statistics.median(s3), 1),
-            "tokenize_ratio_s3_vs_disk": round(statistics.median(s3) / statistics.median(disk), 3)}
+    return {
+        "tokenize_records_per_s_from_disk": round(statistics.median(disk), 1),
+        "tokenize_records_per_s_from_s3": round(statistics.median(s3), 1),
+        "tokenize_ratio_s3_vs_disk": round(statistics.median(s3) / statistics.median(disk), 3),
+    }
 
 
 # part (g): the learned tokenizers, each at the demo's sizes (as the README's demo commands set them)
@@ -373,7 +417,8 @@ LEARNED = {"image": {"tokenizer": "fsq", "down": 4, "levels": [8, 5, 5]}, "audio
 def _fit_in_process(name: str) -> float:
     """Steps/s of `name`'s fit (LEARNED, FIT_STEPS[name] steps) in this process with every core, on the records
     `tokenizers fit` samples: about the first data.fit_records samples of the shards in the fit's order
-    (cli.tokenizers._decoded, the reader `tokenizers eval` uses), decoded by the modality itself. Run in a fresh child process (`--fit-in-process`), as the CLI's fit runs in a fresh Ray
+    (cli.tokenizers._decoded, the reader `tokenizers eval` uses), decoded by the modality itself. Run in a fresh
+    child process (`--fit-in-process`), as the CLI's fit runs in a fresh Ray
     worker: both pay a new process's first steps (about a second of oneDNN set-up) alike."""
     from omnistream.cli.tokenizers import _decoded
     from omnistream.modalities import registry
@@ -390,7 +435,9 @@ def _fit_in_process(name: str) -> float:
 
 
 def _fit_sets(name: str) -> list[str]:
-    return [f"modalities.{name}.{k}={json.dumps(v)}" for k, v in {**LEARNED[name], "fit_steps": FIT_STEPS[name]}.items()]
+    return [
+        f"modalities.{name}.{k}={json.dumps(v)}" for k, v in {**LEARNED[name], "fit_steps": FIT_STEPS[name]}.items()
+    ]
 
 
 def _fit_through_cli(name: str) -> tuple[float, int]:
@@ -401,11 +448,22 @@ def _fit_through_cli(name: str) -> tuple[float, int]:
 
     with tempfile.TemporaryDirectory() as d:
         sets = _fit_sets(name) + [f'data.bundle_dir="{d}/bundle"', f'tracking.uri="sqlite:///{d}/mlflow.db"']
-        p = subprocess.run([str(Path(sys.executable).parent / "omnistream"), "tokenizers", "fit", str(DEMO_CONFIG),
-                            *[a for kv in sets for a in ("--set", kv)]], capture_output=True, text=True, cwd=REPO,
-                           timeout=1800)
-    m = re.search(rf"trained the {name} tokenizer with (\d+) threads: \d+ steps in [\d.]+ s \(([\d.]+) steps/s\)",
-                  p.stderr)
+        p = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "omnistream"),
+                "tokenizers",
+                "fit",
+                str(DEMO_CONFIG),
+                *[a for kv in sets for a in ("--set", kv)],
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=1800,
+        )
+    m = re.search(
+        rf"trained the {name} tokenizer with (\d+) threads: \d+ steps in [\d.]+ s \(([\d.]+) steps/s\)", p.stderr
+    )
     if p.returncode != 0 or not m:
         raise SystemExit(f"tokenizers fit failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return float(m.group(2)), int(m.group(1))
@@ -427,12 +485,17 @@ def fit_rate_figures() -> dict:
             threads.add(n)
             here.append(_in_child("--fit-in-process", name)["steps_per_s"])
         tok = opts["tokenizer"]
-        out.update({f"fit_{tok}_steps_per_s_tokenizers_fit": round(statistics.median(cli), 2),
-                    f"fit_{tok}_threads_tokenizers_fit": sorted(threads),
-                    f"fit_{tok}_steps_per_s_in_process": round(statistics.median(here), 2),
-                    f"fit_ratio_{tok}_tokenizers_fit_vs_in_process": round(statistics.median(
-                        [c / h for c, h in zip(cli, here)]), 3),
-                    f"fit_ratio_{tok}_each_pair": [round(c / h, 3) for c, h in zip(cli, here)]})
+        out.update(
+            {
+                f"fit_{tok}_steps_per_s_tokenizers_fit": round(statistics.median(cli), 2),
+                f"fit_{tok}_threads_tokenizers_fit": sorted(threads),
+                f"fit_{tok}_steps_per_s_in_process": round(statistics.median(here), 2),
+                f"fit_ratio_{tok}_tokenizers_fit_vs_in_process": round(
+                    statistics.median([c / h for c, h in zip(cli, here)]), 3
+                ),
+                f"fit_ratio_{tok}_each_pair": [round(c / h, 3) for c, h in zip(cli, here)],
+            }
+        )
     return out
 
 
@@ -448,14 +511,23 @@ def throughput_figures(common: list[str]) -> dict:
     same rows, REPEATS times in turn; the ratio reported is the median of the runs' ratios. On 2 shared cores
     one pair's ratio moves by 0.1 from run to run (the plain loop alone measured 10.3k to 13.4k tokens/s on one
     afternoon), so one pair says little."""
-    one = load_config(DEMO_CONFIG, common + [f"train.steps={STEPS}", "cluster.num_workers=1", "data.epochs=1",
-                                             "cluster.cpus_per_worker=1", "train.zero_stage=0"])
+    one = load_config(
+        DEMO_CONFIG,
+        common
+        + [
+            f"train.steps={STEPS}",
+            "cluster.num_workers=1",
+            "data.epochs=1",
+            "cluster.cpus_per_worker=1",
+            "train.zero_stage=0",
+        ],
+    )
     omni, plain, first, bare = [], [], [], []
     for _ in range(REPEATS):
         res_one = run_training(one)
         tps = history(res_one, "train/tokens_per_s")
-        omni.append(statistics.median(tps[len(tps) // 2:]))
-        first.append(statistics.median(tps[1:len(tps) // 2]))
+        omni.append(statistics.median(tps[len(tps) // 2 :]))
+        first.append(statistics.median(tps[1 : len(tps) // 2]))
         cfg_plain, vocab = prepare(one)
         plain.append(plain_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2))
         bare.append(trainer_loop(cfg_plain, vocab, STEPS // 2, skip_steps=STEPS // 2))
@@ -466,8 +538,9 @@ def throughput_figures(common: list[str]) -> dict:
         "throughput_ratio_omnistream_vs_plain": round(statistics.median(ratios), 3),
         "throughput_ratio_each_run": [round(r, 3) for r in ratios],
         "omnistream_tokens_per_s_first_half": round(statistics.median(first), 1),
-        "throughput_ratio_trainer_without_ray_vs_plain": round(statistics.median(
-            [b / p for b, p in zip(bare, plain)]), 3),
+        "throughput_ratio_trainer_without_ray_vs_plain": round(
+            statistics.median([b / p for b, p in zip(bare, plain)]), 3
+        ),
     }
 
 
@@ -503,8 +576,12 @@ def main() -> int:
     os.chdir(REPO)
     base = load_config(DEMO_CONFIG)
     prepare_demo(base)
-    common = [f"train.torch_threads={THREADS}", "train.log_every=5", "data.eval_shards=[]",
-              'tracking.experiment="omnistream-bench"']
+    common = [
+        f"train.torch_threads={THREADS}",
+        "train.log_every=5",
+        "data.eval_shards=[]",
+        'tracking.experiment="omnistream-bench"',
+    ]
 
     # (a) omnistream train, one worker, ZeRO-0, against the plain loop
     throughput = throughput_figures(common)

@@ -15,6 +15,7 @@ one H100. It reports:
    torch.compile of the blocks; the 1B one also with activation checkpointing.
 Versions of torch and deepspeed go with the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from omnistream.configs import load_config
 from omnistream.modalities import registry
 from omnistream.modalities.vocab import Vocabulary
@@ -75,23 +77,41 @@ def synthetic_batches(vocab_size: int, rows: int, seq: int):
 def trainer_speed(model: GPTConfig, rows: int, steps: int, precision: str, **train) -> dict:
     """Train through the real Trainer (DeepSpeed ZeRO-3, world size 1) and read what it logged."""
     t0 = time.perf_counter()
-    cfg = load_config(None, [f"model.{k}={v!r}".replace("'", '"') for k, v in vars(model).items()
-                             if k != "vocab_size"] + [
-        f"train.steps={steps}", f"train.log_every={max(1, steps // 2)}", f"train.micro_batch_size={rows}",
-        "train.zero_stage=3", f'train.precision="{precision}"', "train.warmup_steps=1", "data.eval_shards=[]",
-        f"data.seq_len={model.max_seq_len}", 'modalities = {text = {vocab_size = 260}}'] +
-        [f"train.{k}={str(v).lower()}" for k, v in train.items()])
+    cfg = load_config(
+        None,
+        [f"model.{k}={v!r}".replace("'", '"') for k, v in vars(model).items() if k != "vocab_size"]
+        + [
+            f"train.steps={steps}",
+            f"train.log_every={max(1, steps // 2)}",
+            f"train.micro_batch_size={rows}",
+            "train.zero_stage=3",
+            f'train.precision="{precision}"',
+            "train.warmup_steps=1",
+            "data.eval_shards=[]",
+            f"data.seq_len={model.max_seq_len}",
+            "modalities = {text = {vocab_size = 260}}",
+        ]
+        + [f"train.{k}={str(v).lower()}" for k, v in train.items()],
+    )
     cfg.model.vocab_size = model.vocab_size
     tracker = MemoryTracker()
-    trainer = Trainer(cfg, tiny_vocab(), synthetic_batches(model.vocab_size, rows, model.max_seq_len),
-                      tracker=tracker)
+    trainer = Trainer(cfg, tiny_vocab(), synthetic_batches(model.vocab_size, rows, model.max_seq_len), tracker=tracker)
     trainer.train()
     m = tracker.last()  # the second interval: the first holds the warm-up (and compile) steps
-    out = {"params_m": round(trainer.n_params / 1e6, 1), "tokens_per_s": round(m["train/tokens_per_s"]),
-           "mfu": round(m["train/mfu"], 3) if "train/mfu" in m else None, "loss": round(m["train/loss"], 4),
-           "peak_mem_gb": round(m["train/peak_memory_gb"], 2), "precision": precision, "zero_stage": 3,
-           "attention": trainer.engine.module.attention_kind(trainer.device), "rows": rows,
-           "seq_len": model.max_seq_len, **train, "wall_s": round(time.perf_counter() - t0, 1)}
+    out = {
+        "params_m": round(trainer.n_params / 1e6, 1),
+        "tokens_per_s": round(m["train/tokens_per_s"]),
+        "mfu": round(m["train/mfu"], 3) if "train/mfu" in m else None,
+        "loss": round(m["train/loss"], 4),
+        "peak_mem_gb": round(m["train/peak_memory_gb"], 2),
+        "precision": precision,
+        "zero_stage": 3,
+        "attention": trainer.engine.module.attention_kind(trainer.device),
+        "rows": rows,
+        "seq_len": model.max_seq_len,
+        **train,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -109,7 +129,9 @@ def attention_parity(seq: int = 1024) -> dict:
     grads = {}
     for kind, device in (("dense", "cuda"), ("flex", "cuda"), ("varlen", "cpu")):
         torch.manual_seed(0)
-        m = GPT(GPTConfig(vocab_size=512, n_layers=2, n_heads=4, d_model=128, max_seq_len=seq, attention=kind)).to(device)
+        m = GPT(GPTConfig(vocab_size=512, n_layers=2, n_heads=4, d_model=128, max_seq_len=seq, attention=kind)).to(
+            device
+        )
         x = {k: v.to(device) for k, v in b.items()}
         _, loss, _ = m(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
         loss.backward()
@@ -139,7 +161,7 @@ def loopback_listeners() -> list[str]:
             if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
                 addr, port = f[1].split(":")
                 raw = bytes.fromhex(addr)  # 32-bit words in host (little-endian) order
-                ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                ip = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
                 found.append((ip, int(port, 16)))
     return found
 
@@ -161,8 +183,18 @@ def main() -> None:
     args = ap.parse_args()
     single_process_group()
     if args.cpu_smoke:
-        print(json.dumps(trainer_speed(GPTConfig(vocab_size=608, n_layers=2, n_heads=2, d_model=64, max_seq_len=64),
-                                       rows=4, steps=6, precision="fp32", activation_checkpointing=True), indent=1))
+        print(
+            json.dumps(
+                trainer_speed(
+                    GPTConfig(vocab_size=608, n_layers=2, n_heads=2, d_model=64, max_seq_len=64),
+                    rows=4,
+                    steps=6,
+                    precision="fp32",
+                    activation_checkpointing=True,
+                ),
+                indent=1,
+            )
+        )
         return
     import deepspeed
 

@@ -17,6 +17,7 @@
 
 A user mistake ends with one line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # One module per command group. Each imports torch, deepspeed, ray or mlflow only inside the
 # commands that use them, so `--help`, `jobs`, `config show` and `modalities list` start fast.
-from . import cluster, config, data, demo, jobs, modalities, model, tokenizers, train  # noqa: E402
-from ._common import add_verbosity, error_line  # noqa: E402
+from . import cluster, config, data, demo, jobs, modalities, model, tokenizers, train
+from ._common import add_verbosity, error_line
 
 GROUPS = (demo, data, tokenizers, train, modalities, config, cluster, jobs, model)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="omnistream", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="omnistream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_verbosity(ap, top=True)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for g in GROUPS:

@@ -1,4 +1,5 @@
 """What every command module shares: the --set flag, the config argument, --verbose/--quiet, the error line."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,24 @@ def add_verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
     Only the top-level parser sets a default: a subcommand's copy must not reset what was given before it."""
     default = 0 if top else argparse.SUPPRESS
     g = p.add_mutually_exclusive_group()
-    g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
-                   help="also debug lines, and Ray Data's own progress")
-    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
-                   help="only warnings and errors on stderr (a command's result still goes to stdout)")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=1,
+        default=default,
+        help="also debug lines, and Ray Data's own progress",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=-1,
+        default=default,
+        help="only warnings and errors on stderr (a command's result still goes to stdout)",
+    )
 
 
 def error_line(message: str) -> None:

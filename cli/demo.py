@@ -1,4 +1,5 @@
 """`omnistream demo`: the whole path on this machine, with the demo config shipped in the package."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,15 @@ def demo_config() -> Path:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the whole path on this machine: corpus, tokenizers, training, evaluation",
-                       description="Write the demo corpus (digits drawn, dialled and captioned) under ./runs/demo, fit "
-                                   "the tokenizers, train on a local Ray cluster with DeepSpeed ZeRO-3, evaluate the "
-                                   "cross-modal tasks, and print the MLflow run id and how to open it. Uses the demo "
-                                   "config that ships with omnistream (`omnistream config show --demo` prints it); "
-                                   "works from any directory.")
+    p = sub.add_parser(
+        "demo",
+        help="the whole path on this machine: corpus, tokenizers, training, evaluation",
+        description="Write the demo corpus (digits drawn, dialled and captioned) under ./runs/demo, fit "
+        "the tokenizers, train on a local Ray cluster with DeepSpeed ZeRO-3, evaluate the "
+        "cross-modal tasks, and print the MLflow run id and how to open it. Uses the demo "
+        "config that ships with omnistream (`omnistream config show --demo` prints it); "
+        "works from any directory.",
+    )
     p.add_argument("--config", help="run config (default: the shipped demo config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--refit", action="store_true", help="refit the tokenizers even if a bundle exists")
@@ -46,8 +50,10 @@ def run(args) -> int:
 
         ref = latest_version(res.tracking_uri, cfg.train.register_as)
         ok, asked, example = name_the_digits(ref, res.tracking_uri, cfg.resolved_paths().data.eval_shards)
-        print(f"  registered model {ref}, loaded with mlflow.pyfunc.load_model: {ok}/{asked} held-out digit "
-              f"images named (e.g. {example})")
+        print(
+            f"  registered model {ref}, loaded with mlflow.pyfunc.load_model: {ok}/{asked} held-out digit "
+            f"images named (e.g. {example})"
+        )
     print(f"demo finished in {time.time() - t0:.0f}s")
     return 0
 
@@ -76,14 +82,16 @@ def prepare_demo(cfg, refit: bool = False) -> None:
         log.info("tokenizer bundle already in %s (--refit to refit)", cfg.data.bundle_dir)
 
 
-def name_the_digits(ref: str, tracking_uri: str, shards: list[str], label_field: str = "digit",
-                    n: int = 10) -> tuple[int, int, str]:
+def name_the_digits(
+    ref: str, tracking_uri: str, shards: list[str], label_field: str = "digit", n: int = 10
+) -> tuple[int, int, str]:
     """The demo's check of a registered model, through MLflow as a user loads it: the first `n` held-out
     images with a label, each asked for text; returns (answers naming the label, asked, one example)."""
     import json
 
     import mlflow
     import pandas as pd
+
     from omnistream.pipelines.records import read_shard
     from omnistream.training.evaluate import matches
 

@@ -2,6 +2,7 @@
 
 No torch, deepspeed or mlflow here: a client that only talks to a cluster starts fast.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,30 +14,40 @@ INSECURE_HELP = "send the Ray token over plain http to a host other than this on
 
 
 def register(sub) -> None:
-    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)",
-                       description="Validate CONFIG here, resolve its paths, and submit `omnistream train` as a Ray "
-                                   "job whose working directory carries omnistream's code and the resolved config. "
-                                   "Prints the job id; with --follow streams the logs and exits with the job's "
-                                   "outcome (0 SUCCEEDED, 1 otherwise). Paths in the config must be readable from "
-                                   "the cluster (shared disk or s3://...).")
+    p = sub.add_parser(
+        "submit",
+        help="submit a training job to a Ray cluster (Ray Jobs API)",
+        description="Validate CONFIG here, resolve its paths, and submit `omnistream train` as a Ray "
+        "job whose working directory carries omnistream's code and the resolved config. "
+        "Prints the job id; with --follow streams the logs and exits with the job's "
+        "outcome (0 SUCCEEDED, 1 otherwise). Paths in the config must be readable from "
+        "the cluster (shared disk or s3://...).",
+    )
     add_config(p)
     p.add_argument("--address", default="", help=ADDR_HELP)
-    p.add_argument("--follow", action="store_true",
-                   help="follow the job to its end: its steps, evaluations and warnings, and the run's page on the "
-                        "tracking server (the whole log on failure)")
-    p.add_argument("--raw", action="store_true", help="with --follow: stream every line of the job's log as Ray "
-                                                       "writes it")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow the job to its end: its steps, evaluations and warnings, and the run's page on the "
+        "tracking server (the whole log on failure)",
+    )
+    p.add_argument(
+        "--raw", action="store_true", help="with --follow: stream every line of the job's log as Ray writes it"
+    )
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=submit)
-    jb = sub.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(dest="jobs_cmd", required=True,
-                                                                              metavar="COMMAND")
+    jb = sub.add_parser("jobs", help="jobs on a Ray cluster").add_subparsers(
+        dest="jobs_cmd", required=True, metavar="COMMAND"
+    )
     p = jb.add_parser("list", help="every job with its status")
     p.add_argument("--address", default="", help=ADDR_HELP)
     p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=list_jobs)
-    for name, hlp, fn in (("status", "one job's status", status),
-                          ("logs", "one job's logs (--follow to stream)", logs),
-                          ("stop", "stop a running job", stop)):
+    for name, hlp, fn in (
+        ("status", "one job's status", status),
+        ("logs", "one job's logs (--follow to stream)", logs),
+        ("stop", "stop a running job", stop),
+    ):
         p = jb.add_parser(name, help=hlp)
         p.add_argument("job_id", help="the id `omnistream submit` printed")
         p.add_argument("--address", default="", help=ADDR_HELP)

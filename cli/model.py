@@ -1,32 +1,46 @@
 """`omnistream export` and `omnistream generate`: a usable model out of a checkpoint, and what it makes."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into one safetensors model",
-                       description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
-                                   "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
-                                   "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.")
-    p.add_argument("checkpoint", help="a checkpoint directory (the MLflow tag omnistream.checkpoint names the last one), "
-                                      "or a run's folder (cluster.storage_path): its newest complete checkpoint; a path "
-                                      "or a URL such as s3://bucket/runs/... (copied here first)")
+    p = sub.add_parser(
+        "export",
+        help="consolidate a checkpoint's ZeRO shards into one safetensors model",
+        description="Rebuild the full fp32 weights from a training checkpoint's DeepSpeed shards "
+        "(ZeRO 0-3, any number of ranks), and write OUT_DIR/model.safetensors, "
+        "OUT_DIR/model.json and the tokenizer bundle under OUT_DIR/tokenizers.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint directory (the MLflow tag omnistream.checkpoint names the last one), "
+        "or a run's folder (cluster.storage_path): its newest complete checkpoint; a path "
+        "or a URL such as s3://bucket/runs/... (copied here first)",
+    )
     p.add_argument("out_dir", help="folder to write the model into")
     p.add_argument("--bundle", help="tokenizer bundle, if not where the checkpoint was trained (must be the same one)")
-    p.add_argument("--register", metavar="NAME",
-                   help="also log the exported model (with its tokenizer bundle) as an MLflow model into the run "
-                        "that trained it and register a version of NAME; load it with "
-                        "mlflow.pyfunc.load_model('models:/NAME/<version>')")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI to register in (default: the one the checkpoint's "
-                                          "run logged to)")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="also log the exported model (with its tokenizer bundle) as an MLflow model into the run "
+        "that trained it and register a version of NAME; load it with "
+        "mlflow.pyfunc.load_model('models:/NAME/<version>')",
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI to register in (default: the one the checkpoint's run logged to)"
+    )
     p.set_defaults(func=export)
 
-    p = sub.add_parser("generate", help="generate from a prompt in any modality",
-                       description="Load an exported model (or a checkpoint) and greedily continue a prompt given "
-                                   "as a file or text in modality --from, as modality --to. Text is printed; "
-                                   "images and audio are written to --out (PNG, WAV) and the path printed. "
-                                   "Example: omnistream generate out/model --from image --input digit.png")
+    p = sub.add_parser(
+        "generate",
+        help="generate from a prompt in any modality",
+        description="Load an exported model (or a checkpoint) and greedily continue a prompt given "
+        "as a file or text in modality --from, as modality --to. Text is printed; "
+        "images and audio are written to --out (PNG, WAV) and the path printed. "
+        "Example: omnistream generate out/model --from image --input digit.png",
+    )
     p.add_argument("model", help="exported model folder or checkpoint directory")
     p.add_argument("--from", dest="src", required=True, help="modality of the prompt, e.g. text, image, audio")
     p.add_argument("--to", dest="dst", default="text", help="modality to generate (default text)")

@@ -1,4 +1,5 @@
 """`omnistream tokenizers fit`: fit every configured modality and write the tokenizer bundle."""
+
 from __future__ import annotations
 
 import time
@@ -7,34 +8,47 @@ from ._common import add_config
 
 
 def register(sub) -> None:
-    tok = sub.add_parser("tokenizers", help="tokenizer commands").add_subparsers(dest="tok_cmd", required=True,
-                                                                                metavar="COMMAND")
-    p = tok.add_parser("fit", help="fit every configured modality on a sample of the training shards",
-                       description="Read data.fit_records records of data.train_shards with Ray, fit each modality "
-                                   "(BPE, k-means codebooks), and write the bundle (vocab.json + fitted state) "
-                                   "to data.bundle_dir.")
+    tok = sub.add_parser("tokenizers", help="tokenizer commands").add_subparsers(
+        dest="tok_cmd", required=True, metavar="COMMAND"
+    )
+    p = tok.add_parser(
+        "fit",
+        help="fit every configured modality on a sample of the training shards",
+        description="Read data.fit_records records of data.train_shards with Ray, fit each modality "
+        "(BPE, k-means codebooks), and write the bundle (vocab.json + fitted state) "
+        "to data.bundle_dir.",
+    )
     add_config(p)
     p.add_argument("--out", help="bundle folder (default: data.bundle_dir from the config)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="fit over a bundle already in that folder; every checkpoint and token cache made with the "
-                        "old one is then refused (by default a fit there is refused, naming the checkpoints it serves)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="fit over a bundle already in that folder; every checkpoint and token cache made with the "
+        "old one is then refused (by default a fit there is refused, naming the checkpoints it serves)",
+    )
     p.set_defaults(func=fit_command)
-    e = tok.add_parser("eval", help="how well the image or audio tokenizer keeps its input, beside k-means",
-                       description="Image (the default): on held-out images of data.eval_shards, PSNR and SSIM of "
-                                   "decode(encode(x)) for the bundle's image tokenizer, for omnistream's k-means "
-                                   "tokenizer at the same ids per image (fitted here on data.fit_records records of "
-                                   "data.train_shards), and for a thumbnail of side×side pixels blown back up; and "
-                                   "batched encode throughput on one core. Audio (--modality audio): on held-out "
-                                   "clips, STOI and mel distance of decode(encode(x)) for the bundle's audio "
-                                   "tokenizer and for k-means at the same ids per second, with encode and decode "
-                                   "speed on one core as multiples of real time. Prints the figures as JSON and "
-                                   "records them in a tracking run, with a picture of originals | k-means | "
-                                   "thumbnail | learned, or the clips and their reconstructions as WAV files.")
+    e = tok.add_parser(
+        "eval",
+        help="how well the image or audio tokenizer keeps its input, beside k-means",
+        description="Image (the default): on held-out images of data.eval_shards, PSNR and SSIM of "
+        "decode(encode(x)) for the bundle's image tokenizer, for omnistream's k-means "
+        "tokenizer at the same ids per image (fitted here on data.fit_records records of "
+        "data.train_shards), and for a thumbnail of side×side pixels blown back up; and "
+        "batched encode throughput on one core. Audio (--modality audio): on held-out "
+        "clips, STOI and mel distance of decode(encode(x)) for the bundle's audio "
+        "tokenizer and for k-means at the same ids per second, with encode and decode "
+        "speed on one core as multiples of real time. Prints the figures as JSON and "
+        "records them in a tracking run, with a picture of originals | k-means | "
+        "thumbnail | learned, or the clips and their reconstructions as WAV files.",
+    )
     add_config(e)
     e.add_argument("--images", type=int, default=512, help="held-out images to measure (default 512)")
     e.add_argument("--clips", type=int, default=64, help="held-out audio clips to measure (default 64)")
-    e.add_argument("--modality", default="image", help="the modality's name in the config: an image or audio "
-                                                       "modality (default image)")
+    e.add_argument(
+        "--modality",
+        default="image",
+        help="the modality's name in the config: an image or audio modality (default image)",
+    )
     e.set_defaults(func=eval_command)
 
 
@@ -68,11 +82,16 @@ def refuse_to_replace(cfg, out: str) -> None:
                 served.append(str(c))
     except Exception:  # noqa: BLE001 - a storage path not there (yet), or unreachable: none found
         pass
-    uses = (f"it serves {len(served)} checkpoint(s) under {cfg.cluster.storage_path} (the newest: {served[-1]})"
-            if served else f"checkpoints made with it name that fingerprint (none under {cfg.cluster.storage_path})")
-    raise UserError(f"{out} already holds a tokenizer bundle (vocabulary fingerprint {fp[:12]}); {uses}, and a refit "
-                    f"would make them unusable: fit into another folder (--out DIR, then data.bundle_dir = DIR), or "
-                    f"pass --overwrite to replace it")
+    uses = (
+        f"it serves {len(served)} checkpoint(s) under {cfg.cluster.storage_path} (the newest: {served[-1]})"
+        if served
+        else f"checkpoints made with it name that fingerprint (none under {cfg.cluster.storage_path})"
+    )
+    raise UserError(
+        f"{out} already holds a tokenizer bundle (vocabulary fingerprint {fp[:12]}); {uses}, and a refit "
+        f"would make them unusable: fit into another folder (--out DIR, then data.bundle_dir = DIR), or "
+        f"pass --overwrite to replace it"
+    )
 
 
 def fit(cfg, out: str | None = None, overwrite: bool = False):
@@ -88,14 +107,17 @@ def fit(cfg, out: str | None = None, overwrite: bool = False):
     t0 = time.time()
     vocab, summary = fit_bundle(cfg.data, cfg.modalities, cfg.seed, out)
     fitted = ", ".join(f"{n} ({summary['samples'][n]} samples)" for n in vocab.names)
-    print(f"fitted {fitted} in {time.time() - t0:.0f}s; "
-          f"bad samples skipped: {summary['bad_samples'] or 'none'}")
+    print(f"fitted {fitted} in {time.time() - t0:.0f}s; bad samples skipped: {summary['bad_samples'] or 'none'}")
     for m in vocab.modalities:
         lo, hi = vocab.block(m.name)
-        print(f"  {m.name:8s} ids [{lo}, {hi})  markers {vocab.begin(m.name)},{vocab.end(m.name)}  "
-              f"fingerprint {m.fingerprint()}")
-    print(f"tokenizer bundle: {out or cfg.data.bundle_dir} (vocabulary of {vocab.size} ids, "
-          f"fingerprint {vocab.fingerprint})")
+        print(
+            f"  {m.name:8s} ids [{lo}, {hi})  markers {vocab.begin(m.name)},{vocab.end(m.name)}  "
+            f"fingerprint {m.fingerprint()}"
+        )
+    print(
+        f"tokenizer bundle: {out or cfg.data.bundle_dir} (vocabulary of {vocab.size} ids, "
+        f"fingerprint {vocab.fingerprint})"
+    )
     link = record_fit(cfg, vocab, summary)
     if link:
         print(f"fit curves and reconstructions: {link}")
@@ -112,8 +134,9 @@ def record_fit(cfg, vocab, summary: dict) -> str | None:
 
     settings = cfg.tracking.model_copy(update={"run_name": f"{cfg.tracking.run_name or cfg.name}-tokenizers"})
     params = {f"modalities.{n}.{k}": v for n in reports for k, v in cfg.modalities[n].items()}
-    t = tracking.start_run(settings, params, tags={"omnistream.kind": "tokenizers-fit",
-                                                  "omnistream.vocab_fingerprint": vocab.fingerprint})
+    t = tracking.start_run(
+        settings, params, tags={"omnistream.kind": "tokenizers-fit", "omnistream.vocab_fingerprint": vocab.fingerprint}
+    )
     try:
         for n, r in reports.items():
             steps, curves = r.get("steps", []), r.get("metrics", {})
@@ -136,6 +159,7 @@ def eval_command(args) -> int:
     import json
 
     import numpy as np
+
     from omnistream.common.errors import UserError
     from omnistream.configs import load_config
     from omnistream.modalities import image_eval
@@ -149,13 +173,16 @@ def eval_command(args) -> int:
     if isinstance(mod, AudioModality):
         return _eval_audio(args, cfg, vocab, mod)
     if not isinstance(mod, ImageModality):
-        raise UserError(f"no image or audio modality named {args.modality!r} in {args.config} (its modalities: "
-                        f"{vocab.names})")
+        raise UserError(
+            f"no image or audio modality named {args.modality!r} in {args.config} (its modalities: {vocab.names})"
+        )
     held = _pixels(cfg.data, cfg.data.eval_shards, mod, args.images)
     train = _pixels(cfg.data, cfg.data.all_shards(), mod, cfg.data.fit_records)
     if len(held) < 1 or len(train) < 2:
-        raise UserError(f"found {len(held)} readable images in data.eval_shards and {len(train)} in "
-                        f"data.train_shards: tokenizers eval needs some of each")
+        raise UserError(
+            f"found {len(held)} readable images in data.eval_shards and {len(train)} in "
+            f"data.train_shards: tokenizers eval needs some of each"
+        )
     km = image_eval.kmeans_baseline(mod, train, codes=min(1024, max(2, len(train) * mod.tokens_per_image // 4)))
     res, grid = image_eval.compare(mod, km, held)
     res = {"bundle": str(cfg.data.bundle_dir), "fingerprint": mod.fingerprint(), **res}
@@ -175,8 +202,10 @@ def _eval_audio(args, cfg, vocab, mod) -> int:
     held = _decoded(cfg.data, cfg.data.eval_shards, mod, args.clips, convert=clip_reader(mod))
     train = _decoded(cfg.data, cfg.data.all_shards(), mod, cfg.data.fit_records, convert=clip_reader(mod))
     if len(held) < 1 or len(train) < 2:
-        raise UserError(f"found {len(held)} readable clips in data.eval_shards and {len(train)} in "
-                        f"data.train_shards: tokenizers eval needs some of each")
+        raise UserError(
+            f"found {len(held)} readable clips in data.eval_shards and {len(train)} in "
+            f"data.train_shards: tokenizers eval needs some of each"
+        )
     res = audio_eval.compare(mod, train, held)
     res = {"bundle": str(cfg.data.bundle_dir), "fingerprint": mod.fingerprint(), **res}
     kept = [a for a in held if a.seconds >= audio_eval.MIN_SECONDS][:4] or held[:4]
@@ -236,14 +265,24 @@ def _pixels(data, shards, mod, limit: int):
 def _record_eval(cfg, vocab, name: str, res: dict, grid=None, sounds: dict | None = None) -> str | None:
     import io
 
-    from omnistream import tracking
     from PIL import Image
 
+    from omnistream import tracking
+
     settings = cfg.tracking.model_copy(update={"run_name": f"{cfg.tracking.run_name or cfg.name}-tokenizer-eval"})
-    t = tracking.start_run(settings, {f"modalities.{name}.{k}": v for k, v in cfg.modalities[name].items()},
-                           tags={"omnistream.kind": "tokenizer-eval", "omnistream.vocab_fingerprint": vocab.fingerprint})
-    t.log({f"tokenizer_eval/{name}/{k}": float(v) for k, v in res.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+    t = tracking.start_run(
+        settings,
+        {f"modalities.{name}.{k}": v for k, v in cfg.modalities[name].items()},
+        tags={"omnistream.kind": "tokenizer-eval", "omnistream.vocab_fingerprint": vocab.fingerprint},
+    )
+    t.log(
+        {
+            f"tokenizer_eval/{name}/{k}": float(v)
+            for k, v in res.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
+        step=0,
+    )
     if grid is not None:
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")

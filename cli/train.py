@@ -1,4 +1,5 @@
 """`omnistream train`: train as the config says, on a Ray cluster, tracked in MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,14 @@ from ._common import add_config, error_line
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model as the config says",
-                       description="Train on the Ray cluster of cluster.address ('' = a local one started here) with "
-                                   "DeepSpeed; metrics, config and samples go to the tracking store (tracking.backend: "
-                                   "MLflow by default, at tracking.uri). Prints the run id, the accuracies, the loss "
-                                   "of each modality, the data accounting and how to open the run.")
+    p = sub.add_parser(
+        "train",
+        help="train a model as the config says",
+        description="Train on the Ray cluster of cluster.address ('' = a local one started here) with "
+        "DeepSpeed; metrics, config and samples go to the tracking store (tracking.backend: "
+        "MLflow by default, at tracking.uri). Prints the run id, the accuracies, the loss "
+        "of each modality, the data accounting and how to open the run.",
+    )
     add_config(p)
     p.set_defaults(func=train_command)
 
@@ -52,8 +56,10 @@ def print_result(res, cfg) -> None:
             last = sum(v for _, v in h[-n:]) / n
             print(f"  train/loss/{name}: {first:.3f} (first tenth) -> {last:.3f} (last tenth)")
     d = res.data_report
-    print(f"  data: seen {d['seen']}, kept {d['kept']}, filtered {sum(d['filtered'].values())}, "
-          f"errored {sum(d['errored'].values())}{' ' + json.dumps(d['errored']) if d['errored'] else ''}")
+    print(
+        f"  data: seen {d['seen']}, kept {d['kept']}, filtered {sum(d['filtered'].values())}, "
+        f"errored {sum(d['errored'].values())}{' ' + json.dumps(d['errored']) if d['errored'] else ''}"
+    )
     if res.checkpoint:
         print(f"  checkpoint: {res.checkpoint}")
     print(f"  wall time: {res.wall_s:.0f}s")

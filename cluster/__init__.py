@@ -1,6 +1,7 @@
 """Ray alone: the driver (driver.py) and what runs in each Ray Train worker (worker.py), the process-group
 backend (backend.py), connecting to Ray (connect.py), a local head (head.py), the token (auth.py) and
 the Jobs client (jobs.py). Nothing here runs a training step: that is training/."""
+
 import os as _os
 
 # Ray reads this when it is first imported: with it at 0 a local Ray advertises and binds

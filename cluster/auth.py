@@ -4,6 +4,7 @@ $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (cre
 `ray get-auth-token --generate`, if there is none), so Ray's own `ray job list` works with it
 unchanged. A token file others can read is refused; the token never travels in clear to another host.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,10 @@ def check_transport(address: str, insecure: bool = False) -> None:
     u = urlparse(address if "://" in address else f"http://{address}")
     host = u.hostname or ""
     if u.scheme == "http" and not _is_loopback(host) and not insecure:
-        raise UserError(f"refusing to send the Ray token over plain http to {host}: use https:// (e.g. behind a "
-                        f"TLS proxy), or pass --insecure if every hop of this network is trusted")
+        raise UserError(
+            f"refusing to send the Ray token over plain http to {host}: use https:// (e.g. behind a "
+            f"TLS proxy), or pass --insecure if every hop of this network is trusted"
+        )
 
 
 def ensure_token() -> Path:

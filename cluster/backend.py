@@ -7,6 +7,7 @@ a local cluster), and hands it to torch (`master_listen_fd`). For local
 clusters gloo and NCCL are pinned to the loopback interface too. Everything else is
 Ray's own `_TorchBackend` (shutdown, env vars).
 """
+
 from __future__ import annotations
 
 import socket
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
-from omnistream.training.engine import pin_collectives_to_loopback
 from ray.train import DataConfig
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from omnistream.training.engine import pin_collectives_to_loopback
 
 _STORE_SOCKET: socket.socket | None = None  # kept open in rank 0's process for the store's lifetime
 
@@ -41,8 +43,15 @@ def _join(addr: str, port: int, world_rank: int, world_size: int, backend: str, 
         pin_collectives_to_loopback()
     timeout = timedelta(seconds=timeout_s)
     if world_rank == 0:
-        store = dist.TCPStore(addr, port, world_size, is_master=True, master_listen_fd=_STORE_SOCKET.fileno(),
-                              wait_for_workers=False, timeout=timeout)
+        store = dist.TCPStore(
+            addr,
+            port,
+            world_size,
+            is_master=True,
+            master_listen_fd=_STORE_SOCKET.fileno(),
+            wait_for_workers=False,
+            timeout=timeout,
+        )
     else:
         store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
@@ -55,10 +64,21 @@ class _BoundStoreBackend(_TorchBackend):
             backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
         addr, port = worker_group.execute_single(0, _open_store_socket)
         worker_group.execute(_set_torch_distributed_env_vars)
-        ray.get([worker_group.execute_single_async(i, _join, addr=addr, port=port, world_rank=i,
-                                                   world_size=len(worker_group), backend=backend,
-                                                   timeout_s=backend_config.timeout_s)
-                 for i in range(len(worker_group))])
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    i,
+                    _join,
+                    addr=addr,
+                    port=port,
+                    world_rank=i,
+                    world_size=len(worker_group),
+                    backend=backend,
+                    timeout_s=backend_config.timeout_s,
+                )
+                for i in range(len(worker_group))
+            ]
+        )
 
 
 @dataclass

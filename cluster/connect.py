@@ -1,4 +1,5 @@
 """Connecting to Ray: a local cluster in this process (loopback only) or an existing one."""
+
 from __future__ import annotations
 
 import contextlib
@@ -51,13 +52,15 @@ OWN_CLUSTER_HOOK = f"{__name__}.own_cluster"
 def job_runtime_env(env_vars: dict) -> dict:
     """The runtime_env for a Ray job of ours: its workers' environment, and every worker looking up its
     own cluster (own_cluster)."""
-    return {"env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(), **env_vars},
-            "worker_process_setup_hook": OWN_CLUSTER_HOOK}
+    return {
+        "env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(), **env_vars},
+        "worker_process_setup_hook": OWN_CLUSTER_HOOK,
+    }
 
 
 def quiet_env() -> None:
     os.environ.update(LOOPBACK_ENV)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # no usage report to the outside
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the outside
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -91,8 +94,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             # a submitted job's driver runs with the runtime env `jobs submit` gave it, which Ray refuses to
             # merge with a second one naming the same fields
             in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-            ray.init(address=address, log_to_driver=log_to_driver,
-                     runtime_env=None if in_job else job_runtime_env({}))
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=None if in_job else job_runtime_env({}))
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
@@ -109,15 +111,24 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         # Ray's own default, /tmp/ray, is made 0777 and shared by every user of the machine: its logs, and
         # the code it unpacks for workers, readable and replaceable by them. Here: a 0700 folder of ours.
         temp = private_dir(Path(tempfile.gettempdir()) / f"omnistream-{os.getuid()}") / "ray"
-        ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                       _temp_dir=str(temp),
-                       dashboard_host="127.0.0.1",
-                       _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=True,
-                       logging_level="WARNING",
-                       runtime_env=job_runtime_env({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1"}))
+        ctx = ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=True,
+            _temp_dir=str(temp),
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=log_to_driver,
+            configure_logging=True,
+            logging_level="WARNING",
+            runtime_env=job_runtime_env({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1"}),
+        )
     if ctx.dashboard_url:
-        log.info("local Ray started (127.0.0.1 only, token authentication with %s); dashboard: http://%s",
-                 whose, ctx.dashboard_url)
+        log.info(
+            "local Ray started (127.0.0.1 only, token authentication with %s); dashboard: http://%s",
+            whose,
+            ctx.dashboard_url,
+        )
     return ray
 
 

@@ -6,6 +6,7 @@ TorchTrainer; after a failure it starts the worker group again from the newest c
 and at the end it reports the data accounting. Everything it records goes through the tracking door
 (omnistream.tracking), whichever backend the config names.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,9 @@ class TrainResult:
     checkpoint: str | None
     data_report: dict
     wall_s: float
-    checkpoints: list = None          # every checkpoint Ray Train kept, oldest first
+    checkpoints: list = None  # every checkpoint Ray Train kept, oldest first
     ledger_digest: str | None = None  # over the ordered (rank, record key) lists consumed
-    tracker: object = None            # the run in its tracking store: metric_history(), tags(), link()
+    tracker: object = None  # the run in its tracking store: metric_history(), tags(), link()
 
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
@@ -78,10 +79,14 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
 def _describe_data(cfg: RunConfig) -> str:
     d = cfg.data
     if d.sources:
-        return "- data: " + "; ".join(f"source `{n}` ({len(s.shards)} shard pattern(s), weight {s.weight}, {s.exhausted})"
-                                      for n, s in sorted(d.sources.items()))
-    return (f"- data: {len(d.train_shards)} shard pattern(s) ({', '.join(d.train_shards[:2])}"
-            f"{', ...' if len(d.train_shards) > 2 else ''}), {d.epochs} epoch(s)")
+        return "- data: " + "; ".join(
+            f"source `{n}` ({len(s.shards)} shard pattern(s), weight {s.weight}, {s.exhausted})"
+            for n, s in sorted(d.sources.items())
+        )
+    return (
+        f"- data: {len(d.train_shards)} shard pattern(s) ({', '.join(d.train_shards[:2])}"
+        f"{', ...' if len(d.train_shards) > 2 else ''}), {d.epochs} epoch(s)"
+    )
 
 
 def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConfig, StreamStart, str | None]:
@@ -100,12 +105,16 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
     meta, data = read_checkpoint_meta(local), read_data_position(local)
     change = describe_stream_change(data["stream"], stream)
     if change:
-        raise UserError(f"checkpoint {ckpt} consumed another data stream ({change}): resuming it here would "
-                        f"repeat or skip records")
+        raise UserError(
+            f"checkpoint {ckpt} consumed another data stream ({change}): resuming it here would repeat or skip records"
+        )
     pos = data["position"]
     last = pos.get("last")
-    start = (StreamStart(last["window"], last["row"], last["row_hash"], int(pos["rows"]), last.get("state"))
-             if last else StreamStart())
+    start = (
+        StreamStart(last["window"], last["row"], last["row_hash"], int(pos["rows"]), last.get("state"))
+        if last
+        else StreamStart()
+    )
     old, new = meta["world_size"], cfg.cluster.num_workers
     if old == new:
         return cfg, start, None
@@ -115,11 +124,23 @@ def resume_plan(cfg: RunConfig, ckpt: str | None, stream: dict) -> tuple[RunConf
     per_step = new * cfg.train.micro_batch_size
     if global_batch % per_step == 0:
         cfg.train.grad_accum = global_batch // per_step
-        log.info("checkpoint of %d workers resumes on %d: train.grad_accum=%d keeps the global batch at %d rows",
-                 old, new, cfg.train.grad_accum, global_batch)
+        log.info(
+            "checkpoint of %d workers resumes on %d: train.grad_accum=%d keeps the global batch at %d rows",
+            old,
+            new,
+            cfg.train.grad_accum,
+            global_batch,
+        )
     else:
-        log.info("checkpoint of %d workers resumes on %d: the global batch changes from %d to %d rows (it is not "
-                 "a multiple of %d)", old, new, global_batch, per_step * cfg.train.grad_accum, per_step)
+        log.info(
+            "checkpoint of %d workers resumes on %d: the global batch changes from %d to %d rows (it is not "
+            "a multiple of %d)",
+            old,
+            new,
+            global_batch,
+            per_step * cfg.train.grad_accum,
+            per_step,
+        )
     universal = None
     if t["zero_stage"] > 0 or t["precision"] != "fp32":
         import hashlib
@@ -153,8 +174,10 @@ def _upload(folder: Path, url: str) -> None:
         for n in sorted(dirs + names):
             p = Path(top, n)
             if p.is_symlink() or not (p.is_dir() or p.is_file()):
-                raise UserError(f"{p} is a link or not a plain file: a converted checkpoint holds none, refused "
-                                f"(nothing uploaded to {url})")
+                raise UserError(
+                    f"{p} is a link or not a plain file: a converted checkpoint holds none, refused "
+                    f"(nothing uploaded to {url})"
+                )
             if p.is_file():
                 files.append(p)
     fs, base = fsspec.core.url_to_fs(url)
@@ -166,16 +189,18 @@ def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
     """The run's description in MLflow (markdown): what ran, in a few lines a person reads first."""
     m, t, c = cfg.model, cfg.train, cfg.cluster
     # decoder parameters: 12·d² per layer (attention 4·d², MLP 8·d²) plus the tied embedding
-    approx = 12 * m.n_layers * m.d_model ** 2 + vocab.size * m.d_model
+    approx = 12 * m.n_layers * m.d_model**2 + vocab.size * m.d_model
     mods = ", ".join(f"{n} ({vocab.by_name[n].vocab_size} ids)" for n in vocab.names)
-    return (f"**omnistream** `{cfg.name}`: one decoder over {mods}; vocabulary {vocab.size}, fingerprint "
-            f"`{vocab.fingerprint[:12]}`\n\n"
-            f"- model: {m.n_layers} layers × d_model {m.d_model}, {m.n_heads} heads, ~{approx / 1e6:.2f}M parameters\n"
-            f"- training: {t.steps} steps, {c.num_workers} worker(s){' on GPUs' if c.use_gpu else ''}, "
-            f"DeepSpeed ZeRO-{t.zero_stage}, {t.precision}, micro-batch {t.micro_batch_size} × grad_accum "
-            f"{t.grad_accum}, seq_len {cfg.data.seq_len}\n"
-            f"{_describe_data(cfg)}, seed {cfg.seed}\n"
-            f"- config: `config/resolved.toml` in this run's artifacts")
+    return (
+        f"**omnistream** `{cfg.name}`: one decoder over {mods}; vocabulary {vocab.size}, fingerprint "
+        f"`{vocab.fingerprint[:12]}`\n\n"
+        f"- model: {m.n_layers} layers × d_model {m.d_model}, {m.n_heads} heads, ~{approx / 1e6:.2f}M parameters\n"
+        f"- training: {t.steps} steps, {c.num_workers} worker(s){' on GPUs' if c.use_gpu else ''}, "
+        f"DeepSpeed ZeRO-{t.zero_stage}, {t.precision}, micro-batch {t.micro_batch_size} × grad_accum "
+        f"{t.grad_accum}, seq_len {cfg.data.seq_len}\n"
+        f"{_describe_data(cfg)}, seed {cfg.seed}\n"
+        f"- config: `config/resolved.toml` in this run's artifacts"
+    )
 
 
 def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
@@ -186,14 +211,23 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     cfg, vocab = prepare(cfg)
     connect(cfg.cluster.address, cfg.cluster.local_cpus)
     if run_id is None:
-        tracker = tracking.start_run(cfg.tracking, cfg.flat(redacted=True), tags={"omnistream.vocab_fingerprint": vocab.fingerprint},
-                                     description=describe_run(cfg, vocab))
+        tracker = tracking.start_run(
+            cfg.tracking,
+            cfg.flat(redacted=True),
+            tags={"omnistream.vocab_fingerprint": vocab.fingerprint},
+            description=describe_run(cfg, vocab),
+        )
     else:
         tracker = tracking.attach(cfg.tracking, run_id)
     tracker.log_text(cfg.to_toml(redacted=True), "config/resolved.toml")
     tracker.log_text(tracking.dumps(vocab.layout()), "vocab.json")
-    log.info("tracking run %s (%s at %s); %s", tracker.run_id, cfg.tracking.backend, redact(tracker.uri),
-             redact(tracker.link()))
+    log.info(
+        "tracking run %s (%s at %s); %s",
+        tracker.run_id,
+        cfg.tracking.backend,
+        redact(tracker.uri),
+        redact(tracker.link()),
+    )
 
     try:
         return _train(cfg, vocab, tracker, t0)
@@ -206,6 +240,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
 def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult:
     """Tokenize what the cache lacks, plan the stream, train (retrying from checkpoints), report."""
     import ray
+
     run_id = tracker.run_id
 
     # 1. tokenize once: the shards not yet in each source's token cache; 2. plan the row stream
@@ -223,17 +258,31 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
         run_cfg, start, universal = resume_plan(cfg, resume, stream)
         ledger = _ledger(tally)
         try:
-            result = _fit(run_cfg, run_id, name + (f"-retry{attempt}" if attempt else ""), ledger, resume, universal,
-                          stream, plan, start)
+            result = _fit(
+                run_cfg,
+                run_id,
+                name + (f"-retry{attempt}" if attempt else ""),
+                ledger,
+                resume,
+                universal,
+                stream,
+                plan,
+                start,
+            )
             break
-        except Exception as e:  # noqa: BLE001 - a worker's failure, retried from a checkpoint or reported
+        except Exception as e:  # a worker's failure, retried from a checkpoint or reported
             newest = _newest_checkpoint(cfg.cluster.storage_path, name)
             budget = cfg.train.max_failures
             if budget < 0 or attempt < budget:
                 attempt += 1
                 resume = str(newest) if newest else resume  # no checkpoint yet: from where this run began
-                log.warning("training failed (%s); restarting from %s (retry %d of %s)", _root_message(e),
-                            resume or "step 0", attempt, "unlimited" if budget < 0 else budget)
+                log.warning(
+                    "training failed (%s); restarting from %s (retry %d of %s)",
+                    _root_message(e),
+                    resume or "step 0",
+                    attempt,
+                    "unlimited" if budget < 0 else budget,
+                )
                 continue
             _end_run(tracker, "FAILED")
             raise RuntimeError(f"training failed: {_root_message(e)}") from e
@@ -251,14 +300,24 @@ def _train(cfg: RunConfig, vocab: Vocabulary, tracker, t0: float) -> TrainResult
         metrics = tracker.final_metrics()
         digest = tracker.tags().get("data.ledger_digest")
     except Exception as e:  # noqa: BLE001
-        log.warning("the tracking store did not take the run's data report (%s: %s); the checkpoint %s is complete",
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", ckpt)
+        log.warning(
+            "the tracking store did not take the run's data report (%s: %s); the checkpoint %s is complete",
+            type(e).__name__,
+            str(e).splitlines()[0][:200] if str(e) else "",
+            ckpt,
+        )
     if cfg.train.register_as and ckpt:
         try:
             log.info("registered %s", _register(cfg, ckpt, tracker))
         except Exception as e:  # noqa: BLE001 - the trained checkpoint stands; registering can be redone
-            log.warning("could not register the model as %r (%s: %s); `omnistream export %s OUT --register %s` "
-                        "does it later", cfg.train.register_as, type(e).__name__, e, ckpt, cfg.train.register_as)
+            log.warning(
+                "could not register the model as %r (%s: %s); `omnistream export %s OUT --register %s` does it later",
+                cfg.train.register_as,
+                type(e).__name__,
+                e,
+                ckpt,
+                cfg.train.register_as,
+            )
     kept = [str(c) for c in _checkpoints(cfg.cluster.storage_path, name)]
     return TrainResult(run_id, tracker.uri, metrics, ckpt, report, time.time() - t0, kept, digest, tracker)
 
@@ -276,10 +335,19 @@ def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker):
         raise
     for src in sources:
         b = src.built
-        tracker.log({f"data/cache/{src.name}/shards_tokenized": b["tokenized"],
-                     f"data/cache/{src.name}/shards_reused": b["already_cached"]} if src.named else
-                    {"data/cache/shards_tokenized": b["tokenized"], "data/cache/shards_reused": b["already_cached"],
-                     "data/cache/seconds": b["seconds"]}, 0)
+        tracker.log(
+            {
+                f"data/cache/{src.name}/shards_tokenized": b["tokenized"],
+                f"data/cache/{src.name}/shards_reused": b["already_cached"],
+            }
+            if src.named
+            else {
+                "data/cache/shards_tokenized": b["tokenized"],
+                "data/cache/shards_reused": b["already_cached"],
+                "data/cache/seconds": b["seconds"],
+            },
+            0,
+        )
     train = cfg.train
     # the schedule counts steps in the global batch the run started with: a resume keeps its figure
     rows_per_step = cfg.cluster.num_workers * train.micro_batch_size * train.grad_accum
@@ -296,14 +364,18 @@ def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker):
 def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
     """train.register_as: export the final checkpoint next to it and register it in the tracking store's
     model registry (MLflow's)."""
+    import tempfile
+
     from omnistream.serving.export import export
     from omnistream.serving.pyfunc import log_and_register
 
-    import tempfile
-
     folder = f"{cfg.name}-{tracker.run_id[:12]}-export"
-    out = export(local_copy(ckpt), Path(tempfile.mkdtemp(prefix="omnistream-")) / folder
-                 if is_remote(cfg.cluster.storage_path) else Path(cfg.cluster.storage_path) / folder)
+    out = export(
+        local_copy(ckpt),
+        Path(tempfile.mkdtemp(prefix="omnistream-")) / folder
+        if is_remote(cfg.cluster.storage_path)
+        else Path(cfg.cluster.storage_path) / folder,
+    )
     return log_and_register(out, cfg.train.register_as, tracker)
 
 
@@ -330,30 +402,48 @@ def _ledger(tally):
 def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stream, plan, start):
     """One Ray Train run of the worker group over the stream from `start`."""
     import ray.train
+    from ray.train.torch import TorchTrainer
+
     from omnistream.common import logs
     from omnistream.pipelines.rows import build_train_stream
-    from ray.train.torch import TorchTrainer
 
     from .backend import BoundTorchConfig, OrderedSplit
     from .connect import WORKER_ENV
 
     train = cfg.train
-    ds = build_train_stream(cfg.data, cfg.modalities, cfg.seed, plan,
-                            unit_rows=train.micro_batch_size * train.grad_accum, mix_rows=train.micro_batch_size,
-                            start=start, ledger=ledger)
+    ds = build_train_stream(
+        cfg.data,
+        cfg.modalities,
+        cfg.seed,
+        plan,
+        unit_rows=train.micro_batch_size * train.grad_accum,
+        mix_rows=train.micro_batch_size,
+        start=start,
+        ledger=ledger,
+    )
     trainer = TorchTrainer(
         train_worker,
         torch_config=BoundTorchConfig(),
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id, "ledger": ledger, "resume": resume,
-                           "universal": universal, "stream": stream},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "run_id": run_id,
+            "ledger": ledger,
+            "resume": resume,
+            "universal": universal,
+            "stream": stream,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources}),
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources},
+        ),
         run_config=ray.train.RunConfig(
-            name=name, **_storage(cfg.cluster.storage_path),
+            name=name,
+            **_storage(cfg.cluster.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),  # retried by run_training, from a checkpoint
-            worker_runtime_env={"env_vars": {**WORKER_ENV, **logs.inherited()}}),
+            worker_runtime_env={"env_vars": {**WORKER_ENV, **logs.inherited()}},
+        ),
         datasets={"train": ds},
         dataset_config=OrderedSplit(),
     )
@@ -373,7 +463,7 @@ def _storage(path: str) -> dict:
     import pyarrow.fs as pafs
 
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("s3")))
-    return {"storage_path": path[len("s3://"):], "storage_filesystem": fs}
+    return {"storage_path": path[len("s3://") :], "storage_filesystem": fs}
 
 
 def _interruptible(fn):

@@ -4,6 +4,7 @@ The head's every server listens on 127.0.0.1, with Ray's token authentication on
 MLflow tracking server (tracking/server.py) runs beside it for its jobs. `down` ends exactly the
 processes this head started, by PID.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ def _port_taken(port: int) -> bool:
 
 
 def _port_in_use(port: int, flag: str) -> UserError:
-    return UserError(f"port {port} on 127.0.0.1 is in use{port_holder(port)}: stop that process, or pick another "
-                     f"port with {flag}")
+    return UserError(
+        f"port {port} on 127.0.0.1 is in use{port_holder(port)}: stop that process, or pick another port with {flag}"
+    )
 
 
 def _ray_start_error(p: subprocess.CompletedProcess, flags: dict[int, str]) -> UserError:
@@ -84,19 +86,30 @@ def _ray_start_error(p: subprocess.CompletedProcess, flags: dict[int, str]) -> U
     return UserError(f"ray start failed (exit {p.returncode}): {tail[0]}")
 
 
-def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | None,
-               mlflow_port: int = 5000, tracking_auth: bool = False, artifacts: str = "") -> dict:
+def cluster_up(
+    port: int,
+    dashboard_port: int,
+    num_cpus: int,
+    resources: dict | None,
+    mlflow_port: int = 5000,
+    tracking_auth: bool = False,
+    artifacts: str = "",
+) -> dict:
     """Start the head and its tracking server. Recorded before any process starts; if any step fails,
     every process it started is ended, its temp folder and record removed, and the cause raised."""
     private_dir(STATE)
     state_file = STATE / f"head-{port}.json"
     if state_file.exists():
-        raise UserError(f"a head started here is already recorded on port {port} ({state_file}): "
-                        f"`omnistream cluster down --port {port}` first")
+        raise UserError(
+            f"a head started here is already recorded on port {port} ({state_file}): "
+            f"`omnistream cluster down --port {port}` first"
+        )
     temp = _temp_dir(port)
     if _unrecorded_head(port):
-        raise UserError(f"a head of ours runs on port {port} unrecorded (its processes name {temp}): "
-                        f"`omnistream cluster down --port {port}` ends it")
+        raise UserError(
+            f"a head of ours runs on port {port} unrecorded (its processes name {temp}): "
+            f"`omnistream cluster down --port {port}` ends it"
+        )
     flags = {port: "--port", dashboard_port: "--dashboard-port"}
     for p_, flag in flags.items():  # a taken port, named before Ray starts anything
         if _port_taken(p_):
@@ -109,17 +122,34 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
     # venv would, so jobs run with the interpreter (and packages) omnistream is installed in
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     agent_port, client_port = free_port(), free_port()
-    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
-            "temp_dir": str(temp), "token_path": str(tok) if not os.environ.get("RAY_AUTH_TOKEN") else "$RAY_AUTH_TOKEN",
-            "ports": [port, dashboard_port, agent_port, client_port], "started": time.time(), "starting": True}
+    info = {
+        "address": f"127.0.0.1:{port}",
+        "dashboard": f"http://127.0.0.1:{dashboard_port}",
+        "temp_dir": str(temp),
+        "token_path": str(tok) if not os.environ.get("RAY_AUTH_TOKEN") else "$RAY_AUTH_TOKEN",
+        "ports": [port, dashboard_port, agent_port, client_port],
+        "started": time.time(),
+        "starting": True,
+    }
     state_file.write_text(json.dumps(info, indent=1))  # recorded first: whatever fails later, it is undone
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
-    cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={temp / 'r'}", "--disable-usage-stats",
-           # the job agent's fixed default port (52365) is taken by any other Ray on this machine, an
-           # in-process one of `omnistream train` included, and without its agent a head takes no jobs
-           f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}"]
+    cmd = [
+        _ray_bin(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
+        f"--num-cpus={num_cpus or os.cpu_count()}",
+        f"--temp-dir={temp / 'r'}",
+        "--disable-usage-stats",
+        # the job agent's fixed default port (52365) is taken by any other Ray on this machine, an
+        # in-process one of `omnistream train` included, and without its agent a head takes no jobs
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--ray-client-server-port={client_port}",
+    ]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     try:
@@ -127,13 +157,16 @@ def cluster_up(port: int, dashboard_port: int, num_cpus: int, resources: dict | 
         if p.returncode != 0:
             raise _ray_start_error(p, flags)
         # the jobs' tracking server: its store outlives the head (STATE/mlflow-<port>), so runs stay browsable
-        info["tracking"] = start_tracking_server(STATE / f"mlflow-{port}", free_port(mlflow_port),
-                                                 auth=tracking_auth, artifacts=artifacts)
+        info["tracking"] = start_tracking_server(
+            STATE / f"mlflow-{port}", free_port(mlflow_port), auth=tracking_auth, artifacts=artifacts
+        )
     except BaseException as e:  # a head half up is worse than none: the next `cluster up` could not start
         _end_head(info, ports=[agent_port, client_port])  # (a port taken by someone else is never ours to end)
         state_file.unlink(missing_ok=True)
         if isinstance(e, subprocess.TimeoutExpired):
-            raise UserError(f"ray start did not finish within {e.timeout:.0f} s; nothing of it is left running") from None
+            raise UserError(
+                f"ray start did not finish within {e.timeout:.0f} s; nothing of it is left running"
+            ) from None
         raise
     info["ports"].append(info["tracking"]["port"])
     del info["starting"]
@@ -238,8 +271,10 @@ def cluster_down(port: int) -> tuple[int, bool]:
     if not state_file.exists():
         stray = _unrecorded_head(port)
         if not stray:
-            raise UserError(f"no head started by `omnistream cluster up` is recorded on port {port} (in {STATE}), "
-                            f"and none of ours is running there")
+            raise UserError(
+                f"no head started by `omnistream cluster up` is recorded on port {port} (in {STATE}), "
+                f"and none of ours is running there"
+            )
         ended = _terminate(stray)
         shutil.rmtree(_temp_dir(port), ignore_errors=True)
         return len(ended), False

@@ -6,6 +6,7 @@ working directory; the job runs `python -m omnistream.cli train job.toml` on the
 sent is the omnistream this client runs (installed or editable), so the job runs the same code; the
 cluster's Python must have omnistream's dependencies installed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,18 @@ from .connect import LOOPBACK_ENV, job_runtime_env
 from .head import head_tracking
 
 # omnistream.<name>: what a job needs (everything but the CLI's own folder is imported by `train`)
-PACKAGES = ("common", "modalities", "model", "pipelines", "configs", "tracking", "training", "serving", "cluster", "cli")
+PACKAGES = (
+    "common",
+    "modalities",
+    "model",
+    "pipelines",
+    "configs",
+    "tracking",
+    "training",
+    "serving",
+    "cluster",
+    "cli",
+)
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
@@ -43,7 +55,7 @@ def client(address: str, insecure: bool = False):
     headers = {"Authorization": f"Bearer {tok}"} if tok else None
     try:
         return JobSubmissionClient(address, headers=headers)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure to reach the Jobs API is said as one line
         raise _user_error(address, e) from None
 
 
@@ -102,20 +114,25 @@ def submit(config_path: str | None, overrides: list[str], address: str, insecure
         deadline = time.time() + 120
         while True:
             try:
-                job_id = _call(address, c.submit_job,
-                               entrypoint="python -m omnistream.cli train job.toml",
-                               runtime_env={"working_dir": d, **job_runtime_env(tracking_env)},
-                               metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""})
+                job_id = _call(
+                    address,
+                    c.submit_job,
+                    entrypoint="python -m omnistream.cli train job.toml",
+                    runtime_env={"working_dir": d, **job_runtime_env(tracking_env)},
+                    metadata={"omnistream": "train", "name": cfg.name, "config": config_path or ""},
+                )
                 break
             except RuntimeError as e:
                 # a head that has just started answers 500 until its job agent is up
                 if "No available agent" not in str(e):
                     raise
                 if time.time() > deadline:
-                    raise UserError(f"the Ray head at {address} has no job agent to take the job (none came up "
-                                    f"within 120 s): its dashboard agent's log is dashboard_agent.log in the head's "
-                                    f"session folder (session_latest/logs); `omnistream cluster down` and `up` "
-                                    f"start it again") from None
+                    raise UserError(
+                        f"the Ray head at {address} has no job agent to take the job (none came up "
+                        f"within 120 s): its dashboard agent's log is dashboard_agent.log in the head's "
+                        f"session folder (session_latest/logs); `omnistream cluster down` and `up` "
+                        f"start it again"
+                    ) from None
                 time.sleep(2)
     return c, job_id
 

@@ -2,6 +2,7 @@
 of the stream, the tracker on rank 0, a Checkpointer that reports to Ray Train, the Evaluator and the data
 ledger; then a checkpoint is restored if Ray Train (after a failure) or train.resume_from names one, and
 it trains."""
+
 from __future__ import annotations
 
 import logging
@@ -48,11 +49,10 @@ def import_deepspeed(needs_mlflow: bool) -> None:
     import sys
 
     if needs_mlflow or "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
         return
     sys.modules["mlflow"] = None
     try:
-        import deepspeed
+        pass
     finally:
         del sys.modules["mlflow"]
 
@@ -62,6 +62,7 @@ def train_worker(config: dict) -> None:
     import ray
     import ray.train
     import torch
+
     from omnistream import tracking
     from omnistream.pipelines.documents import held_out
     from omnistream.training.checkpoint import Checkpointer, local_copy
@@ -77,37 +78,49 @@ def train_worker(config: dict) -> None:
     monitors = cfg.tracking.system_metrics_interval_s > 0 and ray.train.get_context().get_local_rank() == 0
     import_deepspeed(needs_mlflow=rank == 0 or monitors)
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modality_names())
-    batches = iter(ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True, prefetch_batches=4))
+    batches = iter(
+        ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True, prefetch_batches=4
+        )
+    )
     tracker = None
     if rank == 0:
         # the tracker's thread retries on its own: one quick try per request (MLflow's default retries with
         # backoff for minutes), and it never holds up a step
         os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"})
-        tracker = tracking.BufferedTracker(tracking.attach(cfg.tracking, config["run_id"]),
-                                           cfg.tracking.buffer_metrics)
+        tracker = tracking.BufferedTracker(tracking.attach(cfg.tracking, config["run_id"]), cfg.tracking.buffer_metrics)
     # before the Trainer is built: building it (DeepSpeed's engine, ZeRO's partitioning) is part of the run's
     # CPU and memory story
     stop_monitor = None
     if monitors:
         node = ray.get_runtime_context().get_node_id()[:8]  # one monitor per node, named by its Ray node id
-        stop_monitor = (tracker.inner if tracker is not None else tracking.attach(cfg.tracking, config["run_id"])) \
-            .start_system_metrics(f"node-{node}", cfg.tracking.system_metrics_interval_s)
+        stop_monitor = (
+            tracker.inner if tracker is not None else tracking.attach(cfg.tracking, config["run_id"])
+        ).start_system_metrics(f"node-{node}", cfg.tracking.system_metrics_interval_s)
     try:
         trainer = Trainer(
-            cfg, vocab, batches,
+            cfg,
+            vocab,
+            batches,
             tracker=tracker,
-            checkpointer=Checkpointer(lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
-                                      config["run_id"], config["stream"]),
+            checkpointer=Checkpointer(
+                lambda d, m: ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d)),
+                config["run_id"],
+                config["stream"],
+            ),
             evaluator=Evaluator(cfg, vocab, held_out),
             monitor=LedgerMonitor(config["ledger"]) if rank == 0 and config.get("ledger") is not None else None,
-            load_universal=bool(config.get("universal")))
+            load_universal=bool(config.get("universal")),
+        )
         if config.get("resume"):
             # a checkpoint in object storage is read from a copy on this worker's node
             trainer.checkpointer.load(trainer, local_copy(config["resume"]), local_copy(config.get("universal")))
             if rank == 0:
-                log.info("resumed at step %d: %d rows of the stream consumed, reading on from there",
-                         trainer.step, trainer.start.rows)
+                log.info(
+                    "resumed at step %d: %d rows of the stream consumed, reading on from there",
+                    trainer.step,
+                    trainer.start.rows,
+                )
         trainer.train()
     finally:
         if stop_monitor is not None:

@@ -8,6 +8,7 @@ writer and the resume logic; serving/export.py the reader of a model out of it):
 Here so that both rooms read one format without one importing the other. Standard library at import
 time; torch and DeepSpeed only inside `load_weights_only`, for whoever loads the tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,21 @@ def read_checkpoint_meta(path: str | Path) -> dict:
         missing = ["vocab.fingerprint"]
     if not missing:  # what a resume and an export read of the run's config
         cfg = meta["config"] if isinstance(meta["config"], dict) else {}
-        for part, keys in (("train", ("micro_batch_size", "grad_accum", "zero_stage", "precision")),
-                           ("model", ()), ("data", ("bundle_dir",))):
+        for part, keys in (
+            ("train", ("micro_batch_size", "grad_accum", "zero_stage", "precision")),
+            ("model", ()),
+            ("data", ("bundle_dir",)),
+        ):
             sub = cfg.get(part)
-            missing += ([f"config.{part}"] if not isinstance(sub, dict) else
-                        [f"config.{part}.{k}" for k in keys if k not in sub])
+            missing += (
+                [f"config.{part}"]
+                if not isinstance(sub, dict)
+                else [f"config.{part}.{k}" for k in keys if k not in sub]
+            )
     if missing:
-        raise UserError(f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)")
+        raise UserError(
+            f"checkpoint {path}: {p.name} lacks {', '.join(missing)} (damaged, or not written by omnistream)"
+        )
     return meta
 
 
@@ -64,8 +73,10 @@ def load_weights_only(path, map_location=None):
             return torch.serialization.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"checkpoint file {path} needs a pickle to load, refused: omnistream loads "
-                            f"checkpoints as weights only ({first})") from None
+            raise UserError(
+                f"checkpoint file {path} needs a pickle to load, refused: omnistream loads "
+                f"checkpoints as weights only ({first})"
+            ) from None
 
 
 @contextmanager

@@ -14,6 +14,7 @@ Who catches what:
 
 Standard library only: a plugin, a pipeline stage and the trainer import these without importing each other.
 """
+
 from __future__ import annotations
 
 

@@ -12,6 +12,7 @@ What a command returns (a run id, a JSON report) is print()ed to stdout, nothing
 out of a job's log with it (Ray puts "(RayTrainWorker pid=…)" before each worker's line), so the format
 and what recognises it cannot drift apart.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,11 @@ def level_of(verbosity: int | None) -> int:
     """-1 (--quiet): warnings and errors; 0: status lines; 1 (--verbose): debug too. None: the level this
     process inherited ($OMNISTREAM_LOG_LEVEL), else status lines."""
     if verbosity is None:
-        return logging.getLevelName(os.environ.get(LEVEL_ENV, "INFO").upper()) if os.environ.get(LEVEL_ENV) \
+        return (
+            logging.getLevelName(os.environ.get(LEVEL_ENV, "INFO").upper())
+            if os.environ.get(LEVEL_ENV)
             else logging.INFO
+        )
     return logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
 
 

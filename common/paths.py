@@ -1,6 +1,7 @@
 """Local paths made from names someone else chose (object keys in a listing, paths in a manifest): each
 must stay inside the folder it is written to or read from. Mosaic streaming and Energon refuse paths outside
 their roots the same way, and MLflow refuses `..` in artifact paths."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ read nor replace: a Ray head's sockets, logs, session files and uploaded job cod
 Ray makes its temp directory mode 0777 itself (it shares /tmp/ray between users on purpose), at a path
 anyone can predict; so its temp directory goes inside one of these, which Ray does not touch.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,11 +25,15 @@ def private_dir(path: str | os.PathLike) -> Path:
         pass
     st = os.lstat(p)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{p} is not a directory (a link, or a file): it would hold what other users must not "
-                        f"reach; remove it and run again")
+        raise UserError(
+            f"{p} is not a directory (a link, or a file): it would hold what other users must not "
+            f"reach; remove it and run again"
+        )
     if st.st_uid != os.getuid():
-        raise UserError(f"{p} belongs to another user (uid {st.st_uid}), who could read or replace what would be "
-                        f"written there: remove it, or choose another place")
+        raise UserError(
+            f"{p} belongs to another user (uid {st.st_uid}), who could read or replace what would be "
+            f"written there: remove it, or choose another place"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(p, 0o700)
     return p

@@ -9,6 +9,7 @@ here so that neither room imports the other:
 
 Standard library and numpy.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,7 @@ def label_modalities(modality_ids: np.ndarray) -> np.ndarray:
 
 def token_counts(modality_ids: np.ndarray, n_mods: int) -> np.ndarray:
     """Tokens per modality index 1..n_mods (index 0 = specials and padding is dropped)."""
-    return np.bincount(np.asarray(modality_ids).ravel(), minlength=n_mods + 1)[1:n_mods + 1]
+    return np.bincount(np.asarray(modality_ids).ravel(), minlength=n_mods + 1)[1 : n_mods + 1]
 
 
 def shares_of(counts: np.ndarray) -> np.ndarray:
@@ -57,6 +58,7 @@ class DataPosition:
     last      the stream's last consumed row: its window, row in the window, hash and position; where a
               resumed stream restarts (and what it checks)
     """
+
     rows: int = 0
     records: int = 0
     digest: int = 0
@@ -66,8 +68,10 @@ class DataPosition:
         keys = str(keys)
         self.rows += 1
         self.records += keys.count("\n") + 1
-        self.digest = (self.digest + int.from_bytes(
-            hashlib.sha256(f"{pos}:{keys}".encode("utf-8", "surrogateescape")).digest(), "big")) % MOD
+        self.digest = (
+            self.digest
+            + int.from_bytes(hashlib.sha256(f"{pos}:{keys}".encode("utf-8", "surrogateescape")).digest(), "big")
+        ) % MOD
         if self.last is None or pos > self.last["pos"]:
             self.last = {"window": int(window), "row": int(row), "pos": int(pos), "keys": keys}
             if state is not None:  # named sources: the interleaving state after this row (JSON)
@@ -85,9 +89,16 @@ class DataPosition:
         return out
 
     def to_json(self) -> dict:
-        last = None if self.last is None else {
-            "window": self.last["window"], "row": self.last["row"], "pos": self.last["pos"],
-            "row_hash": self.last.get("row_hash") or row_hash(self.last["keys"])}
+        last = (
+            None
+            if self.last is None
+            else {
+                "window": self.last["window"],
+                "row": self.last["row"],
+                "pos": self.last["pos"],
+                "row_hash": self.last.get("row_hash") or row_hash(self.last["keys"]),
+            }
+        )
         if last is not None and self.last.get("state") is not None:
             st = self.last["state"]
             last["state"] = json.loads(st) if isinstance(st, str) else st

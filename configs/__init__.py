@@ -1,6 +1,7 @@
 """Configuration: the typed config tree (schema.py), how a run's config is layered from defaults, a TOML
 file and `--set` overrides (load.py), and the run configs that ship inside the package (demo.toml), so
 an installed `omnistream demo` finds its config."""
+
 from __future__ import annotations
 
 from importlib.resources import files
@@ -16,8 +17,18 @@ from .schema import (
     TrainConfig,
 )
 
-__all__ = ["ClusterConfig", "EvalConfig", "EvalTask", "RunConfig", "TrackingConfig", "TrainConfig", "describe",
-           "describe_modalities", "load_config", "path"]
+__all__ = [
+    "ClusterConfig",
+    "EvalConfig",
+    "EvalTask",
+    "RunConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "describe",
+    "describe_modalities",
+    "load_config",
+    "path",
+]
 
 
 def path(name: str) -> Path:

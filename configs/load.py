@@ -2,6 +2,7 @@
 typed tree (schema.py). Unknown keys and bad values are errors that name the key; `describe` lists every
 key with its default and doc.
 """
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+from pydantic import BaseModel, ValidationError
+
 from omnistream.common.errors import UserError
 from omnistream.common.logs import redact
 from omnistream.modalities import registry
-from pydantic import BaseModel, ValidationError
 
 from .schema import RunConfig
 
@@ -63,9 +65,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
         key = ".".join(loc)
-        msg = ("no such key" if err["type"] in ("extra_forbidden", "unexpected_keyword_argument")
-               else err["msg"].removeprefix("Value error, ")) + _hint(err, loc)
-        raise UserError(f"{_source(key, from_cli, path, text)}: {msg}" if key else f"config{_in(path)}: {msg}") from None
+        msg = (
+            "no such key"
+            if err["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+            else err["msg"].removeprefix("Value error, ")
+        ) + _hint(err, loc)
+        raise UserError(
+            f"{_source(key, from_cli, path, text)}: {msg}" if key else f"config{_in(path)}: {msg}"
+        ) from None
     except UserError as e:  # a modality's options, checked by its plugin: "modalities.<name>[.key]: ..."
         key = str(e).split(":", 1)[0]
         if key.startswith("modalities.") and " " not in key:
@@ -75,11 +82,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for key, value in cfg.flat().items():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and credentials_in_url(v):
-                raise UserError(f"{redact(_source(key, from_cli, path, text))}: {redact(v)!r} carries credentials in the URL "
-                                f"(user:password@). A config is saved with every run (params, resolved.toml, "
-                                f"checkpoints, the token cache, the data report): give them through the environment "
-                                f"instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://, MLFLOW_TRACKING_USERNAME / "
-                                f"MLFLOW_TRACKING_PASSWORD for a tracking server)")
+                raise UserError(
+                    f"{redact(_source(key, from_cli, path, text))}: {redact(v)!r} carries credentials in the URL "
+                    f"(user:password@). A config is saved with every run (params, resolved.toml, "
+                    f"checkpoints, the token cache, the data report): give them through the environment "
+                    f"instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://, MLFLOW_TRACKING_USERNAME / "
+                    f"MLFLOW_TRACKING_PASSWORD for a tracking server)"
+                )
     return cfg
 
 
@@ -136,8 +145,11 @@ def _hint(err: dict, loc: list[str]) -> str:
     if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         names = _fields_at(RunConfig, loc[:-1])
         close = difflib.get_close_matches(loc[-1], names, n=1)
-        return f"; did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else \
-            (f"; the keys here are {', '.join(sorted(names))}" if names else "")
+        return (
+            f"; did you mean {'.'.join([*loc[:-1], close[0]])}?"
+            if close
+            else (f"; the keys here are {', '.join(sorted(names))}" if names else "")
+        )
     return ""
 
 

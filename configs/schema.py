@@ -1,19 +1,21 @@
 """The typed config tree: every section and field, each with a default and a one-line description
 (`omnistream config show --doc`). load.py layers defaults, a TOML file and `--set` overrides into it.
 """
+
 from __future__ import annotations
 
 import os
 from typing import Any, Literal
 
 import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from omnistream.common.errors import UserError
 from omnistream.common.logs import redact
 from omnistream.modalities import registry
 from omnistream.model.config import GPTConfig
 from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.democorpus import CorpusSpec
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -30,50 +32,94 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
-    zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (bf16 needs hardware support to be fast)")
-    register_as: str = Field("", description="when set, the final checkpoint is exported and registered in MLflow's "
-                             "model registry under this name (as `omnistream export ... --register NAME`)")
+    zero_stage: int = Field(
+        3, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training precision (bf16 needs hardware support to be fast)"
+    )
+    register_as: str = Field(
+        "",
+        description="when set, the final checkpoint is exported and registered in MLflow's "
+        "model registry under this name (as `omnistream export ... --register NAME`)",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep optimizer states on the CPU")
     log_every: int = Field(10, ge=1, description="steps between logged training metrics")
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps")
-    max_failures: int = Field(0, ge=-1, description="worker-group failures tolerated; the run starts the group again from its newest complete checkpoint (-1 = unlimited)")
-    resume_from: str = Field("", description="checkpoint directory to resume from, or a run's folder (its newest complete checkpoint); on any number of workers ('' = start fresh)")
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="worker-group failures tolerated; the run starts the group again from its newest complete "
+        "checkpoint (-1 = unlimited)",
+    )
+    resume_from: str = Field(
+        "",
+        description="checkpoint directory to resume from, or a run's folder (its newest complete checkpoint); on any "
+        "number of workers ('' = start fresh)",
+    )
     torch_threads: int = Field(1, ge=1, description="intra-op threads per training worker (OMP_NUM_THREADS)")
     activation_checkpointing: bool = Field(
-        False, description="recompute each block's activations in backward: activation memory falls to about one "
-                           "block input per block (~1/10 here) for ~33% more step FLOPs; for models that do not fit")
-    compile: bool = Field(False, description="torch.compile each Transformer block (static shapes); measured on an H100 "
-                                             "at 337M: no gain (FlexAttention is one kernel already); for new kernels")
+        False,
+        description="recompute each block's activations in backward: activation memory falls to about one "
+        "block input per block (~1/10 here) for ~33% more step FLOPs; for models that do not fit",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each Transformer block (static shapes); measured on an H100 "
+        "at 337M: no gain (FlexAttention is one kernel already); for new kernels",
+    )
 
 
 class ClusterConfig(_Section):
     address: str = Field("", description="'' starts a local Ray in this process (127.0.0.1 only); else a Ray address")
     num_workers: int = Field(2, ge=1, description="training workers (one DeepSpeed rank each)")
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each training worker asks of Ray (fractions leave room for Ray Data)")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs each training worker asks of Ray (fractions leave room for Ray Data)"
+    )
     use_gpu: bool = Field(False, description="one GPU per training worker")
-    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each training worker needs, e.g. {trainer = 1}")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each training worker needs, e.g. {trainer = 1}"
+    )
     local_cpus: int = Field(0, ge=0, description="CPUs a local Ray offers (0 = this machine's count)")
     storage_path: str = Field("runs/ray", description="where Ray Train persists checkpoints (local path or URI)")
 
 
 class TrackingConfig(_Section):
-    backend: str = Field("mlflow", description="where runs are recorded: mlflow, tensorboard, or a backend a package "
-                         "registers under the omnistream.trackers entry points")
-    uri: str = Field("", description="the store: for mlflow a tracking URI ('' = sqlite:///mlflow.db in the working "
-                     "directory; http:// for a server), for tensorboard a folder ('' = runs/tensorboard)")
+    backend: str = Field(
+        "mlflow",
+        description="where runs are recorded: mlflow, tensorboard, or a backend a package "
+        "registers under the omnistream.trackers entry points",
+    )
+    uri: str = Field(
+        "",
+        description="the store: for mlflow a tracking URI ('' = sqlite:///mlflow.db in the working "
+        "directory; http:// for a server), for tensorboard a folder ('' = runs/tensorboard)",
+    )
     experiment: str = Field("omnistream", description="experiment name (tensorboard: a folder under uri)")
     run_name: str = Field("", description="run name ('' = the config's name)")
-    options: dict[str, Any] = Field(default_factory=dict, description="the backend's own settings, checked by its "
-                                    "Options model, e.g. for tensorboard: flush_secs = 5")
-    buffer_metrics: int = Field(100_000, ge=1000, description="metric values held while the tracking server is "
-                                "unreachable (training goes on; beyond this the oldest are dropped and counted)")
-    flush_timeout_s: float = Field(120.0, ge=0, description="at the end of training, how long to wait for held "
-                                   "metrics to reach the tracking server")
-    system_metrics_interval_s: float = Field(10.0, ge=0, description="seconds between samples of each node's CPU, "
-                                             "memory, disk, network and GPU (system/<node>/...; 0 = off)")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the backend's own settings, checked by its Options model, e.g. for tensorboard: flush_secs = 5",
+    )
+    buffer_metrics: int = Field(
+        100_000,
+        ge=1000,
+        description="metric values held while the tracking server is "
+        "unreachable (training goes on; beyond this the oldest are dropped and counted)",
+    )
+    flush_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="at the end of training, how long to wait for held metrics to reach the tracking server",
+    )
+    system_metrics_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="seconds between samples of each node's CPU, "
+        "memory, disk, network and GPU (system/<node>/...; 0 = off)",
+    )
 
     @model_validator(mode="after")
     def _options(self):
@@ -86,22 +132,31 @@ class TrackingConfig(_Section):
 
 class EvalTask(_Section):
     """A cross-modal task: prompt with one modality of a held-out record, generate another, check the answer."""
-    kind: str = Field("generate", description="what the task does: generate (prompt with `prompt`, generate `target`, "
-                      "match the answer against `label_field`), or a kind a package registers under the "
-                      "omnistream.eval_tasks entry points (training/evaluate.py, TaskKind)")
+
+    kind: str = Field(
+        "generate",
+        description="what the task does: generate (prompt with `prompt`, generate `target`, "
+        "match the answer against `label_field`), or a kind a package registers under the "
+        "omnistream.eval_tasks entry points (training/evaluate.py, TaskKind)",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="settings of the task's kind beyond these")
     prompt: str = Field(description="modality of the prompt, e.g. image")
     target: str = Field("text", description="modality generated as the answer, e.g. text")
     label_field: str = Field(description="field of the record's JSON (.json member) that holds the expected answer")
     match: Literal["exact", "contains", "number"] = Field(
-        "contains", description="how the generated answer is checked: exact (whole answer, case and outer spaces "
-                                "ignored), contains (the label appears in it), number (the first number in it, as "
-                                "numerals or English number words, equals the label)")
+        "contains",
+        description="how the generated answer is checked: exact (whole answer, case and outer spaces "
+        "ignored), contains (the label appears in it), number (the first number in it, as "
+        "numerals or English number words, equals the label)",
+    )
 
 
 class EvalConfig(_Section):
-    tasks: dict[str, EvalTask] = Field(default_factory=dict, description="cross-modal tasks by name, logged as "
-                                       "eval/<name>/accuracy, e.g. [eval.tasks.image_to_text] prompt = \"image\" ...")
+    tasks: dict[str, EvalTask] = Field(
+        default_factory=dict,
+        description="cross-modal tasks by name, logged as "
+        'eval/<name>/accuracy, e.g. [eval.tasks.image_to_text] prompt = "image" ...',
+    )
     examples: int = Field(200, ge=1, description="held-out records used for each cross-modal task")
     loss_rows: int = Field(64, ge=1, description="held-out packed rows used for eval/loss/<modality>")
     max_new_tokens: int = Field(6, ge=1, description="tokens generated for a →text answer")
@@ -114,12 +169,15 @@ class RunConfig(_Section):
     seed: int = Field(0, description="seed of everything: shard order, modality order, init")
     modalities: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"text": {}, "image": {}, "audio": {}},
-        description="modalities in vocabulary order, each with its plugin's options")
+        description="modalities in vocabulary order, each with its plugin's options",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="shards and the token stream")
     model: GPTConfig = Field(default_factory=GPTConfig, description="the decoder Transformer")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation, DeepSpeed, checkpoints")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster and placement")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="where the run is recorded (MLflow by default)")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="where the run is recorded (MLflow by default)"
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
     demo: CorpusSpec = Field(default_factory=CorpusSpec, description="the corpus `omnistream demo` writes first")
 
@@ -142,8 +200,9 @@ class RunConfig(_Section):
         for task, t in self.eval.tasks.items():
             for role in ("prompt", "target"):
                 if getattr(t, role) not in names:
-                    raise ValueError(f"eval.tasks.{task}.{role} is {getattr(t, role)!r}, not one of this run's "
-                                     f"modalities {names}")
+                    raise ValueError(
+                        f"eval.tasks.{task}.{role} is {getattr(t, role)!r}, not one of this run's modalities {names}"
+                    )
         from omnistream.pipelines.quality import build_filters
 
         try:
@@ -165,7 +224,7 @@ class RunConfig(_Section):
 
         return resolve_uri(self.tracking.backend, self.tracking.uri)
 
-    def resolved_paths(self) -> "RunConfig":
+    def resolved_paths(self) -> RunConfig:
         """A copy whose local paths are absolute, so Ray workers (other cwd) find them."""
         c = self.model_copy(deep=True)
         c.data.bundle_dir = _abs(c.data.bundle_dir)
@@ -217,5 +276,3 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-

@@ -4,11 +4,24 @@ The plugin author's import surface (docs/plugins.md):
 
     from omnistream.modalities import BaseModality, ModalityOptions, FilterOptions, BadSample, check_modality
 """
+
 from omnistream.common.errors import BadSample, UserError
 
 from .base import BaseModality, FilterOptions, Modality, ModalityOptions
 from .conformance import ConformanceError, check_modality
 from .vocab import BOS, EOS, PAD, Vocabulary
 
-__all__ = ["BadSample", "BaseModality", "ConformanceError", "FilterOptions", "Modality", "ModalityOptions",
-           "UserError", "Vocabulary", "check_modality", "PAD", "BOS", "EOS"]
+__all__ = [
+    "BadSample",
+    "BaseModality",
+    "ConformanceError",
+    "FilterOptions",
+    "Modality",
+    "ModalityOptions",
+    "UserError",
+    "Vocabulary",
+    "check_modality",
+    "PAD",
+    "BOS",
+    "EOS",
+]

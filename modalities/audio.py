@@ -7,6 +7,7 @@ frame (0 dB) and floored at -`dynamic_range_db`, so a quiet and a loud take of
 the same sound share codes. One frame is one id: at 8 kHz with a 128-sample hop
 that is 62.5 ids per second.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from omnistream.common.errors import BadSample
 from pydantic import Field, model_validator
+
+from omnistream.common.errors import BadSample
 
 from .base import (
     BaseModality,
@@ -51,6 +53,7 @@ MAX_AMPLITUDE = 1000.0
 @dataclass
 class Audio:
     """A mono waveform in [-1, 1] and its sample rate."""
+
     wave: np.ndarray
     sample_rate: int
 
@@ -68,7 +71,7 @@ def _wav_size_lie(data: bytes) -> str | None:
         return None
     at = 12
     while at + 8 <= len(data):
-        cid, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
+        cid, size = data[at : at + 4], struct.unpack("<I", data[at + 4 : at + 8])[0]
         if cid == b"data":
             have = len(data) - at - 8
             return f"data chunk claims {size} bytes, the file holds {have}" if size > have else None
@@ -82,36 +85,65 @@ CODEC_DEFAULTS = {"sample_rate": 16000, "hop": 320}
 
 
 class AudioOptions(ModalityOptions):
-    tokenizer: Literal["kmeans", "codec"] = Field("kmeans", description="'kmeans': log-mel frames to a k-means "
-                                                  "codebook, decoded with Griffin-Lim (fast to fit); 'codec': a "
-                                                  "learned neural codec (clear speech; fits in minutes)")
-    sample_rate: int = Field(8000, ge=1000, le=192000, description="audio is resampled to this rate (Hz) before "
-                                                                   "features (codec: 16000 unless set)")
+    tokenizer: Literal["kmeans", "codec"] = Field(
+        "kmeans",
+        description="'kmeans': log-mel frames to a k-means "
+        "codebook, decoded with Griffin-Lim (fast to fit); 'codec': a "
+        "learned neural codec (clear speech; fits in minutes)",
+    )
+    sample_rate: int = Field(
+        8000,
+        ge=1000,
+        le=192000,
+        description="audio is resampled to this rate (Hz) before features (codec: 16000 unless set)",
+    )
     n_fft: int = Field(256, ge=16, description="kmeans: FFT size of the mel spectrogram")
-    hop: int = Field(128, ge=1, description="hop between frames in samples; kmeans: one frame is one token; "
-                                            "codec: one frame is `groups` tokens (320 unless set: 50 frames/s)")
+    hop: int = Field(
+        128,
+        ge=1,
+        description="hop between frames in samples; kmeans: one frame is one token; "
+        "codec: one frame is `groups` tokens (320 unless set: 50 frames/s)",
+    )
     n_mels: int = Field(32, ge=4, description="mel bands per frame")
-    dynamic_range_db: float = Field(80.0, gt=0, description="levels below the clip's peak by more than this are floored")
-    codebook_size: int = Field(128, ge=2, le=65536, description="number of frame codes (this modality's vocabulary size)")
-    max_seconds: float = Field(10.0, gt=0, description="longer audio is refused as a bad sample (untrusted-input bound)")
+    dynamic_range_db: float = Field(
+        80.0, gt=0, description="levels below the clip's peak by more than this are floored"
+    )
+    codebook_size: int = Field(
+        128, ge=2, le=65536, description="number of frame codes (this modality's vocabulary size)"
+    )
+    max_seconds: float = Field(
+        10.0, gt=0, description="longer audio is refused as a bad sample (untrusted-input bound)"
+    )
     fit_frames: int = Field(100_000, ge=1000, description="at most this many frames are used to fit the codebook")
     griffin_lim_iters: int = Field(32, ge=1, description="Griffin-Lim iterations when decoding ids to a waveform")
     seed: int = Field(0, description="seed of the k-means initialisation, and of the codec's fit")
     # ---- tokenizer = "codec" -----------------------------------------------------------------------
-    levels: list[int] = Field([8, 5, 5, 5], min_length=1, max_length=8,
-                              description="codec: FSQ levels per latent channel of a group; their product is each "
-                                          "codebook's size (1,000 for [8,5,5,5])")
-    groups: int = Field(3, ge=1, le=8, description="codec: codebooks per frame; a frame's ids go into the stream "
-                                                   "one after another, each codebook in its own id range")
+    levels: list[int] = Field(
+        [8, 5, 5, 5],
+        min_length=1,
+        max_length=8,
+        description="codec: FSQ levels per latent channel of a group; their product is each "
+        "codebook's size (1,000 for [8,5,5,5])",
+    )
+    groups: int = Field(
+        3,
+        ge=1,
+        le=8,
+        description="codec: codebooks per frame; a frame's ids go into the stream "
+        "one after another, each codebook in its own id range",
+    )
     width: int = Field(128, ge=16, le=1024, description="codec: the decoder's channels (the encoder has half)")
-    fit_steps: int = Field(9000, ge=1, description="codec: training steps of the fit (about 23 minutes on 2 CPU "
-                                                    "cores)")
+    fit_steps: int = Field(9000, ge=1, description="codec: training steps of the fit (about 23 minutes on 2 CPU cores)")
     fit_batch: int = Field(16, ge=1, description="codec: segments per training step")
     fit_seconds: float = Field(1.0, gt=0, le=30, description="codec: length of each training segment")
     fit_lr: float = Field(2e-3, gt=0, description="codec: peak AdamW learning rate (warm-up, then cosine decay)")
-    envelope_weight: float = Field(60.0, ge=0, description="codec: weight of the fit's envelope term (STOI's band-"
-                                   "envelope correlation, modalities/codec.py): 60 for speech; lower keeps the "
-                                   "log-mel spectrum of tones or music closer")
+    envelope_weight: float = Field(
+        60.0,
+        ge=0,
+        description="codec: weight of the fit's envelope term (STOI's band-"
+        "envelope correlation, modalities/codec.py): 60 for speech; lower keeps the "
+        "log-mel spectrum of tones or music closer",
+    )
 
     @model_validator(mode="after")
     def _codec(self):
@@ -131,7 +163,9 @@ class AudioFilters(FilterOptions):
     max_seconds: float = Field(600.0, gt=0, description="longer clips are filtered: audio_too_long_for_filter")
     silence_db: float = Field(-50.0, description="a 20 ms frame quieter than this (dBFS) counts as silent")
     max_silence_frac: float = Field(0.9, ge=0, le=1, description="share of silent frames above this: audio_silent")
-    max_clipping_frac: float = Field(0.05, ge=0, le=1, description="share of samples at full scale above this: audio_clipped")
+    max_clipping_frac: float = Field(
+        0.05, ge=0, le=1, description="share of samples at full scale above this: audio_clipped"
+    )
 
 
 class AudioModality(BaseModality):
@@ -185,8 +219,9 @@ class AudioModality(BaseModality):
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
                 if f.format not in want:
-                    raise BadSample("audio_wrong_format", f"the bytes of this .{ext} are {f.format_info}, "
-                                                          f"not {'/'.join(want)}")
+                    raise BadSample(
+                        "audio_wrong_format", f"the bytes of this .{ext} are {f.format_info}, not {'/'.join(want)}"
+                    )
                 if f.channels > MAX_CHANNELS:
                     raise BadSample("audio_too_many_channels", f"{f.channels} channels > {MAX_CHANNELS}")
                 sr, frames = f.samplerate, f.frames
@@ -195,18 +230,23 @@ class AudioModality(BaseModality):
                 t = self.options.sample_rate
                 g = math.gcd(sr, t)
                 if (t // g) * (sr // g) > MAX_RESAMPLE_TAPS:
-                    raise BadSample("audio_sample_rate", f"{sr} Hz shares only a factor {g} with {t} Hz: resampling "
-                                                         f"would need {(t // g) * (sr // g)} kernel taps")
+                    raise BadSample(
+                        "audio_sample_rate",
+                        f"{sr} Hz shares only a factor {g} with {t} Hz: resampling "
+                        f"would need {(t // g) * (sr // g)} kernel taps",
+                    )
                 # the header's length is checked before reading, then the real length after
                 if frames / sr > self.options.max_seconds:
                     raise BadSample("audio_too_long", f"{frames / sr:.1f}s > max_seconds={self.options.max_seconds}")
                 # mono as it is read, BLOCK frames at a time: never the channels of the whole clip at once
                 limit = int(self.options.max_seconds * sr) + 1
-                wave = np.concatenate([b.mean(axis=1) for b in f.blocks(BLOCK, frames=limit, dtype="float32",
-                                                                        always_2d=True)] or [np.zeros(0, np.float32)])
+                wave = np.concatenate(
+                    [b.mean(axis=1) for b in f.blocks(BLOCK, frames=limit, dtype="float32", always_2d=True)]
+                    or [np.zeros(0, np.float32)]
+                )
         except BadSample:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever the decoder raises is the record's
             raise BadSample("audio_undecodable", f"{type(e).__name__}: {e}") from None
         if len(wave) / sr > self.options.max_seconds:
             raise BadSample("audio_too_long", f"more than max_seconds={self.options.max_seconds}")
@@ -215,8 +255,10 @@ class AudioModality(BaseModality):
         if not np.isfinite(wave).all():
             raise BadSample("audio_not_finite", "NaN or inf samples")
         if np.abs(wave).max() > MAX_AMPLITUDE:
-            raise BadSample("audio_out_of_range", f"samples up to {np.abs(wave).max():.3g}, full scale is 1.0 "
-                                                  f"(more than {MAX_AMPLITUDE:g} is refused)")
+            raise BadSample(
+                "audio_out_of_range",
+                f"samples up to {np.abs(wave).max():.3g}, full scale is 1.0 (more than {MAX_AMPLITUDE:g} is refused)",
+            )
         return Audio(wave=wave.astype(np.float32), sample_rate=int(sr))
 
     # ---- object -> frames ------------------------------------------------------
@@ -246,9 +288,16 @@ class AudioModality(BaseModality):
         if len(w) < o.n_fft:
             w = torch.nn.functional.pad(w, (0, o.n_fft - len(w)))
         if self._mel is None:
-            self._mel = T.MelSpectrogram(sample_rate=o.sample_rate, n_fft=o.n_fft, hop_length=o.hop,
-                                         n_mels=o.n_mels, f_min=0.0, f_max=o.sample_rate / 2, power=2.0,
-                                         center=False)
+            self._mel = T.MelSpectrogram(
+                sample_rate=o.sample_rate,
+                n_fft=o.n_fft,
+                hop_length=o.hop,
+                n_mels=o.n_mels,
+                f_min=0.0,
+                f_max=o.sample_rate / 2,
+                power=2.0,
+                center=False,
+            )
         db = 10 * torch.log10(self._mel(w).clamp(min=1e-10)).T  # (frames, n_mels)
         db = (db - db.max()).clamp(min=-o.dynamic_range_db)
         out = (1 + db / o.dynamic_range_db).numpy().astype(np.float32)
@@ -288,9 +337,19 @@ class AudioModality(BaseModality):
         net = codec.Codec(o.hop, o.levels, o.groups, o.width)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         on_step, steps, curves = self.fit_curves(o.fit_steps, ("loss", "mel_l1"), progress)
-        codec.train(net, waves, sample_rate=o.sample_rate, steps=o.fit_steps, batch=o.fit_batch,
-                    seconds=o.fit_seconds, lr=o.fit_lr, envelope_weight=o.envelope_weight, seed=o.seed, device=device,
-                    on_step=on_step)
+        codec.train(
+            net,
+            waves,
+            sample_rate=o.sample_rate,
+            steps=o.fit_steps,
+            batch=o.fit_batch,
+            seconds=o.fit_seconds,
+            lr=o.fit_lr,
+            envelope_weight=o.envelope_weight,
+            seed=o.seed,
+            device=device,
+            on_step=on_step,
+        )
         self._set_state({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         self._mark_fitted()
         # the first 3 fit clips, and what the fitted codec makes of them, for the tracker
@@ -300,8 +359,12 @@ class AudioModality(BaseModality):
         for i, (a, b) in enumerate(zip(first, recon)):
             sounds[f"original_{i}"] = self.to_bytes(Audio(a, o.sample_rate))[1]
             sounds[f"reconstruction_{i}"] = self.to_bytes(Audio(b, o.sample_rate))[1]
-        self._report = {"metrics": curves, "steps": steps, "audio": sounds,
-                        "summary": {"fit_mel_l1": curves["mel_l1"][-1]}}
+        self._report = {
+            "metrics": curves,
+            "steps": steps,
+            "audio": sounds,
+            "summary": {"fit_mel_l1": curves["mel_l1"][-1]},
+        }
 
     def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
         return self.trained_fit_resources(cluster) if self._codec else None
@@ -366,14 +429,20 @@ class AudioModality(BaseModality):
         if frames < need:
             ids = np.concatenate([ids, np.full(need - frames, int(self._codebook.mean(1).argmin()))])
         if self._inv is None:
-            self._inv = (T.InverseMelScale(n_stft=o.n_fft // 2 + 1, n_mels=o.n_mels, sample_rate=o.sample_rate,
-                                           f_min=0.0, f_max=o.sample_rate / 2,
-                                           # gelsd, not the default gels: with many mels on a short FFT the
-                                           # lowest mel filters hold no bin (80 mels on 512 at 16 kHz), and gels
-                                           # refuses such a rank-deficient system
-                                           driver="gelsd"),
-                         T.GriffinLim(n_fft=o.n_fft, hop_length=o.hop, power=2.0, n_iter=o.griffin_lim_iters,
-                                      rand_init=False))
+            self._inv = (
+                T.InverseMelScale(
+                    n_stft=o.n_fft // 2 + 1,
+                    n_mels=o.n_mels,
+                    sample_rate=o.sample_rate,
+                    f_min=0.0,
+                    f_max=o.sample_rate / 2,
+                    # gelsd, not the default gels: with many mels on a short FFT the
+                    # lowest mel filters hold no bin (80 mels on 512 at 16 kHz), and gels
+                    # refuses such a rank-deficient system
+                    driver="gelsd",
+                ),
+                T.GriffinLim(n_fft=o.n_fft, hop_length=o.hop, power=2.0, n_iter=o.griffin_lim_iters, rand_init=False),
+            )
         inv_mel, gl = self._inv
         db = (torch.as_tensor(self._codebook[ids]) - 1) * o.dynamic_range_db
         mel_power = (10 ** (db / 10)).T  # (n_mels, frames)
@@ -414,8 +483,11 @@ class AudioModality(BaseModality):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if self._codec:
-            self._weights = {k.removeprefix("codec."): np.asarray(v, dtype=np.float32)
-                             for k, v in state.items() if isinstance(v, np.ndarray)}
+            self._weights = {
+                k.removeprefix("codec."): np.asarray(v, dtype=np.float32)
+                for k, v in state.items()
+                if isinstance(v, np.ndarray)
+            }
             self._net = None
             return
         self._codebook = np.asarray(state["codebook"], dtype=np.float32)

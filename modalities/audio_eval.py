@@ -7,6 +7,7 @@
   frame, 1,024 codes), fitted on the same clips, decoded with Griffin-Lim.
 Used by `omnistream tokenizers eval` and benchmarks/audio_codec.py, so both measure alike.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,7 +57,7 @@ def scores(originals: list[Audio], decoded: list[Audio]) -> dict[str, float]:
         x, y = at_rate(a), at_rate(b)
         n = min(len(x), len(y))
         x, y = x[:n], y[:n]
-        y = y * (np.sqrt((x ** 2).mean()) / max(np.sqrt((y ** 2).mean()), 1e-8))
+        y = y * (np.sqrt((x**2).mean()) / max(np.sqrt((y**2).mean()), 1e-8))
         s.append(stoi(x, y, RATE, extended=False))
         d.append(float(np.abs(_mel_db(mel, x) - _mel_db(mel, y)).mean()))
     return {"stoi": float(np.mean(s)), "mel_distance_db": float(np.mean(d))}
@@ -65,8 +66,16 @@ def scores(originals: list[Audio], decoded: list[Audio]) -> dict[str, float]:
 def kmeans_baseline(learned: AudioModality, train: list[Audio], codes: int = 1024) -> AudioModality:
     """omnistream's k-means tokenizer at the learned one's ids per second, fitted on `train`."""
     hop = round(RATE / ids_per_second(learned))
-    km = AudioModality({"tokenizer": "kmeans", "sample_rate": RATE, "hop": hop, "n_fft": max(1024, 2 * hop),
-                        "n_mels": 80, "codebook_size": codes})
+    km = AudioModality(
+        {
+            "tokenizer": "kmeans",
+            "sample_rate": RATE,
+            "hop": hop,
+            "n_fft": max(1024, 2 * hop),
+            "n_mels": 80,
+            "codebook_size": codes,
+        }
+    )
     km.fit([km.fit_features(a) for a in train])
     return km
 
@@ -99,8 +108,12 @@ def compare(learned: AudioModality, train: list[Audio], held: list[Audio]) -> di
     `train`. Clips shorter than MIN_SECONDS are left out (counted)."""
     kept = [a for a in held if a.seconds >= MIN_SECONDS]
     km = kmeans_baseline(learned, train)
-    out = {"clips": len(kept), "clips_too_short": len(held) - len(kept),
-           "seconds": round(sum(a.seconds for a in kept), 1), "ids_per_second": ids_per_second(learned)}
+    out = {
+        "clips": len(kept),
+        "clips_too_short": len(held) - len(kept),
+        "seconds": round(sum(a.seconds for a in kept), 1),
+        "ids_per_second": ids_per_second(learned),
+    }
     for name, mod in (("learned", learned), ("kmeans", km)):
         out[name] = {**scores(kept, roundtrip(mod, kept)), **rates(mod, kept), "ids_per_second": ids_per_second(mod)}
     return out

@@ -9,6 +9,7 @@ declare resources so Ray can schedule the tokenizer, decode bytes, fit, encode,
 decode, save/load. ``BaseModality`` gives the fingerprinting and persistence that
 every plugin needs, so a plugin writes only the part that is about its data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 # the errors a plugin raises live with every other error of omnistream's; importable from here as before
 from omnistream.common.errors import BadSample, UserError  # noqa: F401
-from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModalityOptions(BaseModel):
@@ -38,20 +39,23 @@ class FilterOptions(ModalityOptions):
     """
 
     enabled: bool = Field(True, description="apply this modality's quality filters")
-    near_duplicates: bool = Field(True, description="drop records whose field is a near-duplicate of an earlier one's "
-                                                    "(where the modality defines near-duplicate signatures)")
+    near_duplicates: bool = Field(
+        True,
+        description="drop records whose field is a near-duplicate of an earlier one's "
+        "(where the modality defines near-duplicate signatures)",
+    )
 
 
 @runtime_checkable
 class Modality(Protocol):
     """What the pipeline and the trainer need from a modality plugin."""
 
-    name: ClassVar[str]                 # config and metric name, e.g. "image"
-    version: ClassVar[str]              # bump when fitted state or encoding changes meaning
-    keys: ClassVar[tuple[str, ...]]     # WebDataset extensions consumed, e.g. ("jpg", "png")
+    name: ClassVar[str]  # config and metric name, e.g. "image"
+    version: ClassVar[str]  # bump when fitted state or encoding changes meaning
+    keys: ClassVar[tuple[str, ...]]  # WebDataset extensions consumed, e.g. ("jpg", "png")
     Options: ClassVar[type[ModalityOptions]]
-    resources: ClassVar[dict[str, float]]   # what one tokenizer actor needs, e.g. {"num_cpus": 1}
-    error_bound: ClassVar[float]        # max roundtrip_error of decode(encode(x)) on fit-like data
+    resources: ClassVar[dict[str, float]]  # what one tokenizer actor needs, e.g. {"num_cpus": 1}
+    error_bound: ClassVar[float]  # max roundtrip_error of decode(encode(x)) on fit-like data
     Filters: ClassVar[type[FilterOptions]]  # typed quality-filter / near-duplicate settings
 
     options: ModalityOptions
@@ -158,13 +162,19 @@ class BaseModality:
         arrays, rest = _split_state(self._state())
         for k, a in arrays.items():  # a NaN row in a codebook is nearest to nothing: every frame would map to it
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-                raise UserError(f"the fitted {self.name} tokenizer's {k!r} holds NaN or inf "
-                                f"({int((~np.isfinite(a)).sum())} values): not saved; the fit samples had "
-                                f"values no decoder check caught")
+                raise UserError(
+                    f"the fitted {self.name} tokenizer's {k!r} holds NaN or inf "
+                    f"({int((~np.isfinite(a)).sum())} values): not saved; the fit samples had "
+                    f"values no decoder check caught"
+                )
         save_file({k: np.ascontiguousarray(a) for k, a in arrays.items()}, str(d / WEIGHTS))
-        meta = {"name": self.name, "version": self.version,
-                "options": self.options.model_dump(mode="json"), "state": rest,
-                "weights_sha256": hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()}
+        meta = {
+            "name": self.name,
+            "version": self.version,
+            "options": self.options.model_dump(mode="json"),
+            "state": rest,
+            "weights_sha256": hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest(),
+        }
         (d / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
     def load(self, directory: str | os.PathLike) -> None:
@@ -175,7 +185,8 @@ class BaseModality:
         if meta.get("version") != self.version:
             raise UserError(
                 f"tokenizer state in {d} was fitted by {self.name} version {meta.get('version')}, "
-                f"the installed plugin is version {self.version}: refit with `omnistream tokenizers fit`")
+                f"the installed plugin is version {self.version}: refit with `omnistream tokenizers fit`"
+            )
         self.options = self.Options(**meta["options"])
         if (d / WEIGHTS).exists():
             from safetensors import SafetensorError
@@ -183,8 +194,10 @@ class BaseModality:
 
             data = (d / WEIGHTS).read_bytes()
             if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
-                raise UserError(f"{d / WEIGHTS} is not the file its tokenizer was saved with (its sha256 differs "
-                                f"from state.json's): refit with `omnistream tokenizers fit` or restore the bundle")
+                raise UserError(
+                    f"{d / WEIGHTS} is not the file its tokenizer was saved with (its sha256 differs "
+                    f"from state.json's): refit with `omnistream tokenizers fit` or restore the bundle"
+                )
             try:
                 arrays = load(data)
             except SafetensorError as e:
@@ -258,8 +271,7 @@ class BaseModality:
 
     def __getstate__(self):
         # Pickled into Ray actors: carry options and fitted state, nothing else.
-        return {"options": self.options.model_dump(mode="json"),
-                "state": self._state() if self._fitted else None}
+        return {"options": self.options.model_dump(mode="json"), "state": self._state() if self._fitted else None}
 
     def __setstate__(self, st):
         self.__init__(st["options"])
@@ -282,8 +294,9 @@ def _split_state(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str
 
 def sample_rows(features: Iterable[np.ndarray], limit: int, seed: int) -> np.ndarray:
     """Stack feature rows and keep at most ``limit`` of them, chosen by seed."""
-    rows = np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1, np.asarray(f).shape[-1])
-                           for f in features if len(f)], axis=0)
+    rows = np.concatenate(
+        [np.asarray(f, dtype=np.float32).reshape(-1, np.asarray(f).shape[-1]) for f in features if len(f)], axis=0
+    )
     if len(rows) > limit:
         rows = rows[np.random.default_rng(seed).choice(len(rows), limit, replace=False)]
     return rows
@@ -332,5 +345,9 @@ def nearest(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """Index of the nearest codebook row for each row of x."""
     import torch
 
-    return torch.cdist(torch.as_tensor(x, dtype=torch.float32),
-                       torch.as_tensor(codebook, dtype=torch.float32)).argmin(1).numpy().astype(np.int64)
+    return (
+        torch.cdist(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(codebook, dtype=torch.float32))
+        .argmin(1)
+        .numpy()
+        .astype(np.int64)
+    )

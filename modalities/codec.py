@@ -31,6 +31,7 @@ every band and level alike, quiet ones included; the envelope term on how the sp
 which is what a listener follows. The phase is only learnt through these: a wrong phase makes overlapping
 frames cancel, which the other resolutions see.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, ch: int, dilation: int):
         super().__init__()
-        self.body = nn.Sequential(FrameNorm(ch), nn.SiLU(), nn.Conv1d(ch, ch, 3, dilation=dilation, padding=dilation),
-                                  nn.SiLU(), nn.Conv1d(ch, ch, 1))
+        self.body = nn.Sequential(
+            FrameNorm(ch),
+            nn.SiLU(),
+            nn.Conv1d(ch, ch, 3, dilation=dilation, padding=dilation),
+            nn.SiLU(),
+            nn.Conv1d(ch, ch, 1),
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -85,15 +91,31 @@ class Codec(nn.Module):
         n = len(levels) * groups
         ew = width // 2  # the encoder only has to sort; the decoder invents what the codes leave out (fsq.py)
         self.encoder = nn.Sequential(
-            nn.Conv1d(bins, ew, 1), ResBlock(ew, 1), ResBlock(ew, 3),
+            nn.Conv1d(bins, ew, 1),
+            ResBlock(ew, 1),
+            ResBlock(ew, 3),
             nn.Conv1d(ew, ew, 4, stride=2, padding=1),  # 2T -> T
-            ResBlock(ew, 1), ResBlock(ew, 3), ResBlock(ew, 9), FrameNorm(ew), nn.SiLU(), nn.Conv1d(ew, n, 1))
+            ResBlock(ew, 1),
+            ResBlock(ew, 3),
+            ResBlock(ew, 9),
+            FrameNorm(ew),
+            nn.SiLU(),
+            nn.Conv1d(ew, n, 1),
+        )
         self.fsq = FSQ(levels)
         self.decoder = nn.Sequential(
-            nn.Conv1d(n, width, 3, padding=1), ResBlock(width, 1), ResBlock(width, 3), ResBlock(width, 9),
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(width, width, 3, padding=1),  # T -> 2T
-            ResBlock(width, 1), ResBlock(width, 3), FrameNorm(width), nn.SiLU(),
-            nn.Conv1d(width, 2 * bins, 1))  # 1x1: a 3-tap head here cost a third of the decoder's time
+            nn.Conv1d(n, width, 3, padding=1),
+            ResBlock(width, 1),
+            ResBlock(width, 3),
+            ResBlock(width, 9),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv1d(width, width, 3, padding=1),  # T -> 2T
+            ResBlock(width, 1),
+            ResBlock(width, 3),
+            FrameNorm(width),
+            nn.SiLU(),
+            nn.Conv1d(width, 2 * bins, 1),
+        )  # 1x1: a 3-tap head here cost a third of the decoder's time
 
     @property
     def codebook_size(self) -> int:
@@ -150,6 +172,7 @@ class Codec(nn.Module):
 
 # ---- several codebooks in one stream --------------------------------------------------------------------------
 
+
 def flatten(codes: np.ndarray, codebook: int) -> np.ndarray:
     """(T, groups) codes -> T·groups ids, frame by frame, codebook g's in [g·codebook, (g+1)·codebook) (AnyGPT's
     layout: one id range per codebook, so a model always knows which codebook an id belongs to)."""
@@ -166,6 +189,7 @@ def unflatten(ids: np.ndarray, groups: int, codebook: int) -> np.ndarray:
 
 
 # ---- long clips in windows ----------------------------------------------------------------------------------
+
 
 def windows(frames: int, size: int) -> list[tuple[int, int]]:
     """[start, end) of the windows of at most `size` frames that cover `frames`."""
@@ -186,16 +210,16 @@ def encode_waves(model: Codec, waves: Sequence[np.ndarray], window: int = 500) -
     for i, w in enumerate(waves):
         T = max(1, math.ceil(len(w) / hop))
         padded = np.zeros(T * hop + 2 * m, np.float32)
-        padded[m:m + len(w)] = w
+        padded[m : m + len(w)] = w
         for s, e in windows(T, window):
-            chunk = padded[s * hop:(e * hop) + 2 * m]
+            chunk = padded[s * hop : (e * hop) + 2 * m]
             pieces.append(np.pad(chunk, (0, (window - (e - s)) * hop)))  # the last window of a clip, filled
             where.append((i, e - s))
     out: list[list[np.ndarray]] = [[] for _ in waves]
     for b in range(0, len(pieces), 64):
-        codes = model.codes(torch.from_numpy(np.stack(pieces[b:b + 64])))
-        for (i, n), c in zip(where[b:b + 64], codes):
-            out[i].append(c[MARGIN:MARGIN + n].numpy())
+        codes = model.codes(torch.from_numpy(np.stack(pieces[b : b + 64])))
+        for (i, n), c in zip(where[b : b + 64], codes):
+            out[i].append(c[MARGIN : MARGIN + n].numpy())
     return [np.concatenate(o).astype(np.int64) for o in out]
 
 
@@ -211,13 +235,13 @@ def decode_codes(model: Codec, codes: Sequence[np.ndarray], window: int = 500) -
         T = len(c)
         padded = np.concatenate([np.tile(quiet, (MARGIN, 1)), c, np.tile(quiet, (MARGIN + window, 1))])
         for s, e in windows(T, window):
-            pieces.append(padded[s:s + window + 2 * MARGIN])
+            pieces.append(padded[s : s + window + 2 * MARGIN])
             where.append((i, e - s))
     out: list[list[np.ndarray]] = [[] for _ in codes]
     for b in range(0, len(pieces), 64):
-        waves = model.decode_codes(torch.from_numpy(np.stack(pieces[b:b + 64])))
-        for (i, n), w in zip(where[b:b + 64], waves):
-            out[i].append(w[MARGIN * hop:(MARGIN + n) * hop].numpy())
+        waves = model.decode_codes(torch.from_numpy(np.stack(pieces[b : b + 64])))
+        for (i, n), w in zip(where[b : b + 64], waves):
+            out[i].append(w[MARGIN * hop : (MARGIN + n) * hop].numpy())
     return [np.concatenate(o).astype(np.float32) if o else np.zeros(0, np.float32) for o in out]
 
 
@@ -239,8 +263,7 @@ ENV_BANDS, ENV_SPAN, ENV_STRIDE = 15, 30, 10
 
 
 def _mag(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    return torch.stft(x, n_fft, n_fft // 4, window=torch.hann_window(n_fft, device=x.device),
-                      return_complex=True).abs()
+    return torch.stft(x, n_fft, n_fft // 4, window=torch.hann_window(n_fft, device=x.device), return_complex=True).abs()
 
 
 class Loss(nn.Module):
@@ -256,8 +279,9 @@ class Loss(nn.Module):
 
         self.scales = sorted({n for n, _ in MEL_SCALES} | set(RESOLUTIONS))
         for n, m in MEL_SCALES:  # torchaudio's filter banks, as its MelSpectrogram(power=1) applies them
-            self.register_buffer(f"fb{n}", AF.melscale_fbanks(n // 2 + 1, 0.0, sample_rate / 2, m, sample_rate),
-                                 persistent=False)
+            self.register_buffer(
+                f"fb{n}", AF.melscale_fbanks(n // 2 + 1, 0.0, sample_rate / 2, m, sample_rate), persistent=False
+            )
         self.env_fft = round(0.025 * sample_rate)
         freqs = np.fft.rfftfreq(self.env_fft, 1 / sample_rate)
         centres = 150 * 2 ** (np.arange(ENV_BANDS) / 3)
@@ -290,16 +314,30 @@ class Loss(nn.Module):
             my = _mag(y, n)
             if hasattr(self, f"fb{n}"):
                 fb = getattr(self, f"fb{n}")
-                mel[n] = (torch.log(my.transpose(-1, -2) @ fb + LOG_EPS)
-                          - torch.log(mx.transpose(-1, -2) @ fb + LOG_EPS)).abs().mean()
+                mel[n] = (
+                    (torch.log(my.transpose(-1, -2) @ fb + LOG_EPS) - torch.log(mx.transpose(-1, -2) @ fb + LOG_EPS))
+                    .abs()
+                    .mean()
+                )
             if n in RESOLUTIONS:
                 sc.append(torch.linalg.norm(mx - my) / torch.linalg.norm(mx).clamp(min=1e-6))
         return sum(mel.values()) + sum(sc) / len(sc) + self.envelope_weight * self.envelope_loss(x, y), mel[1024]
 
 
-def train(model: Codec, waves: Sequence[np.ndarray], *, sample_rate: int, steps: int, batch: int, seconds: float,
-          lr: float, envelope_weight: float, seed: int, device: str = "cpu",
-          on_step: Callable[[int, dict], None] | None = None) -> list[float]:
+def train(
+    model: Codec,
+    waves: Sequence[np.ndarray],
+    *,
+    sample_rate: int,
+    steps: int,
+    batch: int,
+    seconds: float,
+    lr: float,
+    envelope_weight: float,
+    seed: int,
+    device: str = "cpu",
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[float]:
     """Train on random `seconds`-long segments of `waves` (float32 at the codec's rate, at LEVEL), laid end to
     end. `on_step(step, {"loss", "mel_l1"})` every step. Returns the loss per step."""
     g = torch.Generator().manual_seed(seed)

@@ -15,15 +15,17 @@ Ray does to a tokenizer actor), the bytes round trip, and bad bytes raising
 the project's `BadSample` rather than anything else. The first failure raises
 `ConformanceError` naming the check and the plugin.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
 import re
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
+
 from omnistream.common.errors import BadSample, ConformanceError
 
 from .base import BaseModality, FilterOptions, ModalityOptions
@@ -46,8 +48,11 @@ def check_declaration(cls: type) -> None:
     if not isinstance(getattr(cls, "version", None), str) or not cls.version:
         _fail(cls, "version", "must be a non-empty string (bump it when the encoding changes meaning)")
     keys = getattr(cls, "keys", None)
-    if not isinstance(keys, tuple) or not keys or not all(isinstance(k, str) and k == k.lower() and "." not in k
-                                                          for k in keys):
+    if (
+        not isinstance(keys, tuple)
+        or not keys
+        or not all(isinstance(k, str) and k == k.lower() and "." not in k for k in keys)
+    ):
         _fail(cls, "keys", f"must be a non-empty tuple of lower-case file extensions without dots, got {keys!r}")
     opts = getattr(cls, "Options", None)
     if not (isinstance(opts, type) and issubclass(opts, ModalityOptions)):
@@ -63,15 +68,20 @@ def check_declaration(cls: type) -> None:
         _fail(cls, "error_bound", f"must be a non-negative number, got {eb!r}")
     try:
         opts(no_such_option=1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any refusal will do; only accepting it is wrong
         pass
     else:
         _fail(cls, "Options", "accepted an unknown option; set model_config extra='forbid' (ModalityOptions does)")
 
 
-def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, bytes]], *,
-                   options: dict | None = None, bad_samples: Iterable[tuple[str, bytes]] = (),
-                   subprocess: bool = True) -> BaseModality:
+def check_modality(
+    plugin: type | BaseModality,
+    samples: Iterable[tuple[str, bytes]],
+    *,
+    options: dict | None = None,
+    bad_samples: Iterable[tuple[str, bytes]] = (),
+    subprocess: bool = True,
+) -> BaseModality:
     """Run every check on `plugin` (a class, or an instance to refit) with `samples` = (ext, bytes) pairs.
 
     Returns the fitted instance. `bad_samples` adds plugin-specific broken inputs to the generic ones
@@ -108,8 +118,13 @@ def check_modality(plugin: type | BaseModality, samples: Iterable[tuple[str, byt
             _fail(mod, "quality_reason", f"must return None or a metric-safe reason name, got {reason!r}")
         sigs = mod.near_signatures(o, filters)
         if not isinstance(sigs, list) or not all(
-                isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str)
-                and (t[1] is None or isinstance(t[1], int)) and isinstance(t[2], int) for t in sigs):
+            isinstance(t, tuple)
+            and len(t) == 3
+            and isinstance(t[0], str)
+            and (t[1] is None or isinstance(t[1], int))
+            and isinstance(t[2], int)
+            for t in sigs
+        ):
             _fail(mod, "near_signatures", f"must return a list of (str, int | None, int) triples, got {sigs!r:.200}")
 
     # encode: in range, deterministic; decode within the bound
@@ -192,8 +207,12 @@ def check_any_ids(mod: BaseModality, V: int) -> None:
             obj = mod.decode(np.asarray(ids, dtype=np.int64))
             ext, data = mod.to_bytes(obj)
         except Exception as e:  # noqa: BLE001 - this is the check
-            _fail(mod, "decode any ids", f"decode/to_bytes of {what} raised {type(e).__name__}: {e} (evaluation and "
-                                         f"generation decode raw model output: any sequence of [0, {V}), empty too)")
+            _fail(
+                mod,
+                "decode any ids",
+                f"decode/to_bytes of {what} raised {type(e).__name__}: {e} (evaluation and "
+                f"generation decode raw model output: any sequence of [0, {V}), empty too)",
+            )
         if ext not in mod.keys:
             _fail(mod, "to_bytes", f"wrote extension {ext!r} for {what}, which the plugin does not read")
         try:
@@ -202,8 +221,12 @@ def check_any_ids(mod: BaseModality, V: int) -> None:
             continue  # e.g. a clip too short to keep: refused as a sample, which is allowed
         again = np.asarray(mod.encode(back))
         if again.size and (again.min() < 0 or again.max() >= V):
-            _fail(mod, "encode", f"ids outside [0, {V}) for a decoded {what}: min {again.min()}, max {again.max()} "
-                                 f"(is vocab_size one too small?)")
+            _fail(
+                mod,
+                "encode",
+                f"ids outside [0, {V}) for a decoded {what}: min {again.min()}, max {again.max()} "
+                f"(is vocab_size one too small?)",
+            )
 
 
 __all__ = ["check_modality", "check_declaration", "check_any_ids", "ConformanceError"]

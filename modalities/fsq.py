@@ -19,6 +19,7 @@ convolution than a full-resolution stem, and the difference between a fit of min
 decay, on MSE plus an L1 term on image gradients (edges: MSE alone blurs them, and there is no pretrained
 network here for a perceptual loss).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                  nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(8, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -98,11 +105,11 @@ class FSQAutoencoder(nn.Module):
             raise ValueError(f"downsampling must be a power of two >= {UNSHUFFLE}, got {down}")
         halvings = int(math.log2(down // UNSHUFFLE))
         # channels per resolution: `width` right after the stem, doubled per halving (at most 4x)
-        chs = [width * min(2 ** i, 4) for i in range(halvings + 1)]
+        chs = [width * min(2**i, 4) for i in range(halvings + 1)]
         n = len(levels)
 
         ech = [c // 2 for c in chs]  # the encoder at half the decoder's width (above)
-        enc: list[nn.Module] = [nn.PixelUnshuffle(UNSHUFFLE), nn.Conv2d(3 * UNSHUFFLE ** 2, ech[0], 3, padding=1)]
+        enc: list[nn.Module] = [nn.PixelUnshuffle(UNSHUFFLE), nn.Conv2d(3 * UNSHUFFLE**2, ech[0], 3, padding=1)]
         for i in range(halvings):
             enc += [ResBlock(ech[i]), nn.Conv2d(ech[i], ech[i + 1], 4, stride=2, padding=1)]
         enc += [ResBlock(ech[-1]) for _ in range(enc_blocks)]
@@ -113,10 +120,17 @@ class FSQAutoencoder(nn.Module):
         dec: list[nn.Module] = [nn.Conv2d(n, chs[-1], 1)]
         dec += [ResBlock(chs[-1]) for _ in range(dec_blocks)]
         for i in reversed(range(halvings)):
-            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chs[i + 1], chs[i], 3, padding=1),
-                    ResBlock(chs[i])]
-        dec += [nn.GroupNorm(8, chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 3 * UNSHUFFLE ** 2, 3, padding=1),
-                nn.PixelShuffle(UNSHUFFLE)]
+            dec += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(chs[i + 1], chs[i], 3, padding=1),
+                ResBlock(chs[i]),
+            ]
+        dec += [
+            nn.GroupNorm(8, chs[0]),
+            nn.SiLU(),
+            nn.Conv2d(chs[0], 3 * UNSHUFFLE**2, 3, padding=1),
+            nn.PixelShuffle(UNSHUFFLE),
+        ]
         self.decoder = nn.Sequential(*dec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +149,7 @@ class FSQAutoencoder(nn.Module):
 
 # ---- images <-> tensors -----------------------------------------------------------------------------------
 
+
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float in [-1, 1], on the device a uint8 tensor is already on."""
     if isinstance(images, np.ndarray):
@@ -149,22 +164,24 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 # ---- quality measures (on uint8 images, the way a user would compare files) --------------------------------
 
+
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """PSNR in dB per image of two (B, S, S, 3) uint8 arrays (peak 255)."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
-    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean SSIM per image (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, on the
     luma), of two (B, S, S, 3) uint8 arrays. Written out (15 lines) rather than adding scikit-image for one
     function; it matches skimage's `structural_similarity(gaussian_weights=True)` on the same luma."""
+
     def luma(x):
         x = torch.from_numpy(x.astype(np.float32))
         return (x @ torch.tensor([0.299, 0.587, 0.114])).unsqueeze(1)  # (B, 1, S, S)
 
     x, y = luma(a), luma(b)
-    g = torch.exp(-(torch.arange(11, dtype=torch.float32) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = torch.exp(-((torch.arange(11, dtype=torch.float32) - 5) ** 2) / (2 * 1.5**2))
     g = g / g.sum()
     w = (g[:, None] * g[None, :]).view(1, 1, 11, 11)
 
@@ -206,7 +223,8 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sche
     every network-training tokenizer fit uses: fsq here, the audio codec)."""
     warm = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
 
 
 def update(model: nn.Module, opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> float:
@@ -219,9 +237,19 @@ def update(model: nn.Module, opt: torch.optim.Optimizer, sched, loss: torch.Tens
     return float(loss.detach())
 
 
-def train(model: FSQAutoencoder, images: np.ndarray, *, steps: int, batch: int, lr: float, seed: int,
-          grad_weight: float = 0.3, chroma_weight: float = 1.0, device: str = "cpu",
-          on_step: Callable[[int, dict], None] | None = None) -> list[float]:
+def train(
+    model: FSQAutoencoder,
+    images: np.ndarray,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    grad_weight: float = 0.3,
+    chroma_weight: float = 1.0,
+    device: str = "cpu",
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[float]:
     """Train `model` on (N, S, S, 3) uint8 images, random horizontal flips as augmentation. Returns the
     loss per step. `on_step(step, {"loss": ..., "psnr": ...})` is called every step (progress, tracking)."""
     g = torch.Generator().manual_seed(seed)

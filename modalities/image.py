@@ -9,6 +9,7 @@
   `omnistream tokenizers fit` on the configured shards' images. RGB, (size/down)^2 ids per image,
   prod(levels) codes; it keeps brightness and colour, so what a model writes can be the photo it saw.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from omnistream.common.errors import BadSample
 from PIL import Image, ImageOps
 from pydantic import Field, model_validator
+
+from omnistream.common.errors import BadSample
 
 from .base import (
     BaseModality,
@@ -31,29 +33,55 @@ from .base import (
 
 
 class ImageOptions(ModalityOptions):
-    tokenizer: Literal["kmeans", "fsq"] = Field("kmeans", description="'kmeans': patch codebook (fast to fit, "
-                                                 "grey by default); 'fsq': a learned autoencoder (RGB, colour kept)")
+    tokenizer: Literal["kmeans", "fsq"] = Field(
+        "kmeans",
+        description="'kmeans': patch codebook (fast to fit, "
+        "grey by default); 'fsq': a learned autoencoder (RGB, colour kept)",
+    )
     size: int = Field(24, ge=4, le=1024, description="images are resized to size×size pixels")
     patch: int = Field(4, ge=1, le=64, description="patch side in pixels; size must be a multiple of it")
-    codebook_size: int = Field(256, ge=2, le=65536, description="number of patch codes (this modality's vocabulary size)")
-    grayscale: bool = Field(True, description="kmeans: quantise luminance only (3× smaller patches, colour is dropped); fsq is always RGB")
-    max_pixels: int = Field(16_000_000, ge=1, description="images whose header claims more pixels are refused before decoding (decompression bombs)")
+    codebook_size: int = Field(
+        256, ge=2, le=65536, description="number of patch codes (this modality's vocabulary size)"
+    )
+    grayscale: bool = Field(
+        True, description="kmeans: quantise luminance only (3× smaller patches, colour is dropped); fsq is always RGB"
+    )
+    max_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        description="images whose header claims more pixels are refused before decoding (decompression bombs)",
+    )
     fit_patches: int = Field(200_000, ge=1000, description="at most this many patches are used to fit the codebook")
     seed: int = Field(0, description="seed of the k-means initialisation, and of the fsq fit")
     # ---- tokenizer = "fsq" -------------------------------------------------------------------------
     down: int = Field(8, description="fsq: downsampling, 4, 8 or 16; (size/down)^2 ids per image (64 at 64 px)")
-    levels: list[int] = Field([8, 5, 5, 5], min_length=1, max_length=8,
-                              description="fsq: levels per latent channel; their product is the codebook size "
-                                          "(1,000 for [8,5,5,5]; at most 65,536)")
-    width: int = Field(64, ge=8, le=512, description="fsq: the decoder's channels after the stem (a multiple of "
-                                                     "16), 2x and 4x at coarser resolutions; the encoder has half")
+    levels: list[int] = Field(
+        [8, 5, 5, 5],
+        min_length=1,
+        max_length=8,
+        description="fsq: levels per latent channel; their product is the codebook size "
+        "(1,000 for [8,5,5,5]; at most 65,536)",
+    )
+    width: int = Field(
+        64,
+        ge=8,
+        le=512,
+        description="fsq: the decoder's channels after the stem (a multiple of "
+        "16), 2x and 4x at coarser resolutions; the encoder has half",
+    )
     fit_steps: int = Field(3000, ge=1, description="fsq: training steps of the fit")
     fit_batch: int = Field(32, ge=1, description="fsq: images per training step")
     fit_lr: float = Field(2e-3, gt=0, description="fsq: peak AdamW learning rate (warm-up, then cosine decay)")
-    fit_grad_weight: float = Field(0.3, ge=0, description="fsq: weight of the L1 loss on image gradients (edges) "
-                                                          "beside the squared error")
-    fit_chroma_weight: float = Field(1.0, ge=0, le=1, description="fsq: weight of colour (chroma) error against "
-                                     "brightness (luma) error; below 1 the codes spend their bits on shape first")
+    fit_grad_weight: float = Field(
+        0.3, ge=0, description="fsq: weight of the L1 loss on image gradients (edges) beside the squared error"
+    )
+    fit_chroma_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="fsq: weight of colour (chroma) error against "
+        "brightness (luma) error; below 1 the codes spend their bits on shape first",
+    )
 
     @model_validator(mode="after")
     def _grid(self):
@@ -74,8 +102,12 @@ class ImageOptions(ModalityOptions):
 class ImageFilters(FilterOptions):
     min_side: int = Field(8, ge=1, description="images with a smaller side are filtered: image_too_small")
     max_aspect: float = Field(4.0, ge=1, description="width/height (or height/width) above this: image_bad_aspect")
-    min_std: float = Field(3.0, ge=0, description="grey-level standard deviation (0-255) below this: image_near_uniform")
-    near_max_hamming: int = Field(4, ge=0, le=16, description="dHash bits two images may differ in and still be near-duplicates")
+    min_std: float = Field(
+        3.0, ge=0, description="grey-level standard deviation (0-255) below this: image_near_uniform"
+    )
+    near_max_hamming: int = Field(
+        4, ge=0, le=16, description="dHash bits two images may differ in and still be near-duplicates"
+    )
 
 
 def dhash(im: Image.Image) -> int:
@@ -97,8 +129,11 @@ def dhash_bands(h: int, max_hamming: int) -> list[str]:
 # knows (TIFF, BMP, PCX, SGI, TGA, ICO, DDS, QOI ... and EPS, which hands the bytes to Ghostscript where
 # it is installed), so anything else is refused by its content.
 FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-_MAGIC = {"JPEG": lambda b: b[:3] == b"\xff\xd8\xff", "PNG": lambda b: b[:4] == b"\x89PNG",
-          "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"}
+_MAGIC = {
+    "JPEG": lambda b: b[:3] == b"\xff\xd8\xff",
+    "PNG": lambda b: b[:4] == b"\x89PNG",
+    "WEBP": lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP",
+}
 # what shows through a transparent pixel: one fixed colour (white, as a page or a browser shows it), never
 # whatever colour the encoder left under an alpha of 0
 BACKGROUND = (255, 255, 255)
@@ -151,7 +186,7 @@ class ImageModality(BaseModality):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.side ** 2
+        return self.side**2
 
     # ---- bytes -> object -------------------------------------------------------
     def decode_bytes(self, ext: str, data: bytes) -> Image.Image:
@@ -161,13 +196,14 @@ class ImageModality(BaseModality):
             raise BadSample("image_wrong_format", f".{ext} is not one of the image extensions {sorted(FORMATS)}")
         fmt = next((f for f, is_it in _MAGIC.items() if is_it(data)), None)
         if fmt is None:
-            raise BadSample("image_wrong_format", f"the bytes of this .{ext} are not JPEG, PNG or WebP "
-                                                  f"(they begin {data[:8]!r})")
+            raise BadSample(
+                "image_wrong_format", f"the bytes of this .{ext} are not JPEG, PNG or WebP (they begin {data[:8]!r})"
+            )
         try:
             im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
         except Image.DecompressionBombError as e:  # Pillow's own bound (2× its MAX_IMAGE_PIXELS) fired first
             raise BadSample("image_too_large", str(e)) from None
-        except Exception as e:  # the format's own signature, then bytes its reader cannot make sense of
+        except Exception as e:  # noqa: BLE001 - the format's own signature, then bytes its reader cannot make sense of
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         w, h = im.size
         if w * h > self.options.max_pixels:
@@ -176,7 +212,7 @@ class ImageModality(BaseModality):
             im.load()
             # a phone's photo is stored as the sensor saw it, with the turn to show it in its EXIF tag
             im = ImageOps.exif_transpose(im)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever EXIF handling raises is the record's
             raise BadSample("image_undecodable", f"{type(e).__name__}: {e}") from None
         return to_rgb(im)
 
@@ -218,20 +254,34 @@ class ImageModality(BaseModality):
         ae = fsq.FSQAutoencoder(o.levels, o.down, o.width)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         on_step, steps, curves = self.fit_curves(o.fit_steps, ("loss", "psnr"), progress)
-        fsq.train(ae, images, steps=o.fit_steps, batch=o.fit_batch, lr=o.fit_lr, seed=o.seed,
-                  grad_weight=o.fit_grad_weight, chroma_weight=o.fit_chroma_weight, device=device, on_step=on_step)
+        fsq.train(
+            ae,
+            images,
+            steps=o.fit_steps,
+            batch=o.fit_batch,
+            lr=o.fit_lr,
+            seed=o.seed,
+            grad_weight=o.fit_grad_weight,
+            chroma_weight=o.fit_chroma_weight,
+            device=device,
+            on_step=on_step,
+        )
         self._set_state({k: v.detach().cpu().numpy() for k, v in ae.state_dict().items()})
         self._mark_fitted()
         # reconstructions of the first 8 fit images, original above, decode(encode(x)) below
         first = images[:8]
-        recon = np.stack([self.pixels(self.decode(ids)) for ids in self.encode_batch(
-            [Image.fromarray(x) for x in first])])
+        recon = np.stack(
+            [self.pixels(self.decode(ids)) for ids in self.encode_batch([Image.fromarray(x) for x in first])]
+        )
         grid = np.concatenate([np.concatenate(list(first), 1), np.concatenate(list(recon), 1)], 0)
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
-        self._report = {"metrics": curves, "steps": steps,
-                        "images": {"reconstructions": buf.getvalue()},
-                        "summary": {"fit_psnr_db": float(np.mean(fsq.psnr(first, recon)))}}
+        self._report = {
+            "metrics": curves,
+            "steps": steps,
+            "images": {"reconstructions": buf.getvalue()},
+            "summary": {"fit_psnr_db": float(np.mean(fsq.psnr(first, recon)))},
+        }
 
     def fit_resources(self, cluster: dict[str, float]) -> dict[str, float] | None:
         return self.trained_fit_resources(cluster) if self._fsq else None
@@ -301,7 +351,7 @@ class ImageModality(BaseModality):
             # has a floor of 16² (grey levels): a nearly flat image's few levels of noise are not its content
             a = self.pixels(obj).astype(np.float32)
             b = self.pixels(decoded).astype(np.float32)
-            return float(((a - b) ** 2).mean() / max(a.var(), 16.0 ** 2))
+            return float(((a - b) ** 2).mean() / max(a.var(), 16.0**2))
         a, b = self._patches(obj), self._patches(decoded)
         return float(((a - b) ** 2).mean() / (a.var() + 1e-6))
 
@@ -313,8 +363,17 @@ class ImageModality(BaseModality):
     # the options only one of the two tokenizers reads: the other's are left out of the fingerprint, so a
     # k-means bundle fitted before the fsq options existed keeps its fingerprint (and still loads)
     KMEANS_ONLY = ("patch", "codebook_size", "grayscale", "fit_patches")
-    FSQ_ONLY = ("tokenizer", "down", "levels", "width", "fit_steps", "fit_batch", "fit_lr", "fit_grad_weight",
-                "fit_chroma_weight")
+    FSQ_ONLY = (
+        "tokenizer",
+        "down",
+        "levels",
+        "width",
+        "fit_steps",
+        "fit_batch",
+        "fit_lr",
+        "fit_grad_weight",
+        "fit_chroma_weight",
+    )
     # options added after bundles were written: left out of the fingerprint at their default, so a bundle
     # fitted before them keeps the fingerprint it was saved with
     LATER = ("fit_grad_weight", "fit_chroma_weight")
@@ -336,8 +395,11 @@ class ImageModality(BaseModality):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         if self._fsq:
-            self._weights = {k.removeprefix("ae."): np.asarray(v, dtype=np.float32)
-                             for k, v in state.items() if isinstance(v, np.ndarray)}
+            self._weights = {
+                k.removeprefix("ae."): np.asarray(v, dtype=np.float32)
+                for k, v in state.items()
+                if isinstance(v, np.ndarray)
+            }
             self._ae = None
             return
         self._codebook = np.asarray(state["codebook"], dtype=np.float32)

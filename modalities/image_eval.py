@@ -6,6 +6,7 @@
   1,000-code tokenizer spends 10, so beating it is the real test.
 Used by `omnistream tokenizers eval` and benchmarks/image_tokenizer.py, so both measure alike.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,16 @@ from .image import ImageModality
 def thumbnail(images: np.ndarray, side: int) -> np.ndarray:
     """(B, S, S, 3) uint8 -> the same, through a side×side bicubic thumbnail."""
     S = images.shape[1]
-    return np.stack([np.asarray(Image.fromarray(x).resize((side, side), Image.Resampling.BICUBIC)
-                                .resize((S, S), Image.Resampling.BICUBIC)) for x in images])
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(x)
+                .resize((side, side), Image.Resampling.BICUBIC)
+                .resize((S, S), Image.Resampling.BICUBIC)
+            )
+            for x in images
+        ]
+    )
 
 
 def roundtrip(mod: ImageModality, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -30,15 +39,16 @@ def roundtrip(mod: ImageModality, images: np.ndarray, batch: int = 64) -> np.nda
     ims = [Image.fromarray(x) for x in images]
     out = []
     for i in range(0, len(ims), batch):
-        out += [mod.pixels(mod.decode(ids)) for ids in mod.encode_batch(ims[i:i + batch])]
+        out += [mod.pixels(mod.decode(ids)) for ids in mod.encode_batch(ims[i : i + batch])]
     return np.stack(out)
 
 
 def kmeans_baseline(learned: ImageModality, train: np.ndarray, codes: int = 1024) -> ImageModality:
     """omnistream's k-means tokenizer with the learned one's ids per image, fitted on `train` (B, S, S, 3)."""
     size = learned.options.size
-    km = ImageModality({"tokenizer": "kmeans", "size": size, "patch": size // learned.side, "grayscale": False,
-                        "codebook_size": codes})
+    km = ImageModality(
+        {"tokenizer": "kmeans", "size": size, "patch": size // learned.side, "grayscale": False, "codebook_size": codes}
+    )
     km.fit([km.fit_features(Image.fromarray(x)) for x in train])
     return km
 
@@ -52,7 +62,7 @@ def encode_rate(mod: ImageModality, images: np.ndarray, batch: int = 256) -> flo
         mod.encode_batch(ims[:16])  # first-call set-up is not timed
         t0 = time.perf_counter()
         for i in range(0, len(ims), batch):
-            mod.encode_batch(ims[i:i + batch])
+            mod.encode_batch(ims[i : i + batch])
         return len(ims) / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
@@ -86,12 +96,20 @@ def compare(learned: ImageModality, km: ImageModality, held_out: np.ndarray) -> 
     """Figures of the learned tokenizer, k-means and the thumbnail on `held_out` (B, S, S, 3) uint8, and a
     picture of 8 of them: rows of original | k-means | thumbnail | learned."""
     side = learned.side
-    rec = {learned.options.tokenizer if learned.options.tokenizer != "kmeans" else "learned": roundtrip(learned, held_out),
-           "kmeans": roundtrip(km, held_out), "thumbnail": thumbnail(held_out, side)}
+    rec = {
+        learned.options.tokenizer if learned.options.tokenizer != "kmeans" else "learned": roundtrip(learned, held_out),
+        "kmeans": roundtrip(km, held_out),
+        "thumbnail": thumbnail(held_out, side),
+    }
     name = next(iter(rec))
-    res: dict = {"images": len(held_out), "size": learned.options.size, "tokens_per_image": side * side,
-                 "codes": learned.vocab_size, "bits_per_token": round(float(np.log2(learned.vocab_size)), 2),
-                 f"{name}_encode_images_per_s_1core": round(encode_rate(learned, held_out[:512]), 1)}
+    res: dict = {
+        "images": len(held_out),
+        "size": learned.options.size,
+        "tokens_per_image": side * side,
+        "codes": learned.vocab_size,
+        "bits_per_token": round(float(np.log2(learned.vocab_size)), 2),
+        f"{name}_encode_images_per_s_1core": round(encode_rate(learned, held_out[:512]), 1),
+    }
     if learned.options.tokenizer == "fsq" and torch.cuda.is_available():
         res[f"{name}_encode_images_per_s_gpu"] = round(gpu_encode_rate(learned, held_out), 1)
         res["gpu"] = torch.cuda.get_device_name()
@@ -101,6 +119,7 @@ def compare(learned: ImageModality, km: ImageModality, held_out: np.ndarray) -> 
     res[f"{name}_minus_thumbnail_db"] = round(res[f"psnr_db_{name}"] - res["psnr_db_thumbnail"], 2)
     res[f"{name}_minus_kmeans_db"] = round(res[f"psnr_db_{name}"] - res["psnr_db_kmeans"], 2)
     pick = np.linspace(0, len(held_out) - 1, min(8, len(held_out))).astype(int)
-    grid = np.concatenate([np.concatenate([held_out[i], rec["kmeans"][i], rec["thumbnail"][i], rec[name][i]], 1)
-                           for i in pick], 0)
+    grid = np.concatenate(
+        [np.concatenate([held_out[i], rec["kmeans"][i], rec["thumbnail"][i], rec[name][i]], 1) for i in pick], 0
+    )
     return res, grid

@@ -3,6 +3,7 @@
 The built-ins register through the same group in omnistream's own pyproject,
 so they take exactly the path a third-party package takes.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -25,14 +26,18 @@ def discover() -> dict[str, tuple[type, str]]:
         dist = ep.dist.name if ep.dist else "?"
         try:
             cls = ep.load()
-        except Exception as e:
-            raise UserError(f"modality plugin {ep.name!r} (from {dist}) failed to import: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a plugin's import error of any kind is said as one line
+            raise UserError(
+                f"modality plugin {ep.name!r} (from {dist}) failed to import: {type(e).__name__}: {e}"
+            ) from None
         missing = [a for a in _REQUIRED if not hasattr(cls, a)]
         if missing:
             raise UserError(f"modality plugin {ep.name!r} (from {dist}) lacks {', '.join(missing)}")
         name = cls.name
         if name in found:
-            raise UserError(f"two plugins claim the modality name {name!r}: {origin[name]} and {ep.value} (from {dist})")
+            raise UserError(
+                f"two plugins claim the modality name {name!r}: {origin[name]} and {ep.value} (from {dist})"
+            )
         found[name] = (cls, ep.dist.version if ep.dist else "?")
         origin[name] = f"{ep.value} (from {dist})"
     return found
@@ -41,8 +46,10 @@ def discover() -> dict[str, tuple[type, str]]:
 def get(name: str) -> type:
     plugins = discover()
     if name not in plugins:
-        raise UserError(f"modality {name!r} is not installed (installed: {', '.join(sorted(plugins)) or 'none'}); "
-                        f"install its plugin package or remove it from [modalities]")
+        raise UserError(
+            f"modality {name!r} is not installed (installed: {', '.join(sorted(plugins)) or 'none'}); "
+            f"install its plugin package or remove it from [modalities]"
+        )
     return plugins[name][0]
 
 
@@ -66,8 +73,9 @@ def check_keys(names) -> dict[str, str]:
     for n in names:
         for ext in get(n).keys:
             if ext in owner:
-                raise UserError(f"modalities {owner[ext]!r} and {n!r} both read .{ext} fields: "
-                                f"remove one of them from [modalities]")
+                raise UserError(
+                    f"modalities {owner[ext]!r} and {n!r} both read .{ext} fields: remove one of them from [modalities]"
+                )
             owner[ext] = n
     return owner
 

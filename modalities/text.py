@@ -3,6 +3,7 @@
 Byte-level means every UTF-8 string is encodable (no <unk>), so
 decode(encode(s)) == s exactly and the error bound is 0.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,9 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
-from omnistream.common.errors import BadSample
 from pydantic import Field
+
+from omnistream.common.errors import BadSample
 
 from .base import BaseModality, FilterOptions, ModalityOptions
 
@@ -27,11 +29,21 @@ class TextOptions(ModalityOptions):
 class TextFilters(FilterOptions):
     min_chars: int = Field(1, ge=0, description="shorter texts are filtered: text_too_short")
     max_chars: int = Field(100_000, ge=1, description="longer texts are filtered: text_too_long")
-    max_repeated_line_frac: float = Field(0.5, ge=0, le=1, description="share of lines that repeat an earlier line: text_repeated_lines")
-    max_repeated_ngram_frac: float = Field(0.5, ge=0, le=1, description="share of word 3-grams that repeat an earlier one: text_repeated_ngrams")
-    min_letter_frac: float = Field(0.3, ge=0, le=1, description="share of non-space characters that are letters: text_few_letters")
-    near_min_words: int = Field(20, ge=1, description="texts shorter than this are left to the exact check (captions are alike by nature)")
-    minhash_bands: int = Field(16, ge=1, description="MinHash LSH bands; with 4 rows each, pairs above ~0.5 Jaccard collide")
+    max_repeated_line_frac: float = Field(
+        0.5, ge=0, le=1, description="share of lines that repeat an earlier line: text_repeated_lines"
+    )
+    max_repeated_ngram_frac: float = Field(
+        0.5, ge=0, le=1, description="share of word 3-grams that repeat an earlier one: text_repeated_ngrams"
+    )
+    min_letter_frac: float = Field(
+        0.3, ge=0, le=1, description="share of non-space characters that are letters: text_few_letters"
+    )
+    near_min_words: int = Field(
+        20, ge=1, description="texts shorter than this are left to the exact check (captions are alike by nature)"
+    )
+    minhash_bands: int = Field(
+        16, ge=1, description="MinHash LSH bands; with 4 rows each, pairs above ~0.5 Jaccard collide"
+    )
     minhash_rows: int = Field(4, ge=1, description="MinHash rows per LSH band")
 
 
@@ -42,19 +54,23 @@ _MERSENNE = (1 << 61) - 1
 @lru_cache(maxsize=4)
 def _permutations(n: int) -> tuple[list[int], list[int]]:
     rng = np.random.default_rng(1234)  # fixed: every worker must draw the same permutations
-    return ([int(v) for v in rng.integers(1, _MERSENNE, n, dtype=np.uint64)],
-            [int(v) for v in rng.integers(0, _MERSENNE, n, dtype=np.uint64)])
+    return (
+        [int(v) for v in rng.integers(1, _MERSENNE, n, dtype=np.uint64)],
+        [int(v) for v in rng.integers(0, _MERSENNE, n, dtype=np.uint64)],
+    )
 
 
 def minhash_bands(text: str, bands: int, rows: int) -> list[str]:
     """LSH bands of the MinHash of a text's word 3-grams: two texts sharing a band are candidates."""
     words = text.lower().split()
-    shingles = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+    shingles = {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
     a, b = _permutations(bands * rows)
     hs = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in shingles]
     sig = [min((ai * h + bi) % _MERSENNE for h in hs) for ai, bi in zip(a, b)]
-    return [f"t{k}:" + hashlib.blake2b(str(sig[k * rows:(k + 1) * rows]).encode(), digest_size=8).hexdigest()
-            for k in range(bands)]
+    return [
+        f"t{k}:" + hashlib.blake2b(str(sig[k * rows : (k + 1) * rows]).encode(), digest_size=8).hexdigest()
+        for k in range(bands)
+    ]
 
 
 class TextModality(BaseModality):
@@ -95,9 +111,13 @@ class TextModality(BaseModality):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=self.options.vocab_size, min_frequency=self.options.min_frequency,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.options.vocab_size,
+            min_frequency=self.options.min_frequency,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
         tok.train_from_iterator(features, trainer=trainer)
         self._tok = tok
         self._mark_fitted()
@@ -134,7 +154,7 @@ class TextModality(BaseModality):
         if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > f.max_repeated_line_frac:
             return "text_repeated_lines"
         words = _WORD.findall(s.lower())
-        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
         if len(grams) > 1:
             repeated = sum(c - 1 for c in Counter(grams).values())
             if repeated / len(grams) > f.max_repeated_ngram_frac:

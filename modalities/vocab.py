@@ -10,14 +10,16 @@
 fingerprint; a checkpoint stores the layout's fingerprint and refuses to load
 against a different one (docs/architecture.md, Vocabulary).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
 from omnistream.common.errors import UserError
 
 from . import registry
@@ -48,7 +50,7 @@ class Vocabulary:
             b, e = self._markers[name]
             self._owner[[b, e]] = i
             o = self._offsets[name]
-            self._owner[o:o + self.by_name[name].vocab_size] = i
+            self._owner[o : o + self.by_name[name].vocab_size] = i
 
     # ---- ids ------------------------------------------------------------------
     def begin(self, name: str) -> int:
@@ -104,10 +106,19 @@ class Vocabulary:
         mods = []
         for m in self.modalities:
             cls_version = registry.discover().get(m.name, (None, "?"))[1]
-            mods.append({"name": m.name, "version": m.version, "package_version": cls_version,
-                         "begin": self.begin(m.name), "end": self.end(m.name),
-                         "offset": self.offset(m.name), "size": m.vocab_size,
-                         "fingerprint": m.fingerprint(), "options": m.options.model_dump(mode="json")})
+            mods.append(
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "package_version": cls_version,
+                    "begin": self.begin(m.name),
+                    "end": self.end(m.name),
+                    "offset": self.offset(m.name),
+                    "size": m.vocab_size,
+                    "fingerprint": m.fingerprint(),
+                    "options": m.options.model_dump(mode="json"),
+                }
+            )
         body = {"format": 1, "specials": SPECIALS, "size": self.size, "modalities": mods}
         return {**body, "fingerprint": layout_fingerprint(body)}
 
@@ -124,7 +135,7 @@ class Vocabulary:
         return d / "vocab.json"
 
     @classmethod
-    def load(cls, directory: str | Path, names: Sequence[str] | dict[str, dict] | None = None) -> "Vocabulary":
+    def load(cls, directory: str | Path, names: Sequence[str] | dict[str, dict] | None = None) -> Vocabulary:
         """Load a tokenizer bundle. `names` (the config's modalities, in order, optionally with their
         options) must match what the bundle was fitted with."""
         d = Path(directory)
@@ -134,22 +145,28 @@ class Vocabulary:
         layout = json.loads(vj.read_text())
         problem = bundle_mismatch(layout, names) if names is not None else None
         if problem:
-            raise UserError(f"tokenizer bundle {d} does not match the config: {problem}; "
-                            f"refit with `omnistream tokenizers fit CONFIG`")
+            raise UserError(
+                f"tokenizer bundle {d} does not match the config: {problem}; "
+                f"refit with `omnistream tokenizers fit CONFIG`"
+            )
         mods = []
         for entry in layout["modalities"]:
             m = registry.build(entry["name"], entry["options"])
             m.load(d / entry["name"])
             if m.fingerprint() != entry["fingerprint"]:
-                raise UserError(f"tokenizer state of {entry['name']!r} in {d} does not match its fingerprint in vocab.json")
+                raise UserError(
+                    f"tokenizer state of {entry['name']!r} in {d} does not match its fingerprint in vocab.json"
+                )
             mods.append(m)
         vocab = cls(mods)
         if vocab.fingerprint != layout["fingerprint"]:
             # say what differs: a plugin whose vocab_size (or version) changed since the bundle was fitted
             diff = describe_mismatch(layout, vocab.layout())
-            raise UserError(f"vocab.json in {d} does not match the tokenizers beside it as installed now ({diff}): "
-                            f"refit with `omnistream tokenizers fit CONFIG`; a plugin that changes its vocab_size "
-                            f"must bump its version")
+            raise UserError(
+                f"vocab.json in {d} does not match the tokenizers beside it as installed now ({diff}): "
+                f"refit with `omnistream tokenizers fit CONFIG`; a plugin that changes its vocab_size "
+                f"must bump its version"
+            )
         return vocab
 
 
@@ -170,9 +187,13 @@ def bundle_mismatch(layout: dict, wanted: Sequence[str] | dict[str, dict]) -> st
 
 
 def layout_fingerprint(body: dict) -> str:
-    keep = {"specials": body["specials"], "size": body["size"],
-            "modalities": [{k: m[k] for k in ("name", "version", "offset", "size", "fingerprint")}
-                           for m in body["modalities"]]}
+    keep = {
+        "specials": body["specials"],
+        "size": body["size"],
+        "modalities": [
+            {k: m[k] for k in ("name", "version", "offset", "size", "fingerprint")} for m in body["modalities"]
+        ],
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -3,10 +3,20 @@
 `GPTConfig` lives in config.py and imports no torch; the rest is loaded on first use, so
 `omnistream config show` and the CLI's help never pay for importing torch.
 """
+
 from .config import GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "IGNORE", "KVCache", "attend", "attention_mask", "flops_per_token", "generate",
-           "loss_by_group"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "IGNORE",
+    "KVCache",
+    "attend",
+    "attention_mask",
+    "flops_per_token",
+    "generate",
+    "loss_by_group",
+]
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ Pieces, and why:
 - Tied input/output embeddings: with ~1k-token vocabularies and small widths
   this halves the embedding parameters at no measurable cost.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, layout: "Layout", kv: tuple["KVCache", int] | None = None):
+    def forward(self, x, cos, sin, layout: Layout, kv: tuple[KVCache, int] | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -115,11 +116,12 @@ MIN_BUCKET = 16  # finest varlen bucket step: below this, more SDPA calls cost m
 @dataclass
 class Layout:
     """Where the documents of a batch are, worked out once per forward and shared by every layer."""
-    kernel: type                                     # the kernel class that made it (and attends with it)
-    mask: torch.Tensor | None = None                 # dense: (B, 1, T, S) bool, True = may attend
-    buckets: list = field(default_factory=list)      # varlen: [(index (n, L) into the B·T tokens, real slots)]
-    order: torch.Tensor | None = None                # varlen: puts the buckets' outputs back in row order
-    block_mask: object = None                        # flex: torch's BlockMask
+
+    kernel: type  # the kernel class that made it (and attends with it)
+    mask: torch.Tensor | None = None  # dense: (B, 1, T, S) bool, True = may attend
+    buckets: list = field(default_factory=list)  # varlen: [(index (n, L) into the B·T tokens, real slots)]
+    order: torch.Tensor | None = None  # varlen: puts the buckets' outputs back in row order
+    block_mask: object = None  # flex: torch's BlockMask
 
 
 def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -197,6 +199,7 @@ class VarlenAttention:
 class FlexAttention:
     """FlexAttention with a block mask built from doc_ids: key blocks no query can see are skipped and
     nothing T×T exists. The path when training on CUDA (compiled once per process); no dropout."""
+
     cpu_backward = False  # torch 2.14's CPU form has no backward: the parity test checks its forward there
     _compiled = None
 
@@ -254,18 +257,18 @@ class KVCache:
         if self.length + T > self.k.shape[3]:
             raise ValueError(f"KV cache holds {self.k.shape[3]} positions, not {self.length + T}")
         self.start, self.length = self.length, self.length + T
-        self.doc[:, self.start:self.length] = doc_ids
+        self.doc[:, self.start : self.length] = doc_ids
         if self.start == 0:
             return fresh(doc_ids)
         qpos = torch.arange(self.start, self.length, device=doc_ids.device)
         visible = torch.arange(self.length, device=doc_ids.device)[None, :] <= qpos[:, None]  # (T, S)
-        same = self.doc[:, None, :self.length] == doc_ids[:, :, None]                     # (B, T, S)
+        same = self.doc[:, None, : self.length] == doc_ids[:, :, None]  # (B, T, S)
         return Layout(DenseAttention, mask=(same & visible).unsqueeze(1))
 
     def store(self, layer: int, k, v):
-        self.k[layer, :, :, self.start:self.length] = k
-        self.v[layer, :, :, self.start:self.length] = v
-        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+        self.k[layer, :, :, self.start : self.length] = k
+        self.v[layer, :, :, self.start : self.length] = v
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
 
 
 class GPT(nn.Module):
@@ -324,8 +327,9 @@ class GPT(nn.Module):
         logits = self.head(self.norm(x))
         if labels is None:
             return logits
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                     ignore_index=IGNORE, reduction="none").view_as(labels)
+        token_loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
+        ).view_as(labels)
         n = (labels != IGNORE).sum().clamp(min=1)
         return logits, token_loss.sum() / n, token_loss
 
@@ -342,9 +346,15 @@ def loss_by_group(token_loss: torch.Tensor, labels: torch.Tensor, groups: torch.
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, allowed: tuple[int, int] | None = None,
-             extra_allowed: tuple[int, ...] = (), stop_token: int | None = None,
-             use_cache: bool = True) -> list[list[int]]:
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    allowed: tuple[int, int] | None = None,
+    extra_allowed: tuple[int, ...] = (),
+    stop_token: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Greedy continuation of a batch of prompts of different lengths.
 
     Prompts are left-padded; pads get their own document id, so the document
@@ -362,13 +372,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, allowed:
     pos = torch.zeros_like(ids)
     doc = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, T0 - len(p):] = torch.tensor(p, device=device)
-        pos[i, T0 - len(p):] = torch.arange(len(p), device=device)
-        doc[i, T0 - len(p):] = 1
+        ids[i, T0 - len(p) :] = torch.tensor(p, device=device)
+        pos[i, T0 - len(p) :] = torch.arange(len(p), device=device)
+        doc[i, T0 - len(p) :] = 1
     bias = None
     if allowed is not None:
         bias = torch.full((model.cfg.vocab_size,), float("-inf"), device=device)
-        bias[allowed[0]:allowed[1]] = 0
+        bias[allowed[0] : allowed[1]] = 0
         bias[list(extra_allowed)] = 0
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype) if use_cache else None
     new = torch.zeros(B, 0, dtype=torch.long, device=device)
@@ -393,7 +403,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, allowed:
     out = []
     for row in new.tolist():  # each row up to and including its first stop token
         if stop_token is not None and stop_token in row:
-            row = row[:row.index(stop_token) + 1]
+            row = row[: row.index(stop_token) + 1]
         out.append(row)
     return out
 

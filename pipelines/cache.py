@@ -23,6 +23,7 @@ the missing shards are deduplicated against the whole corpus, as in one uninterr
 Token ids are stored per modality (local ids), not as laid-out documents: the order of modalities in
 a document is drawn per epoch, so it is applied when the stream reads the cache, and does not key it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,7 @@ import time
 from pathlib import PurePosixPath
 
 import numpy as np
+
 from omnistream.common.errors import UserError
 
 from .accounting import Tally
@@ -40,8 +42,8 @@ from .config import DataConfig
 
 FORMAT = 1
 MANIFEST = "cache.json"
-TMP = ".tmp-"             # part-files: written, then moved to their name
-STALE_S = 3600           # a part-file this old is no write in progress: swept when the cache is opened
+TMP = ".tmp-"  # part-files: written, then moved to their name
+STALE_S = 3600  # a part-file this old is no write in progress: swept when the cache is opened
 # shard errors that say the store failed, not the shard: such a shard's record says `retry`, and the next
 # `data tokenize` or run reads it again rather than taking the cut-short read for the shard's contents
 RETRY_REASONS = ("shard_read_failed", "shard_missing")
@@ -63,12 +65,18 @@ def shard_identity(url: str) -> list:
 
 def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> dict:
     """Everything the cached tokens depend on, as plain JSON (compared field by field on reuse)."""
-    return {"format": FORMAT, "vocab_fingerprint": vocab_fingerprint, "seed": seed,
-            "shards": [shard_identity(s) for s in shards], "quality": cfg.quality,
-            "dedup": cfg.dedup.model_dump(mode="json"), "max_member_bytes": cfg.max_member_bytes,
-            "limits": cfg.limits.model_dump(mode="json"),
-            # the data format, where it is not the tar shards every cache before it was made from
-            **({"data_format": cfg.format} if cfg.format != "webdataset" else {})}
+    return {
+        "format": FORMAT,
+        "vocab_fingerprint": vocab_fingerprint,
+        "seed": seed,
+        "shards": [shard_identity(s) for s in shards],
+        "quality": cfg.quality,
+        "dedup": cfg.dedup.model_dump(mode="json"),
+        "max_member_bytes": cfg.max_member_bytes,
+        "limits": cfg.limits.model_dump(mode="json"),
+        # the data format, where it is not the tar shards every cache before it was made from
+        **({"data_format": cfg.format} if cfg.format != "webdataset" else {}),
+    }
 
 
 def key_digest(key: dict) -> str:
@@ -87,8 +95,11 @@ def describe_key_difference(have: dict, want: dict) -> str:
             new = {s[0]: s for s in b or []}
             added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
             changed = sorted(u for u in set(old) & set(new) if old[u] != new[u])
-            parts = [f"{len(x)} {w} (e.g. {x[0]})" for x, w in ((added, "added"), (gone, "removed"),
-                                                                  (changed, "changed on disk")) if x]
+            parts = [
+                f"{len(x)} {w} (e.g. {x[0]})"
+                for x, w in ((added, "added"), (gone, "removed"), (changed, "changed on disk"))
+                if x
+            ]
             out.append("shards: " + ("; ".join(parts) or "same shards in another order"))
         elif k == "vocab_fingerprint":
             out.append(f"vocabulary fingerprint {str(a)[:12]} -> {str(b)[:12]} (tokenizers refitted)")
@@ -158,7 +169,9 @@ class TokenCache:
         try:
             return json.loads(self.fs.cat_file(p))
         except ValueError as e:
-            raise UserError(f"token cache {self.url}: {MANIFEST} is damaged ({e}); delete the directory to rebuild") from None
+            raise UserError(
+                f"token cache {self.url}: {MANIFEST} is damaged ({e}); delete the directory to rebuild"
+            ) from None
 
     def claim(self, key: dict) -> None:
         """Make this directory the cache for `key`, or refuse a cache made under another key, saying what differs."""
@@ -168,9 +181,11 @@ class TokenCache:
             return
         self._sweep()  # a cache already: what its killed writers left goes
         if have.get("key") != key:
+            what = describe_key_difference(have.get("key", {}), key)
             raise UserError(
-                f"token cache {self.url} was made with other settings: {describe_key_difference(have.get('key', {}), key)}. "
-                f"Point data.token_cache at another directory, or delete this one to rebuild it")
+                f"token cache {self.url} was made with other settings: {what}. "
+                f"Point data.token_cache at another directory, or delete this one to rebuild it"
+            )
 
     # ---- shards -----------------------------------------------------------------------------------
     def shard_meta(self, shard: str) -> dict | None:
@@ -198,8 +213,16 @@ class TokenCache:
                 done[s] = m
         return done, todo
 
-    def write_shard(self, shard: str, names: list[str], keys: list[str], parts: dict[str, list],
-                    claims: list[str] | None, tally: Tally, seconds: float) -> dict:
+    def write_shard(
+        self,
+        shard: str,
+        names: list[str],
+        keys: list[str],
+        parts: dict[str, list],
+        claims: list[str] | None,
+        tally: Tally,
+        seconds: float,
+    ) -> dict:
         """Write one shard's kept records, then its completion record."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -215,8 +238,15 @@ class TokenCache:
         sid = self.shard_id(shard)
         self._write_atomic(f"shards/{sid}.parquet", data)
         ids = sum(len(p) for n in names for p in parts[n] if p is not None)
-        meta = {"shard": shard, "rows": len(keys), "ids": int(ids), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                "tally": tally.to_json(), "seconds": round(seconds, 3)}
+        meta = {
+            "shard": shard,
+            "rows": len(keys),
+            "ids": int(ids),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "tally": tally.to_json(),
+            "seconds": round(seconds, 3),
+        }
         if any(e["reason"] in RETRY_REASONS for e in tally.shard_errors):
             meta["retry"] = True
         self._write_atomic(f"shards/{sid}.json", json.dumps(meta).encode())
@@ -229,12 +259,16 @@ class TokenCache:
 
         meta = meta or self.shard_meta(shard)
         if meta is None:
-            raise UserError(f"token cache {self.url}: shard {shard} is missing or incomplete; "
-                            f"run `omnistream data tokenize` (or train) to finish the cache")
+            raise UserError(
+                f"token cache {self.url}: shard {shard} is missing or incomplete; "
+                f"run `omnistream data tokenize` (or train) to finish the cache"
+            )
         data = self.fs.cat_file(self._path("shards", self.shard_id(shard) + ".parquet"))
         if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise UserError(f"token cache {self.url}: the tokens of {shard} are damaged "
-                            f"({len(data)} bytes, {meta['bytes']} written); delete that shard's files to rebuild it")
+            raise UserError(
+                f"token cache {self.url}: the tokens of {shard} are damaged "
+                f"({len(data)} bytes, {meta['bytes']} written); delete that shard's files to rebuild it"
+            )
         return pq.read_table(io.BytesIO(data), columns=columns)
 
     def tally(self, shards: list[str], metas: dict[str, dict] | None = None) -> Tally:
@@ -246,7 +280,6 @@ class TokenCache:
             if m is not None:
                 t.add(Tally.from_json(m["tally"]))
         return t
-
 
 
 def open_cache(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> TokenCache:

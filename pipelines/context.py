@@ -5,6 +5,7 @@ Data's own progress output is off: with stdout not a terminal it logs a line per
 seconds (thousands in a demo), and omnistream's commands show their own progress bars and step lines.
 `omnistream --verbose` (or OMNISTREAM_DATA_PROGRESS=1) turns Ray Data's progress back on.
 """
+
 from __future__ import annotations
 
 import logging

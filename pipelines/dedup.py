@@ -14,6 +14,7 @@ several actors, two near-duplicates in flight at once in two tokenizer actors ca
 different band (in different actors) and both be dropped. `dedup.shards` spreads the memory over
 more actors where that over-filtering (counted, never silent) is the lesser evil.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,7 @@ class DedupShard:
             if any(o == ident for o, _ in owners):
                 out.append(False)
                 continue
-            dup = any(p is None or payload is None or bin(p ^ payload).count("1") <= max_distance
-                      for _, p in owners)
+            dup = any(p is None or payload is None or bin(p ^ payload).count("1") <= max_distance for _, p in owners)
             if not dup and len(owners) < self.per_signature:
                 owners.append((ident, payload))
             out.append(dup)
@@ -63,8 +63,9 @@ def exact_signature(fields: dict[str, bytes], exts: set[str]) -> str:
     return "x:" + h.hexdigest()[:32]
 
 
-def signatures(r: RawRecord, objs: dict[str, object], exts: set[str], mods: dict, filters: dict,
-               cfg: DedupConfig) -> list[tuple]:
+def signatures(
+    r: RawRecord, objs: dict[str, object], exts: set[str], mods: dict, filters: dict, cfg: DedupConfig
+) -> list[tuple]:
     """(reason, signature, payload, max_distance) for one record: the exact one first, then each
     modality's near-duplicate signatures (Modality.near_signatures), prefixed with its name."""
     out = []
@@ -74,8 +75,10 @@ def signatures(r: RawRecord, objs: dict[str, object], exts: set[str], mods: dict
         for name, obj in objs.items():
             f = filters[name]
             if f.near_duplicates:
-                out += [("near_duplicate", f"{name}:{sig}", payload, dist)
-                        for sig, payload, dist in getattr(mods[name], "near_signatures", _none)(obj, f)]
+                out += [
+                    ("near_duplicate", f"{name}:{sig}", payload, dist)
+                    for sig, payload, dist in getattr(mods[name], "near_signatures", _none)(obj, f)
+                ]
     return out
 
 

@@ -10,6 +10,7 @@ Each record is one digit 0-9 seen up to three ways:
 Some records carry all three modalities, some one or two. Everything is drawn
 from one seed, so the same command writes the same bytes.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,13 +26,40 @@ from pydantic import BaseModel, ConfigDict, Field
 FORMAT = 2  # bump when the drawing or the record layout changes: a demo corpus on disk is rewritten
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # DTMF keypad: digit -> (low group Hz, high group Hz)
-DTMF = {1: (697, 1209), 2: (697, 1336), 3: (697, 1477), 4: (770, 1209), 5: (770, 1336),
-        6: (770, 1477), 7: (852, 1209), 8: (852, 1336), 9: (852, 1477), 0: (941, 1336)}
-PHRASES = ["{w}", "the digit {w}", "a {w}", "number {w}", "this is a {w}.", "it shows {w}",
-           "the number {d}", "{W}", "digit {d}, {w}", "a picture of {w}"]
+DTMF = {
+    1: (697, 1209),
+    2: (697, 1336),
+    3: (697, 1477),
+    4: (770, 1209),
+    5: (770, 1336),
+    6: (770, 1477),
+    7: (852, 1209),
+    8: (852, 1336),
+    9: (852, 1477),
+    0: (941, 1336),
+}
+PHRASES = [
+    "{w}",
+    "the digit {w}",
+    "a {w}",
+    "number {w}",
+    "this is a {w}.",
+    "it shows {w}",
+    "the number {d}",
+    "{W}",
+    "digit {d}, {w}",
+    "a picture of {w}",
+]
 # which modalities a record carries, and how often (sums to 1)
-MIXES = [(("image", "audio", "text"), 0.40), (("image", "text"), 0.20), (("audio", "text"), 0.20),
-         (("image", "audio"), 0.05), (("text",), 0.05), (("image",), 0.05), (("audio",), 0.05)]
+MIXES = [
+    (("image", "audio", "text"), 0.40),
+    (("image", "text"), 0.20),
+    (("audio", "text"), 0.20),
+    (("image", "audio"), 0.05),
+    (("text",), 0.05),
+    (("image",), 0.05),
+    (("audio",), 0.05),
+]
 
 
 def caption(d: int, rng: random.Random) -> str:
@@ -48,10 +76,16 @@ def draw_digit(d: int, rng: random.Random) -> Image.Image:
     font = ImageFont.load_default(size=size)
     glyph = Image.new("L", (side, side), 0)
     g = ImageDraw.Draw(glyph)
-    l, t, r, b = g.textbbox((0, 0), str(d), font=font)
+    left, t, r, b = g.textbbox((0, 0), str(d), font=font)
     jx, jy = rng.uniform(-0.1, 0.1) * side, rng.uniform(-0.1, 0.1) * side
-    g.text(((side - (r - l)) / 2 - l + jx, (side - (b - t)) / 2 - t + jy), str(d), fill=255, font=font,
-           stroke_width=rng.choice([0, 0, 1]), stroke_fill=255)
+    g.text(
+        ((side - (r - left)) / 2 - left + jx, (side - (b - t)) / 2 - t + jy),
+        str(d),
+        fill=255,
+        font=font,
+        stroke_width=rng.choice([0, 0, 1]),
+        stroke_fill=255,
+    )
     glyph = glyph.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR)
     ink = Image.new("RGB", (side, side), tuple(rng.randint(0, 110) for _ in range(3)))
     canvas.paste(ink, (0, 0), glyph)
@@ -66,7 +100,7 @@ def dtmf(d: int, rng: random.Random) -> tuple[np.ndarray, int]:
     t = np.arange(int(sr * dur)) / sr
     lo, hi = DTMF[d]
     tone = np.sin(2 * np.pi * lo * t + rng.uniform(0, 6.28)) + np.sin(2 * np.pi * hi * t + rng.uniform(0, 6.28))
-    ramp = np.minimum(1, np.minimum(t, t[::-1]) / 0.005)   # 5 ms fade: no clicks at the edges
+    ramp = np.minimum(1, np.minimum(t, t[::-1]) / 0.005)  # 5 ms fade: no clicks at the edges
     level = rng.uniform(0.15, 0.45)
     pad = lambda: np.zeros(int(sr * rng.uniform(0.0, 0.05)))  # noqa: E731
     wave = np.concatenate([pad(), level * tone * ramp, pad()])
@@ -115,6 +149,7 @@ def make_record(index: int, seed: int, split: str, mix: tuple[str, ...] | None =
 
 class CorpusSpec(BaseModel):
     """The `[demo]` section: what `omnistream demo` writes before it trains."""
+
     model_config = ConfigDict(extra="forbid")
 
     out_dir: str = Field("runs/demo/data", description="where the demo shards are written")
@@ -154,7 +189,10 @@ def write_demo_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None
     spec = spec or CorpusSpec()
     out = Path(out_dir)
     train = write_split(out, "train", spec.train_records, spec.records_per_shard, spec.seed)
-    evals = write_split(out, "eval", spec.eval_records, spec.records_per_shard, spec.seed,
-                        mix=("image", "audio", "text"))
-    (out / "corpus.json").write_text(json.dumps({**spec.model_dump(), "format": FORMAT, "train": train, "eval": evals}, indent=1))
+    evals = write_split(
+        out, "eval", spec.eval_records, spec.records_per_shard, spec.seed, mix=("image", "audio", "text")
+    )
+    (out / "corpus.json").write_text(
+        json.dumps({**spec.model_dump(), "format": FORMAT, "train": train, "eval": evals}, indent=1)
+    )
     return {"train": train, "eval": evals}

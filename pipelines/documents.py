@@ -7,43 +7,47 @@ held-out shards with it, and the tokenizer actors run the same code inside Ray D
     make_document     one record's ids per modality -> one document, modalities in a seeded order
     local_documents   a small shard set read in this process (evaluation)
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
 from omnistream.common.errors import BadSample
 from omnistream.modalities import registry
 from omnistream.modalities.vocab import Vocabulary
 
 from .accounting import Tally
 from .config import DataConfig
+from .formats import ReadBounds, reader
 from .packing import pack_documents
 from .quality import build_filters
-from .formats import ReadBounds, reader
 from .records import RawRecord
 
 
 @dataclass
 class Outcome:
     """What became of one record."""
-    status: str                      # "kept" | "filtered" | "errored"
+
+    status: str  # "kept" | "filtered" | "errored"
     reason: str = ""
     field: str = ""
     detail: str = ""
-    parts: dict | None = None        # local ids per modality (kept records, when encoding)
-    modalities: tuple = ()           # the modalities the record carries
-    claims: str | None = None        # the dedup signatures a kept record claimed (JSON), kept in the token cache
+    parts: dict | None = None  # local ids per modality (kept records, when encoding)
+    modalities: tuple = ()  # the modalities the record carries
+    claims: str | None = None  # the dedup signatures a kept record claimed (JSON), kept in the token cache
 
 
 @dataclass
 class _Prepared:
     """A modality's input held for batched encoding (RecordProcessor._encode_batched)."""
+
     value: object
 
 
@@ -105,8 +109,15 @@ class RecordProcessor:
     `omnistream data inspect` (no bundle: only the accounting), and in-process for evaluation.
     """
 
-    def __init__(self, modalities: dict[str, dict] | None, bundle_dir: str | None, cfg: DataConfig, seed: int,
-                 dedup_shards: list | None = None, ledger=None):
+    def __init__(
+        self,
+        modalities: dict[str, dict] | None,
+        bundle_dir: str | None,
+        cfg: DataConfig,
+        seed: int,
+        dedup_shards: list | None = None,
+        ledger=None,
+    ):
         """`modalities` (the config's, with options) must match the bundle; None takes the bundle's as they are."""
         if bundle_dir:
             self.vocab = Vocabulary.load(bundle_dir, modalities)
@@ -161,8 +172,21 @@ class RecordProcessor:
                     out[i] = Outcome("filtered", reason, modalities=carries)
                     continue
                 carries = tuple(sorted(objs))
-                sig = (guarded(signatures, "dedup", "near_signatures", r, objs, set(self.exts), self.mods,
-                               self.filters, self.cfg.dedup) if self.deduper is not None else None)
+                sig = (
+                    guarded(
+                        signatures,
+                        "dedup",
+                        "near_signatures",
+                        r,
+                        objs,
+                        set(self.exts),
+                        self.mods,
+                        self.filters,
+                        self.cfg.dedup,
+                    )
+                    if self.deduper is not None
+                    else None
+                )
                 parts = self._parts(objs, batched=True)
             except BadSample as e:
                 out[i] = _errored(e, carries)
@@ -172,14 +196,18 @@ class RecordProcessor:
             pending.append((i, parts, carries, sig))
         self._encode_batched(pending, records, out, carries_of={i: c for i, _, c, _ in pending})
         pending = [t for t in pending if out[t[0]] is None]
-        dups = (self.deduper.duplicates([(f"{records[i].shard}:{records[i].key}", sig) for i, _, _, sig in pending])
-                if self.deduper is not None and pending else [None] * len(pending))
+        dups = (
+            self.deduper.duplicates([(f"{records[i].shard}:{records[i].key}", sig) for i, _, _, sig in pending])
+            if self.deduper is not None and pending
+            else [None] * len(pending)
+        )
         for (i, parts, carries, sig), dup in zip(pending, dups):
             if dup:
                 out[i] = Outcome("filtered", dup, modalities=carries)
             else:
-                out[i] = Outcome("kept", parts=parts, modalities=carries,
-                                 claims=json.dumps(sig) if sig is not None else None)
+                out[i] = Outcome(
+                    "kept", parts=parts, modalities=carries, claims=json.dumps(sig) if sig is not None else None
+                )
         return out
 
     def _parts(self, objs: dict, batched: bool = False) -> dict | None:
@@ -204,7 +232,7 @@ class RecordProcessor:
         for name, m in self.mods.items():
             todo = [(i, parts) for i, parts, _, _ in pending if parts and isinstance(parts.get(name), _Prepared)]
             for k in range(0, len(todo), batch):
-                chunk = todo[k:k + batch]
+                chunk = todo[k : k + batch]
                 try:
                     ids = guarded(m.encode_many, name, "encode", [parts[name].value for _, parts in chunk])
                 except BadSample:
@@ -215,7 +243,7 @@ class RecordProcessor:
                         except BadSample as e:
                             out[i] = _errored(e, carries_of[i])
                             ids.append(None)
-                for (i, parts), one in zip(chunk, ids):
+                for (_, parts), one in zip(chunk, ids):
                     if one is not None:
                         parts[name] = one
 
@@ -239,8 +267,9 @@ class RecordProcessor:
         for r, o in zip(records, self.outcomes(records)):
             tally.count(r.shard, r.key, o)
             # members no modality reads (KEY.json is the record's labels): counted, never passed over unsaid
-            tally.unconsumed.update(e if _PLAIN_EXT.fullmatch(e) else "other" for e in r.fields
-                                    if e not in self.exts and e != "json")
+            tally.unconsumed.update(
+                e if _PLAIN_EXT.fullmatch(e) else "other" for e in r.fields if e not in self.exts and e != "json"
+            )
             yield epoch, r, o
 
     # ---- Ray Data entry point -------------------------------------------------------------------------
@@ -268,8 +297,15 @@ class RecordProcessor:
 _PLAIN_EXT = re.compile(r"[a-z0-9_-]{1,16}")  # an extension fit to name a metric; others count as "other"
 
 
-def local_documents(shards: list[str], bundle_dir: str, modalities: dict[str, dict] | None, cfg: DataConfig,
-                    seed: int, limit: int | None = None, tally: Tally | None = None):
+def local_documents(
+    shards: list[str],
+    bundle_dir: str,
+    modalities: dict[str, dict] | None,
+    cfg: DataConfig,
+    seed: int,
+    limit: int | None = None,
+    tally: Tally | None = None,
+):
     """Read a small shard set in this process (evaluation); yields (record, ids per modality, tokens, modality_ids).
 
     Bad and filtered records are skipped and counted in `tally`, never dropped silently. No dedup here.
@@ -308,8 +344,15 @@ def held_out(cfg) -> dict:
     per modality), their documents packed into rows for the loss, and what became of every record read
     (a Tally). `cfg` is the run config."""
     tally, records, docs = Tally(), [], []
-    for r, ids, toks, mods in local_documents(cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities, cfg.data,
-                                              cfg.seed, limit=cfg.eval.examples, tally=tally):
+    for r, ids, toks, mods in local_documents(
+        cfg.data.eval_shards,
+        cfg.data.bundle_dir,
+        cfg.modalities,
+        cfg.data,
+        cfg.seed,
+        limit=cfg.eval.examples,
+        tally=tally,
+    ):
         records.append((r.key, labels(r.fields.get("json")), ids))
         docs.append((toks, mods, r.key))
     rows = pack_documents(*map(list, zip(*docs)), cfg.data.seq_len) if docs else {}

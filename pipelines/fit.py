@@ -9,6 +9,7 @@ model (a modality whose `fit_resources` asks for resources: the learned `fsq` im
 task with what it asks for, on a GPU when the cluster has one, with a progress bar the driver draws; its
 `fit_report` (loss curves, reconstructions) comes back with it for the tracker.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+
 from omnistream.common import logs
 from omnistream.common.errors import BadSample, UserError
 from omnistream.modalities import registry
@@ -69,11 +71,15 @@ class FitFeatures(RecordProcessor):
         keys.append(END)
         feats.append(b"")
         why.append("")
-        return {k: np.array(v, dtype=object) for k, v in
-                {"shard": [shard] * len(keys), "key": keys, "feature": feats, "why": why}.items()}
+        return {
+            k: np.array(v, dtype=object)
+            for k, v in {"shard": [shard] * len(keys), "key": keys, "feature": feats, "why": why}.items()
+        }
 
 
-def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir: str | Path | None = None) -> tuple[Vocabulary, dict]:
+def fit_bundle(
+    cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir: str | Path | None = None
+) -> tuple[Vocabulary, dict]:
     """Fit every configured modality and write the bundle (vocab.json + states) to out_dir or cfg.bundle_dir."""
     mods = {name: registry.build(name, opts) for name, opts in modalities.items()}
     shards = list_shards(cfg.all_shards())
@@ -81,18 +87,25 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     # the same records, in the same order, every time: the codebooks (k-means) depend on both
     data_context()
     ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
-    ds = shards_may_die(ds.map_batches(
-        FitFeatures, fn_constructor_kwargs={"modalities": modalities, "cfg": cfg, "seed": seed,
-                                            "max_records": cfg.fit_records},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(2, len(plan))), batch_format="numpy",
-        **RETRIES, **processor_options(cfg, modalities)))
+    ds = shards_may_die(
+        ds.map_batches(
+            FitFeatures,
+            fn_constructor_kwargs={"modalities": modalities, "cfg": cfg, "seed": seed, "max_records": cfg.fit_records},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(2, len(plan))),
+            batch_format="numpy",
+            **RETRIES,
+            **processor_options(cfg, modalities),
+        )
+    )
     from tqdm import tqdm
 
     gathered: dict[str, list] = {name: [] for name in mods}
     bad, finished, order = Counter(), set(), [s for _, s in plan]
     records, cut = 0, False
-    with tqdm(desc=f"{logs.TAG} reading samples to fit the tokenizers", total=cfg.fit_records, unit=" records",
-              disable=None) as bar:
+    with tqdm(
+        desc=f"{logs.TAG} reading samples to fit the tokenizers", total=cfg.fit_records, unit=" records", disable=None
+    ) as bar:
         for row in ds.iter_rows():
             if row["key"] == END:
                 finished.add(row["shard"])
@@ -111,7 +124,7 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
             for name, f in pickle.loads(row["feature"]).items():  # our own actor's output, never input bytes
                 gathered[name].append(f)
     # a shard with no END row, of those the sample reached, is one whose actor died each time it was tried
-    reached = order[:max((order.index(s) for s in finished), default=-1)] if cut else order
+    reached = order[: max((order.index(s) for s in finished), default=-1)] if cut else order
     lost = sum(s not in finished for s in reached)
     if lost:
         bad[f"shard_errors/{ACTOR_DIED}"] += lost
@@ -120,8 +133,10 @@ def fit_bundle(cfg: DataConfig, modalities: dict[str, dict], seed: int, out_dir:
     for name, m in tqdm(list(mods.items()), desc=f"{logs.TAG} fitting", unit=" modality", disable=None):
         feats = gathered[name]
         if not feats:
-            raise UserError(f"no samples of modality {name!r} in the first {cfg.fit_records} records of "
-                            f"{cfg.all_shards()}: cannot fit its tokenizer")
+            raise UserError(
+                f"no samples of modality {name!r} in the first {cfg.fit_records} records of "
+                f"{cfg.all_shards()}: cannot fit its tokenizer"
+            )
         try:
             mods[name], summary["reports"][name] = fit_one(m, feats, cfg.fit_cpus)
         except ValueError as e:
@@ -156,11 +171,21 @@ def fit_one(mod, features: list, cpus: int = 0, wait_s: float = FIT_WAIT_S) -> t
     log.info("training the %s tokenizer as a Ray task with %s", mod.name, wants)
     mod, report, took = ray.get(_train_fit.options(**wants).remote(mod, features))
     rate = took["steps"] / max(took["seconds"], 1e-9)
-    log.info("trained the %s tokenizer with %d threads: %d steps in %.0f s (%.2f steps/s)", mod.name,
-             took["threads"], took["steps"], took["seconds"], rate)
+    log.info(
+        "trained the %s tokenizer with %d threads: %d steps in %.0f s (%.2f steps/s)",
+        mod.name,
+        took["threads"],
+        took["steps"],
+        took["seconds"],
+        rate,
+    )
     report = dict(report or {})
-    report["summary"] = {**report.get("summary", {}), "threads": took["threads"], "fit_seconds": took["seconds"],
-                         "steps_per_s": rate}
+    report["summary"] = {
+        **report.get("summary", {}),
+        "threads": took["threads"],
+        "fit_seconds": took["seconds"],
+        "steps_per_s": rate,
+    }
     return mod, report
 
 
@@ -175,9 +200,14 @@ def _cpus_given_back(want: int, wait_s: float) -> int:
         if free >= want:
             return want
         if time.monotonic() > deadline:
-            log.warning("only %d of the %d CPUs a tokenizer fit asks for came free within %.0f s (another job "
-                        "holds them?): fitting on %d; data.fit_cpus sets the number", free, want, wait_s,
-                        max(1, free))
+            log.warning(
+                "only %d of the %d CPUs a tokenizer fit asks for came free within %.0f s (another job "
+                "holds them?): fitting on %d; data.fit_cpus sets the number",
+                free,
+                want,
+                wait_s,
+                max(1, free),
+            )
             return max(1, free)
         time.sleep(0.2)
 
@@ -204,8 +234,9 @@ def _train_fit(mod, features: list) -> tuple:
             bar.total = total
         bar.update(step - shown[0])
         shown[:] = [step, time.monotonic()]
-        bar.set_description(f"training the {mod.name} tokenizer on {threads} threads "
-                            f"(loss {metrics.get('loss', float('nan')):.4f})")
+        bar.set_description(
+            f"training the {mod.name} tokenizer on {threads} threads (loss {metrics.get('loss', float('nan')):.4f})"
+        )
 
     t0 = time.perf_counter()
     mod.fit(features, progress=progress)

@@ -20,12 +20,14 @@ decompressed from a shard, and a remote read's retries and deadline.
 reads them back, and checks they are the records written (tests/unit/test_formats.py runs it for every
 registered format).
 """
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol
+from typing import Any, ClassVar, Protocol
 
 from omnistream.common.errors import ConformanceError, UserError
 
@@ -35,14 +37,15 @@ from .records import RawRecord, read_shard
 @dataclass
 class ReadBounds:
     """What one shard's read may cost, from the data section (DataConfig) and the modalities' member caps."""
+
     max_member_bytes: int = 64 << 20
-    limits: Any = None                   # config.Limits (None: its defaults)
+    limits: Any = None  # config.Limits (None: its defaults)
     ext_bytes: dict[str, int] = field(default_factory=dict)  # per extension, tighter than max_member_bytes
     retries: int = 3
     deadline_s: float = float("inf")
 
     @classmethod
-    def of(cls, cfg, ext_bytes: dict[str, int] | None = None) -> "ReadBounds":
+    def of(cls, cfg, ext_bytes: dict[str, int] | None = None) -> ReadBounds:
         return cls(cfg.max_member_bytes, cfg.limits, dict(ext_bytes or {}), cfg.remote_retries, cfg.read_deadline_s)
 
 
@@ -56,11 +59,13 @@ class Reader(Protocol):
 class WebDataset:
     """Tar shards (.tar, .tar.gz, .tar.bz2, .tar.xz, .tar.zst): a record is the run of members sharing a
     key (records.read_shard)."""
+
     requires: ClassVar[dict[str, str]] = {}
 
     def read(self, shard: str, bounds: ReadBounds) -> Iterator[RawRecord]:
-        return read_shard(shard, bounds.max_member_bytes, bounds.limits, bounds.ext_bytes, bounds.retries,
-                          bounds.deadline_s)
+        return read_shard(
+            shard, bounds.max_member_bytes, bounds.limits, bounds.ext_bytes, bounds.retries, bounds.deadline_s
+        )
 
     def write_sample(self, path: Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
         import webdataset as wds
@@ -83,8 +88,9 @@ def reader(name: str) -> Reader:
     cls = READERS[name]
     for module, extra in cls.requires.items():
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"data format {name!r} needs {module}, which is not installed: "
-                            f"pip install 'omnistream[{extra}]'")
+            raise UserError(
+                f"data format {name!r} needs {module}, which is not installed: pip install 'omnistream[{extra}]'"
+            )
     return cls()
 
 
@@ -119,18 +125,28 @@ def check_reader(name: str, tmp: Path) -> None:
     bounds = ReadBounds(max_member_bytes=64 << 10, limits=Limits())
     got = list(fmt.read(shard, bounds))
     need(all(isinstance(r, RawRecord) for r in got), "yields something other than RawRecord")
-    need([r.key for r in got] == [k for k, _ in SAMPLE], f"keys {[r.key for r in got]} are not the records written, "
-                                                         f"in order ({[k for k, _ in SAMPLE]})")
+    need(
+        [r.key for r in got] == [k for k, _ in SAMPLE],
+        f"keys {[r.key for r in got]} are not the records written, in order ({[k for k, _ in SAMPLE]})",
+    )
     for r, (key, fields) in zip(got, SAMPLE):
-        need(all(e == e.lower() and isinstance(v, bytes) for e, v in r.fields.items()),
-             f"record {key}: extensions must be lower-case and values bytes")
+        need(
+            all(e == e.lower() and isinstance(v, bytes) for e, v in r.fields.items()),
+            f"record {key}: extensions must be lower-case and values bytes",
+        )
         if key == "rec-003":
-            need(r.error == "member_too_large" and not r.fields,
-                 f"a member over data.max_member_bytes must error its record as member_too_large (got {r.error!r})")
+            need(
+                r.error == "member_too_large" and not r.fields,
+                f"a member over data.max_member_bytes must error its record as member_too_large (got {r.error!r})",
+            )
         else:
-            need(r.error is None and r.fields == fields, f"record {key} does not come back as written "
-                                                         f"({sorted(r.fields)} against {sorted(fields)}; {r.error})")
+            need(
+                r.error is None and r.fields == fields,
+                f"record {key} does not come back as written ({sorted(r.fields)} against {sorted(fields)}; {r.error})",
+            )
     missing = list(fmt.read(str(tmp / "no-such-shard"), bounds))
-    need(len(missing) == 1 and missing[0].key == "" and missing[0].error == "shard_missing",
-         f"a missing shard must be one record with an empty key and reason shard_missing (got "
-         f"{[(r.key, r.error) for r in missing]})")
+    need(
+        len(missing) == 1 and missing[0].key == "" and missing[0].error == "shard_missing",
+        f"a missing shard must be one record with an empty key and reason shard_missing (got "
+        f"{[(r.key, r.error) for r in missing]})",
+    )

@@ -5,12 +5,14 @@ Runs the same RecordProcessor actors as the training stream (on Ray, spread over
 totals, per-reason, per-modality and per-shard counts, shard-level failures, dead letters,
 and, when a tokenizer bundle is given, the tokens each modality would contribute.
 """
+
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
 import ray
+
 from omnistream.common import logs
 
 from .accounting import Tally, error_rate_verdict
@@ -20,8 +22,9 @@ from .shards import list_shards
 from .stream import lost_shard, record_stream, shards_may_die
 
 
-def inspect_shards(specs: list[str], cfg: DataConfig, modalities: dict[str, dict], seed: int,
-                   bundle_dir: str | None = None) -> dict:
+def inspect_shards(
+    specs: list[str], cfg: DataConfig, modalities: dict[str, dict], seed: int, bundle_dir: str | None = None
+) -> dict:
     shards = list_shards(specs)
     ledger = DataLedger.remote(cfg.max_error_rate, cfg.error_rate_window)
     ds = shards_may_die(record_stream(cfg, modalities, seed, [(0, s) for s in shards], bundle_dir, ledger))
@@ -50,22 +53,28 @@ def inspect_shards(specs: list[str], cfg: DataConfig, modalities: dict[str, dict
         report["tokens"] = dict(tokens)
     report["error_rate_verdict"] = error_rate_verdict(tally, cfg.max_error_rate, cfg.error_rate_window, final=True)
     if not tally.balanced():  # the pipeline checks its own books at the end of a pass
-        raise AssertionError(f"data accounting does not balance: {report['seen']} seen, {report['kept']} kept, "
-                             f"{report['filtered']} filtered, {report['errored']} errored")
+        raise AssertionError(
+            f"data accounting does not balance: {report['seen']} seen, {report['kept']} kept, "
+            f"{report['filtered']} filtered, {report['errored']} errored"
+        )
     return report
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['shards']} shards, {r['seen']} records: {r['kept']} kept, "
-             f"{sum(r['filtered'].values())} filtered, {sum(r['errored'].values())} errored"]
+    lines = [
+        f"{r['shards']} shards, {r['seen']} records: {r['kept']} kept, "
+        f"{sum(r['filtered'].values())} filtered, {sum(r['errored'].values())} errored"
+    ]
     for title, key in (("filtered", "filtered"), ("errored", "errored")):
         for reason, n in sorted(r[key].items(), key=lambda kv: -kv[1]):
             lines.append(f"  {title:8s} {reason:28s} {n}")
     if r["per_modality"]:
         lines.append("per modality (records carrying it):")
         for name, c in r["per_modality"].items():
-            lines.append(f"  {name:10s} seen {c.get('seen', 0):6d}  kept {c.get('kept', 0):6d}  "
-                         f"filtered {c.get('filtered', 0):5d}  errored {c.get('errored', 0):5d}")
+            lines.append(
+                f"  {name:10s} seen {c.get('seen', 0):6d}  kept {c.get('kept', 0):6d}  "
+                f"filtered {c.get('filtered', 0):5d}  errored {c.get('errored', 0):5d}"
+            )
     if r.get("tokens"):
         lines.append("tokens: " + ", ".join(f"{k} {v}" for k, v in r["tokens"].items()))
     bad_shards = {s: c for s, c in r["per_shard"].items() if c.get("errored") or c.get("shard_errors")}
@@ -76,8 +85,10 @@ def format_report(r: dict) -> str:
     for e in r["shard_errors"]:
         lines.append(f"  shard failure {e['shard']}: {e['reason']} ({e['detail'][:80]})")
     if r.get("unconsumed"):
-        lines.append("members no modality reads (passed over, their records kept): " +
-                     ", ".join(f".{k} {v}" for k, v in sorted(r["unconsumed"].items(), key=lambda kv: -kv[1])))
+        lines.append(
+            "members no modality reads (passed over, their records kept): "
+            + ", ".join(f".{k} {v}" for k, v in sorted(r["unconsumed"].items(), key=lambda kv: -kv[1]))
+        )
     if r.get("error_rate_verdict"):
         lines.append("warning: " + r["error_rate_verdict"])
     lines.append(f"dead letters: {len(r['dead_letter'])} listed (--json shows them)")

@@ -1,6 +1,7 @@
 """The `DataLedger` Ray actor: collects counts and dead letters from the pipeline's tokenizer actors
 (one message per batch, fire-and-forget). Readers on the driver or in the trainer ask it for a snapshot.
 """
+
 from __future__ import annotations
 
 import ray

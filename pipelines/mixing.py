@@ -12,19 +12,22 @@ the same tolerance; one micro-batch, not one rank-step, so that the stream does 
 depend on grad_accum or the number of workers, and a resume on other workers reads
 the same rows).
 Each batch is filled greedily: the next document is the one that brings the
-batch's shares closest to the targets, placed first-fit into a row. A batch that misses the tolerance (the window ran out of a scarce modality)
+batch's shares closest to the targets, placed first-fit into a row. A batch that misses the tolerance (the window ran
+out of a scarce modality)
 is not emitted; its documents and the window's leftovers are surplus of the
 abundant modalities, dropped and COUNTED (data/mix_dropped, per modality in
 tokens), never silently. Nothing is carried between windows, so the output is a
 pure function of the window: a resumed run rebuilds the same batches.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from omnistream.common.stream import shares_of, token_counts
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from omnistream.common.stream import shares_of, token_counts
 
 from .packing import layout_rows, pieces
 
@@ -32,9 +35,20 @@ from .packing import layout_rows, pieces
 class MixConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shares: dict[str, float] = Field(default_factory=dict, description="target share of TOKENS per modality in every global batch, e.g. {text = 0.3, image = 0.4, audio = 0.3}; empty = no mixing (documents packed as they come)")
-    tolerance: float = Field(0.05, gt=0, lt=1, description="largest allowed |achieved - target| token share, per modality and global batch")
-    window: int = Field(2048, ge=16, description="documents the mixer chooses from at once (replaces data.pack_window); several batches' worth, since each window's surplus is dropped")
+    shares: dict[str, float] = Field(
+        default_factory=dict,
+        description="target share of TOKENS per modality in every global batch, e.g. {text = 0.3, image = 0.4, audio "
+        "= 0.3}; empty = no mixing (documents packed as they come)",
+    )
+    tolerance: float = Field(
+        0.05, gt=0, lt=1, description="largest allowed |achieved - target| token share, per modality and global batch"
+    )
+    window: int = Field(
+        2048,
+        ge=16,
+        description="documents the mixer chooses from at once (replaces data.pack_window); several batches' worth, "
+        "since each window's surplus is dropped",
+    )
 
     @field_validator("shares")
     @classmethod
@@ -54,8 +68,15 @@ class MixConfig(BaseModel):
         return bool(self.shares)
 
 
-def mix_pack(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str], seq_len: int,
-             rows: int, target: np.ndarray, tolerance: float) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+def mix_pack(
+    tokens: Sequence[np.ndarray],
+    mods: Sequence[np.ndarray],
+    keys: Sequence[str],
+    seq_len: int,
+    rows: int,
+    target: np.ndarray,
+    tolerance: float,
+) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Pack a window of documents into batches of `rows` rows meeting `target` (shares per modality index 1..n).
 
     Returns (the packed columns of all emitted batches, back to back; dropped tokens per modality;

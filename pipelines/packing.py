@@ -15,11 +15,13 @@ piece then counts as a document of its own). Per token the row carries:
 No token is lost or duplicated: the non-pad tokens of the rows are exactly
 the tokens of the documents, each once.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
 from omnistream.common.stream import COLUMNS, label_modalities  # noqa: F401 - the batch format (common/stream.py)
 
 IGNORE = -100
@@ -29,12 +31,13 @@ def pieces(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Seque
     for t, m, k in zip(tokens, mods, keys):
         t, m = np.asarray(t, np.int64), np.asarray(m, np.int64)
         for s in range(0, max(len(t), 1), seq_len):
-            if len(t[s:s + seq_len]):
-                yield t[s:s + seq_len], m[s:s + seq_len], k
+            if len(t[s : s + seq_len]):
+                yield t[s : s + seq_len], m[s : s + seq_len], k
 
 
-def pack_documents(tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str],
-                   seq_len: int) -> dict[str, np.ndarray]:
+def pack_documents(
+    tokens: Sequence[np.ndarray], mods: Sequence[np.ndarray], keys: Sequence[str], seq_len: int
+) -> dict[str, np.ndarray]:
     """Pack documents into rows; returns the COLUMNS as (rows, seq_len) int64 arrays plus `keys` per row."""
     pieces_ = sorted(pieces(tokens, mods, keys, seq_len), key=lambda p: -len(p[0]))
     rows: list[list[tuple]] = []
@@ -63,7 +66,7 @@ def layout_rows(rows: Sequence[Sequence[tuple]], seq_len: int) -> dict[str, np.n
             L = len(t)
             sl = slice(at, at + L)
             out["input_ids"][r, sl] = t
-            out["labels"][r, at:at + L - 1] = t[1:]
+            out["labels"][r, at : at + L - 1] = t[1:]
             out["position_ids"][r, sl] = np.arange(L)
             out["doc_ids"][r, sl] = d
             out["modality_ids"][r, sl] = m

@@ -14,6 +14,7 @@ One source (data.train_shards): its epochs of seeded shard order, cut into packi
 and the order to read every source's windows in (sources.submission_order), which the Interleave actor
 deals out by token share.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,35 +38,38 @@ log = logging.getLogger(__name__)
 @dataclass
 class Source:
     """One source of the stream: its data settings, shards and token cache; `fill_caches` adds the rest."""
+
     name: str
     config: SourceConfig
-    data: DataConfig                 # the data section it is tokenized under (its own filters, limits, cache)
+    data: DataConfig  # the data section it is tokenized under (its own filters, limits, cache)
     shards: list[str]
     cache: TokenCache
-    named: bool = False                        # one of data.sources (not data.train_shards)
+    named: bool = False  # one of data.sources (not data.train_shards)
     built: dict = field(default_factory=dict)  # what filling its cache did (tokenize.build_cache's summary)
-    done: dict = field(default_factory=dict)   # shard -> completion record
-    tally: Tally | None = None                 # the cache's accounting of its records
+    done: dict = field(default_factory=dict)  # shard -> completion record
+    tally: Tally | None = None  # the cache's accounting of its records
 
 
 @dataclass
 class Interleaving:
     """Named sources: what the Interleave actor and the window readers need."""
+
     names: list[str]
-    caches: list[tuple[str, list]]   # per source (cache url, (epoch, shard) plan)
-    configs: list[dict]              # per source its SourceConfig, as JSON
-    windows: list[int]               # windows planned per source
-    items: list[dict]                # every window {src, window, ranges}, in reading order
-    rows_per_step: int               # the global batch in rows the schedule counts steps in
+    caches: list[tuple[str, list]]  # per source (cache url, (epoch, shard) plan)
+    configs: list[dict]  # per source its SourceConfig, as JSON
+    windows: list[int]  # windows planned per source
+    items: list[dict]  # every window {src, window, ranges}, in reading order
+    rows_per_step: int  # the global batch in rows the schedule counts steps in
 
 
 @dataclass
 class StreamPlan:
     """The row stream of a run, planned: what `rows.build_train_stream` builds and a resume must match."""
-    settings: dict                   # what the stream depends on beyond its position (stream_settings)
-    tally: Tally                     # every source's accounting together
-    per_source: dict[str, Tally]     # by source name ("train" for data.train_shards)
-    url: str = ""                    # one source: its cache, (epoch, shard) plan and windows
+
+    settings: dict  # what the stream depends on beyond its position (stream_settings)
+    tally: Tally  # every source's accounting together
+    per_source: dict[str, Tally]  # by source name ("train" for data.train_shards)
+    url: str = ""  # one source: its cache, (epoch, shard) plan and windows
     plan: list = field(default_factory=list)
     windows: list = field(default_factory=list)
     mixed: Interleaving | None = None
@@ -79,8 +83,16 @@ def source_data(cfg: DataConfig, name: str, src: SourceConfig) -> DataConfig:
         quality[m] = {**quality.get(m, {}), **q}
     limits = type(cfg.limits)(**{**cfg.limits.model_dump(), **src.limits})
     cache = cfg.token_cache if cfg.token_cache == "auto" else f"{cfg.token_cache.rstrip('/')}/{name}"
-    return cfg.model_copy(update={"train_shards": list(src.shards), "quality": quality, "limits": limits,
-                                  "token_cache": cache, "sources": {}, "format": src.format or cfg.format})
+    return cfg.model_copy(
+        update={
+            "train_shards": list(src.shards),
+            "quality": quality,
+            "limits": limits,
+            "token_cache": cache,
+            "sources": {},
+            "format": src.format or cfg.format,
+        }
+    )
 
 
 def open_sources(cfg: DataConfig, vocab_fingerprint: str, seed: int) -> list[Source]:
@@ -91,7 +103,9 @@ def open_sources(cfg: DataConfig, vocab_fingerprint: str, seed: int) -> list[Sou
         dcfg = source_data(cfg, name, src) if cfg.sources else cfg
         reader(dcfg.format)  # an unknown format, or its library missing, before anything is read
         shards = list_shards(dcfg.train_shards)
-        out.append(Source(name, src, dcfg, shards, open_cache(dcfg, vocab_fingerprint, seed, shards), bool(cfg.sources)))
+        out.append(
+            Source(name, src, dcfg, shards, open_cache(dcfg, vocab_fingerprint, seed, shards), bool(cfg.sources))
+        )
     return out
 
 
@@ -111,9 +125,15 @@ def fill_caches(sources: list[Source], modalities: dict[str, dict], seed: int) -
         except UserError as e:
             raise UserError(f"source {s.name!r}: {e}" if s.named else str(e)) from None
         b = s.built
-        log.info("token cache %s%s: %d shards reused, %d tokenized (%d records, %.1f s)", b["url"],
-                 f" (source {s.name})" if s.named else "", b["already_cached"], b["tokenized"], b["records"],
-                 b["seconds"])
+        log.info(
+            "token cache %s%s: %d shards reused, %d tokenized (%d records, %.1f s)",
+            b["url"],
+            f" (source {s.name})" if s.named else "",
+            b["already_cached"],
+            b["tokenized"],
+            b["records"],
+            b["seconds"],
+        )
 
 
 def plan_windows(plan: list[tuple[int, str]], docs: dict[str, int], size: int) -> list[list[list[int]]]:
@@ -139,8 +159,14 @@ def window_size(cfg: DataConfig) -> int:
 
 def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str) -> dict:
     """What the row stream depends on beyond the cache; a resume under other settings is refused."""
-    s = {"token_cache": cache_digest, "seed": seed, "seq_len": cfg.seq_len, "window": window_size(cfg),
-         "modality_order": cfg.modality_order, "mix": cfg.mix.model_dump(mode="json")}
+    s = {
+        "token_cache": cache_digest,
+        "seed": seed,
+        "seq_len": cfg.seq_len,
+        "window": window_size(cfg),
+        "modality_order": cfg.modality_order,
+        "mix": cfg.mix.model_dump(mode="json"),
+    }
     if cfg.mix.on:
         s["mix_rows"] = mix_rows
     return s
@@ -152,8 +178,11 @@ def shard_tokens(cache, shard: str, meta: dict) -> int:
     ids = meta.get("ids")
     if ids is None:
         table = cache.read_shard(shard, meta)
-        ids = sum(int(sum(len(x) for x in table.column(c).to_pylist() if x is not None))
-                  for c in table.column_names if c not in ("key", "claims"))
+        ids = sum(
+            int(sum(len(x) for x in table.column(c).to_pylist() if x is not None))
+            for c in table.column_names
+            if c not in ("key", "claims")
+        )
     return int(ids) + 4 * int(meta["rows"])
 
 
@@ -166,8 +195,17 @@ def epochs_needed(src: SourceConfig, source_tokens: int, share: float, steps: in
     return max(1, math.ceil(steps * step_tokens * share / max(source_tokens, 1)) + 1)
 
 
-def plan_sources(names: list[str], sources: list[SourceConfig], shards: list[list[str]], caches: list,
-                 metas: list[dict], seed: int, window: int, steps: int, step_tokens: int):
+def plan_sources(
+    names: list[str],
+    sources: list[SourceConfig],
+    shards: list[list[str]],
+    caches: list,
+    metas: list[dict],
+    seed: int,
+    window: int,
+    steps: int,
+    step_tokens: int,
+):
     """Every source's epochs of seeded shard order cut into packing windows, and the order to read them in.
     Returns (plans, windows, items): per source its (epoch, shard) plan and its windows (plan_windows), and
     the window items for the stream ({src, window, ranges}) in reading order."""
@@ -187,8 +225,9 @@ def plan_sources(names: list[str], sources: list[SourceConfig], shards: list[lis
     return plans, windows, items
 
 
-def plan_stream(cfg: DataConfig, sources: list[Source], seed: int, steps: int, rows_per_step: int,
-                micro_batch_size: int) -> StreamPlan:
+def plan_stream(
+    cfg: DataConfig, sources: list[Source], seed: int, steps: int, rows_per_step: int, micro_batch_size: int
+) -> StreamPlan:
     """The row stream over filled caches (fill_caches). `rows_per_step`: the global batch in rows that named
     sources' schedules count steps in (a resume keeps the figure its run started with)."""
     tally = Tally()
@@ -202,17 +241,43 @@ def plan_stream(cfg: DataConfig, sources: list[Source], seed: int, steps: int, r
         settings = stream_settings(cfg, seed, micro_batch_size, key_digest(one.cache.key))
         return StreamPlan(settings, tally, per_source, one.cache.url, plan, windows)
     configs = [s.config for s in sources]
-    plans, windows, items = plan_sources([s.name for s in sources], configs, [s.shards for s in sources],
-                                         [s.cache for s in sources], [s.done for s in sources], seed,
-                                         window_size(cfg), steps, rows_per_step * cfg.seq_len)
+    plans, windows, items = plan_sources(
+        [s.name for s in sources],
+        configs,
+        [s.shards for s in sources],
+        [s.cache for s in sources],
+        [s.done for s in sources],
+        seed,
+        window_size(cfg),
+        steps,
+        rows_per_step * cfg.seq_len,
+    )
     settings = stream_settings(cfg, seed, micro_batch_size, "")
     settings.pop("token_cache")
-    settings.update(rows_per_step=rows_per_step, sources={
-        s.name: {"token_cache": key_digest(s.cache.key),
-                 **s.config.model_dump(mode="json", include={"weight", "exhausted", "epochs"})} for s in sources})
-    mixed = Interleaving([s.name for s in sources], [(s.cache.url, p) for s, p in zip(sources, plans)],
-                         [c.model_dump(mode="json") for c in configs], [len(w) for w in windows], items, rows_per_step)
-    log.info("%d sources: %s", len(sources), ", ".join(
-        f"{s.name} ({len(s.shards)} shards, {len(w)} windows over {p[-1][0] + 1 if p else 0} epochs)"
-        for s, w, p in zip(sources, windows, plans)))
+    settings.update(
+        rows_per_step=rows_per_step,
+        sources={
+            s.name: {
+                "token_cache": key_digest(s.cache.key),
+                **s.config.model_dump(mode="json", include={"weight", "exhausted", "epochs"}),
+            }
+            for s in sources
+        },
+    )
+    mixed = Interleaving(
+        [s.name for s in sources],
+        [(s.cache.url, p) for s, p in zip(sources, plans)],
+        [c.model_dump(mode="json") for c in configs],
+        [len(w) for w in windows],
+        items,
+        rows_per_step,
+    )
+    log.info(
+        "%d sources: %s",
+        len(sources),
+        ", ".join(
+            f"{s.name} ({len(s.shards)} shards, {len(w)} windows over {p[-1][0] + 1 if p else 0} epochs)"
+            for s, w, p in zip(sources, windows, plans)
+        ),
+    )
     return StreamPlan(settings, tally, per_source, mixed=mixed)

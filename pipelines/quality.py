@@ -6,17 +6,20 @@ its protocol (`Modality.quality_reason`, with typed settings `Modality.Filters`)
 modality has filters the same way the built-ins do. The settings are `[data.quality.<modality>]`;
 the reason names are the metric names (`data/filtered/<reason>`), e.g. `text_too_short`.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from omnistream.common.errors import UserError
-from omnistream.modalities.base import BaseModality, FilterOptions
 from pydantic import ValidationError
 
+from omnistream.common.errors import UserError
+from omnistream.modalities.base import BaseModality, FilterOptions
 
-def build_filters(mods: dict[str, BaseModality] | dict[str, type], quality: dict[str, dict[str, Any]]
-                  ) -> dict[str, FilterOptions]:
+
+def build_filters(
+    mods: dict[str, BaseModality] | dict[str, type], quality: dict[str, dict[str, Any]]
+) -> dict[str, FilterOptions]:
     """Each modality's validated filter settings; a bad key or value is a UserError naming it."""
     unknown = sorted(set(quality) - set(mods))
     if unknown:

@@ -7,19 +7,25 @@ with the standard library's streaming tar reader; a record is the group of
 consecutive members sharing a key (WebDataset's convention: key = name up to
 the first dot of the basename, extension = the rest, lower-cased).
 """
+
 from __future__ import annotations
 
 import io
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from .shards import REMOTE
 
-MAX_NAME = 1024              # longest member name accepted (untrusted input bound)
-_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-            tarfile.SOLARIS_XHDTYPE)
+MAX_NAME = 1024  # longest member name accepted (untrusted input bound)
+_HEADERS = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 class HeaderTooLarge(tarfile.HeaderError):
@@ -97,10 +103,12 @@ class _Retrying(io.RawIOBase):
                 return self._bounded(fn)
             except (ShardTooLarge, HeaderTooLarge, FileNotFoundError, ShardReadFailed):
                 raise  # not the store failing (no retry brings a missing shard back), or out of time
-            except Exception as e:  # noqa: BLE001 - whatever the store's client raises is a failed read
+            except Exception as e:  # whatever the store's client raises is a failed read
                 if self.failures >= self.retries:
-                    raise ShardReadFailed(f"{self.url}: {type(e).__name__}: {str(e)[:200]} (after {self.failures} "
-                                          f"retries, at byte {self.pos})") from e
+                    raise ShardReadFailed(
+                        f"{self.url}: {type(e).__name__}: {str(e)[:200]} (after {self.failures} "
+                        f"retries, at byte {self.pos})"
+                    ) from e
                 time.sleep(retry_pause(self.failures + 1, self.pause))
                 self.failures += 1
                 if reopen:
@@ -115,8 +123,9 @@ class _Retrying(io.RawIOBase):
                         pass
 
     def _late(self) -> ShardReadFailed:
-        return ShardReadFailed(f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s "
-                               f"(at byte {self.pos})")
+        return ShardReadFailed(
+            f"{self.url}: still reading after data.read_deadline_s = {self.deadline_s:g} s (at byte {self.pos})"
+        )
 
     def _bounded(self, fn):
         """fn() within what is left of the deadline. A store that trickles bytes blocks one read call for as
@@ -153,7 +162,7 @@ class _Retrying(io.RawIOBase):
 
     def readinto(self, b) -> int:
         data = self._call(lambda: self.f.read(len(b)))
-        b[:len(data)] = data
+        b[: len(data)] = data
         self.pos += len(data)
         return len(data)
 
@@ -193,10 +202,10 @@ class _Bounded(io.RawIOBase):
         self.n += len(data)
         if self.n > self.limit:
             raise ShardTooLarge(f"more than {self.limit} bytes decompressed (data.limits.shard_bytes)")
-        b[:len(data)] = data
+        b[: len(data)] = data
         self.tail += data
         if len(self.tail) > 2 * self.KEEP:
-            del self.tail[:-self.KEEP]
+            del self.tail[: -self.KEEP]
         return len(data)
 
     def after(self, offset: int) -> str | None:
@@ -206,7 +215,7 @@ class _Bounded(io.RawIOBase):
         start = self.n - len(self.tail)
         if offset < start:
             return None  # read past what is kept: the reader's own look-ahead is never this large
-        rest = bytes(self.tail[offset - start:])
+        rest = bytes(self.tail[offset - start :])
         anything, nonzero = bool(rest), bool(rest.strip(b"\0"))
         while not nonzero:
             more = self.read(1 << 20)
@@ -214,8 +223,10 @@ class _Bounded(io.RawIOBase):
                 break
             anything, nonzero = True, bool(more.strip(b"\0"))
         if nonzero:
-            return (f"an invalid tar header at byte {offset} of the decompressed stream: the reader stopped "
-                    f"there, what follows unread")
+            return (
+                f"an invalid tar header at byte {offset} of the decompressed stream: the reader stopped "
+                f"there, what follows unread"
+            )
         if not anything:
             return "the decompressed stream ends without an end-of-archive marker"
         return None
@@ -230,6 +241,7 @@ class _Bounded(io.RawIOBase):
 class _BoundedTarInfo(tarfile.TarInfo):
     """tarfile reads a GNU long-name or pax header's data whole, before any name can be checked: a
     header claiming gigabytes would be read into memory. This refuses one over `max_header` bytes."""
+
     max_header = 64 << 10
 
     def _proc_member(self, tf):
@@ -241,10 +253,11 @@ class _BoundedTarInfo(tarfile.TarInfo):
 @dataclass
 class RawRecord:
     """One record; with an empty key it stands for a failure of the shard as a whole."""
+
     shard: str
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)
-    error: str | None = None      # reason, when the record could not be read whole
+    error: str | None = None  # reason, when the record could not be read whole
     detail: str = ""
 
 
@@ -270,8 +283,14 @@ def split_name(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
-def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str, int] | None = None,
-               retries: int = 3, deadline_s: float = float("inf")) -> Iterator[RawRecord]:
+def read_shard(
+    url: str,
+    max_member_bytes: int,
+    limits=None,
+    ext_bytes: dict[str, int] | None = None,
+    retries: int = 3,
+    deadline_s: float = float("inf"),
+) -> Iterator[RawRecord]:
     """Yield the records of one shard; a failure becomes a record with `error` set, never an exception.
 
     `limits` (config.Limits) bounds each record's members, total bytes and the tar headers;
@@ -287,15 +306,24 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     tarinfo = type("BoundedTarInfo", (_BoundedTarInfo,), {"max_header": limits.header_bytes})
 
     try:
-        f = (io.BufferedReader(_Retrying(url, retries, deadline_s=deadline_s), 1 << 20) if url.startswith(REMOTE)
-             else fsspec.open(url, "rb").open())
+        f = (
+            io.BufferedReader(_Retrying(url, retries, deadline_s=deadline_s), 1 << 20)
+            if url.startswith(REMOTE)
+            else fsspec.open(url, "rb").open()
+        )
         kind = _compression(f)
         if kind is not None:
             f = _Bounded(f, _decompressing(f, kind), limits.shard_bytes)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure to open a shard is the shard's, accounted
         missing = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
         # a store that failed while the shard was opened is an outage, tried again by the next run (cache.py)
-        reason = "shard_missing" if missing else "shard_read_failed" if isinstance(e, ShardReadFailed) else "shard_unreadable"
+        reason = (
+            "shard_missing"
+            if missing
+            else "shard_read_failed"
+            if isinstance(e, ShardReadFailed)
+            else "shard_unreadable"
+        )
         yield RawRecord(url, "", error=reason, detail=f"{type(e).__name__}: {e}")
         return
     cur: RawRecord | None = None
@@ -303,8 +331,7 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     cut = _cut_short(f) if kind is None else None  # a compressed shard's size says nothing of its tar
     in_header = False  # True while the parser reads the next header (the record before it is whole)
     try:
-        with f, tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape",
-                             tarinfo=tarinfo) as tar:
+        with f, tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape", tarinfo=tarinfo) as tar:
             members = iter(tar)
             while True:
                 in_header = True
@@ -377,8 +404,9 @@ def read_shard(url: str, max_member_bytes: int, limits=None, ext_bytes: dict[str
     if cur is not None:
         yield cur
     if stopped:
-        yield RawRecord(url, "", error="shard_truncated" if "without an end" in stopped else "shard_damaged",
-                        detail=stopped)
+        yield RawRecord(
+            url, "", error="shard_truncated" if "without an end" in stopped else "shard_damaged", detail=stopped
+        )
     if cut:
         # the stdlib reader ends quietly when a tar is cut exactly between members: say so
         yield RawRecord(url, "", error="shard_truncated", detail=cut)
@@ -409,8 +437,9 @@ def _stopped_early(f, offset: int) -> str | None:
     except (OSError, ValueError):
         return None
     if block.strip(b"\0"):
-        return (f"an invalid tar header at byte {offset}: the reader stopped there, {size - offset} of {size} bytes "
-                f"unread")
+        return (
+            f"an invalid tar header at byte {offset}: the reader stopped there, {size - offset} of {size} bytes unread"
+        )
     return None
 
 

@@ -18,6 +18,7 @@ stream restarts at that window (never opening a shard fully consumed before it),
 checks that its last consumed row has the hash the checkpoint recorded, and drops the rows up to it.
 A resume therefore re-reads at most one window of documents, at step 100 or step 100 000.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from omnistream.common.errors import DataResumeMismatch
 from omnistream.modalities.vocab import Vocabulary
 
@@ -43,10 +45,10 @@ if TYPE_CHECKING:
 ROW_COLUMNS = ("win", "row", "pos")  # beside packing.COLUMNS and "keys"
 
 
-
 @dataclass
 class StreamStart:
     """Where a (resumed) stream begins: after row `row` of window `window`; `position` rows were consumed."""
+
     window: int = 0
     row: int = -1
     row_hash: str = ""
@@ -60,9 +62,20 @@ class StreamStart:
 class WindowRows:
     """Ray Data actor: one window (its document ranges) -> its packed rows, with `win` and `row` per row."""
 
-    def __init__(self, url: str, bundle_dir: str, modalities: dict[str, dict], cfg: DataConfig, seed: int,
-                 plan: list[tuple[int, str]], mix_rows: int, start: dict | None = None, ledger=None,
-                 sources: list[tuple[str, list]] | None = None, skip: dict | None = None):
+    def __init__(
+        self,
+        url: str,
+        bundle_dir: str,
+        modalities: dict[str, dict],
+        cfg: DataConfig,
+        seed: int,
+        plan: list[tuple[int, str]],
+        mix_rows: int,
+        start: dict | None = None,
+        ledger=None,
+        sources: list[tuple[str, list]] | None = None,
+        skip: dict | None = None,
+    ):
         """`sources` (named sources, pipelines/sources.py): each source's (cache url, plan), in place of `url`
         and `plan`; a window item then names its source (`src`), a resumed stream gives `skip` ({window: [row,
         row hash]}: the rows up to that row of that window were consumed) in place of `start`, and an empty
@@ -88,8 +101,11 @@ class WindowRows:
             cols = {}
             for n in self.names:
                 a = t.column(n).combine_chunks()
-                cols[n] = (a.offsets.to_numpy(), a.values.to_numpy(zero_copy_only=False),
-                           a.is_null().to_numpy(zero_copy_only=False))
+                cols[n] = (
+                    a.offsets.to_numpy(),
+                    a.values.to_numpy(zero_copy_only=False),
+                    a.is_null().to_numpy(zero_copy_only=False),
+                )
             self.tables[(src, shard)] = (t.column("key").to_pylist(), cols)
             while len(self.tables) > 4:
                 self.tables.popitem(last=False)
@@ -100,7 +116,7 @@ class WindowRows:
             epoch, shard = self.plans[src][pi]
             keys, cols = self._shard(src, shard)
             for i in range(a, b):
-                parts = {n: v[o[i]:o[i + 1]] for n, (o, v, null) in cols.items() if not null[i]}
+                parts = {n: v[o[i] : o[i + 1]] for n, (o, v, null) in cols.items() if not null[i]}
                 t, m = make_document(self.vocab, parts, self.cfg.modality_order, record_rng(self.seed, epoch, keys[i]))
                 yield f"{epoch}:{shard}:{keys[i]}", t.astype(np.int32), m.astype(np.int8)
 
@@ -118,17 +134,21 @@ class WindowRows:
                 raise DataResumeMismatch(
                     f"the stream rebuilt from the token cache differs from the one the checkpoint consumed (window "
                     f"{k}, row {last}): the token cache or the packing changed since, so resuming would repeat or "
-                    f"skip records")
+                    f"skip records"
+                )
             # the records read again to restore the position: the whole window, packed again (packing needs
             # all of it), however far into it the checkpoint fell; its rows up to the last consumed are dropped
             replayed = len(docs)
             if self.ledger is not None:
-                self.ledger.add_metrics.remote({"data/resume/replayed_records": replayed,
-                                                "data/resume/replayed_rows": last + 1})
-            out = {c: v[last + 1:] for c, v in out.items()}
+                self.ledger.add_metrics.remote(
+                    {"data/resume/replayed_records": replayed, "data/resume/replayed_rows": last + 1}
+                )
+            out = {c: v[last + 1 :] for c, v in out.items()}
         if self.marker and not len(out["keys"]):
-            out = {c: (np.zeros((1,) + v.shape[1:], v.dtype) if c != "keys" else np.array([""], dtype=object))
-                   for c, v in out.items()}
+            out = {
+                c: (np.zeros((1,) + v.shape[1:], v.dtype) if c != "keys" else np.array([""], dtype=object))
+                for c, v in out.items()
+            }
             out.update(win=np.array([k], np.int64), row=np.array([-1], np.int64))
         if self.marker:
             out["src"] = np.full(len(out["keys"]), src, dtype=np.int64)
@@ -148,8 +168,16 @@ class Positions:
         return batch
 
 
-def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan: StreamPlan,
-                       unit_rows: int, mix_rows: int, start: StreamStart | None = None, ledger=None):
+def build_train_stream(
+    cfg: DataConfig,
+    modalities: dict[str, dict],
+    seed: int,
+    plan: StreamPlan,
+    unit_rows: int,
+    mix_rows: int,
+    start: StreamStart | None = None,
+    ledger=None,
+):
     """The training rows of a planned stream (plan.plan_stream) from `start` on, in blocks of `unit_rows`
     rows. Named sources (plan.mixed) resume from `start.state`, the interleaving state."""
     import ray
@@ -158,8 +186,17 @@ def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, 
     data_context()  # the trainer logs its own progress
     extra = {"resources": cfg.data_resources} if cfg.data_resources else {}
     mixed, windows = plan.mixed, plan.windows
-    kwargs = {"url": plan.url, "bundle_dir": cfg.bundle_dir, "modalities": modalities, "cfg": cfg, "seed": seed,
-              "plan": plan.plan, "mix_rows": mix_rows, "start": start.to_json(), "ledger": ledger}
+    kwargs = {
+        "url": plan.url,
+        "bundle_dir": cfg.bundle_dir,
+        "modalities": modalities,
+        "cfg": cfg,
+        "seed": seed,
+        "plan": plan.plan,
+        "mix_rows": mix_rows,
+        "start": start.to_json(),
+        "ledger": ledger,
+    }
     if mixed:
         items, skip = resume_items(mixed.items, start.state)
         kwargs.update(start=None, sources=mixed.caches, skip=skip)
@@ -168,19 +205,41 @@ def build_train_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, 
     if not items:
         items = [{"window": len(windows), "ranges": "[]", **({"src": 0} if mixed else {})}]  # consumed to its end
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
-    ds = ds.map_batches(WindowRows, fn_constructor_kwargs=kwargs, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.packers), batch_format="numpy", num_cpus=0.25,
-                        **RETRIES, **extra)
+    ds = ds.map_batches(
+        WindowRows,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.packers),
+        batch_format="numpy",
+        num_cpus=0.25,
+        **RETRIES,
+        **extra,
+    )
     # One actor, its tasks run in the order they were submitted, and never restarted: a restart would
     # number rows from the start again (the Trainer's order check would stop the run; the run then
     # retries from its checkpoint)
     if mixed:
-        stage, args = Interleave, {"sources": mixed.configs, "windows": mixed.windows,
-                                   "rows_per_step": mixed.rows_per_step, "unit": mix_rows if cfg.mix.on else 1,
-                                   "start": {"position": start.position, **(start.state or {})}}
+        stage, args = (
+            Interleave,
+            {
+                "sources": mixed.configs,
+                "windows": mixed.windows,
+                "rows_per_step": mixed.rows_per_step,
+                "unit": mix_rows if cfg.mix.on else 1,
+                "start": {"position": start.position, **(start.state or {})},
+            },
+        )
     else:
         stage, args = Positions, {"start": start.position}
-    ds = ds.map_batches(stage, fn_constructor_kwargs=args, batch_size=None,
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", num_cpus=0,
-                        max_restarts=0, allow_out_of_order_execution=False, **extra)
+    ds = ds.map_batches(
+        stage,
+        fn_constructor_kwargs=args,
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_format="numpy",
+        num_cpus=0,
+        max_restarts=0,
+        allow_out_of_order_execution=False,
+        **extra,
+    )
     return ds.repartition(target_num_rows_per_block=unit_rows, strict=True)

@@ -1,12 +1,14 @@
 """Shard listing: local paths, globs, {000..099} braces and fsspec URLs -> an ordered shard list."""
+
 from __future__ import annotations
 
 import glob as _glob
 import os
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 from braceexpand import braceexpand
+
 from omnistream.common.errors import UserError
 
 REMOTE = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://", "abfs://")

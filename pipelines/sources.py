@@ -35,6 +35,7 @@ source's T and A, and the window, row and row hash of the last row taken from ea
 restarts every source at its own window (re-reading at most one window per source), checks the row
 hashes, and deals the rest out as the uninterrupted run would have: the same rows in the same places.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,27 +44,38 @@ from collections import deque
 from typing import Any, Literal
 
 import numpy as np
-from omnistream.common.stream import row_hash
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from omnistream.common.stream import row_hash
 
 
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shards: list[str] = Field(description="WebDataset shards of this source: paths, globs, {000..099} braces or URLs "
-                                          "(s3:// with the s3 extra)")
-    format: str | None = Field(None, description="how this source's shards are stored (pipelines/formats.py); "
-                                                "unset: data.format")
+    shards: list[str] = Field(
+        description="WebDataset shards of this source: paths, globs, {000..099} braces or URLs "
+        "(s3:// with the s3 extra)"
+    )
+    format: str | None = Field(
+        None, description="how this source's shards are stored (pipelines/formats.py); unset: data.format"
+    )
     weight: float | list[tuple[int, float]] = Field(
-        1.0, description="share of the consumed tokens: a number, or [[step, weight], ...] points, piecewise constant "
-                         "from each point's step on (the first point at step 0); normalised over the sources at each step")
+        1.0,
+        description="share of the consumed tokens: a number, or [[step, weight], ...] points, piecewise constant "
+        "from each point's step on (the first point at step 0); normalised over the sources at each step",
+    )
     exhausted: Literal["repeat", "stop"] = Field(
-        "repeat", description="when the source runs out: `repeat` starts its next epoch (a new seeded shard order); "
-                              "`stop` takes it out of the mix after `epochs` passes, the others sharing its weight")
-    epochs: int = Field(1, ge=1, description="passes over this source before it stops (exhausted = \"stop\")")
+        "repeat",
+        description="when the source runs out: `repeat` starts its next epoch (a new seeded shard order); "
+        "`stop` takes it out of the mix after `epochs` passes, the others sharing its weight",
+    )
+    epochs: int = Field(1, ge=1, description='passes over this source before it stops (exhausted = "stop")')
     quality: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per-modality quality filters for this source, over data.quality's")
-    limits: dict[str, Any] = Field(default_factory=dict, description="per-record bounds for this source, over data.limits'")
+        default_factory=dict, description="per-modality quality filters for this source, over data.quality's"
+    )
+    limits: dict[str, Any] = Field(
+        default_factory=dict, description="per-record bounds for this source, over data.limits'"
+    )
 
     @field_validator("weight")
     @classmethod
@@ -120,8 +132,9 @@ def largest_share(s: int, sources: list[SourceConfig]) -> float:
     return share
 
 
-def submission_order(windows: list[list], tokens_per_window: list[list[float]], sources: list[SourceConfig],
-                     step_tokens: float) -> list[tuple[int, int]]:
+def submission_order(
+    windows: list[list], tokens_per_window: list[list[float]], sources: list[SourceConfig], step_tokens: float
+) -> list[tuple[int, int]]:
     """(source, window index in the source) for every window, in the order the stream will need them: each
     window at the step where the schedule will have taken its source's tokens up to the window's start. The
     order only decides what is read first (the interleaving does not depend on it), so an estimate is enough."""
@@ -159,12 +172,13 @@ class Interleave:
     dropped here), so all of a source has arrived once a block of its last window has, and a source with no
     rows held then is exhausted."""
 
-    def __init__(self, sources: list[dict], windows: list[int], rows_per_step: int, unit: int,
-                 start: dict | None = None):
+    def __init__(
+        self, sources: list[dict], windows: list[int], rows_per_step: int, unit: int, start: dict | None = None
+    ):
         self.sources = [SourceConfig(**s) for s in sources]
         self.S = len(self.sources)
-        self.windows = list(windows)   # windows planned per source
-        self.seen = [-1] * self.S       # the highest window of each source arrived
+        self.windows = list(windows)  # windows planned per source
+        self.seen = [-1] * self.S  # the highest window of each source arrived
         self.G, self.unit = rows_per_step, unit
         self.buf: list[deque] = [deque() for _ in range(self.S)]
         start = start or {}
@@ -181,7 +195,7 @@ class Interleave:
             if keep.any():
                 batch = {c: v[keep] for c, v in batch.items()}
                 for a in range(0, len(batch["keys"]), self.unit):
-                    self.buf[s].append({c: v[a:a + self.unit] for c, v in batch.items()})
+                    self.buf[s].append({c: v[a : a + self.unit] for c, v in batch.items()})
         return self.deal()
 
     def deal(self) -> dict[str, np.ndarray]:

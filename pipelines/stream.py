@@ -8,6 +8,7 @@ and documents -> rows.
 
 The training rows are made from the token cache by rows.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ import logging
 
 import numpy as np
 import ray
+
 from omnistream.modalities import registry
 
 from .accounting import Tally
@@ -31,8 +33,15 @@ class PackRows:
     -> batches of `rows` rows whose token shares meet the targets (mixing.py). A pure function of the
     window: a resumed run that packs the window again gets the same rows."""
 
-    def __init__(self, seq_len: int, seed: int, rows: int = 1, mix: MixConfig | None = None,
-                 names: list[str] | None = None, ledger=None):
+    def __init__(
+        self,
+        seq_len: int,
+        seed: int,
+        rows: int = 1,
+        mix: MixConfig | None = None,
+        names: list[str] | None = None,
+        ledger=None,
+    ):
         self.seq_len, self.seed, self.rows, self.ledger = seq_len, seed, rows, ledger
         self.mix = mix if mix is not None and mix.on else None
         self.names = list(names or [])
@@ -40,7 +49,9 @@ class PackRows:
 
     def __call__(self, keys: list[str], tokens: list[np.ndarray], mods: list[np.ndarray]) -> dict[str, np.ndarray]:
         if self.mix is not None:
-            out, dropped, n_docs = mix_pack(tokens, mods, keys, self.seq_len, self.rows, self.target, self.mix.tolerance)
+            out, dropped, n_docs = mix_pack(
+                tokens, mods, keys, self.seq_len, self.rows, self.target, self.mix.tolerance
+            )
             if self.ledger is not None and n_docs:
                 t = Tally()
                 t.mix_dropped = n_docs
@@ -86,9 +97,13 @@ class _DroppedBlockFilter(logging.Filter):
 
 def lost_shard(shard: str, tally: Tally, what: str = "") -> None:
     tries = 1 + RETRIES["max_task_retries"]
-    tally.shard_error(shard, ACTOR_DIED, f"the actor reading this shard died each of the {tries} times it was "
-                                         f"tried (killed for memory, or a crash in a decoder library); none of "
-                                         f"its records is used{what}")
+    tally.shard_error(
+        shard,
+        ACTOR_DIED,
+        f"the actor reading this shard died each of the {tries} times it was "
+        f"tried (killed for memory, or a crash in a decoder library); none of "
+        f"its records is used{what}",
+    )
 
 
 def processor_options(cfg: DataConfig, modalities: dict[str, dict]) -> dict:
@@ -106,16 +121,31 @@ def processor_options(cfg: DataConfig, modalities: dict[str, dict]) -> dict:
     return opts
 
 
-def record_stream(cfg: DataConfig, modalities: dict[str, dict], seed: int, plan: list[tuple[int, str]],
-                  bundle_dir: str | None, ledger=None) -> ray.data.Dataset:
+def record_stream(
+    cfg: DataConfig,
+    modalities: dict[str, dict],
+    seed: int,
+    plan: list[tuple[int, str]],
+    bundle_dir: str | None,
+    ledger=None,
+) -> ray.data.Dataset:
     """(epoch, shard) plan -> RecordProcessor actors: documents when a bundle is given, else accounting only."""
     data_context()
     shards = start_dedup(cfg.dedup)
     ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=max(1, len(plan)))
-    return ds.map_batches(RecordProcessor, fn_constructor_kwargs={
-        "modalities": modalities, "bundle_dir": bundle_dir, "cfg": cfg, "seed": seed,
-        "dedup_shards": shards, "ledger": ledger},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), batch_format="numpy",
-        **RETRIES, **processor_options(cfg, modalities))
-
-
+    return ds.map_batches(
+        RecordProcessor,
+        fn_constructor_kwargs={
+            "modalities": modalities,
+            "bundle_dir": bundle_dir,
+            "cfg": cfg,
+            "seed": seed,
+            "dedup_shards": shards,
+            "ledger": ledger,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
+        batch_format="numpy",
+        **RETRIES,
+        **processor_options(cfg, modalities),
+    )

@@ -9,6 +9,7 @@ dedup, encode; every record accounted), which writes the shard's kept records an
 cache. Shards are taken in the seeded order of epoch 0, so the dedup decisions (who came first) are
 the ones a run without a cache would have made.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ import time
 
 import numpy as np
 import ray
+
 from omnistream.common import logs
 from omnistream.common.errors import ErrorRateExceeded, UserError
 from omnistream.modalities.vocab import Vocabulary
@@ -39,8 +41,16 @@ RECLAIM_CHUNK = 2000  # records per round trip to the dedup actors when re-claim
 class ShardTokenizer:
     """Ray Data actor: one shard in, its kept records written to the token cache, a summary row out."""
 
-    def __init__(self, modalities: dict[str, dict], bundle_dir: str, cfg: DataConfig, seed: int, url: str,
-                 dedup_shards: list, ledger=None):
+    def __init__(
+        self,
+        modalities: dict[str, dict],
+        bundle_dir: str,
+        cfg: DataConfig,
+        seed: int,
+        url: str,
+        dedup_shards: list,
+        ledger=None,
+    ):
         self.proc = RecordProcessor(modalities, bundle_dir, cfg, seed, dedup_shards)
         self.names = list(self.proc.vocab.names)
         self.cache, self.ledger, self.dedup = TokenCache(url), ledger, bool(dedup_shards)
@@ -55,8 +65,12 @@ class ShardTokenizer:
                 # cache could not be written, say. Returned, not raised, so the pass (which drops the blocks
                 # of shards that kill their actor) stops on it instead of skipping it
                 rows.append((shard, 0, 0, f"{type(e).__name__}: {e}"))
-        return {"shard": np.array([r[0] for r in rows], dtype=object), "seen": np.array([r[1] for r in rows]),
-                "kept": np.array([r[2] for r in rows]), "error": np.array([r[3] for r in rows], dtype=object)}
+        return {
+            "shard": np.array([r[0] for r in rows], dtype=object),
+            "seen": np.array([r[1] for r in rows]),
+            "kept": np.array([r[2] for r in rows]),
+            "error": np.array([r[3] for r in rows], dtype=object),
+        }
 
     def tokenize(self, shard: str) -> tuple[int, int]:
         t0 = time.perf_counter()
@@ -86,13 +100,14 @@ def reclaim(cache: TokenCache, shards: list[str], dedup_shards: list, cfg: DataC
         t = cache.read_shard(s, columns=["key", "claims"]).to_pydict()
         items = [(f"{s}:{k}", [tuple(x) for x in json.loads(c)]) for k, c in zip(t["key"], t["claims"])]
         for i in range(0, len(items), RECLAIM_CHUNK):
-            deduper.duplicates(items[i:i + RECLAIM_CHUNK])
+            deduper.duplicates(items[i : i + RECLAIM_CHUNK])
         n += len(items)
     return n
 
 
-def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: TokenCache,
-                progress: bool = True) -> dict:
+def build_cache(
+    cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: TokenCache, progress: bool = True
+) -> dict:
     """Finish (or build) the token cache of the training shards (cache.open_cache); returns what was done.
 
     Raises ErrorRateExceeded when too many of the first records are unreadable (the wrong data).
@@ -102,8 +117,15 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
     shards = list_shards(cfg.train_shards)
     url = cache.url
     done, todo = cache.status(shards, retry_failed=True)
-    summary = {"url": url, "shards": len(shards), "already_cached": len(done), "tokenized": 0,
-               "records": 0, "seconds": 0.0, "reclaimed": 0}
+    summary = {
+        "url": url,
+        "shards": len(shards),
+        "already_cached": len(done),
+        "tokenized": 0,
+        "records": 0,
+        "seconds": 0.0,
+        "reclaimed": 0,
+    }
     if not todo:
         return summary
     t0 = time.perf_counter()
@@ -116,13 +138,26 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
     data_context()  # one bar of our own, in shards
     todo = [s for s in order if s in pending]
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo)).map_batches(
-        ShardTokenizer, fn_constructor_kwargs={"modalities": modalities, "bundle_dir": cfg.bundle_dir, "cfg": cfg,
-                                               "seed": seed, "url": url, "dedup_shards": dedup, "ledger": ledger},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.tokenizer_actors, len(todo))),
-        batch_format="numpy", **RETRIES, **processor_options(cfg, modalities))
+        ShardTokenizer,
+        fn_constructor_kwargs={
+            "modalities": modalities,
+            "bundle_dir": cfg.bundle_dir,
+            "cfg": cfg,
+            "seed": seed,
+            "url": url,
+            "dedup_shards": dedup,
+            "ledger": ledger,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.tokenizer_actors, len(todo))),
+        batch_format="numpy",
+        **RETRIES,
+        **processor_options(cfg, modalities),
+    )
     finished = set()
-    with tqdm(total=len(todo), desc=f"{logs.TAG} tokenizing shards into the token cache", unit="shard",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(todo), desc=f"{logs.TAG} tokenizing shards into the token cache", unit="shard", disable=not progress
+    ) as bar:
         for b in shards_may_die(ds).iter_batches(batch_size=1, batch_format="numpy"):
             for shard, err in zip(b["shard"], b["error"]):
                 if err:
@@ -138,8 +173,12 @@ def build_cache(cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: 
     for shard in todo:
         if shard not in finished:  # recorded, so the cache is complete and every run reads the same rows
             tally = Tally()
-            lost_shard(shard, tally, f" (recorded in the token cache: delete {cache.url}/shards/"
-                                     f"{cache.shard_id(shard)}.json to try it again)")
+            lost_shard(
+                shard,
+                tally,
+                f" (recorded in the token cache: delete {cache.url}/shards/"
+                f"{cache.shard_id(shard)}.json to try it again)",
+            )
             cache.write_shard(shard, names, [], {n: [] for n in names}, [] if dedup else None, tally, 0.0)
             ledger.add.remote(tally, shard)
             summary["tokenized"] += 1
@@ -157,6 +196,8 @@ def require_data(cache: TokenCache, shards: list[str], metas: dict[str, dict] | 
     if tally.kept == 0:
         why = ", ".join(f"{k} ({v})" for k, v in (tally.errored + tally.filtered).most_common(3)) or "no records"
         errs = "; ".join(f"{e['shard']}: {e['reason']}" for e in tally.shard_errors[:3])
-        raise UserError(f"no training record could be kept from {len(shards)} shards ({tally.seen} records read: "
-                        f"{why}{'; ' + errs if errs else ''})")
+        raise UserError(
+            f"no training record could be kept from {len(shards)} shards ({tally.seen} records read: "
+            f"{why}{'; ' + errs if errs else ''})"
+        )
     return tally

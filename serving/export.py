@@ -14,6 +14,7 @@ DeepSpeed's own zero_to_fp32 (that one unpickles arbitrary objects). The layout 
 An exported model is a directory: model.safetensors, model.json (the GPT config), and the
 tokenizer bundle (vocab.json + fitted state) under tokenizers/.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from omnistream.common import logs
 from omnistream.common.checkpoint import (
     CKPT_TAG,
@@ -50,10 +52,14 @@ def consolidate(ckpt: str | Path) -> dict:
     """name -> full fp32 tensor, from the ZeRO shards of a checkpoint written by any number of ranks."""
     d = Path(ckpt) / CKPT_TAG
     # ZeRO-3 writes one model-states file per rank; stages 0-2 write one for the whole model (mp_rank_00)
-    model_files = sorted(d.glob("zero_pp_rank_*_model_states.pt"), key=_rank) or sorted(d.glob("mp_rank_*_model_states.pt"))
+    model_files = sorted(d.glob("zero_pp_rank_*_model_states.pt"), key=_rank) or sorted(
+        d.glob("mp_rank_*_model_states.pt")
+    )
     if not model_files:
-        raise UserError(f"{ckpt} holds no DeepSpeed model states under {CKPT_TAG}/ (neither zero_pp_rank_*_model_states.pt "
-                        f"nor mp_rank_*_model_states.pt)")
+        raise UserError(
+            f"{ckpt} holds no DeepSpeed model states under {CKPT_TAG}/ (neither zero_pp_rank_*_model_states.pt "
+            f"nor mp_rank_*_model_states.pt)"
+        )
     first = _load(model_files[0])
     stage = int(first["ds_config"].get("zero_optimization", {}).get("stage", 0))
     if stage == 0:
@@ -72,14 +78,18 @@ def consolidate(ckpt: str | Path) -> dict:
     world = len(optim_files)
     ranks_with_model = world if stage == 3 else 1
     if world != int(first["dp_world_size"]) or len(model_files) != ranks_with_model:
-        raise UserError(f"{ckpt} is incomplete: {len(model_files)} model and {world} optimizer shards "
-                        f"for {first['dp_world_size']} ranks (ZeRO-{stage})")
+        raise UserError(
+            f"{ckpt} is incomplete: {len(model_files)} model and {world} optimizer shards "
+            f"for {first['dp_world_size']} ranks (ZeRO-{stage})"
+        )
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     from tqdm import tqdm
 
     # the optimizer shards hold the fp32 master weights: the large reads, one per rank
-    flats = [_load(f)["optimizer_state_dict"][key]
-             for f in tqdm(optim_files, desc=f"{logs.TAG} reading ZeRO shards", unit=" rank", disable=None)]
+    flats = [
+        _load(f)["optimizer_state_dict"][key]
+        for f in tqdm(optim_files, desc=f"{logs.TAG} reading ZeRO shards", unit=" rank", disable=None)
+    ]
     out = {}
     for g, shapes in enumerate(first["param_shapes"]):
         if stage < 3:
@@ -89,10 +99,10 @@ def consolidate(ckpt: str | Path) -> dict:
             numel = math.prod(shape)
             if stage == 3:
                 part = math.ceil(numel / world)
-                full = torch.cat([f[g][offset:offset + part] for f in flats])[:numel]
+                full = torch.cat([f[g][offset : offset + part] for f in flats])[:numel]
                 offset += part
             else:
-                full = flat[offset:offset + numel]
+                full = flat[offset : offset + numel]
                 offset += numel
             out[name] = full.view(*shape).clone()
     return out
@@ -105,16 +115,21 @@ def checkpoint_vocab(ckpt: str | Path, meta: dict, bundle: str | None = None) ->
     missing = [m for m in layout["modalities"] if m["name"] not in installed]
     if missing:
         names = ", ".join(f"{m['name']!r} (plugin version {m.get('package_version', '?')})" for m in missing)
-        raise UserError(f"checkpoint {ckpt} needs modality {names}, which is not installed: "
-                        f"install the plugin that provides it (`omnistream modalities list` shows what is)")
+        raise UserError(
+            f"checkpoint {ckpt} needs modality {names}, which is not installed: "
+            f"install the plugin that provides it (`omnistream modalities list` shows what is)"
+        )
     bundle = bundle or meta["config"]["data"]["bundle_dir"]
     if not Path(bundle, "vocab.json").exists():
-        raise UserError(f"the tokenizer bundle {bundle} that checkpoint {ckpt} was trained with is not there: "
-                        f"pass --bundle DIR")
+        raise UserError(
+            f"the tokenizer bundle {bundle} that checkpoint {ckpt} was trained with is not there: pass --bundle DIR"
+        )
     vocab = Vocabulary.load(bundle, {m["name"]: m["options"] for m in layout["modalities"]})
     if vocab.fingerprint != layout["fingerprint"]:
-        raise UserError(f"tokenizer bundle {bundle} is not the one checkpoint {ckpt} was trained with: "
-                        f"{describe_mismatch(layout, vocab.layout())}")
+        raise UserError(
+            f"tokenizer bundle {bundle} is not the one checkpoint {ckpt} was trained with: "
+            f"{describe_mismatch(layout, vocab.layout())}"
+        )
     return vocab
 
 
@@ -122,20 +137,25 @@ def export(ckpt: str | Path, out_dir: str | Path, bundle: str | None = None) -> 
     """Checkpoint -> OUT_DIR/{model.safetensors, model.json, tokenizers/}."""
     meta = read_checkpoint_meta(ckpt)
     vocab = checkpoint_vocab(ckpt, meta, bundle)
-    return write_export(out_dir, consolidate(ckpt), dict(meta["config"]["model"]), vocab, meta["step"],
-                        meta.get("run_id", ""))
+    return write_export(
+        out_dir, consolidate(ckpt), dict(meta["config"]["model"]), vocab, meta["step"], meta.get("run_id", "")
+    )
 
 
-def write_export(out_dir: str | Path, weights: dict, model_cfg: dict, vocab: Vocabulary, step: int,
-                 run_id: str = "") -> Path:
+def write_export(
+    out_dir: str | Path, weights: dict, model_cfg: dict, vocab: Vocabulary, step: int, run_id: str = ""
+) -> Path:
     """The exported folder from whole weights (parameter name -> tensor): what `load_model` reads."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / MODEL_FILE))
-    (out / MODEL_META).write_text(json.dumps({"model": model_cfg, "step": step, "run_id": run_id,
-                                              "vocab_fingerprint": vocab.fingerprint}, indent=1))
+    (out / MODEL_META).write_text(
+        json.dumps(
+            {"model": model_cfg, "step": step, "run_id": run_id, "vocab_fingerprint": vocab.fingerprint}, indent=1
+        )
+    )
     if (out / "tokenizers").exists():
         shutil.rmtree(out / "tokenizers")
     vocab.save(out / "tokenizers")

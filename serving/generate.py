@@ -1,4 +1,5 @@
 """Generation from a loaded model: a prompt of one modality, continued greedily as another."""
+
 from __future__ import annotations
 
 from omnistream.common.errors import UserError
@@ -17,6 +18,7 @@ def generate_from(model, vocab: Vocabulary, src: str, obj, dst: str, max_new_tok
     n = min(max_new_tokens or room, room)
     if n <= 0:
         raise UserError(f"the prompt ({len(prompt)} tokens) leaves no room in the model's {model.cfg.max_seq_len}")
-    out = generate(model, [prompt], n, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),),
-                   stop_token=vocab.end(dst))[0]
+    out = generate(
+        model, [prompt], n, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),), stop_token=vocab.end(dst)
+    )[0]
     return vocab.by_name[dst].decode(vocab.to_local(dst, out))

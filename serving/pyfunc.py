@@ -7,12 +7,14 @@ WAV, ...; `text`: the text) and, as params, `to` (the modality to generate, defa
 `to`, `ext` and `output`, which is the text for text, else the file (PNG, WAV) in base64, so the
 answer is plain JSON when served.
 """
+
 from __future__ import annotations
 
 import base64
 from pathlib import Path
 
 import mlflow.pyfunc
+
 from omnistream.common.errors import BadSample, UserError
 
 ARTIFACT = "omnistream_model"  # the exported folder, as the MLflow model's artifact
@@ -105,15 +107,20 @@ def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_ur
     signature = ModelSignature(
         inputs=Schema([ColSpec(binary.get(n, "binary"), n, required=False) for n in vocab.names]),
         outputs=Schema([ColSpec("string", "to"), ColSpec("string", "ext"), ColSpec("string", "output")]),
-        params=ParamSchema([ParamSpec("to", "string", "text"), ParamSpec("max_new_tokens", "long", 0)]))
+        params=ParamSchema([ParamSpec("to", "string", "text"), ParamSpec("max_new_tokens", "long", 0)]),
+    )
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id or None):
         info = mlflow.pyfunc.log_model(
             # models-from-code: the model is this file of ours, not a pickled object (pyfunc_code.py says why)
-            name="model", python_model=str(Path(__file__).with_name("pyfunc_code.py")), artifacts={ARTIFACT: str(model_dir)},
-            signature=signature, registered_model_name=name,
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_code.py")),
+            artifacts={ARTIFACT: str(model_dir)},
+            signature=signature,
+            registered_model_name=name,
             # omnistream itself must be installed where the model is loaded (it is not on a package index)
-            pip_requirements=["torch", "numpy", "pillow", "soundfile", "tokenizers", "safetensors", "pydantic"])
+            pip_requirements=["torch", "numpy", "pillow", "soundfile", "tokenizers", "safetensors", "pydantic"],
+        )
     version = info.registered_model_version
     if version is None:
         raise UserError(f"the tracking server at {tracking_uri} did not register {name!r} (no model registry?)")

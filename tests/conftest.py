@@ -3,6 +3,7 @@
 Tests live by kind: unit/ (no Ray, no subprocess), integration/ (a local Ray, the real Trainer),
 system/ (the CLI, a Ray head, plugin install, placement). Helpers are in common/.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,20 +19,20 @@ if _HOOKS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 import threading
 
 import pytest
-from omnistream.modalities.vocab import Vocabulary
-from omnistream.pipelines.democorpus import write_demo_corpus
 
 from common import (
+    S3_BUCKET,
     SMALL,
     SMALL_OPTIONS,
     UNINTERRUPTED,
-    S3_BUCKET,
     S3Server,
     TrackingServer,
     fit_modalities,
     non_loopback_listeners,
     run_config,
 )
+from omnistream.modalities.vocab import Vocabulary
+from omnistream.pipelines.democorpus import write_demo_corpus
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,8 @@ def bundle(fitted, tmp_path_factory):
     d = tmp_path_factory.mktemp("bundle")
     Vocabulary(fitted).save(d)
     return str(d)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """An S3-compatible server on 127.0.0.1 for the session, its endpoint and credentials in the standard
@@ -148,10 +151,15 @@ def own_ray_only():
 # in one, so there is one session Ray and one shared run. (xdist's own `loadgroup` markers do not group
 # under pytest 9: its worker's hook renames test ids, which pytest 9 no longer lets it do.) A module
 # that starts using `ray_local` belongs here: elsewhere it would start a second session Ray.
-SESSION_RAY_MODULES = {"tests/browser/test_mlflow_ui.py", "tests/integration/test_e2e.py",
-                       "tests/integration/test_data_quality.py", "tests/integration/test_hostile_run.py",
-                       "tests/integration/test_local_ray_auth.py", "tests/integration/test_sources_run.py",
-                       "tests/integration/test_object_storage.py"}
+SESSION_RAY_MODULES = {
+    "tests/browser/test_mlflow_ui.py",
+    "tests/integration/test_e2e.py",
+    "tests/integration/test_data_quality.py",
+    "tests/integration/test_hostile_run.py",
+    "tests/integration/test_local_ray_auth.py",
+    "tests/integration/test_sources_run.py",
+    "tests/integration/test_object_storage.py",
+}
 
 
 # the modules that start Ray heads of their own (`cluster up`) run one after the other: two heads starting

@@ -11,21 +11,35 @@
 package of its own can add another. `BufferedTracker` wraps any of them so that the store never
 stops or slows training. server.py runs the MLflow tracking server a head offers its jobs.
 """
+
 from .base import (
-           BACKENDS,
-           GROUP,
-           MemoryTracker,
-           Tracker,
-           attach,
-           backend,
-           backend_options,
-           backends,
-           dumps,
-           registry_uri,
-           resolve_uri,
-           start_run,
+    BACKENDS,
+    GROUP,
+    MemoryTracker,
+    Tracker,
+    attach,
+    backend,
+    backend_options,
+    backends,
+    dumps,
+    registry_uri,
+    resolve_uri,
+    start_run,
 )
 from .buffered import BufferedTracker
 
-__all__ = ["BACKENDS", "GROUP", "BufferedTracker", "MemoryTracker", "Tracker", "attach", "backend", "backend_options",
-           "backends", "dumps", "registry_uri", "resolve_uri", "start_run"]
+__all__ = [
+    "BACKENDS",
+    "GROUP",
+    "BufferedTracker",
+    "MemoryTracker",
+    "Tracker",
+    "attach",
+    "backend",
+    "backend_options",
+    "backends",
+    "dumps",
+    "registry_uri",
+    "resolve_uri",
+    "start_run",
+]

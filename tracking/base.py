@@ -4,6 +4,7 @@ A backend is one class, registered under the `omnistream.trackers` entry-point g
 MLflow and TensorBoard backends register there like any third-party one; levanter's trackers register
 the same way with `TrackerConfig.register_subclass`). `tracking.backend` in the config names it.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,9 @@ class Backend(Protocol):
     @classmethod
     def resolve_uri(cls, uri: str) -> str: ...
     @classmethod
-    def start(cls, settings: Settings, params: dict[str, Any], tags: dict[str, str],
-              description: str = "") -> Tracker: ...
+    def start(
+        cls, settings: Settings, params: dict[str, Any], tags: dict[str, str], description: str = ""
+    ) -> Tracker: ...
     @classmethod
     def attach(cls, settings: Settings, run_id: str) -> Tracker: ...
     def start_system_metrics(self, node_id: str, interval: float): ...
@@ -125,8 +127,10 @@ def registry_uri(backend_name: str, uri: str) -> str:
     without a model registry is a UserError naming it."""
     cls = backend(backend_name)
     if not hasattr(cls, "registry_uri"):
-        raise UserError(f"registering a model needs MLflow's model registry; runs tracked by {backend_name!r} have "
-                        f"none (name one with --tracking-uri, or track the run with MLflow)")
+        raise UserError(
+            f"registering a model needs MLflow's model registry; runs tracked by {backend_name!r} have "
+            f"none (name one with --tracking-uri, or track the run with MLflow)"
+        )
     return cls.registry_uri(uri)
 
 

@@ -1,4 +1,5 @@
 """A Tracker that never stops or slows training for the tracking store (rank 0 logs through it)."""
+
 from __future__ import annotations
 
 import collections
@@ -73,8 +74,11 @@ class BufferedTracker:
     def _hold(self, n: int, what: str) -> bool:
         with self.cond:
             if self.artifact_bytes_held + n > self.max_artifact_bytes:
-                log.warning("tracking store unreachable; %s not kept (over %d MiB of samples queued)",
-                            what, self.max_artifact_bytes >> 20)
+                log.warning(
+                    "tracking store unreachable; %s not kept (over %d MiB of samples queued)",
+                    what,
+                    self.max_artifact_bytes >> 20,
+                )
                 return False
             self.artifact_bytes_held += n
             return True
@@ -109,9 +113,13 @@ class BufferedTracker:
             except Exception as e:  # noqa: BLE001 - any failure of the store or the way to it: hold and retry
                 if self.down_since is None:
                     self.down_since = time.time()
-                    log.warning("the tracking store failed (%s: %s); training goes on, metrics are held (up to %d) "
-                                "and sent when it is back", type(e).__name__,
-                                str(e).splitlines()[0][:200] if str(e) else "", self.max_metrics)
+                    log.warning(
+                        "the tracking store failed (%s: %s); training goes on, metrics are held (up to %d) "
+                        "and sent when it is back",
+                        type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "",
+                        self.max_metrics,
+                    )
                 with self.cond:
                     self.cond.wait(1.0 if self.draining else wait)
                 wait = min(wait * 2, 15.0)
@@ -128,8 +136,11 @@ class BufferedTracker:
                 log.info("the tracking store is back after %.0f s; sending what was held", gone)
             if self.dropped > self.dropped_reported:
                 self.dropped_reported = self.dropped
-                self._put("log", ({"tracking/dropped_metrics": float(self.dropped)}, self.last_step,
-                                  int(time.time() * 1000)), 1)
+                self._put(
+                    "log",
+                    ({"tracking/dropped_metrics": float(self.dropped)}, self.last_step, int(time.time() * 1000)),
+                    1,
+                )
 
     def close(self, timeout: float = 120.0) -> bool:
         """Send what is queued, waiting up to `timeout` s; False (with a warning saying what) if not all went."""
@@ -148,9 +159,15 @@ class BufferedTracker:
                 log.warning("the tracking store did not flush (%s: %s)", type(e).__name__, e)
                 left = 1
         if left:
-            log.warning("the tracking store did not take %d queued calls (%d metric values) within %.0f s; "
-                        "they are lost", left, held, timeout)
+            log.warning(
+                "the tracking store did not take %d queued calls (%d metric values) within %.0f s; they are lost",
+                left,
+                held,
+                timeout,
+            )
         if self.dropped:
-            log.warning("%d metric values were dropped while the tracking store was unreachable "
-                        "(over tracking.buffer_metrics)", self.dropped)
+            log.warning(
+                "%d metric values were dropped while the tracking store was unreachable (over tracking.buffer_metrics)",
+                self.dropped,
+            )
         return not left

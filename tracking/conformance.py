@@ -8,6 +8,7 @@ protocol, attaches to the same run by id as a second process would (rank 0, a re
 back what the driver, the CLI's summary and the tests read: metric history in step order, the final
 metrics, tags (the last value set wins), and a link. Raises ConformanceError naming the check.
 """
+
 from __future__ import annotations
 
 import io
@@ -67,15 +68,21 @@ def check_tracker(name: str, uri: str, options: dict[str, Any] | None = None) ->
     again.set_tag("omnistream.status", "FINISHED")
     again.flush()
     history = [(int(s), float(v)) for s, v in again.metric_history("train/loss")]
-    need(history == [(1, 3.0), (2, 2.0), (3, 1.0)], f"metric_history('train/loss') is {history}, not the values "
-                                                    f"logged by both handles in step order")
+    need(
+        history == [(1, 3.0), (2, 2.0), (3, 1.0)],
+        f"metric_history('train/loss') is {history}, not the values logged by both handles in step order",
+    )
     need(again.metric_history("never/logged") == [], "metric_history of a metric never logged must be []")
     final = again.final_metrics()
-    need(final.get("train/loss") == 1.0 and final.get("eval/loss") == 2.5,
-         f"final_metrics() is {final}: each metric's last value")
+    need(
+        final.get("train/loss") == 1.0 and final.get("eval/loss") == 2.5,
+        f"final_metrics() is {final}: each metric's last value",
+    )
     tags = again.tags()
-    need(tags.get("omnistream.status") == "FINISHED", f"tags() gives {tags.get('omnistream.status')!r} for a tag "
-                                                      f"set twice; the last value set wins")
+    need(
+        tags.get("omnistream.status") == "FINISHED",
+        f"tags() gives {tags.get('omnistream.status')!r} for a tag set twice; the last value set wins",
+    )
     need(tags.get("omnistream.kind") == "conformance", "the tags a run was started with are not in tags()")
     need(isinstance(again.link(), str) and again.link() != "", "link() must say where to look at the run")
     again.finish("FINISHED")

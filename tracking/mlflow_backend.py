@@ -4,6 +4,7 @@ The driver starts the run and logs params and the resolved config; rank 0 of the
 attaches to the same run by id and logs metrics into it (a restarted worker group keeps logging into
 it, so the step axis continues). Metric names are the contract of docs/architecture.md ("MLflow names").
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,7 +63,7 @@ class MLflowTracker:
         return cls.resolve_uri(uri)
 
     @classmethod
-    def start(cls, settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> "MLflowTracker":
+    def start(cls, settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> MLflowTracker:
         """A new run in `settings.experiment` (created, or tagged, as a model-training experiment), with the
         params (dotted names, so MLflow groups them by section) and a description (`mlflow.note.content`)."""
         uri = cls.resolve_uri(settings.uri)
@@ -83,7 +84,7 @@ class MLflowTracker:
         return t
 
     @classmethod
-    def attach(cls, settings, run_id: str) -> "MLflowTracker":
+    def attach(cls, settings, run_id: str) -> MLflowTracker:
         return cls(cls.resolve_uri(settings.uri), run_id)
 
     # ---- writing -------------------------------------------------------------------------------------
@@ -94,14 +95,14 @@ class MLflowTracker:
         ts = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 500):
-            self.c.log_batch(self.run_id, metrics=items[i:i + 500])
+            self.c.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.c.log_batch(self.run_id, params=items[i:i + 100])
+            self.c.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tag(self, key: str, value: str) -> None:
         self.c.set_tag(self.run_id, key, value)
@@ -154,8 +155,10 @@ class MLflowTracker:
         """How a person opens this run: its page on the server, or the `mlflow ui` command for a local store."""
         if self.uri.startswith("http"):
             return f"open {self.url()}"
-        return (f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000   "
-                f"# then open {self.url('http://127.0.0.1:5000')}")
+        return (
+            f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000   "
+            f"# then open {self.url('http://127.0.0.1:5000')}"
+        )
 
     # ---- system metrics ------------------------------------------------------------------------------
     def start_system_metrics(self, node_id: str, interval: float):
@@ -167,8 +170,13 @@ class MLflowTracker:
                 SystemMetricsMonitor,
             )
 
-            m = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1,
-                                     node_id=node_id, tracking_uri=self.uri)
+            m = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=interval,
+                samples_before_logging=1,
+                node_id=node_id,
+                tracking_uri=self.uri,
+            )
             m.start()
         except Exception as e:  # noqa: BLE001 - optional figures; never a reason to stop training
             log.warning("no system metrics on node %s (%s: %s)", node_id, type(e).__name__, e)

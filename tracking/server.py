@@ -1,4 +1,5 @@
 """The MLflow tracking-server process a head runs for its jobs (`omnistream cluster up` starts it)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ from omnistream.common.private import private_dir
 CREDENTIALS = "credentials.json"  # a protected server's user and password, in its (0700) store, mode 0600
 
 
-def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0,
-                          auth: bool = False, artifacts: str = "") -> dict:
+def start_tracking_server(
+    root: Path, port: int, host: str = "127.0.0.1", timeout: float = 120.0, auth: bool = False, artifacts: str = ""
+) -> dict:
     """An MLflow tracking server: SQLite behind it, artifacts proxied through it (--serve-artifacts), so a
     worker on any node logs metrics, images and files over HTTP and nothing is written on the node it
     runs on. MLflow's light settings: one worker, job execution off. Its own process group, so
@@ -36,9 +38,21 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
     private_dir(root)  # the store (SQLite and artifacts): this user's alone
     mlflow = Path(sys.executable).parent / "mlflow"
     log = open(root / "server.log", "ab")
-    cmd = [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-           "--artifacts-destination", artifacts or str(root / "artifacts")]
+    cmd = [
+        str(mlflow),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts or str(root / "artifacts"),
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if auth:
         cmd += ["--app-name", "basic-auth"]
@@ -60,14 +74,22 @@ def start_tracking_server(root: Path, port: int, host: str = "127.0.0.1", timeou
             owner = listener_pid(port)
             if owner not in _process_tree(p.pid):
                 stop_tracking_server({"pid": p.pid, "dir": str(root)})
-                raise UserError(f"port {port} on {host} was taken by another process ({owner or 'not ours'}) before "
-                                f"the MLflow tracking server could bind it: not started; try again, or pick a port")
-            return {"uri": uri, "pid": p.pid, "dir": str(root), "port": port,
-                    **({"credentials": str(root / CREDENTIALS)} if auth else {})}
+                raise UserError(
+                    f"port {port} on {host} was taken by another process ({owner or 'not ours'}) before "
+                    f"the MLflow tracking server could bind it: not started; try again, or pick a port"
+                )
+            return {
+                "uri": uri,
+                "pid": p.pid,
+                "dir": str(root),
+                "port": port,
+                **({"credentials": str(root / CREDENTIALS)} if auth else {}),
+            }
         time.sleep(0.5)
     stop_tracking_server({"pid": p.pid, "dir": str(root)})
-    raise UserError(f"the MLflow tracking server on {uri} did not answer within {timeout:.0f} s "
-                    f"(its log: {root / 'server.log'})")
+    raise UserError(
+        f"the MLflow tracking server on {uri} did not answer within {timeout:.0f} s (its log: {root / 'server.log'})"
+    )
 
 
 def listener_pid(port: int) -> int | None:
@@ -75,8 +97,14 @@ def listener_pid(port: int) -> int | None:
     import psutil
 
     try:
-        return next((c.pid for c in psutil.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port), None)
+        return next(
+            (
+                c.pid
+                for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            ),
+            None,
+        )
     except psutil.AccessDenied:
         return None
 
@@ -108,11 +136,17 @@ def _auth_env(root: Path) -> dict:
     know), the admin user, and the key it signs sessions and CSRF tokens with."""
     c = _credentials(root)
     ini = root / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                   f"database_uri = sqlite:///{root / 'auth.db'}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": c["username"],
-            "MLFLOW_AUTH_ADMIN_PASSWORD": c["password"], "MLFLOW_FLASK_SERVER_SECRET_KEY": c["secret_key"]}
+    ini.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": c["username"],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": c["password"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": c["secret_key"],
+    }
 
 
 def client_env(server: dict) -> dict:
@@ -152,8 +186,13 @@ def load_job_credentials() -> None:
     f = Path(name)
     try:
         os.chmod(f, 0o600)  # Ray unpacks a working directory with the default mode
-        os.environ.update({k: str(v) for k, v in json.loads(f.read_text()).items()
-                           if k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+        os.environ.update(
+            {
+                k: str(v)
+                for k, v in json.loads(f.read_text()).items()
+                if k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+            }
+        )
     except (OSError, ValueError):
         return
 

@@ -10,9 +10,11 @@ Open it with `tensorboard --logdir <uri> --host 127.0.0.1`. Written with TensorB
 writer and protos (no torch, no TensorFlow) and read back with its own reader
 (tensorboard.backend.event_processing), which is also how the CLI prints a run's summary. Not with
 tensorboardX's SummaryWriter: its flush() does not wait for its queue (measured here: the last scalars
-and images of a run were missing when read right after), where TensorBoard's writer's flush() does. The folder must be reachable by rank 0 wherever it runs (a
+and images of a run were missing when read right after), where TensorBoard's writer's flush() does. The folder must
+be reachable by rank 0 wherever it runs (a
 shared disk on a multi-node cluster); there is no model registry and no system-metrics monitor here.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +32,14 @@ RUN_META = "run.json"
 
 class TensorBoardOptions(BaseModel):
     """[tracking.options] for backend = "tensorboard"."""
+
     model_config = ConfigDict(extra="forbid")
-    flush_secs: float = Field(5.0, gt=0, description="seconds between flushes of the event file (TensorBoard's writer "
-                              "waits 120 s by default; 5 lets a watcher see the run move)")
+    flush_secs: float = Field(
+        5.0,
+        gt=0,
+        description="seconds between flushes of the event file (TensorBoard's writer "
+        "waits 120 s by default; 5 lets a watcher see the run move)",
+    )
 
 
 class TensorBoardTracker:
@@ -47,7 +54,9 @@ class TensorBoardTracker:
         # one event file per process (the suffix keeps two processes of one second apart); flushed every
         # options.flush_secs, and on flush() and finish()
         options = options or TensorBoardOptions()
-        self.w = EventFileWriter(str(self.dir), flush_secs=options.flush_secs, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:6]}")
+        self.w = EventFileWriter(
+            str(self.dir), flush_secs=options.flush_secs, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        )
 
     def _add(self, step: int, values: list, wall: float | None = None) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
@@ -63,8 +72,11 @@ class TensorBoardTracker:
         from tensorboard.compat.proto.types_pb2 import DT_STRING
 
         meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode()],
-                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+        tensor = TensorProto(
+            dtype=DT_STRING,
+            string_val=[text.encode()],
+            tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
+        )
         self._add(step, [Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
 
     # ---- the backend ---------------------------------------------------------------------------------
@@ -78,15 +90,19 @@ class TensorBoardTracker:
         return os.path.abspath(path)
 
     @classmethod
-    def start(cls, settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> "TensorBoardTracker":
+    def start(cls, settings, params: dict[str, Any], tags: dict[str, str], description: str = "") -> TensorBoardTracker:
         uri = cls.resolve_uri(settings.uri)
         run_id = uuid.uuid4().hex
         name = settings.run_name or "run"
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:64] or "run"
         d = Path(uri) / settings.experiment / f"{slug}-{run_id[:8]}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / RUN_META).write_text(json.dumps({"run_id": run_id, "run_name": name, "experiment": settings.experiment,
-                                              "started": time.time()}, indent=1))
+        (d / RUN_META).write_text(
+            json.dumps(
+                {"run_id": run_id, "run_name": name, "experiment": settings.experiment, "started": time.time()},
+                indent=1,
+            )
+        )
         t = cls(uri, run_id, d, TensorBoardOptions(**getattr(settings, "options", {})))
         t.log_params(params)
         for k, v in tags.items():
@@ -96,7 +112,7 @@ class TensorBoardTracker:
         return t
 
     @classmethod
-    def attach(cls, settings, run_id: str) -> "TensorBoardTracker":
+    def attach(cls, settings, run_id: str) -> TensorBoardTracker:
         uri = cls.resolve_uri(settings.uri)
         for meta in (Path(uri) / settings.experiment).glob(f"*-{run_id[:8]}/{RUN_META}"):
             if json.loads(meta.read_text()).get("run_id") == run_id:
@@ -137,8 +153,17 @@ class TensorBoardTracker:
 
         im = Image.open(io.BytesIO(png))  # the PNG goes in as it is; its size and channels are its header's
         channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(im.mode, 3)
-        self._add(step, [Summary.Value(tag=key, image=Summary.Image(height=im.height, width=im.width,
-                                                                    colorspace=channels, encoded_image_string=png))])
+        self._add(
+            step,
+            [
+                Summary.Value(
+                    tag=key,
+                    image=Summary.Image(
+                        height=im.height, width=im.width, colorspace=channels, encoded_image_string=png
+                    ),
+                )
+            ],
+        )
 
     def log_table(self, rows: dict[str, list], artifact_file: str) -> None:
         self._write(artifact_file, json.dumps(rows, indent=1, default=str).encode())
@@ -166,8 +191,9 @@ class TensorBoardTracker:
         self.w.flush()
         # every event file of the folder (each process that logged wrote its own), nothing sampled away;
         # no purging: the driver logs step-0 figures after rank 0 logged later steps, on other tags
-        acc = EventAccumulator(str(self.dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0},
-                               purge_orphaned_data=False)
+        acc = EventAccumulator(
+            str(self.dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0}, purge_orphaned_data=False
+        )
         return acc.Reload()
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:

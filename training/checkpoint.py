@@ -10,6 +10,7 @@ resumes on M: the data position is global, and the ZeRO shards are re-sharded th
 universal checkpoint (`to_universal`, converted once per checkpoint). Files are loaded with
 weights_only=True (engine.weights_only_checkpoint_engine).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -18,8 +19,8 @@ import logging
 import os
 import posixpath
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omnistream.common.checkpoint import CKPT_TAG, DATA, META, read_checkpoint_meta, weights_only_loads
 from omnistream.common.errors import UserError
@@ -28,13 +29,15 @@ from omnistream.modalities.vocab import Vocabulary, describe_mismatch
 
 log = logging.getLogger(__name__)
 
+
 def check_checkpoint(path: str | Path, vocab: Vocabulary) -> dict:
     """Refuse a checkpoint made with another vocabulary (saying what differs), or without a data position."""
     meta = read_checkpoint_meta(path)
     layout = meta["vocab"]
     if layout["fingerprint"] != vocab.fingerprint:
-        raise UserError(f"checkpoint {path} was trained with another vocabulary: "
-                        f"{describe_mismatch(layout, vocab.layout())}")
+        raise UserError(
+            f"checkpoint {path} was trained with another vocabulary: {describe_mismatch(layout, vocab.layout())}"
+        )
     read_data_position(path)
     return meta
 
@@ -46,8 +49,10 @@ def read_data_position(path: str | Path) -> dict:
         d = json.loads(p.read_text())
         d["position"]["rows"], d["stream"]
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} has no {DATA} (written by an omnistream before the token cache?): "
-                        f"it cannot be resumed, only exported") from None
+        raise UserError(
+            f"checkpoint {path} has no {DATA} (written by an omnistream before the token cache?): "
+            f"it cannot be resumed, only exported"
+        ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {path}: {DATA} is damaged or cut off ({type(e).__name__}: {e})") from None
     return d
@@ -55,8 +60,11 @@ def read_data_position(path: str | Path) -> dict:
 
 def describe_stream_change(have: dict, want: dict) -> str | None:
     """What differs between the row stream a checkpoint consumed and the one this run would read, or None."""
-    diff = [f"{k}: {json.dumps(have.get(k), sort_keys=True)} -> {json.dumps(want.get(k), sort_keys=True)}"
-            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    diff = [
+        f"{k}: {json.dumps(have.get(k), sort_keys=True)} -> {json.dumps(want.get(k), sort_keys=True)}"
+        for k in sorted(set(have) | set(want))
+        if have.get(k) != want.get(k)
+    ]
     return "; ".join(diff) or None
 
 
@@ -75,13 +83,20 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
 
         shutil.rmtree(out, ignore_errors=True)
         with weights_only_loads():  # in this process: one extract and one merge worker, no pool
-            ds_to_universal(argparse.Namespace(
-                input_folder=str(Path(ckpt) / CKPT_TAG), output_folder=str(out / CKPT_TAG), num_extract_workers=1,
-                num_merge_workers=1, keep_temp_folder=False, strict=True,
-                # ZeRO-1/2 checkpoints hold no `universal_checkpoint_info` (a Megatron client writes one, with
-                # its tensor-parallel merge patterns); omnistream's model has none of those, so DeepSpeed's
-                # default (its version alone) is the right one. Without it ZeRO-1/2 could not resume elsewhere.
-                inject_missing_state=True))
+            ds_to_universal(
+                argparse.Namespace(
+                    input_folder=str(Path(ckpt) / CKPT_TAG),
+                    output_folder=str(out / CKPT_TAG),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    # ZeRO-1/2 checkpoints hold no `universal_checkpoint_info` (a Megatron client writes one, with
+                    # its tensor-parallel merge patterns); omnistream's model has none of those, so DeepSpeed's
+                    # default (its version alone) is the right one. Without it ZeRO-1/2 could not resume elsewhere.
+                    inject_missing_state=True,
+                )
+            )
         done.write_text(json.dumps({"from": str(ckpt)}))
     return out
 
@@ -100,10 +115,18 @@ class Checkpointer:
             trainer.engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": sd["step"]})
             if trainer.rank == 0:
                 Path(d, DATA).write_text(json.dumps({"position": sd["data"], "stream": self.stream}, indent=1))
-                meta = {"format": 1, "step": sd["step"], "world_size": trainer.world, "run_id": self.run_id,
-                        "tag": CKPT_TAG, "vocab": trainer.vocab.layout(),
-                        "config": trainer.cfg.model_dump(mode="json"), "n_params": trainer.n_params,
-                        "tokens": sd["tokens"], "source_tokens": sd["source_tokens"]}
+                meta = {
+                    "format": 1,
+                    "step": sd["step"],
+                    "world_size": trainer.world,
+                    "run_id": self.run_id,
+                    "tag": CKPT_TAG,
+                    "vocab": trainer.vocab.layout(),
+                    "config": trainer.cfg.model_dump(mode="json"),
+                    "n_params": trainer.n_params,
+                    "tokens": sd["tokens"],
+                    "source_tokens": sd["source_tokens"],
+                }
                 Path(d, META).write_text(json.dumps(meta, indent=1))
             _write_manifest(d, trainer.rank)
             self.publish(d, {"step": sd["step"], **metrics})
@@ -115,9 +138,14 @@ class Checkpointer:
         meta = check_checkpoint(d, trainer.vocab)
         with weights_only_loads():  # DeepSpeed's universal loader calls torch.load itself
             trainer.engine.load_checkpoint(str(universal or d), tag=CKPT_TAG, load_module_strict=True)
-        trainer.load_state_dict({"step": meta["step"], "tokens": meta.get("tokens", {}),
-                                 "source_tokens": meta.get("source_tokens", {}),
-                                 "data": read_data_position(d)["position"]})
+        trainer.load_state_dict(
+            {
+                "step": meta["step"],
+                "tokens": meta.get("tokens", {}),
+                "source_tokens": meta.get("source_tokens", {}),
+                "data": read_data_position(d)["position"],
+            }
+        )
         return meta
 
 
@@ -220,7 +248,7 @@ def _complete_remote(root: str) -> list[str]:
             meta = json.loads(fs.cat_file(meta_path))
             data = json.loads(fs.cat_file(posixpath.join(d, DATA)))
             data["position"]["rows"], data["stream"], meta["step"], meta["vocab"]["fingerprint"]
-            listing = {p[len(d) + 1:]: n for p, n in files.items() if p.startswith(d + "/")}
+            listing = {p[len(d) + 1 :]: n for p, n in files.items() if p.startswith(d + "/")}
             if not _whole(listing, lambda n, d=d: fs.cat_file(posixpath.join(d, n)), meta):
                 continue
         except (OSError, ValueError, KeyError, TypeError):
@@ -252,12 +280,14 @@ def local_copy(path: str | Path | None) -> str | None:
         # every key is checked before anything is written: whoever can write to the bucket must not be able
         # to write files on the machines that read from it (a key `ckpt/../../x` would land above the folder)
         out = Path(tempfile.mkdtemp(prefix="omnistream-checkpoint-"))
-        targets = [(f, inside(out, f[len(base) + 1:] if f.startswith(base + "/") else "")) for f in names]
+        targets = [(f, inside(out, f[len(base) + 1 :] if f.startswith(base + "/") else "")) for f in names]
         bad = [f for f, t in targets if t is None]
         if bad:
             out.rmdir()
-            raise UserError(f"{url}: the object key {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
-                            f"would be written outside the checkpoint's folder: refused, nothing copied")
+            raise UserError(
+                f"{url}: the object key {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
+                f"would be written outside the checkpoint's folder: refused, nothing copied"
+            )
         for f, target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f, str(target))

@@ -4,6 +4,7 @@ The model (omnistream.model) is single-device PyTorch and knows nothing of this;
 distribution is applied here, from outside, the way torchtitan keeps `parallelize` apart from the
 model (docs/architecture.md, "Layout").
 """
+
 from __future__ import annotations
 
 import math
@@ -34,11 +35,13 @@ def deepspeed_config(t: TrainConfig) -> dict:
 
 def lr_lambda(t: TrainConfig):
     """Linear warmup to 1, then cosine down to min_lr_ratio at train.steps."""
+
     def f(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         p = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
     return f
 
 
@@ -73,6 +76,7 @@ def build_engine(cfg: RunConfig, load_universal: bool = False):
     import deepspeed
     import torch
     import torch.distributed as dist
+
     from omnistream.model.model import GPT
 
     t = cfg.train
@@ -89,13 +93,16 @@ def build_engine(cfg: RunConfig, load_universal: bool = False):
     fused = torch.cuda.is_available() and not t.offload_optimizer
     if fused:
         model.to(torch.device("cuda", torch.cuda.current_device()))
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas,
-                                  **({"fused": True} if fused else {}))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, **({"fused": True} if fused else {})
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config={**deepspeed_config(t),
-                                                           **({"checkpoint": {"load_universal": True}}
-                                                              if load_universal else {})})
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config={**deepspeed_config(t), **({"checkpoint": {"load_universal": True}} if load_universal else {})},
+    )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
     if dist.get_world_size() == 1 and t.zero_stage == 0:
         # one rank has nothing to average: skip DeepSpeed's flatten / all-reduce / unflatten of every gradient
@@ -118,7 +125,8 @@ def apply_activation_checkpointing(model) -> None:
 def compile_blocks(model) -> None:
     """torch.compile each block (fused norms, rotary and SwiGLU; the attention stays the layout's kernel).
     Costs a compile at the first step; on one H100 at 337M it gave no gain (MFU 0.216 against 0.222,
-    benchmarks/gpu_h100.json), so it is off by default. Repeated blocks share the compiled code. Names stay as they were (Module.compile is in place).
+    benchmarks/gpu_h100.json), so it is off by default. Repeated blocks share the compiled code. Names stay as they
+    were (Module.compile is in place).
     Static shapes (dynamic=False): a training step's shapes never change, and the symbolic-shape path
     failed to lower FlexAttention inside a compiled block on an H100 (torch 2.11)."""
     for block in model.blocks:
@@ -129,6 +137,7 @@ def plain_copy(engine, cfg: RunConfig):
     """A full, unsharded fp32 copy of the model on this rank's device (under ZeRO-3 every rank gathers
     the partitions)."""
     import deepspeed
+
     from omnistream.model.model import GPT
 
     plain = GPT(cfg.model).to(engine.device)
@@ -161,8 +170,9 @@ def single_process_group() -> None:
         os.environ.setdefault(k, v)  # what a launcher sets, and DeepSpeed checks
     pin_collectives_to_loopback()  # NCCL opens a bootstrap listener even for one rank
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
 
 
 def weights_only_checkpoint_engine(engine):
@@ -171,6 +181,7 @@ def weights_only_checkpoint_engine(engine):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
     )
+
     from omnistream.common.checkpoint import load_weights_only
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

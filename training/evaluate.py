@@ -12,15 +12,18 @@ modality, and checks the decoded answer against a field of the record's JSON wit
 here knows which modalities or corpus a run uses: the demo's digit question is two entries of
 configs/demo.toml.
 """
+
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
+
 from omnistream.common.errors import UserError
 from omnistream.common.stream import COLUMNS, label_modalities
 from omnistream.configs import EvalTask, RunConfig
@@ -30,8 +33,28 @@ from omnistream.model.model import GPT, generate, loss_by_group
 log = logging.getLogger(__name__)
 
 # ---- match rules ----------------------------------------------------------------------------------
-_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_UNITS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 _TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
 _WORDS = {w: i for i, w in enumerate(_UNITS)} | _TENS
 _TOKEN = re.compile(r"-?\d+(?:\.\d+)?|[a-z]+")
@@ -67,19 +90,20 @@ def matches(answer: str, label, rule: str) -> bool:
 @dataclass
 class HeldOut:
     key: str
-    meta: dict                  # the record's JSON, {} if it has none
-    ids: dict                   # modality -> local ids
+    meta: dict  # the record's JSON, {} if it has none
+    ids: dict  # modality -> local ids
 
 
 @dataclass
 class EvalSet:
     """Held-out records, read and tokenized once per worker (by pipelines/documents.held_out, handed in)."""
+
     records: list[HeldOut] = field(default_factory=list)
-    rows: dict = field(default_factory=dict)       # packed rows for the loss
-    tally: object = None                           # what became of the held-out records read (a Tally)
+    rows: dict = field(default_factory=dict)  # packed rows for the loss
+    tally: object = None  # what became of the held-out records read (a Tally)
 
     @classmethod
-    def of(cls, held: dict) -> "EvalSet":
+    def of(cls, held: dict) -> EvalSet:
         """From what the loader returned: {"records": [(key, labels, ids)], "rows": ..., "tally": ...}."""
         return cls([HeldOut(k, meta, ids) for k, meta, ids in held["records"]], held["rows"], held["tally"])
 
@@ -88,16 +112,18 @@ class EvalSet:
         return [r for r in self.records if task.prompt in r.ids and r.meta.get(task.label_field) is not None]
 
 
-def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int,
-              errors: list[str], what: str) -> list:
+def _generate(
+    model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int, errors: list[str], what: str
+) -> list:
     """Greedy continuations restricted to modality `dst`'s block, as `dst`'s decoded objects.
 
     A continuation its modality cannot decode (a barely trained model makes one or two ids of an image
     or a clip; a plugin's decode may refuse any sequence) is None, and the reason is appended to
     `errors`: a sample that cannot be drawn is reported, it never ends a training run.
     """
-    gens = generate(model, prompts, n_new, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),),
-                    stop_token=vocab.end(dst))
+    gens = generate(
+        model, prompts, n_new, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),), stop_token=vocab.end(dst)
+    )
     out = []
     for i, g in enumerate(gens):
         local = vocab.to_local(dst, g)
@@ -105,8 +131,10 @@ def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str,
             out.append(vocab.by_name[dst].decode(local))
         except Exception as e:  # noqa: BLE001 - any failure of a modality's decode is the sample's, not the run's
             out.append(None)
-            errors.append(f"{what}[{i}]: {dst}.decode of {len(local)} ids raised {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            errors.append(
+                f"{what}[{i}]: {dst}.decode of {len(local)} ids raised {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+            )
     return out
 
 
@@ -115,9 +143,10 @@ def _generate(model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str,
 class TaskContext:
     """What a task kind works with: the model (eval mode, no grad), the vocabulary, the [eval] section, the
     task's name, and the list a sample that cannot be drawn is reported into (it never ends a run)."""
+
     model: GPT
     vocab: Vocabulary
-    settings: object                 # the config's [eval] section (EvalConfig)
+    settings: object  # the config's [eval] section (EvalConfig)
     name: str
     errors: list[str]
 
@@ -153,33 +182,43 @@ class GenerateAndMatch:
         return data.with_label(task)
 
     def _answers(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> list:
-        return ctx.generate([ctx.vocab.prompt(task.prompt, r.ids[task.prompt], task.target) for r in records],
-                            task.target, ctx.settings.max_new_tokens)
+        return ctx.generate(
+            [ctx.vocab.prompt(task.prompt, r.ids[task.prompt], task.target) for r in records],
+            task.target,
+            ctx.settings.max_new_tokens,
+        )
 
     def score(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> int:
         correct, size = 0, ctx.settings.batch_size
         for i in range(0, len(records), size):
-            chunk = records[i:i + size]
+            chunk = records[i : i + size]
             # an answer that could not be decoded is a wrong answer
-            correct += sum(a is not None and matches(str(a), r.meta[task.label_field], task.match)
-                           for r, a in zip(chunk, self._answers(ctx, task, chunk)))
+            correct += sum(
+                a is not None and matches(str(a), r.meta[task.label_field], task.match)
+                for r, a in zip(chunk, self._answers(ctx, task, chunk))
+            )
         return correct
 
     def samples(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut], out: Samples) -> None:
         vocab, answers = ctx.vocab, self._answers(ctx, task, records)
         out.tables[ctx.name] = {
-            "key": [r.key for r in records], "label": [str(r.meta[task.label_field]) for r in records],
+            "key": [r.key for r in records],
+            "label": [str(r.meta[task.label_field]) for r in records],
             "caption": [_caption(vocab, task.target, r) for r in records],
             "generated": ["" if a is None else str(a) for a in answers],
-            "correct": [a is not None and bool(matches(str(a), r.meta[task.label_field], task.match))
-                        for r, a in zip(records, answers)]}
+            "correct": [
+                a is not None and bool(matches(str(a), r.meta[task.label_field], task.match))
+                for r, a in zip(records, answers)
+            ],
+        }
         back = [r for r in records if task.target in r.ids]
         if not back:
             return
         n_new = max(len(r.ids[task.prompt]) for r in back) + 1
         key = f"{task.target}_to_{task.prompt}"
-        objs = ctx.generate([vocab.prompt(task.target, r.ids[task.target], task.prompt) for r in back],
-                            task.prompt, n_new, key)
+        objs = ctx.generate(
+            [vocab.prompt(task.target, r.ids[task.target], task.prompt) for r in back], task.prompt, n_new, key
+        )
         mod = vocab.by_name[task.prompt]
         for i, (r, obj) in enumerate(zip(back, objs)):
             if obj is None:
@@ -244,7 +283,7 @@ class Evaluator:
             n = min(len(es.rows["input_ids"]), cfg.eval.loss_rows)
             mine = list(range(rank, n, world))
             for i in range(0, len(mine), cfg.eval.batch_size):
-                idx = mine[i:i + cfg.eval.batch_size]
+                idx = mine[i : i + cfg.eval.batch_size]
                 b = {c: torch.as_tensor(es.rows[c][idx], dtype=torch.long, device=device) for c in COLUMNS}
                 _, _, tok = model(b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"])
                 lm = torch.as_tensor(label_modalities(es.rows["modality_ids"][idx]), dtype=torch.long, device=device)
@@ -279,8 +318,9 @@ class Evaluator:
             m["eval/sample_errors"] = float(reduced["sample_errors"][0])
         return m
 
-    def evaluate(self, model: GPT, rank: int = 0, world: int = 1,
-                 all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, model: GPT, rank: int = 0, world: int = 1, all_reduce: Callable[[torch.Tensor], None] | None = None
+    ) -> dict[str, float]:
         """Every rank calls this together; `all_reduce` sums a tensor in place across ranks."""
         local = self.local(model, rank, world)
         if all_reduce is not None:
@@ -289,7 +329,7 @@ class Evaluator:
         return self.metrics(local)
 
     @torch.no_grad()
-    def samples(self, model: GPT) -> "Samples":
+    def samples(self, model: GPT) -> Samples:
         """For each task, what its kind draws from its first eval.samples records (generate: its answers as a
         table, and the reverse direction, e.g. text -> image, as the prompt modality's files)."""
         cfg, vocab, out = self.cfg, self.vocab, Samples()
@@ -307,6 +347,7 @@ class Evaluator:
 class Samples:
     """What one evaluation generated, for a person to look at: per task a table (key, label, caption,
     generated, correct), and the reverse direction's outputs as (key, name, extension, bytes)."""
+
     tables: dict[str, dict[str, list]] = field(default_factory=dict)
     media: list[tuple[str, str, str, bytes]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # the samples that could not be drawn, and why

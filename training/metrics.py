@@ -1,8 +1,10 @@
 """Training metrics between two log points, reduced across ranks: loss per modality, tokens/s,
 data wait, token shares; and the device figures (memory, MFU) that go with them."""
+
 from __future__ import annotations
 
 import torch
+
 from omnistream.modalities.vocab import Vocabulary
 
 # dense bf16 peak FLOP/s per device, for train/mfu; CPUs have no dependable figure, so no MFU there
@@ -34,22 +36,25 @@ class Interval:
         self.tokens += tokens
         self.wait += wait
 
-    def reduce(self, all_reduce, world: int) -> "Interval":
+    def reduce(self, all_reduce, world: int) -> Interval:
         """Summed over ranks by `all_reduce` (in place); wait and time are averaged."""
-        v = torch.cat([self.sums.cpu(), self.counts.cpu(),
-                       torch.tensor([self.tokens, self.wait, self.time], dtype=torch.float32)])
+        v = torch.cat(
+            [self.sums.cpu(), self.counts.cpu(), torch.tensor([self.tokens, self.wait, self.time], dtype=torch.float32)]
+        )
         all_reduce(v)
         n = len(self.sums)
         out = Interval(n)
-        out.sums, out.counts = v[:n], v[n:2 * n]
+        out.sums, out.counts = v[:n], v[n : 2 * n]
         out.tokens, out.wait, out.time = float(v[2 * n]), float(v[2 * n + 1]) / world, float(v[2 * n + 2]) / world
         out.mod_tokens, out.max_dev = self.mod_tokens, self.max_dev
         return out
 
     def metrics(self, vocab: Vocabulary) -> dict[str, float]:
-        m = {"train/loss": float(self.sums.sum() / self.counts.sum().clamp(min=1)),
-             "train/tokens_per_s": self.tokens / max(self.time, 1e-9),
-             "train/data_wait_frac": self.wait / max(self.time, 1e-9)}
+        m = {
+            "train/loss": float(self.sums.sum() / self.counts.sum().clamp(min=1)),
+            "train/tokens_per_s": self.tokens / max(self.time, 1e-9),
+            "train/data_wait_frac": self.wait / max(self.time, 1e-9),
+        }
         for g, name in enumerate(vocab.names, start=1):
             if self.counts[g] > 0:
                 m[f"train/loss/{name}"] = float(self.sums[g] / self.counts[g])

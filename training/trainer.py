@@ -21,15 +21,18 @@ torch.distributed must be initialised first (Ray Train does it; engine.single_pr
 one process): ranks agree on every micro-batch, so when one rank's share of the stream runs dry all
 stop together instead of deadlocking in the next collective (all_reduce MIN of "I have a batch").
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from omnistream.common.errors import DataOrderError, ErrorRateExceeded
 from omnistream.common.stream import (
     COLUMNS,
@@ -47,6 +50,7 @@ from .metrics import Interval, memory_gb, peak_flops, scalars
 
 log = logging.getLogger(__name__)
 
+
 class DataMonitor(Protocol):
     """The data accounting as the Trainer sees it (a DataLedger actor behind it in a Ray run)."""
 
@@ -55,9 +59,18 @@ class DataMonitor(Protocol):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, vocab: Vocabulary, batches: Iterator[dict], *, tracker=None,
-                 checkpointer=None, evaluator=None, monitor: DataMonitor | None = None,
-                 load_universal: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        vocab: Vocabulary,
+        batches: Iterator[dict],
+        *,
+        tracker=None,
+        checkpointer=None,
+        evaluator=None,
+        monitor: DataMonitor | None = None,
+        load_universal: bool = False,
+    ):
         self.cfg, self.vocab, self.batches = cfg, vocab, batches
         self.tracker, self.checkpointer, self.evaluator, self.monitor = tracker, checkpointer, evaluator, monitor
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -72,13 +85,13 @@ class Trainer:
         self.sources = [n for n, _ in cfg.data.source_items()] if cfg.data.sources else []
         self.source_tokens = torch.zeros(len(self.sources), dtype=torch.float64)
         self.interval_source_tokens = torch.zeros(len(self.sources), dtype=torch.float64)
-        self.start = DataPosition()    # the position this run started at (a checkpoint's, or 0)
+        self.start = DataPosition()  # the position this run started at (a checkpoint's, or 0)
         self.consumed = DataPosition()  # what this rank consumed since: rows, records, digest, last row
-        self.micro_batches = 0          # received by this rank since the start (for the order check)
+        self.micro_batches = 0  # received by this rank since the start (for the order check)
         self.resume_t0: float | None = None
         self.metrics_once: dict[str, float] = {}  # logged with the next interval, then dropped
         self.metrics: dict[str, float] = {}
-        self._stop = False     # set on rank 0 when the data accounting says stop; the MIN in next_batch stops all
+        self._stop = False  # set on rank 0 when the data accounting says stop; the MIN in next_batch stops all
 
     # ---- state ------------------------------------------------------------------------------------
     def position(self) -> DataPosition:
@@ -89,9 +102,12 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """A collective (every rank calls it together): the data position is gathered from all ranks."""
-        return {"step": self.step, "tokens": {n: int(v) for n, v in zip(self.vocab.names, self.tokens)},
-                "source_tokens": {n: int(v) for n, v in zip(self.sources, self.source_tokens)},
-                "data": self.position().to_json()}
+        return {
+            "step": self.step,
+            "tokens": {n: int(v) for n, v in zip(self.vocab.names, self.tokens)},
+            "source_tokens": {n: int(v) for n, v in zip(self.sources, self.source_tokens)},
+            "data": self.position().to_json(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore step, token totals and the data position. The stream this Trainer reads must start
@@ -99,8 +115,9 @@ class Trainer:
         self.resume_t0 = time.perf_counter()
         self.step = int(sd["step"])
         self.tokens = torch.tensor([sd.get("tokens", {}).get(n, 0) for n in self.vocab.names], dtype=torch.float64)
-        self.source_tokens = torch.tensor([sd.get("source_tokens", {}).get(n, 0) for n in self.sources],
-                                          dtype=torch.float64)
+        self.source_tokens = torch.tensor(
+            [sd.get("source_tokens", {}).get(n, 0) for n in self.sources], dtype=torch.float64
+        )
         self.start = DataPosition.from_json(sd["data"])
         self.consumed = DataPosition()
         self.micro_batches = 0
@@ -127,7 +144,11 @@ class Trainer:
         the stream, each block micro_batch_size × grad_accum rows, from the position the run started at."""
         t = self.cfg.train
         m, unit = self.micro_batches, t.micro_batch_size * t.grad_accum
-        first = self.start.rows + ((m // t.grad_accum) * self.world + self.rank) * unit + (m % t.grad_accum) * t.micro_batch_size
+        first = (
+            self.start.rows
+            + ((m // t.grad_accum) * self.world + self.rank) * unit
+            + (m % t.grad_accum) * t.micro_batch_size
+        )
         if "pos" not in b:  # a plain iterator of batches (the golden test, benchmarks): they are where they are due
             n = len(b["keys"])
             b.update(pos=range(first, first + n), win=[-1] * n, row=[-1] * n)
@@ -136,7 +157,8 @@ class Trainer:
             raise DataOrderError(
                 f"rank {self.rank} received stream rows {got[0]}..{got[-1]} where {first}..{first + len(got) - 1} "
                 f"were due (micro-batch {m}): the data split no longer hands blocks to the ranks in turn, so rows "
-                f"would be repeated or skipped")
+                f"would be repeated or skipped"
+            )
         self.micro_batches += 1
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
@@ -167,7 +189,9 @@ class Trainer:
                 per_row = (np.asarray(b["doc_ids"]) > 0).sum(1)
                 step_tokens[n:] += torch.as_tensor(np.bincount(np.asarray(b["src"]), per_row, S), dtype=torch.float64)
             # np.array copies: Ray hands read-only arrays, which torch warns about sharing
-            x = {c: torch.from_numpy(np.array(b[c], dtype=np.int64)).to(self.device, non_blocking=True) for c in COLUMNS}
+            x = {
+                c: torch.from_numpy(np.array(b[c], dtype=np.int64)).to(self.device, non_blocking=True) for c in COLUMNS
+            }
             _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
             self.engine.backward(loss)
             self.engine.step()
@@ -195,9 +219,17 @@ class Trainer:
         peak = peak_flops()
         if self.rank == 0:
             attention = self.engine.module.attention_kind(self.device)  # "auto" resolves per device
-            log.info("%.2fM parameters, vocab %d, %d workers, ZeRO-%d, %s, %s attention, steps %d->%d",
-                     self.n_params / 1e6, self.vocab.size, self.world, t.zero_stage, t.precision, attention,
-                     self.step, t.steps)
+            log.info(
+                "%.2fM parameters, vocab %d, %d workers, ZeRO-%d, %s, %s attention, steps %d->%d",
+                self.n_params / 1e6,
+                self.vocab.size,
+                self.world,
+                t.zero_stage,
+                t.precision,
+                attention,
+                self.step,
+                t.steps,
+            )
             self._log({"model/params": self.n_params})
             if self.tracker is not None:
                 self.tracker.set_tag("model.attention", attention)
@@ -245,12 +277,19 @@ class Trainer:
         m.update({f"data/tokens/{n}": float(v) for n, v in zip(self.vocab.names, self.tokens)})
         if self.sources:  # each source's share of the tokens consumed since the last log, and its total
             total = float(self.interval_source_tokens.sum()) or 1.0
-            m.update({f"data/source_share/{n}": float(v) / total for n, v in zip(self.sources, self.interval_source_tokens)})
+            m.update(
+                {f"data/source_share/{n}": float(v) / total for n, v in zip(self.sources, self.interval_source_tokens)}
+            )
             m.update({f"data/source_tokens/{n}": float(v) for n, v in zip(self.sources, self.source_tokens)})
             self.interval_source_tokens.zero_()
         gn = self.engine.get_global_grad_norm()
-        m.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(gn) if gn is not None else None,
-                  "train/peak_memory_gb": memory_gb()})
+        m.update(
+            {
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": float(gn) if gn is not None else None,
+                "train/peak_memory_gb": memory_gb(),
+            }
+        )
         if peak:
             m["train/mfu"] = m["train/tokens_per_s"] * fpt / (peak * self.world)
         self.metrics = m
@@ -263,8 +302,15 @@ class Trainer:
         self.metrics_once = {}
         self._log(m)
         per = " ".join(f"{n}={m[f'train/loss/{n}']:.3f}" for n in self.vocab.names if f"train/loss/{n}" in m)
-        log.info("step %d/%d loss=%.3f (%s) %.0f tok/s data_wait=%.2f", self.step, self.cfg.train.steps,
-                 m["train/loss"], per, m["train/tokens_per_s"], m["train/data_wait_frac"])
+        log.info(
+            "step %d/%d loss=%.3f (%s) %.0f tok/s data_wait=%.2f",
+            self.step,
+            self.cfg.train.steps,
+            m["train/loss"],
+            per,
+            m["train/tokens_per_s"],
+            m["train/data_wait_frac"],
+        )
 
     def _log(self, m: dict) -> None:
         if self.tracker is not None and self.rank == 0:
@@ -278,8 +324,7 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.set_tag("data.ledger_digest", pos.ledger_digest())
             self._log({"data/consumed_records": pos.records, "data/consumed_rows": pos.rows})
-            log.info("consumed %d rows (%d records), ledger digest %s", pos.rows, pos.records,
-                     pos.ledger_digest()[:16])
+            log.info("consumed %d rows (%d records), ledger digest %s", pos.rows, pos.records, pos.ledger_digest()[:16])
 
     # ---- evaluation and checkpoints ---------------------------------------------------------------
     def plain_model(self):
@@ -324,8 +369,12 @@ class Trainer:
         at = f"samples/step_{self.step:06d}"
         errors = getattr(samples, "errors", [])
         if errors:
-            log.warning("eval step %d: %d sample(s) could not be drawn (%s); training goes on", self.step, len(errors),
-                        errors[0])
+            log.warning(
+                "eval step %d: %d sample(s) could not be drawn (%s); training goes on",
+                self.step,
+                len(errors),
+                errors[0],
+            )
             self.tracker.log_text("\n".join(errors) + "\n", f"{at}/errors.txt")
         for task, rows in samples.tables.items():
             self.tracker.log_table(rows, f"{at}/{task}.json")

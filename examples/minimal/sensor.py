@@ -1,4 +1,5 @@
 """A complete omnistream modality in under 60 lines: 1-D sensor series (.csv) as quantised levels."""
+
 import io
 from typing import ClassVar
 

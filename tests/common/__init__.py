@@ -1,4 +1,5 @@
 """Helpers every test tier shares: the small corpus spec, the small bundle's options, direct fitting."""
+
 from __future__ import annotations
 
 import sys
@@ -61,21 +62,46 @@ def wav_header(rate: int, frames: int = 64) -> bytes:
     # a 440 Hz tone at a tenth of full scale: heard, so it passes the silence filter and gets resampled
     data = (np.sin(np.arange(frames) * 2 * np.pi * 440 / rate) * 3000).astype("<i2").tobytes()
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
-    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"data" + struct.pack("<I", len(data)) + data)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + len(data))
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
 
 
 # a small run's --set overrides (the integration tier's model and stream); paths are added per test
 OVERRIDES = [
-    "data.seq_len=128", "data.epochs=2", "data.fit_records=400",
-    "modalities.text.vocab_size=300", "modalities.image.codebook_size=64", "modalities.audio.codebook_size=32",
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=2",
-    "train.micro_batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.zero_stage=3",
-    "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
-    "eval.examples=20", "eval.loss_rows=8", "eval.samples=1", "eval.max_new_tokens=3",
+    "data.seq_len=128",
+    "data.epochs=2",
+    "data.fit_records=400",
+    "modalities.text.vocab_size=300",
+    "modalities.image.codebook_size=64",
+    "modalities.audio.codebook_size=32",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=2",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.zero_stage=3",
+    "cluster.num_workers=2",
+    "cluster.cpus_per_worker=0.5",
+    "eval.examples=20",
+    "eval.loss_rows=8",
+    "eval.samples=1",
+    "eval.max_new_tokens=3",
     # the demo's two tasks, as --set overrides (configs/demo.toml declares them as tables)
-    *[f'eval.tasks.{m}_to_text.{k}={v}' for m in ("image", "audio")
-      for k, v in (("prompt", f'"{m}"'), ("label_field", '"digit"'), ("match", '"number"'))],
+    *[
+        f"eval.tasks.{m}_to_text.{k}={v}"
+        for m in ("image", "audio")
+        for k, v in (("prompt", f'"{m}"'), ("label_field", '"digit"'), ("match", '"number"'))
+    ],
 ]
 
 
@@ -96,8 +122,9 @@ def non_loopback_listeners() -> list[str]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         for c in conns:
-            if c.status == psutil.CONN_LISTEN and not (c.laddr.ip.startswith("127.")
-                                                       or c.laddr.ip in ("::1", "::ffff:127.0.0.1")):
+            if c.status == psutil.CONN_LISTEN and not (
+                c.laddr.ip.startswith("127.") or c.laddr.ip in ("::1", "::ffff:127.0.0.1")
+            ):
                 bad.append(f"{p.name()}[{p.pid}] {c.laddr.ip}:{c.laddr.port}")
     return bad
 
@@ -108,10 +135,18 @@ def run_config(corpus: dict, tmp, *extra: str):
     from omnistream.configs import load_config
 
     d = corpus["dir"]
-    return load_config(None, OVERRIDES + [
-        f'data.train_shards=["{d}/train-*.tar"]', f'data.eval_shards=["{d}/eval-000.tar"]',
-        f'data.bundle_dir="{tmp}/bundle"', f'cluster.storage_path="{tmp}/ray"',
-        f'tracking.uri="sqlite:///{tmp}/mlflow.db"', *extra])
+    return load_config(
+        None,
+        OVERRIDES
+        + [
+            f'data.train_shards=["{d}/train-*.tar"]',
+            f'data.eval_shards=["{d}/eval-000.tar"]',
+            f'data.bundle_dir="{tmp}/bundle"',
+            f'cluster.storage_path="{tmp}/ray"',
+            f'tracking.uri="sqlite:///{tmp}/mlflow.db"',
+            *extra,
+        ],
+    )
 
 
 def mlflow_client(uri: str):
@@ -165,8 +200,12 @@ class S3Server:
 
         self.port, self.proc = free_port(), None
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "omnistream-test-key",
-                    "AWS_SECRET_ACCESS_KEY": self.SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "omnistream-test-key",
+            "AWS_SECRET_ACCESS_KEY": self.SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def start(self) -> None:
         import shutil
@@ -175,8 +214,9 @@ class S3Server:
         import time
 
         exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -203,7 +243,7 @@ def speechlike(seconds: float, rate: int, seed: int = 0):
     f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
     phase = 2 * np.pi * np.cumsum(f0) / rate
     formant = 700 + 400 * np.sin(2 * np.pi * 1.3 * t)
-    voiced = sum(np.exp(-((k * f0 - formant) / 300) ** 2) * np.sin(k * phase) for k in range(1, 30))
+    voiced = sum(np.exp(-(((k * f0 - formant) / 300) ** 2)) * np.sin(k * phase) for k in range(1, 30))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
     noise = rng.normal(0, 0.3, len(t)) * (np.sin(2 * np.pi * 2.1 * t) > 0.8)
     w = (voiced * envelope + noise).astype(np.float32)

@@ -3,6 +3,7 @@ a stand-in for a native decoder library that crashes on crafted input. soundfile
 that carry MARKER, kills its own process with SIGKILL, as a segfault in libsndfile or the kernel's
 OOM killer would. Bytes without the marker are decoded as always. Nothing in omnistream knows of it.
 """
+
 import os
 import signal
 

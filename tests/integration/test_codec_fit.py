@@ -1,24 +1,37 @@
 """The learned audio codec fitted (a few seconds, on the demo's DTMF tones): the conformance kit, seams between
-windows, a bundle that reloads bit-identically in a fresh process. (The codec's fast checks: tests/unit/test_codec.py.)"""
+windows, a bundle that reloads bit-identically in a fresh process. (The codec's fast checks:
+tests/unit/test_codec.py.)"""
+
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from common import speechlike
 from omnistream.common.errors import UserError
 from omnistream.modalities import codec, registry
 from omnistream.modalities.audio import Audio
 from omnistream.modalities.conformance import check_modality
 from omnistream.pipelines.records import read_shard
 
-from common import speechlike
-
 AudioModality = registry.get("audio")
 # small enough to fit in seconds on the demo's DTMF tones (8 kHz, as the demo's shards). The envelope term at
 # 30, not speech's 60: on tones 60 leaves the kit's log-mel roundtrip error at 0.21 (400 to 800 steps alike,
 # against the declared 0.2), 30 at 0.16.
-TINY = {"tokenizer": "codec", "sample_rate": 8000, "hop": 160, "width": 32, "levels": [5, 5, 5], "groups": 2,
-        "fit_steps": 400, "fit_batch": 8, "fit_seconds": 0.5, "fit_lr": 4e-3, "envelope_weight": 30.0}
+TINY = {
+    "tokenizer": "codec",
+    "sample_rate": 8000,
+    "hop": 160,
+    "width": 32,
+    "levels": [5, 5, 5],
+    "groups": 2,
+    "fit_steps": 400,
+    "fit_batch": 8,
+    "fit_seconds": 0.5,
+    "fit_lr": 4e-3,
+    "envelope_weight": 30.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +68,7 @@ def test_a_seam_between_windows_is_no_worse_than_anywhere_else(learned):
     err = np.abs(out[: len(wave)] - wave)
     seam = np.zeros(len(err), bool)
     for s in range(25 * o.hop, len(err), 25 * o.hop):
-        seam[s - o.hop:s + o.hop] = True
+        seam[s - o.hop : s + o.hop] = True
     assert seam.sum() > 0
     assert err[seam].mean() <= 1.25 * err[~seam].mean(), (err[seam].mean(), err[~seam].mean())
 

@@ -1,5 +1,6 @@
 """Data you can trust: a corpus with every defect planted (built here from bytes), run through
 `omnistream data inspect`, the filters, dedup, the error-rate stop, and training."""
+
 import io
 import json
 import random
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from omnistream.pipelines.democorpus import draw_digit, dtmf, make_record
 from PIL import Image
 
-from common import EXE, REPO, SMALL_MODALITIES, wav_header  # noqa: E402,I001
+from common import EXE, REPO, SMALL_MODALITIES, wav_header
+from omnistream.pipelines.democorpus import draw_digit, dtmf, make_record
 
 
 def png(im) -> bytes:
@@ -40,8 +41,8 @@ def bomb_png() -> bytes:
     """A real 8×8 PNG whose header claims 100000×100000 pixels (CRC fixed so the header parses)."""
     data = bytearray(png(Image.new("L", (8, 8), 128)))
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", 100_000, 100_000)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", 100_000, 100_000)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
     return bytes(data)
 
 
@@ -49,7 +50,7 @@ def lying_wav() -> bytes:
     """A WAV whose header claims ~10 hours of audio it does not have."""
     data = bytearray(wav(np.zeros(800)))
     i = data.index(b"data")
-    data[i + 4:i + 8] = struct.pack("<I", 0x7FFF0000)
+    data[i + 4 : i + 8] = struct.pack("<I", 0x7FFF0000)
     return bytes(data)
 
 
@@ -91,8 +92,11 @@ PLANTED = {
     "hdr-0": "header_too_large",  # the record being read when the next member's header came
 }
 # dedup keeps whichever of a pair the actors met first; exactly one of each pair is filtered
-DUP_PAIRS = {("good-000", "d-exact"): "duplicate", ("orig-image", "d-nearimage"): "near_duplicate",
-             ("orig-text", "d-neartext"): "near_duplicate"}
+DUP_PAIRS = {
+    ("good-000", "d-exact"): "duplicate",
+    ("orig-image", "d-nearimage"): "near_duplicate",
+    ("orig-text", "d-neartext"): "near_duplicate",
+}
 LONG_TEXT = " ".join(f"word{i % 37} item{i % 11} thing{i}" for i in range(40))
 
 
@@ -112,12 +116,12 @@ def write_planted(d: Path) -> tuple[list[str], int]:
         add(t, "bad-zero.png", b"")
         add(t, "bad-truncpng.png", png(base_img)[:200])
         add(t, "bad-garbagejpg.jpg", b"\xff\xd8\xff\xe0" + bytes(rng.getrandbits(8) for _ in range(300)))
-        add(t, "bad-liar.wav", png(base_img))                      # extension lies
+        add(t, "bad-liar.wav", png(base_img))  # extension lies
         add(t, "bad-bomb.png", bomb_png())
         add(t, "bad-lyingwav.wav", lying_wav())
         add(t, "bad-emptywav.wav", wav(np.zeros(0)))
         add(t, "bad-nanwav.wav", wav(np.full(800, np.nan), subtype="FLOAT"))
-        add(t, "bad-longwav.wav", wav(np.zeros(8000 * 12)))       # 12 s > max_seconds 10
+        add(t, "bad-longwav.wav", wav(np.zeros(8000 * 12)))  # 12 s > max_seconds 10
         add(t, "bad-latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))
         add(t, "bad-hugetext.txt", b"a" * 2_000_000)
         add(t, "bad-nofield.json", b'{"digit": 1}')
@@ -182,8 +186,9 @@ CRASH_WAV = wav(np.zeros(800))[:44] + b"OMNISTREAM-TEST-KILLS-ITS-READER" + byte
 
 
 def inspect(*args):
-    r = subprocess.run([*EXE, "data", "inspect", *args, "--json"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [*EXE, "data", "inspect", *args, "--json"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     return r
 
 
@@ -215,8 +220,11 @@ def test_inspect_accounts_for_every_record(report, planted):
     died = [e for e in report["shard_errors"] if e["reason"] == "actor_died"]
     assert [Path(e["shard"]).name for e in died] == ["kills.tar"], report["shard_errors"]
     assert report["per_shard"][next(s for s in report["per_shard"] if s.endswith("hostile.tar"))]["kept"] == 1
-    assert report["errored"].get("shard_truncated", 0) + sum(1 for e in report["shard_errors"]
-                                                             if e["reason"] == "shard_truncated") == 1
+    assert (
+        report["errored"].get("shard_truncated", 0)
+        + sum(1 for e in report["shard_errors"] if e["reason"] == "shard_truncated")
+        == 1
+    )
 
 
 def test_every_planted_defect_appears_under_its_reason(report):
@@ -249,6 +257,7 @@ def test_no_shards_is_a_user_mistake():
 
 # ---- filters and dedup fail when switched off -------------------------------------------------------
 
+
 def _caught(shards: list[str], *sets: str) -> set[str]:
     """The keys the stages `data inspect` runs on Ray (read, decode, filters, dedup on real DedupShard
     actors) catch, run in this process under `--set` overrides `sets`."""
@@ -271,14 +280,17 @@ def caught_by_default(ray_local, planted):
     return _caught(planted[0][:2])
 
 
-@pytest.mark.parametrize("switch,keys", [
-    ("data.quality.image.enabled=false", ["q-uniform"]),
-    ("data.quality.audio.enabled=false", ["q-silent", "q-clipped"]),
-    ("data.quality.text.enabled=false", ["q-repeated", "q-noletters"]),
-    ("data.dedup.exact=false", ["good-000", "d-exact"]),
-    ("data.quality.image.near_duplicates=false", ["orig-image", "d-nearimage"]),
-    ("data.quality.text.near_duplicates=false", ["orig-text", "d-neartext"]),
-])
+@pytest.mark.parametrize(
+    "switch,keys",
+    [
+        ("data.quality.image.enabled=false", ["q-uniform"]),
+        ("data.quality.audio.enabled=false", ["q-silent", "q-clipped"]),
+        ("data.quality.text.enabled=false", ["q-repeated", "q-noletters"]),
+        ("data.dedup.exact=false", ["good-000", "d-exact"]),
+        ("data.quality.image.near_duplicates=false", ["orig-image", "d-nearimage"]),
+        ("data.quality.text.near_duplicates=false", ["orig-text", "d-neartext"]),
+    ],
+)
 def test_switching_a_filter_off_keeps_what_it_caught(report, planted, caught_by_default, switch, keys):
     """Caught with the filter on (on Ray, the report; in this process, the same stages), kept with it off.
     What a switch changes is the processor's; the Ray path is the report's own test."""
@@ -310,11 +322,13 @@ def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
 
 # ---- mostly-bad data stops a run (training on the planted corpus: test_hostile_run.py) ------------------
 
+
 @pytest.mark.slow
 def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, corpus, tmp_path):
+    from test_e2e import _cfg
+
     from omnistream.cluster.driver import run_training
     from omnistream.common.errors import UserError
-    from test_e2e import _cfg
 
     junk = tmp_path / "junk.tar"
     with tarfile.open(junk, "w") as t:
@@ -324,14 +338,23 @@ def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, c
             for ext, data in good(i).items():
                 if ext != "__key__":
                     add(t, f"ok-{i}.{ext}", data)
-    cfg = _cfg(corpus, tmp_path, "train.steps=50", "data.epochs=20", "cluster.num_workers=1",
-               "data.error_rate_window=100", f'data.train_shards=["{junk}"]', f'data.bundle_dir="{bundle}"',
-               "data.eval_shards=[]")
+    cfg = _cfg(
+        corpus,
+        tmp_path,
+        "train.steps=50",
+        "data.epochs=20",
+        "cluster.num_workers=1",
+        "data.error_rate_window=100",
+        f'data.train_shards=["{junk}"]',
+        f'data.bundle_dir="{bundle}"',
+        "data.eval_shards=[]",
+    )
     with pytest.raises(UserError, match="could not be read .*image_undecodable.*data.max_error_rate"):
         run_training(cfg)
 
 
 # ---- tokenize once: `omnistream data tokenize` on Ray, a cut-off cache finished ----------------------
+
 
 def test_tokenize_command_fills_finishes_and_reuses_the_cache(ray_local, corpus, bundle, tmp_path, capsys):
     """Through the CLI on the session's Ray, dedup actors included: the first call tokenizes every shard,
@@ -342,11 +365,14 @@ def test_tokenize_command_fills_finishes_and_reuses_the_cache(ray_local, corpus,
     from omnistream.pipelines.cache import TokenCache
 
     cfg = tmp_path / "t.toml"
-    cfg.write_text(SMALL_MODALITIES + f"""[data]
+    cfg.write_text(
+        SMALL_MODALITIES
+        + f"""[data]
 train_shards = {json.dumps(corpus["train"])}
 bundle_dir = "{bundle}"
-token_cache = "{tmp_path / 'cache'}"
-""")
+token_cache = "{tmp_path / "cache"}"
+"""
+    )
     assert main(["data", "tokenize", str(cfg)]) == 0
     assert "0 already cached, 4 tokenized" in capsys.readouterr().out
     cache = TokenCache(str(tmp_path / "cache"))
@@ -368,15 +394,15 @@ def test_the_tokenizer_fit_reads_as_training_does(ray_local, planted, tmp_path):
     the fit reads through the same processor as training: the killing shard is one shard error
     (actor_died) and the fit finishes; each record over a bound, and each one a quality filter
     catches, is counted under its reason; the codebooks are fitted on the rest."""
+    from common import SMALL_OPTIONS
     from omnistream.configs import load_config
     from omnistream.pipelines.fit import fit_bundle
 
-    from common import SMALL_OPTIONS
-
     shards, _ = planted
     cfg = load_config(None, ["data.fit_records=100000"])  # every planted record is in the sample
-    vocab, summary = fit_bundle(cfg.data.model_copy(update={"train_shards": shards}), SMALL_OPTIONS, cfg.seed,
-                                tmp_path / "bundle")
+    vocab, summary = fit_bundle(
+        cfg.data.model_copy(update={"train_shards": shards}), SMALL_OPTIONS, cfg.seed, tmp_path / "bundle"
+    )
     bad = summary["bad_samples"]
     assert bad.get("shard_errors/actor_died") == 1, bad
     assert bad.get("errored/too_many_members", 0) >= 1 and bad.get("errored/audio_sample_rate", 0) >= 1, bad

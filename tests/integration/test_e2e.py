@@ -1,6 +1,7 @@
 """The real path end to end on a local Ray: the token cache, the Ray Data row stream, 2 Ray Train workers
 with DeepSpeed ZeRO-3, MLflow run, checkpoints with every rank's shards, resume at step N and 2N, a
 killed worker, resume on 1 worker and back on 2, loopback-only listeners."""
+
 import json
 import threading
 from pathlib import Path
@@ -9,7 +10,7 @@ import psutil
 import pytest
 
 from common import (
-    UNINTERRUPTED,  # noqa: I001
+    UNINTERRUPTED,
     mlflow_client,
     mlflow_run,
 )
@@ -25,12 +26,28 @@ NO_EVAL = ("data.eval_shards=[]",)  # resumed runs are compared by their data an
 def test_run_logs_the_design_metrics(trained):
     res = trained["res"]
     m = res.metrics
-    for key in ["train/loss", "train/loss/text", "train/loss/image", "train/loss/audio", "train/tokens_per_s",
-                "train/data_wait_frac", "train/lr", "train/grad_norm", "train/peak_memory_gb", "eval/loss/text", "eval/loss/image",
-                "eval/loss/audio", "eval/image_to_text/accuracy", "eval/audio_to_text/accuracy",
-                "data/seen", "data/kept"]:
+    for key in [
+        "train/loss",
+        "train/loss/text",
+        "train/loss/image",
+        "train/loss/audio",
+        "train/tokens_per_s",
+        "train/data_wait_frac",
+        "train/lr",
+        "train/grad_norm",
+        "train/peak_memory_gb",
+        "eval/loss/text",
+        "eval/loss/image",
+        "eval/loss/audio",
+        "eval/image_to_text/accuracy",
+        "eval/audio_to_text/accuracy",
+        "data/seen",
+        "data/kept",
+    ]:
         assert key in m, key
-    assert m["data/seen"] == m["data/kept"] + sum(v for k, v in m.items() if k.startswith(("data/filtered/", "data/errored/")))
+    assert m["data/seen"] == m["data/kept"] + sum(
+        v for k, v in m.items() if k.startswith(("data/filtered/", "data/errored/"))
+    )
     steps = [s for s, _ in mlflow_run(res.tracking_uri, res.run_id).metric_history("train/loss")]
     assert sorted(steps) == list(range(1, 11))
     c = mlflow_client(res.tracking_uri)
@@ -40,9 +57,9 @@ def test_run_logs_the_design_metrics(trained):
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config", "vocab.json", "data", "samples"} <= arts
     sample_files = [a.path for a in c.list_artifacts(res.run_id, "samples/step_000010")]
-    assert any(p.endswith(".wav") for p in sample_files), sample_files          # text -> audio, as files
+    assert any(p.endswith(".wav") for p in sample_files), sample_files  # text -> audio, as files
     assert any(p.endswith("image_to_text.json") for p in sample_files), sample_files  # log_table
-    images = [a.path for a in c.list_artifacts(res.run_id, "images")]           # log_image, with the step
+    images = [a.path for a in c.list_artifacts(res.run_id, "images")]  # log_image, with the step
     assert any("text_to_image" in p and "+step+10+" in p for p in images), images
 
 
@@ -70,8 +87,17 @@ def test_every_epoch_and_a_second_run_read_the_token_cache(trained, elastic):
 def _resumed(trained, corpus, ckpt, *extra):
     from omnistream.cluster.driver import run_training
 
-    return run_training(_cfg(corpus, trained["tmp"], *UNINTERRUPTED, *NO_EVAL, f'train.resume_from="{ckpt}"',
-                             f'tracking.uri="{trained["cfg"].tracking.uri}"', *extra))
+    return run_training(
+        _cfg(
+            corpus,
+            trained["tmp"],
+            *UNINTERRUPTED,
+            *NO_EVAL,
+            f'train.resume_from="{ckpt}"',
+            f'tracking.uri="{trained["cfg"].tracking.uri}"',
+            *extra,
+        )
+    )
 
 
 def _step(ckpt) -> int:
@@ -139,9 +165,17 @@ def elastic(trained, corpus, tmp_path_factory):
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     try:
-        two = _resumed(trained, corpus, six, "cluster.num_workers=2", "train.max_failures=1", "train.checkpoint_every=1",
-                       f'cluster.storage_path="{storage}"', 'tracking.backend="tensorboard"',
-                       f'tracking.uri="{trained["tmp"]}/tensorboard"')
+        two = _resumed(
+            trained,
+            corpus,
+            six,
+            "cluster.num_workers=2",
+            "train.max_failures=1",
+            "train.checkpoint_every=1",
+            f'cluster.storage_path="{storage}"',
+            'tracking.backend="tensorboard"',
+            f'tracking.uri="{trained["tmp"]}/tensorboard"',
+        )
     finally:
         done.set()
         th.join()
@@ -195,15 +229,19 @@ def test_a_run_tracked_by_tensorboard_is_read_back_by_tensorboards_own_reader(tr
     for m in ("text", "image", "audio"):  # steps 7..10; 8.. again after the killed worker
         assert sorted({e.step for e in acc.Scalars(f"train/loss/{m}")}) == [7, 8, 9, 10], m
     assert acc.Scalars("data/seen")[-1].value == 480 and acc.Scalars("data/cache/shards_reused")[-1].value == 4
-    tags = {t: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"]
-            if t.startswith("tags/")}
+    tags = {
+        t: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode()
+        for t in acc.Tags()["tensors"]
+        if t.startswith("tags/")
+    }
     assert tags["tags/data.ledger_digest"] == trained["res"].ledger_digest
     assert tags["tags/omnistream.status"] == "FINISHED"
     assert (run_dir / "artifacts" / "config" / "resolved.toml").read_text().count('backend = "tensorboard"') == 1
     assert json.loads((run_dir / "artifacts" / "data" / "report.json").read_text())["seen"] == 480
     assert res.tracking_uri == str(Path(trained["tmp"]) / "tensorboard")
     runs = mlflow_client(trained["res"].tracking_uri).search_runs(
-        [mlflow_client(trained["res"].tracking_uri).get_experiment_by_name("omnistream").experiment_id])
+        [mlflow_client(trained["res"].tracking_uri).get_experiment_by_name("omnistream").experiment_id]
+    )
     assert res.run_id not in {r.info.run_id for r in runs}
 
 
@@ -225,8 +263,21 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     rec = next(r for r in read_shard(cfg.data.eval_shards[0], 1 << 26) if "png" in r.fields)
     (tmp_path / "x.png").write_bytes(rec.fields["png"])
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "m"), "--from", "image", "--input", str(tmp_path / "x.png"),
-                 "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "m"),
+                "--from",
+                "image",
+                "--input",
+                str(tmp_path / "x.png"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     # a briefly trained model may well continue with spaces: what matters is that the CLI prints exactly
     # the greedy continuation
     from omnistream.serving.generate import generate_from
@@ -234,11 +285,41 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     image = vocab.by_name["image"].decode_bytes("png", rec.fields["png"])
     text = generate_from(model, vocab, "image", image, "text", 4)
     assert capsys.readouterr().out == text + "\n"
-    assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", "image", "--input", "the digit 3",
-                 "--out", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "m"),
+                "--from",
+                "text",
+                "--to",
+                "image",
+                "--input",
+                "the digit 3",
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", "audio", "--input", "the digit 3",
-                 "--out", str(tmp_path / "g.wav")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "m"),
+                "--from",
+                "text",
+                "--to",
+                "audio",
+                "--input",
+                "the digit 3",
+                "--out",
+                str(tmp_path / "g.wav"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "g.wav").read_bytes()[:4] == b"RIFF"
 
     # registered in the run's MLflow store, loaded back through MLflow, generating the same answer
@@ -253,8 +334,13 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     mlflow.set_tracking_uri(res.tracking_uri)
     # logged from code: the version holds no pickle, so loading it unpickles nothing (a registered pickle runs
     # whatever its author put in it on every machine that loads it)
-    files = [p for p in Path(mlflow.artifacts.download_artifacts("models:/e2e-digits/1", dst_path=str(tmp_path / "dl")))
-             .rglob("*") if p.is_file()]
+    files = [
+        p
+        for p in Path(mlflow.artifacts.download_artifacts("models:/e2e-digits/1", dst_path=str(tmp_path / "dl"))).rglob(
+            "*"
+        )
+        if p.is_file()
+    ]
     assert any(p.name == "python_model.py" or p.suffix == ".py" for p in files), [p.name for p in files]
     pickles = [p.name for p in files if p.suffix in (".pkl", ".pickle") or p.read_bytes()[:1] == b"\x80"]
     assert not pickles, pickles
@@ -263,8 +349,12 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     assert got.to_dict("records") == [{"to": "text", "ext": "txt", "output": text}]
     got = served.predict(pd.DataFrame({"text": ["the digit 3"]}), params={"to": "image"})
     assert got["ext"][0] == "png" and base64.b64decode(got["output"][0])[:4] == b"\x89PNG"
-    models = {m.name for m in mlflow_client(res.tracking_uri).search_logged_models([
-        mlflow_client(res.tracking_uri).get_run(res.run_id).info.experiment_id])}
+    models = {
+        m.name
+        for m in mlflow_client(res.tracking_uri).search_logged_models(
+            [mlflow_client(res.tracking_uri).get_run(res.run_id).info.experiment_id]
+        )
+    }
     assert models, "the model is logged in the experiment of the run that trained it"
 
     # and `mlflow models serve` answers for it on 127.0.0.1, base64 in JSON for the image
@@ -278,20 +368,43 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
     from omnistream.cluster.connect import free_port
 
     port, bindir = free_port(), str(Path(sys.executable).parent)
-    srv = subprocess.Popen([f"{bindir}/mlflow", "models", "serve", "-m", "models:/e2e-digits/1", "--env-manager",
-                            "local", "-h", "127.0.0.1", "-p", str(port)], start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": res.tracking_uri,
-                                "PATH": f"{bindir}:{os.environ.get('PATH', '')}"})
+    srv = subprocess.Popen(
+        [
+            f"{bindir}/mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/e2e-digits/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_TRACKING_URI": res.tracking_uri, "PATH": f"{bindir}:{os.environ.get('PATH', '')}"},
+    )
     try:
-        body = _json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(rec.fields["png"])
-                                                                               .decode()]]},
-                            "params": {"max_new_tokens": 4}}).encode()
+        body = _json.dumps(
+            {
+                "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(rec.fields["png"]).decode()]]},
+                "params": {"max_new_tokens": 4},
+            }
+        ).encode()
         deadline, answer = time.time() + 120, None
         while answer is None and time.time() < deadline and srv.poll() is None:
             try:
-                answer = _json.loads(urllib.request.urlopen(urllib.request.Request(
-                    f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}), timeout=30).read())
+                answer = _json.loads(
+                    urllib.request.urlopen(
+                        urllib.request.Request(
+                            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+                        ),
+                        timeout=30,
+                    ).read()
+                )
             except OSError:
                 time.sleep(1)
         assert answer == {"predictions": [{"to": "text", "ext": "txt", "output": text}]}, answer
@@ -305,11 +418,10 @@ def test_every_listener_is_loopback(trained):
 
 
 def test_resume_with_other_vocabulary_or_data_is_refused(trained, corpus, tmp_path):
+    from common import fit_modalities
     from omnistream.cluster.driver import check_checkpoint, resume_plan
     from omnistream.common.errors import UserError
     from omnistream.modalities.vocab import Vocabulary
-
-    from common import fit_modalities
 
     other = Vocabulary(fit_modalities(corpus["train"][:1], {"image": {"codebook_size": 32}}))
     with pytest.raises(UserError, match="another vocabulary"):

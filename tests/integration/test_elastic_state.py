@@ -2,6 +2,7 @@
 (2 processes, then 1, then 2 again; no Ray). A checkpoint of 2 ranks goes through DeepSpeed's universal
 checkpoint (checkpoint.to_universal) into 1 rank and back into 2; every parameter's fp32 weights and
 both AdamW moments, and the step, come back bit for bit."""
+
 import os
 from pathlib import Path
 
@@ -15,21 +16,33 @@ pytestmark = pytest.mark.slow
 def _cfg(stage: int = 3):
     from omnistream.configs import load_config
 
-    c = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", f"train.zero_stage={stage}",
-                           "train.micro_batch_size=2", "data.seq_len=16", "train.warmup_steps=1",
-                           'modalities = {text = {vocab_size = 260}}'])
+    c = load_config(
+        None,
+        [
+            "model.n_layers=2",
+            "model.d_model=32",
+            "model.n_heads=2",
+            f"train.zero_stage={stage}",
+            "train.micro_batch_size=2",
+            "data.seq_len=16",
+            "train.warmup_steps=1",
+            "modalities = {text = {vocab_size = 260}}",
+        ],
+    )
     c.model.vocab_size, c.model.max_seq_len = 300, 16
     return c
 
 
 def _rank(rank: int, world: int, port: int, load: str | None, save: str, steps: int, stage: int) -> None:
     import torch.distributed as dist
+
     from omnistream.training.checkpoint import CKPT_TAG
     from omnistream.training.engine import build_engine, pin_collectives_to_loopback
 
     pin_collectives_to_loopback()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     engine, _, _ = build_engine(_cfg(stage), load_universal=load is not None)
     if load:
@@ -76,9 +89,9 @@ def test_a_checkpoint_of_2_ranks_loads_on_1_and_on_2_again_bit_for_bit(tmp_path,
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     _ranks(2, free_port(), None, str(a), 3, stage)
     ua = to_universal(a, tmp_path / "ua")
-    _ranks(1, free_port(), str(ua), str(b), 0, stage)   # 2 -> 1, saved as it was loaded
+    _ranks(1, free_port(), str(ua), str(b), 0, stage)  # 2 -> 1, saved as it was loaded
     ub = to_universal(b, tmp_path / "ub")
-    _ranks(2, free_port(), str(ub), str(c), 0, stage)   # 1 -> 2
+    _ranks(2, free_port(), str(ub), str(c), 0, stage)  # 1 -> 2
     uc = to_universal(c, tmp_path / "uc")
     sa, sb, sc = _states(ua), _states(ub), _states(uc)
     # 14 parameters, each with fp32, exp_avg and exp_avg_sq (ZeRO-1's form adds AdamW's step per parameter,
@@ -88,8 +101,10 @@ def test_a_checkpoint_of_2_ranks_loads_on_1_and_on_2_again_bit_for_bit(tmp_path,
     assert any(k.endswith("exp_avg.pt") and v.abs().sum() > 0 for k, v in sa.items())  # the moments are real
     for k in sa:
         assert torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sc[k]), k
-    steps = [torch.load(next((u / "model").glob("*model_states.pt")), weights_only=False)["global_steps"]
-             for u in (ua, ub, uc)]
+    steps = [
+        torch.load(next((u / "model").glob("*model_states.pt")), weights_only=False)["global_steps"]
+        for u in (ua, ub, uc)
+    ]
     assert steps == [3, 3, 3]
     assert to_universal(a, tmp_path / "ua") == ua  # converted once, then reused
 
@@ -111,6 +126,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path):
     converter calls torch.load(weights_only=False); the checkpoint's own omnistream.json decides that
     path. An optimizer file holding a __reduce__ payload is refused with one line, and never runs."""
     import torch
+
     from omnistream.common.errors import UserError
     from omnistream.training.checkpoint import to_universal
 

@@ -8,6 +8,8 @@ cross-modal tasks land far above chance (0.1).
 import numpy as np
 import pytest
 import torch
+
+from common import DIGIT_TASKS, fit_modalities
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import CorpusSpec, write_demo_corpus
@@ -18,8 +20,6 @@ from omnistream.training.engine import single_process_group
 from omnistream.training.evaluate import Evaluator
 from omnistream.training.trainer import Trainer
 
-from common import DIGIT_TASKS, fit_modalities
-
 STEPS = 800
 GOLDEN = CorpusSpec(train_records=1500, eval_records=60, records_per_shard=500, seed=7)
 
@@ -28,8 +28,10 @@ GOLDEN = CorpusSpec(train_records=1500, eval_records=60, records_per_shard=500, 
 def golden(tmp_path_factory):
     d = tmp_path_factory.mktemp("golden")
     corpus = write_demo_corpus(d / "data", GOLDEN)
-    mods = fit_modalities(corpus["train"], {"text": {"vocab_size": 300}, "image": {"size": 16, "codebook_size": 64},
-                                            "audio": {"codebook_size": 32}})
+    mods = fit_modalities(
+        corpus["train"],
+        {"text": {"vocab_size": 300}, "image": {"size": 16, "codebook_size": 64}, "audio": {"codebook_size": 32}},
+    )
     Vocabulary(mods).save(d / "bundle")
     return corpus, str(d / "bundle"), d
 
@@ -47,10 +49,25 @@ def golden_config(golden, tmp_path, *overrides):
     corpus, bundle, d = golden
     cfg_file = tmp_path / "golden.toml"
     cfg_file.write_text(DIGIT_TASKS)
-    cfg = load_config(cfg_file, [
-        "data.seq_len=128", "model.n_layers=2", "model.d_model=96", "model.n_heads=2", f"train.steps={STEPS}",
-        "train.warmup_steps=10", "train.lr=3e-3", "train.micro_batch_size=16", "train.zero_stage=0",
-        "train.log_every=10", "eval.examples=40", "eval.max_new_tokens=4", f'data.bundle_dir="{bundle}"', *overrides])
+    cfg = load_config(
+        cfg_file,
+        [
+            "data.seq_len=128",
+            "model.n_layers=2",
+            "model.d_model=96",
+            "model.n_heads=2",
+            f"train.steps={STEPS}",
+            "train.warmup_steps=10",
+            "train.lr=3e-3",
+            "train.micro_batch_size=16",
+            "train.zero_stage=0",
+            "train.log_every=10",
+            "eval.examples=40",
+            "eval.max_new_tokens=4",
+            f'data.bundle_dir="{bundle}"',
+            *overrides,
+        ],
+    )
     cfg.data.train_shards, cfg.data.eval_shards = corpus["train"], corpus["eval"]
     vocab = Vocabulary.load(bundle)
     cfg.modalities = {m["name"]: m["options"] for m in vocab.layout()["modalities"]}
@@ -62,8 +79,11 @@ def golden_config(golden, tmp_path, *overrides):
 def golden_rows(golden):
     corpus, bundle, d = golden
     cfg, _ = golden_config(golden, d)
-    docs = [(t, m, f"{epoch}:{r.shard}:{r.key}") for epoch in range(3)
-            for r, _, t, m in local_documents(corpus["train"], bundle, None, cfg.data, cfg.seed + epoch)]
+    docs = [
+        (t, m, f"{epoch}:{r.shard}:{r.key}")
+        for epoch in range(3)
+        for r, _, t, m in local_documents(corpus["train"], bundle, None, cfg.data, cfg.seed + epoch)
+    ]
     return pack_documents(*map(list, zip(*docs)), 128)
 
 
@@ -74,7 +94,9 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
 
     single_process_group()
     tracker = MemoryTracker()
-    trainer = Trainer(cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab, held_out))
+    trainer = Trainer(
+        cfg, vocab, random_batches(rows, 16, 0), tracker=tracker, evaluator=Evaluator(cfg, vocab, held_out)
+    )
     m = trainer.train()
 
     assert trainer.step == STEPS and trainer.state_dict()["data"]["rows"] == STEPS * 16  # micro-batches of 16 rows
@@ -89,8 +111,9 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
     assert set(m) >= {"eval/loss/text", "eval/loss/image", "eval/loss/audio", "eval/image_to_text/accuracy"}
     assert "data.ledger_digest" in tracker.tags()
     # text -> image generations as images with their step; each task's answers as a table
-    assert any(k.startswith("text_to_image/") and steps[-1][0] == STEPS for k, steps in tracker.images.items()), \
-        sorted(tracker.images)
+    assert any(k.startswith("text_to_image/") and steps[-1][0] == STEPS for k, steps in tracker.images.items()), sorted(
+        tracker.images
+    )
     table = tracker.tables[f"samples/step_{STEPS:06d}/image_to_text.json"]
     assert set(table) == {"key", "label", "caption", "generated", "correct"} and len(table["key"]) >= 1
 
@@ -100,8 +123,13 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
     from omnistream.serving.export import write_export
     from omnistream.serving.pyfunc import log_and_register
 
-    out = write_export(tmp_path / "model", dict(trainer.engine.module.named_parameters()),
-                       cfg.model_dump(mode="json")["model"], vocab, STEPS)
+    out = write_export(
+        tmp_path / "model",
+        dict(trainer.engine.module.named_parameters()),
+        cfg.model_dump(mode="json")["model"],
+        vocab,
+        STEPS,
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ref = log_and_register(out, "golden-digits", tracking_uri=uri)
     assert ref == "models:/golden-digits/1"
@@ -115,8 +143,14 @@ def test_activation_checkpointing_under_zero3_leaves_the_losses_unchanged(golden
     single_process_group()
     curves = []
     for ac in ("false", "true"):
-        cfg, vocab = golden_config(golden, tmp_path, "train.steps=4", "train.log_every=1", "train.zero_stage=3",
-                                   f"train.activation_checkpointing={ac}")
+        cfg, vocab = golden_config(
+            golden,
+            tmp_path,
+            "train.steps=4",
+            "train.log_every=1",
+            "train.zero_stage=3",
+            f"train.activation_checkpointing={ac}",
+        )
         cfg.data.eval_shards = []
         tracker = MemoryTracker()
         Trainer(cfg, vocab, random_batches(golden_rows, 8, 1), tracker=tracker).train()

@@ -1,5 +1,6 @@
 """Hostile records under an address-space limit (RLIMIT_AS, in a subprocess): each bound errors its
 record under its reason; nothing raises MemoryError, and the process is not killed. No Ray."""
+
 import json
 import subprocess
 import sys
@@ -28,14 +29,14 @@ def test_hostile_records_under_an_address_space_limit(bundle, corpus, tmp_path):
     import io
     import tarfile
 
-    from omnistream.pipelines.records import read_shard
-    from test_hostile_records import tar_bytes  # noqa: I001 - the unit tier's real-bytes helper
+    from test_hostile_records import tar_bytes  # the unit tier's real-bytes helper
 
     from common import wav_header
+    from omnistream.pipelines.records import read_shard
 
     good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if "txt" in r.fields)
     members = [("ok-0.txt", good.fields["txt"])]
-    members += [("odd-0.wav", wav_header(44_101, 4000))]           # in range, but a 1.4 GB kernel bank
+    members += [("odd-0.wav", wav_header(44_101, 4000))]  # in range, but a 1.4 GB kernel bank
     members += [(f"many-0.f{i}", b"x" * 1000) for i in range(5000)]  # 5000 members in one record
     members += [("ok-1.txt", good.fields["txt"])]
     shard = tmp_path / "hostile.tar"
@@ -51,21 +52,24 @@ def test_hostile_records_under_an_address_space_limit(bundle, corpus, tmp_path):
 
     # 30 records of a 4000x4000 PNG (a few KB each, 48 MB decoded, within image.max_pixels): decoded one
     # record at a time, never the chunk's 30 at once (1.4 GB)
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     png = io.BytesIO()  # wide stripes: not near-uniform, and a few KB as PNG
     stripes = np.broadcast_to(((np.arange(4000) // 500) % 2 * 255).astype(np.uint8), (4000, 4000))
     Image.fromarray(np.ascontiguousarray(stripes)).convert("RGB").save(png, "PNG", optimize=True)
     big = tmp_path / "big.tar"
-    big.write_bytes(tar_bytes([m for i in range(30) for m in ((f"big-{i}.png", png.getvalue()),
-                                                              (f"big-{i}.txt", good.fields["txt"]))]))
+    big.write_bytes(
+        tar_bytes(
+            [m for i in range(30) for m in ((f"big-{i}.png", png.getvalue()), (f"big-{i}.txt", good.fields["txt"]))]
+        )
+    )
 
     results = {}
     for path in (shard, pax, big):
-        p = subprocess.run([sys.executable, "-c", SCRIPT, bundle, str(path)], capture_output=True, text=True,
-                           timeout=300, cwd=REPO)
+        p = subprocess.run(
+            [sys.executable, "-c", SCRIPT, bundle, str(path)], capture_output=True, text=True, timeout=300, cwd=REPO
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         assert "MemoryError" not in p.stderr
         results[path.name] = json.loads(p.stdout.strip().splitlines()[-1])

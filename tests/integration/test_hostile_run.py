@@ -1,6 +1,7 @@
 """A training run survives what issue 12 throws at it: hostile shards (the planted corpus), and a
 tracking server that goes away, which never costs it its metrics: a real MLflow server on 127.0.0.1
 (SQLite behind it), stopped while rank 0 logs and started again on the same port and store."""
+
 import json
 import threading
 import time
@@ -56,24 +57,33 @@ def test_what_overflows_the_buffer_is_counted_and_the_rest_sent(server, monkeypa
 
 
 @pytest.mark.slow
-def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_local, server, corpus, bundle,
-                                                                          tmp_path):
+def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_local, server, corpus, bundle, tmp_path):
     """One run meets all of issue 12 at once. Its shards are the planted corpus (every defect, the #12
     hostile shards, and one whose bytes kill the actor reading it), tokenized into the token cache on its
     way. Its tracking server is stopped once the run exists in it (the driver has logged its step-0
     figures) and started again only when training has written its last checkpoint: every step is
     trained while it is gone, none waits for it, the run finishes, every record is accounted under its
     reason, and every step's metrics are in the store afterwards."""
-    from omnistream.cluster.driver import run_training
     from test_data_quality import write_planted
     from test_e2e import _cfg
 
+    from omnistream.cluster.driver import run_training
+
     shards, _ = write_planted(tmp_path / "planted")
     steps, storage = 10, tmp_path / "ray"
-    cfg = _cfg(corpus, tmp_path, f"train.steps={steps}", "data.epochs=3", "cluster.num_workers=1",
-               "data.eval_shards=[]", f'data.train_shards={json.dumps(shards + corpus["train"][:1])}',
-               f'data.bundle_dir="{bundle}"', f'tracking.uri="{server.uri}"', 'tracking.experiment="outage"',
-               f'cluster.storage_path="{storage}"')
+    cfg = _cfg(
+        corpus,
+        tmp_path,
+        f"train.steps={steps}",
+        "data.epochs=3",
+        "cluster.num_workers=1",
+        "data.eval_shards=[]",
+        f"data.train_shards={json.dumps(shards + corpus['train'][:1])}",
+        f'data.bundle_dir="{bundle}"',
+        f'tracking.uri="{server.uri}"',
+        'tracking.experiment="outage"',
+        f'cluster.storage_path="{storage}"',
+    )
     outage: dict[str, float] = {}
 
     def cut():
@@ -111,7 +121,9 @@ def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_lo
     hist = mlflow_client(server.uri).get_metric_history(res.run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(1, steps + 1)), [m.step for m in hist]
     # each step was trained (and stamped) while the server was gone, held, and sent once it was back
-    assert all(outage["stopped"] * 1000 < m.timestamp < outage["restarting"] * 1000 for m in hist), \
-        (outage, [(m.step, m.timestamp) for m in hist])
+    assert all(outage["stopped"] * 1000 < m.timestamp < outage["restarting"] * 1000 for m in hist), (
+        outage,
+        [(m.step, m.timestamp) for m in hist],
+    )
     for key in ("train/tokens_per_s", "train/loss/text", "data/tokens/audio"):
         assert len(mlflow_run(server.uri, res.run_id).metric_history(key)) == steps, key

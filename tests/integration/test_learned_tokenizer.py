@@ -1,16 +1,17 @@
 """The learned image tokenizer end to end: `tokenizers fit` trains it in a Ray task and records the fit,
 `tokenizers eval` measures it beside k-means and a thumbnail, the bundle encodes alike in a fresh process,
 and the tokenizer actors' batched encoding gives each image the ids it gets alone."""
+
 import json
 import subprocess
 
 import numpy as np
+
+from common import EXE, mlflow_client
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.documents import RecordProcessor
 from omnistream.pipelines.records import read_shard
-
-from common import EXE, mlflow_client
 
 FSQ = {"tokenizer": "fsq", "size": 16, "down": 4, "width": 32, "levels": [8, 5, 5], "fit_steps": 200, "fit_batch": 16}
 
@@ -51,8 +52,9 @@ print(json.dumps(out))
 """
 
 
-def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhere(own_ray_only, corpus, tmp_path,
-                                                                                   capsys):
+def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhere(
+    own_ray_only, corpus, tmp_path, capsys
+):
     toml = _config(corpus, tmp_path)
     fit = subprocess.run([*EXE, "tokenizers", "fit", toml], capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -76,31 +78,46 @@ def test_fit_trains_in_ray_records_the_fit_and_the_bundle_encodes_alike_everywhe
     exp = c.get_experiment_by_name("omnistream")
     runs = c.search_runs([exp.experiment_id], "tags.`omnistream.kind` = 'tokenizers-fit'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    loss = [m.value for m in sorted(c.get_metric_history(runs[0].info.run_id, "tokenizer/image/loss"),
-                                    key=lambda m: m.step)]
+    loss = [
+        m.value for m in sorted(c.get_metric_history(runs[0].info.run_id, "tokenizer/image/loss"), key=lambda m: m.step)
+    ]
     assert len(loss) > 10 and np.mean(loss[-5:]) < np.mean(loss[:5]), loss
     summary = runs[0].data.metrics
     assert summary["tokenizer/image/threads"] == 2 and summary["tokenizer/image/steps_per_s"] > 0, summary
-    assert any("reconstructions" in a.path for a in c.list_artifacts(runs[0].info.run_id, "images")), \
-        [a.path for a in c.list_artifacts(runs[0].info.run_id, "images")]
+    assert any("reconstructions" in a.path for a in c.list_artifacts(runs[0].info.run_id, "images")), [
+        a.path for a in c.list_artifacts(runs[0].info.run_id, "images")
+    ]
 
     # a fresh process encodes the held-out images exactly as this one does
     cfg = load_config(toml).resolved_paths()
     image = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities).by_name["image"]
-    here = [image.encode(image.decode_bytes(e, b)).tolist() for s in cfg.data.eval_shards
-            for r in read_shard(s, 1 << 26) for e, b in r.fields.items() if e in image.keys]
-    there = subprocess.run([*EXE[:1], "-c", ENCODE_IN_A_FRESH_PROCESS, toml], capture_output=True, text=True,
-                           timeout=300)
+    here = [
+        image.encode(image.decode_bytes(e, b)).tolist()
+        for s in cfg.data.eval_shards
+        for r in read_shard(s, 1 << 26)
+        for e, b in r.fields.items()
+        if e in image.keys
+    ]
+    there = subprocess.run(
+        [*EXE[:1], "-c", ENCODE_IN_A_FRESH_PROCESS, toml], capture_output=True, text=True, timeout=300
+    )
     assert there.returncode == 0, there.stderr[-2000:]
     assert json.loads(there.stdout) == here and len(here) > 10
 
     # the stream's processor encodes a chunk's images in batches: each gets the ids it gets alone
     proc = RecordProcessor(cfg.modalities, str(cfg.data.bundle_dir), cfg.data, cfg.seed)
     records = [r for s in cfg.data.eval_shards for r in read_shard(s, 1 << 26)]
-    alone = {r.key: image.encode(image.decode_bytes(e, b)).tolist()
-             for r in records for e, b in r.fields.items() if e in image.keys}
-    batched = {r.key: o.parts["image"].tolist() for r, o in zip(records, proc.outcomes(records))
-               if o.status == "kept" and "image" in o.parts}
+    alone = {
+        r.key: image.encode(image.decode_bytes(e, b)).tolist()
+        for r in records
+        for e, b in r.fields.items()
+        if e in image.keys
+    }
+    batched = {
+        r.key: o.parts["image"].tolist()
+        for r, o in zip(records, proc.outcomes(records))
+        if o.status == "kept" and "image" in o.parts
+    }
     assert len(batched) > 10 and all(batched[k] == alone[k] for k in batched)
 
     # eval: the learned tokenizer, k-means at the same ids per image and the thumbnail, side by side

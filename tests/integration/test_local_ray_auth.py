@@ -1,6 +1,7 @@
 """The Ray that `omnistream train` starts in its own process runs with token authentication: its
 dashboard's Jobs API (the door to running code on it) refuses a caller without the token, as its
 GCS does a Ray client without it. Real requests to the session's in-process Ray, on 127.0.0.1."""
+
 import subprocess
 import sys
 import urllib.error
@@ -21,10 +22,20 @@ def test_the_in_process_ray_refuses_callers_without_the_token(ray_local):
         assert e.code == 401, e.code
     # another process on this machine, with a token of its own, cannot join it either: the GCS refuses it
     gcs = ray._private.worker.global_worker.node.gcs_address
-    p = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{gcs}', _node_ip_address='127.0.0.1')"], capture_output=True,
-                       text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
-                                                              "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "guess",
-                                                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    p = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address='{gcs}', _node_ip_address='127.0.0.1')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": "/nonexistent",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": "guess",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        },
+    )
     assert p.returncode != 0 and "InvalidAuthToken" in p.stderr + p.stdout, (p.stdout + p.stderr)[-1500:]
     assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42  # and its own tasks run
     # and its temp dir (logs, sockets, the code unpacked for workers) sits in a folder only this user enters
@@ -97,8 +108,9 @@ def test_a_run_beside_another_ray_on_the_machine_asks_its_own(ray_local):
     import ray
     from ray.train.v2._internal.state.util import is_actor_alive
 
-    other = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, cwd=REPO)
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         other_address = other.stdout.readline().strip()
         assert other_address and other_address != ray.get_runtime_context().gcs_address, other_address

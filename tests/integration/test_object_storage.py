@@ -3,9 +3,10 @@
 the session Ray's workers): shards inspected from s3://, a store that stops mid-read, a tracking server
 keeping artifacts in S3. The training run on two sources in S3, its cache and checkpoints there and the
 resume from them: integration/test_sources_run.py."""
+
 import io
-from pathlib import Path
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,6 @@ from common import S3_BUCKET as BUCKET
 from common import S3Server, run_config
 
 pytestmark = pytest.mark.slow
-
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,14 @@ def test_a_shard_cut_short_by_an_outage_is_read_again_not_cached_as_complete(cor
     from omnistream.pipelines.cache import TokenCache
     from omnistream.pipelines.tokenize import ShardTokenizer
 
-    cfg = run_config(corpus, tmp_path, f'data.bundle_dir="{bundle}"', "data.remote_retries=1",
-                     "data.dedup.exact=false", "data.dedup.near=false")
+    cfg = run_config(
+        corpus,
+        tmp_path,
+        f'data.bundle_dir="{bundle}"',
+        "data.remote_retries=1",
+        "data.dedup.exact=false",
+        "data.dedup.near=false",
+    )
     cache = TokenCache(str(tmp_path / "cache"))
     shard = "s3://outage/train-000.tar"
     own = S3Server()
@@ -94,8 +100,9 @@ def test_a_shard_cut_short_by_an_outage_is_read_again_not_cached_as_complete(cor
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_checkpoint_key_that_escapes_its_folder_is_refused_and_nothing_is_written(s3, bundle, corpus, tmp_path,
-                                                                                     capsys):
+def test_a_checkpoint_key_that_escapes_its_folder_is_refused_and_nothing_is_written(
+    s3, bundle, corpus, tmp_path, capsys
+):
     """Whoever can write to the bucket wrote files on every machine that resumes or exports from it: a key
     `runs/ckpt/../../ESCAPED` landed two levels above the download folder. Now every key must fall inside
     the folder, or the copy is refused, naming the key, before a byte is written; resume and export alike."""
@@ -105,6 +112,7 @@ def test_a_checkpoint_key_that_escapes_its_folder_is_refused_and_nothing_is_writ
     import uuid
 
     import boto3
+
     from omnistream.cli import main
     from omnistream.cluster.driver import prepare
     from omnistream.common.errors import UserError
@@ -157,8 +165,7 @@ def _big_shard(records: int) -> bytes:
     return buf.getvalue()
 
 
-def test_a_store_that_stops_mid_read_errors_the_shard_counted_after_its_retries_with_what_came_before_kept(
-        monkeypatch):
+def test_a_store_that_stops_mid_read_errors_the_shard_counted_after_its_retries_with_what_came_before_kept(monkeypatch):
     """A server of its own, stopped after the first records of a 12 MB shard were read: the read is resumed
     `retries` times, then the shard is errored as shard_read_failed; the records read whole before are kept."""
     import fsspec
@@ -198,9 +205,8 @@ def test_a_store_that_stops_mid_read_errors_the_shard_counted_after_its_retries_
 def test_the_tracking_server_keeps_a_runs_artifacts_in_s3(s3, corpus, tmp_path):
     """`cluster up --artifacts s3://...`: the tracking server writes what runs log there (the clients send it
     over HTTP and need no credentials of their own)."""
-    from omnistream import tracking
-
     from common import TrackingServer
+    from omnistream import tracking
 
     srv = TrackingServer(tmp_path / "mlflow", artifacts=f"s3://{BUCKET}/mlflow")
     srv.start()

@@ -4,6 +4,7 @@ on 127.0.0.1 (tests/conftest.py `s3_server`): shards, token caches and Ray Train
 The schedule is followed, each source is accounted under its name, a resume either side of the switch from
 the S3 checkpoints on another number of workers consumes the uninterrupted run's rows (same ledger digest),
 and the store's key and secret are in nothing the runs record."""
+
 import json
 import logging
 import os
@@ -34,20 +35,30 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
     """The uninterrupted run (1 worker, grad_accum 2, ZeRO-3) and two runs resumed from its S3 checkpoints at
     steps N-1 and N+1 on 2 workers (DeepSpeed's universal form, converted and kept in S3)."""
     import ray
+
     from omnistream.cluster.driver import run_training
 
     tmp = tmp_path_factory.mktemp("sources")
 
     def cfg(*extra):
-        return run_config(corpus, tmp, f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
-                          f"data.sources.a.weight=[[0, 0.8], [{N}, 0.3]]",
-                          f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]',
-                          f"data.sources.b.weight=[[0, 0.2], [{N}, 0.7]]",
-                          f'data.token_cache="s3://{BUCKET}/sources/cache"',
-                          f'cluster.storage_path="s3://{BUCKET}/sources/ray"', "train.steps=10",
-                          "cluster.num_workers=1", "train.grad_accum=2", "train.checkpoint_every=2",
-                          "train.keep_checkpoints=5", "data.eval_shards=[]",
-                          f'data.bundle_dir="{trained["tmp"]}/bundle"', *extra)
+        return run_config(
+            corpus,
+            tmp,
+            f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
+            f"data.sources.a.weight=[[0, 0.8], [{N}, 0.3]]",
+            f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]',
+            f"data.sources.b.weight=[[0, 0.2], [{N}, 0.7]]",
+            f'data.token_cache="s3://{BUCKET}/sources/cache"',
+            f'cluster.storage_path="s3://{BUCKET}/sources/ray"',
+            "train.steps=10",
+            "cluster.num_workers=1",
+            "train.grad_accum=2",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=5",
+            "data.eval_shards=[]",
+            f'data.bundle_dir="{trained["tmp"]}/bundle"',
+            *extra,
+        )
 
     lines = _Lines()
     omni = logging.getLogger("omnistream")  # omnistream's loggers do not propagate to the root
@@ -57,18 +68,25 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
     t0 = time.time()
     try:
         whole = run_training(cfg())
-        steps = {json.loads(s3_corpus.cat_file(f"{c[len('s3://'):]}/omnistream.json"))["step"]: c
-                 for c in whole.checkpoints}
-        resumed = {n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[n]}"'))
-                   for n in (N - 1, N + 1)}
+        steps = {
+            json.loads(s3_corpus.cat_file(f"{c[len('s3://') :]}/omnistream.json"))["step"]: c for c in whole.checkpoints
+        }
+        resumed = {
+            n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[n]}"')) for n in (N - 1, N + 1)
+        }
     finally:
         omni.removeHandler(lines)
         omni.setLevel(level)
     # what every Ray process of the session wrote while the runs ran (the workers' stdout and stderr included)
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     ray_logs = [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= t0]
-    return {"whole": whole, "resumed": resumed, "steps": steps, "driver_log": "\n".join(lines.lines),
-            "ray_logs": ray_logs}
+    return {
+        "whole": whole,
+        "resumed": resumed,
+        "steps": steps,
+        "driver_log": "\n".join(lines.lines),
+        "ray_logs": ray_logs,
+    }
 
 
 def _tokens(res, name):
@@ -85,14 +103,17 @@ def test_the_schedule_is_followed_and_each_source_is_accounted_under_its_name(ru
     m = res.metrics
     for name in ("a", "b"):
         assert m[f"data/source/{name}/seen"] == 240  # two shards of 120 records each
-        assert m[f"data/source/{name}/seen"] == sum(m[f"data/source/{name}/{k}"] for k in ("kept", "filtered", "errored"))
+        assert m[f"data/source/{name}/seen"] == sum(
+            m[f"data/source/{name}/{k}"] for k in ("kept", "filtered", "errored")
+        )
         assert res.data_report["sources"][name]["kept"] == m[f"data/source/{name}/kept"]
         assert 0 <= m[f"data/source_share/{name}"] <= 1
     assert m["data/source/a/kept"] + m["data/source/b/kept"] == m["data/kept"]
 
 
 def test_the_caches_and_checkpoints_are_in_s3_and_a_resume_from_them_on_two_workers_consumes_the_same_rows(
-        runs, s3_corpus):
+    runs, s3_corpus
+):
     whole = runs["whole"]
     for name in ("a", "b"):  # each source's cache, complete: a parquet and its completion record per shard
         files = s3_corpus.ls(f"{BUCKET}/sources/cache/{name}/shards")

@@ -6,11 +6,14 @@ on the session's small corpus, a few steps at a time:
 - evaluating a barely trained model at every step, with every task and sample direction, never ends
   training: a sample its modality cannot draw is counted (`eval/sample_errors`) and said in the run.
 """
+
 import shutil
 
 import numpy as np
 import pytest
 import torch
+
+from common import DIGIT_TASKS
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.documents import held_out, local_documents
@@ -21,15 +24,28 @@ from omnistream.training.engine import single_process_group
 from omnistream.training.evaluate import Evaluator
 from omnistream.training.trainer import Trainer
 
-from common import DIGIT_TASKS
-
 
 def small_config(corpus, bundle, tmp_path, *overrides):
     (tmp_path / "run.toml").write_text(DIGIT_TASKS)
-    cfg = load_config(tmp_path / "run.toml", [
-        "data.seq_len=128", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.steps=3",
-        "train.warmup_steps=1", "train.micro_batch_size=4", "train.log_every=1", "eval.examples=12", "eval.loss_rows=4",
-        "eval.samples=1", "eval.max_new_tokens=3", f'data.bundle_dir="{bundle}"', *overrides])
+    cfg = load_config(
+        tmp_path / "run.toml",
+        [
+            "data.seq_len=128",
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.micro_batch_size=4",
+            "train.log_every=1",
+            "eval.examples=12",
+            "eval.loss_rows=4",
+            "eval.samples=1",
+            "eval.max_new_tokens=3",
+            f'data.bundle_dir="{bundle}"',
+            *overrides,
+        ],
+    )
     cfg.data.train_shards, cfg.data.eval_shards = corpus["train"][:1], corpus["eval"]
     vocab = Vocabulary.load(bundle)
     cfg.modalities = {m["name"]: m["options"] for m in vocab.layout()["modalities"]}
@@ -40,8 +56,10 @@ def small_config(corpus, bundle, tmp_path, *overrides):
 @pytest.fixture(scope="module")
 def rows(corpus, bundle, tmp_path_factory):
     cfg, _ = small_config(corpus, bundle, tmp_path_factory.mktemp("rows"))
-    docs = [(t, m, f"{r.shard}:{r.key}") for r, _, t, m in local_documents(corpus["train"][:1], bundle, None,
-                                                                             cfg.data, cfg.seed)]
+    docs = [
+        (t, m, f"{r.shard}:{r.key}")
+        for r, _, t, m in local_documents(corpus["train"][:1], bundle, None, cfg.data, cfg.seed)
+    ]
     return pack_documents(*map(list, zip(*docs)), 128)
 
 
@@ -55,14 +73,21 @@ def batches(rows: dict, batch: int):
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
-def test_export_and_generate_from_a_checkpoint_of_every_zero_stage(corpus, bundle, rows, tmp_path, capsys, stage,
-                                                                   precision):
+def test_export_and_generate_from_a_checkpoint_of_every_zero_stage(
+    corpus, bundle, rows, tmp_path, capsys, stage, precision
+):
     from omnistream.cli import main
     from omnistream.serving.export import load_model
 
     single_process_group()
-    cfg, vocab = small_config(corpus, bundle, tmp_path, f"train.zero_stage={stage}", f'train.precision="{precision}"',
-                              "train.checkpoint_every=3")
+    cfg, vocab = small_config(
+        corpus,
+        bundle,
+        tmp_path,
+        f"train.zero_stage={stage}",
+        f'train.precision="{precision}"',
+        "train.checkpoint_every=3",
+    )
     cfg.data.eval_shards = []
     saved = []
 
@@ -86,10 +111,27 @@ def test_export_and_generate_from_a_checkpoint_of_every_zero_stage(corpus, bundl
         assert torch.allclose(got[k].float(), v, rtol=rtol, atol=atol), (stage, precision, k)
     capsys.readouterr()
     for to, ext in (("image", "png"), ("audio", "wav")):
-        assert main(["generate", str(tmp_path / "m"), "--from", "text", "--to", to, "--input", "the digit 3",
-                     "--out", str(tmp_path / f"g.{ext}")]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    str(tmp_path / "m"),
+                    "--from",
+                    "text",
+                    "--to",
+                    to,
+                    "--input",
+                    "the digit 3",
+                    "--out",
+                    str(tmp_path / f"g.{ext}"),
+                ]
+            )
+            == 0
+        )
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "g.wav").read_bytes()[:4] == b"RIFF"
-    assert main(["generate", str(tmp_path / "m"), "--from", "text", "--input", "the digit", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(["generate", str(tmp_path / "m"), "--from", "text", "--input", "the digit", "--max-new-tokens", "3"]) == 0
+    )
 
 
 def test_evaluating_an_untrained_model_every_step_never_ends_training(corpus, bundle, rows, tmp_path):
@@ -135,16 +177,23 @@ def test_the_served_model_bounds_a_request(corpus, bundle, rows, tmp_path):
     request is refused in one line (a request of thousands held the server for all of them), and a
     prompt file that is no image is a UserError saying so, not a traceback."""
     import pandas as pd
+
     from omnistream.common.errors import UserError
     from omnistream.serving.export import export, load_model
     from omnistream.serving.pyfunc import MAX_ROWS, OmnistreamModel
 
     single_process_group()
-    cfg, vocab = small_config(corpus, bundle, tmp_path, "train.zero_stage=0", "train.steps=1", "train.checkpoint_every=1")
+    cfg, vocab = small_config(
+        corpus, bundle, tmp_path, "train.zero_stage=0", "train.steps=1", "train.checkpoint_every=1"
+    )
     cfg.data.eval_shards = []
     saved = []
-    trainer = Trainer(cfg, vocab, batches(rows, 4),
-                      checkpointer=Checkpointer(lambda d, m: saved.append(shutil.copytree(d, tmp_path / "ck")), "serve"))
+    trainer = Trainer(
+        cfg,
+        vocab,
+        batches(rows, 4),
+        checkpointer=Checkpointer(lambda d, m: saved.append(shutil.copytree(d, tmp_path / "ck")), "serve"),
+    )
     trainer.train()
     served = OmnistreamModel()
     served.model, served.vocab = load_model(export(saved[0], tmp_path / "m"))
@@ -156,8 +205,9 @@ def test_the_served_model_bounds_a_request(corpus, bundle, rows, tmp_path):
         served.predict(None, pd.DataFrame({"image": [b"II*\x00 a TIFF, say"]}), {"max_new_tokens": 2})
 
 
-def test_a_stream_that_ends_before_train_steps_is_a_warning_and_a_tag_naming_the_setting(corpus, bundle, rows,
-                                                                                       tmp_path, caplog):
+def test_a_stream_that_ends_before_train_steps_is_a_warning_and_a_tag_naming_the_setting(
+    corpus, bundle, rows, tmp_path, caplog
+):
     """It was one info line with a hint (raise data.epochs) that does nothing for named sources. Now a
     warning and a run tag: the step, the steps asked for, and the setting that would have gone on."""
     import itertools
@@ -166,8 +216,10 @@ def test_a_stream_that_ends_before_train_steps_is_a_warning_and_a_tag_naming_the
     from omnistream.pipelines.sources import SourceConfig
 
     single_process_group()
-    for sources, says in (({}, "raise data.epochs"),
-                          ({"web": SourceConfig(shards=["x"], exhausted="stop")}, "data.sources.<name>.epochs")):
+    for sources, says in (
+        ({}, "raise data.epochs"),
+        ({"web": SourceConfig(shards=["x"], exhausted="stop")}, "data.sources.<name>.epochs"),
+    ):
         cfg, vocab = small_config(corpus, bundle, tmp_path, "train.steps=5")
         cfg.data.eval_shards, cfg.data.sources = [], sources
         tracker = MemoryTracker()
@@ -178,8 +230,11 @@ def test_a_stream_that_ends_before_train_steps_is_a_warning_and_a_tag_naming_the
             Trainer(cfg, vocab, stream, tracker=tracker).train()
         tag = tracker.tags()["omnistream.stream_ended_early"]
         assert tag.startswith("step 2 of 5: ") and says in tag, tag
-        assert any("the stream ended at step 2 of train.steps = 5" in r.getMessage() and says in r.getMessage()
-                   for r in caplog.records if r.levelno == logging.WARNING), caplog.text
+        assert any(
+            "the stream ended at step 2 of train.steps = 5" in r.getMessage() and says in r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING
+        ), caplog.text
         caplog.clear()
 
 

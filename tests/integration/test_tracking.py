@@ -1,15 +1,17 @@
 """The Tracker contract, the same for every backend: MLflow (a real SQLite store) and TensorBoard (real
 event files, read back with TensorBoard's own reader). What the driver and the ranks record goes through
 these calls alone, so a backend that passes here serves a whole run."""
+
 import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from omnistream import tracking
 from omnistream.configs import TrackingConfig
 from omnistream.tracking.tensorboard_backend import TensorBoardTracker
-from PIL import Image
 
 
 @pytest.fixture(params=["mlflow", "tensorboard"])
@@ -29,14 +31,19 @@ def _artifact(t, rel: str) -> bytes:
     if t.backend == "mlflow":
         import mlflow.artifacts
 
-        return open(mlflow.artifacts.download_artifacts(run_id=t.run_id, artifact_path=rel,
-                                                        tracking_uri=t.uri), "rb").read()
+        return open(
+            mlflow.artifacts.download_artifacts(run_id=t.run_id, artifact_path=rel, tracking_uri=t.uri), "rb"
+        ).read()
     return (t.dir / "artifacts" / rel).read_bytes()
 
 
 def test_a_run_written_from_two_processes_reads_back_whole(settings):
-    run = tracking.start_run(settings, {"model.n_layers": 2, "train.lr": 0.003}, {"omnistream.vocab_fingerprint": "ab"},
-                             description="**a** run")
+    run = tracking.start_run(
+        settings,
+        {"model.n_layers": 2, "train.lr": 0.003},
+        {"omnistream.vocab_fingerprint": "ab"},
+        description="**a** run",
+    )
     assert run.backend == settings.backend and run.run_id
     run.log_text("[train]\nsteps = 4\n", "config/resolved.toml")
     # rank 0 attaches to the run by id, as a Ray Train worker does, and logs the steps
@@ -72,7 +79,9 @@ def test_a_run_written_from_two_processes_reads_back_whole(settings):
 def test_an_unknown_backend_is_a_user_error_naming_the_installed_ones(tmp_path):
     from omnistream.common.errors import UserError
 
-    with pytest.raises(UserError, match=r"tracking.backend 'wandb' is not installed \(installed: .*mlflow.*tensorboard"):
+    with pytest.raises(
+        UserError, match=r"tracking.backend 'wandb' is not installed \(installed: .*mlflow.*tensorboard"
+    ):
         tracking.start_run(TrackingConfig(backend="wandb", uri=str(tmp_path)), {}, {})
 
 
@@ -97,6 +106,7 @@ def test_the_tracking_server_refuses_a_port_someone_else_bound_first(tmp_path):
     import threading
 
     import psutil
+
     from omnistream.common.errors import UserError
     from omnistream.tracking.server import start_tracking_server
 
@@ -131,6 +141,7 @@ def test_every_shipped_backend_passes_the_kit(name, tmp_path):
 
 class ForgetsTheSecondHandle(TensorBoardTracker):
     """A backend whose attach() starts a fresh run folder: what a resumed run would then lose."""
+
     backend = "forgetful"
 
     @classmethod
@@ -150,8 +161,9 @@ def test_the_tracker_kit_fails_a_backend_that_loses_a_handles_writes(tmp_path, m
 def test_backend_options_are_checked_by_the_backend_and_used(tmp_path):
     """[tracking.options] belong to the backend: TensorBoard's flush_secs reaches its writer; an unknown option,
     or options for a backend that takes none, are refused when the config loads."""
-    from omnistream.common.errors import UserError
     from pydantic import ValidationError
+
+    from omnistream.common.errors import UserError
 
     cfg = TrackingConfig(backend="tensorboard", uri=str(tmp_path), options={"flush_secs": 0.5})
     run = tracking.start_run(cfg, {}, {})

@@ -5,6 +5,7 @@ where every actor actually ran, as one JSON line.
 
     python tests/system/placement_run.py CONFIG_TOML
 """
+
 import json
 import os
 import sys
@@ -12,12 +13,13 @@ import sys
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import psutil  # noqa: E402
-import ray  # noqa: E402
-from omnistream.cluster.connect import free_port, job_runtime_env  # noqa: E402
-from omnistream.cluster.driver import run_training  # noqa: E402
-from omnistream.configs import load_config  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+from omnistream.cluster.connect import free_port, job_runtime_env
+from omnistream.cluster.driver import run_training
+from omnistream.configs import load_config
 
 
 def _listening(p) -> list:
@@ -27,14 +29,22 @@ def _listening(p) -> list:
         return []
 
 
-
 def main(path: str) -> None:
     loopback = {"node_ip_address": "127.0.0.1"}
-    c = Cluster(initialize_head=True, head_node_args={
-        **loopback, "num_cpus": 2, "resources": {"data": 2}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "gcs_server_port": free_port(),
-        # the suite's own Ray may hold the default ports of a second node's agents
-        "dashboard_agent_listen_port": free_port()})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **loopback,
+            "num_cpus": 2,
+            "resources": {"data": 2},
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+            "gcs_server_port": free_port(),
+            # the suite's own Ray may hold the default ports of a second node's agents
+            "dashboard_agent_listen_port": free_port(),
+        },
+    )
     trainer = c.add_node(**loopback, num_cpus=1, resources={"trainer": 2})
     try:
         ray.init(address=c.address, runtime_env=job_runtime_env({}))
@@ -45,11 +55,23 @@ def main(path: str) -> None:
         actors = [{"class": a.class_name, "node": a.node_id} for a in listed]
         # rank 0 is the one training worker here: the node its actor ran on
         rank0 = next(a.node_id for a in listed if "TrainWorker" in a.class_name)
-        listening = sorted({f"{p.name()} {c.laddr.ip}" for p in psutil.Process().children(recursive=True)
-                            for c in _listening(p)})
-        print(json.dumps({"data_node": c.head_node.node_id, "trainer_node": trainer.node_id, "actors": actors,
-                          "run_id": res.run_id, "rank0_node": rank0, "step": res.metrics.get("train/loss") is not None,
-                          "listening": listening}), flush=True)
+        listening = sorted(
+            {f"{p.name()} {c.laddr.ip}" for p in psutil.Process().children(recursive=True) for c in _listening(p)}
+        )
+        print(
+            json.dumps(
+                {
+                    "data_node": c.head_node.node_id,
+                    "trainer_node": trainer.node_id,
+                    "actors": actors,
+                    "run_id": res.run_id,
+                    "rank0_node": rank0,
+                    "step": res.metrics.get("train/loss") is not None,
+                    "listening": listening,
+                }
+            ),
+            flush=True,
+        )
     finally:
         ray.shutdown()
         c.shutdown()

@@ -1,7 +1,8 @@
 """A `cluster up` that fails leaves nothing behind, and the next one starts: a dashboard port held by
 another listener, a step that fails after Ray's processes are up, and `cluster down` for a head of ours
-that has no record (after the `up` that works, to start one head fewer on 2 cores). Each head uses its own token file and state folder, not the user's."""
-import json
+that has no record (after the `up` that works, to start one head fewer on 2 cores). Each head uses its own token file
+and state folder, not the user's."""
+
 import os
 import socket
 import subprocess
@@ -9,17 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from omnistream.cluster.connect import free_port
 
 from common import REPO
+from omnistream.cluster.connect import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 BIN = Path(sys.executable).parent
 
 
 def omni(args, env, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "omnistream"), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [str(BIN / "omnistream"), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
 
 
 def ours(port: int) -> list:
@@ -40,14 +42,18 @@ def _tmp() -> str:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNI_TEST_STATE", str(tmp_path / "state"))
-    e = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "auth_token"),
-         "OMNISTREAM_CLUSTER_DIR": str(tmp_path / "state")}
+    e = {
+        **os.environ,
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "auth_token"),
+        "OMNISTREAM_CLUSTER_DIR": str(tmp_path / "state"),
+    }
     e.pop("RAY_ADDRESS", None)
     return e
 
 
 def test_a_taken_port_fails_in_one_line_leaves_nothing_the_next_up_starts_and_down_ends_an_unrecorded_head(
-        env, tmp_path):
+    env, tmp_path
+):
     port, dport = free_port(), free_port()
     holder = socket.socket()
     holder.bind(("127.0.0.1", dport))

@@ -1,6 +1,7 @@
 """Submitting to a real Ray head, as a user does: `omnistream cluster up`, `omnistream submit --follow`,
 Ray's own `ray job list`, the job's MLflow run, one-line errors for a bad token or address, and
 `omnistream cluster down`. The head uses its own token file and state folder, not the user's."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from omnistream.cluster.connect import free_port
 
 from common import SMALL_MODALITIES, mlflow_client, mlflow_run
+from omnistream.cluster.connect import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
@@ -20,10 +21,10 @@ from common import REPO as ROOT  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-
 def run(args, env, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,21 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"), "OMNISTREAM_CLUSTER_DIR": str(tmp / "state")}
     env.pop("RAY_ADDRESS", None)
     port, dport = free_port(), free_port()
-    up = run(["omnistream", "cluster", "up", "--port", str(port), "--dashboard-port", str(dport), "--num-cpus", "2",
-              "--tracking-auth"], env)
+    up = run(
+        [
+            "omnistream",
+            "cluster",
+            "up",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dport),
+            "--num-cpus",
+            "2",
+            "--tracking-auth",
+        ],
+        env,
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     # this process reads the job's run from the protected tracking server as a user would: with its credentials
     from omnistream.tracking.server import client_env
@@ -42,8 +56,14 @@ def head(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in creds}
     os.environ.update(creds)
     try:
-        yield {"env": env, "port": port, "dashboard": f"http://127.0.0.1:{dport}", "tmp": tmp, "up": up.stdout,
-               "password": creds["MLFLOW_TRACKING_PASSWORD"]}
+        yield {
+            "env": env,
+            "port": port,
+            "dashboard": f"http://127.0.0.1:{dport}",
+            "tmp": tmp,
+            "up": up.stdout,
+            "password": creds["MLFLOW_TRACKING_PASSWORD"],
+        }
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -57,8 +77,11 @@ def test_head_is_loopback_only_with_a_token(head):
 
     assert "token authentication on" in head["up"] and str(head["tmp"] / "auth_token") in head["up"]
     assert (head["tmp"] / "auth_token").stat().st_mode & 0o077 == 0, "the token file is private"
-    temp = next(ln.split('"')[3] for ln in (head["tmp"] / "state" / f"head-{head['port']}.json").read_text().splitlines()
-                if '"temp_dir"' in ln)
+    temp = next(
+        ln.split('"')[3]
+        for ln in (head["tmp"] / "state" / f"head-{head['port']}.json").read_text().splitlines()
+        if '"temp_dir"' in ln
+    )
     state = json.loads((head["tmp"] / "state" / f"head-{head['port']}.json").read_text())
     # private to this user: the folder Ray's temp dir (0777 by Ray's own doing) is in, its state and the
     # tracking server's store (other users could read the jobs' logs and replace their uploaded code)
@@ -107,8 +130,9 @@ storage_path = "{tmp}/ray"
     job_id = next(ln.split()[-1] for ln in p.stdout.splitlines() if ln.startswith("submitted job "))
     assert f"job {job_id} SUCCEEDED" in p.stdout
     # Ray's own CLI agrees, given what Ray's docs say a client needs: token mode and the token
-    listed = run(["ray", "job", "list", "--address", head["dashboard"]], {**head["env"], "RAY_AUTH_MODE": "token"},
-                 timeout=120)
+    listed = run(
+        ["ray", "job", "list", "--address", head["dashboard"]], {**head["env"], "RAY_AUTH_MODE": "token"}, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     # the tracking server's password reached the job (its run is there) but not its runtime env, which Ray
@@ -124,12 +148,20 @@ storage_path = "{tmp}/ray"
     run_id = next(ln.split("tracking run ")[1].split()[0] for ln in p.stdout.splitlines() if "tracking run " in ln)
     assert any(ln.startswith("[omnistream] step 4/4 loss=") for ln in p.stdout.splitlines()), p.stdout[-3000:]
     assert "RayTrainWorker" not in p.stdout and "open http://127.0.0.1:" in p.stdout
-    assert [str(f) for f in tmp.rglob("mlflow.db")] == [f"{state['tracking']['dir']}/mlflow.db"], \
+    assert [str(f) for f in tmp.rglob("mlflow.db")] == [f"{state['tracking']['dir']}/mlflow.db"], (
         "no SQLite store but the server's"
+    )
     assert not list(Path(state["temp_dir"]).rglob("mlflow.db")), "none where the job ran"
     m = mlflow_run(uri, run_id).final_metrics()
-    for key in ("train/loss", "train/loss/text", "train/loss/image", "train/loss/audio", "train/tokens_per_s",
-                "data/seen", "data/kept"):
+    for key in (
+        "train/loss",
+        "train/loss/text",
+        "train/loss/image",
+        "train/loss/audio",
+        "train/tokens_per_s",
+        "data/seen",
+        "data/kept",
+    ):
         assert key in m, key
     assert mlflow_client(uri).get_run(run_id).data.tags.get("data.ledger_digest")
 
@@ -151,8 +183,11 @@ def test_head_processes_match_whole_temp_dirs_only(tmp_path):
     other = tmp_path / "omni-ray-63790"
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={other}"])
     # another user's process naming the same folder is never ours to signal (root here: run it as nobody)
-    theirs = (subprocess.Popen(["/bin/sh", "-c", "sleep 60; true", "sh", f"--temp-dir={other}"], user=65534)
-              if os.getuid() == 0 else None)
+    theirs = (
+        subprocess.Popen(["/bin/sh", "-c", "sleep 60; true", "sh", f"--temp-dir={other}"], user=65534)
+        if os.getuid() == 0
+        else None
+    )
     try:
         assert p.pid in {q.pid for q in head_processes(str(other))}
         assert p.pid not in {q.pid for q in head_processes(str(tmp_path / "omni-ray-6379"))}

@@ -1,5 +1,6 @@
 """Placement on a heterogeneous cluster, simulated as two Ray nodes on this machine: tokenizing runs
 only where the config's data resource is, training workers only where their resource is."""
+
 import json
 import os
 import subprocess
@@ -54,14 +55,20 @@ cpus_per_worker = 0.25
 worker_resources = {{ trainer = 1 }}
 storage_path = "{tmp_path}/ray"
 [tracking]
-uri = "{server['uri']}"
+uri = "{server["uri"]}"
 system_metrics_interval_s = 1
 """)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     try:
-        p = subprocess.run([sys.executable, str(ROOT / "tests" / "system" / "placement_run.py"), str(cfg)],
-                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        p = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "system" / "placement_run.py"), str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=ROOT,
+        )
         _check_tracking(p, server, tmp_path)
     finally:
         stop_tracking_server(server)
@@ -80,8 +87,9 @@ system_metrics_interval_s = 1
     assert out["step"]
     # every server of both simulated nodes listens on loopback only
     assert out["rank0_node"] == trainer_node
-    assert out["listening"] and all(ln.split()[-1].startswith(("127.", "::ffff:127.")) or ln.split()[-1] == "::1"
-                                    for ln in out["listening"]), out["listening"]
+    assert out["listening"] and all(
+        ln.split()[-1].startswith(("127.", "::ffff:127.")) or ln.split()[-1] == "::1" for ln in out["listening"]
+    ), out["listening"]
 
 
 def _check_tracking(p, server, tmp_path) -> None:

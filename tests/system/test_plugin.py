@@ -4,15 +4,16 @@ these tests): listed, a corpus of clips beside the demo corpus, fit, trained und
 exported and generated from; then its checkpoint refuses to load where the plugin is not installed
 (this venv). Every step is the real CLI in a subprocess, because a plugin is found through installed
 entry points."""
+
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from common import mlflow_client, mlflow_run
 
@@ -25,10 +26,13 @@ GUIDE = ROOT / "docs" / "plugins.md"
 
 
 def omnistream(*args, python=sys.executable, check=True, timeout=600) -> subprocess.CompletedProcess:
-    p = subprocess.run([python, "-m", "omnistream.cli", *args], capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
+    p = subprocess.run(
+        [python, "-m", "omnistream.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"omnistream {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"omnistream {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -49,8 +53,25 @@ def plugin_python(tmp_path_factory):
     site = next(Path(py).parents[1].glob("lib/python*/site-packages"))
     src = tmp / "omnistream-video"  # a copy: building leaves build/ and egg-info beside the sources
     shutil.copytree(PLUGIN, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--no-compile", "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--no-compile",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return py
 
 
@@ -70,7 +91,10 @@ def guide_run(plugin_python, tmp_path_factory):
     assert [lang for lang, _ in blocks] == ["bash", "python", "bash", "toml", "bash"], [lang for lang, _ in blocks]
     bin_dir = tmp / "bin"  # `omnistream` and `python` as the plugin's venv has them
     bin_dir.mkdir()
-    for name, cmd in (("omnistream", f'exec {plugin_python} -m omnistream.cli "$@"'), ("python", f'exec {plugin_python} "$@"')):
+    for name, cmd in (
+        ("omnistream", f'exec {plugin_python} -m omnistream.cli "$@"'),
+        ("python", f'exec {plugin_python} "$@"'),
+    ):
         (bin_dir / name).write_text(f"#!/bin/sh\n{cmd}\n")
         (bin_dir / name).chmod(0o755)
     work = tmp / "work"
@@ -86,17 +110,31 @@ def guide_run(plugin_python, tmp_path_factory):
         # the install line: plugin_python installed the same package, into a throwaway venv
         assert all("examples/omnistream-video" in ln for ln in lines if ln.startswith("pip ")), lines
         script = "\n".join(ln for ln in lines if not ln.startswith("pip "))
-        p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True,
-                           text=True, timeout=900)
+        p = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=900
+        )
         assert p.returncode == 0, f"{script}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         said.append(p.stdout)
     # the id ranges, as the config's bundle (relative paths: from the folder the guide works in) lays them out
-    listed = subprocess.run([str(bin_dir / "omnistream"), "modalities", "list", "--config", "first.toml"], cwd=work,
-                            env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    listed = subprocess.run(
+        [str(bin_dir / "omnistream"), "modalities", "list", "--config", "first.toml"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     cfg = tomllib.loads((work / "first.toml").read_text())
     run_id = next(ln.split("run id: ")[1].split()[0] for ln in said[2].splitlines() if ln.startswith("run id: "))
-    return {"work": work, "said": said, "listed": listed, "cfg": cfg, "run_id": run_id,
-            "uri": f"sqlite:///{work}/runs/first.db"}
+    return {
+        "work": work,
+        "said": said,
+        "listed": listed,
+        "cfg": cfg,
+        "run_id": run_id,
+        "uri": f"sqlite:///{work}/runs/first.db",
+    }
 
 
 def test_the_guides_first_run_reaches_a_trained_model(guide_run):
@@ -117,8 +155,9 @@ def test_plugin_is_listed_with_version_and_id_range(guide_run):
     ids = {n: tuple(int(x) for x in re.search(r"\[(\d+), (\d+)\)", ln).groups()) for n, ln in rows.items()}
     lo, hi = ids["video"]
     assert hi - lo == guide_run["cfg"]["modalities"]["video"]["codebook_size"] + 1, "the codes + the frame separator"
-    assert lo >= max(ids[n][1] for n in ("text", "image", "audio")), \
+    assert lo >= max(ids[n][1] for n in ("text", "image", "audio")), (
         "video comes last in the config, so its block is allocated last"
+    )
 
 
 def test_training_logs_video_loss_and_meets_token_shares(guide_run):

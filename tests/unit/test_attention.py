@@ -1,9 +1,11 @@
 """The attention paths against the dense reference, the KV cache against recomputation, and activation
 checkpointing against none: each must change speed or memory, never the numbers."""
+
 import random
 
-import torch
 import pytest
+import torch
+
 from omnistream.model.config import ATTENTION
 from omnistream.model.model import ATTENTION_KERNELS, GPT, GPTConfig, VarlenAttention, generate
 from omnistream.training.engine import apply_activation_checkpointing
@@ -20,7 +22,7 @@ def packed_rows(B: int, T: int, seed: int, pad_tail: bool = True):
         end = T - (rng.randrange(1, T // 4) if pad_tail and b % 2 == 0 else 0)
         while t < end:
             n = min(end - t, rng.choice([1, 2, 7, 15, 16, 17, 33, 64, 100, 257, T]))
-            doc[b, t:t + n], pos[b, t:t + n] = d, torch.arange(n)
+            doc[b, t : t + n], pos[b, t : t + n] = d, torch.arange(n)
             t, d = t + n, d + 1
         pos[b, end:] = torch.arange(T - end)
     g = torch.Generator().manual_seed(seed)
@@ -97,8 +99,9 @@ def test_kv_cache_generation_equals_recomputation():
     prompts = [[rng.randrange(3, 120) for _ in range(n)] for n in (1, 5, 40, 17, 90)]
     for allowed, stop in ((None, None), ((40, 80), 81)):
         cached = generate(m, prompts, 60, allowed=allowed, extra_allowed=(81,) if stop else (), stop_token=stop)
-        plain = generate(m, prompts, 60, allowed=allowed, extra_allowed=(81,) if stop else (), stop_token=stop,
-                         use_cache=False)
+        plain = generate(
+            m, prompts, 60, allowed=allowed, extra_allowed=(81,) if stop else (), stop_token=stop, use_cache=False
+        )
         assert cached == plain
         assert all(0 < len(s) <= 60 for s in cached)
 

@@ -1,13 +1,14 @@
 """The learned audio codec (`audio` with tokenizer = "codec"), unfitted: the stream layout, long clips in windows,
 the options. Fitted: tests/integration/test_codec_fit.py."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-from omnistream.modalities import codec, registry
 
 from common import speechlike
+from omnistream.modalities import codec, registry
 
 AudioModality = registry.get("audio")
 

@@ -1,5 +1,7 @@
 """The config tree: layering, round trips, TOML values, and the keys that name modalities."""
+
 import pytest
+
 from omnistream.common.errors import UserError
 from omnistream.configs import load_config
 from omnistream.configs import path as shipped_config
@@ -11,8 +13,8 @@ DEMO = shipped_config("demo")
 
 def test_layering_defaults_file_overrides(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[model]\nn_layers = 3\nd_model = 64\n[train]\nlr = 0.01\n')
-    c = load_config(f, ["model.n_layers=5", 'tracking.experiment="x"', "data.train_shards=[\"a\", \"b\"]"])
+    f.write_text("[model]\nn_layers = 3\nd_model = 64\n[train]\nlr = 0.01\n")
+    c = load_config(f, ["model.n_layers=5", 'tracking.experiment="x"', 'data.train_shards=["a", "b"]'])
     assert c.model.n_layers == 5 and c.model.d_model == 64 and c.train.lr == 0.01
     assert c.tracking.experiment == "x" and c.data.train_shards == ["a", "b"]
     assert c.train.steps == load_config().train.steps  # untouched keys keep defaults
@@ -46,12 +48,23 @@ def test_eval_tasks_and_quality_keys_are_checked_against_the_modalities(tmp_path
         load_config(None, ["data.quality.text.min_charz=3"])
     with pytest.raises(UserError, match="smell"):
         load_config(None, ["data.quality.smell.enabled=false"])
-    assert load_config(None, ["data.quality.image.near_max_hamming=6"]).data.quality == {"image": {"near_max_hamming": 6}}
+    assert load_config(None, ["data.quality.image.near_max_hamming=6"]).data.quality == {
+        "image": {"near_max_hamming": 6}
+    }
 
 
-@pytest.mark.parametrize("text,number", [("the digit seven", 7), ("a picture of 3", 3), ("twenty one cats", 21),
-                                         ("fifteen", 15), ("no number here", None), ("someone", None),
-                                         ("it is 2.5 m", 2.5)])
+@pytest.mark.parametrize(
+    "text,number",
+    [
+        ("the digit seven", 7),
+        ("a picture of 3", 3),
+        ("twenty one cats", 21),
+        ("fifteen", 15),
+        ("no number here", None),
+        ("someone", None),
+        ("it is 2.5 m", 2.5),
+    ],
+)
 def test_number_match_reads_numerals_and_words(text, number):
     assert first_number(text) == number
 
@@ -68,18 +81,25 @@ def test_sample_names_keep_every_label():
     assert [_slug(v) for v in (0, 7, "a b/c", None, "")] == ["0", "7", "a-b-c", "x", "x"]
 
 
-@pytest.mark.parametrize("toml,sets,says", [
-    # a value from the command line is blamed on the --set that wrote it, not on the file
-    ('[train]\nsteps = 5\n', ["train.steps=abc"], "--set train.steps=abc: Input should be a valid integer"),
-    # a value from the file: the file and its line
-    ('name = "m"\n\n[train]\nsteps = "abc"\n', [], "config key train.steps in {f}, line 4: Input should be a valid integer"),
-    ('[model]\nn_layers = 2\n[modalities.image]\npatch = 5\n', [], "config key modalities.image in {f}, line 3: "),
-    # a list where a string was given: the TOML form of a list
-    ("", ["data.train_shards=data/x.tar"], """--set 'data.train_shards=["a"]'"""),
-    # a typo: the closest key
-    ('[train]\nstepz = 3\n', [], "config key train.stepz in {f}, line 2: no such key; did you mean train.steps?"),
-    ("", ["model.n_layerz=3"], "--set model.n_layerz=3: no such key; did you mean model.n_layers?"),
-])
+@pytest.mark.parametrize(
+    "toml,sets,says",
+    [
+        # a value from the command line is blamed on the --set that wrote it, not on the file
+        ("[train]\nsteps = 5\n", ["train.steps=abc"], "--set train.steps=abc: Input should be a valid integer"),
+        # a value from the file: the file and its line
+        (
+            'name = "m"\n\n[train]\nsteps = "abc"\n',
+            [],
+            "config key train.steps in {f}, line 4: Input should be a valid integer",
+        ),
+        ("[model]\nn_layers = 2\n[modalities.image]\npatch = 5\n", [], "config key modalities.image in {f}, line 3: "),
+        # a list where a string was given: the TOML form of a list
+        ("", ["data.train_shards=data/x.tar"], """--set 'data.train_shards=["a"]'"""),
+        # a typo: the closest key
+        ("[train]\nstepz = 3\n", [], "config key train.stepz in {f}, line 2: no such key; did you mean train.steps?"),
+        ("", ["model.n_layerz=3"], "--set model.n_layerz=3: no such key; did you mean model.n_layers?"),
+    ],
+)
 def test_errors_say_where_the_value_came_from_and_what_to_write(tmp_path, toml, sets, says):
     f = tmp_path / "melody.toml"
     f.write_text(toml)
@@ -97,9 +117,11 @@ def test_credentials_in_a_url_are_refused_at_load_naming_the_key():
     from omnistream.common.logs import redact
     from omnistream.configs import load_config
 
-    for sets, key in ((['tracking.uri="https://alice:s3cret@mlflow.example.org/path"'], "tracking.uri"),
-                      (['data.train_shards=["a.tar", "s3://AKIDX:hunter2@bucket/x-{000..003}.tar"]'], "data.train_shards"),
-                      (['data.sources.web.shards=["https://ghp_t0k3n@host/x.tar"]'], "data.sources.web.shards")):
+    for sets, key in (
+        (['tracking.uri="https://alice:s3cret@mlflow.example.org/path"'], "tracking.uri"),
+        (['data.train_shards=["a.tar", "s3://AKIDX:hunter2@bucket/x-{000..003}.tar"]'], "data.train_shards"),
+        (['data.sources.web.shards=["https://ghp_t0k3n@host/x.tar"]'], "data.sources.web.shards"),
+    ):
         with pytest.raises(UserError) as e:
             load_config(None, sets)
         msg = str(e.value)

@@ -1,5 +1,7 @@
 """The built-in modalities pass the conformance kit a plugin author would use."""
+
 import pytest
+
 from omnistream.modalities import registry
 from omnistream.modalities.conformance import ConformanceError, check_modality
 from omnistream.pipelines.records import read_shard
@@ -15,11 +17,14 @@ def _samples(corpus, keys, n=24):
     return out
 
 
-@pytest.mark.parametrize("name,options", [
-    ("text", {"vocab_size": 300}),
-    ("image", {"size": 16, "codebook_size": 32}),
-    ("audio", {"codebook_size": 16}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("text", {"vocab_size": 300}),
+        ("image", {"size": 16, "codebook_size": 32}),
+        ("audio", {"codebook_size": 16}),
+    ],
+)
 def test_builtin_passes_the_kit(corpus, name, options):
     cls = registry.get(name)
     mod = check_modality(cls, _samples(corpus, cls.keys), options=options)
@@ -91,14 +96,20 @@ def test_the_guides_minimal_plugin_passes_the_kit():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    samples = [("csv", ",".join(f"{v:.4f}" for v in np.sin(np.linspace(0, rng.uniform(1, 9), 50)) * 3).encode())
-               for _ in range(20)]
+    samples = [
+        ("csv", ",".join(f"{v:.4f}" for v in np.sin(np.linspace(0, rng.uniform(1, 9), 50)) * 3).encode())
+        for _ in range(20)
+    ]
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "minimal"))
     try:  # on the path while the kit pickles it into a fresh process
         from sensor import SensorModality
 
-        mod = check_modality(SensorModality, samples, options={"levels": 128},
-                             bad_samples=[("csv", b"1,2,x"), ("csv", b""), ("csv", b"nan,1")])
+        mod = check_modality(
+            SensorModality,
+            samples,
+            options={"levels": 128},
+            bad_samples=[("csv", b"1,2,x"), ("csv", b""), ("csv", b"nan,1")],
+        )
     finally:
         sys.path.pop(0)
     assert mod.vocab_size == 128

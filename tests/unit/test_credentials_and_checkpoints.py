@@ -1,25 +1,31 @@
-"""The Ray token is never sent in clear to another host, and a damaged checkpoint is one line naming the file and what is wrong. No network: every refusal
+"""The Ray token is never sent in clear to another host, and a damaged checkpoint is one line naming the file and
+what is wrong. No network: every refusal
 here happens before a connection is made."""
+
 import json
 
 import pytest
+
 from omnistream.cli import main
 from omnistream.cluster import auth, jobs
 from omnistream.common.errors import UserError
 from omnistream.training.checkpoint import META, read_checkpoint_meta
 
 
-@pytest.mark.parametrize("address,insecure,refused", [
-    ("http://127.0.0.1:8265", False, False),
-    ("http://localhost:8265", False, False),
-    ("http://[::1]:8265", False, False),
-    ("127.0.0.1:8265", False, False),
-    ("https://ray.example.org:8265", False, False),
-    ("http://ray.example.org:8265", False, True),
-    ("http://10.0.0.7:8265", False, True),
-    ("ray.example.org:8265", False, True),     # no scheme: Ray's client speaks plain http
-    ("http://10.0.0.7:8265", True, False),     # --insecure: the user said so
-])
+@pytest.mark.parametrize(
+    "address,insecure,refused",
+    [
+        ("http://127.0.0.1:8265", False, False),
+        ("http://localhost:8265", False, False),
+        ("http://[::1]:8265", False, False),
+        ("127.0.0.1:8265", False, False),
+        ("https://ray.example.org:8265", False, False),
+        ("http://ray.example.org:8265", False, True),
+        ("http://10.0.0.7:8265", False, True),
+        ("ray.example.org:8265", False, True),  # no scheme: Ray's client speaks plain http
+        ("http://10.0.0.7:8265", True, False),  # --insecure: the user said so
+    ],
+)
 def test_token_goes_over_plain_http_only_on_loopback(address, insecure, refused):
     if refused:
         with pytest.raises(UserError, match="refusing to send the Ray token over plain http"):
@@ -46,18 +52,27 @@ def test_client_refuses_before_connecting(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and "refusing to send the Ray token over plain http to 192.0.2.1" in err[0]
 
 
-@pytest.mark.parametrize("content,needle", [
-    ('{"step": 3, "world_si', "damaged or cut off"),
-    ("\xff\xfe not json", "damaged or cut off"),
-    ("[1, 2]", "holds list"),
-    ('{"step": 3, "world_size": 2, "config": {}}', "lacks vocab"),
-    ('{"step": 3, "world_size": 2, "config": {}, "vocab": {}}', "lacks vocab.fingerprint"),
-    # a resume read config.train's fields (KeyError, the tracking run left RUNNING); export config.data's
-    ('{"step": 3, "world_size": 2, "config": {"model": {}, "data": {"bundle_dir": "b"}}, "vocab": {"fingerprint": "f"}}',
-     "lacks config.train"),
-    ('{"step": 3, "world_size": 2, "config": {"train": {"zero_stage": 3}, "model": {}, "data": {}},'
-     ' "vocab": {"fingerprint": "f"}}', "lacks config.train.micro_batch_size.*config.data.bundle_dir"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"step": 3, "world_si', "damaged or cut off"),
+        ("\xff\xfe not json", "damaged or cut off"),
+        ("[1, 2]", "holds list"),
+        ('{"step": 3, "world_size": 2, "config": {}}', "lacks vocab"),
+        ('{"step": 3, "world_size": 2, "config": {}, "vocab": {}}', "lacks vocab.fingerprint"),
+        # a resume read config.train's fields (KeyError, the tracking run left RUNNING); export config.data's
+        (
+            '{"step": 3, "world_size": 2, "config": {"model": {}, "data": {"bundle_dir": "b"}}, "vocab": '
+            '{"fingerprint": "f"}}',
+            "lacks config.train",
+        ),
+        (
+            '{"step": 3, "world_size": 2, "config": {"train": {"zero_stage": 3}, "model": {}, "data": {}},'
+            ' "vocab": {"fingerprint": "f"}}',
+            "lacks config.train.micro_batch_size.*config.data.bundle_dir",
+        ),
+    ],
+)
 def test_damaged_checkpoint_is_one_line(tmp_path, capsys, content, needle):
     (tmp_path / META).write_text(content)
     with pytest.raises(UserError, match=needle):
@@ -68,8 +83,11 @@ def test_damaged_checkpoint_is_one_line(tmp_path, capsys, content, needle):
 
 
 # the parts of a run's config that a resume and an export read back from a checkpoint
-WHOLE_CONFIG = {"train": {"micro_batch_size": 4, "grad_accum": 1, "zero_stage": 3, "precision": "fp32"},
-                "model": {}, "data": {"bundle_dir": "b"}}
+WHOLE_CONFIG = {
+    "train": {"micro_batch_size": 4, "grad_accum": 1, "zero_stage": 3, "precision": "fp32"},
+    "model": {},
+    "data": {"bundle_dir": "b"},
+}
 
 
 def test_a_whole_meta_reads_back(tmp_path):
@@ -78,13 +96,16 @@ def test_a_whole_meta_reads_back(tmp_path):
     assert read_checkpoint_meta(tmp_path) == meta
 
 
-@pytest.mark.parametrize("message, refused", [
-    ("Failed to connect to Ray at address: http://127.0.0.1:40391.", False),  # "403" in a port is not a refusal
-    ("Failed to connect to Ray at address: http://10.0.0.401:8265.", False),
-    ("Request failed with status code 403: Forbidden", True),
-    ("HTTP 401 Unauthorized", True),
-    ("Authentication failed: invalid token", True),
-])
+@pytest.mark.parametrize(
+    "message, refused",
+    [
+        ("Failed to connect to Ray at address: http://127.0.0.1:40391.", False),  # "403" in a port is not a refusal
+        ("Failed to connect to Ray at address: http://10.0.0.401:8265.", False),
+        ("Request failed with status code 403: Forbidden", True),
+        ("HTTP 401 Unauthorized", True),
+        ("Authentication failed: invalid token", True),
+    ],
+)
 def test_a_refusal_is_told_apart_from_an_unreachable_address(message, refused):
     assert jobs._refused(message) is refused
 
@@ -94,8 +115,9 @@ def _checkpoint(d, step: int, ranks: int = 2, data: str | None = '{"position": {
     (d / "model").mkdir(parents=True)
     for r in range(ranks):
         (d / "model" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
-    (d / META).write_text(json.dumps({"step": step, "world_size": 2, "vocab": {"fingerprint": "f"},
-                                      "config": WHOLE_CONFIG}))
+    (d / META).write_text(
+        json.dumps({"step": step, "world_size": 2, "vocab": {"fingerprint": "f"}, "config": WHOLE_CONFIG})
+    )
     if data is not None:
         (d / "data.json").write_text(data)
 
@@ -107,9 +129,9 @@ def test_the_newest_complete_checkpoint_passes_over_a_cut_off_one(tmp_path):
 
     _checkpoint(tmp_path / "checkpoint_a", 3)
     _checkpoint(tmp_path / "checkpoint_b", 6)
-    _checkpoint(tmp_path / "checkpoint_c", 9, ranks=1)                      # one rank's shard missing
-    _checkpoint(tmp_path / "checkpoint_d", 12, data='{"position": {"ro')    # data position cut off
-    _checkpoint(tmp_path / "checkpoint_e", 15, data=None)                   # no data position at all
+    _checkpoint(tmp_path / "checkpoint_c", 9, ranks=1)  # one rank's shard missing
+    _checkpoint(tmp_path / "checkpoint_d", 12, data='{"position": {"ro')  # data position cut off
+    _checkpoint(tmp_path / "checkpoint_e", 15, data=None)  # no data position at all
     assert latest_checkpoint(tmp_path).name == "checkpoint_b"
     with pytest.raises(UserError, match="data.json is damaged or cut off"):
         read_data_position(tmp_path / "checkpoint_d")
@@ -117,7 +139,7 @@ def test_the_newest_complete_checkpoint_passes_over_a_cut_off_one(tmp_path):
         read_data_position(tmp_path / "checkpoint_e")
     assert latest_checkpoint(tmp_path / "checkpoint_c") is None
     _checkpoint(tmp_path / "checkpoint_f", 18)
-    (tmp_path / "checkpoint_f" / META).write_text("")                      # meta opened, not yet written
+    (tmp_path / "checkpoint_f" / META).write_text("")  # meta opened, not yet written
     assert latest_checkpoint(tmp_path).name == "checkpoint_b"
 
 
@@ -132,10 +154,13 @@ def test_a_checkpoint_ray_train_has_not_registered_is_not_complete(tmp_path):
 
     for name, step in (("checkpoint_a", 3), ("checkpoint_b", 6), ("checkpoint_c", 9)):
         _checkpoint(tmp_path / name, step)
-    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
-        {"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}))
+    (tmp_path / RAY_SNAPSHOT).write_text(
+        json.dumps(
+            {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}
+        )
+    )
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint_a", "checkpoint_b"]
-    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoint_res')               # the record itself half-written
+    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoint_res')  # the record itself half-written
     assert latest_checkpoint(tmp_path).name == "checkpoint_c"
 
 
@@ -205,7 +230,7 @@ def test_a_rank_file_cut_short_mid_copy_is_not_complete(tmp_path):
         _write_manifest(d, 1)
     assert latest_checkpoint(tmp_path).name == "checkpoint_c"
     cut = tmp_path / "checkpoint_c" / "model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    cut.write_bytes(b"y" * 400)                                  # killed mid-copy: there, but short
+    cut.write_bytes(b"y" * 400)  # killed mid-copy: there, but short
     assert latest_checkpoint(tmp_path).name == "checkpoint_b"
-    (tmp_path / "checkpoint_b" / "files-rank1.json").unlink()    # a rank whose files never arrived
+    (tmp_path / "checkpoint_b" / "files-rank1.json").unlink()  # a rank whose files never arrived
     assert latest_checkpoint(tmp_path).name == "checkpoint_a"

@@ -1,6 +1,8 @@
 """The readers table (pipelines/formats.py): every registered data format passes the kit, and the kit can
 fail; an unknown format or one whose library is missing is said in one line."""
+
 import pytest
+
 from omnistream.common.errors import ConformanceError, UserError
 from omnistream.pipelines import formats
 from omnistream.pipelines.config import DataConfig
@@ -33,8 +35,11 @@ def test_a_format_whose_library_is_missing_names_the_extra(tmp_path, monkeypatch
     monkeypatch.setitem(formats.READERS, "needy", NeedsAMissingLibrary)
     shard = formats.WebDataset().write_sample(tmp_path, formats.SAMPLE)
     cfg = DataConfig(train_shards=[shard], format="needy", bundle_dir=str(tmp_path / "b"))
-    with pytest.raises(UserError, match=r"^data format 'needy' needs omnistream_no_such_library, which is not "
-                                        r"installed: pip install 'omnistream\[nosuch\]'$"):
+    with pytest.raises(
+        UserError,
+        match=r"^data format 'needy' needs omnistream_no_such_library, which is not "
+        r"installed: pip install 'omnistream\[nosuch\]'$",
+    ):
         open_sources(cfg, "fp", 0)
     with pytest.raises(UserError, match=r"data format 'csv' is not one omnistream reads \(formats: .*webdataset"):
         open_sources(cfg.model_copy(update={"format": "csv"}), "fp", 0)

@@ -1,17 +1,18 @@
 """The learned image tokenizer (`image` with tokenizer = "fsq"): the quantiser, the kit, persistence."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+
 from omnistream.common.errors import UserError
 from omnistream.modalities import fsq, registry
 from omnistream.modalities.conformance import check_modality
 from omnistream.pipelines.records import read_shard
 
 ImageModality = registry.get("image")
-TINY = {"tokenizer": "fsq", "size": 16, "down": 4, "width": 32, "levels": [8, 5, 5], "fit_steps": 700,
-        "fit_batch": 16}
+TINY = {"tokenizer": "fsq", "size": 16, "down": 4, "width": 32, "levels": [8, 5, 5], "fit_steps": 700, "fit_batch": 16}
 
 
 def test_fsq_quantisation_is_exact_and_its_codes_cover_the_codebook():
@@ -131,8 +132,12 @@ def test_the_chroma_weight_scales_colour_error_and_leaves_brightness_error_alone
     # options at their defaults stay out of the fingerprint (fsq bundles saved before them keep theirs)
     opts = ImageModality({"tokenizer": "fsq", "size": 16, "down": 4})._fingerprint_options()
     assert "fit_chroma_weight" not in opts and "fit_grad_weight" not in opts
-    assert ImageModality({"tokenizer": "fsq", "size": 16, "down": 4, "fit_chroma_weight": 0.1}
-                         )._fingerprint_options()["fit_chroma_weight"] == 0.1
+    assert (
+        ImageModality({"tokenizer": "fsq", "size": 16, "down": 4, "fit_chroma_weight": 0.1})._fingerprint_options()[
+            "fit_chroma_weight"
+        ]
+        == 0.1
+    )
 
 
 def test_psnr_and_ssim_agree_with_their_definitions():
@@ -141,7 +146,7 @@ def test_psnr_and_ssim_agree_with_their_definitions():
     assert np.all(fsq.psnr(a, a) > 99) and np.allclose(fsq.ssim(a, a), 1.0)
     b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
     mse = ((a.astype(float) - b) ** 2).reshape(2, -1).mean(1)
-    assert np.allclose(fsq.psnr(a, b), 10 * np.log10(255 ** 2 / mse))
+    assert np.allclose(fsq.psnr(a, b), 10 * np.log10(255**2 / mse))
     noisy = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.uint8)
     assert np.all(fsq.ssim(a, noisy) < fsq.ssim(a, b))
 
@@ -153,8 +158,9 @@ def test_a_kmeans_bundle_fitted_before_the_fsq_options_still_loads(corpus, tmp_p
     import hashlib
 
     import numpy as np
-    from omnistream.modalities.vocab import Vocabulary, layout_fingerprint
     from safetensors.numpy import load_file
+
+    from omnistream.modalities.vocab import Vocabulary, layout_fingerprint
 
     opts = {"size": 16, "codebook_size": 32}
     km = ImageModality(opts)

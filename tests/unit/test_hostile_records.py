@@ -3,26 +3,28 @@ names, and a seeded fuzz of real shards. Each must finish with seen = kept + fil
 
 In-process (no Ray): the same RecordProcessor the Ray actors run, without dedup actors.
 """
+
 import io
 import json
 import random
 import tarfile
 
 import pytest
+
+from common import wav_header
 from omnistream.modalities import registry
 from omnistream.pipelines.accounting import Tally
 from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.documents import RecordProcessor, make_document, record_rng
 from omnistream.pipelines.records import read_shard
 
-from common import wav_header  # noqa: I001
-
 
 def tar_bytes(members: list[tuple[bytes | str, bytes]]) -> bytes:
     """A real tar (GNU format, so raw byte names survive) of (name, data) members."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as t:
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as t:
         for name, data in members:
             if isinstance(name, bytes):
                 name = name.decode("utf-8", "surrogateescape")
@@ -80,13 +82,13 @@ def test_a_plugin_exception_is_one_errored_record(bundle, corpus, tmp_path, monk
 def _gnu_header(name: bytes, typeflag: bytes, size: int, extra: bytes = b"") -> bytes:
     """One tar header block written by hand, for headers tarfile's writer never makes."""
     h = bytearray(512)
-    h[0:len(name)] = name
+    h[0 : len(name)] = name
     h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
     h[124:136] = f"{size:011o}\0".encode()
     h[136:148] = b"00000000000\0"
     h[156:157] = typeflag
     h[257:265] = b"ustar  \0"
-    h[386:386 + len(extra)] = extra
+    h[386 : 386 + len(extra)] = extra
     h[148:156] = b" " * 8
     h[148:156] = f"{sum(h):06o}\0 ".encode()
     return bytes(h)
@@ -117,8 +119,13 @@ def _audio_as(fmt: str, channels: int = 1) -> bytes:
 def _other_format(ext: str, rng: random.Random) -> bytes:
     """Real bytes of a format other than the one `ext` names (made by Pillow and soundfile)."""
     if ext in ("png", "jpg", "jpeg", "webp"):
-        fmt = rng.choice([f for f in ("TIFF", "BMP", "GIF", "ICO", "PPM", "PCX", "TGA", "PNG", "JPEG")
-                          if f != {"jpg": "JPEG", "jpeg": "JPEG"}.get(ext, ext.upper())])
+        fmt = rng.choice(
+            [
+                f
+                for f in ("TIFF", "BMP", "GIF", "ICO", "PPM", "PCX", "TGA", "PNG", "JPEG")
+                if f != {"jpg": "JPEG", "jpeg": "JPEG"}.get(ext, ext.upper())
+            ]
+        )
         return _image_as(fmt)
     if ext in ("wav", "flac"):
         fmt = rng.choice([f for f in ("WAV", "FLAC", "OGG", "AIFF", "AU") if f.lower() != ext])
@@ -127,8 +134,20 @@ def _other_format(ext: str, rng: random.Random) -> bytes:
 
 
 def _mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
-    kind = rng.choice(["truncate", "flip", "swap_ext", "long_name", "zero_block", "header_chain", "sparse",
-                       "checksum", "compressed", "format_swap"])
+    kind = rng.choice(
+        [
+            "truncate",
+            "flip",
+            "swap_ext",
+            "long_name",
+            "zero_block",
+            "header_chain",
+            "sparse",
+            "checksum",
+            "compressed",
+            "format_swap",
+        ]
+    )
     b = bytearray(data)
     if kind == "header_chain":  # chained GNU long-name headers before a member (tarfile recurses per header)
         at = rng.choice(_header_offsets(data))
@@ -140,7 +159,7 @@ def _mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         return kind, bytes(b[:at]) + sparse + (bytes(b[at:]) if rng.random() < 0.5 else b"")
     if kind == "checksum":  # one member's header checksum zeroed, mid-shard
         at = rng.choice(_header_offsets(data))
-        b[at + 148:at + 156] = bytes(8)
+        b[at + 148 : at + 156] = bytes(8)
         return kind, bytes(b)
     if kind == "compressed":  # the shard compressed, then maybe cut or flipped in its compressed bytes
         _, inner = _mutate(data, rng) if rng.random() < 0.5 else ("", data)
@@ -158,7 +177,7 @@ def _mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         return kind, bytes(b)
     if kind == "zero_block":
         at = rng.randrange(0, len(b) // 512) * 512
-        b[at:at + 512] = bytes(512)
+        b[at : at + 512] = bytes(512)
         return kind, bytes(b)
     members = []
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
@@ -196,7 +215,7 @@ def test_fuzzed_shards_never_raise_and_always_balance(bundle, corpus, tmp_path):
         tally = Tally()
         try:
             list(proc.process([(0, str(p))], tally))
-        except Exception as e:  # pragma: no cover - the message is the point
+        except Exception as e:  # noqa: BLE001 - the message is the point
             pytest.fail(f"seed {seed} ({kind}): {type(e).__name__} escaped: {e}")
         assert tally.balanced(), f"seed {seed} ({kind}): {tally.report()}"
     assert registry.discover()  # the built-ins stayed registered throughout
@@ -204,22 +223,29 @@ def test_fuzzed_shards_never_raise_and_always_balance(bundle, corpus, tmp_path):
 
 # ---- bounded memory per record ---------------------------------------------------------------------
 
+
 def test_each_record_bound_errors_the_record_under_its_reason(bundle, corpus, tmp_path):
     from omnistream.pipelines.config import Limits
 
     good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if {"txt", "png"} <= set(r.fields))
     members = [("ok-0.txt", good.fields["txt"])]
-    members += [(f"many-0.f{i}", b"x") for i in range(40)]                  # 40 members in one record
-    members += [("big-0.txt", b"a" * 3000), ("big-0.json", b"{}" * 1000)]    # 5000 bytes together
-    members += [("img-0.png", good.fields["png"])]                           # over the image cap below
+    members += [(f"many-0.f{i}", b"x") for i in range(40)]  # 40 members in one record
+    members += [("big-0.txt", b"a" * 3000), ("big-0.json", b"{}" * 1000)]  # 5000 bytes together
+    members += [("img-0.png", good.fields["png"])]  # over the image cap below
     members += [("rate-0.wav", wav_header(1_000_003)), ("ok-1.txt", good.fields["txt"])]
     p = tmp_path / "bounds.tar"
     p.write_bytes(tar_bytes(members))
     cfg = DataConfig(limits=Limits(members=32, record_bytes=4000, member_bytes={"image": 100}))
     _, tally, got = process(p, bundle, cfg)
     reasons = {r.key: o.reason for _, r, o in got}
-    assert reasons == {"ok-0": "", "many-0": "too_many_members", "big-0": "record_too_large",
-                       "img-0": "member_too_large", "rate-0": "audio_sample_rate", "ok-1": ""}, reasons
+    assert reasons == {
+        "ok-0": "",
+        "many-0": "too_many_members",
+        "big-0": "record_too_large",
+        "img-0": "member_too_large",
+        "rate-0": "audio_sample_rate",
+        "ok-1": "",
+    }, reasons
     assert tally.kept == 2 and tally.seen == 6
 
 
@@ -243,6 +269,7 @@ def test_an_oversized_tar_header_ends_the_shard_not_the_actor(bundle, corpus, tm
 
 def test_the_resampler_cache_is_bounded(fitted):
     import numpy as np
+
     from omnistream.modalities.audio import RESAMPLERS, Audio
 
     audio = next(m for m in fitted if m.name == "audio")
@@ -282,8 +309,8 @@ def test_a_damaged_header_mid_shard_is_said_not_the_end_of_the_shard(tmp_path):
     stops quietly. Records 0-1 are kept, and the shard says it was damaged and how much went unread."""
     data = bytearray(tar_bytes([(f"r-{i}.txt", f"record {i}".encode()) for i in range(5)]))
     at = 2 * 1024  # each record: one header block and one data block
-    assert data[at:at + 3] == b"r-2"
-    data[at + 148:at + 156] = b"\0" * 8
+    assert data[at : at + 3] == b"r-2"
+    data[at + 148 : at + 156] = b"\0" * 8
     kept, errors = _shard_result(tmp_path, bytes(data))
     assert kept == ["r-0", "r-1"], kept
     assert [e for e, _ in errors] == ["shard_damaged"] and f"byte {at}" in errors[0][1], errors
@@ -294,6 +321,7 @@ def test_a_damaged_header_mid_shard_is_said_not_the_end_of_the_shard(tmp_path):
 
 # ---- compressed shards -----------------------------------------------------------------------------
 
+
 def _compress(kind: str, data: bytes) -> bytes:
     import bz2
     import gzip
@@ -301,8 +329,9 @@ def _compress(kind: str, data: bytes) -> bytes:
 
     import zstandard
 
-    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
-            "zst": zstandard.ZstdCompressor().compress}[kind](data)
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress, "zst": zstandard.ZstdCompressor().compress}[
+        kind
+    ](data)
 
 
 @pytest.mark.parametrize("kind", ["gz", "bz2", "xz", "zst"])
@@ -325,12 +354,12 @@ def test_compressed_shards_are_read_as_what_they_are(tmp_path, kind):
     assert [e for e, _ in errors] == ["shard_truncated"], errors
 
     damaged = bytearray(plain)
-    damaged[2 * 1024 + 148:2 * 1024 + 156] = b"\0" * 8  # record 2's header checksum
+    damaged[2 * 1024 + 148 : 2 * 1024 + 156] = b"\0" * 8  # record 2's header checksum
     kept, errors = _shard_result(tmp_path, _compress(kind, bytes(damaged)), f"dmg.tar.{kind}")
     assert kept == ["r-0", "r-1"] and [e for e, _ in errors] == ["shard_damaged"], errors
     assert "byte 2048" in errors[0][1]
 
-    kept, errors = _shard_result(tmp_path, _compress(kind, plain[:2 * 1024]), f"between.tar.{kind}")
+    kept, errors = _shard_result(tmp_path, _compress(kind, plain[: 2 * 1024]), f"between.tar.{kind}")
     assert kept == ["r-0", "r-1"] and [e for e, _ in errors] == ["shard_truncated"], errors
 
     # 64 MiB of one byte: a few KB compressed (bzip2: a few hundred bytes)
@@ -348,15 +377,15 @@ def test_an_eval_records_json_never_fails_the_evaluation(bundle, corpus, tmp_pat
     """Held-out records whose KEY.json nests past the parser's recursion limit (`"[" * 100000`: a
     RecursionError, which every worker hit at its first evaluation, at every retry), is not an object,
     or nests its label: each record is evaluated with the labels it has (none), beside a good one."""
-    from omnistream.pipelines.documents import held_out
-
     from common import run_config
+    from omnistream.pipelines.documents import held_out
 
     good = next(r for r in read_shard(f"{corpus['dir']}/eval-000.tar", 1 << 26) if {"png", "json"} <= set(r.fields))
     odd = [b"[" * 100000, b'"just a string"', b'{"label": [[[[3]]]], "digit": 3}', good.fields["json"]]
     p = tmp_path / "eval.tar"
-    p.write_bytes(tar_bytes([m for i, j in enumerate(odd)
-                             for m in ((f"e-{i}.png", good.fields["png"]), (f"e-{i}.json", j))]))
+    p.write_bytes(
+        tar_bytes([m for i, j in enumerate(odd) for m in ((f"e-{i}.png", good.fields["png"]), (f"e-{i}.json", j))])
+    )
     cfg = run_config(corpus, tmp_path, f'data.bundle_dir="{bundle}"', f'data.eval_shards=["{p}"]').resolved_paths()
     got = held_out(cfg)
     metas = [meta for _, meta, _ in got["records"]]
@@ -386,19 +415,20 @@ def test_only_the_format_the_extension_names_is_decoded(bundle, corpus, tmp_path
         sf.write(buf, noise[:, :channels], 16000, format=fmt)
         return buf.getvalue()
 
-    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
-           b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
-    want = {"tiff-0.png": (_image_as("TIFF"), "image_wrong_format"),
-            "bmp-0.png": (_image_as("BMP"), "image_wrong_format"),
-            "png-0.jpg": (real.fields["png"], ""),
-            "eps-0.png": (eps, "image_wrong_format"),
-            "ogg-0.wav": (audio("OGG", 64), "audio_wrong_format"),
-            "flac-0.wav": (audio("FLAC", 2), "audio_wrong_format"),
-            "wav-0.flac": (audio("WAV", 2), "audio_wrong_format"),
-            "many-0.wav": (audio("WAV", 64), "audio_too_many_channels"),
-            "ok-0.png": (real.fields["png"], ""),
-            "ok-1.wav": (real.fields["wav"], ""),
-            "ok-2.flac": (audio("FLAC", 2), "")}
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n"
+    want = {
+        "tiff-0.png": (_image_as("TIFF"), "image_wrong_format"),
+        "bmp-0.png": (_image_as("BMP"), "image_wrong_format"),
+        "png-0.jpg": (real.fields["png"], ""),
+        "eps-0.png": (eps, "image_wrong_format"),
+        "ogg-0.wav": (audio("OGG", 64), "audio_wrong_format"),
+        "flac-0.wav": (audio("FLAC", 2), "audio_wrong_format"),
+        "wav-0.flac": (audio("WAV", 2), "audio_wrong_format"),
+        "many-0.wav": (audio("WAV", 64), "audio_too_many_channels"),
+        "ok-0.png": (real.fields["png"], ""),
+        "ok-1.wav": (real.fields["wav"], ""),
+        "ok-2.flac": (audio("FLAC", 2), ""),
+    }
     p = tmp_path / "formats.tar"
     p.write_bytes(tar_bytes([(name, data) for name, (data, _) in want.items()]))
     got = _outcomes(p, bundle)
@@ -414,6 +444,7 @@ def test_one_clip_past_full_scale_never_reaches_the_codebook(bundle, corpus, tmp
     finite, and a codebook with NaN in it is never saved."""
     import numpy as np
     import soundfile as sf
+
     from omnistream.common.errors import UserError
     from omnistream.modalities.audio import AudioModality
     from omnistream.pipelines.fit import FitFeatures
@@ -430,8 +461,11 @@ def test_one_clip_past_full_scale_never_reaches_the_codebook(bundle, corpus, tmp
     assert list(out["why"][:1]) == ["errored/audio_out_of_range"], out["why"]
 
     m = AudioModality()
-    good = m.fit_features(m.decode_bytes("wav", next(r for r in read_shard(corpus["train"][0], 1 << 26)
-                                                      if "wav" in r.fields).fields["wav"]))
+    good = m.fit_features(
+        m.decode_bytes(
+            "wav", next(r for r in read_shard(corpus["train"][0], 1 << 26) if "wav" in r.fields).fields["wav"]
+        )
+    )
     m.fit([good] * 8 + [np.full_like(good, np.nan)])  # k-means needs as many frames as codes
     with pytest.raises(UserError, match="NaN or inf"):
         m.save(tmp_path / "state")

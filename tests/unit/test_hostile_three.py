@@ -1,13 +1,13 @@
 """Hostile input, round three, where it needs no Ray: a remote read's pauses and deadline against a real
 HTTP server on 127.0.0.1 that trickles its bytes, images whose bytes say more than their name, members no
 modality reads, a brace range with a member missing, and checkpoint keys or links that would escape."""
+
 import http.server
 import threading
 import time
 
 import pytest
-
-from test_hostile_records import tar_bytes  # noqa: I001
+from test_hostile_records import tar_bytes
 
 
 class Trickle(http.server.BaseHTTPRequestHandler):
@@ -84,6 +84,7 @@ def test_16_bit_images_are_scaled_and_transparent_pixels_show_one_background(tok
     whatever colour lay under it. Every image tokenizer decodes through the same door."""
     import numpy as np
     from PIL import Image
+
     from omnistream.modalities.image import BACKGROUND, ImageModality
 
     mod = ImageModality({"tokenizer": tokenizer})
@@ -93,8 +94,8 @@ def test_16_bit_images_are_scaled_and_transparent_pixels_show_one_background(tok
     assert abs(got[0, :, 0].astype(int) - np.arange(256)).max() <= 1, got[0, ::32, 0]
 
     rgba = np.zeros((4, 4, 4), np.uint8)
-    rgba[..., 0] = 255          # red under ...
-    rgba[:2, :, 3] = 0          # ... a transparent top half
+    rgba[..., 0] = 255  # red under ...
+    rgba[:2, :, 3] = 0  # ... a transparent top half
     rgba[2:, :, 3] = 255
     got = np.asarray(mod.decode_bytes("png", _png(Image.fromarray(rgba, "RGBA"))))
     assert (got[:2] == BACKGROUND).all() and (got[2:] == (255, 0, 0)).all()
@@ -110,6 +111,7 @@ def test_an_image_is_read_by_its_bytes_whatever_its_extension_and_only_as_jpeg_p
 
     import numpy as np
     from PIL import Image
+
     from omnistream.common.errors import BadSample
     from omnistream.modalities.image import ImageModality
 
@@ -135,12 +137,25 @@ def test_members_no_modality_reads_are_counted_per_extension(bundle, tmp_path):
     from omnistream.pipelines.documents import RecordProcessor
 
     shard = tmp_path / "mixed.tar"
-    shard.write_bytes(tar_bytes([("a.txt", b"a cat on a mat"), ("a.gif", b"GIF89a" + bytes(20)),
-                                 ("a.json", b'{"label": 1}'), ("b.txt", b"a dog"), ("b.GIF", b"GIF89a"),
-                                 ("c.txt", b"plain"), ("c.\xe2\x80\xae.x", b"odd")]))
+    shard.write_bytes(
+        tar_bytes(
+            [
+                ("a.txt", b"a cat on a mat"),
+                ("a.gif", b"GIF89a" + bytes(20)),
+                ("a.json", b'{"label": 1}'),
+                ("b.txt", b"a dog"),
+                ("b.GIF", b"GIF89a"),
+                ("c.txt", b"plain"),
+                ("c.\xe2\x80\xae.x", b"odd"),
+            ]
+        )
+    )
     tally = Tally()
-    kept = [r.key for _, r, o in RecordProcessor(None, bundle, DataConfig(), seed=0).process([(0, str(shard))], tally)
-            if o.status == "kept"]
+    kept = [
+        r.key
+        for _, r, o in RecordProcessor(None, bundle, DataConfig(), seed=0).process([(0, str(shard))], tally)
+        if o.status == "kept"
+    ]
     assert kept == ["a", "b", "c"]
     assert tally.unconsumed == {"gif": 2, "other": 1}, tally.unconsumed
     assert tally.metrics()["data/unconsumed/gif"] == 2 and tally.report()["unconsumed"] == {"gif": 2, "other": 1}
@@ -156,6 +171,7 @@ def test_audio_eval_holds_clips_at_the_rate_they_are_measured_at(tmp_path):
 
     import numpy as np
     import soundfile as sf
+
     from omnistream.cli.tokenizers import _decoded, clip_reader
     from omnistream.modalities.audio import AudioModality
     from omnistream.pipelines.config import DataConfig
@@ -168,4 +184,3 @@ def test_audio_eval_holds_clips_at_the_rate_they_are_measured_at(tmp_path):
     mod = AudioModality({"sample_rate": 8000})
     clips = _decoded(DataConfig(), [str(shard)], mod, 3, convert=clip_reader(mod))
     assert [(c.sample_rate, len(c.wave)) for c in clips] == [(16000, 32000)] * 3
-

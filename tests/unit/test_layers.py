@@ -6,6 +6,7 @@ room above it or a library it must stay free of (training/ never imports Ray, tr
 imported by others, what a room pulls in at import time is followed through the rooms it imports:
 training/ must not reach Ray through pipelines/ either.
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,24 +20,57 @@ from common import REPO
 # through the rooms it imports). Mirrors docs/architecture.md's table; the standard library is always allowed.
 LAYERS: dict[str, tuple[set[str], set[str], set[str]]] = {
     # common: numpy for the token stream's contract; torch and DeepSpeed only inside common.checkpoint's loader
-    "common":     (set(), {"numpy", "torch", "deepspeed"}, {"ray", "mlflow", "pydantic", "PIL", "torch"}),
-    "model":      ({"common"}, {"torch"}, {"ray", "deepspeed", "mlflow", "pydantic"}),
-    "modalities": ({"common"}, {"numpy", "torch", "torchaudio", "PIL", "pydantic", "tokenizers", "safetensors",
-                                "soundfile", "pystoi"}, {"ray", "deepspeed", "mlflow"}),
-    "pipelines":  ({"common", "modalities"}, {"ray", "numpy", "pyarrow", "fsspec", "pydantic", "PIL", "soundfile",
-                                              "webdataset", "braceexpand", "zstandard", "tqdm", "torch"},
-                   {"deepspeed", "mlflow"}),
-    "tracking":   ({"common"}, {"mlflow", "tensorboard", "PIL", "psutil", "pydantic"}, {"ray", "deepspeed", "torch"}),
-    "configs":    ({"common", "modalities", "model", "pipelines", "tracking"}, {"pydantic", "tomli_w"},
-                   {"ray", "deepspeed", "mlflow", "torch"}),
-    "training":   ({"common", "model", "modalities", "configs", "tracking"}, {"torch", "deepspeed", "numpy", "fsspec"},
-                   {"ray", "mlflow"}),
-    "serving":    ({"common", "model", "modalities", "configs", "tracking"}, {"torch", "mlflow", "pandas",
-                                                                              "safetensors", "tqdm"}, {"ray"}),
-    "cluster":    ({"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving"},
-                   {"ray", "torch", "deepspeed", "fsspec", "pyarrow", "psutil"}, set()),
-    "cli":        ({"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving",
-                    "cluster"}, {"numpy", "PIL", "mlflow", "pandas"}, set()),
+    "common": (set(), {"numpy", "torch", "deepspeed"}, {"ray", "mlflow", "pydantic", "PIL", "torch"}),
+    "model": ({"common"}, {"torch"}, {"ray", "deepspeed", "mlflow", "pydantic"}),
+    "modalities": (
+        {"common"},
+        {"numpy", "torch", "torchaudio", "PIL", "pydantic", "tokenizers", "safetensors", "soundfile", "pystoi"},
+        {"ray", "deepspeed", "mlflow"},
+    ),
+    "pipelines": (
+        {"common", "modalities"},
+        {
+            "ray",
+            "numpy",
+            "pyarrow",
+            "fsspec",
+            "pydantic",
+            "PIL",
+            "soundfile",
+            "webdataset",
+            "braceexpand",
+            "zstandard",
+            "tqdm",
+            "torch",
+        },
+        {"deepspeed", "mlflow"},
+    ),
+    "tracking": ({"common"}, {"mlflow", "tensorboard", "PIL", "psutil", "pydantic"}, {"ray", "deepspeed", "torch"}),
+    "configs": (
+        {"common", "modalities", "model", "pipelines", "tracking"},
+        {"pydantic", "tomli_w"},
+        {"ray", "deepspeed", "mlflow", "torch"},
+    ),
+    "training": (
+        {"common", "model", "modalities", "configs", "tracking"},
+        {"torch", "deepspeed", "numpy", "fsspec"},
+        {"ray", "mlflow"},
+    ),
+    "serving": (
+        {"common", "model", "modalities", "configs", "tracking"},
+        {"torch", "mlflow", "pandas", "safetensors", "tqdm"},
+        {"ray"},
+    ),
+    "cluster": (
+        {"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving"},
+        {"ray", "torch", "deepspeed", "fsspec", "pyarrow", "psutil"},
+        set(),
+    ),
+    "cli": (
+        {"common", "model", "modalities", "pipelines", "configs", "tracking", "training", "serving", "cluster"},
+        {"numpy", "PIL", "mlflow", "pandas"},
+        set(),
+    ),
 }
 # what a room's modules may import only inside functions (common's checkpoint loader: torch, DeepSpeed)
 LAZY_ONLY: dict[str, set[str]] = {"common": {"torch", "deepspeed"}}
@@ -56,7 +90,7 @@ def _imports(path: Path, room: str, root: Path) -> list[tuple[int, str, bool]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name, id(node) in top) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             mod = ".".join(base + ([node.module] if node.module else []))
             if node.level and not node.module:  # `from . import x`: x is a module of the package
                 out += [(node.lineno, f"{mod}.{a.name}", id(node) in top) for a in node.names]
@@ -105,8 +139,10 @@ def violations(root: Path = REPO) -> list[str]:
             elif parts[0] in LAZY_ONLY.get(room, ()) and at_import:
                 bad.append(f"{where}: imports {mod} at import time; {room}/ imports {parts[0]} only inside functions")
             elif parts[0] not in STDLIB and parts[0] != "omnistream" and parts[0] not in libraries:
-                bad.append(f"{where}: imports {parts[0]}, not a library {room}/ uses (docs/architecture.md lists "
-                           f"{', '.join(sorted(libraries))})")
+                bad.append(
+                    f"{where}: imports {parts[0]}, not a library {room}/ uses (docs/architecture.md lists "
+                    f"{', '.join(sorted(libraries))})"
+                )
         # what importing this module pulls in: its parent packages' __init__ files, then every import-time
         # import, followed through omnistream's modules
         seen = {name, *_loaded(name, mods)}
@@ -117,11 +153,13 @@ def violations(root: Path = REPO) -> list[str]:
                 if not at_import:
                     continue
                 if mod.split(".")[0] in never and current != name:
-                    bad.append(f"{f.relative_to(root)}: importing it imports {mod}, through "
-                               f"{mods[current][0].relative_to(root)}:{line}{' (' + via + ')' if via else ''}; "
-                               f"{room}/ never imports {mod.split('.')[0]}")
+                    bad.append(
+                        f"{f.relative_to(root)}: importing it imports {mod}, through "
+                        f"{mods[current][0].relative_to(root)}:{line}{' (' + via + ')' if via else ''}; "
+                        f"{room}/ never imports {mod.split('.')[0]}"
+                    )
                 target = _target(mod, mods)
-                for t in ([*_loaded(target, mods), target] if target else []):
+                for t in [*_loaded(target, mods), target] if target else []:
                     if t not in seen:
                         seen.add(t)
                         todo.append((t, via or f"reached from line {line} of {mods[current][0].relative_to(root)}"))
@@ -185,8 +223,9 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
         shutil.copytree(REPO / room, tmp_path / room, ignore=shutil.ignore_patterns("__pycache__"))
     f = tmp_path / "pipelines" / "shards.py"
     f.write_text(f.read_text() + "\n\ndef later():\n    from .tokenize import build_cache\n")
-    assert any({"omnistream.pipelines.shards", "omnistream.pipelines.tokenize"} <= set(c)
-               for c in import_cycles(tmp_path)), import_cycles(tmp_path)
+    assert any(
+        {"omnistream.pipelines.shards", "omnistream.pipelines.tokenize"} <= set(c) for c in import_cycles(tmp_path)
+    ), import_cycles(tmp_path)
 
 
 def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
@@ -194,7 +233,9 @@ def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
     through a pipelines module that the trainer imports) is reported with the file and the import."""
     for room in LAYERS:
         shutil.copytree(REPO / room, tmp_path / room, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "training" / "metrics.py").write_text((tmp_path / "training" / "metrics.py").read_text() + "\nimport ray\n")
+    (tmp_path / "training" / "metrics.py").write_text(
+        (tmp_path / "training" / "metrics.py").read_text() + "\nimport ray\n"
+    )
     found = violations(tmp_path)
     assert any(v.startswith("training/metrics.py:") and "never imports ray" in v for v in found), found
     # and through other rooms: the data config, which the trainer reaches through configs/, starts importing Ray
@@ -202,15 +243,17 @@ def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
     data_config = tmp_path / "pipelines" / "config.py"
     data_config.write_text("import ray  # noqa\n" + data_config.read_text())
     found = violations(tmp_path)
-    assert any(v.startswith("training/trainer.py: importing it imports ray, through pipelines/config.py:1")
-               for v in found), found
+    assert any(
+        v.startswith("training/trainer.py: importing it imports ray, through pipelines/config.py:1") for v in found
+    ), found
     # a package's __init__.py runs before any of its modules: Ray there reaches configs/ and training/
     (tmp_path / "pipelines" / "config.py").write_text((REPO / "pipelines" / "config.py").read_text())
     init = tmp_path / "pipelines" / "__init__.py"
     init.write_text(init.read_text() + "\nimport ray\n")
     found = violations(tmp_path)
-    assert any(v.startswith("configs/schema.py: importing it imports ray, through pipelines/__init__.py:")
-               for v in found), found
+    assert any(
+        v.startswith("configs/schema.py: importing it imports ray, through pipelines/__init__.py:") for v in found
+    ), found
     assert any(v.startswith("training/trainer.py: importing it imports ray") for v in found), found
     init.write_text((REPO / "pipelines" / "__init__.py").read_text())
     # and the package's own __init__.py: configs/ never imports Ray, nor does anything importing configs/
@@ -218,14 +261,18 @@ def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
     init.write_text(init.read_text() + "\nimport ray\n")
     found = violations(tmp_path)
     assert any(v.startswith("configs/__init__.py:") and "configs/ never imports ray" in v for v in found), found
-    assert any(v.startswith("configs/schema.py: importing it imports ray, through configs/__init__.py:")
-               for v in found), found
+    assert any(
+        v.startswith("configs/schema.py: importing it imports ray, through configs/__init__.py:") for v in found
+    ), found
     init.write_text((REPO / "configs" / "__init__.py").read_text())
     # a library no room lists
     (tmp_path / "model" / "config.py").write_text("import requests\n" + (REPO / "model" / "config.py").read_text())
-    assert any(v.startswith("model/config.py:1: imports requests, not a library model/ uses") for v in violations(tmp_path))
+    assert any(
+        v.startswith("model/config.py:1: imports requests, not a library model/ uses") for v in violations(tmp_path)
+    )
     (tmp_path / "model" / "config.py").write_text((REPO / "model" / "config.py").read_text())
     # a room importing a room above it
-    (tmp_path / "tracking" / "base.py").write_text("from omnistream.training import trainer\n"
-                                                  + (REPO / "tracking" / "base.py").read_text())
+    (tmp_path / "tracking" / "base.py").write_text(
+        "from omnistream.training import trainer\n" + (REPO / "tracking" / "base.py").read_text()
+    )
     assert any(v.startswith("tracking/base.py:1: imports omnistream.training") for v in violations(tmp_path))

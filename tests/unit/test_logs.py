@@ -1,5 +1,6 @@
 """One log format, and what recognises it: `[omnistream] ...` lines from logging, parsed back by the same
 module, so `jobs follow` keeps omnistream's lines out of a Ray job's log whatever Ray puts before them."""
+
 import logging
 
 from omnistream.cluster.jobs import ours
@@ -14,11 +15,19 @@ def test_every_level_formats_and_parses_back(capsys):
     log.warning("the tracking store failed")
     log.error("two\nlines")
     err = capsys.readouterr().err.splitlines()
-    assert err == ["[omnistream] debug: omnistream.test: a detail", "[omnistream] step 3/10 loss=2.500",
-                   "[omnistream] warning: the tracking store failed", "[omnistream] error: two", "[omnistream]   lines"]
-    assert [logs.parse(line) for line in err[:4]] == [("debug", "omnistream.test: a detail"),
-                                                      ("info", "step 3/10 loss=2.500"),
-                                                      ("warning", "the tracking store failed"), ("error", "two")]
+    assert err == [
+        "[omnistream] debug: omnistream.test: a detail",
+        "[omnistream] step 3/10 loss=2.500",
+        "[omnistream] warning: the tracking store failed",
+        "[omnistream] error: two",
+        "[omnistream]   lines",
+    ]
+    assert [logs.parse(line) for line in err[:4]] == [
+        ("debug", "omnistream.test: a detail"),
+        ("info", "step 3/10 loss=2.500"),
+        ("warning", "the tracking store failed"),
+        ("error", "two"),
+    ]
     assert logs.parse("INFO worker.py:12 -- Started a local Ray instance.") is None
 
 

@@ -1,4 +1,5 @@
 import torch
+
 from omnistream.model.model import (
     GPT,
     GPTConfig,

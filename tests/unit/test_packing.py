@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from omnistream.pipelines.mixing import mix_pack, shares_of, token_counts
 from omnistream.pipelines.packing import IGNORE, label_modalities, pack_documents
 
@@ -28,7 +29,7 @@ def test_no_token_lost_or_duplicated(seed, max_len, seq_len):
             pieces.append(tuple(out["input_ids"][r, idx]))
     expected = []
     for t in toks:
-        expected += [tuple(t[s:s + seq_len]) for s in range(0, len(t), seq_len)]
+        expected += [tuple(t[s : s + seq_len]) for s in range(0, len(t), seq_len)]
     assert sorted(pieces) == sorted(expected)
     assert (out["input_ids"][out["doc_ids"] == 0] == 0).all(), "padding is pad id"
 
@@ -57,7 +58,7 @@ def test_label_modalities_are_the_next_tokens():
 
 def test_first_fit_decreasing_fills_rows():
     toks = [np.arange(1, 33)] * 4 + [np.arange(1, 17)] * 8
-    out = pack_documents(toks, [np.zeros(len(t))for t in toks], [str(i) for i in range(12)], 64)
+    out = pack_documents(toks, [np.zeros(len(t)) for t in toks], [str(i) for i in range(12)], 64)
     assert len(out["input_ids"]) == 4 and (out["doc_ids"] > 0).all()
 
 
@@ -70,9 +71,9 @@ def _skewed_docs(n=1500, seed=0):
         kind = int(rng.choice(3, p=[0.2, 0.7, 0.1]))
         L = (12, 40, 60)[kind] + int(rng.integers(0, 8))
         m = np.full(L, kind + 1)
-        m[0] = m[-1] = 0            # bos / eos belong to no modality
+        m[0] = m[-1] = 0  # bos / eos belong to no modality
         if kind == 1:
-            m[1:8] = 1              # the image's caption is text
+            m[1:8] = 1  # the image's caption is text
         toks.append(np.arange(L) + 3)
         mods.append(m)
         keys.append(f"d{i}")
@@ -84,8 +85,10 @@ TARGET = np.array([0.3, 0.4, 0.3])
 
 def _batch_devs(out, rows):
     n = len(out["keys"]) // rows
-    return [np.abs(shares_of(token_counts(out["modality_ids"][b * rows:(b + 1) * rows], 3)) - TARGET).max()
-            for b in range(n)]
+    return [
+        np.abs(shares_of(token_counts(out["modality_ids"][b * rows : (b + 1) * rows], 3)) - TARGET).max()
+        for b in range(n)
+    ]
 
 
 def test_mixer_meets_token_shares_and_accounts_for_every_token():

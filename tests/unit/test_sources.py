@@ -1,5 +1,6 @@
 """Named sources: the interleaving rule over real packed-row shapes, without Ray (pipelines/sources.py).
 The stream with Ray, a real Trainer and a resume on another worker count: integration/test_sources_run.py."""
+
 import json
 
 import numpy as np
@@ -19,8 +20,12 @@ def window(src: int, j: int, rows: int, seed: int, epoch: int = 0) -> dict:
     for r, n in enumerate(rng.integers(8, SEQ + 1, rows)):
         doc[r, :n] = 1
     out = {c: doc.copy() for c in COLUMNS}
-    out.update(keys=np.array([f"{epoch}:shard{src}:{j}-{r}" for r in range(rows)], dtype=object),
-               win=np.full(rows, j, np.int64), row=np.arange(rows, dtype=np.int64), src=np.full(rows, src, np.int64))
+    out.update(
+        keys=np.array([f"{epoch}:shard{src}:{j}-{r}" for r in range(rows)], dtype=object),
+        win=np.full(rows, j, np.int64),
+        row=np.arange(rows, dtype=np.int64),
+        src=np.full(rows, src, np.int64),
+    )
     return out
 
 
@@ -33,7 +38,7 @@ def stream(sources, windows, order, G=16, start=None, skip=None):
         if skip and (s, j) in skip:
             last = skip[(s, j)]
             assert row_hash(b["keys"][last[0]]) == last[1]
-            b = {c: v[last[0] + 1:] for c, v in b.items()}
+            b = {c: v[last[0] + 1 :] for c, v in b.items()}
             if not len(b["keys"]):  # WindowRows' marker of an empty window
                 b = {c: v[:1] for c, v in windows[s][j].items()}
                 b["row"] = np.array([-1])
@@ -73,7 +78,7 @@ def test_two_sources_at_0_8_and_0_2_hold_their_token_share_in_every_window_of_50
     assert len(set(rows["keys"])) == len(rows["keys"])
     for s in (0, 1):
         got = [k for k, x in zip(rows["keys"], rows["src"]) if x == s]
-        assert got == [k for w in windows[s] for k in w["keys"]][:len(got)]
+        assert got == [k for w in windows[s] for k in w["keys"]][: len(got)]
 
 
 def test_the_stream_does_not_depend_on_the_order_windows_are_read_in():
@@ -86,8 +91,10 @@ def test_the_stream_does_not_depend_on_the_order_windows_are_read_in():
 
 def test_a_schedule_switching_at_step_n_is_followed_and_a_resume_either_side_of_it_continues_the_same_stream():
     G, N = 8, 60
-    sources = [SourceConfig(shards=["a"], weight=[(0, 0.8), (N, 0.3)]),
-               SourceConfig(shards=["b"], weight=[(0, 0.2), (N, 0.7)])]
+    sources = [
+        SourceConfig(shards=["a"], weight=[(0, 0.8), (N, 0.3)]),
+        SourceConfig(shards=["b"], weight=[(0, 0.2), (N, 0.7)]),
+    ]
     windows = make((80, 80))
     order = [p for j in range(80) for p in ((0, j), (1, j))]
     whole = stream(sources, windows, order, G)
@@ -99,13 +106,18 @@ def test_a_schedule_switching_at_step_n_is_followed_and_a_resume_either_side_of_
     for at in ((N - 1) * G + 3, (N + 1) * G - 1):  # mid-step N-1, and the last row of step N
         state = json.loads(whole["state"][at])
         items, skip = resume_items([{"src": s, "window": j, "ranges": ""} for s, j in order], state)
-        rest = stream(sources, windows, [(i["src"], i["window"]) for i in items], G,
-                      start={"position": at + 1, **state},
-                      skip={tuple(map(int, k.split(":"))): v for k, v in skip.items()})
+        rest = stream(
+            sources,
+            windows,
+            [(i["src"], i["window"]) for i in items],
+            G,
+            start={"position": at + 1, **state},
+            skip={tuple(map(int, k.split(":"))): v for k, v in skip.items()},
+        )
         n = min(len(rest["keys"]), 400)
         assert n == 400
-        assert list(rest["keys"][:n]) == list(whole["keys"][at + 1:at + 1 + n])
-        assert list(rest["pos"][:n]) == list(whole["pos"][at + 1:at + 1 + n])
+        assert list(rest["keys"][:n]) == list(whole["keys"][at + 1 : at + 1 + n])
+        assert list(rest["pos"][:n]) == list(whole["pos"][at + 1 : at + 1 + n])
 
 
 def test_a_stopped_source_leaves_the_mix_and_the_others_take_its_share():
@@ -115,17 +127,20 @@ def test_a_stopped_source_leaves_the_mix_and_the_others_take_its_share():
     src = rows["src"]
     last_b = np.flatnonzero(src == 1).max()
     assert (src == 1).sum() == 5 * 20  # every row of the small source, once
-    assert (src[last_b + 1:] == 0).all() and len(src) == 45 * 20  # then the other alone, to its end
+    assert (src[last_b + 1 :] == 0).all() and len(src) == 45 * 20  # then the other alone, to its end
 
 
 def test_repeat_plans_the_epochs_a_small_source_needs_and_stop_its_own():
     metas = [{f"a{i}": {"rows": 100, "ids": 100 * 60} for i in range(4)}, {"b0": {"rows": 10, "ids": 10 * 60}}]
     shards = [list(metas[0]), list(metas[1])]
     for exhausted, want in (("repeat", None), ("stop", 2)):
-        sources = [SourceConfig(shards=["a*"], weight=0.5),
-                   SourceConfig(shards=["b*"], weight=0.5, exhausted=exhausted, epochs=2)]
-        plans, windows, items = plan_sources(["a", "b"], sources, shards, [None, None], metas, seed=3, window=16,
-                                            steps=100, step_tokens=16 * SEQ)
+        sources = [
+            SourceConfig(shards=["a*"], weight=0.5),
+            SourceConfig(shards=["b*"], weight=0.5, exhausted=exhausted, epochs=2),
+        ]
+        plans, windows, items = plan_sources(
+            ["a", "b"], sources, shards, [None, None], metas, seed=3, window=16, steps=100, step_tokens=16 * SEQ
+        )
         epochs = plans[1][-1][0] + 1
         if want:
             assert epochs == want
@@ -142,13 +157,32 @@ def test_a_repeat_source_beside_a_stop_source_lasts_to_train_steps():
     run (it was planned for half and the stream ended at step 55 of 100). Every document fills one row here, so
     the rows the plan gives are the rows the stream can deal."""
     steps, G = 100, 16
-    metas = [{f"a{i}": {"rows": 100, "ids": 100 * (SEQ - 4)} for i in range(4)}, {"b0": {"rows": 10, "ids": 10 * (SEQ - 4)}}]
+    metas = [
+        {f"a{i}": {"rows": 100, "ids": 100 * (SEQ - 4)} for i in range(4)},
+        {"b0": {"rows": 10, "ids": 10 * (SEQ - 4)}},
+    ]
     sources = [SourceConfig(shards=["a*"], weight=0.5), SourceConfig(shards=["b*"], weight=0.5, exhausted="stop")]
-    plans, windows, items = plan_sources(["a", "b"], sources, [list(metas[0]), list(metas[1])], [None, None], metas,
-                                        seed=3, window=16, steps=steps, step_tokens=G * SEQ)
-    full = [[{**window(s, j, sum(b - a for _, a, b in w), 0), "doc_ids": np.ones((sum(b - a for _, a, b in w), SEQ),
-                                                                                np.int32)}
-             for j, w in enumerate(windows[s])] for s in (0, 1)]
+    plans, windows, items = plan_sources(
+        ["a", "b"],
+        sources,
+        [list(metas[0]), list(metas[1])],
+        [None, None],
+        metas,
+        seed=3,
+        window=16,
+        steps=steps,
+        step_tokens=G * SEQ,
+    )
+    full = [
+        [
+            {
+                **window(s, j, sum(b - a for _, a, b in w), 0),
+                "doc_ids": np.ones((sum(b - a for _, a, b in w), SEQ), np.int32),
+            }
+            for j, w in enumerate(windows[s])
+        ]
+        for s in (0, 1)
+    ]
     rows = stream(sources, full, [(i["src"], i["window"]) for i in items], G=G)
     assert len(rows["keys"]) >= steps * G, f"the stream ended at step {len(rows['keys']) // G} of {steps}"
     assert (rows["src"] == 1).sum() == 10  # B once, as `stop` with one epoch says
@@ -163,8 +197,10 @@ def test_weights_whose_sum_is_not_a_usable_number_are_refused():
         DataConfig(sources={"a": {"shards": ["x"], "weight": 1e-13}, "b": {"shards": ["y"], "weight": 1e-13}})
 
 
-@pytest.mark.parametrize("weight,err", [([(1, 0.5)], "starts at step 0"), ([(0, 0.5), (0, 0.2)], "increase"),
-                                        (-1.0, ">= 0"), ([(0, -0.1)], ">= 0")])
+@pytest.mark.parametrize(
+    "weight,err",
+    [([(1, 0.5)], "starts at step 0"), ([(0, 0.5), (0, 0.2)], "increase"), (-1.0, ">= 0"), ([(0, -0.1)], ">= 0")],
+)
 def test_a_bad_weight_is_refused_in_plain_words(weight, err):
     with pytest.raises(ValueError, match=err):
         SourceConfig(shards=["x"], weight=weight)

@@ -1,11 +1,14 @@
 """The token cache (no Ray: shards tokenized in this process by the same actor class Ray runs), the
 packing windows and the data position's digest."""
+
 import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from common import SMALL_OPTIONS
 from omnistream.common.errors import UserError
 from omnistream.pipelines.accounting import DataPosition
 from omnistream.pipelines.cache import TokenCache, open_cache
@@ -14,12 +17,11 @@ from omnistream.pipelines.plan import plan_windows
 from omnistream.pipelines.rows import StreamStart, WindowRows
 from omnistream.pipelines.shards import shard_order
 
-from common import SMALL_OPTIONS
-
 
 def _cfg(corpus, bundle, tmp, **kw):
-    return DataConfig(train_shards=corpus["train"][:2], bundle_dir=str(bundle), seq_len=128,
-                      token_cache=str(tmp / "cache"), **kw)
+    return DataConfig(
+        train_shards=corpus["train"][:2], bundle_dir=str(bundle), seq_len=128, token_cache=str(tmp / "cache"), **kw
+    )
 
 
 def _tokenize(cfg, cache, shards):

@@ -3,12 +3,13 @@ import pickle
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from omnistream.common.errors import BadSample, UserError
 from omnistream.modalities import registry
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import draw_digit, dtmf, encode_audio
 from omnistream.pipelines.records import read_shard
-from PIL import Image
 
 
 def _objects(mod, shards, n=30):
@@ -60,11 +61,13 @@ def test_text_roundtrip_is_exact_even_for_unseen_characters(fitted):
 def test_roundtrip_error_detects_a_wrong_reconstruction(fitted):
     """The bound is not vacuous: a different digit's reconstruction is far outside it."""
     import random
+
     image = next(m for m in fitted if m.name == "image")
     a, b = draw_digit(1, random.Random(0)), draw_digit(8, random.Random(1))
     assert image.roundtrip_error(a, image.decode(image.encode(b))) > image.error_bound
     audio = next(m for m in fitted if m.name == "audio")
     from omnistream.modalities.audio import Audio
+
     w1, sr1 = dtmf(1, random.Random(0))
     w9, sr9 = dtmf(9, random.Random(0))
     assert audio.roundtrip_error(Audio(w1, sr1), audio.decode(audio.encode(Audio(w9, sr9)))) > 0.05
@@ -82,6 +85,7 @@ def test_save_load_pickle_keep_the_fingerprint(fitted, tmp_path):
 
 def test_fingerprint_changes_with_fitted_state(fitted, corpus):
     from common import fit_modalities
+
     other = fit_modalities(corpus["train"][:1], {"image": {"codebook_size": 64, "seed": 5}}, names=("image",))[0]
     mine = next(m for m in fitted if m.name == "image")
     assert other.fingerprint() != mine.fingerprint()
@@ -119,12 +123,14 @@ def test_decompression_bomb_refused_before_decoding():
 
 def test_audio_too_long_and_nan_are_refused():
     import random
+
     aud = registry.build("audio", {"max_seconds": 0.1})
     w, sr = dtmf(3, random.Random(0))
     _, data = encode_audio(w, sr, random.Random(1))
     with pytest.raises(BadSample, match="audio_too_long"):
         aud.decode_bytes("wav", data)
     import soundfile as sf
+
     buf = io.BytesIO()
     sf.write(buf, np.full(800, np.nan, np.float32), 8000, format="WAV", subtype="FLOAT")
     with pytest.raises(BadSample, match="audio_not_finite"):
@@ -146,6 +152,7 @@ def test_vocabulary_layout_and_mismatch(fitted, bundle, tmp_path):
     with pytest.raises(ValueError):
         v.to_global("image", np.array([v.by_name["image"].vocab_size]))
     from omnistream.modalities.vocab import describe_mismatch
+
     other = v.layout()
     other["modalities"] = other["modalities"][:2]
     assert "'audio' is missing now" in describe_mismatch(v.layout(), other)
@@ -154,9 +161,8 @@ def test_vocabulary_layout_and_mismatch(fitted, bundle, tmp_path):
 def test_kmeans_audio_with_more_mels_than_its_fft_resolves_still_decodes():
     """80 mels on a 512-point FFT at 16 kHz leave the lowest mel filters without a bin: the inverse mel
     system is rank-deficient, which torch's default least-squares driver refused (a crash in decode)."""
-    from omnistream.modalities.audio import Audio, AudioModality
-
     from common import speechlike
+    from omnistream.modalities.audio import Audio, AudioModality
 
     km = AudioModality({"sample_rate": 16000, "hop": 107, "n_fft": 512, "n_mels": 80, "codebook_size": 32})
     clips = [Audio(speechlike(1.5, 16000, seed=i), 16000) for i in range(3)]

@@ -6,6 +6,7 @@ Frames are read with Pillow (animated GIF), at most `frames` of them, evenly spa
 each is cut into patches and quantised with a k-means codebook exactly as omnistream's image
 modality does (this plugin reuses it). Decoding gives the frames back, saved as an animated GIF.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,7 +35,9 @@ class VideoOptions(ModalityOptions):
     size: int = Field(16, ge=4, le=256, description="each frame is resized to size×size")
     patch: int = Field(4, ge=1, le=32, description="patch side in pixels")
     codebook_size: int = Field(64, ge=2, le=65536, description="patch codes shared by all frames")
-    max_pixels: int = Field(4_000_000, ge=1, description="frames claiming more pixels are refused (decompression bombs)")
+    max_pixels: int = Field(
+        4_000_000, ge=1, description="frames claiming more pixels are refused (decompression bombs)"
+    )
     max_frames_read: int = Field(1000, ge=1, description="clips with more frames are refused (untrusted-input bound)")
 
 
@@ -50,8 +53,9 @@ class VideoModality(BaseModality):
     def __init__(self, options=None):
         super().__init__(options)
         o = self.options
-        self._img = ImageModality({"size": o.size, "patch": o.patch, "codebook_size": o.codebook_size,
-                                   "max_pixels": o.max_pixels})
+        self._img = ImageModality(
+            {"size": o.size, "patch": o.patch, "codebook_size": o.codebook_size, "max_pixels": o.max_pixels}
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -70,7 +74,7 @@ class VideoModality(BaseModality):
             frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
         except BadSample:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever the decoder raises is the record's
             raise BadSample("video_undecodable", f"{type(e).__name__}: {e}") from None
         keep = np.linspace(0, len(frames) - 1, min(self.options.frames, len(frames))).round().astype(int)
         return Clip([frames[i] for i in keep], int(im.info.get("duration", 100) or 100))
@@ -90,7 +94,7 @@ class VideoModality(BaseModality):
         self._require_fitted()
         ids = np.asarray(ids, dtype=np.int64)
         cuts = np.flatnonzero(ids == SEP).tolist() + [len(ids)]
-        frames = [self._img.decode(ids[a + 1:b] - 1) for a, b in zip(cuts, cuts[1:]) if b > a + 1]
+        frames = [self._img.decode(ids[a + 1 : b] - 1) for a, b in zip(cuts, cuts[1:]) if b > a + 1]
         return Clip(frames or [self._img.decode(np.zeros(0, np.int64))])
 
     def roundtrip_error(self, obj: Clip, decoded: Clip) -> float:
@@ -101,8 +105,9 @@ class VideoModality(BaseModality):
 
     def to_bytes(self, obj: Clip) -> tuple[str, bytes]:
         buf = io.BytesIO()
-        obj.frames[0].save(buf, format="GIF", save_all=True, append_images=obj.frames[1:],
-                           duration=obj.ms_per_frame, loop=0)
+        obj.frames[0].save(
+            buf, format="GIF", save_all=True, append_images=obj.frames[1:], duration=obj.ms_per_frame, loop=0
+        )
         return "gif", buf.getvalue()
 
     def _state(self) -> dict[str, Any]:
@@ -110,7 +115,8 @@ class VideoModality(BaseModality):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         o = self.options  # load() may have replaced the options: rebuild the frame tokenizer from them
-        self._img = ImageModality({"size": o.size, "patch": o.patch, "codebook_size": o.codebook_size,
-                                   "max_pixels": o.max_pixels})
+        self._img = ImageModality(
+            {"size": o.size, "patch": o.patch, "codebook_size": o.codebook_size, "max_pixels": o.max_pixels}
+        )
         self._img._set_state(state)
         self._img._mark_fitted()

@@ -1,11 +1,12 @@
 """The example plugin's own tests: one call to omnistream's conformance kit."""
+
 import io
 import random
 
+from omnistream_video import VideoModality
 from PIL import Image, ImageDraw
 
 from omnistream.modalities import check_modality
-from omnistream_video import VideoModality
 
 
 def clip(seed: int, frames: int = 6) -> bytes:
