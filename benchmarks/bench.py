@@ -54,9 +54,9 @@ import torch  # noqa: E402
 from omnistream.cli.demo import demo_config, prepare_demo  # noqa: E402
 from omnistream.cluster.connect import free_port  # noqa: E402
 from omnistream.cluster.driver import prepare, run_training  # noqa: E402
+from omnistream.common.stream import COLUMNS  # noqa: E402
 from omnistream.configs import load_config  # noqa: E402
 from omnistream.model.model import GPT  # noqa: E402
-from omnistream.pipelines.packing import COLUMNS  # noqa: E402
 from omnistream.pipelines.shards import list_shards, shard_order  # noqa: E402
 from omnistream.training.engine import lr_lambda, param_groups  # noqa: E402
 
@@ -188,7 +188,7 @@ def _settle() -> int:
 
 def attention_step_memory(T: int, attention: str) -> float:
     """(c), in its own process: MiB that one forward + backward adds at its peak."""
-    from omnistream.model.model import GPTConfig
+    from omnistream.model.config import GPTConfig
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)

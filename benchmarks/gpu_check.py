@@ -31,7 +31,8 @@ import torch
 from omnistream.configs import load_config
 from omnistream.modalities import registry
 from omnistream.modalities.vocab import Vocabulary
-from omnistream.model.model import GPT, GPTConfig, generate
+from omnistream.model.config import GPTConfig
+from omnistream.model.model import GPT, generate
 from omnistream.pipelines.packing import pack_documents
 from omnistream.tracking import MemoryTracker
 from omnistream.training.engine import single_process_group

@@ -60,9 +60,9 @@ def export(args) -> int:
     out = do_export(local, args.out_dir, args.bundle)
     print(f"exported {args.checkpoint} -> {out}")
     if args.register:
+        from omnistream.common.checkpoint import read_checkpoint_meta
         from omnistream.common.logs import redact
         from omnistream.serving.pyfunc import log_and_register
-        from omnistream.training.checkpoint import read_checkpoint_meta
 
         meta = read_checkpoint_meta(local)
         if args.tracking_uri or not meta.get("run_id"):

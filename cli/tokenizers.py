@@ -65,8 +65,9 @@ def refuse_to_replace(cfg, out: str) -> None:
     import json
     from pathlib import Path
 
+    from omnistream.common.checkpoint import read_checkpoint_meta
     from omnistream.common.errors import UserError
-    from omnistream.training.checkpoint import complete_checkpoints, read_checkpoint_meta
+    from omnistream.training.checkpoint import complete_checkpoints
 
     vj = Path(out) / "vocab.json"
     if not vj.exists():

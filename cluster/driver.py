@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omnistream import tracking
+from omnistream.common.checkpoint import read_checkpoint_meta
 from omnistream.common.errors import ErrorRateExceeded, UserError
 from omnistream.common.logs import redact
 from omnistream.configs import RunConfig
@@ -30,7 +31,6 @@ from omnistream.training.checkpoint import (
     describe_stream_change,
     is_remote,
     local_copy,
-    read_checkpoint_meta,
     read_data_position,
     to_universal,
 )

@@ -5,10 +5,10 @@ The plugin author's import surface (docs/plugins.md):
     from omnistream.modalities import BaseModality, ModalityOptions, FilterOptions, BadSample, check_modality
 """
 
-from omnistream.common.errors import BadSample, UserError
+from omnistream.common.errors import BadSample, ConformanceError, UserError
 
 from .base import BaseModality, FilterOptions, Modality, ModalityOptions
-from .conformance import ConformanceError, check_modality
+from .conformance import check_modality
 from .vocab import BOS, EOS, PAD, Vocabulary
 
 __all__ = [

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # the errors a plugin raises live with every other error of omnistream's; importable from here as before
-from omnistream.common.errors import BadSample, UserError  # noqa: F401
+from omnistream.common.errors import UserError
 
 
 class ModalityOptions(BaseModel):

@@ -10,7 +10,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 # the data position and a row's identity are the stream's contract with the Trainer (common/stream.py)
-from omnistream.common.stream import MOD, DataPosition, row_hash  # noqa: F401 - re-exported
 
 MAX_DEAD_LETTERS = 10_000  # beyond this, dead letters are counted but not listed
 

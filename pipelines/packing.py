@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from omnistream.common.stream import COLUMNS, label_modalities  # noqa: F401 - the batch format (common/stream.py)
+from omnistream.common.stream import COLUMNS
 
 IGNORE = -100
 

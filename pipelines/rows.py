@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from omnistream.common.errors import DataResumeMismatch
+from omnistream.common.stream import row_hash
 from omnistream.modalities.vocab import Vocabulary
 
-from .accounting import row_hash
 from .cache import TokenCache
 from .config import DataConfig
 from .context import data_context

@@ -164,7 +164,8 @@ def write_export(
 
 def load_model(path: str | Path, bundle: str | None = None):
     """(GPT in eval mode, Vocabulary) from an exported directory or straight from a checkpoint."""
-    from omnistream.model.model import GPT, GPTConfig
+    from omnistream.model.config import GPTConfig
+    from omnistream.model.model import GPT
 
     p = Path(path)
     if (p / MODEL_FILE).exists():

@@ -419,9 +419,10 @@ def test_every_listener_is_loopback(trained):
 
 def test_resume_with_other_vocabulary_or_data_is_refused(trained, corpus, tmp_path):
     from common import fit_modalities
-    from omnistream.cluster.driver import check_checkpoint, resume_plan
+    from omnistream.cluster.driver import resume_plan
     from omnistream.common.errors import UserError
     from omnistream.modalities.vocab import Vocabulary
+    from omnistream.training.checkpoint import check_checkpoint
 
     other = Vocabulary(fit_modalities(corpus["train"][:1], {"image": {"codebook_size": 32}}))
     with pytest.raises(UserError, match="another vocabulary"):

@@ -36,7 +36,7 @@ def _cfg(stage: int = 3):
 def _rank(rank: int, world: int, port: int, load: str | None, save: str, steps: int, stage: int) -> None:
     import torch.distributed as dist
 
-    from omnistream.training.checkpoint import CKPT_TAG
+    from omnistream.common.checkpoint import CKPT_TAG
     from omnistream.training.engine import build_engine, pin_collectives_to_loopback
 
     pin_collectives_to_loopback()

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from common import DIGIT_TASKS, fit_modalities
+from omnistream.common.stream import COLUMNS
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.democorpus import CorpusSpec, write_demo_corpus
 from omnistream.pipelines.documents import held_out, local_documents
-from omnistream.pipelines.packing import COLUMNS, pack_documents
+from omnistream.pipelines.packing import pack_documents
 from omnistream.tracking import MemoryTracker
 from omnistream.training.engine import single_process_group
 from omnistream.training.evaluate import Evaluator

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from common import DIGIT_TASKS
+from omnistream.common.stream import COLUMNS
 from omnistream.configs import load_config
 from omnistream.modalities.vocab import Vocabulary
 from omnistream.pipelines.documents import held_out, local_documents
-from omnistream.pipelines.packing import COLUMNS, pack_documents
+from omnistream.pipelines.packing import pack_documents
 from omnistream.tracking import MemoryTracker
 from omnistream.training.checkpoint import Checkpointer
 from omnistream.training.engine import single_process_group

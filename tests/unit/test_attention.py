@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from omnistream.model.config import ATTENTION
-from omnistream.model.model import ATTENTION_KERNELS, GPT, GPTConfig, VarlenAttention, generate
+from omnistream.model.config import ATTENTION, GPTConfig
+from omnistream.model.model import ATTENTION_KERNELS, GPT, VarlenAttention, generate
 from omnistream.training.engine import apply_activation_checkpointing
 
 

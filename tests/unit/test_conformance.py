@@ -2,8 +2,9 @@
 
 import pytest
 
+from omnistream.common.errors import ConformanceError
 from omnistream.modalities import registry
-from omnistream.modalities.conformance import ConformanceError, check_modality
+from omnistream.modalities.conformance import check_modality
 from omnistream.pipelines.records import read_shard
 
 

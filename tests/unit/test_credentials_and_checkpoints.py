@@ -8,8 +8,8 @@ import pytest
 
 from omnistream.cli import main
 from omnistream.cluster import auth, jobs
+from omnistream.common.checkpoint import META, read_checkpoint_meta
 from omnistream.common.errors import UserError
-from omnistream.training.checkpoint import META, read_checkpoint_meta
 
 
 @pytest.mark.parametrize(

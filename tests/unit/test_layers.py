@@ -276,3 +276,54 @@ def test_the_check_names_a_training_module_that_imports_ray(tmp_path):
         "from omnistream.training import trainer\n" + (REPO / "tracking" / "base.py").read_text()
     )
     assert any(v.startswith("tracking/base.py:1: imports omnistream.training") for v in violations(tmp_path))
+
+
+def _defined(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments), not those it imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def second_import_paths(root: Path = REPO) -> list[str]:
+    """Every `from omnistream.x.y import name` (in the package, its tests, benchmarks and examples) that takes
+    `name` from a module that only imports it: each public name has one home, the module that defines it, and
+    a package's __init__.py (its published surface) is the only place that may hand it on."""
+    mods = modules(root)
+    defined = {name: _defined(f) for name, (f, _) in mods.items()}
+    found = []
+    for f in sorted(p for d in [*LAYERS, "tests", "benchmarks", "examples"] for p in (root / d).rglob("*.py")):
+        rel = f.relative_to(root)
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                package = ["omnistream", rel.parts[0], *rel.parent.parts[1:]]
+                mod = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod not in mods or mods[mod][0].name == "__init__.py":
+                continue
+            for alias in node.names:
+                if alias.name not in defined[mod] and f"{mod}.{alias.name}" not in mods:
+                    found.append(f"{rel}:{node.lineno}: takes {alias.name} from {mod}, which does not define it")
+    return found
+
+
+def test_each_public_name_has_one_import_path():
+    assert second_import_paths() == []
+
+
+def test_the_import_path_check_finds_a_second_path(tmp_path):
+    for room in LAYERS:
+        shutil.copytree(REPO / room, tmp_path / room, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("from omnistream.pipelines.rows import DataConfig\n")
+    assert second_import_paths(tmp_path) == [
+        "tests/test_x.py:1: takes DataConfig from omnistream.pipelines.rows, which does not define it"
+    ]

@@ -1,12 +1,7 @@
 import torch
 
-from omnistream.model.model import (
-    GPT,
-    GPTConfig,
-    attention_mask,
-    generate,
-    loss_by_group,
-)
+from omnistream.model.config import GPTConfig
+from omnistream.model.model import GPT, attention_mask, generate, loss_by_group
 
 
 def _model():

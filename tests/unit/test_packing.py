@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from omnistream.pipelines.mixing import mix_pack, shares_of, token_counts
-from omnistream.pipelines.packing import IGNORE, label_modalities, pack_documents
+from omnistream.common.stream import label_modalities, shares_of, token_counts
+from omnistream.pipelines.mixing import mix_pack
+from omnistream.pipelines.packing import IGNORE, pack_documents
 
 
 def _docs(rng, n, max_len):

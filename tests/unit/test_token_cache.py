@@ -10,7 +10,7 @@ import pytest
 
 from common import SMALL_OPTIONS
 from omnistream.common.errors import UserError
-from omnistream.pipelines.accounting import DataPosition
+from omnistream.common.stream import DataPosition
 from omnistream.pipelines.cache import TokenCache, open_cache
 from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.plan import plan_windows
@@ -125,8 +125,8 @@ def test_windows_cut_the_plan_in_order_without_loss():
 def test_a_resumed_window_drops_the_consumed_rows_after_checking_the_last(built):
     """WindowRows packs a window again on resume: the rows up to the checkpoint's last one are dropped,
     and a last row whose hash differs (the stream changed) stops the run instead of skipping data."""
-    from omnistream.pipelines.accounting import row_hash
-    from omnistream.pipelines.rows import DataResumeMismatch
+    from omnistream.common.errors import DataResumeMismatch
+    from omnistream.common.stream import row_hash
 
     cfg, cache = built["cfg"], built["cache"]
     plan = shard_order(cfg.train_shards, 0, 1)
