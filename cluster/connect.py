@@ -94,7 +94,12 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             # a submitted job's driver runs with the runtime env `jobs submit` gave it, which Ray refuses to
             # merge with a second one naming the same fields
             in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=None if in_job else job_runtime_env({}))
+            ray.init(
+                address=address,
+                log_to_driver=log_to_driver,
+                runtime_env=None if in_job else job_runtime_env({}),
+                logging_config=_worker_logging(),
+            )
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
@@ -102,6 +107,8 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
     # ENV_VARS_TO_PROPAGATE); the runtime_env below reaches the workers, not the controller.
     for k, v in LOCAL_ENV.items():
         os.environ.setdefault(k, v)
+    temp = private_dir(Path(tempfile.gettempdir()) / f"omnistream-{os.getuid()}") / "ray"
+    data_logging = _ray_data_logging(temp)
     with _token_auth() as whose:
         # no dashboard_port: Ray then binds 8265, or the next port up that is free (50 tries), where a port
         # picked free here and bound later by Ray could be taken meanwhile by another command starting
@@ -110,7 +117,6 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         # /tmp/ray (ray.init() with no address would join that one, or refuse num_cpus for it)
         # Ray's own default, /tmp/ray, is made 0777 and shared by every user of the machine: its logs, and
         # the code it unpacks for workers, readable and replaceable by them. Here: a 0700 folder of ours.
-        temp = private_dir(Path(tempfile.gettempdir()) / f"omnistream-{os.getuid()}") / "ray"
         ctx = ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
@@ -121,7 +127,8 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             log_to_driver=log_to_driver,
             configure_logging=True,
             logging_level="WARNING",
-            runtime_env=job_runtime_env({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1"}),
+            runtime_env=job_runtime_env({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1", **data_logging}),
+            logging_config=_worker_logging(),
         )
     if ctx.dashboard_url:
         log.info(
@@ -130,6 +137,39 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             ctx.dashboard_url,
         )
     return ray
+
+
+def _ray_data_logging(folder: Path) -> dict[str, str]:
+    """A local Ray's Ray Data logging: its documented door, a config file named by RAY_DATA_LOGGING_CONFIG,
+    with Ray Data's own default (everything to the session's logs/ray-data/ file) and its console at ERROR
+    unless --verbose. Every pass's "Starting execution of Dataset ...", "Execution plan ...", "Progress bars
+    disabled ..." lines otherwise reach the terminal from whichever process runs the pass. The environment
+    ({name: path}) for the driver and the workers; {} with --verbose or where the user named a config."""
+    if logs.verbose() or "RAY_DATA_LOGGING_CONFIG" in os.environ:
+        return {}
+    import copy
+    import json
+
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "ERROR"
+    path = folder.parent / "ray-data-logging.json"  # JSON is YAML, which Ray Data reads it as
+    path.write_text(json.dumps(config))
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)
+    return {"RAY_DATA_LOGGING_CONFIG": str(path)}
+
+
+def _worker_logging():
+    """Ray's own Python loggers in its worker processes at WARNING unless omnistream runs with --verbose: Ray
+    Train's controller and Ray Data's coordinators otherwise send a new user's terminal their INFO lines
+    ("Attempting to start training worker group ...") beside omnistream's. omnistream's own loggers keep their
+    level (common/logs.py: the level travels in the environment)."""
+    import ray
+
+    from omnistream.common import logs
+
+    return ray.LoggingConfig(log_level="INFO" if logs.verbose() else "WARNING")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import logging
 import os
 
 from omnistream.common import logs
+from omnistream.common.checkpoint import name_cpu_accelerator
 from omnistream.configs import RunConfig
 from omnistream.modalities.vocab import Vocabulary
 
@@ -48,11 +49,14 @@ def import_deepspeed(needs_mlflow: bool) -> None:
     uses it. A None in sys.modules makes that `import mlflow` fail, which DeepSpeed takes as "not installed"."""
     import sys
 
+    name_cpu_accelerator()
     if needs_mlflow or "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed  # imported here, before the Trainer's first use, with MLflow visible
+
         return
     sys.modules["mlflow"] = None
     try:
-        pass
+        import deepspeed  # noqa: F401 - the import is the point: DeepSpeed loaded once, MLflow hidden from it
     finally:
         del sys.modules["mlflow"]
 

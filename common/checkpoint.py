@@ -12,6 +12,7 @@ time; torch and DeepSpeed only inside `load_weights_only`, for whoever loads the
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,12 +58,24 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
+def name_cpu_accelerator() -> None:
+    """Before DeepSpeed is first imported: where torch sees no CUDA device, name DeepSpeed's accelerator, CPU
+    (DS_ACCELERATOR). Left to detect it, DeepSpeed picks the same and says so on every rank and every export
+    ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def load_weights_only(path, map_location=None):
     """torch.load of a DeepSpeed checkpoint file with weights_only=True (docs/architecture.md, security
     defaults): tensors and plain containers, never code. DeepSpeed's files need only its ZeRO stage enum,
     loss scalers and (ZeRO-1/2's optimizer files) the (start, numel) record of each parameter's slice
     beside those; every reader of a checkpoint (the engine, `export`) loads through this."""
     import torch
+
+    name_cpu_accelerator()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

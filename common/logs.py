@@ -24,6 +24,8 @@ ROOT = "omnistream"
 TAG = "[omnistream]"
 # the level a process's children (Ray's workers, a submitted job) log at: they inherit the environment
 LEVEL_ENV = "OMNISTREAM_LOG_LEVEL"
+MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
+_USER_MLFLOW_LEVEL = os.environ.get(MLFLOW_LEVEL_ENV)  # a level the user set stands
 # how the CLI's one line for a user mistake begins ("omnistream: error: no shards found ...")
 ERROR_PREFIX = "omnistream: "
 _LINE = re.compile(r"^\[omnistream\] (?:(debug|warning|error|critical): )?(.*)$", re.DOTALL)
@@ -90,6 +92,10 @@ def setup(verbosity: int | None = None) -> logging.Logger:
         root.addHandler(h)
     root.setLevel(level)
     root.propagate = False  # one line per record, whatever the host program did to the root logger
+    # MLflow's own INFO lines ("Creating initial MLflow database tables...", its system-metrics monitor) only
+    # with --verbose; MLflow reads the level when first imported, and here when already imported
+    os.environ[MLFLOW_LEVEL_ENV] = _USER_MLFLOW_LEVEL or ("INFO" if level <= logging.DEBUG else "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ[MLFLOW_LEVEL_ENV])
     return root
 
 
@@ -102,9 +108,17 @@ def parse(line: str) -> tuple[str, str] | None:
     return (m.group(1) or "info"), m.group(2)
 
 
+def verbose() -> bool:
+    """Whether this process runs with -v (debug lines, and the libraries' own INFO lines)."""
+    return logging.getLogger(ROOT).getEffectiveLevel() <= logging.DEBUG
+
+
 def inherited() -> dict[str, str]:
     """The environment a process this one starts elsewhere (a Ray job, a worker) needs to log as it does."""
-    return {LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO")}
+    return {
+        LEVEL_ENV: os.environ.get(LEVEL_ENV, "INFO"),
+        **({MLFLOW_LEVEL_ENV: os.environ[MLFLOW_LEVEL_ENV]} if MLFLOW_LEVEL_ENV in os.environ else {}),
+    }
 
 
 # scheme://userinfo@ : a password or token in a URL (tracking.uri = "https://user:secret@host")

@@ -24,4 +24,6 @@ def data_context():
     ctx.enable_progress_bars = progress
     # and no execution banners ("Starting execution of Dataset ...") through Ray Data's logger
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
+    # and not its warning that they are off ("Progress bars disabled. To enable, set ...")
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if progress else logging.ERROR)
     return ctx

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 
 import numpy as np
 import ray
@@ -71,6 +72,13 @@ class PackRows:
 # actor (out of memory, a crash in a decoder library) would hang the run. Two restarts, two retries.
 RETRIES = {"max_restarts": 2, "max_task_retries": 2}
 ACTOR_DIED = "actor_died"
+# Ray 2.60 deprecates map_batches' free-form remote arguments (`ray_remote_args`) in favour of named ones, but
+# names none for max_restarts, max_task_retries or allow_out_of_order_execution: bounding retries (above) and
+# keeping the Interleave and Positions actors in order (rows.py) still need them. Its warning, printed at every
+# pass, is silenced for omnistream's own calls only; Ray 2.64 removes the argument, and this with it.
+warnings.filterwarnings(
+    "ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning, module=r"omnistream\.pipelines\."
+)
 
 
 def shards_may_die(ds: ray.data.Dataset) -> ray.data.Dataset:

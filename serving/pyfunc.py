@@ -11,6 +11,7 @@ answer is plain JSON when served.
 from __future__ import annotations
 
 import base64
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -23,44 +24,50 @@ ARTIFACT = "omnistream_model"  # the exported folder, as the MLflow model's arti
 MAX_ROWS = 64
 
 
-class OmnistreamModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around export.load_model + export.generate_from."""
+# MLflow asks, when a PythonModel subclass is defined, for type hints on predict, under a warnings filter of
+# its own (so no filter of ours reaches it): the hints would replace the signature log_and_register states
+# whole (binary media inputs, `to` and `max_new_tokens` params) with one inferred from them, which cannot
+# say "bytes of an image". The class is defined with its warnings caught and dropped.
+with warnings.catch_warnings(record=True):
 
-    def load_context(self, context) -> None:
-        from .export import load_model
+    class OmnistreamModel(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper around export.load_model + export.generate_from."""
 
-        self.model, self.vocab = load_model(context.artifacts[ARTIFACT])
+        def load_context(self, context) -> None:
+            from .export import load_model
 
-    def predict(self, context, model_input, params: dict | None = None):
-        import pandas as pd
+            self.model, self.vocab = load_model(context.artifacts[ARTIFACT])
 
-        from .generate import generate_from
+        def predict(self, context, model_input, params: dict | None = None):
+            import pandas as pd
 
-        params = params or {}
-        dst = params.get("to") or "text"
-        n = int(params.get("max_new_tokens") or 0) or None
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        if len(rows) > MAX_ROWS:
-            raise UserError(f"{len(rows)} rows in one request, at most {MAX_ROWS}: send them in several requests")
-        out = []
-        for row in rows:
-            src = next((k for k in self.vocab.names if _present(row.get(k))), None)
-            if src is None:
-                raise UserError(f"each row needs one of the columns {self.vocab.names} (the prompt)")
-            mod = self.vocab.by_name[src]
-            value = row[src]
-            data = value.encode() if isinstance(value, str) and src == "text" else _bytes(value)
-            try:
-                obj = mod.decode_bytes(_sniff(data, mod.keys), data)
-            except BadSample as e:
-                raise UserError(f"the {src} of row {len(out)} cannot be read: {e.reason} ({e.detail})") from None
-            res = generate_from(self.model, self.vocab, src, obj, dst, n)
-            if isinstance(res, str):
-                out.append({"to": dst, "ext": "txt", "output": res})
-            else:
-                ext, blob = self.vocab.by_name[dst].to_bytes(res)
-                out.append({"to": dst, "ext": ext, "output": base64.b64encode(blob).decode()})
-        return pd.DataFrame(out, columns=["to", "ext", "output"])
+            from .generate import generate_from
+
+            params = params or {}
+            dst = params.get("to") or "text"
+            n = int(params.get("max_new_tokens") or 0) or None
+            rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+            if len(rows) > MAX_ROWS:
+                raise UserError(f"{len(rows)} rows in one request, at most {MAX_ROWS}: send them in several requests")
+            out = []
+            for row in rows:
+                src = next((k for k in self.vocab.names if _present(row.get(k))), None)
+                if src is None:
+                    raise UserError(f"each row needs one of the columns {self.vocab.names} (the prompt)")
+                mod = self.vocab.by_name[src]
+                value = row[src]
+                data = value.encode() if isinstance(value, str) and src == "text" else _bytes(value)
+                try:
+                    obj = mod.decode_bytes(_sniff(data, mod.keys), data)
+                except BadSample as e:
+                    raise UserError(f"the {src} of row {len(out)} cannot be read: {e.reason} ({e.detail})") from None
+                res = generate_from(self.model, self.vocab, src, obj, dst, n)
+                if isinstance(res, str):
+                    out.append({"to": dst, "ext": "txt", "output": res})
+                else:
+                    ext, blob = self.vocab.by_name[dst].to_bytes(res)
+                    out.append({"to": dst, "ext": ext, "output": base64.b64encode(blob).decode()})
+            return pd.DataFrame(out, columns=["to", "ext", "output"])
 
 
 def _present(v) -> bool:
@@ -110,7 +117,10 @@ def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_ur
         params=ParamSchema([ParamSpec("to", "string", "text"), ParamSpec("max_new_tokens", "long", 0)]),
     )
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id or None):
+    with mlflow.start_run(run_id=run_id or None), warnings.catch_warnings():
+        # The signature is given whole (inputs, outputs, params): an input example would load the model and
+        # generate at log time to infer what is already stated
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             # models-from-code: the model is this file of ours, not a pickled object (pyfunc_code.py says why)
             name="model",

@@ -57,6 +57,9 @@ def skip_cpu_shm_op() -> None:
     (C++, with the machine's compiler: about a minute of 2 cores on a fresh environment, then a load of
     the built op in every rank) that only its `inference_all_reduce` uses; training's collectives go
     through torch.distributed (gloo here) either way. Marked incompatible, it is never built."""
+    from omnistream.common.checkpoint import name_cpu_accelerator
+
+    name_cpu_accelerator()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
