@@ -56,9 +56,7 @@ class SourceConfig(BaseModel):
         description="WebDataset shards of this source: paths, globs, {000..099} braces or URLs "
         "(s3:// with the s3 extra)"
     )
-    format: str | None = Field(
-        None, description="how this source's shards are stored (pipelines/formats.py); unset: data.format"
-    )
+    format: str = Field("", description="how this source's shards are stored (pipelines/formats.py); '' = data.format")
     weight: float | list[tuple[int, float]] = Field(
         1.0,
         description="share of the consumed tokens: a number, or [[step, weight], ...] points, piecewise constant "

@@ -43,3 +43,22 @@ def test_a_format_whose_library_is_missing_names_the_extra(tmp_path, monkeypatch
         open_sources(cfg, "fp", 0)
     with pytest.raises(UserError, match=r"data format 'csv' is not one omnistream reads \(formats: .*webdataset"):
         open_sources(cfg.model_copy(update={"format": "csv"}), "fp", 0)
+
+
+def test_a_config_naming_formats_round_trips_through_its_saved_toml(tmp_path):
+    """Every run saves its config as TOML (config/resolved.toml): a source's format, set or left to
+    data.format, is written and read back."""
+    from omnistream.configs import RunConfig, load_config
+
+    cfg = RunConfig.model_validate(
+        {
+            "data": {
+                "format": "webdataset",
+                "sources": {"a": {"shards": ["a.tar"]}, "b": {"shards": ["b.tar"], "format": "webdataset"}},
+            }
+        }
+    )
+    (tmp_path / "run.toml").write_text(cfg.to_toml())
+    back = load_config(tmp_path / "run.toml")
+    assert back.data.sources["a"].format == "" and back.data.sources["b"].format == "webdataset"
+    assert back.data.format == "webdataset"
