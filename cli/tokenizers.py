@@ -237,12 +237,13 @@ def _decoded(data, shards, mod, limit: int, convert=None) -> list:
     """Up to `limit` decoded samples of `mod` in `shards`, each through `convert` as it is read (a photo is
     not held whole when its pixels will do); unreadable ones skipped."""
     from omnistream.common.errors import BadSample
-    from omnistream.pipelines.records import read_shard
+    from omnistream.pipelines.formats import ReadBounds, reader
     from omnistream.pipelines.shards import list_shards
 
+    fmt, bounds = reader(data.format), ReadBounds(data.max_member_bytes, data.limits)  # the data's own format
     out = []
     for shard in list_shards(shards):
-        for rec in read_shard(shard, data.max_member_bytes, data.limits):
+        for rec in fmt.read(shard, bounds):
             for ext, raw in (rec.fields or {}).items():
                 if ext in mod.keys:
                     try:
