@@ -6,6 +6,9 @@ binds the listening socket itself, to the node IP Ray reports (127.0.0.1 for
 a local cluster), and hands it to torch (`master_listen_fd`). For local
 clusters gloo and NCCL are pinned to the loopback interface too. Everything else is
 Ray's own `_TorchBackend` (shutdown, env vars).
+
+The ordered data split is in cluster/split.py, a module without torch: Ray Train hands the split to its
+DatasetManager actor, which would otherwise import torch (about 3 s of a core) only to unpickle it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
-from ray.train import DataConfig
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
@@ -86,24 +88,3 @@ class BoundTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return _BoundStoreBackend
-
-
-class OrderedSplit(DataConfig):
-    """Ray Train's dataset split, but deterministic: blocks go to the ranks in turn (block b to rank
-    b mod world), in stream order, the tail included.
-
-    The stock split (`equal=True`) evens out the ranks' row counts at the end of the stream by cutting
-    blocks; here the stream is cut into blocks of one rank-step each (pipelines/rows.py), so handing them
-    out in turn already gives every rank the same number of rows per step, and the global order of the
-    rows consumed does not depend on the number of ranks (the Trainer checks each micro-batch's place)."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        out = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            opts = self._resolve_execution_options(name)
-            opts.preserve_order = True
-            ds.context.execution_options = opts
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=None)):
-                out[i][name] = split
-        return out

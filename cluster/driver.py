@@ -407,8 +407,9 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
     from omnistream.common import logs
     from omnistream.pipelines.rows import build_train_stream
 
-    from .backend import BoundTorchConfig, OrderedSplit
+    from .backend import BoundTorchConfig
     from .connect import WORKER_ENV
+    from .split import OrderedSplit
 
     train = cfg.train
     ds = build_train_stream(

@@ -10,7 +10,7 @@
       .repartition(R rows, strict)   blocks of R = micro_batch_size × grad_accum rows: one rank's
                                  share of one optimizer step
 
-Ray Train hands the blocks to the ranks in turn (OrderedSplit, cluster/train.py): at a step, the
+Ray Train hands the blocks to the ranks in turn (OrderedSplit, cluster/split.py): at a step, the
 ranks together take the next world × R rows of the global stream, rank r the r-th block. The order
 of the global stream does not depend on the number of ranks, so a checkpoint's position - the global
 row count, and the window and row of the last row consumed - resumes on any number of ranks: the

@@ -109,23 +109,60 @@ OVERRIDES = [
 UNINTERRUPTED = ("train.steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=4")
 
 
+def tcp_listeners(tables: dict[str, str] | None = None) -> list[tuple[int, str, int]]:
+    """(socket inode, address, port) of every TCP socket in LISTEN in this network namespace, read from its
+    socket tables (/proc/net/tcp and tcp6, or `tables`: {"tcp": text, "tcp6": text}). Two small files per
+    call, where asking psutil per process reads every table and every descriptor of each of ~40 processes
+    (that cost the shared run's sampler, once a second, about 13 s of a core)."""
+    import ipaddress
+
+    out = []
+    for name in ("tcp", "tcp6"):
+        try:
+            text = tables[name] if tables is not None else Path(f"/proc/net/{name}").read_text()
+        except (KeyError, OSError):
+            continue
+        for line in text.splitlines()[1:]:
+            f = line.split()
+            if len(f) < 10 or f[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            host, port = f[1].split(":")
+            raw = bytes.fromhex(host)
+            # each 32-bit word of the address is written in the host's (little-endian) order
+            addr = ipaddress.ip_address(b"".join(raw[k : k + 4][::-1] for k in range(0, len(raw), 4)))
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            out.append((int(f[9]), str(addr), int(port, 16)))
+    return out
+
+
 def non_loopback_listeners() -> list[str]:
     """Listening TCP sockets of this process and its descendants (Ray's processes, a tracking server)
-    not bound to loopback."""
+    not bound to loopback. The namespace's socket tables first (two small files); only a socket found
+    there off loopback is traced, through the descriptors of this process tree, to the process holding it
+    (a listener of another program on the machine is not ours)."""
+    import ipaddress
+    import os
+
     import psutil
 
+    off = {ino: f"{a}:{port}" for ino, a, port in tcp_listeners() if not ipaddress.ip_address(a).is_loopback}
+    if not off:
+        return []
     me = psutil.Process()
     bad = []
     for p in [me] + me.children(recursive=True):
         try:
-            conns = p.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            fds = os.listdir(f"/proc/{p.pid}/fd")
+        except OSError:
             continue
-        for c in conns:
-            if c.status == psutil.CONN_LISTEN and not (
-                c.laddr.ip.startswith("127.") or c.laddr.ip in ("::1", "::ffff:127.0.0.1")
-            ):
-                bad.append(f"{p.name()}[{p.pid}] {c.laddr.ip}:{c.laddr.port}")
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in off:
+                bad.append(f"{p.name()}[{p.pid}] {off[int(target[8:-1])]}")
     return bad
 
 

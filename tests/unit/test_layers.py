@@ -327,3 +327,28 @@ def test_the_import_path_check_finds_a_second_path(tmp_path):
     assert second_import_paths(tmp_path) == [
         "tests/test_x.py:1: takes DataConfig from omnistream.pipelines.rows, which does not define it"
     ]
+
+
+# The modules whose classes and functions Ray's own processes unpickle in every run: Ray Train's
+# DatasetManager (the split), Ray Data's map workers and coordinators (the stream's stages), the ledger and
+# dedup actors. None of them uses torch, and an import of it costs each such process about 3 s of a core.
+RAY_SIDE_MODULES = (
+    "omnistream.cluster.split",
+    "omnistream.pipelines.rows",
+    "omnistream.pipelines.stream",
+    "omnistream.pipelines.sources",
+    "omnistream.pipelines.ledger",
+    "omnistream.pipelines.dedup",
+)
+
+
+def test_what_rays_own_processes_unpickle_imports_no_torch():
+    import subprocess
+
+    code = (
+        f"import sys; import {', '.join(RAY_SIDE_MODULES)}; "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'mlflow') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
