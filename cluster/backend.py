@@ -8,7 +8,7 @@ clusters gloo and NCCL are pinned to the loopback interface too. Everything else
 Ray's own `_TorchBackend` (shutdown, env vars).
 
 The ordered data split is in cluster/split.py, a module without torch: Ray Train hands the split to its
-DatasetManager actor, which would otherwise import torch (about 3 s of a core) only to unpickle it.
+DatasetManager actor, which would otherwise import torch only to unpickle it (split.py has the figures).
 """
 
 from __future__ import annotations

@@ -136,21 +136,22 @@ def tcp_listeners(tables: dict[str, str] | None = None) -> list[tuple[int, str, 
     return out
 
 
-def non_loopback_listeners() -> list[str]:
-    """Listening TCP sockets of this process and its descendants (Ray's processes, a tracking server)
-    not bound to loopback. The namespace's socket tables first (two small files); only a socket found
-    there off loopback is traced, through the descriptors of this process tree, to the process holding it
-    (a listener of another program on the machine is not ours)."""
+def off_loopback(listeners: list[tuple[int, str, int]]) -> dict[int, str]:
+    """{inode: "address:port"} of the listeners (as tcp_listeners gives them) bound to a non-loopback address."""
     import ipaddress
+
+    return {ino: f"{a}:{port}" for ino, a, port in listeners if not ipaddress.ip_address(a).is_loopback}
+
+
+def sockets_of_this_tree(sockets: dict[int, str]) -> list[str]:
+    """ "name[pid] address:port" for each socket (by inode) that this process or a descendant holds, traced
+    through their descriptors; a socket of another program on the machine is not listed."""
     import os
 
     import psutil
 
-    off = {ino: f"{a}:{port}" for ino, a, port in tcp_listeners() if not ipaddress.ip_address(a).is_loopback}
-    if not off:
-        return []
     me = psutil.Process()
-    bad = []
+    held = []
     for p in [me] + me.children(recursive=True):
         try:
             fds = os.listdir(f"/proc/{p.pid}/fd")
@@ -161,9 +162,17 @@ def non_loopback_listeners() -> list[str]:
                 target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith("socket:[") and int(target[8:-1]) in off:
-                bad.append(f"{p.name()}[{p.pid}] {off[int(target[8:-1])]}")
-    return bad
+            if target.startswith("socket:[") and int(target[8:-1]) in sockets:
+                held.append(f"{p.name()}[{p.pid}] {sockets[int(target[8:-1])]}")
+    return held
+
+
+def non_loopback_listeners() -> list[str]:
+    """Listening TCP sockets of this process and its descendants (Ray's processes, a tracking server)
+    not bound to loopback: the namespace's socket tables first (two small files), and only a socket found
+    there off loopback traced to the process of ours holding it."""
+    off = off_loopback(tcp_listeners())
+    return sockets_of_this_tree(off) if off else []
 
 
 def run_config(corpus: dict, tmp, *extra: str):

@@ -331,7 +331,7 @@ def test_the_import_path_check_finds_a_second_path(tmp_path):
 
 # The modules whose classes and functions Ray's own processes unpickle in every run: Ray Train's
 # DatasetManager (the split), Ray Data's map workers and coordinators (the stream's stages), the ledger and
-# dedup actors. None of them uses torch, and an import of it costs each such process about 3 s of a core.
+# dedup actors. None of them uses torch, and importing it cost Ray Train's DatasetManager 1.7 s of a core per run.
 RAY_SIDE_MODULES = (
     "omnistream.cluster.split",
     "omnistream.pipelines.rows",

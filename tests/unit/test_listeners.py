@@ -1,11 +1,12 @@
 """The listener check the shared run samples (tests/common `tcp_listeners`, `non_loopback_listeners`): it
 must see a real listening socket, and tell loopback from every other address in both socket tables."""
 
-import ipaddress
 import os
 import socket
 
-from common import non_loopback_listeners, tcp_listeners
+import psutil
+
+from common import non_loopback_listeners, off_loopback, sockets_of_this_tree, tcp_listeners
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
@@ -21,6 +22,10 @@ def test_a_real_loopback_listener_is_read_with_its_address_and_port():
         port, inode = s.getsockname()[1], os.fstat(s.fileno()).st_ino
         assert (inode, "127.0.0.1", port) in tcp_listeners()
         assert not any(f":{port}" in b for b in non_loopback_listeners())
+        # and a socket is traced to the process that holds it (the step a non-loopback listener goes through)
+        assert sockets_of_this_tree({inode: f"127.0.0.1:{port}"}) == [
+            f"{psutil.Process().name()}[{os.getpid()}] 127.0.0.1:{port}"
+        ]
 
 
 def test_wildcard_and_interface_addresses_are_told_from_loopback():
@@ -48,5 +53,5 @@ def test_wildcard_and_interface_addresses_are_told_from_loopback():
         6: ("::", 8085),
         7: ("127.0.0.1", 8086),
     }
-    off = sorted(ino for ino, (a, _) in got.items() if not ipaddress.ip_address(a).is_loopback)
-    assert off == [2, 3, 6]
+    off = off_loopback(tcp_listeners({"tcp": tcp, "tcp6": tcp6}))
+    assert sorted(off) == [2, 3, 6]
