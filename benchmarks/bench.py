@@ -88,7 +88,7 @@ def stream_rows(cfg, vocab, n_rows: int) -> dict:
     cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
     done, _ = cache.status(shards)
     plan = shard_order(shards, cfg.seed, cfg.data.epochs)
-    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data))
+    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data, cache, done))
     rows = WindowRows(
         cache.url, cfg.data.bundle_dir, cfg.modalities, cfg.data, cfg.seed, plan, cfg.train.micro_batch_size
     )
@@ -335,7 +335,7 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
         records, media_s, cache, data = _tokenize(cfg, list_shards(cfg.data.train_shards)[:shards], d)
         plan = shard_order(data.train_shards, cfg.seed, 1)
         done, _ = cache.status(data.train_shards)
-        windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(data))
+        windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(data, cache, done))
         rows = WindowRows(cache.url, data.bundle_dir, cfg.modalities, data, cfg.seed, plan, cfg.train.micro_batch_size)
         t0 = time.perf_counter()
         for k, w in enumerate(windows):

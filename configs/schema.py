@@ -59,6 +59,11 @@ class TrainConfig(_Section):
         description="checkpoint directory to resume from, or a run's folder (its newest complete checkpoint); on any "
         "number of workers ('' = start fresh)",
     )
+    loss_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-modality loss weight, e.g. { text = 1.0, image = 0.5 }: the loss is the mean of each label "
+        "token's loss times its modality's weight (unnamed modalities 1); train/loss/<modality> stays unweighted",
+    )
     torch_threads: int = Field(1, ge=1, description="intra-op threads per training worker (OMP_NUM_THREADS)")
     activation_checkpointing: bool = Field(
         False,
@@ -131,7 +136,8 @@ class TrackingConfig(_Section):
 
 
 class EvalTask(_Section):
-    """A cross-modal task: prompt with one modality of a held-out record, generate another, check the answer."""
+    """A cross-modal task: prompt with one modality (or, kind "parts", several parts) of a held-out record,
+    generate another, check the answer."""
 
     kind: str = Field(
         "generate",
@@ -140,14 +146,18 @@ class EvalTask(_Section):
         "omnistream.eval_tasks entry points (training/evaluate.py, TaskKind)",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="settings of the task's kind beyond these")
-    prompt: str = Field(description="modality of the prompt, e.g. image")
+    prompt: str | list[str] = Field(
+        description='modality of the prompt, e.g. image; a "parts" task: the modalities its prompt parts must '
+        'hold, e.g. ["image", "audio"]'
+    )
     target: str = Field("text", description="modality generated as the answer, e.g. text")
     label_field: str = Field(description="field of the record's JSON (.json member) that holds the expected answer")
-    match: Literal["exact", "contains", "number"] = Field(
+    match: Literal["exact", "contains", "number", "numbers"] = Field(
         "contains",
         description="how the generated answer is checked: exact (whole answer, case and outer spaces "
         "ignored), contains (the label appears in it), number (the first number in it, as "
-        "numerals or English number words, equals the label)",
+        "numerals or English number words, equals the label), numbers (the numbers it names, in order, "
+        'are the label\'s: "3 7" is "three then seven")',
     )
 
 
@@ -157,7 +167,12 @@ class EvalConfig(_Section):
         description="cross-modal tasks by name, logged as "
         'eval/<name>/accuracy, e.g. [eval.tasks.image_to_text] prompt = "image" ...',
     )
-    examples: int = Field(200, ge=1, description="held-out records used for each cross-modal task")
+    examples: int = Field(
+        200,
+        ge=1,
+        description="held-out records each task scores (its own: the first that carry what it prompts with and its "
+        "label), and records whose documents give eval/loss",
+    )
     loss_rows: int = Field(64, ge=1, description="held-out packed rows used for eval/loss/<modality>")
     max_new_tokens: int = Field(6, ge=1, description="tokens generated for a →text answer")
     batch_size: int = Field(50, ge=1, description="prompts generated together")
@@ -194,15 +209,20 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _modality_names(self):
         names = list(self.modalities)
+        unknown = sorted(set(self.train.loss_weights) - set(names))
+        if unknown:
+            raise ValueError(f"train.loss_weights names {unknown}, which this run's modalities {names} do not include")
+        bad = {k: v for k, v in self.train.loss_weights.items() if not (0 <= v < float("inf"))}
+        if bad or (self.train.loss_weights and not any(self.train.loss_weights.get(n, 1.0) > 0 for n in names)):
+            raise ValueError(f"train.loss_weights must be finite, at least 0, and not all 0: {self.train.loss_weights}")
         unknown = sorted(set(self.data.mix.shares) - set(names))
         if unknown:
             raise ValueError(f"data.mix.shares names {unknown}, which this run's modalities {names} do not include")
         for task, t in self.eval.tasks.items():
             for role in ("prompt", "target"):
-                if getattr(t, role) not in names:
-                    raise ValueError(
-                        f"eval.tasks.{task}.{role} is {getattr(t, role)!r}, not one of this run's modalities {names}"
-                    )
+                v = getattr(t, role)
+                if any(x not in names for x in ([v] if isinstance(v, str) else v)):
+                    raise ValueError(f"eval.tasks.{task}.{role} is {v!r}, not of this run's modalities {names}")
         from omnistream.pipelines.quality import build_filters
 
         try:

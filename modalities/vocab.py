@@ -99,7 +99,13 @@ class Vocabulary:
     def prompt(self, src: str, local: np.ndarray, dst: str) -> list[int]:
         """[<bos>, <begin:src>, src ids…, <end:src>, <begin:dst>]: a document of `src` whose continuation
         is modality `dst` (what evaluation and generation ask the model for)."""
-        return [BOS, self.begin(src), *self.to_global(src, local).tolist(), self.end(src), self.begin(dst)]
+        return self.prompt_parts([(src, local)], dst)
+
+    def prompt_parts(self, parts: Sequence[tuple[str, np.ndarray]], dst: str) -> list[int]:
+        """[<bos>, <begin:a>, a…, <end:a>, <begin:b>, b…, <end:b>, …, <begin:dst>]: a document of several parts
+        whose next part is modality `dst`."""
+        toks, _ = self.document(parts)
+        return [*toks[:-1].tolist(), self.begin(dst)]
 
     # ---- layout and persistence ----------------------------------------------------
     def layout(self) -> dict:

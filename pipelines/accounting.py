@@ -28,6 +28,10 @@ class Tally:
     mix_dropped: int = 0  # kept documents the token mixer left out (surplus)
     mix_dropped_tokens: Counter = field(default_factory=Counter)  # modality -> tokens in them
     unconsumed: Counter = field(default_factory=Counter)  # extension -> members no modality reads (a .gif)
+    parts_per_document: Counter = field(default_factory=Counter)  # parts a kept document has -> documents
+    parts: dict = field(default_factory=dict)  # modality -> Counter(kept, dropped): the parts of kept records
+    parts_dropped: Counter = field(default_factory=Counter)  # reason -> parts dropped (data.drop_bad_parts)
+    documents_split: int = 0  # kept documents longer than a row (split where a part begins when packed)
 
     def count(self, shard: str, key: str, o) -> None:
         """Account one record's Outcome (pipelines.stream) exactly once."""
@@ -48,6 +52,15 @@ class Tally:
             )
         for name in o.modalities:
             self.per_modality.setdefault(name, Counter()).update(["seen", o.status])
+        if o.status == "kept":
+            if o.part_mods:
+                self.parts_per_document[len(o.part_mods)] += 1
+            for name in o.part_mods:
+                self.parts.setdefault(name, Counter())["kept"] += 1
+            self.documents_split += int(o.long)
+        for name, reason in o.dropped:
+            self.parts.setdefault(name, Counter())["dropped"] += 1
+            self.parts_dropped[reason] += 1
         self.per_shard.setdefault(shard, Counter()).update(["seen", o.status])
 
     def shard_error(self, shard: str, reason: str, detail: str) -> None:
@@ -65,7 +78,11 @@ class Tally:
         self.kept += other.kept
         self.filtered.update(other.filtered)
         self.errored.update(other.errored)
-        for mine, theirs in ((self.per_modality, other.per_modality), (self.per_shard, other.per_shard)):
+        for mine, theirs in (
+            (self.per_modality, other.per_modality),
+            (self.per_shard, other.per_shard),
+            (self.parts, other.parts),
+        ):
             for k, c in theirs.items():
                 mine.setdefault(k, Counter()).update(c)
         self.shard_errors += other.shard_errors
@@ -75,6 +92,9 @@ class Tally:
         self.mix_dropped += other.mix_dropped
         self.mix_dropped_tokens.update(other.mix_dropped_tokens)
         self.unconsumed.update(other.unconsumed)
+        self.parts_per_document.update(other.parts_per_document)
+        self.parts_dropped.update(other.parts_dropped)
+        self.documents_split += other.documents_split
 
     def to_json(self) -> dict:
         return {
@@ -90,6 +110,10 @@ class Tally:
             "mix_dropped": self.mix_dropped,
             "mix_dropped_tokens": dict(self.mix_dropped_tokens),
             "unconsumed": dict(self.unconsumed),
+            "parts_per_document": {str(k): v for k, v in self.parts_per_document.items()},
+            "parts": {k: dict(v) for k, v in self.parts.items()},
+            "parts_dropped": dict(self.parts_dropped),
+            "documents_split": self.documents_split,
         }
 
     @classmethod
@@ -107,6 +131,10 @@ class Tally:
             d.get("mix_dropped", 0),
             Counter(d.get("mix_dropped_tokens", {})),
             Counter(d.get("unconsumed", {})),
+            Counter({int(k): v for k, v in d.get("parts_per_document", {}).items()}),
+            {k: Counter(v) for k, v in d.get("parts", {}).items()},
+            Counter(d.get("parts_dropped", {})),
+            d.get("documents_split", 0),
         )
 
     def source_counts(self) -> dict[str, int]:
@@ -131,6 +159,11 @@ class Tally:
             m["data/mix_dropped"] = self.mix_dropped
             m.update({f"data/mix_dropped_tokens/{k}": v for k, v in self.mix_dropped_tokens.items()})
         m.update({f"data/unconsumed/{k}": v for k, v in self.unconsumed.items()})
+        m.update({f"data/parts_dropped/{k}": v for k, v in self.parts_dropped.items()})
+        for name, c in self.parts.items():
+            m.update({f"data/parts/{name}/{k}": v for k, v in c.items()})
+        if self.documents_split:
+            m["data/documents_split"] = self.documents_split
         return m
 
     def unconsumed_line(self) -> str | None:
@@ -157,6 +190,14 @@ class Tally:
             "dead_letter_not_listed": self.dead_letter_dropped,
             "mix_dropped": {"documents": self.mix_dropped, "tokens": dict(self.mix_dropped_tokens)},
             "unconsumed": dict(sorted(self.unconsumed.items())),
+            "parts": {
+                "per_document": {str(k): v for k, v in sorted(self.parts_per_document.items())},
+                "per_modality": {
+                    k: {"kept": v["kept"], "dropped": v["dropped"]} for k, v in sorted(self.parts.items())
+                },
+                "dropped": dict(sorted(self.parts_dropped.items())),
+            },
+            "documents_split": self.documents_split,
         }
 
 

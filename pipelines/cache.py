@@ -3,7 +3,9 @@
     <data.token_cache>/
       cache.json                 the key: what the tokens depend on (vocabulary fingerprint, the shards
                                  with their sizes, quality filters, dedup settings, seed, input limits)
-      shards/<id>.parquet        one shard's KEPT records: key, and per modality its local ids
+      shards/<id>.parquet        one shard's KEPT records: key, whether its parts keep their own order,
+                                 each part's modality (its index in the vocabulary) and length, and
+                                 the parts' local ids back to back
       shards/<id>.json           written last, so it marks the shard complete: row count, the parquet's
                                  byte size and sha256, the shard's accounting (seen / kept / filtered /
                                  errored, dead letters) and the seconds it took
@@ -20,8 +22,10 @@ Dedup decisions are taken once, at tokenization, in the seeded order of epoch 0;
 kept record claimed are stored with it, so a build that is finished later re-claims them first and
 the missing shards are deduplicated against the whole corpus, as in one uninterrupted build.
 
-Token ids are stored per modality (local ids), not as laid-out documents: the order of modalities in
-a document is drawn per epoch, so it is applied when the stream reads the cache, and does not key it.
+Token ids are stored per part (local ids), not as laid-out documents. A record of numbered parts
+(KEY.<i>.<ext>) keeps its order; one of one value per modality has its order drawn per epoch, so that is
+applied when the stream reads the cache, and does not key it. Layout 1 (before documents had parts) held
+one column per modality; a cache written in it is recognised and rebuilt, saying so in one line.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import time
 from pathlib import PurePosixPath
@@ -40,13 +45,14 @@ from omnistream.common.errors import UserError
 from .accounting import Tally
 from .config import DataConfig
 
-FORMAT = 1
+FORMAT = 2  # 2: ordered parts (key, ordered, part_mods, part_lens, ids); 1: one column per modality
 MANIFEST = "cache.json"
 TMP = ".tmp-"  # part-files: written, then moved to their name
 STALE_S = 3600  # a part-file this old is no write in progress: swept when the cache is opened
 # shard errors that say the store failed, not the shard: such a shard's record says `retry`, and the next
 # `data tokenize` or run reads it again rather than taking the cut-short read for the shard's contents
 RETRY_REASONS = ("shard_read_failed", "shard_missing")
+log = logging.getLogger(__name__)
 OWN_TMP = re.compile(r"(cache\.json|[0-9a-f]{20}\.(parquet|json))" + re.escape(TMP) + r"\d+")  # _write_atomic's names
 
 
@@ -74,6 +80,10 @@ def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[s
         "dedup": cfg.dedup.model_dump(mode="json"),
         "max_member_bytes": cfg.max_member_bytes,
         "limits": cfg.limits.model_dump(mode="json"),
+        # which parts and documents are kept depends on the row: a part longer than one is filtered
+        "seq_len": cfg.seq_len,
+        "drop_bad_parts": cfg.drop_bad_parts,
+        "long_documents": cfg.long_documents,
         # the data format, where it is not the tar shards every cache before it was made from
         **({"data_format": cfg.format} if cfg.format != "webdataset" else {}),
     }
@@ -180,12 +190,40 @@ class TokenCache:
             self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
             return
         self._sweep()  # a cache already: what its killed writers left goes
+        old = have.get("key", {}).get("format")
+        if old != key["format"] and isinstance(old, int) and old < key["format"]:
+            log.warning(
+                "token cache %s was written in layout %d (one column per modality, before documents had "
+                "ordered parts): rebuilding it in layout %d",
+                self.url,
+                old,
+                key["format"],
+            )
+            self.clear()
+            self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
+            return
         if have.get("key") != key:
             what = describe_key_difference(have.get("key", {}), key)
             raise UserError(
                 f"token cache {self.url} was made with other settings: {what}. "
                 f"Point data.token_cache at another directory, or delete this one to rebuild it"
             )
+
+    def clear(self) -> int:
+        """Remove the cache's own files (its manifest and shards/<id>.parquet|json); nothing else there."""
+        own = re.compile(r"[0-9a-f]{20}\.(parquet|json)")
+        gone = 0
+        try:
+            paths = [p for p in self.fs.ls(self._path("shards"), detail=False) if own.fullmatch(PurePosixPath(p).name)]
+        except OSError:
+            paths = []
+        for p in [*paths, self._path(MANIFEST)]:
+            try:
+                self.fs.rm(p)
+                gone += 1
+            except OSError:
+                continue
+        return gone
 
     # ---- shards -----------------------------------------------------------------------------------
     def shard_meta(self, shard: str) -> dict | None:
@@ -218,18 +256,30 @@ class TokenCache:
         shard: str,
         names: list[str],
         keys: list[str],
-        parts: dict[str, list],
+        docs: list[tuple[bool, list]],
         claims: list[str] | None,
         tally: Tally,
         seconds: float,
     ) -> dict:
-        """Write one shard's kept records, then its completion record."""
+        """Write one shard's kept records, then its completion record. `docs`: per record (ordered, its parts
+        [(modality, local ids)] in order); `names`: the vocabulary's modalities (a part stores its index)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        cols = {"key": pa.array(keys, pa.string())}
-        for n in names:
-            cols[n] = pa.array([None if p is None else np.asarray(p, np.int32) for p in parts[n]], pa.list_(pa.int32()))
+        index = {n: i for i, n in enumerate(names)}
+        part_mods = [np.array([index[n] for n, _ in parts], np.int8) for _, parts in docs]
+        part_lens = [np.array([len(ids) for _, ids in parts], np.int32) for _, parts in docs]
+        flat = [
+            np.concatenate([np.asarray(ids, np.int32) for _, ids in parts]) if parts else np.zeros(0, np.int32)
+            for _, parts in docs
+        ]
+        cols = {
+            "key": pa.array(keys, pa.string()),
+            "ordered": pa.array([bool(o) for o, _ in docs], pa.bool_()),
+            "part_mods": pa.array(part_mods, pa.list_(pa.int8())),
+            "part_lens": pa.array(part_lens, pa.list_(pa.int32())),
+            "ids": pa.array(flat, pa.list_(pa.int32())),
+        }
         if claims is not None:
             cols["claims"] = pa.array(claims, pa.string())
         buf = io.BytesIO()
@@ -237,11 +287,13 @@ class TokenCache:
         data = buf.getvalue()
         sid = self.shard_id(shard)
         self._write_atomic(f"shards/{sid}.parquet", data)
-        ids = sum(len(p) for n in names for p in parts[n] if p is not None)
+        ids = sum(len(f) for f in flat)
         meta = {
             "shard": shard,
             "rows": len(keys),
             "ids": int(ids),
+            # the documents' tokens: <bos>, <eos>, and each part's ids within its begin/end markers
+            "tokens": int(ids + 2 * len(keys) + 2 * sum(len(p) for p in part_lens)),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "tally": tally.to_json(),
@@ -271,6 +323,10 @@ class TokenCache:
             )
         return pq.read_table(io.BytesIO(data), columns=columns)
 
+    def documents(self, shard: str) -> CachedDocuments:
+        """The shard's kept records as flat arrays (CachedDocuments), for the row stream."""
+        return CachedDocuments(self.read_shard(shard, columns=list(DOC_COLUMNS)))
+
     def tally(self, shards: list[str], metas: dict[str, dict] | None = None) -> Tally:
         """The accounting of the cached shards, as the tokenization pass counted it (from `metas`, the
         completion records `status` returned, when given: one read of each per run, not one per use)."""
@@ -280,6 +336,35 @@ class TokenCache:
             if m is not None:
                 t.add(Tally.from_json(m["tally"]))
         return t
+
+
+DOC_COLUMNS = ("key", "ordered", "part_mods", "part_lens", "ids")
+
+
+class CachedDocuments:
+    """One cached shard's records as flat numpy arrays (no Python object per token): record i's parts are
+    its (modality index, local ids) pairs, read by `parts(i, names)`."""
+
+    def __init__(self, table):
+        def flat(col: str):
+            a = table.column(col).combine_chunks()
+            return a.offsets.to_numpy(), a.values.to_numpy(zero_copy_only=False)
+
+        self.keys = table.column("key").to_pylist()
+        self.ordered = table.column("ordered").to_numpy(zero_copy_only=False)
+        (self.p_off, self.p_mod), (_, self.p_len) = flat("part_mods"), flat("part_lens")
+        self.i_off, self.ids = flat("ids")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def parts(self, i: int, names: list[str]) -> list[tuple[str, np.ndarray]]:
+        a, b = self.p_off[i], self.p_off[i + 1]
+        at, out = self.i_off[i], []
+        for m, n in zip(self.p_mod[a:b], self.p_len[a:b]):
+            out.append((names[m], self.ids[at : at + n]))
+            at += n
+        return out
 
 
 def open_cache(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> TokenCache:
@@ -292,9 +377,42 @@ def open_cache(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[
     key = cache_key(cfg, vocab_fingerprint, seed, shards)
     if cfg.token_cache == "auto":
         url = str(PurePosixPath(cfg.bundle_dir.rstrip("/")).parent / "token_cache" / key_digest(key))
+        _rebuild_layout_1(cfg, key, url)
     else:
         url = cfg.token_cache
     cache = TokenCache(url)
     cache.claim(key)
     cache.key = key
     return cache
+
+
+def _rebuild_layout_1(cfg: DataConfig, key: dict, url: str) -> None:
+    """data.token_cache = "auto": a cache of the same shards and tokenizers written in an older layout (one
+    column per modality) lies beside this one under another digest. It is said in one line, and removed, as
+    this one is built in its place."""
+    parent = TokenCache(str(PurePosixPath(url).parent))
+    try:
+        siblings = parent.fs.ls(parent.root, detail=False)
+    except OSError:  # no cache made here yet
+        return
+    for d in siblings:
+        old = TokenCache(d) if "://" not in url else TokenCache(f"{url.split('://')[0]}://{d}")
+        try:
+            have = (old.manifest() or {}).get("key", {})
+        except UserError:
+            continue
+        same = have.get("shards") == key["shards"] and have.get("vocab_fingerprint") == key["vocab_fingerprint"]
+        if same and isinstance(have.get("format"), int) and have["format"] < FORMAT:
+            log.warning(
+                "token cache %s was written in layout %d (one column per modality, before documents had "
+                "ordered parts): rebuilding it in layout %d at %s",
+                old.url,
+                have["format"],
+                FORMAT,
+                url,
+            )
+            old.clear()
+            try:
+                old.fs.rm(old.root, recursive=True)
+            except OSError:
+                pass

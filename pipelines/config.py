@@ -39,7 +39,16 @@ class Limits(BaseModel):
         ge=1,
         description="all members of one record together; more is errored as record_too_large (the rest is not read)",
     )
-    members: int = Field(32, ge=1, description="members (files) per record; more is errored as too_many_members")
+    members: int = Field(
+        80,
+        ge=1,
+        description="members (files) per record, its parts and its labels; more is errored as too_many_members",
+    )
+    parts: int = Field(
+        64,
+        ge=1,
+        description="parts of one document (KEY.<i>.<ext> members a modality reads); more is errored as too_many_parts",
+    )
     header_bytes: int = Field(
         64 << 10,
         ge=512,
@@ -98,7 +107,27 @@ class DataConfig(BaseModel):
     modality_order: Literal["random", "config"] = Field(
         "random", description="order of modalities inside a document: drawn per record by seed, or the config's order"
     )
-    pack_window: int = Field(128, ge=1, description="documents packed together (first-fit decreasing) into rows")
+    pack_rows: int = Field(
+        16,
+        ge=1,
+        description="rows' worth of tokens one packing window holds: its documents are packed together (first-fit "
+        "decreasing), so about half a row in pack_rows is padding, and a packer holds about pack_rows × seq_len "
+        "tokens however large the documents (the window's document count comes from the token cache's mean)",
+    )
+    pack_window: int = Field(
+        0, ge=0, description="documents per packing window, in place of pack_rows' count (0 = from pack_rows)"
+    )
+    drop_bad_parts: bool = Field(
+        False,
+        description="a part of a document that cannot be decoded, fails its quality checks or is longer than a row "
+        "is dropped and counted (data/parts_dropped/<reason>), the rest of the document kept; off, the part "
+        "errors (or filters) its whole record, naming the part",
+    )
+    long_documents: Literal["split", "drop"] = Field(
+        "split",
+        description="a document longer than a row: split where a part begins (never inside a part), each piece "
+        "packed as a document (counted as data/documents_split), or filtered as document_longer_than_row",
+    )
     remote_retries: int = Field(
         3,
         ge=0,

@@ -7,8 +7,16 @@ Each record is one digit 0-9 seen up to three ways:
   ITU-T Q.23), with varied duration, level, sample rate and background noise;
 - ``txt``: a caption in one of several phrasings;
 - ``json``: {"digit": d} — the label, used only by evaluation.
-Some records carry all three modalities, some one or two. Everything is drawn
-from one seed, so the same command writes the same bytes.
+Some records carry all three modalities, some one or two.
+
+A share of the records (``interleaved``) are documents of several digits, their
+parts in order as members ``KEY.<i>.<ext>``: an image and a clip of two digits
+followed by a sentence naming both in order ("three then seven"), sometimes after
+an opening line that names neither; or images each followed by its caption. The
+held-out split ends with ``eval_interleaved`` documents of the first kind, labelled
+{"digits": "3 7"}: prompted with the parts before the sentence, a model must name
+both digits in order. Everything is drawn from one seed, so the same command
+writes the same bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT = 2  # bump when the drawing or the record layout changes: a demo corpus on disk is rewritten
+FORMAT = 3  # bump when the drawing or the record layout changes: a demo corpus on disk is rewritten
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # DTMF keypad: digit -> (low group Hz, high group Hz)
 DTMF = {
@@ -60,6 +68,11 @@ MIXES = [
     (("image",), 0.05),
     (("audio",), 0.05),
 ]
+
+
+# an interleaved document's last sentence: both digits, in order
+PAIR_PHRASES = ["{a} then {b}", "{a} and {b}", "first {a}, then {b}", "{a}, {b}", "{da} {db}"]
+OPENERS = ["two digits", "look and listen", "a picture and a sound", "what are they?", "here are two"]
 
 
 def caption(d: int, rng: random.Random) -> str:
@@ -147,6 +160,39 @@ def make_record(index: int, seed: int, split: str, mix: tuple[str, ...] | None =
     return rec
 
 
+def pair_sentence(a: int, b: int, rng: random.Random) -> str:
+    return rng.choice(PAIR_PHRASES).format(a=WORDS[a], b=WORDS[b], da=a, db=b)
+
+
+def make_document(index: int, seed: int, split: str, kind: str | None = None) -> dict:
+    """An interleaved record: parts `<i>.<ext>` in order. `kind` "pair" (what the held-out split holds):
+    [an opening line naming neither digit,] an image of one digit, a clip of another, the sentence naming
+    both in order; "swap": the clip first; "captions": two or three images, each followed by its caption."""
+    rng = random.Random(f"{seed}:{split}:doc:{index}")
+    kind = kind or rng.choices(["pair", "swap", "captions"], weights=[0.5, 0.25, 0.25])[0]
+    parts: list[tuple[str, bytes]] = []
+    digits = [rng.randrange(10) for _ in range(3)]
+    if kind == "captions":
+        for d in digits[: rng.choice([2, 3])]:
+            parts.append(encode_image(draw_digit(d, rng), rng))
+            parts.append(("txt", caption(d, rng).encode()))
+        labels = {"digits": " ".join(str(d) for d in digits[: len(parts) // 2])}
+    else:
+        a, b = digits[:2]
+        if kind == "pair" and rng.random() < 0.5:
+            parts.append(("txt", rng.choice(OPENERS).encode()))
+        first = [encode_image(draw_digit(a, rng), rng), encode_audio(*dtmf(b, rng), rng)]
+        if kind == "swap":  # the clip first: the sentence names the digits in the order they are shown
+            first, (a, b) = first[::-1], (b, a)
+        parts += first
+        parts.append(("txt", pair_sentence(a, b, rng).encode()))
+        labels = {"digits": f"{a} {b}"}
+    rec: dict = {"__key__": f"{split}-{index:06d}", "json": json.dumps(labels).encode()}
+    for i, (ext, data) in enumerate(parts):
+        rec[f"{i}.{ext}"] = data
+    return rec
+
+
 class CorpusSpec(BaseModel):
     """The `[demo]` section: what `omnistream demo` writes before it trains."""
 
@@ -156,10 +202,20 @@ class CorpusSpec(BaseModel):
     train_records: int = Field(6000, ge=1, description="records in the training split")
     eval_records: int = Field(300, ge=1, description="records in the held-out split (every modality in each)")
     records_per_shard: int = Field(750, ge=1, description="records per .tar shard")
+    interleaved: float = Field(
+        0.2, ge=0, le=1, description="share of the training records that are interleaved documents of several digits"
+    )
+    eval_interleaved: int = Field(
+        300, ge=0, description="interleaved documents (image, clip, sentence) at the end of the held-out split"
+    )
     seed: int = Field(0, description="seed of every drawn digit, glyph, tone and caption")
 
 
-def write_split(out: Path, split: str, n: int, per_shard: int, seed: int, mix=None) -> list[str]:
+def write_split(
+    out: Path, split: str, n: int, per_shard: int, seed: int, mix=None, interleaved: float = 0.0, docs_from: int = -1
+) -> list[str]:
+    """`interleaved`: the share of records that are interleaved documents (drawn per record); records from
+    index `docs_from` on (when not -1) are all "pair" documents."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -173,7 +229,12 @@ def write_split(out: Path, split: str, n: int, per_shard: int, seed: int, mix=No
             # a fixed mtime makes the same seed write byte-identical tars
             with wds.TarWriter(str(tmp), mtime=0) as w:
                 for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-                    w.write(make_record(i, seed, split, mix))
+                    if 0 <= docs_from <= i:
+                        w.write(make_document(i, seed, split, "pair"))
+                    elif interleaved and random.Random(f"{seed}:{split}:{i}:doc").random() < interleaved:
+                        w.write(make_document(i, seed, split))
+                    else:
+                        w.write(make_record(i, seed, split, mix))
                     bar.update(1)
             os.replace(tmp, path)  # a shard appears whole or not at all
             paths.append(str(path))
@@ -184,13 +245,21 @@ def write_demo_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None
     """Write train-NNN.tar and eval-NNN.tar under out_dir; returns the shard paths per split.
 
     The eval split has every modality in every record, so each held-out record
-    serves both cross-modal tasks.
+    serves both cross-modal tasks, then eval_interleaved documents for the two-digit task.
     """
     spec = spec or CorpusSpec()
     out = Path(out_dir)
-    train = write_split(out, "train", spec.train_records, spec.records_per_shard, spec.seed)
+    train = write_split(
+        out, "train", spec.train_records, spec.records_per_shard, spec.seed, interleaved=spec.interleaved
+    )
     evals = write_split(
-        out, "eval", spec.eval_records, spec.records_per_shard, spec.seed, mix=("image", "audio", "text")
+        out,
+        "eval",
+        spec.eval_records + spec.eval_interleaved,
+        max(spec.records_per_shard, spec.eval_records + spec.eval_interleaved),  # one held-out shard
+        spec.seed,
+        mix=("image", "audio", "text"),
+        docs_from=spec.eval_records,
     )
     (out / "corpus.json").write_text(
         json.dumps({**spec.model_dump(), "format": FORMAT, "train": train, "eval": evals}, indent=1)

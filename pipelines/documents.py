@@ -28,7 +28,7 @@ from .config import DataConfig
 from .formats import ReadBounds, reader
 from .packing import pack_documents
 from .quality import build_filters
-from .records import RawRecord
+from .records import RawRecord, part_ext
 
 
 @dataclass
@@ -39,9 +39,13 @@ class Outcome:
     reason: str = ""
     field: str = ""
     detail: str = ""
-    parts: dict | None = None  # local ids per modality (kept records, when encoding)
+    parts: list | None = None  # [(modality, local ids)] in document order (kept records, when encoding)
+    ordered: bool = False  # the parts' order is the record's own (KEY.<i>.<ext>); else drawn per epoch
     modalities: tuple = ()  # the modalities the record carries
     claims: str | None = None  # the dedup signatures a kept record claimed (JSON), kept in the token cache
+    part_mods: tuple = ()  # the modality of each part kept, in order (kept records)
+    dropped: tuple = ()  # (modality, reason) of each part dropped under data.drop_bad_parts
+    long: bool = False  # a kept document longer than a row: split at part boundaries when packed
 
 
 @dataclass
@@ -51,27 +55,54 @@ class _Prepared:
     value: object
 
 
-def _errored(e: BadSample, carries: tuple) -> Outcome:
-    return Outcome("errored", e.reason, getattr(e, "field", ""), e.detail[:200], modalities=carries)
+def _errored(e: BadSample, carries: tuple, key: str = "") -> Outcome:
+    """An errored record; a part's error names the part (`doc7.2.txt: ...`)."""
+    f = getattr(e, "field", "")
+    detail = f"{key}.{f}: {e.detail}" if key and f else e.detail
+    return Outcome("errored", e.reason, f, detail[:200], modalities=carries)
+
+
+class _PartFiltered(Exception):
+    """A part that failed its modality's quality checks (the record is filtered, or the part dropped)."""
+
+    def __init__(self, reason: str, field_name: str):
+        super().__init__(reason)
+        self.reason, self.field = reason, field_name
 
 
 def ext_map(mods) -> dict[str, str]:
     return registry.check_keys([m.name for m in mods])
 
 
-def decode_fields(mods: dict, exts: dict[str, str], fields: dict[str, bytes]) -> dict[str, object]:
-    """modality name -> decoded object, for the fields some modality reads. Raises BadSample."""
-    objs: dict[str, object] = {}
-    for ext, data in fields.items():
+def modality_fields(exts: dict[str, str], fields) -> tuple[bool, list[tuple[str, str]]]:
+    """The fields of a record some modality reads, as (field, modality) in document order, and whether the
+    order is the record's own. Parts `KEY.<i>.<ext>` come in the order of `i` (ordered); one value per
+    modality (`KEY.txt`, `KEY.jpg`) comes in field order, its document order drawn later (not ordered).
+    Raises BadSample for a record that mixes the two layouts, or numbers two parts alike."""
+    plain, numbered = [], []
+    for f in fields:
+        i, ext = part_ext(f)
         name = exts.get(ext)
         if name is None:
             continue
-        if name in objs:
-            raise BadSample("duplicate_modality", f"two fields for {name!r} (.{ext})")
-        objs[name] = guarded(mods[name].decode_bytes, name, "decode_bytes", ext, data, field=ext)
-    if not objs:
-        raise BadSample("no_readable_field", f"fields {sorted(fields)} match no installed modality")
-    return objs
+        (plain if i is None else numbered).append((i, f, name))
+    if plain and numbered:
+        raise BadSample(
+            "mixed_layout",
+            f"numbered parts ({numbered[0][1]}) beside one value per modality ({plain[0][1]}): a record is "
+            f"one or the other",
+        )
+    if not numbered:
+        return False, [(f, n) for _, f, n in plain]
+    numbered.sort(key=lambda t: t[0])
+    for (a, fa, _), (b, fb, _) in zip(numbered, numbered[1:]):
+        if a == b:
+            raise BadSample("duplicate_part", f"two parts numbered {a} ({fa}, {fb})")
+    return True, [(f, n) for _, f, n in numbered]
+
+
+def decode_part(mods: dict, name: str, field_name: str, data: bytes):
+    return guarded(mods[name].decode_bytes, name, "decode_bytes", part_ext(field_name)[1], data, field=field_name)
 
 
 def guarded(fn, modality: str, what: str, *args, field: str = ""):
@@ -94,12 +125,27 @@ def record_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(hashlib.sha256(f"{seed}:{epoch}:{key}".encode("utf-8", "surrogateescape")).digest())
 
 
-def make_document(vocab: Vocabulary, parts: dict[str, np.ndarray], order: str, rng: random.Random | None):
-    """Lay out one document from each modality's local ids; returns (tokens, modality_ids)."""
-    names = [n for n in vocab.names if n in parts]
-    if order == "random" and rng is not None:
-        rng.shuffle(names)  # both directions (image→text and text→image) get learned
-    return vocab.document([(n, parts[n]) for n in names])
+def make_document(vocab: Vocabulary, parts: list, ordered: bool, order: str, rng: random.Random | None):
+    """Lay out one document from its parts [(modality, local ids)]; returns (tokens, modality_ids, cuts).
+
+    A record's own parts (`ordered`) keep their order. One value per modality is laid out in the config's
+    order, or, with data.modality_order = "random", in an order drawn per record and epoch, so that both
+    directions (image→text and text→image) get learned. `cuts` are the offsets where a part begins after
+    the first: the only places a document longer than a row may be split (packing.py)."""
+    parts = list(parts)
+    if not ordered:
+        rank = {n: i for i, n in enumerate(vocab.names)}
+        parts.sort(key=lambda p: rank[p[0]])
+        if order == "random" and rng is not None:
+            rng.shuffle(parts)
+    toks, mods = vocab.document(parts)
+    cuts = 1 + np.cumsum([len(ids) + 2 for _, ids in parts[:-1]], dtype=np.int64)
+    return toks, mods, cuts
+
+
+def document_length(parts: list) -> int:
+    """Tokens of a document: <bos>, each part within its begin/end markers, <eos>."""
+    return 2 + sum(len(ids) + 2 for _, ids in parts)
 
 
 class RecordProcessor:
@@ -141,16 +187,51 @@ class RecordProcessor:
         self.reader, self.bounds = reader(cfg.format), ReadBounds.of(cfg, self.ext_bytes)
 
     # ---- outcomes ---------------------------------------------------------------------------------
-    def quality_reason(self, objs: dict[str, object]) -> str | None:
-        """The first failed quality check over a record's decoded fields (Modality.quality_reason), or None."""
-        for name, obj in objs.items():
-            f = self.filters[name]
-            check = getattr(self.mods[name], "quality_reason", None)
-            if f.enabled and check is not None:
-                reason = guarded(check, name, "quality_reason", obj, f)
-                if reason:
-                    return reason
+    def part_quality(self, name: str, obj) -> str | None:
+        """The failed quality check of one decoded part (Modality.quality_reason), or None."""
+        f = self.filters[name]
+        check = getattr(self.mods[name], "quality_reason", None)
+        if f.enabled and check is not None:
+            return guarded(check, name, "quality_reason", obj, f) or None
         return None
+
+    def carries(self, r: RawRecord) -> tuple:
+        return tuple(sorted({self.exts[e] for e in (part_ext(f)[1] for f in r.fields) if e in self.exts}))
+
+    def _decoded(self, r: RawRecord) -> tuple[bool, list, list]:
+        """(ordered, [(field, modality, decoded object)], [(modality, reason)] dropped) of one record. A part
+        that cannot be decoded, or fails its modality's quality checks, ends the record (BadSample, or
+        _PartFiltered naming the part), unless data.drop_bad_parts drops just that part, counted."""
+        ordered, which = modality_fields(self.exts, r.fields)
+        if not which:
+            raise BadSample("no_readable_field", f"fields {sorted(r.fields)} match no installed modality")
+        if len(which) > self.cfg.limits.parts:
+            raise BadSample("too_many_parts", f"{len(which)} parts > data.limits.parts = {self.cfg.limits.parts}")
+        if not ordered:
+            names = [n for _, n in which]
+            if len(set(names)) != len(names):
+                dup = next(n for n in names if names.count(n) > 1)
+                raise BadSample(
+                    "duplicate_modality", f"two fields for {dup!r} ({', '.join(f for f, n in which if n == dup)})"
+                )
+        objs, dropped, first_bad = [], [], None
+        for f, n in which:
+            try:
+                obj = decode_part(self.mods, n, f, r.fields[f])
+                reason = self.part_quality(n, obj)
+                if reason:
+                    raise _PartFiltered(reason, f)
+            except (BadSample, _PartFiltered) as e:
+                e.field = getattr(e, "field", "") or f
+                if not self.cfg.drop_bad_parts:
+                    raise
+                first_bad = first_bad or e
+                dropped.append((n, e.reason))
+                continue
+            objs.append((f, n, obj))
+        if not objs:  # nothing left of the record: it is its first bad part's
+            raise first_bad
+        return ordered, objs, dropped
 
     def outcomes(self, records: list[RawRecord]) -> list[Outcome]:
         """Each record is decoded, checked, signed for dedup and encoded before the next is decoded: only
@@ -160,26 +241,22 @@ class RecordProcessor:
             from .dedup import signatures
 
         out: list[Outcome | None] = [None] * len(records)
-        pending: list[tuple[int, dict | None, tuple, dict | None]] = []  # (i, parts, carries, signature)
+        pending: list[list] = []  # [i, parts, carries, signature, ordered, dropped, part modalities]
         for i, r in enumerate(records):
-            carries = tuple(sorted({self.exts[e] for e in r.fields if e in self.exts}))
+            carries = self.carries(r)
             try:
                 if r.error:
                     raise BadSample(r.error, r.detail)
-                objs = decode_fields(self.mods, self.exts, r.fields)
-                reason = self.quality_reason(objs)
-                if reason:
-                    out[i] = Outcome("filtered", reason, modalities=carries)
-                    continue
-                carries = tuple(sorted(objs))
+                ordered, objs, dropped = self._decoded(r)
+                carries = tuple(sorted({n for _, n, _ in objs}))
                 sig = (
                     guarded(
                         signatures,
                         "dedup",
                         "near_signatures",
                         r,
-                        objs,
-                        set(self.exts),
+                        [(n, o) for _, n, o in objs],
+                        {f for f, _, _ in objs},
                         self.mods,
                         self.filters,
                         self.cfg.dedup,
@@ -188,64 +265,115 @@ class RecordProcessor:
                     else None
                 )
                 parts = self._parts(objs, batched=True)
+                names = [n for _, n, _ in objs]
+            except _PartFiltered as e:
+                out[i] = Outcome("filtered", e.reason, e.field, f"{r.key}.{e.field}: {e.reason}", modalities=carries)
+                continue
             except BadSample as e:
-                out[i] = _errored(e, carries)
+                out[i] = _errored(e, carries, r.key)
                 continue
             finally:
                 objs = None  # the decoded pixels and samples go before the next record is decoded
-            pending.append((i, parts, carries, sig))
-        self._encode_batched(pending, records, out, carries_of={i: c for i, _, c, _ in pending})
-        pending = [t for t in pending if out[t[0]] is None]
+            pending.append([i, parts, carries, sig, ordered, dropped, names])
+        self._encode_batched(pending, out)
+        pending = [t for t in pending if out[t[0]] is None and self._fits(t, records, out)]
         dups = (
-            self.deduper.duplicates([(f"{records[i].shard}:{records[i].key}", sig) for i, _, _, sig in pending])
+            self.deduper.duplicates([(f"{records[t[0]].shard}:{records[t[0]].key}", t[3]) for t in pending])
             if self.deduper is not None and pending
             else [None] * len(pending)
         )
-        for (i, parts, carries, sig), dup in zip(pending, dups):
+        for (i, parts, carries, sig, ordered, dropped, names), dup in zip(pending, dups):
             if dup:
                 out[i] = Outcome("filtered", dup, modalities=carries)
-            else:
-                out[i] = Outcome(
-                    "kept", parts=parts, modalities=carries, claims=json.dumps(sig) if sig is not None else None
-                )
+                continue
+            kept = [(n, ids) for _, n, ids in parts] if parts is not None else None
+            out[i] = Outcome(
+                "kept",
+                parts=kept,
+                ordered=ordered,
+                modalities=carries,
+                claims=json.dumps(sig) if sig is not None else None,
+                part_mods=tuple(names),
+                dropped=tuple(dropped),
+                long=self.vocab is not None and document_length(kept) > self.cfg.seq_len,
+            )
         return out
 
-    def _parts(self, objs: dict, batched: bool = False) -> dict | None:
-        """What a kept record carries on: each modality's local ids (None without a bundle: accounting only).
-        With `batched`, a modality that encodes many at once (`prepare` + `encode_many`, the learned image
-        tokenizer) gives only its prepared input here, small enough to hold for a chunk (64×64×3 bytes of
-        pixels, not the decoded photo); `_encode_batched` encodes the chunk's in one pass per modality."""
+    def _fits(self, t: list, records: list, out: list) -> bool:
+        """A part longer than a row is filtered (or, under data.drop_bad_parts, dropped); a document longer
+        than a row is kept, to be split at part boundaries, or filtered under data.long_documents = "drop"."""
+        i, parts, carries, _, _, dropped, _ = t
+        if parts is None or self.vocab is None:  # accounting only, or fit features: no ids to measure
+            return True
+        key, room = records[i].key, self.cfg.seq_len - 4  # the part, its markers, and <bos>/<eos> beside it
+        too_long = [(f, n, ids) for f, n, ids in parts if len(ids) > room]
+        if too_long and (not self.cfg.drop_bad_parts or len(too_long) == len(parts)):
+            f, n, ids = too_long[0]
+            out[i] = Outcome(
+                "filtered",
+                "part_longer_than_row",
+                f,
+                f"{key}.{f}: {len(ids)} {n} ids + 4 > data.seq_len = {self.cfg.seq_len}",
+                modalities=carries,
+            )
+            return False
+        if too_long:
+            parts[:] = [p for p in parts if len(p[2]) <= room]
+            dropped.extend((n, "part_longer_than_row") for _, n, _ in too_long)
+            t[2] = tuple(sorted({n for _, n, _ in parts}))
+            t[6] = [n for _, n, _ in parts]
+        n_tok = document_length([(n, ids) for _, n, ids in parts])
+        if n_tok > self.cfg.seq_len and self.cfg.long_documents == "drop":
+            out[i] = Outcome(
+                "filtered",
+                "document_longer_than_row",
+                "",
+                f"{key}: {n_tok} tokens > data.seq_len = {self.cfg.seq_len} (data.long_documents = drop)",
+                modalities=t[2],
+            )
+            return False
+        return True
+
+    def _parts(self, objs: list, batched: bool = False) -> list | None:
+        """What a kept record carries on: each part's [field, modality, local ids] (None without a bundle:
+        accounting only). With `batched`, a modality that encodes many at once (`prepare` + `encode_many`, the
+        learned image tokenizer) gives only its prepared input here, small enough to hold for a chunk
+        (64×64×3 bytes of pixels, not the decoded photo); `_encode_batched` encodes the chunk's in one pass
+        per modality."""
         if self.vocab is None:
             return None
-        parts = {}
-        for n, o in objs.items():
+        parts = []
+        for f, n, o in objs:
             m = self.mods[n]
             if batched and hasattr(m, "encode_many") and hasattr(m, "prepare"):
-                parts[n] = _Prepared(guarded(m.prepare, n, "prepare", o))
+                parts.append([f, n, _Prepared(guarded(m.prepare, n, "prepare", o, field=f))])
             else:
-                parts[n] = guarded(m.encode, n, "encode", o)
+                parts.append([f, n, guarded(m.encode, n, "encode", o, field=f)])
         return parts
 
-    def _encode_batched(self, pending: list, records: list, out: list, carries_of: dict, batch: int = 64) -> None:
+    def _encode_batched(self, pending: list, out: list, batch: int = 64) -> None:
         """Replace each _Prepared part of `pending` by its ids, `batch` at a time per modality. A batch that
         fails is encoded one by one, so the error is the one record's (errored), not its neighbours'."""
         for name, m in self.mods.items():
-            todo = [(i, parts) for i, parts, _, _ in pending if parts and isinstance(parts.get(name), _Prepared)]
+            todo = [
+                (t[0], p, t[2]) for t in pending if t[1] for p in t[1] if p[1] == name and isinstance(p[2], _Prepared)
+            ]
             for k in range(0, len(todo), batch):
                 chunk = todo[k : k + batch]
                 try:
-                    ids = guarded(m.encode_many, name, "encode", [parts[name].value for _, parts in chunk])
+                    ids = guarded(m.encode_many, name, "encode", [p[2].value for _, p, _ in chunk])
                 except BadSample:
                     ids = []
-                    for i, parts in chunk:
+                    for i, p, carries in chunk:
                         try:
-                            ids.append(guarded(m.encode_many, name, "encode", [parts[name].value])[0])
+                            ids.append(guarded(m.encode_many, name, "encode", [p[2].value], field=p[0])[0])
                         except BadSample as e:
-                            out[i] = _errored(e, carries_of[i])
+                            if out[i] is None:
+                                out[i] = _errored(e, carries, "")
                             ids.append(None)
-                for (_, parts), one in zip(chunk, ids):
+                for (_, p, _), one in zip(chunk, ids):
                     if one is not None:
-                        parts[name] = one
+                        p[2] = one
 
     def process(self, shards: Iterable[tuple[int, str]], tally: Tally, chunk: int = 256):
         """Yield (epoch, record, outcome) for every record of the shards, accounting each in `tally`."""
@@ -268,7 +396,9 @@ class RecordProcessor:
             tally.count(r.shard, r.key, o)
             # members no modality reads (KEY.json is the record's labels): counted, never passed over unsaid
             tally.unconsumed.update(
-                e if _PLAIN_EXT.fullmatch(e) else "other" for e in r.fields if e not in self.exts and e != "json"
+                e if _PLAIN_EXT.fullmatch(e) else "other"
+                for e in (part_ext(f)[1] for f in r.fields)
+                if e not in self.exts and e != "json"
             )
             yield epoch, r, o
 
@@ -280,7 +410,9 @@ class RecordProcessor:
         for epoch, r, o in self.process(plan, tally):
             if o.status != "kept" or self.vocab is None:
                 continue
-            t, m = make_document(self.vocab, o.parts, self.cfg.modality_order, record_rng(self.seed, epoch, r.key))
+            t, m, _ = make_document(
+                self.vocab, o.parts, o.ordered, self.cfg.modality_order, record_rng(self.seed, epoch, r.key)
+            )
             keys.append(f"{epoch}:{r.shard}:{r.key}")
             toks.append(t.astype(np.int32))
             mods.append(m.astype(np.int8))
@@ -306,7 +438,8 @@ def local_documents(
     limit: int | None = None,
     tally: Tally | None = None,
 ):
-    """Read a small shard set in this process (evaluation); yields (record, ids per modality, tokens, modality_ids).
+    """Read a small shard set in this process (evaluation); yields (record, its Outcome, tokens, modality_ids,
+    cuts) for each kept record, `limit` at most.
 
     Bad and filtered records are skipped and counted in `tally`, never dropped silently. No dedup here.
     """
@@ -316,8 +449,8 @@ def local_documents(
     for epoch, r, o in proc.process([(0, s) for s in shards], tally):
         if o.status != "kept":
             continue
-        t, m = make_document(proc.vocab, o.parts, cfg.modality_order, record_rng(seed, epoch, r.key))
-        yield r, o.parts, t, m
+        t, m, cuts = make_document(proc.vocab, o.parts, o.ordered, cfg.modality_order, record_rng(seed, epoch, r.key))
+        yield r, o, t, m, cuts
         n += 1
         if limit is not None and n >= limit:
             return
@@ -338,22 +471,39 @@ def labels(raw: bytes | None) -> dict:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
 
 
-def held_out(cfg) -> dict:
-    """A run's held-out set, read in this process (what training/evaluate.py's Evaluator is handed): the
-    first `eval.examples` kept records of `data.eval_shards` as (key, the labels of its KEY.json, local ids
-    per modality), their documents packed into rows for the loss, and what became of every record read
-    (a Tally). `cfg` is the run config."""
+def held_out(cfg, wanted: dict | None = None) -> dict:
+    """A run's held-out set, read in this process (what training/evaluate.py's Evaluator is handed).
+
+    `wanted`: per eval task, a test of a held-out record ({"key", "labels", "parts", "ordered"}) saying whether
+    the task can score it. Records are read in file order until every task has `eval.examples` records it
+    wants and the loss has its first `eval.examples` (so a task whose prompt modality is rare, or comes late
+    in the shard, still gets its examples); a task that the shards cannot give that many gets what there is,
+    and `short` says how many. Returns {"records": [record dicts], "rows": the first `eval.examples` records'
+    documents packed into rows for the loss, "tally": what became of every record read, "counts": records
+    per task, "short": {task: count} for tasks with fewer than `eval.examples`}. `cfg` is the run config."""
+    wanted = wanted or {}
+    n = cfg.eval.examples
     tally, records, docs = Tally(), [], []
-    for r, ids, toks, mods in local_documents(
-        cfg.data.eval_shards,
-        cfg.data.bundle_dir,
-        cfg.modalities,
-        cfg.data,
-        cfg.seed,
-        limit=cfg.eval.examples,
-        tally=tally,
+    counts = {t: 0 for t in wanted}
+    for r, o, toks, mods, cuts in local_documents(
+        cfg.data.eval_shards, cfg.data.bundle_dir, cfg.modalities, cfg.data, cfg.seed, tally=tally
     ):
-        records.append((r.key, labels(r.fields.get("json")), ids))
-        docs.append((toks, mods, r.key))
-    rows = pack_documents(*map(list, zip(*docs)), cfg.data.seq_len) if docs else {}
-    return {"records": records, "rows": rows, "tally": tally}
+        rec = {"key": r.key, "labels": labels(r.fields.get("json")), "parts": o.parts, "ordered": o.ordered}
+        takers = [t for t, want in wanted.items() if counts[t] < n and want(rec)]
+        for t in takers:
+            counts[t] += 1
+        if len(docs) < n:
+            docs.append((toks, mods, r.key, cuts))
+        if takers or len(records) < n:
+            records.append(rec)
+        if len(docs) >= n and all(c >= n for c in counts.values()):
+            break
+    rows = (
+        pack_documents(
+            [d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs], cfg.data.seq_len, [d[3] for d in docs]
+        )
+        if docs
+        else {}
+    )
+    short = {t: c for t, c in counts.items() if c < n}
+    return {"records": records, "rows": rows, "tally": tally, "counts": counts, "short": short}

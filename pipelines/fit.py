@@ -46,13 +46,14 @@ class FitFeatures(RecordProcessor):
         super().__init__(modalities, None, cfg, seed)
         self.max_records = max_records
 
-    def _parts(self, objs: dict, batched: bool = False) -> dict:
-        feats = {}
-        for n, o in objs.items():
-            f = guarded(self.mods[n].fit_features, n, "fit_features", o)
+    def _parts(self, objs: list, batched: bool = False) -> list:
+        """Each part's fit features, [field, modality, features] (every part of a document is a sample)."""
+        feats = []
+        for field_name, n, o in objs:
+            f = guarded(self.mods[n].fit_features, n, "fit_features", o, field=field_name)
             if isinstance(f, np.ndarray) and np.issubdtype(f.dtype, np.floating) and not np.isfinite(f).all():
                 raise BadSample("features_not_finite", f"{n}: NaN or inf in its fit features")
-            feats[n] = f
+            feats.append([field_name, n, f])
         return feats
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,7 +122,7 @@ def fit_bundle(
             if row["why"]:
                 bad[row["why"]] += 1
                 continue
-            for name, f in pickle.loads(row["feature"]).items():  # our own actor's output, never input bytes
+            for name, f in pickle.loads(row["feature"]):  # our own actor's output, never input bytes
                 gathered[name].append(f)
     # a shard with no END row, of those the sample reached, is one whose actor died each time it was tried
     reached = order[: max((order.index(s) for s in finished), default=-1)] if cut else order

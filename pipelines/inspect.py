@@ -75,6 +75,20 @@ def format_report(r: dict) -> str:
                 f"  {name:10s} seen {c.get('seen', 0):6d}  kept {c.get('kept', 0):6d}  "
                 f"filtered {c.get('filtered', 0):5d}  errored {c.get('errored', 0):5d}"
             )
+    parts = r.get("parts") or {}
+    if parts.get("per_document"):
+        hist = parts["per_document"]
+        lines.append("parts per document: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+        lines.append(
+            "parts per modality: "
+            + ", ".join(f"{k} kept {v['kept']} dropped {v['dropped']}" for k, v in parts["per_modality"].items())
+        )
+    if parts.get("dropped"):
+        lines.append(
+            "parts dropped (data.drop_bad_parts): " + ", ".join(f"{k} {v}" for k, v in parts["dropped"].items())
+        )
+    if r.get("documents_split"):
+        lines.append(f"documents longer than a row (split where a part begins): {r['documents_split']}")
     if r.get("tokens"):
         lines.append("tokens: " + ", ".join(f"{k} {v}" for k, v in r["tokens"].items()))
     bad_shards = {s: c for s, c in r["per_shard"].items() if c.get("errored") or c.get("shard_errors")}

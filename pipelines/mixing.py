@@ -76,6 +76,7 @@ def mix_pack(
     rows: int,
     target: np.ndarray,
     tolerance: float,
+    cuts=None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Pack a window of documents into batches of `rows` rows meeting `target` (shares per modality index 1..n).
 
@@ -83,7 +84,7 @@ def mix_pack(
     dropped documents). The number of rows returned is always a multiple of `rows`.
     """
     n = len(target)
-    docs = list(pieces(tokens, mods, keys, seq_len))
+    docs = list(pieces(tokens, mods, keys, seq_len, cuts))
     lengths = np.array([len(t) for t, _, _ in docs], dtype=np.int64)
     counts = np.stack([token_counts(m, n) for _, m, _ in docs]) if docs else np.zeros((0, n), np.int64)
     left = np.ones(len(docs), dtype=bool)

@@ -138,6 +138,8 @@ def fill_caches(sources: list[Source], modalities: dict[str, dict], seed: int) -
 
 def plan_windows(plan: list[tuple[int, str]], docs: dict[str, int], size: int) -> list[list[list[int]]]:
     """Cut the plan's documents, in order, into windows of `size` documents (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"a packing window holds at least one document, not {size}")
     windows, cur, n = [], [], 0
     for i, (_, shard) in enumerate(plan):
         a, total = 0, docs[shard]
@@ -153,17 +155,26 @@ def plan_windows(plan: list[tuple[int, str]], docs: dict[str, int], size: int) -
     return windows
 
 
-def window_size(cfg: DataConfig) -> int:
-    return cfg.mix.window if cfg.mix.on else cfg.pack_window
+def window_size(cfg: DataConfig, cache=None, metas: dict[str, dict] | None = None) -> int:
+    """Documents per packing window: data.mix.window with a token mixture, data.pack_window when set, else
+    as many as fill data.pack_rows rows at the cached documents' mean length (so a packer holds about
+    pack_rows × seq_len tokens, whatever the documents' size)."""
+    if cfg.mix.on:
+        return cfg.mix.window
+    if cfg.pack_window or not metas:
+        return cfg.pack_window or 128
+    tokens = sum(shard_tokens(cache, s, m) for s, m in metas.items())
+    docs = sum(int(m["rows"]) for m in metas.values())
+    return max(1, int(cfg.pack_rows * cfg.seq_len * docs / max(tokens, 1)))
 
 
-def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str) -> dict:
+def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str, window) -> dict:
     """What the row stream depends on beyond the cache; a resume under other settings is refused."""
     s = {
         "token_cache": cache_digest,
         "seed": seed,
         "seq_len": cfg.seq_len,
-        "window": window_size(cfg),
+        "window": window,
         "modality_order": cfg.modality_order,
         "mix": cfg.mix.model_dump(mode="json"),
     }
@@ -173,8 +184,9 @@ def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str
 
 
 def shard_tokens(cache, shard: str, meta: dict) -> int:
-    """Tokens of a cached shard's documents, about: its ids plus 4 markers a document (bos, eos, one modality's
-    begin/end). From the completion record; a cache written before it recorded `ids` is read once."""
+    """Tokens of a cached shard's documents, from its completion record."""
+    if "tokens" in meta:
+        return int(meta["tokens"])
     ids = meta.get("ids")
     if ids is None:
         table = cache.read_shard(shard, meta)
@@ -202,7 +214,7 @@ def plan_sources(
     caches: list,
     metas: list[dict],
     seed: int,
-    window: int,
+    window: int | list[int],
     steps: int,
     step_tokens: int,
 ):
@@ -215,7 +227,7 @@ def plan_sources(
         docs = {s: int(meta[s]["rows"]) for s in sh}
         epochs = epochs_needed(src, sum(tokens.values()), largest_share(i, sources), steps, step_tokens)
         plan = shard_order(sh, seed, epochs, source=name)
-        win = plan_windows(plan, docs, window)
+        win = plan_windows(plan, docs, window[i] if isinstance(window, list) else window)
         per_doc = {s: tokens[s] / max(docs[s], 1) for s in sh}
         plans.append(plan)
         windows.append(win)
@@ -237,10 +249,12 @@ def plan_stream(
     if not cfg.sources:
         (one,) = sources
         plan = shard_order(one.shards, seed, cfg.epochs)
-        windows = plan_windows(plan, {s: m["rows"] for s, m in one.done.items()}, window_size(cfg))
-        settings = stream_settings(cfg, seed, micro_batch_size, key_digest(one.cache.key))
+        window = window_size(cfg, one.cache, one.done)
+        windows = plan_windows(plan, {s: m["rows"] for s, m in one.done.items()}, window)
+        settings = stream_settings(cfg, seed, micro_batch_size, key_digest(one.cache.key), window)
         return StreamPlan(settings, tally, per_source, one.cache.url, plan, windows)
     configs = [s.config for s in sources]
+    sizes = [window_size(cfg, s.cache, s.done) for s in sources]
     plans, windows, items = plan_sources(
         [s.name for s in sources],
         configs,
@@ -248,11 +262,11 @@ def plan_stream(
         [s.cache for s in sources],
         [s.done for s in sources],
         seed,
-        window_size(cfg),
+        sizes,
         steps,
         rows_per_step * cfg.seq_len,
     )
-    settings = stream_settings(cfg, seed, micro_batch_size, "")
+    settings = stream_settings(cfg, seed, micro_batch_size, "", sizes)
     settings.pop("token_cache")
     settings.update(
         rows_per_step=rows_per_step,

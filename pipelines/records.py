@@ -5,13 +5,15 @@ whole read at the first truncated tar and report failures without the shard
 and record key, and neither bounds member names or sizes. Here a shard is read
 with the standard library's streaming tar reader; a record is the group of
 consecutive members sharing a key (WebDataset's convention: key = name up to
-the first dot of the basename, extension = the rest, lower-cased).
+the first dot of the basename, extension = the rest, lower-cased). A document's
+parts are members KEY.<i>.<ext>: their extension is `<i>.<ext>` (part_ext).
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -283,6 +285,15 @@ def split_name(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
+_PART = re.compile(r"(\d{1,6})\.(.+)")  # KEY.<i>.<ext>: the part's place in its document, then its extension
+
+
+def part_ext(field_name: str) -> tuple[int | None, str]:
+    """(the part's place, its extension) of a record field: `2.txt` -> (2, "txt"); `txt` -> (None, "txt")."""
+    m = _PART.fullmatch(field_name)
+    return (int(m.group(1)), m.group(2)) if m else (None, field_name)
+
+
 def read_shard(
     url: str,
     max_member_bytes: int,
@@ -356,7 +367,7 @@ def read_shard(
                     seen_keys.add(key)
                 if cur.error:
                     continue
-                cap = min(max_member_bytes, ext_bytes.get(ext, max_member_bytes))
+                cap = min(max_member_bytes, ext_bytes.get(part_ext(ext)[1], max_member_bytes))
                 held = sum(len(v) for v in cur.fields.values())
                 if bad:
                     cur.error, cur.detail = bad, name[:200]

@@ -32,7 +32,7 @@ from omnistream.common.errors import DataResumeMismatch
 from omnistream.common.stream import row_hash
 from omnistream.modalities.vocab import Vocabulary
 
-from .cache import TokenCache
+from .cache import CachedDocuments, TokenCache
 from .config import DataConfig
 from .context import data_context
 from .documents import make_document, record_rng
@@ -93,20 +93,11 @@ class WindowRows:
             self.skip[(0, self.start.window)] = [self.start.row, self.start.row_hash]
         self.marker = sources is not None
         self.ledger = ledger
-        self.tables: OrderedDict[tuple, tuple] = OrderedDict()  # the last few shards read, as flat arrays
+        self.tables: OrderedDict[tuple, CachedDocuments] = OrderedDict()  # the last few shards read, as flat arrays
 
-    def _shard(self, src: int, shard: str) -> tuple:
+    def _shard(self, src: int, shard: str) -> CachedDocuments:
         if (src, shard) not in self.tables:
-            t = self.caches[src].read_shard(shard, columns=["key", *self.names])
-            cols = {}
-            for n in self.names:
-                a = t.column(n).combine_chunks()
-                cols[n] = (
-                    a.offsets.to_numpy(),
-                    a.values.to_numpy(zero_copy_only=False),
-                    a.is_null().to_numpy(zero_copy_only=False),
-                )
-            self.tables[(src, shard)] = (t.column("key").to_pylist(), cols)
+            self.tables[(src, shard)] = self.caches[src].documents(shard)
             while len(self.tables) > 4:
                 self.tables.popitem(last=False)
         return self.tables[(src, shard)]
@@ -114,17 +105,23 @@ class WindowRows:
     def documents(self, ranges: list[list[int]], src: int = 0):
         for pi, a, b in ranges:
             epoch, shard = self.plans[src][pi]
-            keys, cols = self._shard(src, shard)
+            docs = self._shard(src, shard)
             for i in range(a, b):
-                parts = {n: v[o[i] : o[i + 1]] for n, (o, v, null) in cols.items() if not null[i]}
-                t, m = make_document(self.vocab, parts, self.cfg.modality_order, record_rng(self.seed, epoch, keys[i]))
-                yield f"{epoch}:{shard}:{keys[i]}", t.astype(np.int32), m.astype(np.int8)
+                key = docs.keys[i]
+                t, m, cuts = make_document(
+                    self.vocab,
+                    docs.parts(i, self.names),
+                    bool(docs.ordered[i]),
+                    self.cfg.modality_order,
+                    record_rng(self.seed, epoch, key),
+                )
+                yield f"{epoch}:{shard}:{key}", t.astype(np.int32), m.astype(np.int8), cuts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         k = int(batch["window"][0])
         src = int(batch["src"][0]) if "src" in batch else 0
         docs = list(self.documents(json.loads(str(batch["ranges"][0])), src))
-        out = self.pack([d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs])
+        out = self.pack([d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs], [d[3] for d in docs])
         n = len(out["keys"])
         out["win"] = np.full(n, k, dtype=np.int64)
         out["row"] = np.arange(n, dtype=np.int64)

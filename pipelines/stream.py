@@ -48,10 +48,13 @@ class PackRows:
         self.names = list(names or [])
         self.target = np.array([self.mix.shares.get(n, 0.0) for n in self.names]) if self.mix else None
 
-    def __call__(self, keys: list[str], tokens: list[np.ndarray], mods: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, keys: list[str], tokens: list[np.ndarray], mods: list[np.ndarray], cuts: list | None = None
+    ) -> dict[str, np.ndarray]:
+        """`cuts`: per document, where its parts begin (a document longer than a row is split only there)."""
         if self.mix is not None:
             out, dropped, n_docs = mix_pack(
-                tokens, mods, keys, self.seq_len, self.rows, self.target, self.mix.tolerance
+                tokens, mods, keys, self.seq_len, self.rows, self.target, self.mix.tolerance, cuts
             )
             if self.ledger is not None and n_docs:
                 t = Tally()
@@ -59,7 +62,7 @@ class PackRows:
                 t.mix_dropped_tokens.update({n: int(c) for n, c in zip(self.names, dropped) if c})
                 self.ledger.add.remote(t, f"mix:{keys[0]}")
         else:
-            out = pack_documents(tokens, mods, keys, self.seq_len)
+            out = pack_documents(tokens, mods, keys, self.seq_len, cuts)
             # mix rows of a window in a seeded order so a step does not see only long documents
             if len(out["keys"]):
                 seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{keys[:1]}".encode()).digest()[:8], "little")

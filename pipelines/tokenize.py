@@ -76,17 +76,16 @@ class ShardTokenizer:
         t0 = time.perf_counter()
         tally = Tally()
         keys: list[str] = []
-        parts: dict[str, list] = {n: [] for n in self.names}
+        docs: list[tuple[bool, list]] = []
         claims: list[str] | None = [] if self.dedup else None
         for _, r, o in self.proc.process([(0, shard)], tally):
             if o.status != "kept":
                 continue
             keys.append(r.key)
-            for n in self.names:
-                parts[n].append(o.parts.get(n))
+            docs.append((o.ordered, o.parts))
             if claims is not None:
                 claims.append(o.claims or "[]")
-        self.cache.write_shard(shard, self.names, keys, parts, claims, tally, time.perf_counter() - t0)
+        self.cache.write_shard(shard, self.names, keys, docs, claims, tally, time.perf_counter() - t0)
         if self.ledger is not None:
             self.ledger.add.remote(tally, shard)
         return tally.seen, tally.kept
@@ -179,7 +178,7 @@ def build_cache(
                 f" (recorded in the token cache: delete {cache.url}/shards/"
                 f"{cache.shard_id(shard)}.json to try it again)",
             )
-            cache.write_shard(shard, names, [], {n: [] for n in names}, [] if dedup else None, tally, 0.0)
+            cache.write_shard(shard, names, [], [], [] if dedup else None, tally, 0.0)
             ledger.add.remote(tally, shard)
             summary["tokenized"] += 1
             log.warning("%s: %s", shard, tally.shard_errors[0]["detail"])

@@ -8,7 +8,9 @@ TASK_KINDS or under the `omnistream.eval_tasks` entry points): the kind picks th
 scores, counts the right answers, and draws the samples a person looks at; the Evaluator shards the records
 over the ranks and sums the counts. The first kind, "generate", prompts with one modality of a record,
 `[<bos>, <begin:prompt>, prompt ids…, <end:prompt>, <begin:target>]`, greedily generates the target
-modality, and checks the decoded answer against a field of the record's JSON with a match rule. Nothing
+modality, and checks the decoded answer against a field of the record's JSON with a match rule; "parts"
+prompts with every part of an interleaved record before its last answer part (several images and clips,
+or few-shot examples) and checks the same way. Each task reads its own eval.examples records. Nothing
 here knows which modalities or corpus a run uses: the demo's digit question is two entries of
 configs/demo.toml.
 """
@@ -74,8 +76,29 @@ def first_number(text: str) -> float | None:
     return None
 
 
+def numbers(text: str) -> list[float]:
+    """Every number a text names, in order, as numerals or English words ("three then 7" -> [3.0, 7.0])."""
+    toks = _TOKEN.findall(str(text).lower().replace("-", " "))
+    out, i = [], 0
+    while i < len(toks):
+        t = toks[i]
+        if t[0].isdigit() or t[0] == "-":
+            out.append(float(t))
+        elif t in _WORDS:
+            n = _WORDS[t]
+            if t in _TENS and i + 1 < len(toks) and toks[i + 1] in _WORDS and _WORDS[toks[i + 1]] < 10:
+                n += _WORDS[toks[i + 1]]
+                i += 1
+            out.append(float(n))
+        i += 1
+    return out
+
+
 def matches(answer: str, label, rule: str) -> bool:
     """Does a generated answer give the label, by the task's match rule?"""
+    if rule == "numbers":  # the same numbers in the same order, and no other: "3 7" is "three then seven"
+        want = numbers(str(label))
+        return bool(want) and numbers(answer) == want
     if rule == "number":
         try:
             want = float(label)
@@ -91,7 +114,17 @@ def matches(answer: str, label, rule: str) -> bool:
 class HeldOut:
     key: str
     meta: dict  # the record's JSON, {} if it has none
-    ids: dict  # modality -> local ids
+    ids: dict  # modality -> local ids of its first part of that modality
+    parts: list = field(default_factory=list)  # [(modality, local ids)] in the document's order
+    ordered: bool = False  # the parts' order is the record's own (KEY.<i>.<ext>)
+
+    @classmethod
+    def of(cls, rec: dict) -> HeldOut:
+        """From a record the loader read: {"key", "labels", "parts", "ordered"}."""
+        ids: dict = {}
+        for name, local in rec["parts"]:
+            ids.setdefault(name, local)
+        return cls(rec["key"], rec["labels"], ids, list(rec["parts"]), bool(rec["ordered"]))
 
 
 @dataclass
@@ -101,15 +134,21 @@ class EvalSet:
     records: list[HeldOut] = field(default_factory=list)
     rows: dict = field(default_factory=dict)  # packed rows for the loss
     tally: object = None  # what became of the held-out records read (a Tally)
+    counts: dict = field(default_factory=dict)  # task -> the held-out records read that it can score
 
     @classmethod
     def of(cls, held: dict) -> EvalSet:
-        """From what the loader returned: {"records": [(key, labels, ids)], "rows": ..., "tally": ...}."""
-        return cls([HeldOut(k, meta, ids) for k, meta, ids in held["records"]], held["rows"], held["tally"])
+        """From what the loader returned: {"records": [record dicts], "rows", "tally", "counts"}."""
+        recs = [HeldOut.of(r) for r in held["records"]]
+        return cls(recs, held["rows"], held["tally"], dict(held.get("counts", {})))
 
     def with_label(self, task: EvalTask) -> list[HeldOut]:
         """The records that hold the task's prompt modality and its label."""
-        return [r for r in self.records if task.prompt in r.ids and r.meta.get(task.label_field) is not None]
+        return [r for r in self.records if _wants_one(r, task)]
+
+
+def _wants_one(r: HeldOut, task: EvalTask) -> bool:
+    return task.prompt in r.ids and r.meta.get(task.label_field) is not None
 
 
 def _generate(
@@ -158,7 +197,11 @@ class TaskContext:
 class TaskKind(Protocol):
     """One kind of eval task. Register it in TASK_KINDS, or, from a package of its own, under the
     `omnistream.eval_tasks` entry points; `[eval.tasks.<name>] kind = "<its name>"` picks it, and its own
-    settings are the task's `options`. tests/integration/test_stages.py runs every registered kind."""
+    settings are the task's `options`. tests/integration/test_stages.py runs every registered kind.
+
+    A kind may also define `wants(record: HeldOut, task) -> bool`: whether it can score a held-out record.
+    The held-out set is read until each task has eval.examples records it wants (without `wants`: records
+    with the task's prompt modality and label)."""
 
     def records(self, data: EvalSet, task: EvalTask) -> list[HeldOut]:
         """The held-out records the task scores, in a fixed order (the Evaluator deals them to the ranks)."""
@@ -177,6 +220,9 @@ class GenerateAndMatch:
     """Prompt with one modality, generate another, check the decoded answer against the record's label
     (`match`: exact, contains or number); the samples add the reverse direction as the prompt modality's
     files (text -> image PNGs, text -> audio WAVs)."""
+
+    def wants(self, r: HeldOut, task: EvalTask) -> bool:
+        return _wants_one(r, task)
 
     def records(self, data: EvalSet, task: EvalTask) -> list[HeldOut]:
         return data.with_label(task)
@@ -231,8 +277,63 @@ class GenerateAndMatch:
             out.media.append((key, f"{i}_{_slug(r.meta[task.label_field])}", ext, data))
 
 
+class ContinueDocument:
+    """Prompt with several parts of an interleaved held-out record: every part before its last part of the
+    target modality, `[<bos>, <begin:a>, a…, <end:a>, <begin:b>, b…, <end:b>, …, <begin:target>]`; generate the
+    target and match the decoded answer against the record's label (`match`). `prompt` names the modalities
+    the prompt must hold (a string or a list: ["image", "audio"]). Few-shot prompts are the same thing: a
+    record of part, answer, part, answer, part, answer is prompted with all but its last answer.
+    options: max_new_tokens (default eval.max_new_tokens)."""
+
+    def wants(self, r: HeldOut, task: EvalTask) -> bool:
+        split = self._split(r, task)
+        return split is not None and r.meta.get(task.label_field) is not None
+
+    @staticmethod
+    def _split(r: HeldOut, task: EvalTask) -> int | None:
+        """The index of the record's last part of the target modality, when the parts before it hold every
+        modality `prompt` names; else None."""
+        last = max((i for i, (n, _) in enumerate(r.parts) if n == task.target), default=None)
+        if not r.ordered or not last:
+            return None
+        before = {n for n, _ in r.parts[:last]}
+        need = [task.prompt] if isinstance(task.prompt, str) else list(task.prompt)
+        return last if all(n in before for n in need) else None
+
+    def records(self, data: EvalSet, task: EvalTask) -> list[HeldOut]:
+        return [r for r in data.records if self.wants(r, task)]
+
+    def _answers(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> list:
+        n_new = int(task.options.get("max_new_tokens", ctx.settings.max_new_tokens))
+        out = []
+        for i in range(0, len(records), ctx.settings.batch_size):
+            chunk = records[i : i + ctx.settings.batch_size]
+            prompts = [ctx.vocab.prompt_parts(r.parts[: self._split(r, task)], task.target) for r in chunk]
+            out += ctx.generate(prompts, task.target, n_new)
+        return out
+
+    def score(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut]) -> int:
+        answers = self._answers(ctx, task, records)
+        return sum(
+            a is not None and matches(str(a), r.meta[task.label_field], task.match) for r, a in zip(records, answers)
+        )
+
+    def samples(self, ctx: TaskContext, task: EvalTask, records: list[HeldOut], out: Samples) -> None:
+        answers = self._answers(ctx, task, records)
+        out.tables[ctx.name] = {
+            "key": [r.key for r in records],
+            "prompt": [" ".join(n for n, _ in r.parts[: self._split(r, task)]) for r in records],
+            "label": [str(r.meta[task.label_field]) for r in records],
+            "generated": ["" if a is None else str(a) for a in answers],
+            "correct": [
+                a is not None and bool(matches(str(a), r.meta[task.label_field], task.match))
+                for r, a in zip(records, answers)
+            ],
+        }
+
+
 TASK_GROUP = "omnistream.eval_tasks"
-TASK_KINDS: dict[str, type] = {"generate": GenerateAndMatch}
+TASK_KINDS: dict[str, type] = {"generate": GenerateAndMatch, "parts": ContinueDocument}
 
 
 def task_kinds() -> dict[str, object]:
@@ -254,22 +355,54 @@ def task_kind(name: str) -> TaskKind:
 class Evaluator:
     """eval/loss/<modality> and eval/<task>/accuracy, plus a few generations a person can open."""
 
-    def __init__(self, cfg: RunConfig, vocab: Vocabulary, held_out: Callable[[RunConfig], dict]):
-        """`held_out(cfg)` reads the run's held-out set when it is first needed (the data side's job:
-        omnistream.pipelines.documents.held_out, which the wiring hands in)."""
+    def __init__(self, cfg: RunConfig, vocab: Vocabulary, held_out: Callable[[RunConfig, dict], dict]):
+        """`held_out(cfg, wanted)` reads the run's held-out set when it is first needed, until each task has
+        the records it wants (the data side's job: omnistream.pipelines.documents.held_out, which the wiring
+        hands in)."""
         self.cfg, self.vocab, self.held_out = cfg, vocab, held_out
         self.kinds = {name: task_kind(task.kind) for name, task in cfg.eval.tasks.items()}
+        for name, task in cfg.eval.tasks.items():
+            if task.kind == "generate" and not isinstance(task.prompt, str):
+                raise UserError(f"eval.tasks.{name}: a generate task prompts with one modality, not {task.prompt}")
         self._set: EvalSet | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.cfg.data.eval_shards)
 
+    def _wanted(self) -> dict:
+        """Per task, the test of a held-out record its kind can score (TaskKind.wants)."""
+        out = {}
+        for name, task in self.cfg.eval.tasks.items():
+            kind = self.kinds[name]
+            want = getattr(kind, "wants", None) or (lambda r, t: _wants_one(r, t))
+            out[name] = lambda rec, want=want, task=task: bool(want(HeldOut.of(rec), task))
+        return out
+
     @property
     def data(self) -> EvalSet:
         if self._set is None:
-            self._set = EvalSet.of(self.held_out(self.cfg))
+            self._set = EvalSet.of(self.held_out(self.cfg, self._wanted()))
+            n = self.cfg.eval.examples
+            for name in self.cfg.eval.tasks:
+                got = self._set.counts.get(name, 0)
+                if got < n:
+                    log.warning(
+                        "eval task %s: %d of the eval.examples = %d held-out records it needs are in %s (records "
+                        "with %s and the label %r)%s",
+                        name,
+                        got,
+                        n,
+                        ", ".join(self.cfg.data.eval_shards),
+                        self.cfg.eval.tasks[name].prompt,
+                        self.cfg.eval.tasks[name].label_field,
+                        ": it is not scored" if got == 0 else "",
+                    )
         return self._set
+
+    def task_records(self, name: str) -> list[HeldOut]:
+        """The task's own eval.examples held-out records (the first its kind can score, in file order)."""
+        return self.kinds[name].records(self.data, self.cfg.eval.tasks[name])[: self.cfg.eval.examples]
 
     @torch.no_grad()
     def local(self, model: GPT, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
@@ -294,7 +427,7 @@ class Evaluator:
         errors: list[str] = []
         for name, task in cfg.eval.tasks.items():
             kind = self.kinds[name]
-            recs = kind.records(es, task)[rank::world]
+            recs = self.task_records(name)[rank::world]
             correct = kind.score(TaskContext(model, vocab, cfg.eval, name, errors), task, recs)
             out[f"task/{name}"] = torch.tensor([float(correct), float(len(recs))])
         for e in errors[:5]:
@@ -312,8 +445,10 @@ class Evaluator:
         if c.sum() > 0:
             m["eval/loss"] = float(s.sum() / c.sum())
         for k, v in reduced.items():
-            if k.startswith("task/") and v[1] > 0:
-                m[f"eval/{k[5:]}/accuracy"] = float(v[0] / v[1])
+            if k.startswith("task/"):
+                m[f"eval/{k[5:]}/examples"] = float(v[1])  # 0: the held-out shards gave the task nothing
+                if v[1] > 0:
+                    m[f"eval/{k[5:]}/accuracy"] = float(v[0] / v[1])
         if "sample_errors" in reduced:
             m["eval/sample_errors"] = float(reduced["sample_errors"][0])
         return m
@@ -337,7 +472,7 @@ class Evaluator:
             return out
         for name, task in cfg.eval.tasks.items():
             kind = self.kinds[name]
-            recs = kind.records(self.data, task)[: cfg.eval.samples]
+            recs = self.task_records(name)[: cfg.eval.samples]
             if recs:
                 kind.samples(TaskContext(model, vocab, cfg.eval, name, out.errors), task, recs, out)
         return out

@@ -43,7 +43,7 @@ from omnistream.common.stream import (
 )
 from omnistream.configs import RunConfig
 from omnistream.modalities.vocab import Vocabulary
-from omnistream.model.model import flops_per_token, loss_by_group
+from omnistream.model.model import IGNORE, flops_per_token, loss_by_group
 
 from .engine import build_engine, plain_copy
 from .metrics import Interval, memory_gb, peak_flops, scalars
@@ -78,6 +78,10 @@ class Trainer:
         self.device = self.engine.device  # DeepSpeed placed the model (CPU here, the rank's GPU on a GPU node)
         self.n_mods = len(vocab.names)
         self.target = torch.tensor([cfg.data.mix.shares.get(n, 0.0) for n in vocab.names], dtype=torch.float64)
+        # train.loss_weights: each label token's loss counts by its modality's weight (the specials' by 1);
+        # None when every weight is 1, so the loss is the model's own mean, unchanged
+        w = [1.0] + [float(cfg.train.loss_weights.get(n, 1.0)) for n in vocab.names]
+        self.loss_w = torch.tensor(w, dtype=torch.float32, device=self.device) if any(x != 1.0 for x in w) else None
         # state
         self.step = 0
         self.tokens = torch.zeros(self.n_mods, dtype=torch.float64)  # per modality, all ranks, since step 0
@@ -193,9 +197,11 @@ class Trainer:
                 c: torch.from_numpy(np.array(b[c], dtype=np.int64)).to(self.device, non_blocking=True) for c in COLUMNS
             }
             _, loss, tok_loss = self.engine(x["input_ids"], x["position_ids"], x["doc_ids"], x["labels"])
+            lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long).to(self.device)
+            if self.loss_w is not None:
+                loss = weighted_loss(tok_loss, x["labels"], self.loss_w[lm])
             self.engine.backward(loss)
             self.engine.step()
-            lm = torch.as_tensor(label_modalities(b["modality_ids"]), dtype=torch.long).to(self.device)
             s, c = loss_by_group(tok_loss.detach().float(), x["labels"], lm, self.n_mods + 1)
             acc.add(s, c, tokens=int((b["doc_ids"] > 0).sum()), wait=wait)
             step_tokens[:n] += torch.as_tensor(token_counts(b["modality_ids"], self.n_mods), dtype=torch.float64)
@@ -387,3 +393,11 @@ class Trainer:
     def save(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.save(self, scalars(self.metrics))
+
+
+def weighted_loss(token_loss: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean of each label token's loss weighted by its modality's weight (train.loss_weights):
+    sum(w · loss) / sum(w) over the tokens with a label, so with every weight 1 it is the plain mean. The
+    tracked curves (train/loss/<modality>) stay the unweighted per-modality means."""
+    w = weights * (labels != IGNORE).float()
+    return (token_loss * w).sum() / w.sum().clamp_min(1e-9)

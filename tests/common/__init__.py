@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omnistream.modalities import registry
 from omnistream.pipelines.democorpus import CorpusSpec
-from omnistream.pipelines.records import read_shard
+from omnistream.pipelines.records import part_ext, read_shard
 
 REPO = Path(__file__).resolve().parents[2]
 EXE = [sys.executable, "-m", "omnistream.cli"]  # the CLI as a subprocess, with this venv's Python
@@ -22,7 +22,7 @@ codebook_size = 32
 """
 SMALL_OPTIONS = {"text": {"vocab_size": 300}, "image": {"codebook_size": 64}, "audio": {"codebook_size": 32}}
 
-SMALL = CorpusSpec(train_records=480, eval_records=40, records_per_shard=120, seed=1)
+SMALL = CorpusSpec(train_records=480, eval_records=40, records_per_shard=120, seed=1, eval_interleaved=40)
 
 # the demo's eval tasks, as a config's TOML (the digit question of configs/demo.toml)
 DIGIT_TASKS = """[eval.tasks.image_to_text]
@@ -44,13 +44,32 @@ def fit_modalities(shards, options=None, names=("text", "image", "audio")):
     exts = {e: m for m in mods for e in m.keys}
     for s in shards:
         for r in read_shard(s, 1 << 26):
-            for ext, data in r.fields.items():
+            for f, data in r.fields.items():
+                ext = part_ext(f)[1]  # a document's part: KEY.<i>.<ext>
                 if ext in exts:
                     m = exts[ext]
                     feats[m.name].append(m.fit_features(m.decode_bytes(ext, data)))
     for m in mods:
         m.fit(feats[m.name])
     return mods
+
+
+def tar_bytes(members: list[tuple[bytes | str, bytes]]) -> bytes:
+    """A real tar (GNU format, so raw byte names survive) of (name, data) members."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as t:
+        for name, data in members:
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "surrogateescape")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def wav_header(rate: int, frames: int = 64) -> bytes:

@@ -13,7 +13,7 @@ from omnistream.common.errors import UserError
 from omnistream.common.stream import DataPosition
 from omnistream.pipelines.cache import TokenCache, open_cache
 from omnistream.pipelines.config import DataConfig
-from omnistream.pipelines.plan import plan_windows
+from omnistream.pipelines.plan import plan_windows, window_size
 from omnistream.pipelines.rows import StreamStart, WindowRows
 from omnistream.pipelines.shards import shard_order
 
@@ -52,7 +52,42 @@ def test_every_shard_is_complete_and_accounted(built):
     assert t.balanced() and t.seen == 240 and t.kept == sum(m["rows"] for m in done.values())
     table = cache.read_shard(shards[0])
     assert table.num_rows == done[shards[0]]["rows"]
-    assert set(table.column_names) == {"key", "text", "image", "audio"}
+    assert set(table.column_names) == {"key", "ordered", "part_mods", "part_lens", "ids"}
+    # the corpus's interleaved documents keep their own order; single captions have theirs drawn per epoch
+    ordered = table.column("ordered").to_pylist()
+    assert any(ordered) and not all(ordered)
+    docs = cache.documents(shards[0])
+    for i in range(len(docs)):
+        parts = docs.parts(i, built["vocab"].names)
+        assert sum(len(ids) for _, ids in parts) == docs.i_off[i + 1] - docs.i_off[i]
+        assert docs.ordered[i] or len({n for n, _ in parts}) == len(parts)  # one value per modality
+
+
+def test_a_cache_written_in_layout_1_is_rebuilt_saying_why(built, tmp_path, caplog):
+    """A cache made before documents had ordered parts (one column per modality, format 1) is recognised:
+    one line says why, and it is rebuilt in the new layout, at a named path and under "auto"."""
+    import logging
+
+    from omnistream.pipelines.cache import FORMAT, cache_key, key_digest
+
+    vocab, cfg = built["vocab"], built["cfg"]
+    old = cache_key(cfg, vocab.fingerprint, 0, cfg.train_shards) | {"format": 1}
+    named = tmp_path / "named"
+    auto_cfg = cfg.model_copy(update={"token_cache": "auto", "bundle_dir": str(tmp_path / "auto" / "bundle")})
+    auto = tmp_path / "auto" / "token_cache" / key_digest(old)
+    for d in (named, auto):
+        (d / "shards").mkdir(parents=True)
+        (d / "cache.json").write_text(json.dumps({"key": old, "digest": key_digest(old)}))
+        (d / "shards" / ("0" * 20 + ".parquet")).write_bytes(b"layout 1")
+    with caplog.at_level(logging.WARNING, logger="omnistream.pipelines.cache"):
+        a = open_cache(cfg.model_copy(update={"token_cache": str(named)}), vocab.fingerprint, 0, cfg.train_shards)
+        b = open_cache(auto_cfg, vocab.fingerprint, 0, cfg.train_shards)
+    said = [r.getMessage() for r in caplog.records if "layout 1" in r.getMessage()]
+    assert len(said) == 2 and all("rebuilding it in layout 2" in m for m in said), said
+    assert a.manifest()["key"]["format"] == FORMAT and not (named / "shards" / ("0" * 20 + ".parquet")).exists()
+    assert not auto.exists() and b.manifest()["key"]["format"] == FORMAT
+    done, todo = a.status(cfg.train_shards)
+    assert not done and todo == list(cfg.train_shards)  # every shard is tokenized again
 
 
 def test_a_cache_made_with_other_settings_is_refused_naming_the_difference(built):
@@ -131,7 +166,7 @@ def test_a_resumed_window_drops_the_consumed_rows_after_checking_the_last(built)
     cfg, cache = built["cfg"], built["cache"]
     plan = shard_order(cfg.train_shards, 0, 1)
     done, _ = cache.status(cfg.train_shards)
-    wins = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, cfg.pack_window)
+    wins = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg, cache, done))
     batch = {"window": np.array([0]), "ranges": np.array([json.dumps(wins[0])], dtype=object)}
     args = (cache.url, cfg.bundle_dir, SMALL_OPTIONS, cfg, 0, plan, 4)
     full = WindowRows(*args)(batch)
