@@ -30,6 +30,10 @@
     its own local Ray, the fit a Ray task) against the same modality fitted in this process with every core,
     on the same demo shards and FIT_STEPS steps, for the fsq image tokenizer and the audio codec; each
     side in a fresh process, in turn FIT_REPEATS times. Ratio = tokenizers fit / in-process. Target >= 0.9.
+(h) packing: the share of row tokens that are document tokens (not padding), demo shards of single
+    captions and interleaved documents packed together by the stream's own stage at the demo's row length
+    and at 8,192, windows of data.pack_rows rows' worth of tokens beside the old 128 documents. Target >= 0.95
+    at 8,192.
 
 Figures go to stdout as a table and to bench.json (name -> number), so commits can be compared.
 No timing is asserted anywhere: these machines are shared and noisy.
@@ -320,6 +324,52 @@ def _tokenize(cfg, shards: list[str], cache_dir: str):
     return int(out["seen"].sum()), time.perf_counter() - t0, cache, data
 
 
+def _epoch_rows(cache, data, cfg, window: int) -> tuple[int, int, int]:
+    """One epoch of a cache packed by the stream's own stage (WindowRows) in windows of `window` documents:
+    (document tokens, row slots, rows)."""
+    from omnistream.pipelines.plan import plan_windows
+    from omnistream.pipelines.rows import WindowRows
+
+    plan = shard_order(data.train_shards, cfg.seed, 1)
+    done, _ = cache.status(data.train_shards)
+    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window)
+    rows = WindowRows(cache.url, data.bundle_dir, cfg.modalities, data, cfg.seed, plan, cfg.train.micro_batch_size)
+    tokens = slots = n = 0
+    for k, w in enumerate(windows):
+        out = rows({"window": np.array([k]), "ranges": np.array([json.dumps(w)], dtype=object)})
+        tokens += int((out["doc_ids"] > 0).sum())
+        slots += out["doc_ids"].size
+        n += len(out["doc_ids"])
+    return tokens, slots, n
+
+
+def packing_figures(cfg, shards: int = 4) -> dict:
+    """(h) packing: the share of row tokens that are document tokens (not padding) when `shards` demo shards
+    (single captions and interleaved documents together) are packed at the demo's row length and at 8,192,
+    with windows of data.pack_rows rows' worth of tokens, beside the fixed 128-document window every run
+    used before. Target >= 0.95 at 8,192."""
+    import tempfile
+
+    from omnistream.pipelines.plan import window_size
+
+    cfg = cfg.resolved_paths()
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        _, _, cache, data = _tokenize(cfg, list_shards(cfg.data.train_shards)[:shards], d)
+        done, _ = cache.status(data.train_shards)
+        t = cache.tally(data.train_shards)
+        out["packing_documents_interleaved_share"] = round(
+            sum(v for k, v in t.parts_per_document.items() if k > 1) / max(t.kept, 1), 3
+        )
+        for seq_len in (cfg.data.seq_len, 8192):
+            at = data.model_copy(update={"seq_len": seq_len})
+            for name, window in (("pack_rows", window_size(at, cache, done)), ("128_docs", 128)):
+                tokens, slots, rows = _epoch_rows(cache, at, cfg, window)
+                out[f"packing_non_pad_share_{seq_len}_{name}"] = round(tokens / slots, 4)
+            out[f"packing_window_documents_{seq_len}"] = window_size(at, cache, done)
+    return out
+
+
 def cache_speedup(cfg, shards: int = 4) -> dict:
     """(e): one epoch of `shards` demo shards tokenized from media, then read back from a fresh cache."""
     import tempfile
@@ -566,7 +616,8 @@ def main() -> int:
         prepare_demo(load_config(DEMO_CONFIG))
         print(json.dumps(fit_rate_figures(), indent=1))
         return 0
-    alone = {"--s3-only": s3_tokenize_ratio, "--cache-only": cache_speedup}  # one part on the demo's data
+    # one part on the demo's data
+    alone = {"--s3-only": s3_tokenize_ratio, "--cache-only": cache_speedup, "--packing-only": packing_figures}
     if sys.argv[1:2] and sys.argv[1] in alone:
         os.chdir(REPO)
         base = load_config(DEMO_CONFIG)
@@ -600,6 +651,7 @@ def main() -> int:
         "demo_tokens_per_s_2workers_zero3": round(statistics.median(history(res_demo, "train/tokens_per_s")[2:]), 1),
     }
     figures.update(cache_speedup(base))
+    figures.update(packing_figures(base))
     figures.update(s3_tokenize_ratio(base))
     figures.update(memory_figures())
     figures.update(fit_rate_figures())

@@ -238,13 +238,15 @@ def _decoded(data, shards, mod, limit: int, convert=None) -> list:
     not held whole when its pixels will do); unreadable ones skipped."""
     from omnistream.common.errors import BadSample
     from omnistream.pipelines.formats import ReadBounds, reader
+    from omnistream.pipelines.records import part_ext
     from omnistream.pipelines.shards import list_shards
 
     fmt, bounds = reader(data.format), ReadBounds(data.max_member_bytes, data.limits)  # the data's own format
     out = []
     for shard in list_shards(shards):
         for rec in fmt.read(shard, bounds):
-            for ext, raw in (rec.fields or {}).items():
+            for f, raw in (rec.fields or {}).items():
+                ext = part_ext(f)[1]  # a document's parts (KEY.<i>.<ext>) are samples too
                 if ext in mod.keys:
                     try:
                         obj = mod.decode_bytes(ext, raw)

@@ -64,15 +64,16 @@ def exact_signature(fields: dict[str, bytes], exts: set[str]) -> str:
 
 
 def signatures(
-    r: RawRecord, objs: dict[str, object], exts: set[str], mods: dict, filters: dict, cfg: DedupConfig
+    r: RawRecord, objs: list[tuple[str, object]], fields: set[str], mods: dict, filters: dict, cfg: DedupConfig
 ) -> list[tuple]:
-    """(reason, signature, payload, max_distance) for one record: the exact one first, then each
-    modality's near-duplicate signatures (Modality.near_signatures), prefixed with its name."""
+    """(reason, signature, payload, max_distance) for one record: the exact one first (over the bytes of
+    `fields`, the parts it keeps), then each part's near-duplicate signatures (Modality.near_signatures),
+    prefixed with its modality's name. `objs`: the decoded parts, (modality, object)."""
     out = []
     if cfg.exact:
-        out.append(("duplicate", exact_signature(r.fields, exts), None, 0))
+        out.append(("duplicate", exact_signature(r.fields, fields), None, 0))
     if cfg.near:
-        for name, obj in objs.items():
+        for name, obj in objs:
             f = filters[name]
             if f.near_duplicates:
                 out += [

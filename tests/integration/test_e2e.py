@@ -194,7 +194,8 @@ def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, elast
     digest); and the stream re-read before going on is at most one packing window's documents, whether
     the checkpoint is at step 3 or step 6."""
     first = trained["res"]
-    window = trained["cfg"].data.pack_window
+    # documents per packing window, as the run planned it (data.pack_rows rows' worth at the cache's mean)
+    window = json.loads((Path(first.checkpoint) / "data.json").read_text())["stream"]["window"]
     at = {_resumed_at(elastic["one"]): elastic["one"], _resumed_at(elastic["two"]): elastic["two"]}
     assert sorted(at) == [3, 6], sorted(at)
     a = dict(first.tracker.metric_history("train/loss"))
