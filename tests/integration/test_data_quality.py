@@ -159,11 +159,11 @@ def write_planted(d: Path) -> tuple[list[str], int]:
                     add(t, f"good-{i:03d}.{ext}", data)
     raw = cut.read_bytes()
     cut.write_bytes(raw[: int(len(raw) * 0.6)])
-    hostile = d / "hostile.tar"  # odd bytes in a name, a record of 40 members, an absurd rate, a 200 KB pax header
+    hostile = d / "hostile.tar"  # odd bytes in a name, a record of 100 members, an absurd rate, a 200 KB pax header
     text = good(9)["txt"]
     with tarfile.open(hostile, "w", format=tarfile.PAX_FORMAT, errors="surrogateescape") as t:
         add(t, b"odd\xff\xfe-0.txt".decode("utf-8", "surrogateescape"), text)
-        for i in range(40):
+        for i in range(100):  # over data.limits.members (80)
             add(t, f"many-0.f{i}", b"x")
         add(t, "rate-0.wav", wav_header(1_000_003))
         add(t, "hdr-0.txt", b"the record before the long header arrives")

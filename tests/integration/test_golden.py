@@ -81,11 +81,12 @@ def golden_rows(golden):
     corpus, bundle, d = golden
     cfg, _ = golden_config(golden, d)
     docs = [
-        (t, m, f"{epoch}:{r.shard}:{r.key}")
+        (t, m, f"{epoch}:{r.shard}:{r.key}", cuts)
         for epoch in range(3)
-        for r, _, t, m in local_documents(corpus["train"], bundle, None, cfg.data, cfg.seed + epoch)
+        for r, _, t, m, cuts in local_documents(corpus["train"], bundle, None, cfg.data, cfg.seed + epoch)
     ]
-    return pack_documents(*map(list, zip(*docs)), 128)
+    tokens, mods, keys, cuts = map(list, zip(*docs))
+    return pack_documents(tokens, mods, keys, 128, cuts)
 
 
 def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_path):

@@ -58,10 +58,11 @@ def small_config(corpus, bundle, tmp_path, *overrides):
 def rows(corpus, bundle, tmp_path_factory):
     cfg, _ = small_config(corpus, bundle, tmp_path_factory.mktemp("rows"))
     docs = [
-        (t, m, f"{r.shard}:{r.key}")
-        for r, _, t, m in local_documents(corpus["train"][:1], bundle, None, cfg.data, cfg.seed)
+        (t, m, f"{r.shard}:{r.key}", cuts)
+        for r, _, t, m, cuts in local_documents(corpus["train"][:1], bundle, None, cfg.data, cfg.seed)
     ]
-    return pack_documents(*map(list, zip(*docs)), 128)
+    tokens, mods, keys, cuts = map(list, zip(*docs))
+    return pack_documents(tokens, mods, keys, 128, cuts)
 
 
 def batches(rows: dict, batch: int):

@@ -38,7 +38,7 @@ def test_values_parse_as_toml():
 
 def test_eval_tasks_and_quality_keys_are_checked_against_the_modalities(tmp_path):
     c = load_config(DEMO)
-    assert set(c.eval.tasks) == {"image_to_text", "audio_to_text"}
+    assert set(c.eval.tasks) == {"image_to_text", "audio_to_text", "two_digits"}
     assert c.eval.tasks["image_to_text"].prompt == "image" and c.eval.tasks["image_to_text"].match == "number"
     with pytest.raises(UserError, match="eval.tasks.x.prompt"):
         load_config(None, ['eval.tasks.x.prompt="smell"', 'eval.tasks.x.label_field="y"'])

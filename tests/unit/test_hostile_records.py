@@ -215,7 +215,7 @@ def test_each_record_bound_errors_the_record_under_its_reason(bundle, corpus, tm
 
     good = next(r for r in read_shard(corpus["train"][0], 1 << 26) if {"txt", "png"} <= set(r.fields))
     members = [("ok-0.txt", good.fields["txt"])]
-    members += [(f"many-0.f{i}", b"x") for i in range(40)]  # 40 members in one record
+    members += [(f"many-0.f{i}", b"x") for i in range(100)]  # 100 members in one record (data.limits.members: 80)
     members += [("big-0.txt", b"a" * 3000), ("big-0.json", b"{}" * 1000)]  # 5000 bytes together
     members += [("img-0.png", good.fields["png"])]  # over the image cap below
     members += [("rate-0.wav", wav_header(1_000_003)), ("ok-1.txt", good.fields["txt"])]
