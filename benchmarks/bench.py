@@ -343,8 +343,8 @@ def _epoch_rows(cache, data, cfg, window: int) -> tuple[int, int, int]:
     return tokens, slots, n
 
 
-def packing_figures(cfg, shards: int = 4) -> dict:
-    """(h) packing: the share of row tokens that are document tokens (not padding) when `shards` demo shards
+def packing_figures(cfg, shards: int = 0) -> dict:
+    """(h) packing: the share of row tokens that are document tokens (not padding) when the demo's shards
     (single captions and interleaved documents together) are packed at the demo's row length and at 8,192,
     with windows of data.pack_rows rows' worth of tokens, beside the fixed 128-document window every run
     used before. Target >= 0.95 at 8,192."""
@@ -355,15 +355,20 @@ def packing_figures(cfg, shards: int = 4) -> dict:
     cfg = cfg.resolved_paths()
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        _, _, cache, data = _tokenize(cfg, list_shards(cfg.data.train_shards)[:shards], d)
+        _, _, cache, data = _tokenize(cfg, list_shards(cfg.data.train_shards)[: shards or None], d)
         done, _ = cache.status(data.train_shards)
-        t = cache.tally(data.train_shards)
-        out["packing_documents_interleaved_share"] = round(
-            sum(v for k, v in t.parts_per_document.items() if k > 1) / max(t.kept, 1), 3
-        )
+        ordered = [
+            x for sh in data.train_shards for x in cache.read_shard(sh, columns=["ordered"]).column(0).to_pylist()
+        ]
+        out["packing_documents"] = len(ordered)
+        out["packing_documents_interleaved_share"] = round(sum(ordered) / max(len(ordered), 1), 3)
         for seq_len in (cfg.data.seq_len, 8192):
             at = data.model_copy(update={"seq_len": seq_len})
-            for name, window in (("pack_rows", window_size(at, cache, done)), ("128_docs", 128)):
+            for name, window in (
+                (f"pack_rows_{at.pack_rows}", window_size(at, cache, done)),
+                ("pack_rows_16", window_size(at.model_copy(update={"pack_rows": 16}), cache, done)),
+                ("128_docs", 128),
+            ):
                 tokens, slots, rows = _epoch_rows(cache, at, cfg, window)
                 out[f"packing_non_pad_share_{seq_len}_{name}"] = round(tokens / slots, 4)
             out[f"packing_window_documents_{seq_len}"] = window_size(at, cache, done)

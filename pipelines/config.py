@@ -108,7 +108,7 @@ class DataConfig(BaseModel):
         "random", description="order of modalities inside a document: drawn per record by seed, or the config's order"
     )
     pack_rows: int = Field(
-        16,
+        32,
         ge=1,
         description="rows' worth of tokens one packing window holds: its documents are packed together (first-fit "
         "decreasing), so about half a row in pack_rows is padding, and a packer holds about pack_rows × seq_len "
