@@ -289,7 +289,12 @@ def test_two_commands_at_once_and_ctrl_c_marks_the_run_killed(corpus, bundle, tm
             if proc.poll() is None:
                 proc.kill()
     assert inspect.returncode == 0, inspect_err[-3000:]
-    assert json.loads(out)["seen"] == 120, out[-2000:]
+    report = json.loads(out)
+    assert report["seen"] == 120, out[-2000:]
+    # the corpus's documents of several parts: their histogram, and the parts kept per modality
+    parts = report["parts"]
+    assert sum(parts["per_document"].values()) == report["kept"], parts
+    assert max(map(int, parts["per_document"])) >= 4 and set(parts["per_modality"]) == {"text", "image", "audio"}
     assert p.returncode == 130, err[-2000:]
     assert "omnistream: interrupted" in err and "Traceback" not in err.split("omnistream: interrupted")[-1]
     # quiet by default: what a new user's terminal held besides omnistream's own lines (docs/architecture.md,
