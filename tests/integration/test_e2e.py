@@ -213,7 +213,7 @@ def test_resume_at_step_n_and_2n_replays_the_same_bounded_records(trained, elast
         assert abs(a[10] - b[10]) < 0.01 * a[10]
     # resuming at step 6 reads no more records than resuming at step 3 (one window of documents each); the rows
     # it drops are its own place in its window (step 3 is 24 rows into window 0; step 6, 48 rows into the stream,
-    # falls in window 1 of ~33 rows)
+    # falls in window 1, window 0 holding 40 rows here)
     assert _at(at[6], "data/resume/replayed_records", 7) == _at(at[3], "data/resume/replayed_records", 4)
     assert _at(at[6], "data/resume/replayed_rows", 7) != _at(at[3], "data/resume/replayed_rows", 4)
 
