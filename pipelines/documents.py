@@ -1,11 +1,14 @@
 """Records -> documents, in whatever process calls it (no Ray here: the trainer's evaluation reads its
 held-out shards with it, and the tokenizer actors run the same code inside Ray Data).
 
-    RecordProcessor   reads shards (records.py), decodes each field with its modality, filters
-                      (quality.py), dedups (dedup.py, when given its actors), encodes; every record's
-                      outcome is accounted
-    make_document     one record's ids per modality -> one document, modalities in a seeded order
+    RecordProcessor   reads shards (records.py), decodes each part with its modality (a document's
+                      KEY.<i>.<ext> parts, or one value per modality), filters (quality.py), dedups
+                      (dedup.py, when given its actors), encodes; every record's outcome is accounted,
+                      a bad part named (or, under data.drop_bad_parts, dropped and counted)
+    make_document     one record's parts -> one document: its own order, or (one value per modality)
+                      the config's or a seeded one; with the offsets a long document may be split at
     local_documents   a small shard set read in this process (evaluation)
+    held_out          the run's held-out set, read until every eval task has its examples
 """
 
 from __future__ import annotations
@@ -275,7 +278,7 @@ class RecordProcessor:
             finally:
                 objs = None  # the decoded pixels and samples go before the next record is decoded
             pending.append([i, parts, carries, sig, ordered, dropped, names])
-        self._encode_batched(pending, out)
+        self._encode_batched(pending, out, records)
         pending = [t for t in pending if out[t[0]] is None and self._fits(t, records, out)]
         dups = (
             self.deduper.duplicates([(f"{records[t[0]].shard}:{records[t[0]].key}", t[3]) for t in pending])
@@ -351,7 +354,7 @@ class RecordProcessor:
                 parts.append([f, n, guarded(m.encode, n, "encode", o, field=f)])
         return parts
 
-    def _encode_batched(self, pending: list, out: list, batch: int = 64) -> None:
+    def _encode_batched(self, pending: list, out: list, records: list, batch: int = 64) -> None:
         """Replace each _Prepared part of `pending` by its ids, `batch` at a time per modality. A batch that
         fails is encoded one by one, so the error is the one record's (errored), not its neighbours'."""
         for name, m in self.mods.items():
@@ -369,7 +372,7 @@ class RecordProcessor:
                             ids.append(guarded(m.encode_many, name, "encode", [p[2].value], field=p[0])[0])
                         except BadSample as e:
                             if out[i] is None:
-                                out[i] = _errored(e, carries, "")
+                                out[i] = _errored(e, carries, records[i].key)
                             ids.append(None)
                 for (_, p, _), one in zip(chunk, ids):
                     if one is not None:
