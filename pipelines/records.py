@@ -285,7 +285,7 @@ def split_name(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
-_PART = re.compile(r"(\d{1,6})\.(.+)")  # KEY.<i>.<ext>: the part's place in its document, then its extension
+_PART = re.compile(r"(\d{1,9})\.(.+)")  # KEY.<i>.<ext>: the part's place in its document, then its extension
 
 
 def part_ext(field_name: str) -> tuple[int | None, str]:
