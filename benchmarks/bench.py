@@ -92,7 +92,7 @@ def stream_rows(cfg, vocab, n_rows: int) -> dict:
     cache = open_cache(cfg.data, vocab.fingerprint, cfg.seed, shards)
     done, _ = cache.status(shards)
     plan = shard_order(shards, cfg.seed, cfg.data.epochs)
-    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data, cache, done))
+    windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg.data, done))
     rows = WindowRows(
         cache.url, cfg.data.bundle_dir, cfg.modalities, cfg.data, cfg.seed, plan, cfg.train.micro_batch_size
     )
@@ -365,13 +365,13 @@ def packing_figures(cfg, shards: int = 0) -> dict:
         for seq_len in (cfg.data.seq_len, 8192):
             at = data.model_copy(update={"seq_len": seq_len})
             for name, window in (
-                (f"pack_rows_{at.pack_rows}", window_size(at, cache, done)),
-                ("pack_rows_16", window_size(at.model_copy(update={"pack_rows": 16}), cache, done)),
+                (f"pack_rows_{at.pack_rows}", window_size(at, done)),
+                ("pack_rows_16", window_size(at.model_copy(update={"pack_rows": 16}), done)),
                 ("128_docs", 128),
             ):
                 tokens, slots, rows = _epoch_rows(cache, at, cfg, window)
                 out[f"packing_non_pad_share_{seq_len}_{name}"] = round(tokens / slots, 4)
-            out[f"packing_window_documents_{seq_len}"] = window_size(at, cache, done)
+            out[f"packing_window_documents_{seq_len}"] = window_size(at, done)
     return out
 
 
@@ -390,7 +390,7 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
         records, media_s, cache, data = _tokenize(cfg, list_shards(cfg.data.train_shards)[:shards], d)
         plan = shard_order(data.train_shards, cfg.seed, 1)
         done, _ = cache.status(data.train_shards)
-        windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(data, cache, done))
+        windows = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(data, done))
         rows = WindowRows(cache.url, data.bundle_dir, cfg.modalities, data, cfg.seed, plan, cfg.train.micro_batch_size)
         t0 = time.perf_counter()
         for k, w in enumerate(windows):

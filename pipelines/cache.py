@@ -191,14 +191,8 @@ class TokenCache:
             return
         self._sweep()  # a cache already: what its killed writers left goes
         old = have.get("key", {}).get("format")
-        if old != key["format"] and isinstance(old, int) and old < key["format"]:
-            log.warning(
-                "token cache %s was written in layout %d (one column per modality, before documents had "
-                "ordered parts): rebuilding it in layout %d",
-                self.url,
-                old,
-                key["format"],
-            )
+        if isinstance(old, int) and old < key["format"]:
+            _say_rebuilt(self.url, old)
             self.clear()
             self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
             return
@@ -396,23 +390,27 @@ def _rebuild_layout_1(cfg: DataConfig, key: dict, url: str) -> None:
     except OSError:  # no cache made here yet
         return
     for d in siblings:
-        old = TokenCache(d) if "://" not in url else TokenCache(f"{url.split('://')[0]}://{d}")
+        old = TokenCache(parent.fs.unstrip_protocol(d) if "://" in url else d)
         try:
             have = (old.manifest() or {}).get("key", {})
         except UserError:
             continue
         same = have.get("shards") == key["shards"] and have.get("vocab_fingerprint") == key["vocab_fingerprint"]
         if same and isinstance(have.get("format"), int) and have["format"] < FORMAT:
-            log.warning(
-                "token cache %s was written in layout %d (one column per modality, before documents had "
-                "ordered parts): rebuilding it in layout %d at %s",
-                old.url,
-                have["format"],
-                FORMAT,
-                url,
-            )
+            _say_rebuilt(old.url, have["format"], url)
             old.clear()
             try:
                 old.fs.rm(old.root, recursive=True)
             except OSError:
                 pass
+
+
+def _say_rebuilt(url: str, old: int, at: str = "") -> None:
+    log.warning(
+        "token cache %s was written in layout %d (one column per modality, before documents had ordered parts): "
+        "rebuilding it in layout %d%s",
+        url,
+        old,
+        FORMAT,
+        f" at {at}" if at else "",
+    )

@@ -52,6 +52,23 @@ class Outcome:
 
 
 @dataclass
+class _Pending:
+    """A record decoded and encoded (or being encoded) whose outcome is not decided yet (RecordProcessor)."""
+
+    i: int  # its place in the chunk
+    parts: list | None  # [field, modality, local ids or _Prepared] (None: accounting only)
+    names: list  # the modality of each part, in order
+    sig: list | None  # its dedup signatures
+    ordered: bool
+    dropped: list  # (modality, reason) of the parts dropped
+    long: bool = False  # longer than a row (set by RecordProcessor._fits)
+
+    @property
+    def carries(self) -> tuple:
+        return tuple(sorted(set(self.names)))
+
+
+@dataclass
 class _Prepared:
     """A modality's input held for batched encoding (RecordProcessor._encode_batched)."""
 
@@ -137,8 +154,7 @@ def make_document(vocab: Vocabulary, parts: list, ordered: bool, order: str, rng
     the first: the only places a document longer than a row may be split (packing.py)."""
     parts = list(parts)
     if not ordered:
-        rank = {n: i for i, n in enumerate(vocab.names)}
-        parts.sort(key=lambda p: rank[p[0]])
+        parts.sort(key=lambda p: vocab.modality_index(p[0]))
         if order == "random" and rng is not None:
             rng.shuffle(parts)
     toks, mods = vocab.document(parts)
@@ -244,7 +260,7 @@ class RecordProcessor:
             from .dedup import signatures
 
         out: list[Outcome | None] = [None] * len(records)
-        pending: list[list] = []  # [i, parts, carries, signature, ordered, dropped, part modalities]
+        pending: list[_Pending] = []
         for i, r in enumerate(records):
             carries = self.carries(r)
             try:
@@ -277,62 +293,61 @@ class RecordProcessor:
                 continue
             finally:
                 objs = None  # the decoded pixels and samples go before the next record is decoded
-            pending.append([i, parts, carries, sig, ordered, dropped, names])
+            pending.append(_Pending(i, parts, names, sig, ordered, dropped))
         self._encode_batched(pending, out, records)
-        pending = [t for t in pending if out[t[0]] is None and self._fits(t, records, out)]
+        pending = [p for p in pending if out[p.i] is None and self._fits(p, records, out)]
         dups = (
-            self.deduper.duplicates([(f"{records[t[0]].shard}:{records[t[0]].key}", t[3]) for t in pending])
+            self.deduper.duplicates([(f"{records[p.i].shard}:{records[p.i].key}", p.sig) for p in pending])
             if self.deduper is not None and pending
             else [None] * len(pending)
         )
-        for (i, parts, carries, sig, ordered, dropped, names), dup in zip(pending, dups):
+        for p, dup in zip(pending, dups):
             if dup:
-                out[i] = Outcome("filtered", dup, modalities=carries)
+                out[p.i] = Outcome("filtered", dup, modalities=p.carries)
                 continue
-            kept = [(n, ids) for _, n, ids in parts] if parts is not None else None
-            out[i] = Outcome(
+            out[p.i] = Outcome(
                 "kept",
-                parts=kept,
-                ordered=ordered,
-                modalities=carries,
-                claims=json.dumps(sig) if sig is not None else None,
-                part_mods=tuple(names),
-                dropped=tuple(dropped),
-                long=self.vocab is not None and document_length(kept) > self.cfg.seq_len,
+                parts=[(n, ids) for _, n, ids in p.parts] if p.parts is not None else None,
+                ordered=p.ordered,
+                modalities=p.carries,
+                claims=json.dumps(p.sig) if p.sig is not None else None,
+                part_mods=tuple(p.names),
+                dropped=tuple(p.dropped),
+                long=p.long,
             )
         return out
 
-    def _fits(self, t: list, records: list, out: list) -> bool:
+    def _fits(self, p: _Pending, records: list, out: list) -> bool:
         """A part longer than a row is filtered (or, under data.drop_bad_parts, dropped); a document longer
-        than a row is kept, to be split at part boundaries, or filtered under data.long_documents = "drop"."""
-        i, parts, carries, _, _, dropped, _ = t
-        if parts is None or self.vocab is None:  # accounting only, or fit features: no ids to measure
+        than a row is kept, to be split at part boundaries (p.long), or filtered under data.long_documents =
+        "drop"."""
+        if p.parts is None or self.vocab is None:  # accounting only, or fit features: no ids to measure
             return True
-        key, room = records[i].key, self.cfg.seq_len - 4  # the part, its markers, and <bos>/<eos> beside it
-        too_long = [(f, n, ids) for f, n, ids in parts if len(ids) > room]
-        if too_long and (not self.cfg.drop_bad_parts or len(too_long) == len(parts)):
+        key, room = records[p.i].key, self.cfg.seq_len - 4  # the part, its markers, and <bos>/<eos> beside it
+        too_long = [(f, n, ids) for f, n, ids in p.parts if len(ids) > room]
+        if too_long and (not self.cfg.drop_bad_parts or len(too_long) == len(p.parts)):
             f, n, ids = too_long[0]
-            out[i] = Outcome(
+            out[p.i] = Outcome(
                 "filtered",
                 "part_longer_than_row",
                 f,
                 f"{key}.{f}: {len(ids)} {n} ids + 4 > data.seq_len = {self.cfg.seq_len}",
-                modalities=carries,
+                modalities=p.carries,
             )
             return False
         if too_long:
-            parts[:] = [p for p in parts if len(p[2]) <= room]
-            dropped.extend((n, "part_longer_than_row") for _, n, _ in too_long)
-            t[2] = tuple(sorted({n for _, n, _ in parts}))
-            t[6] = [n for _, n, _ in parts]
-        n_tok = document_length([(n, ids) for _, n, ids in parts])
-        if n_tok > self.cfg.seq_len and self.cfg.long_documents == "drop":
-            out[i] = Outcome(
+            p.parts = [x for x in p.parts if len(x[2]) <= room]
+            p.names = [n for _, n, _ in p.parts]
+            p.dropped.extend((n, "part_longer_than_row") for _, n, _ in too_long)
+        n_tok = document_length([(n, ids) for _, n, ids in p.parts])
+        p.long = n_tok > self.cfg.seq_len
+        if p.long and self.cfg.long_documents == "drop":
+            out[p.i] = Outcome(
                 "filtered",
                 "document_longer_than_row",
                 "",
                 f"{key}: {n_tok} tokens > data.seq_len = {self.cfg.seq_len} (data.long_documents = drop)",
-                modalities=t[2],
+                modalities=p.carries,
             )
             return False
         return True
@@ -359,7 +374,11 @@ class RecordProcessor:
         fails is encoded one by one, so the error is the one record's (errored), not its neighbours'."""
         for name, m in self.mods.items():
             todo = [
-                (t[0], p, t[2]) for t in pending if t[1] for p in t[1] if p[1] == name and isinstance(p[2], _Prepared)
+                (t.i, p, t.carries)
+                for t in pending
+                if t.parts
+                for p in t.parts
+                if p[1] == name and isinstance(p[2], _Prepared)
             ]
             for k in range(0, len(todo), batch):
                 chunk = todo[k : k + batch]
@@ -480,10 +499,10 @@ def held_out(cfg, wanted: dict | None = None) -> dict:
     `wanted`: per eval task, a test of a held-out record ({"key", "labels", "parts", "ordered"}) saying whether
     the task can score it. Records are read in file order until every task has `eval.examples` records it
     wants and the loss has its first `eval.examples` (so a task whose prompt modality is rare, or comes late
-    in the shard, still gets its examples); a task that the shards cannot give that many gets what there is,
-    and `short` says how many. Returns {"records": [record dicts], "rows": the first `eval.examples` records'
+    in the shard, still gets its examples); a task that the shards cannot give that many gets what there is
+    (`counts` says how many). Returns {"records": [record dicts], "rows": the first `eval.examples` records'
     documents packed into rows for the loss, "tally": what became of every record read, "counts": records
-    per task, "short": {task: count} for tasks with fewer than `eval.examples`}. `cfg` is the run config."""
+    per task}. `cfg` is the run config."""
     wanted = wanted or {}
     n = cfg.eval.examples
     tally, records, docs = Tally(), [], []
@@ -501,12 +520,8 @@ def held_out(cfg, wanted: dict | None = None) -> dict:
             records.append(rec)
         if len(docs) >= n and all(c >= n for c in counts.values()):
             break
-    rows = (
-        pack_documents(
-            [d[0] for d in docs], [d[1] for d in docs], [d[2] for d in docs], cfg.data.seq_len, [d[3] for d in docs]
-        )
-        if docs
-        else {}
-    )
-    short = {t: c for t, c in counts.items() if c < n}
-    return {"records": records, "rows": rows, "tally": tally, "counts": counts, "short": short}
+    rows = {}
+    if docs:
+        tokens, mods, keys, cuts = map(list, zip(*docs))
+        rows = pack_documents(tokens, mods, keys, cfg.data.seq_len, cuts)
+    return {"records": records, "rows": rows, "tally": tally, "counts": counts}

@@ -81,12 +81,6 @@ def pack_documents(
     return layout_rows(rows, seq_len)
 
 
-def non_pad_share(rows: dict[str, np.ndarray]) -> float:
-    """The share of a packing's tokens that are document tokens, not padding."""
-    ids = rows.get("doc_ids")
-    return float((ids > 0).mean()) if ids is not None and ids.size else 0.0
-
-
 def layout_rows(rows: Sequence[Sequence[tuple]], seq_len: int) -> dict[str, np.ndarray]:
     """Rows of (tokens, modality_ids, key) documents -> the COLUMNS as (rows, seq_len) int64 arrays plus `keys`."""
     n = len(rows)

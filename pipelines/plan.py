@@ -155,7 +155,7 @@ def plan_windows(plan: list[tuple[int, str]], docs: dict[str, int], size: int) -
     return windows
 
 
-def window_size(cfg: DataConfig, cache=None, metas: dict[str, dict] | None = None) -> int:
+def window_size(cfg: DataConfig, metas: dict[str, dict] | None = None) -> int:
     """Documents per packing window: data.mix.window with a token mixture, data.pack_window when set, else
     as many as fill data.pack_rows rows at the cached documents' mean length (so a packer holds about
     pack_rows × seq_len tokens, whatever the documents' size)."""
@@ -163,7 +163,7 @@ def window_size(cfg: DataConfig, cache=None, metas: dict[str, dict] | None = Non
         return cfg.mix.window
     if cfg.pack_window or not metas:
         return cfg.pack_window or 128
-    tokens = sum(shard_tokens(cache, s, m) for s, m in metas.items())
+    tokens = sum(shard_tokens(m) for m in metas.values())
     docs = sum(int(m["rows"]) for m in metas.values())
     return max(1, int(cfg.pack_rows * cfg.seq_len * docs / max(tokens, 1)))
 
@@ -183,19 +183,12 @@ def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str
     return s
 
 
-def shard_tokens(cache, shard: str, meta: dict) -> int:
-    """Tokens of a cached shard's documents, from its completion record."""
+def shard_tokens(meta: dict) -> int:
+    """Tokens of a cached shard's documents, from its completion record (`tokens`, exact; a record that gives
+    only `ids` counts 4 markers a document: <bos>, <eos>, one part's begin/end)."""
     if "tokens" in meta:
         return int(meta["tokens"])
-    ids = meta.get("ids")
-    if ids is None:
-        table = cache.read_shard(shard, meta)
-        ids = sum(
-            int(sum(len(x) for x in table.column(c).to_pylist() if x is not None))
-            for c in table.column_names
-            if c not in ("key", "claims")
-        )
-    return int(ids) + 4 * int(meta["rows"])
+    return int(meta["ids"]) + 4 * int(meta["rows"])
 
 
 def epochs_needed(src: SourceConfig, source_tokens: int, share: float, steps: int, step_tokens: int) -> int:
@@ -211,7 +204,6 @@ def plan_sources(
     names: list[str],
     sources: list[SourceConfig],
     shards: list[list[str]],
-    caches: list,
     metas: list[dict],
     seed: int,
     window: int | list[int],
@@ -222,8 +214,8 @@ def plan_sources(
     Returns (plans, windows, items): per source its (epoch, shard) plan and its windows (plan_windows), and
     the window items for the stream ({src, window, ranges}) in reading order."""
     plans, windows, per_window = [], [], []
-    for i, (name, src, sh, cache, meta) in enumerate(zip(names, sources, shards, caches, metas)):
-        tokens = {s: shard_tokens(cache, s, meta[s]) for s in sh}
+    for i, (name, src, sh, meta) in enumerate(zip(names, sources, shards, metas)):
+        tokens = {s: shard_tokens(meta[s]) for s in sh}
         docs = {s: int(meta[s]["rows"]) for s in sh}
         epochs = epochs_needed(src, sum(tokens.values()), largest_share(i, sources), steps, step_tokens)
         plan = shard_order(sh, seed, epochs, source=name)
@@ -249,17 +241,16 @@ def plan_stream(
     if not cfg.sources:
         (one,) = sources
         plan = shard_order(one.shards, seed, cfg.epochs)
-        window = window_size(cfg, one.cache, one.done)
+        window = window_size(cfg, one.done)
         windows = plan_windows(plan, {s: m["rows"] for s, m in one.done.items()}, window)
         settings = stream_settings(cfg, seed, micro_batch_size, key_digest(one.cache.key), window)
         return StreamPlan(settings, tally, per_source, one.cache.url, plan, windows)
     configs = [s.config for s in sources]
-    sizes = [window_size(cfg, s.cache, s.done) for s in sources]
+    sizes = [window_size(cfg, s.done) for s in sources]
     plans, windows, items = plan_sources(
         [s.name for s in sources],
         configs,
         [s.shards for s in sources],
-        [s.cache for s in sources],
         [s.done for s in sources],
         seed,
         sizes,

@@ -62,20 +62,6 @@ _WORDS = {w: i for i, w in enumerate(_UNITS)} | _TENS
 _TOKEN = re.compile(r"-?\d+(?:\.\d+)?|[a-z]+")
 
 
-def first_number(text: str) -> float | None:
-    """The first number a text names, as numerals ("7", "3.5") or English words ("seven", "twenty one")."""
-    toks = _TOKEN.findall(text.lower().replace("-", " "))
-    for i, t in enumerate(toks):
-        if t[0].isdigit() or t[0] == "-":
-            return float(t)
-        if t in _WORDS:
-            n = _WORDS[t]
-            if t in _TENS and i + 1 < len(toks) and toks[i + 1] in _WORDS and _WORDS[toks[i + 1]] < 10:
-                n += _WORDS[toks[i + 1]]
-            return float(n)
-    return None
-
-
 def numbers(text: str) -> list[float]:
     """Every number a text names, in order, as numerals or English words ("three then 7" -> [3.0, 7.0])."""
     toks = _TOKEN.findall(str(text).lower().replace("-", " "))
@@ -92,6 +78,12 @@ def numbers(text: str) -> list[float]:
             out.append(float(n))
         i += 1
     return out
+
+
+def first_number(text: str) -> float | None:
+    """The first number a text names, as numerals ("7", "3.5") or English words ("seven", "twenty one")."""
+    found = numbers(text)
+    return found[0] if found else None
 
 
 def matches(answer: str, label, rule: str) -> bool:
@@ -375,7 +367,7 @@ class Evaluator:
         out = {}
         for name, task in self.cfg.eval.tasks.items():
             kind = self.kinds[name]
-            want = getattr(kind, "wants", None) or (lambda r, t: _wants_one(r, t))
+            want = getattr(kind, "wants", None) or _wants_one
             out[name] = lambda rec, want=want, task=task: bool(want(HeldOut.of(rec), task))
         return out
 

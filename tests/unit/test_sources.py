@@ -139,7 +139,7 @@ def test_repeat_plans_the_epochs_a_small_source_needs_and_stop_its_own():
             SourceConfig(shards=["b*"], weight=0.5, exhausted=exhausted, epochs=2),
         ]
         plans, windows, items = plan_sources(
-            ["a", "b"], sources, shards, [None, None], metas, seed=3, window=16, steps=100, step_tokens=16 * SEQ
+            ["a", "b"], sources, shards, metas, seed=3, window=16, steps=100, step_tokens=16 * SEQ
         )
         epochs = plans[1][-1][0] + 1
         if want:
@@ -166,7 +166,6 @@ def test_a_repeat_source_beside_a_stop_source_lasts_to_train_steps():
         ["a", "b"],
         sources,
         [list(metas[0]), list(metas[1])],
-        [None, None],
         metas,
         seed=3,
         window=16,

@@ -166,7 +166,7 @@ def test_a_resumed_window_drops_the_consumed_rows_after_checking_the_last(built)
     cfg, cache = built["cfg"], built["cache"]
     plan = shard_order(cfg.train_shards, 0, 1)
     done, _ = cache.status(cfg.train_shards)
-    wins = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg, cache, done))
+    wins = plan_windows(plan, {s: m["rows"] for s, m in done.items()}, window_size(cfg, done))
     batch = {"window": np.array([0]), "ranges": np.array([json.dumps(wins[0])], dtype=object)}
     args = (cache.url, cfg.bundle_dir, SMALL_OPTIONS, cfg, 0, plan, 4)
     full = WindowRows(*args)(batch)
