@@ -111,8 +111,9 @@ class DataConfig(BaseModel):
         32,
         ge=1,
         description="rows' worth of tokens one packing window holds: its documents are packed together (first-fit "
-        "decreasing), so about half a row in pack_rows is padding, and a packer holds about pack_rows × seq_len "
-        "tokens however large the documents (the window's document count comes from the token cache's mean)",
+        "decreasing), so under one row in pack_rows is padding (0.6 to 0.75 on the demo), and a packer holds "
+        "about pack_rows × seq_len tokens however large the documents (the window's document count comes from the "
+        "token cache's mean)",
     )
     pack_window: int = Field(
         0, ge=0, description="documents per packing window, in place of pack_rows' count (0 = from pack_rows)"
