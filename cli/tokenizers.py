@@ -178,7 +178,7 @@ def eval_command(args) -> int:
             f"no image or audio modality named {args.modality!r} in {args.config} (its modalities: {vocab.names})"
         )
     held = _pixels(cfg.data, cfg.data.eval_shards, mod, args.images)
-    train = _pixels(cfg.data, cfg.data.all_shards(), mod, cfg.data.fit_records)
+    train = _pixels(cfg.data, None, mod, cfg.data.fit_records)
     if len(held) < 1 or len(train) < 2:
         raise UserError(
             f"found {len(held)} readable images in data.eval_shards and {len(train)} in "
@@ -201,7 +201,7 @@ def _eval_audio(args, cfg, vocab, mod) -> int:
     from omnistream.modalities import audio_eval
 
     held = _decoded(cfg.data, cfg.data.eval_shards, mod, args.clips, convert=clip_reader(mod))
-    train = _decoded(cfg.data, cfg.data.all_shards(), mod, cfg.data.fit_records, convert=clip_reader(mod))
+    train = _decoded(cfg.data, None, mod, cfg.data.fit_records, convert=clip_reader(mod))
     if len(held) < 1 or len(train) < 2:
         raise UserError(
             f"found {len(held)} readable clips in data.eval_shards and {len(train)} in "
@@ -241,9 +241,11 @@ def _decoded(data, shards, mod, limit: int, convert=None) -> list:
     from omnistream.pipelines.records import part_ext
     from omnistream.pipelines.shards import list_shards
 
-    fmt, bounds = reader(data.format), ReadBounds(data.max_member_bytes, data.limits)  # the data's own format
+    bounds = ReadBounds(data.max_member_bytes, data.limits)
+    # `shards` None: the training sources, each in its own format; else held-out shards, in data.format
+    groups = data.shard_formats() if shards is None else [(shards, data.format, data.format_options)]
     out = []
-    for shard in list_shards(shards):
+    for shard, fmt in ((s, reader(f, o)) for specs, f, o in groups for s in list_shards(specs)):
         for rec in fmt.read(shard, bounds):
             for f, raw in (rec.fields or {}).items():
                 ext = part_ext(f)[1]  # a document's parts (KEY.<i>.<ext>) are samples too

@@ -56,7 +56,7 @@ class TrainResult:
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     """Resolve paths, load the vocabulary and size the model from it; all user mistakes surface here."""
     from omnistream.pipelines.formats import reader
-    from omnistream.pipelines.shards import list_shards
+    from omnistream.pipelines.shards import REMOTE, list_shards
     from omnistream.training.evaluate import task_kind
 
     cfg = cfg.resolved_paths()
@@ -65,9 +65,13 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Vocabulary]:
     vocab = Vocabulary.load(cfg.data.bundle_dir, cfg.modalities)
     cfg.model.vocab_size = vocab.size
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.data.seq_len)
-    for _, src in cfg.data.source_items():
-        reader(src.format or cfg.data.format)  # an unknown format, or its library missing: one line, here
-        list_shards(src.shards)
+    for specs, fmt, opts in cfg.data.shard_formats():
+        reader(fmt, opts)  # an unknown format or option, or its library missing: one line, here
+        # local shards are checked here, before any cluster starts; remote ones are listed once, by the plan
+        # (plan.open_sources: a listing of 20,000 objects is 20 requests, not worth making twice)
+        local = [s for s in specs if not s.startswith(REMOTE)]
+        if local:
+            list_shards(local)
     if cfg.data.eval_shards:
         list_shards(cfg.data.eval_shards)
     if cfg.train.resume_from:

@@ -9,6 +9,8 @@
       shards/<id>.json           written last, so it marks the shard complete: row count, the parquet's
                                  byte size and sha256, the shard's accounting (seen / kept / filtered /
                                  errored, dead letters) and the seconds it took
+      index-NNNNN.parquet        every complete shard's record together (50,000 a chunk), so a run's plan
+                                 reads a few objects, not two per shard (status)
 
 Why Parquet (through pyarrow): Ray Data and every dataframe tool read it natively, it stores ragged
 integer lists without padding, compresses them, and an object store takes it as one PUT. A shard's
@@ -44,6 +46,7 @@ from omnistream.common.errors import UserError
 
 from .accounting import Tally
 from .config import DataConfig
+from .shards import identity
 
 FORMAT = 2  # 2: ordered parts (key, ordered, part_mods, part_lens, ids); 1: one column per modality
 MANIFEST = "cache.json"
@@ -53,7 +56,11 @@ STALE_S = 3600  # a part-file this old is no write in progress: swept when the c
 # `data tokenize` or run reads it again rather than taking the cut-short read for the shard's contents
 RETRY_REASONS = ("shard_read_failed", "shard_missing")
 log = logging.getLogger(__name__)
-OWN_TMP = re.compile(r"(cache\.json|[0-9a-f]{20}\.(parquet|json))" + re.escape(TMP) + r"\d+")  # _write_atomic's names
+OWN_TMP = re.compile(  # _write_atomic's names
+    r"(cache\.json|index-\d{5}\.parquet|[0-9a-f]{20}\.(parquet|json))" + re.escape(TMP) + r"\d+"
+)
+INDEX_NAME = re.compile(r"index-\d{5}\.parquet")  # the index of completion records, in chunks
+INDEX_ROWS = 50_000  # completion records per index chunk: a million shards' index is 20 reads
 
 
 def shard_identity(url: str) -> list:
@@ -65,17 +72,20 @@ def shard_identity(url: str) -> list:
         info = fs.info(path)
     except (OSError, ValueError):
         return [url, None, None]
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("ETag")
-    return [url, info.get("size"), str(mtime) if mtime is not None else None]
+    return identity(url, info)
 
 
-def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> dict:
-    """Everything the cached tokens depend on, as plain JSON (compared field by field on reuse)."""
+def cache_key(
+    cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str], listed: dict[str, list] | None = None
+) -> dict:
+    """Everything the cached tokens depend on, as plain JSON (compared field by field on reuse). `listed`:
+    the shards' identities from their listing (shards.list_shards), where a remote shard's costs no HEAD."""
+    listed = listed or {}
     return {
         "format": FORMAT,
         "vocab_fingerprint": vocab_fingerprint,
         "seed": seed,
-        "shards": [shard_identity(s) for s in shards],
+        "shards": [listed.get(s) or shard_identity(s) for s in shards],
         "quality": cfg.quality,
         "dedup": cfg.dedup.model_dump(mode="json"),
         "max_member_bytes": cfg.max_member_bytes,
@@ -86,6 +96,7 @@ def cache_key(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[s
         "long_documents": cfg.long_documents,
         # the data format, where it is not the tar shards every cache before it was made from
         **({"data_format": cfg.format} if cfg.format != "webdataset" else {}),
+        **({"format_options": cfg.format_options} if cfg.format_options else {}),
     }
 
 
@@ -145,16 +156,18 @@ class TokenCache:
                 f.write(data)
             self.fs.mv(tmp, final)
         except BaseException:
-            try:  # a failed write leaves no part-file behind (a killed process's are swept by claim())
+            try:  # a failed write leaves no part-file behind (a killed process's are swept by the next build, sweep())
                 self.fs.rm(tmp)
             except OSError:
                 pass
             raise
 
-    def _sweep(self) -> int:
+    def sweep(self) -> int:
         """Remove this cache's own part-files older than STALE_S: what writers killed mid-write left (younger
-        ones may be another actor's write in progress). Only names this cache writes (cache.json's and a
-        shard's, OWN_TMP) in its own two folders: a folder the cache is pointed at may hold other files."""
+        ones may be another actor's write in progress). Done by a build that has shards to write: it lists
+        shards/, a request per 1,000 files, not a cost the plan of a finished cache should pay. Only names
+        this cache writes (cache.json's, the index's and a shard's, OWN_TMP) in its own two folders: a
+        folder the cache is pointed at may hold other files."""
         gone = 0
         paths = []
         for folder in (self.root, self._path("shards")):
@@ -189,7 +202,6 @@ class TokenCache:
         if have is None:  # a new cache: nothing of its own to sweep, and what is there is not its to delete
             self._write_atomic(MANIFEST, json.dumps({"key": key, "digest": key_digest(key)}, indent=1).encode())
             return
-        self._sweep()  # a cache already: what its killed writers left goes
         old = have.get("key", {}).get("format")
         if isinstance(old, int) and old < key["format"]:
             _say_rebuilt(self.url, old)
@@ -204,13 +216,17 @@ class TokenCache:
             )
 
     def clear(self) -> int:
-        """Remove the cache's own files (its manifest and shards/<id>.parquet|json); nothing else there."""
+        """Remove the cache's own files (its manifest, index and shards/<id>.parquet|json); nothing else there."""
         own = re.compile(r"[0-9a-f]{20}\.(parquet|json)")
         gone = 0
         try:
             paths = [p for p in self.fs.ls(self._path("shards"), detail=False) if own.fullmatch(PurePosixPath(p).name)]
         except OSError:
             paths = []
+        try:
+            paths += [p for p in self.fs.ls(self.root, detail=False) if INDEX_NAME.fullmatch(PurePosixPath(p).name)]
+        except OSError:
+            pass
         for p in [*paths, self._path(MANIFEST)]:
             try:
                 self.fs.rm(p)
@@ -235,15 +251,105 @@ class TokenCache:
 
     def status(self, shards: list[str], retry_failed: bool = False) -> tuple[dict[str, dict], list[str]]:
         """({shard: meta} of the complete shards, [shards still to tokenize]); `retry_failed`: a shard whose
-        read the store cut short (RETRY_REASONS) is to tokenize again, not complete."""
-        done, todo = {}, []
+        read the store cut short (RETRY_REASONS) is to tokenize again, not complete.
+
+        The completion records come from the index (index-NNNNN.parquet: every complete shard's record, in
+        chunks of INDEX_ROWS), read in a few requests however many shards there are. Only shards the index
+        lacks (just tokenized, or a cache from before the index) cost their own reads: one listing of
+        shards/ for the sizes, then their records fetched together; the index is then rewritten with them.
+        A record saying `retry` is never taken from the index (the shard may have been read again since)."""
+        index = self.index()
+        done, todo, unknown = {}, [], []
         for s in shards:
-            m = self.shard_meta(s)
-            if m is None or (retry_failed and m.get("retry")):
-                todo.append(s)
+            m = index.get(s)
+            if m is None or m.get("retry"):
+                unknown.append(s)
             else:
                 done[s] = m
+        fresh = self._metas(unknown)
+        for s in unknown:
+            if s in fresh:
+                done[s] = fresh[s]
+        if fresh and any(index.get(s) != m for s, m in fresh.items()):
+            self.write_index({**index, **fresh})
+        todo = [s for s in shards if s not in done or (retry_failed and done[s].get("retry"))]
+        done = {s: m for s, m in done.items() if s not in set(todo)}
         return done, todo
+
+    def _metas(self, shards: list[str]) -> dict[str, dict]:
+        """The completion records of `shards` that are complete and whole: one listing of shards/ (sizes),
+        then the records fetched in one batch (fsspec's cat of many paths: concurrent on an object store)."""
+        if not shards:
+            return {}
+        try:
+            sizes = {
+                PurePosixPath(e["name"]).name: e.get("size") for e in self.fs.ls(self._path("shards"), detail=True)
+            }
+        except OSError:  # nothing written yet
+            return {}
+        want = {}
+        for s in shards:
+            sid = self.shard_id(s)
+            if f"{sid}.json" in sizes and f"{sid}.parquet" in sizes:
+                want[self._path("shards", sid + ".json")] = (s, sizes[f"{sid}.parquet"])
+        if not want:
+            return {}
+        got = self.fs.cat(list(want), on_error="omit")
+        out = {}
+        for path, data in got.items():
+            s, size = want.get(path) or want.get(self.fs._strip_protocol(path), (None, None))
+            try:
+                meta = json.loads(data)
+            except ValueError:
+                continue
+            if s is not None and isinstance(meta, dict) and meta.get("shard") == s and size == meta.get("bytes"):
+                out[s] = meta
+        return out
+
+    def index(self) -> dict[str, dict]:
+        """{shard: completion record} of the index's chunks (one listing of the cache's folder, one read each)."""
+        import pyarrow.parquet as pq
+
+        try:
+            names = sorted(
+                p for p in self.fs.ls(self.root, detail=False) if INDEX_NAME.fullmatch(PurePosixPath(p).name)
+            )
+        except OSError:
+            return {}
+        out: dict[str, dict] = {}
+        for p in names:
+            try:
+                t = pq.read_table(io.BytesIO(self.fs.cat_file(p))).to_pydict()
+            except (OSError, ValueError) as e:  # a damaged chunk costs its shards' own reads, not the run
+                log.warning(
+                    "token cache %s: index chunk %s is unreadable (%s); reading its shards' records", self.url, p, e
+                )
+                continue
+            for shard, meta in zip(t["shard"], t["meta"]):
+                out[shard] = json.loads(meta)
+        return out
+
+    def write_index(self, metas: dict[str, dict]) -> None:
+        """Write the index of these completion records (what `status` reads), each chunk atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        shards = sorted(metas)
+        n = 0
+        for n, a in enumerate(range(0, len(shards), INDEX_ROWS)):
+            part = shards[a : a + INDEX_ROWS]
+            buf = io.BytesIO()
+            table = pa.table({"shard": part, "meta": [json.dumps(metas[s]) for s in part]})
+            pq.write_table(table, buf, compression="zstd")
+            self._write_atomic(f"index-{n:05d}.parquet", buf.getvalue())
+        keep = {f"index-{i:05d}.parquet" for i in range(n + 1 if shards else 0)}
+        try:
+            extra = [p for p in self.fs.ls(self.root, detail=False) if INDEX_NAME.fullmatch(PurePosixPath(p).name)]
+        except OSError:
+            extra = []
+        for p in extra:
+            if PurePosixPath(p).name not in keep:
+                self.fs.rm(p)
 
     def write_shard(
         self,
@@ -361,14 +467,16 @@ class CachedDocuments:
         return out
 
 
-def open_cache(cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str]) -> TokenCache:
+def open_cache(
+    cfg: DataConfig, vocab_fingerprint: str, seed: int, shards: list[str], listed: dict | None = None
+) -> TokenCache:
     """The token cache for these settings, claimed for their key.
 
     data.token_cache = "auto": token_cache/<key digest>/ next to the tokenizer bundle, one directory per
     key, so a run with other shards or filters makes its own cache beside the old one. A path or URL
     named explicitly holds one cache: made under another key it is refused, saying what differs.
     """
-    key = cache_key(cfg, vocab_fingerprint, seed, shards)
+    key = cache_key(cfg, vocab_fingerprint, seed, shards, listed)
     if cfg.token_cache == "auto":
         url = str(PurePosixPath(cfg.bundle_dir.rstrip("/")).parent / "token_cache" / key_digest(key))
         _rebuild_layout_1(cfg, key, url)

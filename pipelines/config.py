@@ -94,6 +94,12 @@ class DataConfig(BaseModel):
         description="how the shards are stored: webdataset (tar shards, .tar.gz/.bz2/.xz/.zst "
         "too) or a format registered in pipelines/formats.py READERS",
     )
+    format_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the format's options: for parquet, jsonl and folder a column map "
+        "(columns = { text = 'caption', image = 'image' }), list columns of documents (parts), "
+        "the key column and media_root (pipelines/tables.py)",
+    )
     eval_shards: list[str] = Field(
         default_factory=lambda: ["runs/demo/data/eval-000.tar"],
         description="held-out shards for eval losses and cross-modal accuracy ([] = no eval)",
@@ -230,6 +236,14 @@ class DataConfig(BaseModel):
         if self.sources:
             return [s for _, src in sorted(self.sources.items()) for s in src.shards]
         return list(self.train_shards)
+
+    def shard_formats(self) -> list[tuple[list[str], str, dict]]:
+        """Per source, by name: (its shard specs, its format, its format options over data.format_options)
+        (what fitting the tokenizers and `tokenizers eval` read each source's shards with)."""
+        return [
+            (list(src.shards), src.format or self.format, {**self.format_options, **src.format_options})
+            for _, src in self.source_items()
+        ]
 
     def source_items(self) -> list[tuple[str, SourceConfig]]:
         """(name, SourceConfig) of the named sources, by name; the one-source shorthand as "train"."""

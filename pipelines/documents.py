@@ -203,7 +203,7 @@ class RecordProcessor:
             self.deduper = Deduper(dedup_shards, cfg.dedup)
         # data.limits.member_bytes is per modality: applied to each of its keys (extensions)
         self.ext_bytes = {e: cfg.limits.member_bytes[n] for e, n in self.exts.items() if n in cfg.limits.member_bytes}
-        self.reader, self.bounds = reader(cfg.format), ReadBounds.of(cfg, self.ext_bytes)
+        self.reader, self.bounds = reader(cfg.format, cfg.format_options), ReadBounds.of(cfg, self.ext_bytes)
 
     # ---- outcomes ---------------------------------------------------------------------------------
     def part_quality(self, name: str, obj) -> str | None:

@@ -30,6 +30,7 @@ from .accounting import Tally
 from .config import DataConfig
 from .context import data_context
 from .documents import RecordProcessor, guarded
+from .formats import reader
 from .shards import list_shards, shard_order
 from .stream import ACTOR_DIED, RETRIES, processor_options, shards_may_die
 
@@ -42,9 +43,12 @@ class FitFeatures(RecordProcessor):
     """One shard per call -> a row per record (its fit features per modality, or why it was not kept),
     then one END row; at most `max_records` records of a shard are read."""
 
-    def __init__(self, modalities: dict[str, dict], cfg: DataConfig, seed: int, max_records: int):
+    def __init__(
+        self, modalities: dict[str, dict], cfg: DataConfig, seed: int, max_records: int, formats: list | None = None
+    ):
         super().__init__(modalities, None, cfg, seed)
         self.max_records = max_records
+        self.readers = [reader(f, o) for f, o in formats or [(cfg.format, cfg.format_options)]]
 
     def _parts(self, objs: list, batched: bool = False) -> list:
         """Each part's fit features, [field, modality, features] (every part of a document is a sample)."""
@@ -58,6 +62,7 @@ class FitFeatures(RecordProcessor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         epoch, shard = int(batch["epoch"][0]), str(batch["shard"][0])
+        self.reader = self.readers[int(batch["fmt"][0]) if "fmt" in batch else 0]
         tally, keys, feats, why = Tally(), [], [], []
         for _, r, o in self.process([(epoch, shard)], tally):
             keys.append(r.key)
@@ -83,15 +88,27 @@ def fit_bundle(
 ) -> tuple[Vocabulary, dict]:
     """Fit every configured modality and write the bundle (vocab.json + states) to out_dir or cfg.bundle_dir."""
     mods = {name: registry.build(name, opts) for name, opts in modalities.items()}
-    shards = list_shards(cfg.all_shards())
-    plan = shard_order(shards, seed, 1)
+    formats, fmt_of = [], {}  # each source's shards are read in its own format
+    for specs, fmt, opts in cfg.shard_formats():
+        formats.append((fmt, opts))
+        for s in list_shards(specs):
+            fmt_of.setdefault(s, len(formats) - 1)
+    plan = shard_order(list(fmt_of), seed, 1)
     # the same records, in the same order, every time: the codebooks (k-means) depend on both
     data_context()
-    ds = ray.data.from_items([{"epoch": e, "shard": s} for e, s in plan], override_num_blocks=len(plan))
+    ds = ray.data.from_items(
+        [{"epoch": e, "shard": s, "fmt": fmt_of[s]} for e, s in plan], override_num_blocks=len(plan)
+    )
     ds = shards_may_die(
         ds.map_batches(
             FitFeatures,
-            fn_constructor_kwargs={"modalities": modalities, "cfg": cfg, "seed": seed, "max_records": cfg.fit_records},
+            fn_constructor_kwargs={
+                "modalities": modalities,
+                "cfg": cfg,
+                "seed": seed,
+                "max_records": cfg.fit_records,
+                "formats": formats,
+            },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(2, len(plan))),
             batch_format="numpy",

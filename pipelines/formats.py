@@ -11,6 +11,8 @@ decompressed from a shard, and a remote read's retries and deadline.
 
     class MyFormat:
         requires = {"pyarrow": "parquet"}    # module -> the extra that installs it, said in one line if missing
+        Options = MyOptions                  # optional: a pydantic model of its format_options
+        def __init__(self, options): ...     # (only with Options) the validated options
         def read(self, shard, bounds): ...  # -> Iterator[RawRecord]
         def write_sample(self, path, records): ...  # records [(key, {ext: bytes})] in this format -> shard
 
@@ -32,6 +34,7 @@ from typing import Any, ClassVar, Protocol
 from omnistream.common.errors import ConformanceError, UserError
 
 from .records import RawRecord, read_shard
+from .tables import Folder, JsonLines, Parquet
 
 
 @dataclass
@@ -77,12 +80,13 @@ class WebDataset:
         return out
 
 
-READERS: dict[str, type] = {"webdataset": WebDataset}
+READERS: dict[str, type] = {"webdataset": WebDataset, "parquet": Parquet, "jsonl": JsonLines, "folder": Folder}
 
 
-def reader(name: str) -> Reader:
-    """The reader of format `name`; an unknown format, or one whose library is not installed, is a UserError
-    in one line (naming the extra that installs it)."""
+def reader(name: str, options: dict | None = None) -> Reader:
+    """The reader of format `name` under `options` (data.format_options, a source's over them); an unknown
+    format, one whose library is not installed, or an option it does not take is a UserError in one line
+    (naming the extra that installs it, or the option)."""
     if name not in READERS:
         raise UserError(f"data format {name!r} is not one omnistream reads (formats: {', '.join(sorted(READERS))})")
     cls = READERS[name]
@@ -91,7 +95,19 @@ def reader(name: str) -> Reader:
             raise UserError(
                 f"data format {name!r} needs {module}, which is not installed: pip install 'omnistream[{extra}]'"
             )
-    return cls()
+    model = getattr(cls, "Options", None)
+    if model is None:
+        if options:
+            raise UserError(f"data format {name!r} takes no format_options (given: {', '.join(sorted(options))})")
+        return cls()
+    from pydantic import ValidationError
+
+    try:
+        return cls(model(**(options or {})))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"format_options{'.' + where if where else ''} (format {name!r}): {err['msg']}") from None
 
 
 # ---- the kit ------------------------------------------------------------------------------------------------

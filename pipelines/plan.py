@@ -91,6 +91,7 @@ def source_data(cfg: DataConfig, name: str, src: SourceConfig) -> DataConfig:
             "token_cache": cache,
             "sources": {},
             "format": src.format or cfg.format,
+            "format_options": {**cfg.format_options, **src.format_options},
         }
     )
 
@@ -101,11 +102,11 @@ def open_sources(cfg: DataConfig, vocab_fingerprint: str, seed: int) -> list[Sou
     out = []
     for name, src in cfg.source_items():
         dcfg = source_data(cfg, name, src) if cfg.sources else cfg
-        reader(dcfg.format)  # an unknown format, or its library missing, before anything is read
-        shards = list_shards(dcfg.train_shards)
-        out.append(
-            Source(name, src, dcfg, shards, open_cache(dcfg, vocab_fingerprint, seed, shards), bool(cfg.sources))
-        )
+        reader(dcfg.format, dcfg.format_options)  # an unknown format, or its library missing, before anything is read
+        listed: dict[str, list] = {}  # the shards' sizes and dates, from the listing: no request per shard
+        shards = list_shards(dcfg.train_shards, listed)
+        cache = open_cache(dcfg, vocab_fingerprint, seed, shards, listed)
+        out.append(Source(name, src, dcfg, shards, cache, bool(cfg.sources)))
     return out
 
 
@@ -116,7 +117,7 @@ def fill_caches(sources: list[Source], modalities: dict[str, dict], seed: int) -
     be kept is a UserError naming it (when there are several)."""
     for s in sources:
         try:
-            s.built = build_cache(s.data, modalities, seed, s.cache)
+            s.built = build_cache(s.data, modalities, seed, s.cache, shards=s.shards)
             s.done, _ = s.cache.status(s.shards)  # read once, for the accounting and the plan
             s.tally = require_data(s.cache, s.shards, s.done)
         except ErrorRateExceeded as e:

@@ -53,10 +53,13 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shards: list[str] = Field(
-        description="WebDataset shards of this source: paths, globs, {000..099} braces or URLs "
-        "(s3:// with the s3 extra)"
+        description="this source's shards (tar files, Parquet or JSONL files, folders, by its format): "
+        "paths, globs, {000..099} braces or URLs (s3:// with the s3 extra)"
     )
     format: str = Field("", description="how this source's shards are stored (pipelines/formats.py); '' = data.format")
+    format_options: dict[str, Any] = Field(
+        default_factory=dict, description="this source's format options, over data.format_options"
+    )
     weight: float | list[tuple[int, float]] = Field(
         1.0,
         description="share of the consumed tokens: a number, or [[step, weight], ...] points, piecewise constant "

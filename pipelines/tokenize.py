@@ -64,15 +64,16 @@ class ShardTokenizer:
             except Exception as e:  # noqa: BLE001 - not a record's fault (those are caught per record): the
                 # cache could not be written, say. Returned, not raised, so the pass (which drops the blocks
                 # of shards that kill their actor) stops on it instead of skipping it
-                rows.append((shard, 0, 0, f"{type(e).__name__}: {e}"))
+                rows.append((shard, 0, 0, "", f"{type(e).__name__}: {e}"))
         return {
             "shard": np.array([r[0] for r in rows], dtype=object),
             "seen": np.array([r[1] for r in rows]),
             "kept": np.array([r[2] for r in rows]),
-            "error": np.array([r[3] for r in rows], dtype=object),
+            "meta": np.array([r[3] for r in rows], dtype=object),  # the completion record, for the index
+            "error": np.array([r[4] for r in rows], dtype=object),
         }
 
-    def tokenize(self, shard: str) -> tuple[int, int]:
+    def tokenize(self, shard: str) -> tuple[int, int, str]:
         t0 = time.perf_counter()
         tally = Tally()
         keys: list[str] = []
@@ -85,10 +86,10 @@ class ShardTokenizer:
             docs.append((o.ordered, o.parts))
             if claims is not None:
                 claims.append(o.claims or "[]")
-        self.cache.write_shard(shard, self.names, keys, docs, claims, tally, time.perf_counter() - t0)
+        meta = self.cache.write_shard(shard, self.names, keys, docs, claims, tally, time.perf_counter() - t0)
         if self.ledger is not None:
             self.ledger.add.remote(tally, shard)
-        return tally.seen, tally.kept
+        return tally.seen, tally.kept, json.dumps(meta)
 
 
 def reclaim(cache: TokenCache, shards: list[str], dedup_shards: list, cfg: DataConfig) -> int:
@@ -105,7 +106,12 @@ def reclaim(cache: TokenCache, shards: list[str], dedup_shards: list, cfg: DataC
 
 
 def build_cache(
-    cfg: DataConfig, modalities: dict[str, dict], seed: int, cache: TokenCache, progress: bool = True
+    cfg: DataConfig,
+    modalities: dict[str, dict],
+    seed: int,
+    cache: TokenCache,
+    progress: bool = True,
+    shards: list[str] | None = None,
 ) -> dict:
     """Finish (or build) the token cache of the training shards (cache.open_cache); returns what was done.
 
@@ -113,7 +119,7 @@ def build_cache(
     """
     from tqdm import tqdm
 
-    shards = list_shards(cfg.train_shards)
+    shards = shards if shards is not None else list_shards(cfg.train_shards)  # listed once by the planner
     url = cache.url
     done, todo = cache.status(shards, retry_failed=True)
     summary = {
@@ -127,6 +133,7 @@ def build_cache(
     }
     if not todo:
         return summary
+    cache.sweep()  # what writers killed mid-write left, before this build writes beside it
     t0 = time.perf_counter()
     order = [s for _, s in shard_order(shards, seed, 1)]
     pending = set(todo)
@@ -153,15 +160,16 @@ def build_cache(
         **RETRIES,
         **processor_options(cfg, modalities),
     )
-    finished = set()
+    finished, written = set(), {}
     with tqdm(
         total=len(todo), desc=f"{logs.TAG} tokenizing shards into the token cache", unit="shard", disable=not progress
     ) as bar:
         for b in shards_may_die(ds).iter_batches(batch_size=1, batch_format="numpy"):
-            for shard, err in zip(b["shard"], b["error"]):
+            for shard, err, meta in zip(b["shard"], b["error"], b["meta"]):
                 if err:
                     raise RuntimeError(f"tokenizing {shard} into the token cache {url} failed: {err}")
                 finished.add(str(shard))
+                written[str(shard)] = json.loads(meta)
             summary["tokenized"] += len(b["shard"])
             summary["records"] += int(b["seen"].sum())
             bar.update(len(b["shard"]))
@@ -176,12 +184,14 @@ def build_cache(
                 shard,
                 tally,
                 f" (recorded in the token cache: delete {cache.url}/shards/"
-                f"{cache.shard_id(shard)}.json to try it again)",
+                f"{cache.shard_id(shard)}.json and {cache.url}/index-*.parquet to try it again)",
             )
-            cache.write_shard(shard, names, [], [], [] if dedup else None, tally, 0.0)
+            written[shard] = cache.write_shard(shard, names, [], [], [] if dedup else None, tally, 0.0)
             ledger.add.remote(tally, shard)
             summary["tokenized"] += 1
             log.warning("%s: %s", shard, tally.shard_errors[0]["detail"])
+    # every completion record in one index: the next plan reads it, not two objects per shard
+    cache.write_index({**cache.index(), **done, **written})
     reason = ray.get(ledger.stop_reason.remote(True))
     if reason:
         raise ErrorRateExceeded(reason)

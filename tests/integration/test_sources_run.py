@@ -1,4 +1,5 @@
-"""Two named sources on a weight schedule, kept in object storage, through the real stream (token caches,
+"""Two named sources on a weight schedule, one of Parquet files and one of folders of media files (the
+corpus's tar records converted, tests/common), kept in object storage, through the real stream (token caches,
 Ray Data, the Interleave actor) and the real Trainer on the session's Ray, against the session's S3 server
 on 127.0.0.1 (tests/conftest.py `s3_server`): shards, token caches and Ray Train's checkpoints all in S3.
 The schedule is followed, each source is accounted under its name, a resume either side of the switch from
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from common import MEDIA_OPTIONS, S3Server, folder_of, mlflow_client, parquet_of, run_config, tar_records
 from common import S3_BUCKET as BUCKET
-from common import S3Server, mlflow_client, run_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +40,25 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
     from omnistream.cluster.driver import run_training
 
     tmp = tmp_path_factory.mktemp("sources")
+    # the corpus's tar shards as a user's data would come: two Parquet files (Hugging Face media structs,
+    # documents in list columns) for source a, two folders of files for source b, all in S3
+    for i in (0, 1):
+        recs = tar_records(corpus["train"][i])
+        s3_corpus.put(parquet_of(recs, tmp / f"a-{i}.parquet"), f"{BUCKET}/own/a-{i}.parquet")
+    for i in (2, 3):
+        s3_corpus.put(folder_of(tar_records(corpus["train"][i]), tmp / f"b-{i}"), f"{BUCKET}/own/b-{i}", recursive=True)
+    opts = json.dumps(MEDIA_OPTIONS).replace('":', '"=')  # as one TOML inline table
 
     def cfg(*extra):
         return run_config(
             corpus,
             tmp,
-            f'data.sources.a.shards=["s3://{BUCKET}/corpus/train-00[01].tar"]',
+            f'data.sources.a.shards=["s3://{BUCKET}/own/a-*.parquet"]',
+            'data.sources.a.format="parquet"',
+            f"data.sources.a.format_options={opts}",
             f"data.sources.a.weight=[[0, 0.8], [{N}, 0.3]]",
-            f'data.sources.b.shards=["s3://{BUCKET}/corpus/train-00[23].tar"]',
+            f'data.sources.b.shards=["s3://{BUCKET}/own/b-{{2..3}}"]',
+            'data.sources.b.format="folder"',
             f"data.sources.b.weight=[[0, 0.2], [{N}, 0.7]]",
             f'data.token_cache="s3://{BUCKET}/sources/cache"',
             f'cluster.storage_path="s3://{BUCKET}/sources/ray"',
