@@ -76,8 +76,222 @@ def register(sub) -> None:
         "--config's data.sources, each under its own filters and name)",
     )
     add_config(p, flag=True)
+    _format_args(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=inspect)
+    _register_own_data(data)
+
+
+def _register_own_data(data) -> None:
+    p = data.add_parser(
+        "prepare",
+        help="turn Parquet, JSONL, media folders (or tar) into WebDataset shards",
+        description="Read SOURCE (Parquet or JSONL files, imagefolder/audiofolder or LibriSpeech folders, "
+        "tar shards; paths, globs, {000..009} braces, s3://) with its format's reader, as training "
+        "reads it, and write OUT_DIR/shard-<input>-<part>.tar: one Ray task per input, a progress "
+        "bar with records/s and errors so far. The same input gives byte-identical shards; a "
+        "prepare stopped half-way, run again, finishes the inputs it had not and gives the same "
+        "shards. OUT_DIR/prepare.json reports every record read, written or errored (with its "
+        "reason). Exit 0 when every input was read (bad records are data); 2 for a user mistake.",
+    )
+    p.add_argument("source", nargs="+", help="the input files or folders (paths, globs, braces, s3:// URLs)")
+    p.add_argument("out_dir", help="folder to write the shards into")
+    p.add_argument(
+        "--format",
+        default="",
+        help="parquet, jsonl, folder or webdataset (default: data.format with --config, else from the names: "
+        ".parquet, .jsonl, a folder, else tar)",
+    )
+    p.add_argument(
+        "--options",
+        default="",
+        help='the format\'s options as JSON, e.g. \'{"columns": {"text": "caption", "image": "img"}}\' '
+        "(default: data.format_options)",
+    )
+    p.add_argument(
+        "--shard-size", default="1000", help="records per output shard (1000), or bytes (256MB); default 1000"
+    )
+    p.add_argument("--workers", type=int, default=0, help="inputs prepared at once (default: the Ray CPUs)")
+    add_config(p, flag=True)
+    p.set_defaults(func=prepare)
+
+    p = data.add_parser(
+        "info",
+        help="counts and histograms of what shards hold: tokens, image sizes, clip and text lengths, parts",
+        description="Read up to --records records of SHARDS (or of each of --config's sources) as training "
+        "reads them (decode, quality filters; with the config's fitted bundle, encode) and print, per "
+        "measure, n, min, median, p90, max and mean: tokens per document and per part of each "
+        "modality (with a bundle), image width and height, clip seconds, text characters, parts per "
+        "document, and the outcomes (kept, filtered, errored with reasons). The histograms go to the "
+        "tracker (tracking.*) as a picture, and to --plot.",
+    )
+    _look_args(p)
+    p.add_argument("--plot", default="", help="also write the histograms to this PNG file")
+    p.add_argument("--no-track", action="store_true", help="do not log to the tracker")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=info)
+
+    p = data.add_parser(
+        "preview",
+        help="one HTML page of sampled records: images, audio players, text, labels, tokens, outcome",
+        description="Draw N records (seeded) from the first --records records of SHARDS (or of --config's "
+        "sources) and write one self-contained HTML page: each record's parts in order (images "
+        "inline, clips as audio players, text), its labels, its outcome (kept, or why not) and, with "
+        "the config's fitted bundle, its token count. The page needs no network and runs no script.",
+    )
+    _look_args(p)
+    p.add_argument("-n", type=int, default=24, help="records on the page (default 24)")
+    p.add_argument("--out", default="preview.html", help="the page to write (default preview.html)")
+    p.set_defaults(func=preview)
+
+
+def _look_args(p) -> None:
+    p.add_argument("shards", nargs="*", help="shards, files or folders (none: every source of --config)")
+    _format_args(p)
+    p.add_argument("--records", type=int, default=2000, help="records read at most, per source (default 2000)")
+    add_config(p, flag=True)
+
+
+def _format_args(p) -> None:
+    p.add_argument(
+        "--format",
+        default="",
+        help="how SHARDS are stored: parquet, jsonl, folder or webdataset (default: data.format; without "
+        "--config, from the names: .parquet, .jsonl, a folder, else tar)",
+    )
+    p.add_argument(
+        "--options",
+        default="",
+        help='the format\'s options as JSON, e.g. \'{"columns": {"text": "caption"}}\' (default: data.format_options)',
+    )
+
+
+def _shards_data(args, cfg):
+    """The data section SHARDS named on the command line are read under: --format (or guessed from their
+    names when no config says) and --options over the config's."""
+    from omnistream.pipelines.prepare import guess_format
+
+    data = cfg.data
+    fmt = args.format or ("" if args.config or data.format != "webdataset" else guess_format(args.shards[0]))
+    update = {"format": fmt} if fmt else {}
+    if args.options:
+        update["format_options"] = _options(args.options)
+    return data.model_copy(update=update) if update else data
+
+
+def _options(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--options is not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise UserError('--options is a JSON object, e.g. \'{"columns": {"text": "caption"}}\'')
+    return options
+
+
+def _looked(args):
+    """(cfg, bundle or None, [(source name, shard specs, its DataConfig)]) of `data info` / `data preview`."""
+    from pathlib import Path
+
+    from omnistream.configs import load_config
+    from omnistream.pipelines.plan import source_data
+    from omnistream.pipelines.shards import list_shards
+
+    cfg = load_config(args.config, args.overrides).resolved_paths()
+    if args.shards:
+        passes = [("", args.shards, _shards_data(args, cfg))]
+    elif cfg.data.sources:
+        passes = [(name, src.shards, source_data(cfg.data, name, src)) for name, src in cfg.data.source_items()]
+    else:
+        raise UserError("name the SHARDS, or give a --config whose data.sources lists them")
+    for _, specs, _ in passes:
+        list_shards(specs)
+    if args.records < 1:
+        raise UserError(f"--records {args.records}: read at least one record")
+    bundle = cfg.data.bundle_dir if args.config and (Path(cfg.data.bundle_dir) / "vocab.json").exists() else None
+    return cfg, bundle, passes
+
+
+def info(args) -> int:
+    from omnistream.pipelines import info as look
+
+    cfg, bundle, passes = _looked(args)
+    reports, pictures = {}, {}
+    for name, specs, dcfg in passes:
+        stats = look.collect(look.records(specs, dcfg, cfg.modalities, cfg.seed, bundle, args.records))
+        reports[name] = look.report(stats)
+        pictures[name] = look.figure(stats, title=f"source {name}" if name else ", ".join(specs)[:80])
+    if args.plot:
+        from pathlib import Path
+
+        for name, png in pictures.items():
+            Path(args.plot if not name else f"{args.plot.removesuffix('.png')}-{name}.png").write_bytes(png)
+    link = run_id = None
+    if not args.no_track:
+        from omnistream import tracking
+
+        settings = cfg.tracking.model_copy(update={"run_name": f"{cfg.tracking.run_name or cfg.name}-data-info"})
+        t = tracking.start_run(settings, {"data.info.records": args.records}, tags={"omnistream.kind": "data-info"})
+        for name, png in pictures.items():
+            t.log_image(f"data_info/{name or 'shards'}/histograms", png, step=0)
+            t.log_text(json.dumps(reports[name], indent=1), f"data_info/{name or 'shards'}.json")
+        t.finish()
+        link, run_id = t.link(), getattr(t, "run_id", None)
+    if args.json:
+        out = {**reports[""]} if list(reports) == [""] else {"sources": reports}
+        print(json.dumps({**out, "tracking": link, "run_id": run_id}))
+    else:
+        for name, rep in reports.items():
+            print((f"source {name}:\n" if name else "") + look.table(rep))
+        if link:
+            print(f"histograms: {link}")
+    return 0
+
+
+def preview(args) -> int:
+    import itertools
+
+    from omnistream.pipelines import info as look
+    from omnistream.pipelines.preview import page
+
+    cfg, bundle, passes = _looked(args)
+    if args.n < 1:
+        raise UserError(f"-n {args.n}: show at least one record")
+    items = itertools.chain.from_iterable(
+        look.records(specs, dcfg, cfg.modalities, cfg.seed, bundle, args.records) for _, specs, dcfg in passes
+    )
+    title = "omnistream data preview: " + ", ".join(s for _, specs, _ in passes for s in specs)[:200]
+    doc, shown = page(items, args.n, cfg.seed, title)
+    from pathlib import Path
+
+    Path(args.out).write_text(doc, encoding="utf-8")
+    print(f"{shown} records: {args.out}")
+    return 0
+
+
+def prepare(args) -> int:
+    from omnistream.cluster.connect import connect
+    from omnistream.configs import load_config
+    from omnistream.pipelines.formats import ReadBounds
+    from omnistream.pipelines.prepare import guess_format, prepare, shard_size
+    from omnistream.pipelines.shards import list_shards
+
+    cfg = load_config(args.config, args.overrides).resolved_paths()
+    size = shard_size(args.shard_size)
+    shards = list_shards(args.source)  # no input is a user mistake, said before any cluster starts
+    fmt = args.format or (cfg.data.format if args.config else guess_format(shards[0]))
+    options = _options(args.options) if args.options else dict(cfg.data.format_options)
+    ray = connect(cfg.cluster.address, cfg.cluster.local_cpus)
+    workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    report = prepare(shards, fmt, options, ReadBounds.of(cfg.data), args.out_dir, size, workers)
+    errored = sum(report["errored"].values())
+    print(
+        f"{report['inputs']} inputs ({report['inputs'] - report['prepared_now']} already prepared): "
+        f"{report['seen']} records read, {report['written']} written to {len(report['shards'])} shards in "
+        f"{args.out_dir}, {errored} errored, {len(report['shard_errors'])} inputs unreadable "
+        f"(report: {args.out_dir}/prepare.json)"
+    )
+    return 0
 
 
 def write_demo(args) -> int:
@@ -132,7 +346,7 @@ def inspect(args) -> int:
 
     cfg = load_config(args.config, args.overrides).resolved_paths()
     if args.shards:
-        passes = [("", args.shards, cfg.data)]
+        passes = [("", args.shards, _shards_data(args, cfg))]
     elif cfg.data.sources:
         passes = [(name, src.shards, source_data(cfg.data, name, src)) for name, src in cfg.data.source_items()]
     else:

@@ -105,6 +105,9 @@ class Mapping:
             return c
         if c in TEXT_NAMES and "text" in self.mods:
             return self.mods["text"][0]
+        i, e = part_ext(c)
+        if i is not None and e in self.owner:  # `0.txt`, `1.jpg`: a document's parts, as tar members name them
+            return c
         return None
 
     def plan(self, names: list[str]) -> tuple[str, dict[str, str], dict[str, str], list[str]]:

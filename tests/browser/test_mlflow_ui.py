@@ -7,32 +7,16 @@ OMNISTREAM_CHROMIUM): Playwright cannot download its own browsers here. The run 
 saved in test-artifacts/ (OMNISTREAM_TEST_ARTIFACTS overrides), and the README shows it.
 """
 
-import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
-from common import mlflow_run
+from common import FLAGS, artifacts_dir, chromium, mlflow_run
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10  # the shared run's (UNINTERRUPTED); it evaluates at steps 5 and 10
 MODALITIES = ("text", "image", "audio")
-# headless, and nothing that reaches past this machine: without the background-networking flags
-# Chromium keeps trying Google's hosts, which this closed network refuses
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # MLflow 3.x opens its assistant panel on a browser's first visit, over a third of the page: a person
 # closes it once, and the browser remembers; this is that memory
 NO_ASSISTANT = (
@@ -40,24 +24,6 @@ NO_ASSISTANT = (
     " localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false'); } catch (e) {}"
 )
 WAIT_MS = 60_000  # the UI's first load on 2 busy cores
-
-
-def chromium() -> str:
-    path = os.environ.get("OMNISTREAM_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
-    )
-    if not path:
-        pytest.fail(
-            "the browser test needs Chromium: `make test` installs Debian's chromium package where "
-            "apt-get can; elsewhere install Chromium and set OMNISTREAM_CHROMIUM=/path/to/chromium"
-        )
-    return path
-
-
-def artifacts_dir() -> Path:
-    d = Path(os.environ.get("OMNISTREAM_TEST_ARTIFACTS") or ROOT / "test-artifacts")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -383,3 +383,44 @@ def folder_of(records, root) -> str:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(v)
     return str(root)
+
+
+# ---- the headless Chromium the browser tests drive (tests/browser) ------------------------------------------
+
+# headless, and nothing that reaches past this machine: without the background-networking flags
+# Chromium keeps trying Google's hosts, which this closed network refuses
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium() -> str:
+    import os
+    import shutil
+
+    import pytest
+
+    path = os.environ.get("OMNISTREAM_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
+    if not path:
+        pytest.fail(
+            "the browser test needs Chromium: `make test` installs Debian's chromium package where "
+            "apt-get can; elsewhere install Chromium and set OMNISTREAM_CHROMIUM=/path/to/chromium"
+        )
+    return path
+
+
+def artifacts_dir() -> Path:
+    import os
+
+    d = Path(os.environ.get("OMNISTREAM_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
