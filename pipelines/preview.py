@@ -19,7 +19,8 @@ import random
 from .records import RawRecord, part_ext
 
 THUMB = 192  # pixels on the longer side of an image's thumbnail
-MAX_CLIP_S = 10.0  # seconds of a clip kept in the page
+MAX_CLIP_S = 10.0  # seconds of a clip kept in the page (and never more than 10 s at 192 kHz, whatever a header says)
+MAX_PIXELS = 40_000_000  # an image with more, by its header, is not decoded for the page (said instead)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
@@ -35,6 +36,8 @@ def _img(data: bytes) -> str:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > MAX_PIXELS:  # the header says; nothing is decoded yet
+            raise ValueError(f"{im.width}x{im.height} pixels")
         im.draft("RGB", (THUMB, THUMB))  # a JPEG decodes at a reduced size
         im = im.convert("RGB")
         im.thumbnail((THUMB, THUMB))
@@ -47,12 +50,13 @@ def _clip(data: bytes) -> str:
     import soundfile as sf
 
     info = sf.info(io.BytesIO(data))
-    frames = int(min(info.duration, MAX_CLIP_S) * info.samplerate)
+    frames = min(int(min(info.duration, MAX_CLIP_S) * info.samplerate), int(MAX_CLIP_S * 192_000))
     wave, rate = sf.read(io.BytesIO(data), frames=frames, dtype="float32", always_2d=True)
     buf = io.BytesIO()
     sf.write(buf, wave, rate, format="WAV", subtype="PCM_16")
     src = base64.b64encode(buf.getvalue()).decode()
-    return f'<audio controls preload="none" src="data:audio/wav;base64,{src}"></audio> <small>{info.duration:.2f} s</small>'
+    player = f'<audio controls preload="none" src="data:audio/wav;base64,{src}"></audio>'
+    return f"{player} <small>{info.duration:.2f} s</small>"
 
 
 def _part(field: str, data: bytes) -> str:
