@@ -34,6 +34,9 @@
     captions and interleaved documents packed together by the stream's own stage at the demo's row length
     and at 8,192, windows of data.pack_rows rows' worth of tokens beside the old 128 documents. Target >= 0.95
     at 8,192.
+(i) formats: the demo's records as tar shards, Parquet files (Hugging Face media structs), JSONL manifests
+    and folders of files, each tokenized (as in (e)) and only read, in turn; records/s and the ratios
+    against tar. Target: Parquet tokenized >= 0.8x tar.
 
 Figures go to stdout as a table and to bench.json (name -> number), so commits can be compared.
 No timing is asserted anywhere: these machines are shared and noisy.
@@ -403,6 +406,48 @@ def cache_speedup(cfg, shards: int = 4) -> dict:
     }
 
 
+def own_format_ratios(cfg, shards: int = 4, repeats: int = 3) -> dict:
+    """(i): the same demo records as tar shards, as Parquet files (Hugging Face media structs, documents in list
+    columns), as JSONL manifests with media files and as folders of files: records/s tokenized (as in (e))
+    and records/s only read (the format's reader), in turn `repeats` times each; ratios of the medians
+    against tar. Target: Parquet tokenized >= 0.8x tar."""
+    import tempfile
+
+    from omnistream.pipelines.democorpus import PARQUET_OPTIONS, as_folder, as_jsonl, as_parquet, shard_records
+    from omnistream.pipelines.formats import ReadBounds, reader
+
+    cfg = cfg.resolved_paths()
+    torch.set_num_threads(1)
+    tars = list_shards(cfg.data.train_shards)[:shards]
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        recs = [shard_records(t) for t in tars]
+        kinds = {
+            "tar": ("webdataset", {}, tars),
+            "parquet": ("parquet", PARQUET_OPTIONS, [as_parquet(r, f"{d}/p{i}.parquet") for i, r in enumerate(recs)]),
+            "jsonl": ("jsonl", {}, [as_jsonl(r, f"{d}/j{i}") for i, r in enumerate(recs)]),
+            "folder": ("folder", {}, [as_folder(r, f"{d}/f{i}") for i, r in enumerate(recs)]),
+        }
+        tok: dict[str, list[float]] = {k: [] for k in kinds}
+        read: dict[str, list[float]] = {k: [] for k in kinds}
+        for rep in range(repeats):
+            for k, (fmt, opts, files) in kinds.items():
+                data = cfg.data.model_copy(update={"format": fmt, "format_options": opts})
+                n, secs, _, _ = _tokenize(cfg.model_copy(update={"data": data}), files, f"{d}/cache-{k}-{rep}")
+                tok[k].append(n / secs)
+                r, t0 = reader(fmt, opts), time.perf_counter()
+                n = sum(1 for f in files for x in r.read(f, ReadBounds.of(data)) if x.key)
+                read[k].append(n / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in tok.items()}
+    for k in kinds:
+        out[f"format_records_per_s_tokenized_{k}"] = round(med[k], 1)
+        out[f"format_records_per_s_read_{k}"] = round(statistics.median(read[k]), 1)
+        if k != "tar":
+            out[f"format_ratio_tokenized_{k}_vs_tar"] = round(med[k] / med["tar"], 3)
+            out[f"format_ratio_read_{k}_vs_tar"] = round(statistics.median(read[k]) / statistics.median(read["tar"]), 3)
+    return out
+
+
 def s3_tokenize_ratio(cfg, shards: int = 4, repeats: int = 2) -> dict:
     """(f): records/s of `shards` demo shards tokenized as read from an S3-compatible server on 127.0.0.1
     (moto_server, a subprocess), against the same shards read from disk; in turn, `repeats` times each,
@@ -622,7 +667,12 @@ def main() -> int:
         print(json.dumps(fit_rate_figures(), indent=1))
         return 0
     # one part on the demo's data
-    alone = {"--s3-only": s3_tokenize_ratio, "--cache-only": cache_speedup, "--packing-only": packing_figures}
+    alone = {
+        "--s3-only": s3_tokenize_ratio,
+        "--cache-only": cache_speedup,
+        "--packing-only": packing_figures,
+        "--formats-only": own_format_ratios,
+    }
     if sys.argv[1:2] and sys.argv[1] in alone:
         os.chdir(REPO)
         base = load_config(DEMO_CONFIG)
@@ -657,6 +707,7 @@ def main() -> int:
     }
     figures.update(cache_speedup(base))
     figures.update(packing_figures(base))
+    figures.update(own_format_ratios(base))
     figures.update(s3_tokenize_ratio(base))
     figures.update(memory_figures())
     figures.update(fit_rate_figures())

@@ -45,6 +45,14 @@ def register(sub) -> None:
         "--per-shard", type=int, default=d.records_per_shard, help=f"records per shard (default {d.records_per_shard})"
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument(
+        "--format",
+        default="webdataset",
+        choices=["webdataset", "parquet", "jsonl", "folder"],
+        help="write the corpus as tar shards (default), or also as Parquet files (Hugging Face media structs, "
+        "documents in list columns), JSONL manifests with media files, or folders of files: a worked "
+        "example of each format omnistream reads (the tar shards go to OUT_DIR/tar)",
+    )
     p.set_defaults(func=write_demo)
 
     p = data.add_parser(
@@ -304,7 +312,14 @@ def write_demo(args) -> int:
         records_per_shard=args.per_shard,
         seed=args.seed,
     )
-    paths = write_demo_corpus(args.out_dir, spec)
+    if args.format == "webdataset":
+        paths = write_demo_corpus(args.out_dir, spec)
+    else:
+        from omnistream.pipelines.democorpus import PARQUET_OPTIONS, write_demo_as
+
+        paths = write_demo_as(args.out_dir, args.format, spec)
+        if args.format == "parquet":
+            log.info("read them with format_options = %s", json.dumps(PARQUET_OPTIONS))
     print(f"wrote {len(paths['train'])} train and {len(paths['eval'])} eval shards to {args.out_dir}")
     return 0
 

@@ -266,3 +266,105 @@ def write_demo_corpus(out_dir: str | os.PathLike, spec: CorpusSpec | None = None
         json.dumps({**spec.model_dump(), "format": FORMAT, "train": train, "eval": evals}, indent=1)
     )
     return {"train": train, "eval": evals}
+
+
+# ---- the demo corpus in the formats people keep data in (worked examples of pipelines/tables.py) ------------
+
+# the format_options a Parquet file written by as_parquet is read with: plain columns for one value per
+# modality, OBELICS-style list columns for documents of several parts
+PARQUET_OPTIONS = {
+    "columns": {"text": "text", "image": "image", "audio": "audio", "json": "json"},
+    "parts": {"text": "texts", "image": "images", "audio": "audios"},
+}
+_KIND = {"txt": "text", "jpg": "image", "jpeg": "image", "png": "image", "wav": "audio", "flac": "audio"}
+
+
+def as_parquet(records: list[tuple[str, dict[str, bytes]]], path) -> str:
+    """Records (key, {field: bytes}) as one Parquet file the way a Hugging Face dataset stores media: an
+    Image / Audio column of {bytes, path} structs (the path keeps the extension), captions as strings, a
+    document's parts in list columns (texts / images / audios, one non-null per place). Read it with
+    format "parquet" and PARQUET_OPTIONS."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .records import part_ext
+
+    media = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = []
+    for key, fields in records:
+        row = {"__key__": key, "text": None, "image": None, "audio": None, "json": None}
+        lists: dict[str, list] = {"texts": [], "images": [], "audios": []}
+        for _, ext, v in sorted(
+            (part_ext(f)[0], part_ext(f)[1], v) for f, v in fields.items() if part_ext(f)[0] is not None
+        ):
+            for col in lists.values():
+                col.append(None)
+            lists[_KIND[ext] + "s"][-1] = v.decode() if ext == "txt" else {"bytes": v, "path": f"{key}.{ext}"}
+        for f, v in fields.items():
+            if part_ext(f)[0] is None:
+                if f in ("txt", "json"):
+                    row["text" if f == "txt" else "json"] = v.decode()
+                else:
+                    row[_KIND[f]] = {"bytes": v, "path": f"{key}.{f}"}
+        rows.append({**row, **{k: (v or None) for k, v in lists.items()}})
+    schema = pa.schema(
+        [("__key__", pa.string()), ("text", pa.string()), ("image", media), ("audio", media), ("json", pa.string())]
+        + [(c, pa.list_(pa.string() if c == "texts" else media)) for c in ("texts", "images", "audios")]
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path), row_group_size=256)
+    return str(path)
+
+
+def as_folder(records: list[tuple[str, dict[str, bytes]]], root) -> str:
+    """Records as a folder of files, `KEY.<field>` each (a WebDataset shard unpacked): format "folder"."""
+    root = Path(root)
+    for key, fields in records:
+        for f, v in fields.items():
+            p = root / f"{key}.{f}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(v)
+    return str(root)
+
+
+def as_jsonl(records: list[tuple[str, dict[str, bytes]]], folder) -> str:
+    """Records as folder/manifest.jsonl: a line each, text and labels inline, media as paths under
+    folder/media/, a document's parts as `0.txt`, `1.jpg`... keys: format "jsonl"."""
+    from .records import part_ext
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "manifest.jsonl").open("w") as f:
+        for key, fields in records:
+            row = {"key": key}
+            for name, v in fields.items():
+                if _KIND.get(part_ext(name)[1], "text") != "text":
+                    p = folder / "media" / f"{key}.{name}"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(v)
+                    row[name] = f"media/{key}.{name}"
+                else:
+                    row[name] = v.decode()
+            f.write(json.dumps(row) + "\n")
+    return str(folder / "manifest.jsonl")
+
+
+def shard_records(shard: str) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, fields) of every record of a tar shard (the records the converters above write)."""
+    from .records import read_shard
+
+    return [(r.key, dict(r.fields)) for r in read_shard(shard, 1 << 26) if r.key and not r.error]
+
+
+def write_demo_as(out_dir: str | os.PathLike, fmt: str, spec: CorpusSpec | None = None) -> dict[str, list[str]]:
+    """The demo corpus in `fmt` (parquet, jsonl or folder): its tar shards written under out_dir/tar, then
+    each converted; returns the converted shards per split."""
+    convert = {"parquet": (as_parquet, ".parquet"), "jsonl": (as_jsonl, ""), "folder": (as_folder, "")}
+    if fmt not in convert:
+        raise ValueError(f"the demo corpus is written as parquet, jsonl or folder, not {fmt!r}")
+    out = Path(out_dir)
+    tars = write_demo_corpus(out / "tar", spec)
+    fn, suffix = convert[fmt]
+    return {
+        split: [fn(shard_records(s), out / f"{Path(s).name.removesuffix('.tar')}{suffix}") for s in shards]
+        for split, shards in tars.items()
+    }

@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 from omnistream.modalities import registry
-from omnistream.pipelines.democorpus import CorpusSpec
+from omnistream.pipelines.democorpus import PARQUET_OPTIONS, CorpusSpec
+from omnistream.pipelines.democorpus import as_folder as folder_of  # noqa: F401 - the tests' names
+from omnistream.pipelines.democorpus import as_jsonl as jsonl_of  # noqa: F401
+from omnistream.pipelines.democorpus import as_parquet as parquet_of  # noqa: F401
 from omnistream.pipelines.records import part_ext, read_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -317,72 +320,12 @@ def speechlike(seconds: float, rate: int, seed: int = 0):
 
 # ---- the same records in the formats people keep them in (pipelines/tables.py) ----------------------------
 
-MEDIA_OPTIONS = {  # the column map of parquet_of's files: plain columns, and list columns for documents
-    "columns": {"text": "text", "image": "image", "audio": "audio", "json": "json"},
-    "parts": {"text": "texts", "image": "images", "audio": "audios"},
-}
+MEDIA_OPTIONS = PARQUET_OPTIONS  # how parquet_of's files are read
 
 
 def tar_records(shard) -> list[tuple[str, dict[str, bytes]]]:
     """(key, fields) of every record of a tar shard."""
     return [(r.key, dict(r.fields)) for r in read_shard(str(shard), 1 << 26)]
-
-
-def parquet_of(records, path) -> str:
-    """The records as one Parquet file the way a Hugging Face dataset stores media: an Image / Audio column of
-    {bytes, path} structs (the path keeps the extension), a document's parts in OBELICS-style list columns
-    (texts / images / audios, one non-null per place); read with MEDIA_OPTIONS."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from omnistream.pipelines.records import part_ext as pe
-
-    media = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    kind = {"txt": "text", "jpg": "image", "png": "image", "jpeg": "image", "wav": "audio", "flac": "audio"}
-    rows = []
-    for key, fields in records:
-        row = {"__key__": key, "text": None, "image": None, "audio": None, "json": None}
-        parts = sorted((pe(f)[0], pe(f)[1], v) for f, v in fields.items() if pe(f)[0] is not None)
-        lists = {"texts": [], "images": [], "audios": []}
-        for _, ext, v in parts:
-            for name in lists:
-                lists[name].append(None)
-            col = kind[ext] + "s"
-            lists[col][-1] = v.decode() if ext == "txt" else {"bytes": v, "path": f"{key}.{ext}"}
-        for f, v in fields.items():
-            if pe(f)[0] is None:
-                if f == "txt":
-                    row["text"] = v.decode()
-                elif f == "json":
-                    row["json"] = v.decode()
-                else:
-                    row[kind[f]] = {"bytes": v, "path": f"{key}.{f}"}
-        rows.append({**row, **{k: (v or None) for k, v in lists.items()}})
-    schema = pa.schema(
-        [
-            ("__key__", pa.string()),
-            ("text", pa.string()),
-            ("image", media),
-            ("audio", media),
-            ("json", pa.string()),
-            ("texts", pa.list_(pa.string())),
-            ("images", pa.list_(media)),
-            ("audios", pa.list_(media)),
-        ]
-    )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path), row_group_size=50)
-    return str(path)
-
-
-def folder_of(records, root) -> str:
-    """The records as a folder of files, `KEY.<ext>` each (a WebDataset shard unpacked)."""
-    root = Path(root)
-    for key, fields in records:
-        for f, v in fields.items():
-            p = root / f"{key}.{f}"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(v)
-    return str(root)
 
 
 # ---- the headless Chromium the browser tests drive (tests/browser) ------------------------------------------

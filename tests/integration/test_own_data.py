@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from common import EXE, MEDIA_OPTIONS, REPO, SMALL_OPTIONS, folder_of, mlflow_client, parquet_of, tar_records
+from common import EXE, MEDIA_OPTIONS, REPO, SMALL_OPTIONS, folder_of, jsonl_of, mlflow_client, parquet_of, tar_records
 from omnistream.pipelines.accounting import Tally
 from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.documents import RecordProcessor
-from omnistream.pipelines.records import part_ext
 
 MEDIA = ("jpg", "jpeg", "png", "wav", "flac")
 
@@ -32,25 +31,6 @@ def _tar(records, path) -> str:
         for key, fields in records:
             w.write({"__key__": key, **fields})
     return str(path)
-
-
-def _jsonl(records, folder: Path) -> str:
-    """A manifest line per record: text inline, media as paths under the manifest's folder, documents'
-    parts as `0.txt`, `1.jpg`... columns (field names that are extensions)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "manifest.jsonl").open("w") as f:
-        for key, fields in records:
-            row = {"key": key}
-            for name, v in fields.items():
-                if part_ext(name)[1] in MEDIA:
-                    p = folder / "media" / f"{key}.{name}"
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    p.write_bytes(v)
-                    row[name] = f"media/{key}.{name}"
-                else:
-                    row[name] = v.decode()
-            f.write(json.dumps(row) + "\n")
-    return str(folder / "manifest.jsonl")
 
 
 def _imagefolder(records, folder: Path) -> list:
@@ -100,7 +80,7 @@ def formats(corpus, tmp_path_factory):
     return {
         # name: (format, format options, shard, the same records as a tar)
         "parquet": ("parquet", MEDIA_OPTIONS, parquet_of(records, tmp / "own.parquet"), corpus["train"][0]),
-        "jsonl": ("jsonl", {}, _jsonl(records, tmp / "jsonl"), corpus["train"][0]),
+        "jsonl": ("jsonl", {}, jsonl_of(records, tmp / "jsonl"), corpus["train"][0]),
         "folder": ("folder", {}, folder_of(records, tmp / "folder"), corpus["train"][0]),
         "imagefolder": ("folder", {}, str(tmp / "imagefolder"), _tar(image_recs, tmp / "imagefolder.tar")),
         "librispeech": ("folder", {}, str(tmp / "librispeech"), _tar(speech, tmp / "librispeech.tar")),
