@@ -42,6 +42,7 @@ LAYERS: dict[str, tuple[set[str], set[str], set[str]]] = {
             "zstandard",
             "tqdm",
             "torch",
+            "matplotlib",
         },
         {"deepspeed", "mlflow"},
     ),
