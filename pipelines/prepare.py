@@ -54,7 +54,7 @@ def shard_size(text: str) -> tuple[str, int]:
 def guess_format(shard: str) -> str:
     """The format a shard's name says: .parquet, .jsonl, a folder, else tar."""
     s = shard.lower().rstrip("/")
-    if s.endswith((".parquet", ".pq")):
+    if s.endswith((".parquet", ".pq", ".arrow")):
         return "parquet"
     if s.endswith((".jsonl", ".ndjson")):
         return "jsonl"

@@ -142,11 +142,20 @@ class Mapping:
                         if i < len(items) and items[i] is not None:
                             fields.append((f"{n}.{e}", items[i]))
                             n += 1
+            from .config import Limits
+
+            limits = bounds.limits or Limits()
             got: dict[str, bytes] = {}
-            for f, value in fields:
+            held = 0
+            for f, value in fields:  # the record's bounds as it is read: no file is read past them
                 if value is None:
                     continue
+                if len(got) >= limits.members:
+                    raise _Bad("too_many_members", f"{f}: more than {limits.members} fields")
                 ext, data = self.value(f, value, root, bounds)
+                held += len(data)
+                if held > limits.record_bytes:
+                    raise _Bad("record_too_large", f"{f}: {held} bytes > {limits.record_bytes}")
                 got[ext] = data
             lab = {c: row[c] for c in labels if c in row and _plain(row[c])}
             if lab and "json" not in got:
@@ -271,6 +280,18 @@ def _bounded(rec: RawRecord, got: dict[str, bytes], bounds) -> RawRecord:
     return rec
 
 
+def _small_file(fs, path: str, bounds) -> bytes:
+    """A metadata or transcript file, read whole when it is within data.limits.record_bytes (a larger one is
+    not metadata: OSError, its shard's record says so)."""
+    from .config import Limits
+
+    cap = (bounds.limits or Limits()).record_bytes
+    size = fs.size(path)
+    if size is not None and size > cap:
+        raise OSError(f"{size} bytes > data.limits.record_bytes = {cap}")
+    return fs.cat_file(path)
+
+
 def _shard_failed(shard: str, e: Exception) -> RawRecord:
     missing = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
     return RawRecord(
@@ -295,7 +316,8 @@ def _folder_of(shard: str) -> str:
 
 
 class Parquet:
-    """Parquet files, one shard each (local or s3://): a row is a record (TableOptions)."""
+    """Parquet files, one shard each (local or s3://): a row is a record (TableOptions). A `.arrow` file (the
+    Arrow IPC stream a Hugging Face dataset's save_to_disk writes) is read the same way."""
 
     requires: ClassVar[dict[str, str]] = {}  # pyarrow is a dependency (the token cache is Parquet too)
     Options: ClassVar[type[BaseModel]] = TableOptions
@@ -305,11 +327,17 @@ class Parquet:
 
     def read(self, shard: str, bounds) -> Iterator[RawRecord]:
         import fsspec
+        import pyarrow.ipc as ipc
         import pyarrow.parquet as pq
 
         try:
             f = fsspec.open(shard, "rb").open()
-            pf = pq.ParquetFile(f)
+            if shard.lower().endswith(".arrow"):  # Hugging Face save_to_disk: Arrow IPC streams
+                src = ipc.open_stream(f)
+                batches, names = (b for b in src), src.schema.names
+            else:
+                pf = pq.ParquetFile(f)
+                batches, names = pf.iter_batches(batch_size=BATCH_ROWS), pf.schema_arrow.names
         except Exception as e:  # noqa: BLE001 - a file that will not open is the shard's failure, accounted
             yield _shard_failed(shard, e)
             return
@@ -317,16 +345,15 @@ class Parquet:
 
         def rows():
             nonlocal place
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                for row in batch.to_pylist():
-                    yield place, row
-                    place += 1
+            for batch in batches:
+                for a in range(0, batch.num_rows, BATCH_ROWS):  # an IPC batch may be large: a slice at a time
+                    for row in batch.slice(a, BATCH_ROWS).to_pylist():
+                        yield place, row
+                        place += 1
 
         try:
             with f:
-                yield from _rows_to_records(
-                    shard, rows(), self.mapping, pf.schema_arrow.names, _folder_of(shard), bounds
-                )
+                yield from _rows_to_records(shard, rows(), self.mapping, names, _folder_of(shard), bounds)
         except Exception as e:  # noqa: BLE001 - damaged pages end the shard, with what was read kept
             yield RawRecord(shard, "", error="shard_damaged", detail=f"row {place}: {type(e).__name__}: {e}"[:300])
 
@@ -476,7 +503,7 @@ class Folder:
             folder = posixpath.dirname(m)
             base = proto + posixpath.join(root, folder) if folder else proto + root
             try:
-                text = fs.cat_file(posixpath.join(root, m)).decode("utf-8")
+                text = _small_file(fs, posixpath.join(root, m), bounds).decode("utf-8")
                 rows = (
                     [json.loads(x) for x in text.splitlines() if x.strip()]
                     if m.endswith(".jsonl")
@@ -503,7 +530,7 @@ class Folder:
         for t in trans:
             folder = posixpath.dirname(t)
             try:
-                lines = fs.cat_file(posixpath.join(root, t)).decode("utf-8").splitlines()
+                lines = _small_file(fs, posixpath.join(root, t), bounds).decode("utf-8").splitlines()
             except (OSError, ValueError) as e:
                 yield RawRecord(shard, t, error="bad_manifest", detail=f"{t}: {type(e).__name__}: {e}"[:300])
                 continue

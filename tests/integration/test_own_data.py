@@ -77,9 +77,16 @@ def formats(corpus, tmp_path_factory):
     records = tar_records(corpus["train"][0])
     image_recs = _imagefolder(records, tmp / "imagefolder")
     speech = _librispeech(records, tmp / "librispeech")
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet_of(records, tmp / "own.parquet"))
+    with ipc.new_stream(str(tmp / "own.arrow"), table.schema) as w:  # what datasets' save_to_disk writes
+        w.write_table(table, max_chunksize=100)
     return {
         # name: (format, format options, shard, the same records as a tar)
-        "parquet": ("parquet", MEDIA_OPTIONS, parquet_of(records, tmp / "own.parquet"), corpus["train"][0]),
+        "parquet": ("parquet", MEDIA_OPTIONS, str(tmp / "own.parquet"), corpus["train"][0]),
+        "arrow": ("parquet", MEDIA_OPTIONS, str(tmp / "own.arrow"), corpus["train"][0]),
         "jsonl": ("jsonl", {}, jsonl_of(records, tmp / "jsonl"), corpus["train"][0]),
         "folder": ("folder", {}, folder_of(records, tmp / "folder"), corpus["train"][0]),
         "imagefolder": ("folder", {}, str(tmp / "imagefolder"), _tar(image_recs, tmp / "imagefolder.tar")),
@@ -100,7 +107,7 @@ def _outcomes(bundle, shard, fmt="webdataset", options=None, **data):
     return out, tally
 
 
-@pytest.mark.parametrize("name", ["parquet", "jsonl", "folder", "imagefolder", "librispeech"])
+@pytest.mark.parametrize("name", ["parquet", "arrow", "jsonl", "folder", "imagefolder", "librispeech"])
 def test_each_format_keeps_the_ids_the_same_records_in_tar_give(formats, bundle, name):
     """Record for record: the same keys, the same outcome (kept, or filtered/errored for the same reason)
     and the same token ids, part by part, as the tar."""
@@ -110,7 +117,7 @@ def test_each_format_keeps_the_ids_the_same_records_in_tar_give(formats, bundle,
     assert len(got) == len(want) >= 10, (len(got), len(want))
     assert got == want
     assert tally.kept > 0 and sum(1 for g in got if g[1] == "kept" and g[3]) == tally.kept
-    if name in ("parquet", "jsonl", "folder"):  # the documents of several parts came through in order
+    if name in ("parquet", "arrow", "jsonl", "folder"):  # the documents of several parts came through in order
         assert any(len(g[3]) >= 3 for g in got)
 
 
@@ -166,6 +173,47 @@ def test_a_path_that_leaves_its_root_is_refused_and_counted(bundle, corpus, tmp_
         ] + [("good-1", "kept", "")], (fmt, got)
         assert tally.errored["path_outside_root"] == len(bad)
         assert {d["key"] for d in tally.dead_letter} == {f"bad-{i}" for i in range(len(bad))}
+
+
+def test_a_row_is_bounded_as_a_tar_record_is_while_it_is_read(bundle, tmp_path):
+    """A row of more fields than data.limits.members, or more bytes than data.limits.record_bytes, is errored
+    (too_many_members, record_too_large) as its fields are read, and the rows beside it are kept; a
+    manifest line longer than record_bytes is skipped unread, counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"key": "ok-0", "texts": ["a digit", "another digit"]},
+        {"key": "many", "texts": [f"part {i}" for i in range(90)]},
+        {"key": "big", "texts": ["x" * 3000, "y" * 3000]},
+        {"key": "ok-1", "texts": ["a digit", "another digit"]},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
+    got, tally = _outcomes(
+        bundle, str(tmp_path / "r.parquet"), "parquet", {"parts": {"text": "texts"}}, limits={"record_bytes": 5000}
+    )
+    assert [(k, s, r) for k, s, r, _ in got] == [
+        ("ok-0", "kept", ""),
+        ("many", "errored", "too_many_members"),
+        ("big", "errored", "record_too_large"),
+        ("ok-1", "kept", ""),
+    ]
+    lines = [
+        json.dumps({"key": "a", "txt": "a digit"}),
+        json.dumps({"key": "b", "txt": "z" * 6000}),
+        "{not json",
+        "[1]",
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join([*lines, json.dumps({"key": "c", "txt": "a digit"})]) + "\n")
+    got, tally = _outcomes(bundle, str(tmp_path / "m.jsonl"), "jsonl", limits={"record_bytes": 5000})
+    assert [(s, r) for _, s, r, _ in got] == [
+        ("kept", ""),
+        ("errored", "record_too_large"),
+        ("errored", "bad_manifest_line"),
+        ("errored", "bad_manifest_line"),
+        ("kept", ""),
+    ]
+    assert tally.seen == 5 and tally.kept == 2
 
 
 def _digests(out: Path) -> dict[str, str]:
