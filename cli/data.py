@@ -81,7 +81,7 @@ def register(sub) -> None:
         "shards",
         nargs="*",
         help="shard paths, globs or {000..009} braces (none: every source of the "
-        "--config's data.sources, each under its own filters and name)",
+        "--config's data.sources, each under its own filters and name, or its data.train_shards)",
     )
     add_config(p, flag=True)
     _format_args(p)
@@ -154,7 +154,9 @@ def _register_own_data(data) -> None:
 
 
 def _look_args(p) -> None:
-    p.add_argument("shards", nargs="*", help="shards, files or folders (none: every source of --config)")
+    p.add_argument(
+        "shards", nargs="*", help="shards, files or folders (none: every source of --config, or its train_shards)"
+    )
     _format_args(p)
     p.add_argument("--records", type=int, default=2000, help="records read at most, per source (default 2000)")
     add_config(p, flag=True)
@@ -197,8 +199,10 @@ def _options(text: str) -> dict:
     return options
 
 
-def _looked(args):
-    """(cfg, bundle or None, [(source name, shard specs, its DataConfig)]) of `data info` / `data preview`."""
+def _passes(args, what: str):
+    """(cfg, bundle or None, [(source name, shard specs, its DataConfig)]) of `data inspect|info|preview`:
+    the SHARDS named (under --format/--options), or each of --config's sources under its own settings; no
+    shards is a user mistake, said before any cluster starts."""
     from pathlib import Path
 
     from omnistream.configs import load_config
@@ -210,14 +214,21 @@ def _looked(args):
         passes = [("", args.shards, _shards_data(args, cfg))]
     elif cfg.data.sources:
         passes = [(name, src.shards, source_data(cfg.data, name, src)) for name, src in cfg.data.source_items()]
+    elif args.config:  # the one-source shorthand, data.train_shards
+        passes = [("", list(cfg.data.train_shards), cfg.data)]
     else:
-        raise UserError("name the SHARDS, or give a --config whose data.sources lists them")
+        raise UserError(f"name the SHARDS{what}, or give a --config whose data names them")
     for _, specs, _ in passes:
         list_shards(specs)
-    if args.records < 1:
-        raise UserError(f"--records {args.records}: read at least one record")
     bundle = cfg.data.bundle_dir if args.config and (Path(cfg.data.bundle_dir) / "vocab.json").exists() else None
     return cfg, bundle, passes
+
+
+def _looked(args):
+    """_passes for `data info` / `data preview`, with --records checked."""
+    if args.records < 1:
+        raise UserError(f"--records {args.records}: read at least one record")
+    return _passes(args, "")
 
 
 def info(args) -> int:
@@ -351,24 +362,10 @@ def tokenize(args) -> int:
 
 
 def inspect(args) -> int:
-    from pathlib import Path
-
     from omnistream.cluster.connect import connect
-    from omnistream.configs import load_config
     from omnistream.pipelines.inspect import format_report, inspect_shards
-    from omnistream.pipelines.plan import source_data
-    from omnistream.pipelines.shards import list_shards
 
-    cfg = load_config(args.config, args.overrides).resolved_paths()
-    if args.shards:
-        passes = [("", args.shards, _shards_data(args, cfg))]
-    elif cfg.data.sources:
-        passes = [(name, src.shards, source_data(cfg.data, name, src)) for name, src in cfg.data.source_items()]
-    else:
-        raise UserError("name the SHARDS to inspect, or give a --config whose data.sources lists them")
-    for _, specs, _ in passes:
-        list_shards(specs)  # no shards is a user mistake, reported before any cluster starts
-    bundle = cfg.data.bundle_dir if (Path(cfg.data.bundle_dir) / "vocab.json").exists() and args.config else None
+    cfg, bundle, passes = _passes(args, " to inspect")
     out = sys.stdout
     if args.json:  # stdout is the report alone: Ray prints its raylet's messages (a dead actor, say) there
         sys.stdout = sys.stderr

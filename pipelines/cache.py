@@ -259,14 +259,21 @@ class TokenCache:
         shards/ for the sizes, then their records fetched together; the index is then rewritten with them.
         A record saying `retry` is never taken from the index (the shard may have been read again since)."""
         index = self.index()
+        # on local disk a listing costs no request: every indexed shard's files are checked against it (a
+        # tokens file cut or removed after the index was written makes the shard one to tokenize again); on
+        # an object store the index is trusted, and a damaged tokens file is caught when read (read_shard)
+        sizes = self._sizes() if index and self._local() else None
         done, todo, unknown = {}, [], []
         for s in shards:
             m = index.get(s)
+            sid = self.shard_id(s)
             if m is None or m.get("retry"):
+                unknown.append(s)
+            elif sizes is not None and (sizes.get(f"{sid}.parquet") != m.get("bytes") or f"{sid}.json" not in sizes):
                 unknown.append(s)
             else:
                 done[s] = m
-        fresh = self._metas(unknown)
+        fresh = self._metas(unknown, sizes)
         for s in unknown:
             if s in fresh:
                 done[s] = fresh[s]
@@ -276,16 +283,24 @@ class TokenCache:
         done = {s: m for s, m in done.items() if s not in set(todo)}
         return done, todo
 
-    def _metas(self, shards: list[str]) -> dict[str, dict]:
+    def _local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "file" in protocol or "local" in protocol
+
+    def _sizes(self) -> dict[str, int]:
+        """{file name: size} of shards/ (one listing; {} when nothing is written yet)."""
+        try:
+            return {PurePosixPath(e["name"]).name: e.get("size") for e in self.fs.ls(self._path("shards"), detail=True)}
+        except OSError:
+            return {}
+
+    def _metas(self, shards: list[str], sizes: dict[str, int] | None = None) -> dict[str, dict]:
         """The completion records of `shards` that are complete and whole: one listing of shards/ (sizes),
         then the records fetched in one batch (fsspec's cat of many paths: concurrent on an object store)."""
         if not shards:
             return {}
-        try:
-            sizes = {
-                PurePosixPath(e["name"]).name: e.get("size") for e in self.fs.ls(self._path("shards"), detail=True)
-            }
-        except OSError:  # nothing written yet
+        sizes = self._sizes() if sizes is None else sizes
+        if not sizes:
             return {}
         want = {}
         for s in shards:
@@ -419,7 +434,8 @@ class TokenCache:
         if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise UserError(
                 f"token cache {self.url}: the tokens of {shard} are damaged "
-                f"({len(data)} bytes, {meta['bytes']} written); delete that shard's files to rebuild it"
+                f"({len(data)} bytes, {meta['bytes']} written); delete that shard's files (and, on an object "
+                f"store, {self.url}/index-*.parquet) to rebuild it"
             )
         return pq.read_table(io.BytesIO(data), columns=columns)
 

@@ -91,6 +91,7 @@ class Mapping:
         self.mods = _modalities()
         self.owner = {e: n for n, keys in self.mods.items() for e in keys}
         self.text_exts = set(self.mods.get("text", ("txt", "text"))) | {"json"}
+        self.sizes: dict[str, int] = {}  # {path: size} of the folder being read, from its listing
 
     def ext_of(self, field: str) -> str:
         """The extension a field is stored under: a modality's first one, or the field itself."""
@@ -186,7 +187,7 @@ class Mapping:
             return field, json.dumps(value, sort_keys=True).encode()
         if not isinstance(value, str):
             raise _Bad("media_unreadable", f"{field}: a {type(value).__name__}, not bytes or a path")
-        return prefix + self._ext_from(ext, value), read_media(root, value, bounds, field)
+        return prefix + self._ext_from(ext, value), read_media(root, value, bounds, field, self.sizes)
 
     def _ext_from(self, ext: str, path: str | None) -> str:
         """A media path's own extension when its modality is the field's (a .png in the image column is
@@ -228,8 +229,9 @@ def inside(root: str, rel: str) -> str:
     return full
 
 
-def read_media(root: str, rel: str, bounds, field: str) -> bytes:
-    """The bytes of a media file under `root`, within the bounds (its size checked before it is read)."""
+def read_media(root: str, rel: str, bounds, field: str, sizes: dict | None = None) -> bytes:
+    """The bytes of a media file under `root`, within the bounds (its size checked before it is read: from
+    `sizes`, a listing's {path: size}, where it was listed, so a remote folder costs no HEAD per file)."""
     import fsspec
 
     full = inside(root, rel)
@@ -238,7 +240,8 @@ def read_media(root: str, rel: str, bounds, field: str) -> bytes:
     try:
         if "://" in full:
             fs, path = fsspec.core.url_to_fs(full)
-            size, opener = fs.size(path), lambda: fs.open(path, "rb")
+            size = (sizes or {}).get(path)
+            size, opener = size if size is not None else fs.size(path), lambda: fs.open(path, "rb")
         else:  # local: the OS directly (an fsspec filesystem resolved per file cost a third of a folder's read)
             size, opener = os.path.getsize(full), lambda: open(full, "rb")
         if size is not None and size > cap:
@@ -476,7 +479,10 @@ class Folder:
             fs, root = fsspec.core.url_to_fs(shard)
             if not fs.isdir(root):
                 raise FileNotFoundError(shard)
-            files = sorted(fs.find(root))
+            listed = fs.find(root, detail=True)
+            files = sorted(listed)
+            # a remote folder's sizes from its listing (read_media asks no HEAD of a listed file)
+            self.mapping.sizes = {p: e.get("size") for p, e in listed.items()} if "://" in shard else {}
         except Exception as e:  # noqa: BLE001
             yield _shard_failed(shard, e)
             return
@@ -561,7 +567,7 @@ class Folder:
             rec = RawRecord(shard, key)
             try:
                 for ext, r in sorted(groups[key].items()):
-                    fields[ext] = read_media(base, r, bounds, ext)
+                    fields[ext] = read_media(base, r, bounds, ext, self.mapping.sizes)
             except _Bad as e:
                 rec.error, rec.detail = e.reason, e.detail[:300]
                 yield rec
