@@ -159,6 +159,7 @@ SESSION_RAY_MODULES = {
     "tests/integration/test_local_ray_auth.py",
     "tests/integration/test_sources_run.py",
     "tests/integration/test_object_storage.py",
+    "tests/integration/test_own_data_ray.py",
 }
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from omnistream.modalities import registry
 from omnistream.pipelines.democorpus import PARQUET_OPTIONS, CorpusSpec
-from omnistream.pipelines.democorpus import as_folder as folder_of  # noqa: F401 - the tests' names
-from omnistream.pipelines.democorpus import as_jsonl as jsonl_of  # noqa: F401
-from omnistream.pipelines.democorpus import as_parquet as parquet_of  # noqa: F401
+from omnistream.pipelines.democorpus import as_folder as folder_of
+from omnistream.pipelines.democorpus import as_jsonl as jsonl_of
+from omnistream.pipelines.democorpus import as_parquet as parquet_of
 from omnistream.pipelines.records import part_ext, read_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -326,6 +327,80 @@ MEDIA_OPTIONS = PARQUET_OPTIONS  # how parquet_of's files are read
 def tar_records(shard) -> list[tuple[str, dict[str, bytes]]]:
     """(key, fields) of every record of a tar shard."""
     return [(r.key, dict(r.fields)) for r in read_shard(str(shard), 1 << 26)]
+
+
+# ---- one shard's records in every format (tests/integration/test_own_data*.py) -------------------------------
+
+MEDIA = ("jpg", "jpeg", "png", "wav", "flac")
+
+
+def _tar(records, path) -> str:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for key, fields in records:
+            w.write({"__key__": key, **fields})
+    return str(path)
+
+
+def _imagefolder(records, folder: Path) -> list:
+    """Hugging Face's imagefolder: the records of one image and a caption, `file_name` and `text` in
+    metadata.jsonl, their labels as columns. Returns the records it holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    held = []
+    with (folder / "metadata.jsonl").open("w") as f:
+        for key, fields in records:
+            img = [e for e in fields if e in ("jpg", "png")]
+            if len(img) != 1 or set(fields) - {img[0], "txt", "json"}:
+                continue
+            (folder / f"{key}.{img[0]}").write_bytes(fields[img[0]])
+            row = {"file_name": f"{key}.{img[0]}", **json.loads(fields.get("json", b"{}"))}
+            if "txt" in fields:
+                row["text"] = fields["txt"].decode()
+            f.write(json.dumps(row) + "\n")
+            held.append((key, fields))
+    return held
+
+
+def _librispeech(records, folder: Path) -> list:
+    """The LibriSpeech layout: SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac (or .wav) beside
+    SPEAKER-CHAPTER.trans.txt, a line `ID TEXT` per clip. Returns the same records, keyed as the reader keys
+    them, as tar records (clip and text only)."""
+    held = []
+    for n, (_, fields) in enumerate(r for r in records if {"txt"} < set(r[1]) and set(r[1]) & {"wav", "flac"}):
+        spk, chap = 19 + n % 2, 198
+        d = folder / str(spk) / str(chap)
+        d.mkdir(parents=True, exist_ok=True)
+        utt = f"{spk}-{chap}-{n:04d}"
+        ext = "wav" if "wav" in fields else "flac"
+        (d / f"{utt}.{ext}").write_bytes(fields[ext])
+        with (d / f"{spk}-{chap}.trans.txt").open("a") as f:
+            f.write(f"{utt} {fields['txt'].decode()}\n")
+        held.append((f"{spk}/{chap}/{utt}", {"txt": fields["txt"], ext: fields[ext]}))
+    return sorted(held)  # the reader goes through the folders and their transcripts in sorted order
+
+
+def own_formats(shard: str, tmp: Path) -> dict:
+    """The records of tar `shard` in every format omnistream reads: {name: (format, format options, the
+    shard in that format, the same records as a tar)} (tests/integration/test_own_data*.py)."""
+    records = tar_records(shard)
+    image_recs = _imagefolder(records, tmp / "imagefolder")
+    speech = _librispeech(records, tmp / "librispeech")
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet_of(records, tmp / "own.parquet"))
+    with ipc.new_stream(str(tmp / "own.arrow"), table.schema) as w:  # what datasets' save_to_disk writes
+        w.write_table(table, max_chunksize=100)
+    return {
+        # name: (format, format options, shard, the same records as a tar)
+        "parquet": ("parquet", MEDIA_OPTIONS, str(tmp / "own.parquet"), shard),
+        "arrow": ("parquet", MEDIA_OPTIONS, str(tmp / "own.arrow"), shard),
+        "jsonl": ("jsonl", {}, jsonl_of(records, tmp / "jsonl"), shard),
+        "folder": ("folder", {}, folder_of(records, tmp / "folder"), shard),
+        "imagefolder": ("folder", {}, str(tmp / "imagefolder"), _tar(image_recs, tmp / "imagefolder.tar")),
+        "librispeech": ("folder", {}, str(tmp / "librispeech"), _tar(speech, tmp / "librispeech.tar")),
+    }
 
 
 # ---- the headless Chromium the browser tests drive (tests/browser) ------------------------------------------

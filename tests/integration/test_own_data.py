@@ -7,18 +7,13 @@ info` and `data inspect` on them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
-import webdataset as wds
 
-from common import EXE, MEDIA_OPTIONS, REPO, SMALL_OPTIONS, folder_of, jsonl_of, mlflow_client, parquet_of, tar_records
+from common import EXE, SMALL_OPTIONS, mlflow_client, own_formats, tar_records
 from omnistream.pipelines.accounting import Tally
 from omnistream.pipelines.config import DataConfig
 from omnistream.pipelines.documents import RecordProcessor
@@ -26,72 +21,10 @@ from omnistream.pipelines.documents import RecordProcessor
 MEDIA = ("jpg", "jpeg", "png", "wav", "flac")
 
 
-def _tar(records, path) -> str:
-    with wds.TarWriter(str(path)) as w:
-        for key, fields in records:
-            w.write({"__key__": key, **fields})
-    return str(path)
-
-
-def _imagefolder(records, folder: Path) -> list:
-    """Hugging Face's imagefolder: the records of one image and a caption, `file_name` and `text` in
-    metadata.jsonl, their labels as columns. Returns the records it holds."""
-    folder.mkdir(parents=True, exist_ok=True)
-    held = []
-    with (folder / "metadata.jsonl").open("w") as f:
-        for key, fields in records:
-            img = [e for e in fields if e in ("jpg", "png")]
-            if len(img) != 1 or set(fields) - {img[0], "txt", "json"}:
-                continue
-            (folder / f"{key}.{img[0]}").write_bytes(fields[img[0]])
-            row = {"file_name": f"{key}.{img[0]}", **json.loads(fields.get("json", b"{}"))}
-            if "txt" in fields:
-                row["text"] = fields["txt"].decode()
-            f.write(json.dumps(row) + "\n")
-            held.append((key, fields))
-    return held
-
-
-def _librispeech(records, folder: Path) -> list:
-    """The LibriSpeech layout: SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac (or .wav) beside
-    SPEAKER-CHAPTER.trans.txt, a line `ID TEXT` per clip. Returns the same records, keyed as the reader keys
-    them, as tar records (clip and text only)."""
-    held = []
-    for n, (_, fields) in enumerate(r for r in records if {"txt"} < set(r[1]) and set(r[1]) & {"wav", "flac"}):
-        spk, chap = 19 + n % 2, 198
-        d = folder / str(spk) / str(chap)
-        d.mkdir(parents=True, exist_ok=True)
-        utt = f"{spk}-{chap}-{n:04d}"
-        ext = "wav" if "wav" in fields else "flac"
-        (d / f"{utt}.{ext}").write_bytes(fields[ext])
-        with (d / f"{spk}-{chap}.trans.txt").open("a") as f:
-            f.write(f"{utt} {fields['txt'].decode()}\n")
-        held.append((f"{spk}/{chap}/{utt}", {"txt": fields["txt"], ext: fields[ext]}))
-    return sorted(held)  # the reader goes through the folders and their transcripts in sorted order
-
-
 @pytest.fixture(scope="module")
 def formats(corpus, tmp_path_factory):
-    """Every format of the same records, with the tar each is checked against."""
-    tmp = tmp_path_factory.mktemp("own")
-    records = tar_records(corpus["train"][0])
-    image_recs = _imagefolder(records, tmp / "imagefolder")
-    speech = _librispeech(records, tmp / "librispeech")
-    import pyarrow.ipc as ipc
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(parquet_of(records, tmp / "own.parquet"))
-    with ipc.new_stream(str(tmp / "own.arrow"), table.schema) as w:  # what datasets' save_to_disk writes
-        w.write_table(table, max_chunksize=100)
-    return {
-        # name: (format, format options, shard, the same records as a tar)
-        "parquet": ("parquet", MEDIA_OPTIONS, str(tmp / "own.parquet"), corpus["train"][0]),
-        "arrow": ("parquet", MEDIA_OPTIONS, str(tmp / "own.arrow"), corpus["train"][0]),
-        "jsonl": ("jsonl", {}, jsonl_of(records, tmp / "jsonl"), corpus["train"][0]),
-        "folder": ("folder", {}, folder_of(records, tmp / "folder"), corpus["train"][0]),
-        "imagefolder": ("folder", {}, str(tmp / "imagefolder"), _tar(image_recs, tmp / "imagefolder.tar")),
-        "librispeech": ("folder", {}, str(tmp / "librispeech"), _tar(speech, tmp / "librispeech.tar")),
-    }
+    """Every format of the same records, with the tar each is checked against (tests/common)."""
+    return own_formats(corpus["train"][0], tmp_path_factory.mktemp("own"))
 
 
 def _outcomes(bundle, shard, fmt="webdataset", options=None, **data):
@@ -119,22 +52,6 @@ def test_each_format_keeps_the_ids_the_same_records_in_tar_give(formats, bundle,
     assert tally.kept > 0 and sum(1 for g in got if g[1] == "kept" and g[3]) == tally.kept
     if name in ("parquet", "arrow", "jsonl", "folder"):  # the documents of several parts came through in order
         assert any(len(g[3]) >= 3 for g in got)
-
-
-def test_data_inspect_reports_each_format_as_it_reports_the_tar(formats, ray_local):
-    """`data inspect`'s pass (the RecordProcessor actors on the session's Ray) on each format: the same
-    seen / kept / filtered / errored and per-modality counts as on the same records in tar."""
-    from omnistream.pipelines.inspect import inspect_shards
-
-    tars: dict[str, dict] = {}
-    for name, (fmt, options, shard, tar) in formats.items():
-        cfg = DataConfig(format=fmt, format_options=options, tokenizer_actors=1)
-        got = inspect_shards([shard], cfg, SMALL_OPTIONS, 0)
-        if tar not in tars:
-            tars[tar] = inspect_shards([tar], DataConfig(tokenizer_actors=1), SMALL_OPTIONS, 0)
-        want = tars[tar]
-        for k in ("seen", "kept", "filtered", "errored", "per_modality"):
-            assert got[k] == want[k], (name, k, got[k], want[k])
 
 
 def test_a_path_that_leaves_its_root_is_refused_and_counted(bundle, corpus, tmp_path):
@@ -214,49 +131,6 @@ def test_a_row_is_bounded_as_a_tar_record_is_while_it_is_read(bundle, tmp_path):
         ("kept", ""),
     ]
     assert tally.seen == 5 and tally.kept == 2
-
-
-def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))}
-
-
-def test_prepare_gives_byte_identical_shards_twice_and_after_a_kill(formats, ray_local, tmp_path):
-    """`data prepare` of five inputs in three formats: the shards hold the records read, twice gives the same
-    bytes (sha256), and a prepare killed (SIGKILL) after its first input, run again, gives them too."""
-    from omnistream.pipelines.formats import ReadBounds
-    from omnistream.pipelines.prepare import prepare
-
-    inputs = [formats[n][2] for n in ("folder", "imagefolder", "librispeech")]  # folders, one format
-    bounds = ReadBounds.of(DataConfig())
-    first = prepare(inputs, "folder", {}, bounds, str(tmp_path / "a"), ("records", 25), 2)
-    again = prepare(inputs, "folder", {}, bounds, str(tmp_path / "b"), ("records", 25), 1)
-    a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
-    assert a == b and len(a) >= 6 and first["written"] == again["written"] == first["seen"]
-    assert [r for s in sorted((tmp_path / "a").glob("shard-00000-*.tar")) for r in tar_records(s)] == sorted(
-        tar_records(formats["folder"][3])
-    )
-    # the same, killed after its first input is done, on one worker so that the others are not yet
-    out = tmp_path / "c"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    proc = subprocess.Popen(
-        [*EXE, "data", "prepare", *inputs, str(out), "--format", "folder", "--shard-size", "25", "--workers", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: the kill takes its local Ray with it
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not any((out / ".prepare").glob("0*.json")) and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    done = sorted(p.name for p in (out / ".prepare").glob("0*.json"))
-    assert 1 <= len(done) < len(inputs), (done, proc.stderr.read()[-2000:])
-    resumed = prepare(inputs, "folder", {}, bounds, str(out), ("records", 25), 2)
-    assert resumed["prepared_now"] == len(inputs) - len(done)
-    assert _digests(out) == a
-    assert not list(out.glob(".tmp-*"))
 
 
 def test_data_info_reads_a_parquet_source_from_the_command_line(formats, tmp_path):
