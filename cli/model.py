@@ -36,10 +36,13 @@ def register(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate from a prompt in any modality",
-        description="Load an exported model (or a checkpoint) and greedily continue a prompt given "
-        "as a file or text in modality --from, as modality --to. Text is printed; "
-        "images and audio are written to --out (PNG, WAV) and the path printed. "
-        "Example: omnistream generate out/model --from image --input digit.png",
+        description="Load an exported model (or a checkpoint) and continue a prompt given as a file "
+        "or text in modality --from, as modality --to: greedily, or sampled (--temperature, "
+        "--top-k, --top-p, --seed, --samples). What is written is always what --to can decode: "
+        "an image exactly its tokenizer's ids, a codec clip whole frames of its codebooks. Text "
+        "is printed; images and audio are written to --out (PNG, WAV) and the path printed. "
+        "Example: omnistream generate out/model --from text --input 'a picture of seven' --to image "
+        "--temperature 1 --top-k 50 --seed 3 --samples 4",
     )
     p.add_argument("model", help="exported model folder or checkpoint directory")
     p.add_argument("--from", dest="src", required=True, help="modality of the prompt, e.g. text, image, audio")
@@ -47,6 +50,18 @@ def register(sub) -> None:
     p.add_argument("--input", required=True, help="prompt: a file (.png/.jpg/.wav/...) or, for --from text, the text")
     p.add_argument("--out", help="where to write a generated image or audio (default generated.<ext>)")
     p.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's room)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the smallest set of tokens reaching p (default 1: all)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the draw: the same seed gives the same samples")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="samples of the prompt, in one batch (images and audio: --out's name gets -0, -1, ...)",
+    )
     p.add_argument("--bundle", help="tokenizer bundle, when MODEL is a checkpoint trained elsewhere")
     p.set_defaults(func=generate)
 
@@ -85,7 +100,7 @@ def export(args) -> int:
 def generate(args) -> int:
     from omnistream.common.errors import BadSample, UserError
     from omnistream.serving.export import load_model
-    from omnistream.serving.generate import generate_from
+    from omnistream.serving.generate import Sampling, generate_many
 
     model, vocab = load_model(args.model, args.bundle)
     if args.src not in vocab.by_name:
@@ -104,12 +119,16 @@ def generate(args) -> int:
     except BadSample as e:
         what = "no such file, nor" if not path.is_file() else "the file is not"
         raise UserError(f"--input {args.input}: {what} a {args.src} value ({e.reason}: {e.detail})") from None
-    out = generate_from(model, vocab, args.src, obj, args.dst, args.max_new_tokens)
-    if isinstance(out, str):  # a modality that decodes to text is printed
-        print(out)
-        return 0
-    ext, blob = vocab.by_name[args.dst].to_bytes(out)
-    target = Path(args.out or f"generated.{ext}")
-    target.write_bytes(blob)
-    print(f"wrote {target}")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    (outs,) = generate_many(model, vocab, [(args.src, obj)], args.dst, args.max_new_tokens, sampling, args.samples)
+    for i, out in enumerate(outs):
+        if isinstance(out, str):  # a modality that decodes to text is printed
+            print(out)
+            continue
+        ext, blob = vocab.by_name[args.dst].to_bytes(out)
+        target = Path(args.out or f"generated.{ext}")
+        if len(outs) > 1:
+            target = target.with_name(f"{target.stem}-{i}{target.suffix}")
+        target.write_bytes(blob)
+        print(f"wrote {target}")
     return 0

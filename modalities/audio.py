@@ -397,6 +397,14 @@ class AudioModality(BaseModality):
         codes = codec.encode_waves(self._network(), [np.asarray(p, dtype=np.float32) for p in prepared])
         return [codec.flatten(c, self.codebook) for c in codes]
 
+    def span(self, position: int) -> tuple[int, int, bool]:
+        """codec: a frame is `groups` ids, the g-th in codebook g's range [g·C, (g+1)·C) (codec.flatten), and a
+        clip ends only after a whole frame. k-means: any id, an end after the first."""
+        if not self._codec:
+            return 0, self.vocab_size, position > 0
+        g = position % self.options.groups
+        return g * self.codebook, (g + 1) * self.codebook, position > 0 and g == 0
+
     def decode_waves(self, ids_list: list) -> list[np.ndarray]:
         """codec: the waveform of each id sequence (codec.unflatten reads them), in one batch."""
         from . import codec

@@ -116,6 +116,14 @@ class BaseModality:
     def _set_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    # ---- generation (optional) ---------------------------------------------------
+    def span(self, position: int) -> tuple[int, int, bool]:
+        """What this modality can decode at place `position` (0, 1, ...) of a span a model writes: its local
+        ids [lo, hi) there, and whether the span may end there (its end marker next); lo == hi says it must
+        end. Generation holds the model to it (serving/generate.py), so every span decodes. By default:
+        every id of the block, and an end anywhere after the first id."""
+        return 0, self.vocab_size, position > 0
+
     # ---- data quality (optional) -------------------------------------------------
     def quality_reason(self, obj: Any, filters: FilterOptions) -> str | None:
         """Why a decoded object is not worth learning from (`data/filtered/<reason>`), or None.
@@ -351,3 +359,10 @@ def nearest(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
         .numpy()
         .astype(np.int64)
     )
+
+
+def span_of(mod, position: int) -> tuple[int, int, bool]:
+    """`mod.span(position)`, or, for a plugin that does not define it, every id of its block and an end
+    anywhere after the first id."""
+    span = getattr(mod, "span", None)
+    return span(position) if span is not None else (0, mod.vocab_size, position > 0)

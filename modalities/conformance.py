@@ -149,6 +149,7 @@ def check_modality(
     mod.decode_bytes(ext, data)
 
     check_any_ids(mod, V)
+    check_spans(mod, V)
 
     # persistence: save/load and pickling keep the fingerprint and the ids
     fp = mod.fingerprint()
@@ -229,4 +230,34 @@ def check_any_ids(mod: BaseModality, V: int) -> None:
             )
 
 
-__all__ = ["check_modality", "check_declaration", "check_any_ids", "ConformanceError"]
+def check_spans(mod: BaseModality, V: int, spans: int = 40, longest: int = 4096) -> None:
+    """What `span` allows decodes: spans drawn at random under it (each place's ids from its [lo, hi), an end
+    taken with probability 1/8 where allowed, and where lo == hi) decode and write with to_bytes; its ranges
+    lie in [0, vocab_size); it lets every span end within `longest` places. A plugin without `span` is held
+    to its default (any id of the block, an end after the first)."""
+    from .base import span_of
+
+    rng = np.random.default_rng(2)
+    for _ in range(spans):
+        ids: list[int] = []
+        while True:
+            lo, hi, may_end = span_of(mod, len(ids))
+            if not (0 <= lo <= hi <= V) or (lo == hi and not may_end):
+                _fail(
+                    mod,
+                    "span",
+                    f"span({len(ids)}) = {(lo, hi, may_end)}: ids [lo, hi) within [0, {V}), and "
+                    "an end allowed where no id is",
+                )
+            if lo == hi or (may_end and rng.random() < 1 / 8):
+                break
+            if len(ids) >= longest:
+                _fail(mod, "span", f"span() lets no span end within {longest} places")
+            ids.append(int(rng.integers(lo, hi)))
+        try:
+            mod.to_bytes(mod.decode(np.asarray(ids, dtype=np.int64)))
+        except Exception as e:  # noqa: BLE001 - this is the check
+            _fail(mod, "span", f"a span of {len(ids)} ids that span() allows does not decode: {type(e).__name__}: {e}")
+
+
+__all__ = ["check_modality", "check_declaration", "check_any_ids", "check_spans", "ConformanceError"]

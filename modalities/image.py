@@ -323,6 +323,11 @@ class ImageModality(BaseModality):
         """Several images through the encoder at once."""
         return self.encode_many([self.prepare(o) for o in objs])
 
+    def span(self, position: int) -> tuple[int, int, bool]:
+        """An image is exactly side×side ids (any of the block), then its end marker."""
+        T = self.side * self.side
+        return (0, self.vocab_size, False) if position < T else (0, 0, True)
+
     def decode(self, ids) -> Image.Image:
         self._require_fitted()
         o = self.options

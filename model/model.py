@@ -345,6 +345,33 @@ def loss_by_group(token_loss: torch.Tensor, labels: torch.Tensor, groups: torch.
     return sums, counts
 
 
+def pick(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row of (B, V) logits (-inf where not allowed). temperature 0 is greedy; else
+    softmax(logits / temperature) sampled from its `top_k` most likely tokens (0 = all) and from the
+    smallest set whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2019), with
+    `generator` for a reproducible draw. top_k = 1 is greedy whatever the temperature."""
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the ones before it already reach top_p (the first is always kept)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -354,20 +381,30 @@ def generate(
     extra_allowed: tuple[int, ...] = (),
     stop_token: int | None = None,
     use_cache: bool = True,
+    rule=None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of a batch of prompts of different lengths.
+    """Continuation of a batch of prompts of different lengths: greedy, or sampled (`pick`).
 
     Prompts are left-padded; pads get their own document id, so the document
     mask keeps them out of every real token's context and each prompt's
     positions start at 0. `allowed` = [lo, hi) restricts the choice to one
     modality's block (plus `extra_allowed`, e.g. its end marker): asking for
-    an image gets image ids. With the KV cache (default) the prompt runs once
-    and each new token is one token's forward; without it every step reruns
-    the whole sequence (the reference the cache is tested against).
+    an image gets image ids. `rule(i)` -> (lo, hi, may_stop), when given, says it
+    per position i of the new span instead: ids [lo, hi) there, and `stop_token`
+    only where may_stop (an image is exactly its ids per image, then its end
+    marker; a codec frame's ids each in their codebook's range). With the KV cache
+    (default) the prompt runs once and each new token is one token's forward;
+    without it every step reruns the whole sequence (the reference the cache is
+    tested against).
     """
     model.eval()
     device = next(model.parameters()).device
     B, T0 = len(prompts), max(len(p) for p in prompts)
+    V = model.cfg.vocab_size
     ids = torch.zeros(B, T0, dtype=torch.long, device=device)
     pos = torch.zeros_like(ids)
     doc = torch.zeros_like(ids)
@@ -377,17 +414,27 @@ def generate(
         doc[i, T0 - len(p) :] = 1
     bias = None
     if allowed is not None:
-        bias = torch.full((model.cfg.vocab_size,), float("-inf"), device=device)
+        bias = torch.full((V,), float("-inf"), device=device)
         bias[allowed[0] : allowed[1]] = 0
         bias[list(extra_allowed)] = 0
+
+    def rule_bias(i: int) -> torch.Tensor:
+        lo, hi, may_stop = rule(i)
+        b = torch.full((V,), float("-inf"), device=device)
+        b[lo:hi] = 0
+        if may_stop and stop_token is not None:
+            b[stop_token] = 0
+        return b
+
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype) if use_cache else None
     new = torch.zeros(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     step_ids, step_pos, step_doc = ids, pos, doc
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model(step_ids, step_pos, step_doc, cache=cache)[:, -1, :].float()
-        nxt = (logits if bias is None else logits + bias).argmax(-1)
+        b = rule_bias(step) if rule is not None else bias
+        nxt = pick(logits if b is None else logits + b, temperature, top_k, top_p, generator)
         new = torch.cat([new, nxt[:, None]], dim=1)
         if stop_token is not None:
             done |= nxt == stop_token

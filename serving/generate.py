@@ -1,24 +1,106 @@
-"""Generation from a loaded model: a prompt of one modality, continued greedily as another."""
+"""Generation from a loaded model: prompts of one modality continued as another, greedy or sampled, every
+span held to what its modality can decode (Modality.span)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from omnistream.common.errors import UserError
+from omnistream.modalities.base import span_of
 from omnistream.modalities.vocab import Vocabulary
 
 
-def generate_from(model, vocab: Vocabulary, src: str, obj, dst: str, max_new_tokens: int | None = None):
-    """Prompt [<bos>, <begin:src>, src ids, <end:src>, <begin:dst>] and decode the greedy continuation as dst."""
+@dataclass
+class Sampling:
+    """How the next token is chosen (model.pick): temperature 0 is greedy; top_k 0 and top_p 1 keep every
+    token; a seed makes a draw reproducible (the same prompts, options and seed give the same samples)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError(
+                f"sampling: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got {self.temperature}, "
+                f"{self.top_k}, {self.top_p})"
+            )
+
+
+def span_rule(vocab: Vocabulary, dst: str):
+    """rule(i) -> (lo, hi, may_end) in global ids for place i of a `dst` span (model.generate's `rule`)."""
+    mod, offset = vocab.by_name[dst], vocab.block(dst)[0]
+
+    def rule(i: int) -> tuple[int, int, bool]:
+        lo, hi, may_end = span_of(mod, i)
+        return offset + lo, offset + hi, may_end
+
+    return rule
+
+
+def generate_ids(
+    model, vocab: Vocabulary, prompts: list[list[int]], dst: str, max_new_tokens: int, sampling: Sampling
+) -> list[list[int]]:
+    """Each prompt's `dst` span (global ids, its end marker included when written), in one batch."""
+    import torch
+
     from omnistream.model.model import generate
 
-    for name in (src, dst):
+    generator = None
+    if sampling.seed is not None and sampling.temperature > 0:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
+    return generate(
+        model,
+        prompts,
+        max_new_tokens,
+        stop_token=vocab.end(dst),
+        rule=span_rule(vocab, dst),
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        generator=generator,
+    )
+
+
+def generate_many(
+    model,
+    vocab: Vocabulary,
+    items: list[tuple[str, object]],
+    dst: str,
+    max_new_tokens: int | None = None,
+    sampling: Sampling | None = None,
+    samples: int = 1,
+) -> list[list]:
+    """For each (src modality, object) prompt, `samples` decoded `dst` objects, all in one batch through the KV
+    cache: [<bos>, <begin:src>, src ids, <end:src>, <begin:dst>] continued until `dst`'s end marker."""
+    sampling = sampling or Sampling()
+    if samples < 1:
+        raise UserError(f"samples: at least 1, not {samples}")
+    for name in {dst, *(s for s, _ in items)}:
         if name not in vocab.by_name:
             raise UserError(f"the model knows modalities {vocab.names}, not {name!r}")
-    prompt = vocab.prompt(src, vocab.by_name[src].encode(obj), dst)
-    room = model.cfg.max_seq_len - len(prompt)
+    prompts = [vocab.prompt(src, vocab.by_name[src].encode(obj), dst) for src, obj in items]
+    room = model.cfg.max_seq_len - max(len(p) for p in prompts)
     n = min(max_new_tokens or room, room)
     if n <= 0:
-        raise UserError(f"the prompt ({len(prompt)} tokens) leaves no room in the model's {model.cfg.max_seq_len}")
-    out = generate(
-        model, [prompt], n, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),), stop_token=vocab.end(dst)
-    )[0]
-    return vocab.by_name[dst].decode(vocab.to_local(dst, out))
+        raise UserError(
+            f"the prompt ({max(len(p) for p in prompts)} tokens) leaves no room in the model's {model.cfg.max_seq_len}"
+        )
+    spans = generate_ids(model, vocab, [p for p in prompts for _ in range(samples)], dst, n, sampling)
+    mod = vocab.by_name[dst]
+    decoded = [mod.decode(vocab.to_local(dst, [t for t in s if t != vocab.end(dst)])) for s in spans]
+    return [decoded[i * samples : (i + 1) * samples] for i in range(len(items))]
+
+
+def generate_from(
+    model,
+    vocab: Vocabulary,
+    src: str,
+    obj,
+    dst: str,
+    max_new_tokens: int | None = None,
+    sampling: Sampling | None = None,
+):
+    """One prompt's continuation as `dst` (greedy unless `sampling` says otherwise)."""
+    return generate_many(model, vocab, [(src, obj)], dst, max_new_tokens, sampling)[0][0]

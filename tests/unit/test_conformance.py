@@ -68,6 +68,32 @@ class OneTooSmall(ImageModality):
         return super().vocab_size - 1
 
 
+class SpanPastItsBlock(ImageModality):
+    name = "spanpast"
+
+    def span(self, position):  # allows ids the model's block for it does not hold
+        return 0, self.vocab_size + 3, position > 0
+
+
+class SpanWithoutEnd(ImageModality):
+    name = "spanwithoutend"
+
+    def span(self, position):  # a span the model could never close
+        return 0, self.vocab_size, False
+
+
+def test_the_kit_holds_a_plugins_spans_to_what_it_can_decode(corpus):
+    """The built-ins' spans (an image exactly its ids then its end; a codec frame's ids in their codebooks)
+    decode when drawn at random (test_builtin_passes_the_kit); a span past the block, or one that never lets
+    a span end, fails the kit."""
+    samples = _samples(corpus, ImageModality.keys, 12)
+    opts = {"size": 16, "codebook_size": 16}
+    with pytest.raises(ConformanceError, match=r"'spanpast' fails 'span': span\(0\) = \(0, 19, False\)"):
+        check_modality(SpanPastItsBlock, samples, options=opts, subprocess=False)
+    with pytest.raises(ConformanceError, match="'spanwithoutend' fails 'span': span.. lets no span end"):
+        check_modality(SpanWithoutEnd, samples, options=opts, subprocess=False)
+
+
 def test_the_kit_catches_a_broken_plugin(corpus):
     """A plugin whose ids leave its range, one that crashes on bad bytes, one whose decode refuses short
     sequences, one whose vocab_size is one too small, one that cannot be pickled."""
