@@ -57,6 +57,14 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, help="seed of the draw: the same seed gives the same samples")
     p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance: mix the prompt's logits with the unconditional ones at this scale "
+        "(e.g. 3; default 1: the prompt alone; the model must have been trained with data.cfg_dropout)",
+    )
+    p.add_argument("--negative", help="with --cfg-scale: a text prompt to steer away from")
+    p.add_argument(
         "--samples",
         type=int,
         default=1,
@@ -119,8 +127,11 @@ def generate(args) -> int:
     except BadSample as e:
         what = "no such file, nor" if not path.is_file() else "the file is not"
         raise UserError(f"--input {args.input}: {what} a {args.src} value ({e.reason}: {e.detail})") from None
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    (outs,) = generate_many(model, vocab, [(args.src, obj)], args.dst, args.max_new_tokens, sampling, args.samples)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed, args.cfg_scale)
+    negative = ("text", args.negative) if args.negative else None
+    (outs,) = generate_many(
+        model, vocab, [(args.src, obj)], args.dst, args.max_new_tokens, sampling, args.samples, negative
+    )
     for i, out in enumerate(outs):
         if isinstance(out, str):  # a modality that decodes to text is printed
             print(out)

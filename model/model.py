@@ -386,8 +386,14 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uncond: list[list[int]] | None = None,
+    cfg_scale: float = 1.0,
 ) -> list[list[int]]:
     """Continuation of a batch of prompts of different lengths: greedy, or sampled (`pick`).
+
+    Classifier-free guidance (Ho & Salimans 2022; Emu3 uses 3.0): with `uncond` (one prompt per prompt: the
+    target's begin marker alone, or a negative prompt) both run in one batch, and the choice is made on
+    u + cfg_scale·(c − u) of their logits; each chosen token goes on both. cfg_scale 1 is the prompt alone.
 
     Prompts are left-padded; pads get their own document id, so the document
     mask keeps them out of every real token's context and each prompt's
@@ -403,7 +409,13 @@ def generate(
     """
     model.eval()
     device = next(model.parameters()).device
+    guided = uncond is not None
+    if guided:
+        if len(uncond) != len(prompts):
+            raise ValueError(f"{len(uncond)} unconditional prompts for {len(prompts)} prompts")
+        prompts = list(prompts) + list(uncond)  # one batch: the first half conditional, the second not
     B, T0 = len(prompts), max(len(p) for p in prompts)
+    n_out = B // 2 if guided else B
     V = model.cfg.vocab_size
     ids = torch.zeros(B, T0, dtype=torch.long, device=device)
     pos = torch.zeros_like(ids)
@@ -427,15 +439,20 @@ def generate(
         return b
 
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype) if use_cache else None
-    new = torch.zeros(B, 0, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    new = torch.zeros(n_out, 0, dtype=torch.long, device=device)
+    done = torch.zeros(n_out, dtype=torch.bool, device=device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     step_ids, step_pos, step_doc = ids, pos, doc
     for step in range(max_new_tokens):
         logits = model(step_ids, step_pos, step_doc, cache=cache)[:, -1, :].float()
+        if guided:
+            c, u = logits[:n_out], logits[n_out:]
+            logits = u + cfg_scale * (c - u)
         b = rule_bias(step) if rule is not None else bias
         nxt = pick(logits if b is None else logits + b, temperature, top_k, top_p, generator)
         new = torch.cat([new, nxt[:, None]], dim=1)
+        if guided:
+            nxt = torch.cat([nxt, nxt])  # the same token continues both halves
         if stop_token is not None:
             done |= nxt == stop_token
         if bool(done.all()):

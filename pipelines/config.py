@@ -110,6 +110,14 @@ class DataConfig(BaseModel):
     )
     seq_len: int = Field(256, ge=8, le=1 << 20, description="tokens per packed training row")
     epochs: int = Field(1, ge=1, description="passes over the training shards (training stops earlier at train.steps)")
+    cfg_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of documents of several parts laid out as their last part alone (the condition "
+        "dropped: Emu3's null prompt), so that generation can be guided (classifier-free guidance, "
+        "`generate --cfg-scale`); 0 leaves every document whole",
+    )
     modality_order: Literal["random", "config"] = Field(
         "random", description="order of modalities inside a document: drawn per record by seed, or the config's order"
     )

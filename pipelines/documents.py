@@ -145,18 +145,25 @@ def record_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(hashlib.sha256(f"{seed}:{epoch}:{key}".encode("utf-8", "surrogateescape")).digest())
 
 
-def make_document(vocab: Vocabulary, parts: list, ordered: bool, order: str, rng: random.Random | None):
+def make_document(
+    vocab: Vocabulary, parts: list, ordered: bool, order: str, rng: random.Random | None, cfg_dropout: float = 0.0
+):
     """Lay out one document from its parts [(modality, local ids)]; returns (tokens, modality_ids, cuts).
 
     A record's own parts (`ordered`) keep their order. One value per modality is laid out in the config's
     order, or, with data.modality_order = "random", in an order drawn per record and epoch, so that both
-    directions (image→text and text→image) get learned. `cuts` are the offsets where a part begins after
-    the first: the only places a document longer than a row may be split (packing.py)."""
+    directions (image→text and text→image) get learned. With data.cfg_dropout, a document of several parts
+    is, at that rate (drawn per record and epoch, after its order), its last part alone: the target without
+    its condition, what classifier-free guidance contrasts with (0 draws nothing: the stream is as before).
+    `cuts` are the offsets where a part begins after the first: the only places a document longer than a
+    row may be split (packing.py)."""
     parts = list(parts)
     if not ordered:
         parts.sort(key=lambda p: vocab.modality_index(p[0]))
         if order == "random" and rng is not None:
             rng.shuffle(parts)
+    if cfg_dropout > 0 and rng is not None and len(parts) > 1 and rng.random() < cfg_dropout:
+        parts = parts[-1:]
     toks, mods = vocab.document(parts)
     cuts = 1 + np.cumsum([len(ids) + 2 for _, ids in parts[:-1]], dtype=np.int64)
     return toks, mods, cuts

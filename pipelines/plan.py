@@ -181,6 +181,8 @@ def stream_settings(cfg: DataConfig, seed: int, mix_rows: int, cache_digest: str
     }
     if cfg.mix.on:
         s["mix_rows"] = mix_rows
+    if cfg.cfg_dropout:  # (only when set: a stream without it is the one every earlier checkpoint consumed)
+        s["cfg_dropout"] = cfg.cfg_dropout
     return s
 
 

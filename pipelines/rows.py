@@ -114,6 +114,7 @@ class WindowRows:
                     bool(docs.ordered[i]),
                     self.cfg.modality_order,
                     record_rng(self.seed, epoch, key),
+                    self.cfg.cfg_dropout,
                 )
                 yield f"{epoch}:{shard}:{key}", t.astype(np.int32), m.astype(np.int8), cuts
 

@@ -19,6 +19,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    cfg_scale: float = 1.0  # classifier-free guidance: 1 is the prompt alone (needs data.cfg_dropout in training)
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -40,9 +41,17 @@ def span_rule(vocab: Vocabulary, dst: str):
 
 
 def generate_ids(
-    model, vocab: Vocabulary, prompts: list[list[int]], dst: str, max_new_tokens: int, sampling: Sampling
+    model,
+    vocab: Vocabulary,
+    prompts: list[list[int]],
+    dst: str,
+    max_new_tokens: int,
+    sampling: Sampling,
+    negative: list[int] | None = None,
 ) -> list[list[int]]:
-    """Each prompt's `dst` span (global ids, its end marker included when written), in one batch."""
+    """Each prompt's `dst` span (global ids, its end marker included when written), in one batch. With
+    sampling.cfg_scale != 1 it is guided away from the unconditional prompt [<bos>, <begin:dst>], or from
+    `negative` (a prompt of what not to make) when given."""
     import torch
 
     from omnistream.model.model import generate
@@ -60,6 +69,8 @@ def generate_ids(
         top_k=sampling.top_k,
         top_p=sampling.top_p,
         generator=generator,
+        uncond=None if sampling.cfg_scale == 1 else [negative or vocab.prompt_parts([], dst)] * len(prompts),
+        cfg_scale=sampling.cfg_scale,
     )
 
 
@@ -71,9 +82,11 @@ def generate_many(
     max_new_tokens: int | None = None,
     sampling: Sampling | None = None,
     samples: int = 1,
+    negative: tuple[str, object] | None = None,
 ) -> list[list]:
     """For each (src modality, object) prompt, `samples` decoded `dst` objects, all in one batch through the KV
-    cache: [<bos>, <begin:src>, src ids, <end:src>, <begin:dst>] continued until `dst`'s end marker."""
+    cache: [<bos>, <begin:src>, src ids, <end:src>, <begin:dst>] continued until `dst`'s end marker.
+    `negative`: a (modality, object) prompt that guidance steers away from (with sampling.cfg_scale)."""
     sampling = sampling or Sampling()
     if samples < 1:
         raise UserError(f"samples: at least 1, not {samples}")
@@ -87,7 +100,8 @@ def generate_many(
         raise UserError(
             f"the prompt ({max(len(p) for p in prompts)} tokens) leaves no room in the model's {model.cfg.max_seq_len}"
         )
-    spans = generate_ids(model, vocab, [p for p in prompts for _ in range(samples)], dst, n, sampling)
+    neg = vocab.prompt(negative[0], vocab.by_name[negative[0]].encode(negative[1]), dst) if negative else None
+    spans = generate_ids(model, vocab, [p for p in prompts for _ in range(samples)], dst, n, sampling, neg)
     mod = vocab.by_name[dst]
     decoded = [mod.decode(vocab.to_local(dst, [t for t in s if t != vocab.end(dst)])) for s in spans]
     return [decoded[i * samples : (i + 1) * samples] for i in range(len(items))]

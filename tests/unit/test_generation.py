@@ -81,3 +81,52 @@ def test_sampled_spans_of_every_modality_decode(bundle, dst):
     if dst == "image":
         side = vocab.by_name["image"].side
         assert all(len(s) == side * side + 1 and s[-1] == vocab.end("image") for s in spans)
+
+
+def test_guidance_at_scale_1_is_the_prompt_and_at_0_the_unconditional_prompt():
+    """u + s·(c − u): s = 1 gives the prompt's own continuation, s = 0 the unconditional prompt's; both halves
+    run in one batch and go on with the same tokens."""
+    m = _model()
+    prompts, uncond = [[1, 2, 3, 4], [1, 5, 6]], [[1, 9], [1, 9]]
+    assert generate(m, prompts, 10, uncond=uncond, cfg_scale=1.0) == generate(m, prompts, 10)
+    assert generate(m, prompts, 10, uncond=uncond, cfg_scale=0.0) == generate(m, uncond, 10)
+    # between and beyond: the first token is the argmax of u + s·(c − u) of the two prompts' own logits
+    for s in (0.5, 3.0, -2.0):
+        for p, q in zip(prompts, uncond):
+            c = m(torch.tensor([p]), torch.arange(len(p))[None], torch.ones(1, len(p), dtype=torch.long))[0, -1]
+            u = m(torch.tensor([q]), torch.arange(len(q))[None], torch.ones(1, len(q), dtype=torch.long))[0, -1]
+            got = generate(m, [p], 1, uncond=[q], cfg_scale=s)[0][0]
+            assert got == int((u + s * (c - u)).argmax()), (s, p)
+
+
+def test_condition_dropout_keeps_the_last_part_at_its_rate_and_draws_nothing_at_0(bundle):
+    """data.cfg_dropout = 0.3: about 3 in 10 documents of several parts are their last part alone, the one the
+    whole document ends with; one-part documents stay; at 0 every document is what it was, and the record's
+    random draws are untouched (the stream is bit-identical to one without the setting)."""
+    import random
+
+    from omnistream.pipelines.config import DataConfig
+    from omnistream.pipelines.documents import make_document
+    from omnistream.pipelines.plan import stream_settings
+
+    vocab = Vocabulary.load(bundle, SMALL_OPTIONS)
+    parts = [("text", np.array([1, 2, 3])), ("image", np.arange(vocab.by_name["image"].side ** 2) % 8)]
+    dropped, n = 0, 2000
+    for i in range(n):
+        full, _, _ = make_document(vocab, parts, False, "random", random.Random(i))
+        a = random.Random(i)
+        zero, _, _ = make_document(vocab, parts, False, "random", a, 0.0)
+        assert np.array_equal(zero, full) and a.random() == (lambda r: (r.shuffle(list(parts)), r.random())[1])(
+            random.Random(i)
+        )
+        some, _, _ = make_document(vocab, parts, False, "random", random.Random(i), 0.3)
+        if len(some) < len(full):
+            dropped += 1
+            last = full[-(len(some) - 1) :]  # its last part, markers included, and <eos>
+            assert some[0] == full[0] and np.array_equal(some[1:], last)
+        one, _, _ = make_document(vocab, parts[:1], False, "random", random.Random(i), 0.3)
+        assert len(one) == 2 + 3 + 2
+    assert abs(dropped / n - 0.3) < 0.04
+    base = DataConfig()
+    assert "cfg_dropout" not in stream_settings(base, 0, 8, "d", 128)  # checkpoints made before resume as they did
+    assert stream_settings(base.model_copy(update={"cfg_dropout": 0.1}), 0, 8, "d", 128)["cfg_dropout"] == 0.1
