@@ -2,10 +2,11 @@
 `mlflow.pyfunc.load_model("models:/NAME/1")` and servable with `mlflow models serve`.
 
 predict takes a table with one column per prompt modality (`image`, `audio`: the file's bytes, PNG,
-WAV, ...; `text`: the text) and, as params, `to` (the modality to generate, default text) and
-`max_new_tokens`. Each row's first non-empty column is its prompt. It returns one row per input:
-`to`, `ext` and `output`, which is the text for text, else the file (PNG, WAV) in base64, so the
-answer is plain JSON when served.
+WAV, ...; `text`: the text) and, as params, `to` (the modality to generate, default text),
+`max_new_tokens`, and the sampling options `temperature`, `top_k`, `top_p`, `seed` and `cfg_scale`
+(serving/generate.Sampling; the defaults are greedy). The rows are generated in one batch. Each row's
+first non-empty column is its prompt. It returns one row per input: `to`, `ext` and `output`, which is
+the text for text, else the file (PNG, WAV) in base64, so the answer is plain JSON when served.
 """
 
 from __future__ import annotations
@@ -41,16 +42,24 @@ with warnings.catch_warnings(record=True):
         def predict(self, context, model_input, params: dict | None = None):
             import pandas as pd
 
-            from .generate import generate_from
+            from .generate import Sampling, generate_many
 
             params = params or {}
             dst = params.get("to") or "text"
             n = int(params.get("max_new_tokens") or 0) or None
+            seed = int(params.get("seed", -1))
+            sampling = Sampling(
+                float(params.get("temperature", 0.0)),
+                int(params.get("top_k", 0)),
+                float(params.get("top_p", 1.0)),
+                None if seed < 0 else seed,
+                float(params.get("cfg_scale", 1.0)),
+            )
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
             if len(rows) > MAX_ROWS:
                 raise UserError(f"{len(rows)} rows in one request, at most {MAX_ROWS}: send them in several requests")
-            out = []
-            for row in rows:
+            items = []
+            for i, row in enumerate(rows):
                 src = next((k for k in self.vocab.names if _present(row.get(k))), None)
                 if src is None:
                     raise UserError(f"each row needs one of the columns {self.vocab.names} (the prompt)")
@@ -58,10 +67,12 @@ with warnings.catch_warnings(record=True):
                 value = row[src]
                 data = value.encode() if isinstance(value, str) and src == "text" else _bytes(value)
                 try:
-                    obj = mod.decode_bytes(_sniff(data, mod.keys), data)
+                    items.append((src, mod.decode_bytes(_sniff(data, mod.keys), data)))
                 except BadSample as e:
-                    raise UserError(f"the {src} of row {len(out)} cannot be read: {e.reason} ({e.detail})") from None
-                res = generate_from(self.model, self.vocab, src, obj, dst, n)
+                    raise UserError(f"the {src} of row {i} cannot be read: {e.reason} ({e.detail})") from None
+            out = []
+            # every row in one batch through the KV cache, each held to what `dst` can decode
+            for (res,) in generate_many(self.model, self.vocab, items, dst, n, sampling) if items else []:
                 if isinstance(res, str):
                     out.append({"to": dst, "ext": "txt", "output": res})
                 else:
@@ -114,7 +125,18 @@ def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_ur
     signature = ModelSignature(
         inputs=Schema([ColSpec(binary.get(n, "binary"), n, required=False) for n in vocab.names]),
         outputs=Schema([ColSpec("string", "to"), ColSpec("string", "ext"), ColSpec("string", "output")]),
-        params=ParamSchema([ParamSpec("to", "string", "text"), ParamSpec("max_new_tokens", "long", 0)]),
+        params=ParamSchema(
+            [
+                ParamSpec("to", "string", "text"),
+                ParamSpec("max_new_tokens", "long", 0),
+                # sampling (serving/generate.Sampling): temperature 0 is greedy; seed -1 draws afresh
+                ParamSpec("temperature", "double", 0.0),
+                ParamSpec("top_k", "long", 0),
+                ParamSpec("top_p", "double", 1.0),
+                ParamSpec("seed", "long", -1),
+                ParamSpec("cfg_scale", "double", 1.0),
+            ]
+        ),
     )
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id or None), warnings.catch_warnings():

@@ -411,6 +411,24 @@ def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, 
             except OSError:
                 time.sleep(1)
         assert answer == {"predictions": [{"to": "text", "ext": "txt", "output": text}]}, answer
+        # text -> image, sampled with a seed, two prompts in one request: PNGs, the same bytes asked twice
+        body = _json.dumps(
+            {
+                "dataframe_split": {"columns": ["text"], "data": [["the digit 3"], ["a picture of seven"]]},
+                "params": {"to": "image", "temperature": 1.0, "top_k": 20, "seed": 5},
+            }
+        ).encode()
+
+        def ask():
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+            )
+            return _json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+
+        images = ask()
+        assert [p["ext"] for p in images] == ["png", "png"]
+        assert all(base64.b64decode(p["output"])[:4] == b"\x89PNG" for p in images)
+        assert ask() == images
     finally:
         os.killpg(srv.pid, 15)
         srv.wait(timeout=30)
