@@ -54,8 +54,10 @@ test-browser: install chromium
 test-fast: install
 	$(VENV)/bin/pytest -q tests/unit
 
+# bench.py's ratios; then what the trained demo model draws and dials, if `make demo` has trained one
 bench: install
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/generation.py || echo "generation bench skipped: run make demo first"
 
 clean:
 	rm -rf runs mlflow.db bench.json .pytest_cache

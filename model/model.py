@@ -451,12 +451,12 @@ def generate(
         b = rule_bias(step) if rule is not None else bias
         nxt = pick(logits if b is None else logits + b, temperature, top_k, top_p, generator)
         new = torch.cat([new, nxt[:, None]], dim=1)
-        if guided:
-            nxt = torch.cat([nxt, nxt])  # the same token continues both halves
         if stop_token is not None:
             done |= nxt == stop_token
         if bool(done.all()):
             break
+        if guided:
+            nxt = torch.cat([nxt, nxt])  # the same token continues both halves
         if cache is not None:  # only the new token goes in; rows already done run on, their tokens dropped
             step_ids, step_pos, step_doc = nxt[:, None], lengths[:, None], torch.ones_like(nxt)[:, None]
         else:

@@ -90,6 +90,11 @@ def test_guidance_at_scale_1_is_the_prompt_and_at_0_the_unconditional_prompt():
     prompts, uncond = [[1, 2, 3, 4], [1, 5, 6]], [[1, 9], [1, 9]]
     assert generate(m, prompts, 10, uncond=uncond, cfg_scale=1.0) == generate(m, prompts, 10)
     assert generate(m, prompts, 10, uncond=uncond, cfg_scale=0.0) == generate(m, uncond, 10)
+    # with a stop token: each row ends at its own
+    stop = generate(m, prompts, 10)[0][2]
+    assert generate(m, prompts, 10, stop_token=stop, uncond=uncond, cfg_scale=1.0) == generate(
+        m, prompts, 10, stop_token=stop
+    )
     # between and beyond: the first token is the argmax of u + s·(c − u) of the two prompts' own logits
     for s in (0.5, 3.0, -2.0):
         for p, q in zip(prompts, uncond):
