@@ -120,6 +120,9 @@ def _register_own_data(data) -> None:
         "--shard-size", default="1000", help="records per output shard (1000), or bytes (256MB); default 1000"
     )
     p.add_argument("--workers", type=int, default=0, help="inputs prepared at once (default: the Ray CPUs)")
+    p.add_argument(
+        "--in-process", action="store_true", help="no Ray: prepare the inputs one after another in this process"
+    )
     add_config(p, flag=True)
     p.set_defaults(func=prepare)
 
@@ -300,8 +303,11 @@ def prepare(args) -> int:
     shards = list_shards(args.source)  # no input is a user mistake, said before any cluster starts
     fmt = args.format or (cfg.data.format if args.config else guess_format(shards[0]))
     options = _options(args.options) if args.options else dict(cfg.data.format_options)
-    ray = connect(cfg.cluster.address, cfg.cluster.local_cpus)
-    workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if args.in_process:
+        workers = 0
+    else:
+        ray = connect(cfg.cluster.address, cfg.cluster.local_cpus)
+        workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     report = prepare(shards, fmt, options, ReadBounds.of(cfg.data), args.out_dir, size, workers)
     errored = sum(report["errored"].values())
     print(

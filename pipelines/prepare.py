@@ -162,11 +162,32 @@ def finished(out: Path, i: int, shard: str) -> dict | None:
     return d
 
 
+def _run(todo: list[int], shards, fmt, options, bounds, out: str, size, workers: int):
+    """(input number, its finished record) as each is done: Ray tasks, `workers` at once; 0: in this process."""
+    if workers == 0:
+        for i in todo:
+            yield i, prepare_one(i, shards[i], fmt, options, bounds, out, size)
+        return
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(prepare_one)
+    pending: dict = {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < workers:
+            i = queue.pop(0)
+            pending[task.remote(i, shards[i], fmt, options, bounds, out, size)] = i
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            yield pending.pop(ref), ray.get(ref)
+
+
 def prepare(
     shards: list[str], fmt: str, options: dict, bounds: ReadBounds, out: str, size: tuple, workers: int
 ) -> dict:
-    """Every input shard prepared (those finished before skipped); returns the report written to prepare.json."""
-    import ray
+    """Every input shard prepared (those finished before skipped); returns the report written to prepare.json.
+    `workers` inputs at once as Ray tasks on the connected cluster; 0: one after another in this process (no
+    Ray: small data, or a machine without it)."""
     from tqdm import tqdm
 
     out_dir = Path(out).absolute()
@@ -186,28 +207,19 @@ def prepare(
         if d is not None:
             results[i] = d
     todo = [i for i in range(len(shards)) if i not in results]
-    task = ray.remote(num_cpus=1, max_retries=2)(prepare_one)
-    pending: dict = {}
     t0, records, errors = time.perf_counter(), 0, 0
     with tqdm(
         total=len(shards), initial=len(results), desc=f"{logs.TAG} preparing", unit=" shard", disable=None
     ) as bar:
-        queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < max(1, workers):
-                i = queue.pop(0)
-                pending[task.remote(i, shards[i], fmt, options, bounds, str(out_dir), size)] = i
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                i = pending.pop(ref)
-                d = results[i] = ray.get(ref)
-                t = Tally.from_json(d["tally"])
-                records += t.seen
-                errors += t.seen - t.kept + len(t.shard_errors)
-                bar.set_postfix_str(
-                    f"{records / max(time.perf_counter() - t0, 1e-9):.0f} records/s, {errors} errors", refresh=False
-                )
-                bar.update(1)
+        for i, d in _run(todo, shards, fmt, options, bounds, str(out_dir), size, workers):
+            results[i] = d
+            t = Tally.from_json(d["tally"])
+            records += t.seen
+            errors += t.seen - t.kept + len(t.shard_errors)
+            bar.set_postfix_str(
+                f"{records / max(time.perf_counter() - t0, 1e-9):.0f} records/s, {errors} errors", refresh=False
+            )
+            bar.update(1)
     tally = Tally()
     for i in sorted(results):
         tally.add(Tally.from_json(results[i]["tally"]))

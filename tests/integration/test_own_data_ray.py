@@ -57,7 +57,8 @@ def _digests(out: Path) -> dict[str, str]:
 
 def test_prepare_gives_byte_identical_shards_twice_and_after_a_kill(formats, ray_local, tmp_path):
     """`data prepare` of eight folders in three layouts: the shards hold the records read, twice gives the
-    same bytes (sha256), and a prepare killed (SIGKILL) after its first input, run again, gives them too."""
+    same bytes (sha256) on 2 and on 1 Ray workers, and a prepare killed (SIGKILL) after its first input
+    (`--in-process`), run again on Ray, gives them too."""
     from omnistream.pipelines.formats import ReadBounds
     from omnistream.pipelines.prepare import prepare
 
@@ -73,16 +74,17 @@ def test_prepare_gives_byte_identical_shards_twice_and_after_a_kill(formats, ray
     assert [r for s in sorted((tmp_path / "a").glob("shard-00000-*.tar")) for r in tar_records(s)] == sorted(
         tar_records(formats["folder"][3])
     )
-    # the same, killed after its first input is done, on one worker so that the others are not yet
+    # the same, killed after its first input is done: in one process (no second Ray beside the session's),
+    # one input after another, so that the others are not yet
     out = tmp_path / "c"
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     proc = subprocess.Popen(
-        [*EXE, "data", "prepare", *inputs, str(out), "--format", "folder", "--shard-size", "25", "--workers", "1"],
+        [*EXE, "data", "prepare", *inputs, str(out), "--format", "folder", "--shard-size", "25", "--in-process"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: the kill takes its local Ray with it
+        start_new_session=True,  # its own process group: the kill ends all of it
     )
     deadline = time.time() + 240
     while time.time() < deadline and not any((out / ".prepare").glob("0*.json")) and proc.poll() is None:
