@@ -430,13 +430,18 @@ def generate(
         bias[allowed[0] : allowed[1]] = 0
         bias[list(extra_allowed)] = 0
 
+    biases: dict[tuple, torch.Tensor] = {}  # a rule repeats a few masks (an image's, a codec frame's places)
+
     def rule_bias(i: int) -> torch.Tensor:
-        lo, hi, may_stop = rule(i)
-        b = torch.full((V,), float("-inf"), device=device)
-        b[lo:hi] = 0
-        if may_stop and stop_token is not None:
-            b[stop_token] = 0
-        return b
+        key = rule(i)
+        if key not in biases:
+            lo, hi, may_stop = key
+            b = torch.full((V,), float("-inf"), device=device)
+            b[lo:hi] = 0
+            if may_stop and stop_token is not None:
+                b[stop_token] = 0
+            biases[key] = b
+        return biases[key]
 
     cache = KVCache(model.cfg, B, T0 + max_new_tokens, device, next(model.parameters()).dtype) if use_cache else None
     new = torch.zeros(n_out, 0, dtype=torch.long, device=device)

@@ -280,7 +280,8 @@ class TokenCache:
         if fresh and any(index.get(s) != m for s, m in fresh.items()):
             self.write_index({**index, **fresh})
         todo = [s for s in shards if s not in done or (retry_failed and done[s].get("retry"))]
-        done = {s: m for s, m in done.items() if s not in set(todo)}
+        again = set(todo)
+        done = {s: m for s, m in done.items() if s not in again}
         return done, todo
 
     def _local(self) -> bool:

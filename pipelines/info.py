@@ -22,6 +22,7 @@ import numpy as np
 
 from .accounting import Tally
 from .config import DataConfig
+from .documents import document_length
 from .records import RawRecord, part_ext
 from .shards import list_shards
 
@@ -78,8 +79,7 @@ def collect(items) -> dict:
         if o.part_mods:
             values.setdefault("parts per document", []).append(len(o.part_mods))
         if o.parts:
-            # a document's tokens: <bos>, <eos>, and each part's ids within its begin/end markers
-            values.setdefault("tokens per document", []).append(2 + sum(len(ids) + 2 for _, ids in o.parts))
+            values.setdefault("tokens per document", []).append(document_length(o.parts))
             for m, ids in o.parts:
                 values.setdefault(f"tokens per {m} part", []).append(len(ids))
     return {"values": values, "outcomes": outcomes}

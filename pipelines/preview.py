@@ -16,6 +16,7 @@ import io
 import json
 import random
 
+from .documents import document_length
 from .records import RawRecord, part_ext
 
 THUMB = 192  # pixels on the longer side of an image's thumbnail
@@ -111,7 +112,7 @@ def page(items, n: int, seed: int, title: str) -> tuple[str, int]:
     pick.sort(key=lambda t: t[0])
     body = []
     for _, r, o in pick:
-        tokens = 2 + sum(len(ids) + 2 for _, ids in o.parts) if o.status == "kept" and o.parts else None
+        tokens = document_length(o.parts) if o.status == "kept" and o.parts else None
         body.append(record_html(r, o, tokens))
     doc = (
         "<!doctype html><html><head><meta charset='utf-8'>"

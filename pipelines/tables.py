@@ -39,6 +39,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .config import Limits
 from .records import RawRecord, part_ext
 
 TEXT_NAMES = ("caption", "sentence", "transcription", "transcript")  # columns that are text, beside `text`
@@ -92,6 +93,7 @@ class Mapping:
         self.owner = {e: n for n, keys in self.mods.items() for e in keys}
         self.text_exts = set(self.mods.get("text", ("txt", "text"))) | {"json"}
         self.sizes: dict[str, int] = {}  # {path: size} of the folder being read, from its listing
+        self._plans: dict[tuple, tuple] = {}
 
     def ext_of(self, field: str) -> str:
         """The extension a field is stored under: a modality's first one, or the field itself."""
@@ -112,7 +114,14 @@ class Mapping:
         return None
 
     def plan(self, names: list[str]) -> tuple[str, dict[str, str], dict[str, str], list[str]]:
-        """(key column, {ext: column}, {ext: list column}, label columns) for a table with these columns."""
+        """(key column, {ext: column}, {ext: list column}, label columns) for a table with these columns
+        (worked out once per set of columns: manifests and metadata files repeat theirs on every row)."""
+        k = tuple(names)
+        if k not in self._plans:
+            self._plans[k] = self._plan(list(names))
+        return self._plans[k]
+
+    def _plan(self, names: list[str]) -> tuple[str, dict[str, str], dict[str, str], list[str]]:
         key = self.o.key or next((k for k in KEY_COLUMNS if k in names), "")
         if self.o.columns or self.o.parts:
             cols = {self.ext_of(f): c for f, c in self.o.columns.items()}
@@ -143,8 +152,6 @@ class Mapping:
                         if i < len(items) and items[i] is not None:
                             fields.append((f"{n}.{e}", items[i]))
                             n += 1
-            from .config import Limits
-
             limits = bounds.limits or Limits()
             got: dict[str, bytes] = {}
             held = 0
@@ -263,8 +270,6 @@ def _cap(bounds, ext: str) -> int:
 
 def _bounded(rec: RawRecord, got: dict[str, bytes], bounds) -> RawRecord:
     """The tar reader's per-record bounds, applied to a row's fields."""
-    from .config import Limits
-
     limits = bounds.limits or Limits()
     held = 0
     for ext, data in got.items():
@@ -286,8 +291,6 @@ def _bounded(rec: RawRecord, got: dict[str, bytes], bounds) -> RawRecord:
 def _small_file(fs, path: str, bounds) -> bytes:
     """A metadata or transcript file, read whole when it is within data.limits.record_bytes (a larger one is
     not metadata: OSError, its shard's record says so)."""
-    from .config import Limits
-
     cap = (bounds.limits or Limits()).record_bytes
     size = fs.size(path)
     if size is not None and size > cap:
@@ -385,8 +388,6 @@ class JsonLines:
     def read(self, shard: str, bounds) -> Iterator[RawRecord]:
         import fsspec
 
-        from .config import Limits
-
         limit = (bounds.limits or Limits()).record_bytes
         try:
             f = fsspec.open(shard, "rb").open()
@@ -397,7 +398,6 @@ class JsonLines:
             yield from self._lines(shard, f, limit, bounds)
 
     def _lines(self, shard, f, limit, bounds):
-        layout_for: dict[tuple, tuple] = {}
         seen: set[str] = set()
         place = 0
         while True:
@@ -427,8 +427,7 @@ class JsonLines:
                     shard, f"line-{place:08d}", error="bad_manifest_line", detail=f"line {place}: {e}"[:300]
                 )
                 continue
-            names = tuple(row)
-            layout = layout_for.setdefault(names, self.mapping.plan(list(names)))
+            layout = self.mapping.plan(list(row))
             rec = self.mapping.record(shard, place - 1, row, layout, _folder_of(shard), bounds)
             if rec.key in seen:
                 rec = RawRecord(shard, rec.key, error="duplicate_key", detail=f"line {place}")

@@ -191,7 +191,7 @@ def build_cache(
             summary["tokenized"] += 1
             log.warning("%s: %s", shard, tally.shard_errors[0]["detail"])
     # every completion record in one index: the next plan reads it, not two objects per shard
-    cache.write_index({**cache.index(), **done, **written})
+    cache.write_index({**done, **written})  # status read the index: `done` holds what it had
     reason = ray.get(ledger.stop_reason.remote(True))
     if reason:
         raise ErrorRateExceeded(reason)
