@@ -2,7 +2,9 @@
 it does not grade itself, and what generation costs.
 
 (1) Judges fitted here on the demo corpus's own media (never on the model's output):
-    - digits: a small CNN on 24×24 grey pixels of the training split's images (4 shards), its accuracy on
+    - digits: three small CNNs (logits averaged) on grey pixels of the training split's images (4 shards),
+      read at the resolution the model draws at (the image tokenizer's size: 16×16 in the demo; a judge
+      reading sharper pictures than a model can draw measures the resolution, not the digit), its accuracy on
       the held-out split's images, and on the same images through the demo's image tokenizer (encoded and
       decoded: the best a model drawing through it could score), printed beside it;
     - DTMF: the Goertzel power of the keypad's 8 tones (697-941 Hz rows, 1209-1633 Hz columns) over the
@@ -33,43 +35,57 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = int(os.environ.get("BENCH_GEN_PROMPTS", "10"))  # captions per digit, per setting
 SPANS = int(os.environ.get("BENCH_GEN_SPANS", "1000"))
+JUDGES = 3  # CNNs in the digit judge, their logits averaged
 KEYS = {1: (697, 1209), 2: (697, 1336), 3: (697, 1477), 4: (770, 1209), 5: (770, 1336), 6: (770, 1477),
         7: (852, 1209), 8: (852, 1336), 9: (852, 1477), 0: (941, 1336)}  # fmt: skip
 ROWS, COLS = (697, 770, 852, 941), (1209, 1336, 1477, 1633)
 
 
-def pixels(im) -> np.ndarray:
-    """24×24 grey, standardised per image (the judge sees shape, not the background's colour)."""
-    a = np.asarray(im.convert("L").resize((24, 24)), dtype=np.float32)
+def pixels(im, side: int) -> np.ndarray:
+    """side×side grey (the resolution the model draws at: the image tokenizer's `size`), standardised per image
+    (the judge sees shape, not the background's colour). Every image the judge sees, the corpus's and the
+    model's, is read the same way, so a digit is judged by what a side×side picture can show."""
+    a = np.asarray(im.convert("L").resize((side, side), Image.BILINEAR), dtype=np.float32)
     return (a - a.mean()) / (a.std() + 1e-6)
 
 
-def fit_digit_judge(train: list[tuple[np.ndarray, int]], epochs: int = 30):
-    """A small CNN (two conv layers, 16 and 32 channels) fitted on the corpus's own images, with small shifts
-    drawn per batch (seeded)."""
+def fit_digit_judge(train: list[tuple[np.ndarray, int]], epochs: int = 30, seeds: int = JUDGES):
+    """`seeds` small CNNs (two conv layers, 16 and 32 channels, each its own seed and shifts of a pixel drawn per
+    batch) fitted on the corpus's own images; their averaged logits name the digit (one network's verdict on
+    an ambiguous drawing moved by 0.08 between seeds; the average by less)."""
     x = torch.tensor(np.stack([p for p, _ in train]))[:, None]
     y = torch.tensor([d for _, d in train])
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 6 * 6, 10),
-    )  # fmt: skip
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    shifts = np.random.default_rng(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(128):
-            xb = torch.roll(x[idx], shifts=tuple(int(v) for v in shifts.integers(-2, 3, 2)), dims=(2, 3))
-            loss = torch.nn.functional.cross_entropy(net(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    return lambda p: int(net(torch.tensor(p)[None, None]).argmax())
+    side = x.shape[-1]
+    nets = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(32 * (side // 4) ** 2, 10),
+        )  # fmt: skip
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        shifts = np.random.default_rng(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x)).split(128):
+                xb = torch.roll(x[idx], shifts=tuple(int(v) for v in shifts.integers(-1, 2, 2)), dims=(2, 3))
+                loss = torch.nn.functional.cross_entropy(net(xb), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        nets.append(net.eval())
+
+    @torch.no_grad()
+    def judge(p: np.ndarray) -> int:
+        t = torch.tensor(p)[None, None]
+        return int(sum(net(t) for net in nets).argmax())
+
+    return judge
 
 
 def goertzel(wave: np.ndarray, rate: int, f: float) -> float:
@@ -90,7 +106,6 @@ def dial(wave: np.ndarray, rate: int) -> int | None:
 def media(shard: str) -> tuple[list, list]:
     """(image, digit) and (wave, rate, digit) of a demo shard's single-digit records."""
     import soundfile as sf
-    from PIL import Image
 
     from omnistream.pipelines.records import read_shard
 
@@ -129,17 +144,18 @@ def quality(model, vocab, data_dir: str) -> dict:
 
     train_imgs = [x for s in sorted(glob.glob(f"{data_dir}/train-*.tar"))[:4] for x in media(s)[0]]
     held_imgs, held_clips = media(f"{data_dir}/eval-000.tar")
-    judge = fit_digit_judge([(pixels(im), d) for im, d in train_imgs])
     img, aud = vocab.by_name["image"], vocab.by_name["audio"]
+    side = img.options.size
+    judge = fit_digit_judge([(pixels(im, side), d) for im, d in train_imgs])
 
     def share(hits) -> float:
         return round(float(np.mean(list(hits))), 3)
 
     out = {
-        "judge_digit_accuracy_on_held_out_images": share(judge(pixels(im)) == d for im, d in held_imgs),
+        "judge_digit_accuracy_on_held_out_images": share(judge(pixels(im, side)) == d for im, d in held_imgs),
         # the best a model drawing through this tokenizer could do: the held-out images encoded and decoded
         "judge_digit_accuracy_on_their_tokenizer_roundtrip": share(
-            judge(pixels(img.decode(img.encode(img.decode_bytes("png", _png(im)))))) == d for im, d in held_imgs
+            judge(pixels(img.decode(img.encode(img.decode_bytes("png", _png(im)))), side)) == d for im, d in held_imgs
         ),
         "judge_dtmf_accuracy_on_held_out_clips": share(dial(w, sr) == d for w, sr, d in held_clips),
         "judge_dtmf_accuracy_on_their_tokenizer_roundtrip": share(
@@ -164,7 +180,7 @@ def quality(model, vocab, data_dir: str) -> dict:
             outs = generate_many(model, vocab, [("text", t) for _, t in asks], dst, 200, s)
             secs = time.perf_counter() - t0
             if dst == "image":
-                named = [judge(pixels(o[0])) for o in outs]
+                named = [judge(pixels(o[0], side)) for o in outs]
             else:
                 named = [dial(o[0].wave, o[0].sample_rate) for o in outs]
             out[f"text_to_{dst}_accuracy_{name}"] = round(float(np.mean([n == d for n, (d, _) in zip(named, asks)])), 3)

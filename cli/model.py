@@ -42,26 +42,31 @@ def register(sub) -> None:
         "an image exactly its tokenizer's ids, a codec clip whole frames of its codebooks. Text "
         "is printed; images and audio are written to --out (PNG, WAV) and the path printed. "
         "Example: omnistream generate out/model --from text --input 'a picture of seven' --to image "
-        "--temperature 1 --top-k 50 --seed 3 --samples 4",
+        "--temperature 1 --top-k 50 --seed 3 --samples 4. Options not given take the model's defaults for --to "
+        "(the training config's [generate.<modality>], kept in the export), else greedy.",
     )
     p.add_argument("model", help="exported model folder or checkpoint directory")
     p.add_argument("--from", dest="src", required=True, help="modality of the prompt, e.g. text, image, audio")
     p.add_argument("--to", dest="dst", default="text", help="modality to generate (default text)")
     p.add_argument("--input", required=True, help="prompt: a file (.png/.jpg/.wav/...) or, for --from text, the text")
     p.add_argument("--out", help="where to write a generated image or audio (default generated.<ext>)")
-    p.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's room)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    # None: the model's own default for --to ([generate.<modality>] of the run that trained it), else the one named
+    p.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the model's, else its room)")
     p.add_argument(
-        "--top-p", type=float, default=1.0, help="sample from the smallest set of tokens reaching p (default 1: all)"
+        "--temperature", type=float, help="sample at this temperature (default: the model's, else 0: greedy)"
+    )
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: the model's, else 0: all)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="sample from the smallest set of tokens reaching p (default: the model's, else 1: all)",
     )
     p.add_argument("--seed", type=int, help="seed of the draw: the same seed gives the same samples")
     p.add_argument(
         "--cfg-scale",
         type=float,
-        default=1.0,
         help="classifier-free guidance: mix the prompt's logits with the unconditional ones at this scale "
-        "(e.g. 3; default 1: the prompt alone; the model must have been trained with data.cfg_dropout)",
+        "(e.g. 3; default: the model's, else 1: the prompt alone; best with a model trained with data.cfg_dropout)",
     )
     p.add_argument("--negative", help="with --cfg-scale: a text prompt to steer away from")
     p.add_argument(
@@ -107,8 +112,8 @@ def export(args) -> int:
 
 def generate(args) -> int:
     from omnistream.common.errors import BadSample, UserError
-    from omnistream.serving.export import load_model
-    from omnistream.serving.generate import Sampling, generate_many
+    from omnistream.serving.export import generation_defaults, load_model
+    from omnistream.serving.generate import generate_many, sampling_for
 
     model, vocab = load_model(args.model, args.bundle)
     if args.src not in vocab.by_name:
@@ -127,11 +132,18 @@ def generate(args) -> int:
     except BadSample as e:
         what = "no such file, nor" if not path.is_file() else "the file is not"
         raise UserError(f"--input {args.input}: {what} a {args.src} value ({e.reason}: {e.detail})") from None
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed, args.cfg_scale)
-    negative = ("text", args.negative) if args.negative else None
-    (outs,) = generate_many(
-        model, vocab, [(args.src, obj)], args.dst, args.max_new_tokens, sampling, args.samples, negative
+    sampling, n = sampling_for(
+        generation_defaults(args.model),
+        args.dst,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        cfg_scale=args.cfg_scale,
+        max_new_tokens=args.max_new_tokens,
     )
+    negative = ("text", args.negative) if args.negative else None
+    (outs,) = generate_many(model, vocab, [(args.src, obj)], args.dst, n, sampling, args.samples, negative)
     for i, out in enumerate(outs):
         if isinstance(out, str):  # a modality that decodes to text is printed
             print(out)

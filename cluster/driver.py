@@ -396,9 +396,16 @@ def _end_run(tracker, status: str) -> None:
 def _ledger(tally):
     """The run's DataLedger, holding the token cache's accounting; the packers add what the mixer drops,
     and the stream's resume figures."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from omnistream.pipelines.ledger import DataLedger
 
-    ledger = DataLedger.remote()  # the error rate was judged when the shards were tokenized
+    # On the driver's own node: the run's accounting shares the fate of the process that reports it. Left to
+    # Ray it may land on any node, and after a node is lost the retry's new ledger went to that node before
+    # Ray had noticed it was gone (the rehearsal of tests/system/test_scale.py): the run failed again.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = DataLedger.options(scheduling_strategy=here).remote()  # the error rate was judged at tokenizing
     ledger.add.remote(tally, "token_cache")
     return ledger
 
@@ -441,6 +448,7 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **cfg.cluster.worker_resources},
+            placement_strategy=cfg.cluster.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,

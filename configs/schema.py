@@ -87,6 +87,11 @@ class ClusterConfig(_Section):
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each training worker needs, e.g. {trainer = 1}"
     )
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the training workers: PACK fills as few nodes as it can (fast collectives); "
+        "SPREAD puts them on as many as it can (a lost node takes fewer ranks with it)",
+    )
     local_cpus: int = Field(0, ge=0, description="CPUs a local Ray offers (0 = this machine's count)")
     storage_path: str = Field("runs/ray", description="where Ray Train persists checkpoints (local path or URI)")
 
@@ -179,6 +184,21 @@ class EvalConfig(_Section):
     samples: int = Field(3, ge=0, description="generated examples logged as files per task")
 
 
+class GenerateDefaults(_Section):
+    """How a model writes one target modality unless a request says otherwise (`[generate.<modality>]`): saved
+    into the exported model, read by `omnistream generate` and the served model."""
+
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens (0: all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sample from the smallest set of tokens reaching p (1: all)")
+    cfg_scale: float = Field(
+        1.0, description="classifier-free guidance scale (1: the prompt alone; needs data.cfg_dropout in training)"
+    )
+    max_new_tokens: int = Field(
+        0, ge=0, description="length bound of the span (0: the model's room); it ends at its end marker before"
+    )
+
+
 class RunConfig(_Section):
     name: str = Field("demo", description="run name")
     seed: int = Field(0, description="seed of everything: shard order, modality order, init")
@@ -194,6 +214,11 @@ class RunConfig(_Section):
         default_factory=TrackingConfig, description="where the run is recorded (MLflow by default)"
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    generate: dict[str, GenerateDefaults] = Field(
+        default_factory=dict,
+        description="generation defaults per target modality, e.g. [generate.image] cfg_scale = 3 "
+        "(flags and request params override them)",
+    )
     demo: CorpusSpec = Field(default_factory=CorpusSpec, description="the corpus `omnistream demo` writes first")
 
     @field_validator("modalities")
@@ -218,6 +243,9 @@ class RunConfig(_Section):
         unknown = sorted(set(self.data.mix.shares) - set(names))
         if unknown:
             raise ValueError(f"data.mix.shares names {unknown}, which this run's modalities {names} do not include")
+        unknown = sorted(set(self.generate) - set(names))
+        if unknown:
+            raise ValueError(f"generate names {unknown}, which this run's modalities {names} do not include")
         for task, t in self.eval.tasks.items():
             for role in ("prompt", "target"):
                 v = getattr(t, role)

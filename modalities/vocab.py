@@ -23,7 +23,7 @@ import numpy as np
 from omnistream.common.errors import UserError
 
 from . import registry
-from .base import BaseModality
+from .base import BaseModality, span_of
 
 SPECIALS = {"pad": 0, "bos": 1, "eos": 2}
 PAD, BOS, EOS = 0, 1, 2
@@ -95,6 +95,17 @@ class Vocabulary:
         toks.append(np.array([EOS]))
         mods.append(np.array([0]))
         return np.concatenate(toks).astype(np.int64), np.concatenate(mods).astype(np.int64)
+
+    def span_rule(self, dst: str):
+        """rule(i) -> (lo, hi, may_end) in global ids for place i of a `dst` span (model.generate's `rule`): what
+        `dst` can decode there (Modality.span), so that generation, evaluation and serving write only that."""
+        mod, offset = self.by_name[dst], self.offset(dst)
+
+        def rule(i: int) -> tuple[int, int, bool]:
+            lo, hi, may_end = span_of(mod, i)
+            return offset + lo, offset + hi, may_end
+
+        return rule
 
     def prompt(self, src: str, local: np.ndarray, dst: str) -> list[int]:
         """[<bos>, <begin:src>, src ids…, <end:src>, <begin:dst>]: a document of `src` whose continuation

@@ -138,14 +138,27 @@ def export(ckpt: str | Path, out_dir: str | Path, bundle: str | None = None) -> 
     meta = read_checkpoint_meta(ckpt)
     vocab = checkpoint_vocab(ckpt, meta, bundle)
     return write_export(
-        out_dir, consolidate(ckpt), dict(meta["config"]["model"]), vocab, meta["step"], meta.get("run_id", "")
+        out_dir,
+        consolidate(ckpt),
+        dict(meta["config"]["model"]),
+        vocab,
+        meta["step"],
+        meta.get("run_id", ""),
+        meta["config"].get("generate") or {},
     )
 
 
 def write_export(
-    out_dir: str | Path, weights: dict, model_cfg: dict, vocab: Vocabulary, step: int, run_id: str = ""
+    out_dir: str | Path,
+    weights: dict,
+    model_cfg: dict,
+    vocab: Vocabulary,
+    step: int,
+    run_id: str = "",
+    generate: dict | None = None,
 ) -> Path:
-    """The exported folder from whole weights (parameter name -> tensor): what `load_model` reads."""
+    """The exported folder from whole weights (parameter name -> tensor): what `load_model` reads. `generate`:
+    the run's [generate.<modality>] defaults, kept in model.json for `generation_defaults`."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -153,13 +166,31 @@ def write_export(
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / MODEL_FILE))
     (out / MODEL_META).write_text(
         json.dumps(
-            {"model": model_cfg, "step": step, "run_id": run_id, "vocab_fingerprint": vocab.fingerprint}, indent=1
+            {
+                "model": model_cfg,
+                "step": step,
+                "run_id": run_id,
+                "vocab_fingerprint": vocab.fingerprint,
+                "generate": generate or {},
+            },
+            indent=1,
         )
     )
     if (out / "tokenizers").exists():
         shutil.rmtree(out / "tokenizers")
     vocab.save(out / "tokenizers")
     return out
+
+
+def generation_defaults(path: str | Path) -> dict[str, dict]:
+    """The [generate.<modality>] defaults of the run that trained an exported model or a checkpoint ({} for
+    one exported before they were kept)."""
+    p = Path(path)
+    if (p / MODEL_META).exists():
+        return json.loads((p / MODEL_META).read_text()).get("generate") or {}
+    if (p / META).exists():
+        return read_checkpoint_meta(p)["config"].get("generate") or {}
+    return {}
 
 
 def load_model(path: str | Path, bundle: str | None = None):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from omnistream.common.errors import UserError
-from omnistream.modalities.base import span_of
 from omnistream.modalities.vocab import Vocabulary
 
 
@@ -29,15 +28,15 @@ class Sampling:
             )
 
 
-def span_rule(vocab: Vocabulary, dst: str):
-    """rule(i) -> (lo, hi, may_end) in global ids for place i of a `dst` span (model.generate's `rule`)."""
-    mod, offset = vocab.by_name[dst], vocab.block(dst)[0]
-
-    def rule(i: int) -> tuple[int, int, bool]:
-        lo, hi, may_end = span_of(mod, i)
-        return offset + lo, offset + hi, may_end
-
-    return rule
+def sampling_for(defaults: dict[str, dict], dst: str, **given) -> tuple[Sampling, int | None]:
+    """(Sampling, max_new_tokens) for target `dst`: the model's [generate.<dst>] defaults (export.generation_
+    defaults), each overridden by a value given here that is not None."""
+    chosen = {**defaults.get(dst, {}), **{k: v for k, v in given.items() if v is not None}}
+    n = chosen.pop("max_new_tokens", None) or None  # 0: the model's room
+    unknown = sorted(set(chosen) - {"temperature", "top_k", "top_p", "seed", "cfg_scale"})
+    if unknown:
+        raise UserError(f"generation options {unknown} are not known (temperature, top_k, top_p, seed, cfg_scale)")
+    return Sampling(**chosen), n
 
 
 def generate_ids(
@@ -64,7 +63,7 @@ def generate_ids(
         prompts,
         max_new_tokens,
         stop_token=vocab.end(dst),
-        rule=span_rule(vocab, dst),
+        rule=vocab.span_rule(dst),
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,

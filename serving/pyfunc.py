@@ -4,9 +4,10 @@
 predict takes a table with one column per prompt modality (`image`, `audio`: the file's bytes, PNG,
 WAV, ...; `text`: the text) and, as params, `to` (the modality to generate, default text),
 `max_new_tokens`, and the sampling options `temperature`, `top_k`, `top_p`, `seed` and `cfg_scale`
-(serving/generate.Sampling; the defaults are greedy). The rows are generated in one batch. Each row's
-first non-empty column is its prompt. It returns one row per input: `to`, `ext` and `output`, which is
-the text for text, else the file (PNG, WAV) in base64, so the answer is plain JSON when served.
+(serving/generate.Sampling). A param left at -1 (0 for max_new_tokens) takes the model's own default for `to`
+(the training config's [generate.<modality>], kept in the export), else greedy. The rows are generated in
+one batch. Each row's first non-empty column is its prompt. It returns one row per input: `to`, `ext` and
+`output`, which is the text for text, else the file (PNG, WAV) in base64, so the answer is plain JSON when served.
 """
 
 from __future__ import annotations
@@ -35,25 +36,32 @@ with warnings.catch_warnings(record=True):
         """pyfunc wrapper around export.load_model + export.generate_from."""
 
         def load_context(self, context) -> None:
-            from .export import load_model
+            from .export import generation_defaults, load_model
 
             self.model, self.vocab = load_model(context.artifacts[ARTIFACT])
+            self.defaults = generation_defaults(context.artifacts[ARTIFACT])
 
         def predict(self, context, model_input, params: dict | None = None):
             import pandas as pd
 
-            from .generate import Sampling, generate_many
+            from .generate import generate_many, sampling_for
 
             params = params or {}
             dst = params.get("to") or "text"
-            n = int(params.get("max_new_tokens") or 0) or None
-            seed = int(params.get("seed", -1))
-            sampling = Sampling(
-                float(params.get("temperature", 0.0)),
-                int(params.get("top_k", 0)),
-                float(params.get("top_p", 1.0)),
-                None if seed < 0 else seed,
-                float(params.get("cfg_scale", 1.0)),
+
+            def given(name: str, kind: type, unset=-1):  # the signature's default (-1, or 0) is "not given"
+                v = params.get(name)
+                return None if v is None or kind(v) == unset else kind(v)
+
+            sampling, n = sampling_for(
+                self.defaults,
+                dst,
+                temperature=given("temperature", float),
+                top_k=given("top_k", int),
+                top_p=given("top_p", float),
+                seed=given("seed", int),
+                cfg_scale=given("cfg_scale", float),
+                max_new_tokens=given("max_new_tokens", int, 0),
             )
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
             if len(rows) > MAX_ROWS:
@@ -129,12 +137,13 @@ def log_and_register(model_dir: str | Path, name: str, tracker=None, tracking_ur
             [
                 ParamSpec("to", "string", "text"),
                 ParamSpec("max_new_tokens", "long", 0),
-                # sampling (serving/generate.Sampling): temperature 0 is greedy; seed -1 draws afresh
-                ParamSpec("temperature", "double", 0.0),
-                ParamSpec("top_k", "long", 0),
-                ParamSpec("top_p", "double", 1.0),
+                # sampling (serving/generate.Sampling): -1 is the model's default for `to` ([generate.<to>]),
+                # else greedy; seed -1 draws afresh
+                ParamSpec("temperature", "double", -1.0),
+                ParamSpec("top_k", "long", -1),
+                ParamSpec("top_p", "double", -1.0),
                 ParamSpec("seed", "long", -1),
-                ParamSpec("cfg_scale", "double", 1.0),
+                ParamSpec("cfg_scale", "double", -1.0),
             ]
         ),
     )

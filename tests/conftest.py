@@ -112,7 +112,15 @@ def trained(ray_local, corpus, tracking_server, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("e2e")
     # evaluations at steps 5 and 10: samples at two steps, for the image card's step slider
-    cfg = run_config(corpus, tmp, *UNINTERRUPTED, "train.eval_every=5", f'tracking.uri="{tracking_server.uri}"')
+    # [generate.text] max_new_tokens: a default the export keeps, read back by `generate` and the served model
+    cfg = run_config(
+        corpus,
+        tmp,
+        *UNINTERRUPTED,
+        "train.eval_every=5",
+        "generate.text.max_new_tokens=4",
+        f'tracking.uri="{tracking_server.uri}"',
+    )
     vocab, summary = fit_bundle(cfg.resolved_paths().data, cfg.modalities, cfg.seed)
     assert set(summary["samples"]) == {"text", "image", "audio"}
 

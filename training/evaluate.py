@@ -146,15 +146,14 @@ def _wants_one(r: HeldOut, task: EvalTask) -> bool:
 def _generate(
     model: GPT, vocab: Vocabulary, prompts: list[list[int]], dst: str, n_new: int, errors: list[str], what: str
 ) -> list:
-    """Greedy continuations restricted to modality `dst`'s block, as `dst`'s decoded objects.
+    """Greedy continuations held to what modality `dst` can decode at each place (Vocabulary.span_rule: an
+    image exactly its ids, a codec frame each id in its codebook's range), as `dst`'s decoded objects.
 
     A continuation its modality cannot decode (a barely trained model makes one or two ids of an image
     or a clip; a plugin's decode may refuse any sequence) is None, and the reason is appended to
     `errors`: a sample that cannot be drawn is reported, it never ends a training run.
     """
-    gens = generate(
-        model, prompts, n_new, allowed=vocab.block(dst), extra_allowed=(vocab.end(dst),), stop_token=vocab.end(dst)
-    )
+    gens = generate(model, prompts, n_new, stop_token=vocab.end(dst), rule=vocab.span_rule(dst))
     out = []
     for i, g in enumerate(gens):
         local = vocab.to_local(dst, g)
@@ -182,7 +181,7 @@ class TaskContext:
     errors: list[str]
 
     def generate(self, prompts: list[list[int]], target: str, n_new: int, what: str = "") -> list:
-        """Greedy continuations restricted to `target`'s block, decoded (None where `target` cannot decode)."""
+        """Greedy continuations held to what `target` can decode, decoded (None where `target`'s decode refuses)."""
         return _generate(self.model, self.vocab, prompts, target, n_new, self.errors, what or self.name)
 
 

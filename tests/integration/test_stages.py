@@ -178,11 +178,13 @@ def test_the_served_model_bounds_a_request(corpus, bundle, rows, tmp_path):
     """The MLflow model's predict: one row per request is a generation; more than MAX_ROWS rows in one
     request is refused in one line (a request of thousands held the server for all of them), and a
     prompt file that is no image is a UserError saying so, not a traceback."""
+    from types import SimpleNamespace
+
     import pandas as pd
 
     from omnistream.common.errors import UserError
-    from omnistream.serving.export import export, load_model
-    from omnistream.serving.pyfunc import MAX_ROWS, OmnistreamModel
+    from omnistream.serving.export import export
+    from omnistream.serving.pyfunc import ARTIFACT, MAX_ROWS, OmnistreamModel
 
     single_process_group()
     cfg, vocab = small_config(
@@ -198,7 +200,7 @@ def test_the_served_model_bounds_a_request(corpus, bundle, rows, tmp_path):
     )
     trainer.train()
     served = OmnistreamModel()
-    served.model, served.vocab = load_model(export(saved[0], tmp_path / "m"))
+    served.load_context(SimpleNamespace(artifacts={ARTIFACT: str(export(saved[0], tmp_path / "m"))}))
     one = served.predict(None, pd.DataFrame({"text": ["the digit"]}), {"max_new_tokens": 2})
     assert len(one) == 1 and one["to"][0] == "text"
     with pytest.raises(UserError, match=f"at most {MAX_ROWS}"):

@@ -135,3 +135,26 @@ def test_condition_dropout_keeps_the_last_part_at_its_rate_and_draws_nothing_at_
     base = DataConfig()
     assert "cfg_dropout" not in stream_settings(base, 0, 8, "d", 128)  # checkpoints made before resume as they did
     assert stream_settings(base.model_copy(update={"cfg_dropout": 0.1}), 0, 8, "d", 128)["cfg_dropout"] == 0.1
+
+
+def test_a_runs_generate_defaults_are_the_starting_point_and_what_is_asked_wins():
+    """[generate.<modality>] is validated against the run's modalities, and sampling_for starts from the
+    target's defaults, each option asked for (not None) replacing its default; other targets stay greedy."""
+    from omnistream.common.errors import UserError
+    from omnistream.configs import load_config
+    from omnistream.serving.generate import sampling_for
+
+    cfg = load_config(
+        None, ["generate.image.cfg_scale=3", "generate.image.temperature=0.7", "generate.text.max_new_tokens=20"]
+    )
+    defaults = cfg.model_dump()["generate"]
+    s, n = sampling_for(defaults, "image")
+    assert (s.cfg_scale, s.temperature, s.top_k, n) == (3.0, 0.7, 0, None)
+    s, n = sampling_for(defaults, "image", temperature=None, top_k=5, cfg_scale=1.0, max_new_tokens=16)
+    assert (s.cfg_scale, s.temperature, s.top_k, n) == (1.0, 0.7, 5, 16)
+    assert sampling_for(defaults, "text") == (Sampling(), 20)
+    assert sampling_for(defaults, "audio") == (Sampling(), None)
+    with pytest.raises(UserError, match="generate names"):
+        load_config(None, ["generate.video.temperature=1"])
+    with pytest.raises(UserError, match="top_p"):
+        load_config(None, ["generate.text.top_p=0"])
