@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from figures import report  # noqa: E402  (benchmarks/figures.py: the script's folder is on sys.path)
 
 from omnistream.cli.demo import demo_config, prepare_demo  # noqa: E402
 from omnistream.cluster.connect import free_port  # noqa: E402
@@ -711,12 +712,7 @@ def main() -> int:
     figures.update(s3_tokenize_ratio(base))
     figures.update(memory_figures())
     figures.update(fit_rate_figures())
-    Path("bench.json").write_text(json.dumps(figures, indent=1))
-    width = max(map(len, figures))
-    print("\nomnistream bench (same process, same machine)")
-    for k, v in figures.items():
-        print(f"  {k:{width}s}  {v}")
-    print("written to bench.json")
+    report(figures, "bench.json", "omnistream bench (same process, same machine)")
     return 0
 
 

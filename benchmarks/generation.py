@@ -12,7 +12,8 @@ it does not grade itself, and what generation costs.
       same clips through the demo's audio tokenizer, printed too.
 (2) The model is asked for text->image and text->audio for every digit, PROMPTS captions each (the corpus's
     own caption phrases), greedy and sampled (temperature 0.7), each without and with classifier-free
-    guidance (scale 3, the unconditional prompt [<bos>, <begin:image>]); accuracy = share of outputs the
+    guidance (scale 3, the unconditional prompt [<bos>, <begin:image>]), and with the model's own
+    [generate.<modality>] defaults (what `omnistream generate` does unasked); accuracy = share of outputs the
     judge names as the asked digit (chance 0.1). Targets: >= 0.9 text->image with guidance, >= 0.9 text->audio.
 (3) Every sampled span decodes: SPANS spans per modality at temperature 1.5, counted.
 (4) Speed: a 1,024-token span with the KV cache against recomputing the whole sequence each step (a model of
@@ -35,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from figures import report  # benchmarks/figures.py (the script's folder is on sys.path)
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = int(os.environ.get("BENCH_GEN_PROMPTS", "10"))  # captions per digit, per setting
+PROMPTS = int(os.environ.get("BENCH_GEN_PROMPTS", "30"))  # captions per digit, per setting (300 prompts: ±0.02)
 SPANS = int(os.environ.get("BENCH_GEN_SPANS", "1000"))
 JUDGES = 3  # CNNs in the digit judge, their logits averaged
 KEYS = {1: (697, 1209), 2: (697, 1336), 3: (697, 1477), 4: (770, 1209), 5: (770, 1336), 6: (770, 1477),
@@ -138,9 +140,9 @@ def _roundtrip(aud, wave: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
     return back.wave, back.sample_rate
 
 
-def quality(model, vocab, data_dir: str) -> dict:
+def quality(model, vocab, data_dir: str, defaults: dict) -> dict:
     from omnistream.pipelines.democorpus import PHRASES, WORDS
-    from omnistream.serving.generate import Sampling, generate_many
+    from omnistream.serving.generate import Sampling, generate_many, sampling_for
 
     train_imgs = [x for s in sorted(glob.glob(f"{data_dir}/train-*.tar"))[:4] for x in media(s)[0]]
     held_imgs, held_clips = media(f"{data_dir}/eval-000.tar")
@@ -175,7 +177,9 @@ def quality(model, vocab, data_dir: str) -> dict:
         "sampled_guided": Sampling(temperature=0.7, seed=1, cfg_scale=3.0),
     }
     for dst in ("image", "audio"):
-        for name, s in settings.items():
+        # and what `omnistream generate` does unasked: the model's own [generate.<dst>] defaults
+        model_defaults, _ = sampling_for(defaults, dst, seed=1)
+        for name, s in {**settings, "model_defaults": model_defaults}.items():
             t0 = time.perf_counter()
             outs = generate_many(model, vocab, [("text", t) for _, t in asks], dst, 200, s)
             secs = time.perf_counter() - t0
@@ -235,7 +239,7 @@ def speed(model_width: int) -> dict:
 
 def main() -> int:
     from omnistream.common import logs
-    from omnistream.serving.export import load_model
+    from omnistream.serving.export import generation_defaults, load_model
 
     logs.setup()
     torch.set_num_threads(2)
@@ -249,14 +253,11 @@ def main() -> int:
         return 2
     model, vocab = load_model(model_dir)
     figures = {"model": model_dir}
-    figures.update(quality(model, vocab, str(REPO / "runs/demo/data") if len(sys.argv) < 3 else sys.argv[2]))
+    data = str(REPO / "runs/demo/data") if len(sys.argv) < 3 else sys.argv[2]
+    figures.update(quality(model, vocab, data, generation_defaults(model_dir)))
     figures.update(spans_decode(model, vocab))
     figures.update(speed(model.cfg.d_model))
-    Path("generation.json").write_text(json.dumps(figures, indent=1))
-    width = max(map(len, figures))
-    print("\nomnistream generation bench")
-    for k, v in figures.items():
-        print(f"  {k:{width}s}  {v}")
+    report(figures, "generation.json", "omnistream generation bench")
     return 0
 
 

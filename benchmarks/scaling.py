@@ -38,6 +38,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers' encode_batch: one
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+from figures import report  # benchmarks/figures.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 20  # epochs of the demo corpus dealt in (f)
@@ -248,11 +249,7 @@ def main() -> int:
     figures.update(dealing_rate())
     figures.update(cache_bytes(sys.argv[1] if len(sys.argv) > 1 else None))
     figures.update(checkpoint_figures(sys.argv[2] if len(sys.argv) > 2 else None))
-    Path("scaling.json").write_text(json.dumps(figures, indent=1))
-    width = max(map(len, figures))
-    print("\nomnistream scaling figures (one core)")
-    for k, v in figures.items():
-        print(f"  {k:{width}s}  {v}")
+    report(figures, "scaling.json", "omnistream scaling figures (one core)")
     return 0
 
 

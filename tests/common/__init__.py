@@ -442,3 +442,27 @@ def artifacts_dir() -> Path:
     d = Path(os.environ.get("OMNISTREAM_TEST_ARTIFACTS") or REPO / "test-artifacts")
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+class LogLines:
+    """The lines omnistream's loggers say while in the `with` block (at INFO and up), in `.lines`: what a
+    test reads of a run's driver log (omnistream's loggers do not propagate to the root)."""
+
+    def __enter__(self):
+        import logging
+
+        class _Handler(logging.Handler):
+            def emit(inner, record):
+                self.lines.append(inner.format(record))
+
+        self.lines: list[str] = []
+        self._handler, self._log = _Handler(), logging.getLogger("omnistream")
+        self._level = self._log.level
+        self._log.setLevel(logging.INFO)
+        self._log.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._log.removeHandler(self._handler)
+        self._log.setLevel(self._level)
+        return False

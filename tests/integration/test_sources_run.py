@@ -7,28 +7,18 @@ the S3 checkpoints on another number of workers consumes the uninterrupted run's
 and the store's key and secret are in nothing the runs record."""
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from common import MEDIA_OPTIONS, S3Server, folder_of, mlflow_client, parquet_of, run_config, tar_records
+from common import MEDIA_OPTIONS, LogLines, S3Server, folder_of, mlflow_client, parquet_of, run_config, tar_records
 from common import S3_BUCKET as BUCKET
 
 pytestmark = pytest.mark.slow
 
 N = 5  # the schedule switches after 5 steps: a 0.8 -> 0.3, b 0.2 -> 0.7; checkpoints at 2, 4 (N-1), 6 (N+1)...
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +62,8 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
             *extra,
         )
 
-    lines = _Lines()
-    omni = logging.getLogger("omnistream")  # omnistream's loggers do not propagate to the root
-    level = omni.level
-    omni.setLevel(logging.INFO)
-    omni.addHandler(lines)
     t0 = time.time()
-    try:
+    with LogLines() as lines:
         whole = run_training(cfg())
         steps = {
             json.loads(s3_corpus.cat_file(f"{c[len('s3://') :]}/omnistream.json"))["step"]: c for c in whole.checkpoints
@@ -86,9 +71,6 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
         resumed = {
             n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[n]}"')) for n in (N - 1, N + 1)
         }
-    finally:
-        omni.removeHandler(lines)
-        omni.setLevel(level)
     # what every Ray process of the session wrote while the runs ran (the workers' stdout and stderr included)
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     ray_logs = [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= t0]

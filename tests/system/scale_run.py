@@ -18,7 +18,6 @@ on named sources with a weight schedule. Four runs, one after another:
 """
 
 import json
-import logging
 import os
 import sys
 import threading
@@ -31,6 +30,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray
 from ray.cluster_utils import Cluster
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its `common`
+from common import LogLines
 from omnistream.cluster.connect import free_port, job_runtime_env
 from omnistream.cluster.driver import run_training
 from omnistream.configs import load_config
@@ -43,15 +44,6 @@ LOOPBACK = {"node_ip_address": "127.0.0.1"}
 # packers and the one that deals the rows, one unit each) cannot all sit on one node; a small object store
 # each (the stream's blocks are kilobytes)
 NODE = {**LOOPBACK, "num_cpus": 2, "resources": {"data": 2}, "object_store_memory": 150 * 1024**2}
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
 
 
 def _actors() -> list[dict]:
@@ -116,10 +108,6 @@ def main(path: str) -> None:
         },
     )
     workers = [c.add_node(**NODE, dashboard_agent_listen_port=free_port()) for _ in range(3)]
-    lines = _Lines()
-    omni = logging.getLogger("omnistream")
-    omni.setLevel(logging.INFO)
-    omni.addHandler(lines)
     out: dict = {"head": c.head_node.node_id, "nodes": [n.node_id for n in workers]}
     base = load_config(path)
     storage = Path(base.cluster.storage_path)
@@ -127,84 +115,85 @@ def main(path: str) -> None:
     def cfg(name: str, *extra: str):
         return load_config(path, [f'name="{name}"', f'cluster.storage_path="{storage / name}"', *extra])
 
-    try:
-        ray.init(address=c.address, runtime_env=job_runtime_env({}))
-        t0 = time.time()
-        before = _ids()
-        whole = run_training(cfg("whole", f"train.steps={STEPS}", "cluster.num_workers=1", "train.grad_accum=24"))
-        out["whole"] = _summary(whole) | {"placed": _placed(before)}
-
-        # the node loss: watch `lost`'s storage for its first complete checkpoint, then remove a worker node
-        # that holds ranks and a data actor, with every process on it
-        seen: dict = {}
-        done = threading.Event()
-        before = _ids()
-
-        def remove_a_node():
-            try:
-                while not done.is_set():
-                    if latest_checkpoint(storage / "lost") is not None:
-                        actors = [a for a in _actors() if a["id"] not in before]  # this run's
-                        ranks = [a["node"] for a in actors if "TrainWorker" in a["class"] and a["state"] == "ALIVE"]
-                        data = [a["node"] for a in actors if "MapWorker" in a["class"]]
-                        by_node = {n.node_id: n for n in workers}
-                        # a worker node with ranks, the one that ran the most of this run's data actors
-                        ranked = sorted({n for n in ranks if n in by_node}, key=lambda n: -data.count(n))
-                        if not ranked:
-                            done.wait(0.05)
-                            continue
-                        victim = ranked[0]
-                        seen.update(
-                            before=ranks,
-                            data_nodes=sorted(set(data)),
-                            removed=victim,
-                            removed_ranks=ranks.count(victim),
-                            removed_data_actors=data.count(victim),
-                            at_checkpoint=str(latest_checkpoint(storage / "lost")),
-                        )
-                        c.remove_node(by_node[victim], allow_graceful=False)
-                        workers.remove(by_node[victim])
-                        while not done.is_set():  # the worker group started again, without the node: where
-                            after = _ranks_alive()
-                            if len(after) == 8 and victim not in after:
-                                seen["after"] = after
-                                return
-                            done.wait(0.2)
-                        return
-                    done.wait(0.05)
-            except Exception as e:  # noqa: BLE001 - said in the JSON; the test fails on it
-                seen["error"] = f"{type(e).__name__}: {e}"
-
-        th = threading.Thread(target=remove_a_node, daemon=True)
-        th.start()
+    with LogLines() as lines:  # the driver's log
         try:
-            lost = run_training(cfg("lost", f"train.steps={LOST_AT}", "train.max_failures=1"))
-        finally:
-            done.set()
-            th.join(timeout=30)
-        out["lost"] = _summary(lost) | {"node_loss": seen}
+            ray.init(address=c.address, runtime_env=job_runtime_env({}))
+            t0 = time.time()
+            before = _ids()
+            whole = run_training(cfg("whole", f"train.steps={STEPS}", "cluster.num_workers=1", "train.grad_accum=24"))
+            out["whole"] = _summary(whole) | {"placed": _placed(before)}
 
-        # grow back to four nodes, then 8 -> 3 -> 8 ranks
-        workers.append(c.add_node(**NODE, dashboard_agent_listen_port=free_port()))
-        three = run_training(
-            cfg(
-                "three",
-                f"train.steps={THREE_TO}",
-                "cluster.num_workers=3",
-                f'train.resume_from="{lost.checkpoint}"',
+            # the node loss: watch `lost`'s storage for its first complete checkpoint, then remove a worker node
+            # that holds ranks and a data actor, with every process on it
+            seen: dict = {}
+            done = threading.Event()
+            before = _ids()
+
+            def remove_a_node():
+                try:
+                    while not done.is_set():
+                        if latest_checkpoint(storage / "lost") is not None:
+                            actors = [a for a in _actors() if a["id"] not in before]  # this run's
+                            ranks = [a["node"] for a in actors if "TrainWorker" in a["class"] and a["state"] == "ALIVE"]
+                            data = [a["node"] for a in actors if "MapWorker" in a["class"]]
+                            by_node = {n.node_id: n for n in workers}
+                            # a worker node with ranks, the one that ran the most of this run's data actors
+                            ranked = sorted({n for n in ranks if n in by_node}, key=lambda n: -data.count(n))
+                            if not ranked:
+                                done.wait(0.05)
+                                continue
+                            victim = ranked[0]
+                            seen.update(
+                                before=ranks,
+                                data_nodes=sorted(set(data)),
+                                removed=victim,
+                                removed_ranks=ranks.count(victim),
+                                removed_data_actors=data.count(victim),
+                                at_checkpoint=str(latest_checkpoint(storage / "lost")),
+                            )
+                            c.remove_node(by_node[victim], allow_graceful=False)
+                            workers.remove(by_node[victim])
+                            while not done.is_set():  # the worker group started again, without the node: where
+                                after = _ranks_alive()
+                                if len(after) == 8 and victim not in after:
+                                    seen["after"] = after
+                                    return
+                                done.wait(0.2)
+                            return
+                        done.wait(0.05)
+                except Exception as e:  # noqa: BLE001 - said in the JSON; the test fails on it
+                    seen["error"] = f"{type(e).__name__}: {e}"
+
+            th = threading.Thread(target=remove_a_node, daemon=True)
+            th.start()
+            try:
+                lost = run_training(cfg("lost", f"train.steps={LOST_AT}", "train.max_failures=1"))
+            finally:
+                done.set()
+                th.join(timeout=30)
+            out["lost"] = _summary(lost) | {"node_loss": seen}
+
+            # grow back to four nodes, then 8 -> 3 -> 8 ranks
+            workers.append(c.add_node(**NODE, dashboard_agent_listen_port=free_port()))
+            three = run_training(
+                cfg(
+                    "three",
+                    f"train.steps={THREE_TO}",
+                    "cluster.num_workers=3",
+                    f'train.resume_from="{lost.checkpoint}"',
+                )
             )
-        )
-        out["three"] = _summary(three)
-        before = _ids()
-        eight = run_training(cfg("eight", f"train.steps={STEPS}", f'train.resume_from="{three.checkpoint}"'))
-        out["eight"] = _summary(eight) | {"placed": _placed(before)}
-        out["wall_s"] = round(time.time() - t0, 1)
-        out["driver_log"] = [ln for ln in lines.lines if "restarting" in ln or "resumes on" in ln]
-        out["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        print(json.dumps(out), flush=True)
-    finally:
-        ray.shutdown()
-        c.shutdown()
+            out["three"] = _summary(three)
+            before = _ids()
+            eight = run_training(cfg("eight", f"train.steps={STEPS}", f'train.resume_from="{three.checkpoint}"'))
+            out["eight"] = _summary(eight) | {"placed": _placed(before)}
+            out["wall_s"] = round(time.time() - t0, 1)
+            out["driver_log"] = [ln for ln in lines.lines if "restarting" in ln or "resumes on" in ln]
+            out["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            print(json.dumps(out), flush=True)
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 if __name__ == "__main__":
