@@ -466,3 +466,21 @@ class LogLines:
         self._log.removeHandler(self._handler)
         self._log.setLevel(self._level)
         return False
+
+
+def cluster_script(script: str, config, timeout: int):
+    """Run tests/system/<script> CONFIG in a process of its own (a simulated Ray cluster is one per process),
+    away from this process's Ray (no RAY_ADDRESS); its CompletedProcess, output as text."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tests" / "system" / script), str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )

@@ -2,13 +2,10 @@
 only where the config's data resource is, training workers only where their resource is."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from common import DIGIT_TASKS, SMALL_MODALITIES
+from common import DIGIT_TASKS, SMALL_MODALITIES, cluster_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_only")]
 
@@ -58,17 +55,8 @@ storage_path = "{tmp_path}/ray"
 uri = "{server["uri"]}"
 system_metrics_interval_s = 1
 """)
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
     try:
-        p = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "system" / "placement_run.py"), str(cfg)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            cwd=ROOT,
-        )
+        p = cluster_script("placement_run.py", cfg, timeout=600)
         _check_tracking(p, server, tmp_path)
     finally:
         stop_tracking_server(server)

@@ -8,13 +8,10 @@ the tests read its JSON. Cost on 2 cores, alone: about 5 minutes (1 + 8 + 8 + 3 
 model, 12 steps), so it runs with `make test-scale`, not yet with `make test` (docs/scaling.md says why)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from common import REPO, SMALL_MODALITIES, tar_records
+from common import SMALL_MODALITIES, cluster_script, tar_records
 from common import _tar as write_tar
 
 pytestmark = [pytest.mark.slow, pytest.mark.scale, pytest.mark.usefixtures("own_ray_only")]
@@ -70,16 +67,7 @@ storage_path = "{tmp}/ray"
 [tracking]
 uri = "sqlite:///{tmp}/mlflow.db"
 """)
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "system" / "scale_run.py"), str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=REPO,
-    )
+    p = cluster_script("scale_run.py", cfg, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     out["shards"] = shards
