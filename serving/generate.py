@@ -3,7 +3,7 @@ span held to what its modality can decode (Modality.span)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from omnistream.common.errors import UserError
 from omnistream.modalities.vocab import Vocabulary
@@ -33,9 +33,10 @@ def sampling_for(defaults: dict[str, dict], dst: str, **given) -> tuple[Sampling
     defaults), each overridden by a value given here that is not None."""
     chosen = {**defaults.get(dst, {}), **{k: v for k, v in given.items() if v is not None}}
     n = chosen.pop("max_new_tokens", None) or None  # 0: the model's room
-    unknown = sorted(set(chosen) - {"temperature", "top_k", "top_p", "seed", "cfg_scale"})
+    known = [f.name for f in fields(Sampling)]
+    unknown = sorted(set(chosen) - set(known))
     if unknown:
-        raise UserError(f"generation options {unknown} are not known (temperature, top_k, top_p, seed, cfg_scale)")
+        raise UserError(f"generation options {unknown} are not known ({', '.join(known)})")
     return Sampling(**chosen), n
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -444,26 +445,26 @@ def artifacts_dir() -> Path:
     return d
 
 
-class LogLines:
+class LogLines(logging.Handler):
     """The lines omnistream's loggers say while in the `with` block (at INFO and up), in `.lines`: what a
     test reads of a run's driver log (omnistream's loggers do not propagate to the root)."""
 
-    def __enter__(self):
-        import logging
-
-        class _Handler(logging.Handler):
-            def emit(inner, record):
-                self.lines.append(inner.format(record))
-
+    def __init__(self):
+        super().__init__()
         self.lines: list[str] = []
-        self._handler, self._log = _Handler(), logging.getLogger("omnistream")
+        self._log = logging.getLogger("omnistream")
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    def __enter__(self):
         self._level = self._log.level
         self._log.setLevel(logging.INFO)
-        self._log.addHandler(self._handler)
+        self._log.addHandler(self)
         return self
 
     def __exit__(self, *exc):
-        self._log.removeHandler(self._handler)
+        self._log.removeHandler(self)
         self._log.setLevel(self._level)
         return False
 

@@ -75,8 +75,7 @@ uri = "sqlite:///{tmp}/mlflow.db"
 
 
 def _balanced(run: dict) -> None:
-    """Every record of the seven shards seen once, and accounted for under its source; every step took the
-    global batch."""
+    """Every record of the seven shards seen once, and accounted for under its source."""
     m = run["metrics"]
     for i, name in enumerate("ab"):
         records = sum(SIZES[i::2])
