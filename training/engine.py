@@ -52,6 +52,37 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_muon_import() -> None:
+    """Building any ZeRO engine, DeepSpeed imports its Muon optimizer only to ask `isinstance(optimizer,
+    MuonWithAuxAdam)`; that module wraps its kernels in torch.compile as it is imported, which loads torch's
+    inductor: about 1 s of CPU in every rank, each time a worker group starts (building the tests' tiny
+    ZeRO-3 engine in one process: 3.8 s of CPU with it, 2.7 s without). omnistream's optimizer is torch's
+    AdamW, never Muon, so a stand-in module answers that question with a class nothing is an instance of;
+    any other name asked of it loads the real module. Left alone where Muon is already imported."""
+    import importlib
+    import sys
+    import types
+
+    if MUON in sys.modules:
+        return
+    stand_in = types.ModuleType(MUON, "omnistream's stand-in (training/engine.skip_muon_import)")
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+
+    def real(name: str):
+        if name.startswith("__"):  # the import system's own questions (__path__, __spec__...)
+            raise AttributeError(name)
+        sys.modules.pop(MUON, None)
+        return getattr(importlib.import_module(MUON), name)
+
+    stand_in.__getattr__ = real
+    package, _, name = MUON.rpartition(".")
+    setattr(importlib.import_module(package), name, stand_in)  # an empty package: no kernels compiled
+    sys.modules[MUON] = stand_in
+
+
 def skip_cpu_shm_op() -> None:
     """On the CPU accelerator DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op
     (C++, with the machine's compiler: about a minute of 2 cores on a fresh environment, then a load of
@@ -84,6 +115,7 @@ def build_engine(cfg: RunConfig, load_universal: bool = False):
 
     t = cfg.train
     skip_cpu_shm_op()
+    skip_muon_import()
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters

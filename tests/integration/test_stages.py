@@ -297,3 +297,28 @@ def test_an_unknown_task_kind_is_a_user_error_naming_the_registered(corpus, bund
     next(iter(cfg.eval.tasks.values())).kind = "riddles"
     with pytest.raises(UserError, match=r"eval task kind 'riddles' is not registered \(registered: .*generate"):
         Evaluator(cfg, vocab, held_out)
+
+
+def test_a_zero_engine_builds_without_compiling_deepspeeds_muon_kernels():
+    """A fresh process (as each Ray Train worker is) builds a ZeRO-3 engine without loading torch's inductor,
+    which DeepSpeed's Muon module would load to compile kernels an AdamW run never uses
+    (engine.skip_muon_import); the stand-in still hands over the real module for any other name."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from omnistream.configs import load_config
+from omnistream.training.engine import MUON, build_engine, single_process_group
+single_process_group()
+cfg = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64",
+                         "train.zero_stage=3"])
+engine, _, n = build_engine(cfg)
+print("inductor", "torch._inductor.compile_fx" in sys.modules, n > 0)
+import deepspeed.runtime.zero.muon.muon_optimizer as muon
+print("real", callable(muon.adam_update), sys.modules[MUON].__file__.endswith("muon_optimizer.py"))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert "inductor False True" in lines and "real True True" in lines, p.stdout

@@ -32,7 +32,7 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its `common`
 from common import LogLines
-from omnistream.cluster.connect import free_port, job_runtime_env
+from omnistream.cluster.connect import LOCAL_ENV, free_port, job_runtime_env
 from omnistream.cluster.driver import run_training
 from omnistream.configs import load_config
 from omnistream.training.checkpoint import latest_checkpoint
@@ -117,7 +117,10 @@ def main(path: str) -> None:
 
     with LogLines() as lines:  # the driver's log
         try:
-            ray.init(address=c.address, runtime_env=job_runtime_env({}))
+            # the simulated nodes are this one machine, none preemptible: no preemption watcher per worker group
+            # (connect.LOCAL_ENV, as for a local Ray: a process of its own for each of the five worker groups)
+            os.environ.update(LOCAL_ENV)
+            ray.init(address=c.address, runtime_env=job_runtime_env(LOCAL_ENV))
             t0 = time.time()
             before = _ids()
             whole = run_training(cfg("whole", f"train.steps={STEPS}", "cluster.num_workers=1", "train.grad_accum=24"))
