@@ -49,13 +49,56 @@ def own_cluster() -> None:
 OWN_CLUSTER_HOOK = f"{__name__}.own_cluster"
 
 
+def worker_env(env_vars: dict) -> dict:
+    """The environment of a job of ours' Ray workers.
+
+    OpenMP's threads (torch's intra-op pool: a tokenizer fit's convolutions, a codec's) sleep when they run
+    out of work, unless the user says otherwise: by default libgomp has each spin for a while first, on a
+    node whose cores Ray has packed with other processes (tokenizing actors, packers, ranks). Measured on 2
+    cores, the fsq tokenizer's fit test beside one busy process: 147 s with the default, 51 s passive."""
+    omp = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return {**LOOPBACK_ENV, **WORKER_ENV, **omp, **logs.inherited(), **env_vars}
+
+
 def job_runtime_env(env_vars: dict) -> dict:
-    """The runtime_env for a Ray job of ours: its workers' environment, and every worker looking up its
-    own cluster (own_cluster)."""
+    """The runtime_env for a Ray job of ours on a cluster it did not start: its workers' environment, and
+    every worker looking up its own cluster (own_cluster). Ray starts each worker of a job with a runtime_env
+    through a shim process that imports Ray before the worker does (about 0.7 s of CPU a worker, measured on
+    2 cores); a Ray started here needs none (own_environment)."""
+    return {"env_vars": worker_env(env_vars), "worker_process_setup_hook": OWN_CLUSTER_HOOK}
+
+
+def own_environment(env_vars: dict, gcs_port: int) -> dict:
+    """What a Ray started by this process (a local Ray, a test cluster's nodes) hands its workers through the
+    environment they inherit from its processes, in place of a runtime_env: the job's environment, and the
+    cluster's own address (what own_cluster sets in a worker of a cluster joined by address), its GCS put
+    on `gcs_port` (RAY_GCS_SERVER_PORT, read by the head's start)."""
+    address = f"127.0.0.1:{gcs_port}"
     return {
-        "env_vars": {**LOOPBACK_ENV, **WORKER_ENV, **logs.inherited(), **env_vars},
-        "worker_process_setup_hook": OWN_CLUSTER_HOOK,
+        **worker_env(env_vars),
+        "RAY_GCS_SERVER_PORT": str(gcs_port),
+        "RAY_ADDRESS": address,
+        # no idle workers started ahead, one per CPU, as the job connects: most of a run's actors (Ray Train's
+        # controller and everything it starts) run in a runtime_env of Ray Train's own, which such a worker does
+        # not have, so they start their own; each idle one cost 1.4 s of CPU (measured) for nothing
+        "RAY_prestart_worker_first_driver": "0",
     }
+
+
+@contextlib.contextmanager
+def environment(env: dict):
+    """`env` in this process's environment while the block runs, then put back as it was: the processes a
+    Ray started in the block runs inherit it, programs this process starts later do not."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quiet_env() -> None:
@@ -104,12 +147,17 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return ray
     # Ray Train hands the preemption switch to its controller from this process's environment only (its
-    # ENV_VARS_TO_PROPAGATE); the runtime_env below reaches the workers, not the controller.
+    # ENV_VARS_TO_PROPAGATE), not from the workers' environment below.
     for k, v in LOCAL_ENV.items():
         os.environ.setdefault(k, v)
     temp = private_dir(Path(tempfile.gettempdir()) / f"omnistream-{os.getuid()}") / "ray"
     data_logging = _ray_data_logging(temp)
-    with _token_auth() as whose:
+    # the workers' environment, inherited from the processes of this Ray (no runtime_env: no shim process per
+    # worker); its GCS on a port picked here, so that the workers know their cluster's address from the start
+    # (an ephemeral port the OS chose free, unlike the dashboard's fixed 8265 below that two commands would
+    # both pick: taken in the second before Ray binds it, Ray says it failed to start GCS)
+    env = own_environment({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1", **data_logging}, free_port())
+    with _token_auth() as whose, environment(env):
         # no dashboard_port: Ray then binds 8265, or the next port up that is free (50 tries), where a port
         # picked free here and bound later by Ray could be taken meanwhile by another command starting
         # beside this one
@@ -127,7 +175,6 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
             log_to_driver=log_to_driver,
             configure_logging=True,
             logging_level="WARNING",
-            runtime_env=job_runtime_env({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1", **data_logging}),
             logging_config=_worker_logging(),
         )
     if ctx.dashboard_url:
@@ -188,7 +235,7 @@ def _token_auth():
         Config,
     )
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env = {"RAY_AUTH_MODE": "token"}
     if os.environ.get("RAY_AUTH_TOKEN"):
         whose = "the token in $RAY_AUTH_TOKEN"
     elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
@@ -197,16 +244,9 @@ def _token_auth():
         ensure_token()  # made private if missing; refused if others can read it
         whose = f"the token in {os.environ['RAY_AUTH_TOKEN_PATH']}"
     else:
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         whose = "a token of this run's own"
-    os.environ["RAY_AUTH_MODE"] = "token"
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-    try:
+    with environment(env):
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
         yield whose
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

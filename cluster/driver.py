@@ -419,7 +419,6 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
     from omnistream.pipelines.rows import build_train_stream
 
     from .backend import BoundTorchConfig
-    from .connect import WORKER_ENV
     from .split import OrderedSplit
 
     train = cfg.train
@@ -455,7 +454,6 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
             **_storage(cfg.cluster.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),  # retried by run_training, from a checkpoint
-            worker_runtime_env={"env_vars": {**WORKER_ENV, **logs.inherited()}},
             # Ray Train's controller says each worker group it requests and starts at INFO: with --verbose
             logging_config=ray.train.LoggingConfig(log_level="INFO" if logs.verbose() else "WARNING"),
         ),
