@@ -80,6 +80,15 @@ def register(sub) -> None:
 
 
 def export(args) -> int:
+    from omnistream.training.checkpoint import release_copies
+
+    try:
+        return _export(args)
+    finally:
+        release_copies()  # of a checkpoint in object storage: the export holds what it needed
+
+
+def _export(args) -> int:
     from omnistream.serving.export import export as do_export
     from omnistream.training.checkpoint import checkpoint_or_newest_in, local_copy
 

@@ -32,6 +32,7 @@ from omnistream.training.checkpoint import (
     is_remote,
     local_copy,
     read_data_position,
+    release_copies,
     to_universal,
 )
 
@@ -209,6 +210,13 @@ def describe_run(cfg: RunConfig, vocab: Vocabulary) -> str:
 
 def run_training(cfg: RunConfig, run_id: str | None = None) -> TrainResult:
     """Train as `cfg` says; a new tracking run, or the run `run_id` continued."""
+    try:
+        return _run(cfg, run_id)
+    finally:
+        release_copies()  # of a checkpoint in object storage the run resumed from, however it ended
+
+
+def _run(cfg: RunConfig, run_id: str | None) -> TrainResult:
     from .connect import connect
 
     t0 = time.time()
@@ -368,19 +376,22 @@ def _plan_data(cfg: RunConfig, vocab: Vocabulary, tracker):
 def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
     """train.register_as: export the final checkpoint next to it and register it in the tracking store's
     model registry (MLflow's)."""
+    import shutil
     import tempfile
 
     from omnistream.serving.export import export
     from omnistream.serving.pyfunc import log_and_register
 
     folder = f"{cfg.name}-{tracker.run_id[:12]}-export"
-    out = export(
-        local_copy(ckpt),
-        Path(tempfile.mkdtemp(prefix="omnistream-")) / folder
-        if is_remote(cfg.cluster.storage_path)
-        else Path(cfg.cluster.storage_path) / folder,
-    )
-    return log_and_register(out, cfg.train.register_as, tracker)
+    if not is_remote(cfg.cluster.storage_path):
+        return log_and_register(export(ckpt, Path(cfg.cluster.storage_path) / folder), cfg.train.register_as, tracker)
+    # beside a checkpoint in object storage: exported into a folder of its own, removed once registered (the
+    # tracking store keeps the model)
+    tmp = tempfile.mkdtemp(prefix="omnistream-")
+    try:
+        return log_and_register(export(local_copy(ckpt), Path(tmp) / folder), cfg.train.register_as, tracker)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _end_run(tracker, status: str) -> None:

@@ -69,7 +69,7 @@ def train_worker(config: dict) -> None:
 
     from omnistream import tracking
     from omnistream.pipelines.documents import held_out
-    from omnistream.training.checkpoint import Checkpointer, local_copy
+    from omnistream.training.checkpoint import Checkpointer, local_copy, release_copies
     from omnistream.training.evaluate import Evaluator
     from omnistream.training.trainer import Trainer
 
@@ -119,6 +119,7 @@ def train_worker(config: dict) -> None:
         if config.get("resume"):
             # a checkpoint in object storage is read from a copy on this worker's node
             trainer.checkpointer.load(trainer, local_copy(config["resume"]), local_copy(config.get("universal")))
+            release_copies()  # loaded: the copies' disk back
             if rank == 0:
                 log.info(
                     "resumed at step %d: %d rows of the stream consumed, reading on from there",

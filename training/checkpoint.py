@@ -296,6 +296,17 @@ def local_copy(path: str | Path | None) -> str | None:
     return _COPIES[url]
 
 
+def release_copies() -> None:
+    """Remove the copies local_copy made in this process: a rank's once its resume has loaded them, the
+    driver's when its run ends. Each is a whole checkpoint (every rank's ZeRO shards: gigabytes at 1B), and
+    nothing else removes it: a process that resumes from object storage would leave one in the temporary
+    folder of each node it ran on, for every resume."""
+    import shutil
+
+    for url in list(_COPIES):
+        shutil.rmtree(_COPIES.pop(url), ignore_errors=True)
+
+
 def checkpoint_step(path: str | Path) -> int:
     """The step a checkpoint was written at (its meta), wherever it is kept."""
     if is_remote(path):
