@@ -469,16 +469,16 @@ class LogLines(logging.Handler):
         return False
 
 
-def cluster_script(script: str, config, timeout: int):
-    """Run tests/system/<script> CONFIG in a process of its own (a simulated Ray cluster is one per process),
-    away from this process's Ray (no RAY_ADDRESS); its CompletedProcess, output as text."""
+def cluster_script(script: str, config, timeout: int, *args: str):
+    """Run tests/system/<script> CONFIG [ARGS] in a process of its own (a simulated Ray cluster is one per
+    process), away from this process's Ray (no RAY_ADDRESS); its CompletedProcess, output as text."""
     import os
     import subprocess
 
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [sys.executable, str(REPO / "tests" / "system" / script), str(config)],
+        [sys.executable, str(REPO / "tests" / "system" / script), str(config), *args],
         capture_output=True,
         text=True,
         env=env,

@@ -46,6 +46,28 @@ def test_the_in_process_ray_refuses_callers_without_the_token(ray_local):
     assert os.stat(session.parent.parent).st_mode & 0o777 == 0o700, session
 
 
+def test_the_in_process_rays_workers_inherit_the_jobs_environment_and_know_their_cluster(ray_local):
+    """A local Ray hands its workers the job's environment by inheritance, with no runtime_env (with one,
+    Ray starts each worker through a shim process that imports Ray first): a task sees the job's settings
+    and its own cluster's address, its job has no runtime_env; none of it stays in this process's
+    environment, where a later command would inherit it."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def seen() -> dict:
+        keys = ("RAY_ADDRESS", "OMP_WAIT_POLICY", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+        return {**{k: os.environ.get(k) for k in keys}, "runtime_env": ray.get_runtime_context().runtime_env}
+
+    got = ray.get(seen.remote())
+    assert got["RAY_ADDRESS"] == ray.get_runtime_context().gcs_address, got
+    assert got["OMP_WAIT_POLICY"] == "PASSIVE" and got["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0", got
+    assert got["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0", got
+    assert not got["runtime_env"], got["runtime_env"]
+    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
+
+
 def test_a_protected_tracking_server_answers_only_with_its_password(tmp_path, monkeypatch):
     """`cluster up --tracking-auth`'s server: MLflow's basic auth, with a user and password made once and
     kept mode 0600 in the 0700 store. A request without them is refused (401: another local user cannot

@@ -2,12 +2,15 @@
 corpus's tar records converted, tests/common), kept in object storage, through the real stream (token caches,
 Ray Data, the Interleave actor) and the real Trainer on the session's Ray, against the session's S3 server
 on 127.0.0.1 (tests/conftest.py `s3_server`): shards, token caches and Ray Train's checkpoints all in S3.
-The schedule is followed, each source is accounted under its name, a resume either side of the switch from
-the S3 checkpoints on another number of workers consumes the uninterrupted run's rows (same ledger digest),
-and the store's key and secret are in nothing the runs record."""
+The schedule is followed, each source is accounted under its name, a resume from an S3 checkpoint made before
+the switch, on another number of workers and across the switch, consumes the uninterrupted run's rows (same
+ledger digest), and the store's key and secret are in nothing the runs record. (A resume after a switch, and
+8 -> 3 -> 8 ranks across one: tests/system/test_scale.py.)"""
 
+import glob
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,13 +21,13 @@ from common import S3_BUCKET as BUCKET
 
 pytestmark = pytest.mark.slow
 
-N = 5  # the schedule switches after 5 steps: a 0.8 -> 0.3, b 0.2 -> 0.7; checkpoints at 2, 4 (N-1), 6 (N+1)...
+N = 5  # the schedule switches after 5 steps: a 0.8 -> 0.3, b 0.2 -> 0.7; checkpoints at 2, 4 (N-1), 6...
 
 
 @pytest.fixture(scope="module")
 def runs(trained, corpus, s3_corpus, tmp_path_factory):
-    """The uninterrupted run (1 worker, grad_accum 2, ZeRO-3) and two runs resumed from its S3 checkpoints at
-    steps N-1 and N+1 on 2 workers (DeepSpeed's universal form, converted and kept in S3)."""
+    """The uninterrupted run (1 worker, grad_accum 2, ZeRO-3) and a run resumed from its S3 checkpoint at step
+    N-1 on 2 workers (DeepSpeed's universal form, converted and kept in S3)."""
     import ray
 
     from omnistream.cluster.driver import run_training
@@ -62,15 +65,15 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
             *extra,
         )
 
+    copies = f"{tempfile.gettempdir()}/omnistream-checkpoint-*"  # training.checkpoint.local_copy's folders
+    before = set(glob.glob(copies))
     t0 = time.time()
     with LogLines() as lines:
         whole = run_training(cfg())
         steps = {
             json.loads(s3_corpus.cat_file(f"{c[len('s3://') :]}/omnistream.json"))["step"]: c for c in whole.checkpoints
         }
-        resumed = {
-            n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[n]}"')) for n in (N - 1, N + 1)
-        }
+        resumed = {n: run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[n]}"')) for n in (N - 1,)}
     # what every Ray process of the session wrote while the runs ran (the workers' stdout and stderr included)
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     ray_logs = [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= t0]
@@ -79,6 +82,7 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
         "resumed": resumed,
         "steps": steps,
         "driver_log": "\n".join(lines.lines),
+        "copies_left": sorted(set(glob.glob(copies)) - before),
         "ray_logs": ray_logs,
     }
 
@@ -118,11 +122,10 @@ def test_the_caches_and_checkpoints_are_in_s3_and_a_resume_from_them_on_two_work
     assert s3_corpus.find(f"{BUCKET}/sources/ray/universal")  # the universal form, kept in S3 for every node
     # converted in a private folder of its own, removed once uploaded: never at `<download>-universal`, a name
     # beside the download that another user could guess and plant a converted.json (or a link) in
-    import glob
-    import tempfile
-
     assert not glob.glob(f"{tempfile.gettempdir()}/omnistream-checkpoint-*-universal")
     assert not glob.glob(f"{tempfile.gettempdir()}/omnistream-universal-*")
+    # the copies of the S3 checkpoint that the driver and each rank read the resume from: removed once loaded
+    assert runs["copies_left"] == []
     for n, res in runs["resumed"].items():
         assert res.ledger_digest == whole.ledger_digest, n
         assert _tokens(res, "a")[10] == _tokens(whole, "a")[10], n

@@ -1,20 +1,29 @@
 """Run by test_scale.py in its own process (a Ray cluster is one per process): the scale rehearsal of issue 38
-on a cluster of four Ray nodes simulated on this machine (Ray's multi-node test utility, as placement_run.py
-does with two), and one JSON line of what happened.
+on a cluster of four Ray nodes simulated on this machine (Ray's multi-node test utility), and one JSON line of
+what happened.
 
-    python tests/system/scale_run.py CONFIG_TOML
+    python tests/system/scale_run.py CONFIG_TOML [KEY=VALUE ...]
 
-The config trains 8 ranks (ZeRO-3, gloo), spread over the nodes (cluster.placement_strategy = "SPREAD"),
-on named sources with a weight schedule. Four runs, one after another:
+The cluster is heterogeneous, as one with CPU and GPU nodes: three nodes with the config's data resource
+(the head and two workers: the tokenizing and packing actors run there), and one "GPU" node with a
+`trainer` resource in their place. The config trains 8 ranks (ZeRO-3, gloo), spread over all four nodes
+(cluster.placement_strategy = "SPREAD"), on named sources with a weight schedule, logging over HTTP to a
+tracking server. Four runs, one after another:
 - `whole`: uninterrupted, train.steps = STEPS, a checkpoint every 2 steps (the digests compared with), on
   one rank (grad_accum 24: the same global batch; the global order does not depend on the ranks, so one
-  rank gives the same digests as eight, for an eighth of the processes);
-- `lost`: 8 ranks to step LOST_AT; as soon as its first checkpoint is complete, a worker node (one holding
-  training ranks and data actors) is removed with everything on it, as a machine that dies; the driver
-  starts the worker group again from that checkpoint (train.max_failures = 1) on the three nodes left;
+  rank gives the same digests as eight, for an eighth of the processes). It is also the placement run: its
+  rank asks for the `trainer` resource, and the KEY=VALUE overrides (the test's evaluation and system
+  metrics) apply to it alone;
+- `lost`: 8 ranks to step LOST_AT; as soon as its first checkpoint is complete, a data node holding training
+  ranks and data actors is removed with everything on it, as a machine that dies; the driver starts the
+  worker group again from that checkpoint (train.max_failures = 1) on the three nodes left;
 - `three`: `lost`'s last checkpoint resumed on 3 ranks (grad_accum keeps the global batch), to THREE_TO,
   across the schedule's switch; the removed node is added back first (the cluster grows back to four);
 - `eight`: `three`'s last checkpoint resumed on 8 ranks over the four nodes, to STEPS.
+
+The nodes start with the job's environment (connect.own_environment, as a local Ray's do), not with a
+runtime_env: Ray would start each of the rehearsal's ~100 workers through a shim process that imports Ray
+first, 0.7 s of CPU each.
 """
 
 import json
@@ -27,12 +36,13 @@ from pathlib import Path
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its `common`
 from common import LogLines
-from omnistream.cluster.connect import LOCAL_ENV, free_port, job_runtime_env
+from omnistream.cluster.connect import LOCAL_ENV, free_port, own_environment
 from omnistream.cluster.driver import run_training
 from omnistream.configs import load_config
 from omnistream.training.checkpoint import latest_checkpoint
@@ -40,10 +50,11 @@ from omnistream.training.checkpoint import latest_checkpoint
 STEPS, LOST_AT, THREE_TO = 12, 6, 10
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
 # 2 logical CPUs a node (8 on the machine's 2 cores): 8 ranks at 0.25 fit on three nodes with room for the
-# data actors; 2 units of the config's data resource a node, so that the stream's actors (data.packers
+# data actors; 2 units of the config's data resource a data node, so that the stream's actors (data.packers
 # packers and the one that deals the rows, one unit each) cannot all sit on one node; a small object store
 # each (the stream's blocks are kilobytes)
-NODE = {**LOOPBACK, "num_cpus": 2, "resources": {"data": 2}, "object_store_memory": 150 * 1024**2}
+CPU_NODE = {**LOOPBACK, "num_cpus": 2, "resources": {"data": 2}, "object_store_memory": 150 * 1024**2}
+GPU_NODE = {**CPU_NODE, "resources": {"trainer": 2}}
 
 
 def _actors() -> list[dict]:
@@ -95,20 +106,41 @@ def _summary(res) -> dict:
     }
 
 
-def main(path: str) -> None:
+def _listening() -> list[str]:
+    """Every socket a process of this cluster listens on: 'process-name address'."""
+    found = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            found |= {f"{p.name()} {c.laddr.ip}" for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return sorted(found)
+
+
+def main(path: str, whole_overrides: list[str]) -> None:
+    gcs = free_port()
+    # every node starts with the job's environment (see above); the simulated nodes are this one machine, none
+    # preemptible: no preemption watcher per worker group (connect.LOCAL_ENV, as for a local Ray)
+    os.environ.update(own_environment(LOCAL_ENV, gcs))
     c = Cluster(
         initialize_head=True,
         head_node_args={
-            **NODE,
+            **CPU_NODE,
             "include_dashboard": True,  # the state API (where each actor runs) reads through it
             "dashboard_host": "127.0.0.1",
             "dashboard_port": free_port(),
-            "gcs_server_port": free_port(),
+            "gcs_server_port": gcs,
             "dashboard_agent_listen_port": free_port(),
         },
     )
-    workers = [c.add_node(**NODE, dashboard_agent_listen_port=free_port()) for _ in range(3)]
-    out: dict = {"head": c.head_node.node_id, "nodes": [n.node_id for n in workers]}
+    workers = [c.add_node(**CPU_NODE, dashboard_agent_listen_port=free_port()) for _ in range(2)]
+    gpu = c.add_node(**GPU_NODE, dashboard_agent_listen_port=free_port())
+    out: dict = {
+        "head": c.head_node.node_id,
+        "nodes": [n.node_id for n in [*workers, gpu]],
+        "data_nodes": [c.head_node.node_id, *(n.node_id for n in workers)],
+        "trainer_node": gpu.node_id,
+    }
     base = load_config(path)
     storage = Path(base.cluster.storage_path)
 
@@ -117,14 +149,24 @@ def main(path: str) -> None:
 
     with LogLines() as lines:  # the driver's log
         try:
-            # the simulated nodes are this one machine, none preemptible: no preemption watcher per worker group
-            # (connect.LOCAL_ENV, as for a local Ray: a process of its own for each of the five worker groups)
-            os.environ.update(LOCAL_ENV)
-            ray.init(address=c.address, runtime_env=job_runtime_env(LOCAL_ENV))
+            ray.init(address=c.address)
             t0 = time.time()
             before = _ids()
-            whole = run_training(cfg("whole", f"train.steps={STEPS}", "cluster.num_workers=1", "train.grad_accum=24"))
-            out["whole"] = _summary(whole) | {"placed": _placed(before)}
+            whole = run_training(
+                cfg(
+                    "whole",
+                    f"train.steps={STEPS}",
+                    "cluster.num_workers=1",
+                    "train.grad_accum=24",
+                    "cluster.worker_resources={ trainer = 1 }",
+                    *whole_overrides,
+                )
+            )
+            out["whole"] = _summary(whole) | {
+                "placed": _placed(before),
+                "actors": [{"class": a["class"], "node": a["node"]} for a in _actors() if a["id"] not in before],
+                "listening": _listening(),
+            }
 
             # the node loss: watch `lost`'s storage for its first complete checkpoint, then remove a worker node
             # that holds ranks and a data actor, with every process on it
@@ -140,7 +182,7 @@ def main(path: str) -> None:
                             ranks = [a["node"] for a in actors if "TrainWorker" in a["class"] and a["state"] == "ALIVE"]
                             data = [a["node"] for a in actors if "MapWorker" in a["class"]]
                             by_node = {n.node_id: n for n in workers}
-                            # a worker node with ranks, the one that ran the most of this run's data actors
+                            # a worker data node with ranks, the one that ran the most of this run's data actors
                             ranked = sorted({n for n in ranks if n in by_node}, key=lambda n: -data.count(n))
                             if not ranked:
                                 done.wait(0.05)
@@ -177,7 +219,7 @@ def main(path: str) -> None:
             out["lost"] = _summary(lost) | {"node_loss": seen}
 
             # grow back to four nodes, then 8 -> 3 -> 8 ranks
-            workers.append(c.add_node(**NODE, dashboard_agent_listen_port=free_port()))
+            workers.append(c.add_node(**CPU_NODE, dashboard_agent_listen_port=free_port()))
             three = run_training(
                 cfg(
                     "three",
@@ -200,4 +242,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

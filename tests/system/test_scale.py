@@ -1,17 +1,21 @@
 """The scale rehearsal (issue 38): eight training ranks on four Ray nodes simulated on this machine, fed by
 seven shards of very different sizes (fewer shards than ranks), a node removed mid-run with its ranks and
 data actors, and a resume across 8 -> 3 -> 8 ranks with named sources and a schedule switch between. Every
-run's global order of consumption is compared by its ledger digest with the uninterrupted run's.
+run's global order of consumption is compared by its ledger digest with the uninterrupted run's. The
+cluster is heterogeneous (three data nodes, one "GPU" node with a `trainer` resource), and the uninterrupted
+run is also the placement run: tokenizing only where the data resource is, its rank where its resource is,
+logging over HTTP to the tracking server the head would run.
 
 One process of its own (tests/system/scale_run.py: a Ray cluster is one per process) runs the four runs;
-the tests read its JSON. Cost on 2 cores, alone: about 5 minutes (1 + 8 + 8 + 3 + 8 ranks started, a tiny
-model, 12 steps), so it runs with `make test-scale`, not yet with `make test` (docs/scaling.md says why)."""
+the tests read its JSON. Cost on 2 cores, alone: about 4 minutes (1 + 8 + 8 + 3 + 8 ranks started, a tiny
+model, 12 steps); `make test` runs it (first, as its longest scope), `make test-scale` runs it alone."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from common import SMALL_MODALITIES, cluster_script, tar_records
+from common import DIGIT_TASKS, REPO, SMALL_MODALITIES, cluster_script, mlflow_client, tar_records
 from common import _tar as write_tar
 
 pytestmark = [pytest.mark.slow, pytest.mark.scale, pytest.mark.usefixtures("own_ray_only")]
@@ -24,7 +28,13 @@ ROWS = 24  # the global batch: 8 ranks × micro-batch 1 × grad_accum 3 (3 ranks
 
 @pytest.fixture(scope="module")
 def rehearsal(corpus, bundle, tmp_path_factory):
+    from omnistream.cluster.connect import free_port
+    from omnistream.tracking.server import start_tracking_server, stop_tracking_server
+
     tmp = tmp_path_factory.mktemp("scale")
+    server = start_tracking_server(tmp / "tracking", free_port())
+    repo_db = REPO / "mlflow.db"
+    repo_db_mtime = repo_db.stat().st_mtime if repo_db.exists() else None
     records = [r for s in corpus["train"] for r in tar_records(s)]
     shards, at = {"a": [], "b": []}, 0
     for i, n in enumerate(SIZES):
@@ -34,7 +44,11 @@ def rehearsal(corpus, bundle, tmp_path_factory):
     cfg = tmp / "scale.toml"
     cfg.write_text(f"""
 name = "scale"
-{SMALL_MODALITIES}
+{SMALL_MODALITIES}{DIGIT_TASKS}[eval]
+examples = 10
+loss_rows = 4
+samples = 1
+max_new_tokens = 3
 [data]
 bundle_dir = "{bundle}"
 eval_shards = []
@@ -66,16 +80,33 @@ cpus_per_worker = 0.25
 placement_strategy = "SPREAD"
 storage_path = "{tmp}/ray"
 [tracking]
-uri = "sqlite:///{tmp}/mlflow.db"
-# a node's monitor imports MLflow in its first rank: 3 of 4 nodes' in each 8-rank start, for figures this
-# test does not read (the placement test reads them)
+uri = "{server["uri"]}"
+# a node's monitor imports MLflow in its first rank: 3 of 4 nodes' in each 8-rank start; the placement run
+# (`whole`) samples its node's
 system_metrics_interval_s = 0
 """)
-    p = cluster_script("scale_run.py", cfg, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    out["shards"] = shards
-    return out
+    # the placement run: evaluated on the held-out shard (images, tasks), its node's system metrics sampled
+    placement = [f'data.eval_shards=["{corpus["eval"][0]}"]', "tracking.system_metrics_interval_s=1"]
+    try:
+        p = cluster_script("scale_run.py", cfg, 900, *placement)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        out |= {"shards": shards, "server": server, "tmp": tmp}
+        out["repo_db_unchanged"] = repo_db_mtime == (repo_db.stat().st_mtime if repo_db.exists() else None)
+        yield out  # the tests read the runs back from the tracking server
+    finally:
+        stop_tracking_server(server)
+
+
+def _history(rehearsal, run: str, key: str) -> dict[int, float]:
+    """A metric's values by step, as the run's tracking run holds them (a step logged twice: the last)."""
+    c = mlflow_client(rehearsal["server"]["uri"])
+    return {m.step: m.value for m in c.get_metric_history(rehearsal[run]["run_id"], key)}
+
+
+def _window(rehearsal) -> int:
+    """Documents per packing window, as the uninterrupted run planned it (a window of each source's)."""
+    return sum(json.loads((Path(rehearsal["whole"]["checkpoint"]) / "data.json").read_text())["stream"]["window"])
 
 
 def _balanced(run: dict) -> None:
@@ -122,6 +153,13 @@ def test_a_node_lost_mid_run_resumes_on_the_nodes_left_with_the_same_ranks_and_d
     assert any("restarting from" in ln for ln in rehearsal["driver_log"]), rehearsal["driver_log"]
     assert lost["metrics"]["data/consumed_rows"] == LOST_AT * ROWS
     assert lost["digest"] == rehearsal["whole"]["digests"][str(LOST_AT)]
+    # one tracking run: its step axis goes on to the end across the restart, which resumed from a checkpoint
+    # made before the loss, re-reading at most one packing window of documents
+    assert set(_history(rehearsal, "lost", "train/loss")) == set(range(1, LOST_AT + 1))
+    (resumed,) = _history(rehearsal, "lost", "data/resume/seconds")  # logged with the first step after
+    assert resumed - 1 in (2, 4), resumed
+    replayed = _history(rehearsal, "lost", "data/resume/replayed_records")[resumed]
+    assert 0 < replayed <= _window(rehearsal), replayed
 
 
 def test_eight_to_three_to_eight_ranks_across_the_schedule_switch_keeps_the_digest(rehearsal):
@@ -135,3 +173,45 @@ def test_eight_to_three_to_eight_ranks_across_the_schedule_switch_keeps_the_dige
     assert any("of 8 workers resumes on 3: train.grad_accum=8" in ln for ln in log), log
     assert any("of 3 workers resumes on 8: train.grad_accum=3" in ln for ln in log), log
     assert len(rehearsal["alive_nodes"]) == 4 and len(set(rehearsal["eight"]["placed"]["ranks"])) == 4
+    # each resume re-reads at most a window of documents before going on
+    for run, first in (("three", LOST_AT + 1), ("eight", THREE_TO + 1)):
+        assert min(_history(rehearsal, run, "train/loss")) == first, run
+        replayed = _history(rehearsal, run, "data/resume/replayed_records")[first]
+        assert 0 < replayed <= _window(rehearsal), (run, replayed)
+        # tokenized once, by the uninterrupted run: every later run reads the token cache
+        reused = sum(rehearsal[run]["metrics"][f"data/cache/{name}/shards_reused"] for name in "ab")
+        assert reused == len(SIZES), (run, reused)
+
+
+def test_the_placement_run_tokenizes_on_data_nodes_trains_on_its_node_and_logs_over_http(rehearsal):
+    """The uninterrupted run on the heterogeneous cluster: tokenizing, packing and numbering the rows only on
+    the three nodes with the data resource, its rank only on the node with the `trainer` resource; rank 0
+    there logs over HTTP to the tracking server the head would run (`cluster up` starts the same one): its
+    metrics, its node's system metrics, sample images and checkpoint tag all reach that server, and no
+    SQLite store appears anywhere else; every server of the four nodes listens on loopback only."""
+    whole, trainer_node = rehearsal["whole"], rehearsal["trainer_node"]
+    where: dict[str, set] = {}
+    for a in whole["actors"]:
+        where.setdefault(a["class"], set()).add(a["node"])
+    data_actors = ("ShardTokenizer", "WindowRows", "Positions")  # tokenizing, packing, numbering the rows
+    tokenizers = {n for cls, nodes in where.items() if any(a in cls for a in data_actors) for n in nodes}
+    trainers = {n for cls, nodes in where.items() if "TrainWorker" in cls for n in nodes}
+    assert tokenizers and tokenizers <= set(rehearsal["data_nodes"]), where
+    assert trainers == {trainer_node}, where
+    assert whole["listening"] and all(
+        ln.split()[-1].startswith(("127.", "::ffff:127.")) or ln.split()[-1] == "::1" for ln in whole["listening"]
+    ), whole["listening"]
+
+    c = mlflow_client(rehearsal["server"]["uri"])
+    run = c.get_run(whole["run_id"])
+    m = run.data.metrics
+    assert {"train/loss", "train/loss/text", "eval/loss", "data/seen"} <= set(m), sorted(m)
+    assert any(k.startswith(f"system/node-{trainer_node[:8]}/cpu_utilization_percentage") for k in m), sorted(m)
+    assert run.data.tags.get("omnistream.checkpoint", "").startswith(str(rehearsal["tmp"] / "ray"))
+    images = [a.path for a in c.list_artifacts(whole["run_id"], "images")]
+    assert any("text_to_image" in a for a in images), images
+    assert c.get_experiment(run.info.experiment_id).tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert "ZeRO-" in run.data.tags.get("mlflow.note.content", "")
+    dbs = [str(f) for f in rehearsal["tmp"].rglob("mlflow.db")]
+    assert dbs == [rehearsal["server"]["dir"] + "/mlflow.db"], dbs
+    assert rehearsal["repo_db_unchanged"], "nothing written to ./mlflow.db"
