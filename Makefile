@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Byte-code is written as modules are first imported (the install skips compiling): a machine that sets
 # PYTHONDONTWRITEBYTECODE would otherwise compile torch, DeepSpeed, MLflow and Ray Train from source in
 # every process Ray starts. Measured on 2 cores: `import deepspeed, ray.train, ray.data` 11.5 s of CPU
-# from source, 4.4 s from byte-code; tests/system/test_placement.py 118 s -> 65 s.
+# from source, 4.4 s from byte-code; the placement test (now part of tests/system/test_scale.py) 118 s -> 65 s.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install chromium demo lint test test-scale test-fast test-browser bench clean

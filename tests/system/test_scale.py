@@ -91,6 +91,7 @@ system_metrics_interval_s = 0
         p = cluster_script("scale_run.py", cfg, 900, *placement)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
         out = json.loads(p.stdout.strip().splitlines()[-1])
+        (tmp / "rehearsal.json").write_text(json.dumps(out, indent=1))  # what happened, kept for a reader
         out |= {"shards": shards, "server": server, "tmp": tmp}
         out["repo_db_unchanged"] = repo_db_mtime == (repo_db.stat().st_mtime if repo_db.exists() else None)
         yield out  # the tests read the runs back from the tracking server
