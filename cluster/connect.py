@@ -55,7 +55,8 @@ def worker_env(env_vars: dict) -> dict:
     OpenMP's threads (torch's intra-op pool: a tokenizer fit's convolutions, a codec's) sleep when they run
     out of work, unless the user says otherwise: by default libgomp has each spin for a while first, on a
     node whose cores Ray has packed with other processes (tokenizing actors, packers, ranks). Measured on 2
-    cores, the fsq tokenizer's fit test beside one busy process: 147 s with the default, 51 s passive."""
+    cores, the learned image tokenizer's test (its fit a Ray task on 2 threads) beside one busy process: 147 s of
+    wall time with the default, 51 s passive."""
     omp = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     return {**LOOPBACK_ENV, **WORKER_ENV, **omp, **logs.inherited(), **env_vars}
 

@@ -383,15 +383,15 @@ def _register(cfg: RunConfig, ckpt: str, tracker) -> str:
     from omnistream.serving.pyfunc import log_and_register
 
     folder = f"{cfg.name}-{tracker.run_id[:12]}-export"
-    if not is_remote(cfg.cluster.storage_path):
-        return log_and_register(export(ckpt, Path(cfg.cluster.storage_path) / folder), cfg.train.register_as, tracker)
     # beside a checkpoint in object storage: exported into a folder of its own, removed once registered (the
     # tracking store keeps the model)
-    tmp = tempfile.mkdtemp(prefix="omnistream-")
+    tmp = tempfile.mkdtemp(prefix="omnistream-") if is_remote(cfg.cluster.storage_path) else None
     try:
-        return log_and_register(export(local_copy(ckpt), Path(tmp) / folder), cfg.train.register_as, tracker)
+        out = export(local_copy(ckpt), Path(tmp or cfg.cluster.storage_path) / folder)
+        return log_and_register(out, cfg.train.register_as, tracker)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _end_run(tracker, status: str) -> None:

@@ -12,8 +12,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # before torch is first imported (libgomp reads it as it loads): this process's and its children's OpenMP
 # threads sleep when idle, as connect.worker_env has Ray's workers do. The suite runs two test processes on 2
-# cores: a thread that spins waiting takes the core the other half of the suite needs (a tokenizer fit beside
-# one busy process: 147 s spinning, 51 s passive).
+# cores: a thread that spins waiting takes the core the other half of the suite needs (the learned image
+# tokenizer's test beside one busy process: 147 s of wall time spinning, 51 s passive).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # tests/hooks/sitecustomize.py, in every process the tests start (Ray's workers too): a stand-in for a
 # decoder library that crashes on crafted bytes, for the shard that kills its actor (test_data_quality)
