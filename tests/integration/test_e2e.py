@@ -79,8 +79,8 @@ def test_every_epoch_and_a_second_run_read_the_token_cache(trained, elastic):
     res = trained["res"]
     assert res.metrics["data/cache/shards_tokenized"] == 4 and res.metrics["data/cache/shards_reused"] == 0
     assert res.metrics["data/consumed_rows"] == 80
-    assert elastic["one"].metrics["data/cache/shards_tokenized"] == 0
-    assert elastic["one"].metrics["data/cache/shards_reused"] == 4
+    assert elastic.metrics["data/cache/shards_tokenized"] == 0
+    assert elastic.metrics["data/cache/shards_reused"] == 4
 
 
 def _resumed(trained, corpus, ckpt, *extra):
@@ -126,7 +126,7 @@ def elastic(trained, corpus, tmp_path_factory):
         f'tracking.uri="{trained["tmp"]}/tensorboard"',
     )
     assert json.loads((Path(one.checkpoint) / "omnistream.json").read_text())["world_size"] == 1
-    return {"one": one}
+    return one
 
 
 def _at(res, key: str, step: int) -> float:
@@ -139,7 +139,7 @@ def test_a_resume_on_1_worker_consumes_the_same_rows_and_replays_at_most_one_win
     exactly those of the uninterrupted run, at the same places of the global stream (same ledger digest); the
     stream re-read before going on is at most one packing window's documents, not the run so far (the
     rehearsal, tests/system/test_scale.py, resumes at steps 2 or 4, 6 and 10 with the same bound)."""
-    first, res = trained["res"], elastic["one"]
+    first, res = trained["res"], elastic
     # documents per packing window, as the run planned it (data.pack_rows rows' worth at the cache's mean)
     window = json.loads((Path(first.checkpoint) / "data.json").read_text())["stream"]["window"]
     assert _resumed_at(res) == 3
@@ -163,7 +163,7 @@ def test_a_run_tracked_by_tensorboard_is_read_back_by_tensorboards_own_reader(tr
     the files the MLflow run has as artifacts; no MLflow run was made for it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    res = elastic["one"]
+    res = elastic
     root = Path(trained["tmp"]) / "tensorboard" / "omnistream"
     (run_dir,) = [d for d in root.iterdir() if d.name.endswith(res.run_id[:8])]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2, "the driver's and rank 0's event files"

@@ -10,6 +10,7 @@ One process of its own (tests/system/scale_run.py: a Ray cluster is one per proc
 the tests read its JSON. Cost on 2 cores, alone: about 4 minutes (1 + 8 + 8 + 3 + 8 ranks started, a tiny
 model, 12 steps); `make test` runs it (first, as its longest scope), `make test-scale` runs it alone."""
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -199,9 +200,9 @@ def test_the_placement_run_tokenizes_on_data_nodes_trains_on_its_node_and_logs_o
     trainers = {n for cls, nodes in where.items() if "TrainWorker" in cls for n in nodes}
     assert tokenizers and tokenizers <= set(rehearsal["data_nodes"]), where
     assert trainers == {trainer_node}, where
-    assert whole["listening"] and all(
-        ln.split()[-1].startswith(("127.", "::ffff:127.")) or ln.split()[-1] == "::1" for ln in whole["listening"]
-    ), whole["listening"]
+    assert whole["listening"] and all(ipaddress.ip_address(ln.split()[-1]).is_loopback for ln in whole["listening"]), (
+        whole["listening"]
+    )
 
     c = mlflow_client(rehearsal["server"]["uri"])
     run = c.get_run(whole["run_id"])
