@@ -79,11 +79,29 @@ def own_environment(env_vars: dict, gcs_port: int) -> dict:
         **worker_env(env_vars),
         "RAY_GCS_SERVER_PORT": str(gcs_port),
         "RAY_ADDRESS": address,
-        # no idle workers started ahead, one per CPU, as the job connects: most of a run's actors (Ray Train's
-        # controller and everything it starts) run in a runtime_env of Ray Train's own, which such a worker does
-        # not have, so they start their own; each idle one cost 1.4 s of CPU (measured) for nothing
+        # no idle workers started ahead, one per CPU, as the job connects: each cost 1.4 s of CPU (measured),
+        # and most of a run's workers are actors, which start their own
         "RAY_prestart_worker_first_driver": "0",
+        # Ray Train's default for its controller (cluster/controller.py: with it here, the controller needs no
+        # runtime_env)
+        "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
     }
+
+
+# The environment the processes of the Ray this process started inherit (connect's local Ray, a test
+# cluster's nodes), as it was when they started; None when this process joined a Ray started elsewhere
+_OWN_RAY_ENV: dict[str, str] | None = None
+
+
+def started_own_ray() -> None:
+    """Say that the Ray about to be started here takes this process's environment (own_environment applied):
+    cluster/controller.py then starts Ray Train's controller without a runtime_env."""
+    global _OWN_RAY_ENV
+    _OWN_RAY_ENV = dict(os.environ)
+
+
+def own_ray_env() -> dict[str, str] | None:
+    return _OWN_RAY_ENV
 
 
 @contextlib.contextmanager
@@ -127,6 +145,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
 
     The local Ray runs its dashboard (on 127.0.0.1): Ray Train's state queries go through it.
     """
+    global _OWN_RAY_ENV
     quiet_env()
     import ray
 
@@ -134,6 +153,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
         return ray
     address = address or os.environ.get("RAY_ADDRESS", "")  # set for a Ray job's driver: join that cluster
     if address:
+        _OWN_RAY_ENV = None  # another's Ray: its workers' environment is not this process's
         try:
             # a submitted job's driver runs with the runtime env `jobs submit` gave it, which Ray refuses to
             # merge with a second one naming the same fields
@@ -159,6 +179,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
     # both pick: taken in the second before Ray binds it, Ray says it failed to start GCS)
     env = own_environment({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1", **data_logging}, free_port())
     with _token_auth() as whose, environment(env):
+        started_own_ray()
         # no dashboard_port: Ray then binds 8265, or the next port up that is free (50 tries), where a port
         # picked free here and bound later by Ray could be taken meanwhile by another command starting
         # beside this one

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from omnistream import tracking
@@ -430,6 +431,8 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
     from omnistream.pipelines.rows import build_train_stream
 
     from .backend import BoundTorchConfig
+    from .connect import own_ray_env
+    from .controller import OwnRayTorchTrainer
     from .split import OrderedSplit
 
     train = cfg.train
@@ -443,7 +446,10 @@ def _fit(cfg: RunConfig, run_id: str, name: str, ledger, resume, universal, stre
         start=start,
         ledger=ledger,
     )
-    trainer = TorchTrainer(
+    # on a Ray started here, Ray Train's controller without a runtime_env (cluster/controller.py)
+    own = own_ray_env()
+    trainer_cls = partial(OwnRayTorchTrainer, workers_env=own) if own is not None else TorchTrainer
+    trainer = trainer_cls(
         train_worker,
         torch_config=BoundTorchConfig(),
         train_loop_config={

@@ -41,7 +41,7 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its `common`
 from common import LogLines, sockets_of_this_tree, tcp_listeners
-from omnistream.cluster.connect import LOCAL_ENV, free_port, own_environment
+from omnistream.cluster.connect import LOCAL_ENV, free_port, own_environment, started_own_ray
 from omnistream.cluster.driver import run_training
 from omnistream.configs import load_config
 from omnistream.training.checkpoint import latest_checkpoint
@@ -110,6 +110,7 @@ def main(path: str, whole_overrides: list[str]) -> None:
     # every node starts with the job's environment (see above); the simulated nodes are this one machine, none
     # preemptible: no preemption watcher per worker group (connect.LOCAL_ENV, as for a local Ray)
     os.environ.update(own_environment(LOCAL_ENV, gcs))
+    started_own_ray()  # the nodes inherit it: Ray Train's controller needs no runtime_env (cluster/controller.py)
     c = Cluster(
         initialize_head=True,
         head_node_args={
