@@ -1,25 +1,18 @@
 """The real path end to end on a local Ray: the token cache, the Ray Data row stream, 2 Ray Train workers
-with DeepSpeed ZeRO-3, MLflow run, checkpoints with every rank's shards, a resume on 1 worker (its replay
-bounded by one packing window), a TensorBoard-tracked run, loopback-only listeners. (A worker group lost
-mid-run and started again from its checkpoint: tests/system/test_scale.py, where a whole node goes.)"""
+with DeepSpeed ZeRO-3, MLflow run, checkpoints with every rank's shards, the export and the registered model,
+loopback-only listeners. (Resumes: test_sources_run, 1 -> 2 workers from S3, tracked by TensorBoard; the
+rehearsal, tests/system/test_scale.py, 8 -> 3 -> 8 ranks and a worker group started again without a node.)"""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from common import (
-    UNINTERRUPTED,
-    mlflow_client,
-    mlflow_run,
-)
-from common import run_config as _cfg
+from common import mlflow_client, mlflow_run
 
 pytestmark = pytest.mark.slow
 
-# `trained` (tests/conftest.py): the uninterrupted run of UNINTERRUPTED that the resumed and the
-# killed runs are compared with, logging to an MLflow tracking server on 127.0.0.1
-NO_EVAL = ("data.eval_shards=[]",)  # resumed runs are compared by their data and training loss alone
+# `trained` (tests/conftest.py): the session's run, 2 workers, logging to an MLflow tracking server on 127.0.0.1
 
 
 def test_run_logs_the_design_metrics(trained):
@@ -73,118 +66,12 @@ def test_checkpoint_holds_every_ranks_shard_and_the_data_position(trained):
     assert data["position"]["digest"] == trained["res"].ledger_digest
 
 
-def test_every_epoch_and_a_second_run_read_the_token_cache(trained, elastic):
-    """The shards were tokenized once, as the run's first step; every epoch of the stream and every later
-    run read tokens: a resumed run reports every shard reused and none tokenized."""
+def test_every_epoch_reads_the_token_cache(trained):
+    """The shards were tokenized once, as the run's first step; every epoch of the stream read tokens (a later
+    run reports every shard reused and none tokenized: test_sources_run, from S3, and the rehearsal)."""
     res = trained["res"]
     assert res.metrics["data/cache/shards_tokenized"] == 4 and res.metrics["data/cache/shards_reused"] == 0
     assert res.metrics["data/consumed_rows"] == 80
-    assert elastic.metrics["data/cache/shards_tokenized"] == 0
-    assert elastic.metrics["data/cache/shards_reused"] == 4
-
-
-def _resumed(trained, corpus, ckpt, *extra):
-    from omnistream.cluster.driver import run_training
-
-    return run_training(
-        _cfg(
-            corpus,
-            trained["tmp"],
-            *UNINTERRUPTED,
-            *NO_EVAL,
-            f'train.resume_from="{ckpt}"',
-            f'tracking.uri="{trained["cfg"].tracking.uri}"',
-            *extra,
-        )
-    )
-
-
-def _step(ckpt) -> int:
-    return json.loads((Path(ckpt) / "omnistream.json").read_text())["step"]
-
-
-def _resumed_at(res) -> int:
-    """The step a run (or its retry) resumed at: data/resume/seconds is logged with the first step after."""
-    return min(s for s, _ in res.tracker.metric_history("data/resume/seconds")) - 1
-
-
-@pytest.fixture(scope="module")
-def elastic(trained, corpus, tmp_path_factory):
-    """The uninterrupted run's step-3 checkpoint resumed in a new run on 1 worker (grad_accum 1 -> 2 keeps the
-    global batch of 8 rows; DeepSpeed's universal form), checkpoints at 6, 9 and 10, recorded with the
-    TensorBoard backend (the same driver and ranks, another store behind the Tracker door). A resume on more
-    workers than wrote the checkpoint: test_sources_run (1 -> 2, from S3) and the rehearsal (3 -> 8)."""
-    first = trained["res"]
-    assert [_step(c) for c in first.checkpoints] == [3, 6, 9, 10]
-    one = _resumed(
-        trained,
-        corpus,
-        first.checkpoints[0],
-        "cluster.num_workers=1",
-        f'cluster.storage_path="{tmp_path_factory.mktemp("one") / "ray"}"',
-        'tracking.backend="tensorboard"',
-        f'tracking.uri="{trained["tmp"]}/tensorboard"',
-    )
-    assert json.loads((Path(one.checkpoint) / "omnistream.json").read_text())["world_size"] == 1
-    return one
-
-
-def _at(res, key: str, step: int) -> float:
-    """A metric's value at one step (a run resumed twice logs the resume figures twice)."""
-    return dict(res.tracker.metric_history(key))[step]
-
-
-def test_a_resume_on_1_worker_consumes_the_same_rows_and_replays_at_most_one_window(trained, elastic):
-    """The 2-worker run's step-3 checkpoint resumed on 1 worker: steps 4..10 again; the rows consumed are
-    exactly those of the uninterrupted run, at the same places of the global stream (same ledger digest); the
-    stream re-read before going on is at most one packing window's documents, not the run so far (the
-    rehearsal, tests/system/test_scale.py, resumes at steps 2 or 4, 6 and 10 with the same bound)."""
-    first, res = trained["res"], elastic
-    # documents per packing window, as the run planned it (data.pack_rows rows' worth at the cache's mean)
-    window = json.loads((Path(first.checkpoint) / "data.json").read_text())["stream"]["window"]
-    assert _resumed_at(res) == 3
-    steps = {s for s, _ in res.tracker.metric_history("train/loss")}
-    assert steps == set(range(4, 11))
-    assert _step(res.checkpoint) == 10
-    assert first.ledger_digest and res.ledger_digest == first.ledger_digest
-    assert res.metrics["data/consumed_records"] == first.metrics["data/consumed_records"]
-    assert res.metrics["data/consumed_rows"] == first.metrics["data/consumed_rows"]
-    assert 0 < _at(res, "data/resume/replayed_records", 4) <= window  # one window, not the run so far
-    assert _at(res, "data/resume/replayed_rows", 4) > 0 and _at(res, "data/resume/seconds", 4) > 0
-    # the resumed run starts from the trained weights: it ends where the uninterrupted run ended (on another
-    # number of workers the float sums come in another order)
-    a, b = dict(first.tracker.metric_history("train/loss")), dict(res.tracker.metric_history("train/loss"))
-    assert abs(a[4] - b[4]) < 0.01 * a[4] and abs(a[10] - b[10]) < 0.01 * a[10]
-
-
-def test_a_run_tracked_by_tensorboard_is_read_back_by_tensorboards_own_reader(trained, elastic):
-    """tracking.backend = "tensorboard": the run's folder holds event files (the driver's and rank 0's) that
-    TensorBoard's reader reads with every per-modality loss curve, the data accounting and the tags, and
-    the files the MLflow run has as artifacts; no MLflow run was made for it."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    res = elastic
-    root = Path(trained["tmp"]) / "tensorboard" / "omnistream"
-    (run_dir,) = [d for d in root.iterdir() if d.name.endswith(res.run_id[:8])]
-    assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2, "the driver's and rank 0's event files"
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0}, purge_orphaned_data=False).Reload()
-    for m in ("text", "image", "audio"):  # steps 4..10
-        assert sorted({e.step for e in acc.Scalars(f"train/loss/{m}")}) == list(range(4, 11)), m
-    assert acc.Scalars("data/seen")[-1].value == 480 and acc.Scalars("data/cache/shards_reused")[-1].value == 4
-    tags = {
-        t: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode()
-        for t in acc.Tags()["tensors"]
-        if t.startswith("tags/")
-    }
-    assert tags["tags/data.ledger_digest"] == trained["res"].ledger_digest
-    assert tags["tags/omnistream.status"] == "FINISHED"
-    assert (run_dir / "artifacts" / "config" / "resolved.toml").read_text().count('backend = "tensorboard"') == 1
-    assert json.loads((run_dir / "artifacts" / "data" / "report.json").read_text())["seen"] == 480
-    assert res.tracking_uri == str(Path(trained["tmp"]) / "tensorboard")
-    runs = mlflow_client(trained["res"].tracking_uri).search_runs(
-        [mlflow_client(trained["res"].tracking_uri).get_experiment_by_name("omnistream").experiment_id]
-    )
-    assert res.run_id not in {r.info.run_id for r in runs}
 
 
 def test_export_rebuilds_the_trained_model_from_zero3_shards(trained, tmp_path, capsys):

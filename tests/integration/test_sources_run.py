@@ -4,8 +4,9 @@ Ray Data, the Interleave actor) and the real Trainer on the session's Ray, again
 on 127.0.0.1 (tests/conftest.py `s3_server`): shards, token caches and Ray Train's checkpoints all in S3.
 The schedule is followed, each source is accounted under its name, a resume from an S3 checkpoint made before
 the switch, on another number of workers and across the switch, consumes the uninterrupted run's rows (same
-ledger digest), and the store's key and secret are in nothing the runs record. (A resume after a switch, and
-8 -> 3 -> 8 ranks across one: tests/system/test_scale.py.)"""
+ledger digest) and re-reads at most one packing window, the resumed run is recorded by the TensorBoard backend
+and read back by TensorBoard's own reader, and the store's key and secret are in nothing the runs record. (A
+resume after a switch, and 8 -> 3 -> 8 ranks across one: tests/system/test_scale.py.)"""
 
 import glob
 import json
@@ -27,7 +28,7 @@ N = 5  # the schedule switches after 5 steps: a 0.8 -> 0.3, b 0.2 -> 0.7; checkp
 @pytest.fixture(scope="module")
 def runs(trained, corpus, s3_corpus, tmp_path_factory):
     """The uninterrupted run (1 worker, grad_accum 2, ZeRO-3) and a run resumed from its S3 checkpoint at step
-    N-1 on 2 workers (DeepSpeed's universal form, converted and kept in S3)."""
+    N-1 on 2 workers (DeepSpeed's universal form, converted and kept in S3), recorded with TensorBoard."""
     import ray
 
     from omnistream.cluster.driver import run_training
@@ -73,7 +74,15 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
         steps = {
             json.loads(s3_corpus.cat_file(f"{c[len('s3://') :]}/omnistream.json"))["step"]: c for c in whole.checkpoints
         }
-        resumed = run_training(cfg("cluster.num_workers=2", f'train.resume_from="{steps[N - 1]}"'))
+        # recorded with the TensorBoard backend: the same driver and ranks, another store behind the Tracker door
+        resumed = run_training(
+            cfg(
+                "cluster.num_workers=2",
+                f'train.resume_from="{steps[N - 1]}"',
+                'tracking.backend="tensorboard"',
+                f'tracking.uri="{tmp / "tensorboard"}"',
+            )
+        )
     # what every Ray process of the session wrote while the runs ran (the workers' stdout and stderr included)
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     ray_logs = [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_mtime >= t0]
@@ -84,6 +93,7 @@ def runs(trained, corpus, s3_corpus, tmp_path_factory):
         "driver_log": "\n".join(lines.lines),
         "copies_left": sorted(set(glob.glob(copies)) - before),
         "ray_logs": ray_logs,
+        "tensorboard": tmp / "tensorboard",
     }
 
 
@@ -129,15 +139,71 @@ def test_the_caches_and_checkpoints_are_in_s3_and_a_resume_from_them_on_two_work
     res = runs["resumed"]
     assert res.ledger_digest == whole.ledger_digest
     assert _tokens(res, "a")[10] == _tokens(whole, "a")[10]
+    for k in ("data/consumed_records", "data/consumed_rows"):
+        assert res.metrics[k] == whole.metrics[k], k
+
+
+def test_the_resume_replays_at_most_one_window_reads_the_cache_and_goes_on_from_the_trained_weights(runs, s3_corpus):
+    """The step-4 checkpoint of 1 worker resumed on 2: steps 5..10 again; the stream re-read before going on
+    is at most one packing window's documents, not the run so far (the rehearsal, tests/system/test_scale.py,
+    resumes at steps 2 or 4, 6 and 10 with the same bound); every shard's tokens come from the token cache;
+    the loss goes on from where the uninterrupted run had it."""
+    whole, res = runs["whole"], runs["resumed"]
+    at = {k: dict(res.tracker.metric_history(k)) for k in ("data/resume/replayed_records", "data/resume/seconds")}
+    assert sorted(at["data/resume/seconds"]) == [N] and at["data/resume/seconds"][N] > 0  # logged with step N
+    steps = {s for s, _ in res.tracker.metric_history("train/loss")}
+    assert steps == set(range(N, 11))
+    # documents per packing window, as the uninterrupted run planned it (one window of each source's)
+    window = sum(json.loads(s3_corpus.cat_file(f"{whole.checkpoint[len('s3://') :]}/data.json"))["stream"]["window"])
+    assert 0 < at["data/resume/replayed_records"][N] <= window
     assert res.metrics["data/resume/replayed_rows"] > 0
+    for name in ("a", "b"):
+        assert res.metrics[f"data/cache/{name}/shards_reused"] == 2 and not res.metrics.get(
+            f"data/cache/{name}/shards_tokenized"
+        ), name
+    # on another number of workers the float sums come in another order
+    a, b = dict(whole.tracker.metric_history("train/loss")), dict(res.tracker.metric_history("train/loss"))
+    assert abs(a[N] - b[N]) < 0.01 * a[N] and abs(a[10] - b[10]) < 0.01 * a[10]
+
+
+def test_a_run_tracked_by_tensorboard_is_read_back_by_tensorboards_own_reader(runs):
+    """tracking.backend = "tensorboard" (the resumed run): its folder holds event files (the driver's and rank
+    0's) that TensorBoard's reader reads with every per-modality loss curve, the data accounting and the tags,
+    and the files an MLflow run has as artifacts; no MLflow run was made for it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole, res = runs["whole"], runs["resumed"]
+    assert res.tracking_uri == str(runs["tensorboard"])
+    (run_dir,) = [d for d in (runs["tensorboard"] / "omnistream").iterdir() if d.name.endswith(res.run_id[:8])]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2, "the driver's and rank 0's event files"
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0}, purge_orphaned_data=False).Reload()
+    for m in ("text", "image", "audio"):
+        assert sorted({e.step for e in acc.Scalars(f"train/loss/{m}")}) == list(range(N, 11)), m
+    seen = whole.metrics["data/seen"]
+    assert acc.Scalars("data/seen")[-1].value == seen
+    assert acc.Scalars("data/source_tokens/a")[-1].value == _tokens(whole, "a")[10]
+    tags = {
+        t: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode()
+        for t in acc.Tags()["tensors"]
+        if t.startswith("tags/")
+    }
+    assert tags["tags/data.ledger_digest"] == whole.ledger_digest
+    assert tags["tags/omnistream.status"] == "FINISHED"
+    assert (run_dir / "artifacts" / "config" / "resolved.toml").read_text().count('backend = "tensorboard"') == 1
+    assert json.loads((run_dir / "artifacts" / "data" / "report.json").read_text())["seen"] == seen
+    c = mlflow_client(whole.tracking_uri)
+    made = c.search_runs([c.get_experiment_by_name("omnistream").experiment_id])
+    assert res.run_id not in {r.info.run_id for r in made}
 
 
 def test_the_stores_key_and_secret_are_in_no_param_tag_log_checkpoint_or_cache(runs, s3_corpus):
     secret, key = S3Server.SECRET, os.environ["AWS_ACCESS_KEY_ID"]
-    for res in (runs["whole"], runs["resumed"]):
-        run = mlflow_client(res.tracking_uri).get_run(res.run_id)
-        recorded = json.dumps(run.data.params) + json.dumps(run.data.tags)
-        assert secret not in recorded and key not in recorded
+    run = mlflow_client(runs["whole"].tracking_uri).get_run(runs["whole"].run_id)
+    recorded = json.dumps(run.data.params) + json.dumps(run.data.tags)
+    assert secret not in recorded and key not in recorded
+    # the resumed run's TensorBoard folder: its event files (params, tags, metrics) and artifacts
+    tb = b"".join(p.read_bytes() for p in runs["tensorboard"].rglob("*") if p.is_file())
+    assert tb and secret.encode() not in tb and key.encode() not in tb
     assert runs["driver_log"] and secret not in runs["driver_log"] and key not in runs["driver_log"]
     assert runs["ray_logs"] and not any(secret.encode() in b or key.encode() in b for b in runs["ray_logs"])
     for what in ("ray", "cache"):
