@@ -6,7 +6,7 @@ environment variables (its ENV_VARS_TO_PROPAGATE that the driver set, and RAY_WA
 coordinator, the dataset manager, the synchronization actor, the placement-group cleaner) and Ray Data's
 actors and tasks of the stream. Ray starts each worker with a non-empty runtime_env through a shim process
 (setup_worker.py) that imports Ray before the worker does: 0.4 s of CPU per worker, measured (10 actors: 8.7
--> 4.6 s of CPU on 2 cores), and about twenty workers a run.
+-> 4.6 s of CPU on 2 cores).
 
 A Ray that this process started with connect.own_environment (`omnistream train` with no cluster, a test
 cluster) hands its workers that environment from its own processes already: where every variable the
@@ -14,9 +14,10 @@ controller would be given has the same value there, the controller is started wi
 nothing of the run goes through the shim. Anywhere else (a cluster joined by address, a submitted job) this
 is Ray Train's own TorchTrainer, unchanged.
 
-The override mirrors TorchTrainer's `_initialize_and_run_controller` (a private method of Ray Train's):
-the controller on the driver's node, no CPU, run, result. Ray is pinned in pyproject.toml, and every
-training test runs through it.
+The override mirrors TorchTrainer's `_initialize_and_run_controller` in Ray 2.60 (a private method of Ray
+Train's): the controller on the driver's node, no CPU, run, result; no SIGINT handler, as Ray's own installs
+none off the main thread, where the driver runs fit (driver._interruptible). Every local training test runs
+through it; a Ray that renames the method simply never calls it.
 """
 
 from __future__ import annotations
