@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from common import EXE, REPO, SMALL_MODALITIES, wav_header
+from common import EXE, REPO, SMALL_MODALITIES, run_config, wav_header
 from omnistream.pipelines.democorpus import draw_digit, dtmf, make_record
 
 
@@ -325,8 +325,6 @@ def test_dedup_holds_across_actors_and_epochs(ray_local, planted):
 
 @pytest.mark.slow
 def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, corpus, tmp_path):
-    from test_e2e import _cfg
-
     from omnistream.cluster.driver import run_training
     from omnistream.common.errors import UserError
 
@@ -338,7 +336,7 @@ def test_mostly_bad_data_stops_with_one_clear_line(ray_local, planted, bundle, c
             for ext, data in good(i).items():
                 if ext != "__key__":
                     add(t, f"ok-{i}.{ext}", data)
-    cfg = _cfg(
+    cfg = run_config(
         corpus,
         tmp_path,
         "train.steps=50",

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from common import mlflow_client, mlflow_run
+from common import mlflow_client, mlflow_run, run_config
 
 
 def _said(logger: str) -> list[str]:
@@ -65,13 +65,12 @@ def test_a_run_survives_hostile_shards_and_its_tracking_server_going_away(ray_lo
     trained while it is gone, none waits for it, the run finishes, every record is accounted under its
     reason, and every step's metrics are in the store afterwards."""
     from test_data_quality import write_planted
-    from test_e2e import _cfg
 
     from omnistream.cluster.driver import run_training
 
     shards, _ = write_planted(tmp_path / "planted")
     steps, storage = 10, tmp_path / "ray"
-    cfg = _cfg(
+    cfg = run_config(
         corpus,
         tmp_path,
         f"train.steps={steps}",
