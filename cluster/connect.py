@@ -101,7 +101,13 @@ def started_own_ray() -> None:
 
 
 def own_ray_env() -> dict[str, str] | None:
-    return _OWN_RAY_ENV
+    """The environment the processes of the Ray this process is connected to inherit, if this process started
+    that Ray (started_own_ray); None for any other (a Ray joined by address, one started before and shut down)."""
+    import ray
+
+    if _OWN_RAY_ENV is None or not ray.is_initialized():
+        return None
+    return _OWN_RAY_ENV if ray.get_runtime_context().gcs_address == _OWN_RAY_ENV.get("RAY_ADDRESS") else None
 
 
 @contextlib.contextmanager
