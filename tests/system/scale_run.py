@@ -41,7 +41,8 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its `common`
 from common import LogLines, sockets_of_this_tree, tcp_listeners
-from omnistream.cluster.connect import LOCAL_ENV, free_port, own_environment, started_own_ray
+from omnistream.cluster.connect import LOCAL_ENV, free_port, own_environment, own_ray_env, started_own_ray
+from omnistream.cluster.controller import controller_env
 from omnistream.cluster.driver import run_training
 from omnistream.configs import load_config
 from omnistream.training.checkpoint import latest_checkpoint
@@ -109,7 +110,9 @@ def main(path: str, whole_overrides: list[str]) -> None:
     gcs = free_port()
     # every node starts with the job's environment (see above); the simulated nodes are this one machine, none
     # preemptible: no preemption watcher per worker group (connect.LOCAL_ENV, as for a local Ray)
-    os.environ.update(own_environment(LOCAL_ENV, gcs))
+    # (with Ray Train's v2 switch, as connect's local Ray: the driver sets it, and the controller would be handed
+    # it in a runtime_env where the nodes lacked it)
+    os.environ.update(own_environment({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1"}, gcs))
     started_own_ray()  # the nodes inherit it: Ray Train's controller needs no runtime_env (cluster/controller.py)
     c = Cluster(
         initialize_head=True,
@@ -228,6 +231,10 @@ def main(path: str, whole_overrides: list[str]) -> None:
             out["wall_s"] = round(time.time() - t0, 1)
             out["driver_log"] = [ln for ln in lines.lines if "restarting" in ln or "resumes on" in ln]
             out["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            # what Ray Train would hand its controller that the nodes do not hold already: nothing, so that no
+            # worker of the runs went through Ray's runtime_env shim (cluster/controller.py)
+            own = own_ray_env() or {}
+            out["controller_env_missing"] = sorted(k for k, v in controller_env().items() if own.get(k) != v)
             print(json.dumps(out), flush=True)
         finally:
             ray.shutdown()

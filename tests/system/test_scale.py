@@ -217,3 +217,6 @@ def test_the_placement_run_tokenizes_on_data_nodes_trains_on_its_node_and_logs_o
     dbs = [str(f) for f in rehearsal["tmp"].rglob("mlflow.db")]
     assert dbs == [rehearsal["server"]["dir"] + "/mlflow.db"], dbs
     assert rehearsal["repo_db_unchanged"], "nothing written to ./mlflow.db"
+    # the nodes hold every variable Ray Train hands its controller: it starts with no runtime_env, and no worker
+    # of the runs through Ray's shim (cluster/controller.py)
+    assert rehearsal["controller_env_missing"] == [], rehearsal["controller_env_missing"]
