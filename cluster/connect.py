@@ -82,8 +82,9 @@ def own_environment(env_vars: dict, gcs_port: int) -> dict:
         # no idle workers started ahead, one per CPU, as the job connects: each cost 1.4 s of CPU (measured),
         # and most of a run's workers are actors, which start their own
         "RAY_prestart_worker_first_driver": "0",
-        # Ray Train's default for its controller (cluster/controller.py: with it here, the controller needs no
-        # runtime_env)
+        # what Ray Train hands its controller (its v2 API, its default for this warning): with them here, the
+        # controller needs no runtime_env (cluster/controller.py)
+        "RAY_TRAIN_V2_ENABLED": "1",
         "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
     }
 
@@ -183,7 +184,7 @@ def connect(address: str = "", num_cpus: int = 0, log_to_driver: bool = True):
     # worker); its GCS on a port picked here, so that the workers know their cluster's address from the start
     # (an ephemeral port the OS chose free, unlike the dashboard's fixed 8265 below that two commands would
     # both pick: taken in the second before Ray binds it, Ray says it failed to start GCS)
-    env = own_environment({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1", **data_logging}, free_port())
+    env = own_environment({**LOCAL_ENV, **data_logging}, free_port())
     with _token_auth() as whose, environment(env):
         started_own_ray()
         # no dashboard_port: Ray then binds 8265, or the next port up that is free (50 tries), where a port

@@ -110,9 +110,7 @@ def main(path: str, whole_overrides: list[str]) -> None:
     gcs = free_port()
     # every node starts with the job's environment (see above); the simulated nodes are this one machine, none
     # preemptible: no preemption watcher per worker group (connect.LOCAL_ENV, as for a local Ray)
-    # (with Ray Train's v2 switch, as connect's local Ray: the driver sets it, and the controller would be handed
-    # it in a runtime_env where the nodes lacked it)
-    os.environ.update(own_environment({**LOCAL_ENV, "RAY_TRAIN_V2_ENABLED": "1"}, gcs))
+    os.environ.update(own_environment(LOCAL_ENV, gcs))
     started_own_ray()  # the nodes inherit it: Ray Train's controller needs no runtime_env (cluster/controller.py)
     c = Cluster(
         initialize_head=True,
