@@ -90,7 +90,10 @@ def golden_rows(golden):
 
 
 def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_path):
-    torch.set_num_threads(2)
+    # one thread, as a training worker has by default (train.torch_threads): beside the suite's other process on 2
+    # cores, a second thread only adds the cost of splitting matrices of 96 columns (measured alone: 1 thread
+    # 82 s and 104 s of CPU for the test, 2 threads 98 s and 136 s)
+    torch.set_num_threads(1)
     cfg, vocab = golden_config(golden, tmp_path)
     rows = golden_rows
 
@@ -107,7 +110,8 @@ def test_losses_fall_and_cross_modal_tasks_beat_chance(golden, golden_rows, tmp_
         k = len(curve) // 10
         first, last = np.mean(curve[:k]), np.mean(curve[-k:])
         assert last < 0.6 * first, (name, first, last)
-    # measured here through the Trainer (seed 7, 2 threads): audio→text 0.65, image→text 0.425; chance is 0.1
+    # measured here through the Trainer (seed 7, 1 thread): audio→text 0.5, image→text 0.3 (2 threads: 0.65 and
+    # 0.425, the sums in another order); chance is 0.1
     assert m["eval/audio_to_text/accuracy"] >= 0.4, m
     assert m["eval/image_to_text/accuracy"] >= 0.2, m
     assert set(m) >= {"eval/loss/text", "eval/loss/image", "eval/loss/audio", "eval/image_to_text/accuracy"}
