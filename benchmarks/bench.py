@@ -687,6 +687,12 @@ def main() -> int:
     base = load_config(DEMO_CONFIG)
     prepare_demo(base)
     common = [
+        # runs of their own name, neither exported nor registered: under the demo's name each wrote the newest
+        # runs/ray/demo-*-export, which benchmarks/generation.py (next in `make bench`) then measured in place
+        # of the model `make demo` trained (a 100-step model: text->image at chance), and each added a version
+        # to the demo's registered model
+        'name="bench"',
+        'train.register_as=""',
         f"train.torch_threads={THREADS}",
         "train.log_every=5",
         "data.eval_shards=[]",
