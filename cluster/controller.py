@@ -19,8 +19,9 @@ Train's): the controller on the driver's node, no CPU, run, result; no SIGINT ha
 none off the main thread, where the driver runs fit (driver._interruptible). Every local training test runs
 through it; a Ray that renames the method simply never calls it.
 
-On such a Ray the run also goes without Ray Train's placement-group cleaner: a detached actor per run that asks
-the state API, once a second, whether the controller is still alive, to remove the run's placement group if it
+On such a Ray the run also goes without Ray Train's placement-group cleaner (the override of
+`_create_default_callbacks`, as private, leaves its callback out): a detached actor per run that asks the
+state API, once a second, whether the controller is still alive, to remove the run's placement group if it
 died and the driver lived on. Here a controller that dies ends the run's `fit` with an error either way, and
 the Ray ends with this process (`omnistream train`'s), its placement groups with it; only a process that goes
 on to start more runs on the same Ray (a test session) would find such a run's CPUs still held. Measured: 2.5
