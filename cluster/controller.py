@@ -46,6 +46,12 @@ def controller_env() -> dict[str, str]:
     return env
 
 
+def missing_on_nodes(workers_env: dict[str, str]) -> list[str]:
+    """The variables of controller_env() that the Ray's processes, inheriting `workers_env`, lack or hold with
+    another value: none, and the controller needs no runtime_env."""
+    return sorted(k for k, v in controller_env().items() if workers_env.get(k) != v)
+
+
 class OwnRayTorchTrainer(TorchTrainer):
     """TorchTrainer for a Ray whose processes inherit `workers_env` (connect.own_environment)."""
 
@@ -55,7 +61,7 @@ class OwnRayTorchTrainer(TorchTrainer):
 
     def _inherited(self) -> bool:
         """Whether the Ray's processes hold everything Ray Train would hand its controller."""
-        return all(self._workers_env.get(k) == v for k, v in controller_env().items())
+        return not missing_on_nodes(self._workers_env)
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()

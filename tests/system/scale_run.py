@@ -42,7 +42,7 @@ from ray.cluster_utils import Cluster
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its `common`
 from common import LogLines, sockets_of_this_tree, tcp_listeners
 from omnistream.cluster.connect import LOCAL_ENV, free_port, own_environment, own_ray_env, started_own_ray
-from omnistream.cluster.controller import controller_env
+from omnistream.cluster.controller import missing_on_nodes
 from omnistream.cluster.driver import run_training
 from omnistream.configs import load_config
 from omnistream.training.checkpoint import latest_checkpoint
@@ -231,8 +231,7 @@ def main(path: str, whole_overrides: list[str]) -> None:
             out["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
             # what Ray Train would hand its controller that the nodes do not hold already: nothing, so that no
             # worker of the runs went through Ray's runtime_env shim (cluster/controller.py)
-            own = own_ray_env() or {}
-            out["controller_env_missing"] = sorted(k for k, v in controller_env().items() if own.get(k) != v)
+            out["controller_env_missing"] = missing_on_nodes(own_ray_env() or {})
             print(json.dumps(out), flush=True)
         finally:
             ray.shutdown()
