@@ -15,21 +15,18 @@ unexport PYTHONDONTWRITEBYTECODE
 # The install goes through uv where pip can fetch it, else pip. Into a new venv on 2 cores: pip 99 s, uv 23 s
 # with its cache empty and 9 s from it (measured 2026-12-08; the same versions resolved). uv reads none of
 # pip's configuration, so UV_INSTALL hands it pip's own, as `pip config list` shows it (files and PIP_*
-# variables alike): the index or none, extra indexes, find-links, constraints files, trusted hosts and CA
-# bundle, with pip's rule of the best match across all indexes. Neither compiles byte-code: imports compile what they use (below).
+# variables alike): the index, extra indexes, find-links, constraints files and CA bundle, with pip's rule of
+# the best match across all indexes. Neither compiles byte-code: imports compile what they use (below).
 define UV_INSTALL
 import os, shlex, subprocess, sys
 conf = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
-         "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links", "constraint": "--constraint"}
 args, env = ["--index-strategy", "unsafe-best-match"], dict(os.environ)
 for line in conf.splitlines():
     key, _, value = line.partition("=")
     key, values = key.rpartition(".")[2], shlex.split(value)[0].split() if value else []
     if key in flags:
         args += [a for v in values for a in (flags[key], v)]
-    elif key == "no-index" and values[:1] in (["1"], ["true"], ["yes"], ["on"]):
-        args.append("--no-index")
     elif key == "cert" and values:
         env["SSL_CERT_FILE"] = values[0]
 cmd = [sys.executable, "-m", "uv", "pip", "install", "-q", "--python", sys.executable, *args, *sys.argv[1:]]
