@@ -12,9 +12,38 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install chromium demo lint test test-scale test-fast test-browser bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -e ".[test]"  # skip byte-compiling ~6 GB of wheels; imports compile what they use (above)
+# The install goes through uv where pip can fetch it, else pip. Into a new venv on 2 cores: pip 99 s, uv 23 s
+# with its cache empty and 9 s from it (measured 2026-12-08; the same versions resolved). uv reads none of
+# pip's configuration, so UV_INSTALL hands it pip's own, as `pip config list` shows it (files and PIP_*
+# variables alike): the index or none, extra indexes, find-links, constraints files, trusted hosts and CA
+# bundle, with pip's rule of the best match across all indexes. Neither compiles byte-code: imports compile what they use (below).
+define UV_INSTALL
+import os, shlex, subprocess, sys
+conf = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+         "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
+args, env = ["--index-strategy", "unsafe-best-match"], dict(os.environ)
+for line in conf.splitlines():
+    key, _, value = line.partition("=")
+    key, values = key.rpartition(".")[2], shlex.split(value)[0].split() if value else []
+    if key in flags:
+        args += [a for v in values for a in (flags[key], v)]
+    elif key == "no-index" and values[:1] in (["1"], ["true"], ["yes"], ["on"]):
+        args.append("--no-index")
+    elif key == "cert" and values:
+        env["SSL_CERT_FILE"] = values[0]
+cmd = [sys.executable, "-m", "uv", "pip", "install", "-q", "--python", sys.executable, *args, *sys.argv[1:]]
+sys.exit(subprocess.run(cmd, env=env).returncode)
+endef
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# (the venv made first, an order-only prerequisite: make writes the script into it as it expands the recipe)
+$(STAMP): pyproject.toml | $(PY)
+	$(file >$(VENV)/uv-install.py,$(UV_INSTALL))
+	$(PY) -m pip install -q uv && $(PY) $(VENV)/uv-install.py -e ".[test]" \
+	  || { echo "installing with pip instead of uv"; $(PY) -m pip install -q --no-compile -e ".[test]"; }
 	@# ...once, here, for what every training process imports: left to the suite, its first tens of processes
 	@# (two test processes, a Ray's workers, four simulated nodes) start at once and each compiles the same
 	@# modules from source before any has written their byte-code
