@@ -101,6 +101,7 @@ def test_each_modalitys_loss_is_drawn_with_every_logged_step(page, run):
     page.get_by_placeholder("Search metric charts").fill("train/loss/")
     for m in MODALITIES:
         c = card(page, f"train/loss/{m}")
+        c.scroll_into_view_if_needed()  # drawn only in view (test_system_metrics_are_drawn)
         c.locator(".js-plotly-plot path.js-line").first.wait_for()
         logged = mlflow_run(run["uri"], run["run_id"]).metric_history(f"train/loss/{m}")
         assert [s for s, _ in logged] == list(range(1, STEPS + 1)), logged
@@ -114,7 +115,12 @@ def test_system_metrics_are_drawn(page, run):
     logged = [k for k in mlflow_run(run["uri"], run["run_id"]).final_metrics() if k.startswith("system/")]
     assert any(k.endswith("/cpu_utilization_percentage") for k in logged), logged
     cpu = next(k for k in logged if k.endswith("/cpu_utilization_percentage"))
-    card(page, cpu).locator(".js-plotly-plot").first.wait_for()
+    c = card(page, cpu)
+    # the card brought into view first, as a person scrolls to it: MLflow's chart grid draws a chart only once
+    # its card is in the viewport (an IntersectionObserver); a fresh clone's run waited 60 s here for a chart
+    # that was never drawn
+    c.scroll_into_view_if_needed()
+    c.locator(".js-plotly-plot").first.wait_for()
 
 
 def test_the_image_panel_shows_a_generated_sample_and_the_run_page_is_saved(page, run):
