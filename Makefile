@@ -13,7 +13,7 @@ unexport PYTHONDONTWRITEBYTECODE
 .PHONY: install chromium demo lint test test-scale test-fast test-browser bench clean
 
 # The install goes through uv where pip can fetch it, else pip. Into a new venv on 2 cores: pip 99 s, uv 23 s
-# with its cache empty and 9 s from it (measured 2026-12-08; the same versions resolved). uv reads none of
+# with its cache empty and 9 s from it (measured 2026-12-08; the same versions resolved but pandas' patch release). uv reads none of
 # pip's configuration, so UV_INSTALL hands it pip's own, as `pip config list` shows it (files and PIP_*
 # variables alike): the index or none, extra indexes, find-links, constraints files, trusted hosts and CA
 # bundle, with pip's rule of the best match across all indexes. Neither compiles byte-code: imports compile what they use (below).

@@ -80,6 +80,14 @@ def card(pg, title: str):
     return cards(pg).filter(has=pg.locator(f'h4[title="{title}"]'))
 
 
+def drawn(c, chart: str = ".js-plotly-plot"):
+    """Wait until card `c` draws its chart, the card brought into view first as a person scrolls to it: MLflow's
+    chart grid draws a chart only once its card is in the viewport (an IntersectionObserver); a fresh clone's
+    run waited 60 s for a system-metrics chart that was never drawn."""
+    c.scroll_into_view_if_needed()
+    c.locator(chart).first.wait_for()
+
+
 def test_the_run_page_opens_in_the_model_training_view(page, run):
     """Not MLflow 3's GenAI view (traces, judges, evaluation runs): the experiment's navigation is the
     model-training one, and the run page has its metrics tabs."""
@@ -101,8 +109,7 @@ def test_each_modalitys_loss_is_drawn_with_every_logged_step(page, run):
     page.get_by_placeholder("Search metric charts").fill("train/loss/")
     for m in MODALITIES:
         c = card(page, f"train/loss/{m}")
-        c.scroll_into_view_if_needed()  # drawn only in view (test_system_metrics_are_drawn)
-        c.locator(".js-plotly-plot path.js-line").first.wait_for()
+        drawn(c, ".js-plotly-plot path.js-line")
         logged = mlflow_run(run["uri"], run["run_id"]).metric_history(f"train/loss/{m}")
         assert [s for s, _ in logged] == list(range(1, STEPS + 1)), logged
         points = c.locator(".js-plotly-plot .scatterlayer .point")
@@ -115,12 +122,7 @@ def test_system_metrics_are_drawn(page, run):
     logged = [k for k in mlflow_run(run["uri"], run["run_id"]).final_metrics() if k.startswith("system/")]
     assert any(k.endswith("/cpu_utilization_percentage") for k in logged), logged
     cpu = next(k for k in logged if k.endswith("/cpu_utilization_percentage"))
-    c = card(page, cpu)
-    # the card brought into view first, as a person scrolls to it: MLflow's chart grid draws a chart only once
-    # its card is in the viewport (an IntersectionObserver); a fresh clone's run waited 60 s here for a chart
-    # that was never drawn
-    c.scroll_into_view_if_needed()
-    c.locator(".js-plotly-plot").first.wait_for()
+    drawn(card(page, cpu))
 
 
 def test_the_image_panel_shows_a_generated_sample_and_the_run_page_is_saved(page, run):
